@@ -1,0 +1,207 @@
+"""ResNet18 encoder + transposed-convolution decoder, and the self-describing checkpoint format.
+
+    python model.py            # prints the parameter count and output shape of both decoders
+
+The model takes images in [0, 1] (B, H, W) of any size and normalises them itself (ImageNet mean/std), so
+training and inference cannot disagree. `decoder="plain"` is the published decoder (transposed-conv
+upsampling, no skips); `decoder="skip"` adds skip connections from the encoder stages.
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+# --------------------------------------------------------------------------- constants
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESNET18_WEIGHTS_FILE = "resnet18-f37072fd.pth"  # what torchvision's IMAGENET1K_V1 downloads
+CHECKPOINT_FORMAT = "pointseg-checkpoint"
+CHECKPOINT_VERSION = 1
+DECODERS = ("plain", "skip")
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def up_block(in_ch, out_ch):
+    """x2 upsampling by a transposed convolution, then BN + ReLU."""
+    return nn.Sequential(nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1, bias=False),
+                         nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+
+
+def conv_block(in_ch, out_ch):
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+
+
+def imagenet_resnet18(pretrained):
+    """torchvision resnet18, with ImageNet weights if asked. Offline, asking fails with what to do."""
+    if not pretrained:
+        return torchvision.models.resnet18(weights=None)
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / RESNET18_WEIGHTS_FILE
+    try:
+        return torchvision.models.resnet18(weights=weights)
+    except Exception as e:  # URLError, OSError, HTTP errors: all mean "could not get the file"
+        raise RuntimeError(
+            f"could not load the ImageNet weights {RESNET18_WEIGHTS_FILE} ({type(e).__name__}: {e}). "
+            f"torch looks for them at {cached} (set TORCH_HOME to change where) and downloads them when "
+            f"online. Copy the file there, or train from scratch with pretrained=False "
+            f"(train.py --no-pretrained).") from None
+
+
+class ResNet18Segmentation(nn.Module):
+    """ResNet18 encoder + transposed-conv decoder.
+
+    Args:
+        num_classes: output channels.
+        pretrained: ImageNet encoder weights through torchvision (needs the weights file or internet).
+        decoder: "plain" (published: upsampling only) or "skip" (with encoder skip connections).
+        in_channels: input bands; extra bands beyond RGB get a first-conv filter initialised from the mean
+            of the RGB filters, and are normalised with the mean of the ImageNet statistics.
+
+    Input (B, in_channels, H, W) in [0, 1], any H, W; output logits (B, num_classes, H, W).
+    """
+
+    def __init__(self, num_classes=6, pretrained=False, decoder="plain", in_channels=3):
+        super().__init__()
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; use one of {DECODERS}")
+        self.num_classes, self.decoder_kind, self.in_channels = num_classes, decoder, in_channels
+        mean = list(IMAGENET_MEAN[:in_channels]) + [sum(IMAGENET_MEAN) / 3] * max(0, in_channels - 3)
+        std = list(IMAGENET_STD[:in_channels]) + [sum(IMAGENET_STD) / 3] * max(0, in_channels - 3)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+        r = imagenet_resnet18(pretrained)
+        if in_channels != 3:
+            old = r.conv1.weight.data
+            conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+            extra = old.mean(1, keepdim=True).repeat(1, max(0, in_channels - 3), 1, 1)
+            conv1.weight.data = torch.cat([old, extra], 1)[:, :in_channels].clone()
+            r.conv1 = conv1
+        self.stem = nn.Sequential(r.conv1, r.bn1, r.relu)  # /2, 64
+        self.pool = r.maxpool  # /4
+        self.layer1, self.layer2, self.layer3, self.layer4 = r.layer1, r.layer2, r.layer3, r.layer4
+
+        # five x2 transposed-conv steps: /32 -> /1
+        self.up = nn.ModuleList([up_block(512, 256), up_block(256, 128), up_block(128, 64),
+                                 up_block(64, 64), up_block(64, 32)])
+        if decoder == "skip":  # after each of the first four steps, fuse the encoder stage of that size
+            self.fuse = nn.ModuleList([conv_block(256 + 256, 256), conv_block(128 + 128, 128),
+                                       conv_block(64 + 64, 64), conv_block(64 + 64, 64)])
+        self.head = nn.Conv2d(32, num_classes, 1)
+
+    def forward(self, x):
+        H, W = x.shape[-2:]
+        x = (x - self.mean) / self.std
+        ph, pw = (-H) % 32, (-W) % 32
+        if ph or pw:  # pad with zeros after normalisation (= the mean colour), crop back below
+            x = F.pad(x, (0, pw, 0, ph))
+        s1 = self.stem(x)
+        s2 = self.layer1(self.pool(s1))
+        s3 = self.layer2(s2)
+        s4 = self.layer3(s3)
+        y = self.layer4(s4)
+        if self.decoder_kind == "plain":
+            for up in self.up:
+                y = up(y)
+        else:
+            for up, fuse, skip in zip(self.up, self.fuse, (s4, s3, s2, s1)):
+                y = fuse(torch.cat([up(y), skip], 1))
+            y = self.up[-1](y)
+        return self.head(y)[..., :H, :W]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, model, *, classes, scale, config=None, metrics=None, bands=None, extra=None):
+    """Write a checkpoint that holds everything infer.py needs: model args, classes, palette, processing
+    scale (processing size / native size), bands, training config and metrics. Written atomically."""
+    from dataset import ClassSpec  # local import: model.py stays importable on its own
+
+    assert isinstance(classes, ClassSpec)
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model_args": {"num_classes": model.num_classes, "decoder": model.decoder_kind,
+                       "in_channels": model.in_channels},
+        "classes": classes.to_dict(),
+        "scale": float(scale),
+        "bands": list(bands) if bands is not None else None,
+        "config": config or {},
+        "metrics": metrics or {},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    ckpt.update(extra or {})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+    return ckpt
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """Load and check a checkpoint dict (weights_only). Clear errors for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found. Train one first: python train.py --data DIR "
+                                f"(or make demo), or pass --checkpoint PATH")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' header); "
+                         f"train one with python train.py")
+    if ckpt.get("version", 0) > CHECKPOINT_VERSION:
+        raise ValueError(f"{path} has checkpoint version {ckpt['version']}, newer than this code "
+                         f"({CHECKPOINT_VERSION}); update the code")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild the model from a checkpoint. Returns (model in eval mode on device, checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    model = ResNet18Segmentation(pretrained=False, **ckpt["model_args"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit the model it describes "
+                         f"({ckpt['model_args']}): {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), ckpt
+
+
+def resolve_device(name="auto"):
+    """'auto' -> CUDA when present, else CPU; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Show both decoders' size and output shape.")
+    p.add_argument("--size", type=int, default=150)
+    return p
+
+
+def main(args):
+    for decoder in DECODERS:
+        m = ResNet18Segmentation(decoder=decoder).eval()
+        with torch.no_grad():
+            out = m(torch.rand(1, 3, args.size, args.size))
+        n = sum(p.numel() for p in m.parameters())
+        print(f"{decoder:5s}: {n / 1e6:.2f} M parameters, {args.size}x{args.size} -> {tuple(out.shape)} "
+              f"(random init)")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
