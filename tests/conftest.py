@@ -1,0 +1,50 @@
+"""Tiny data made in tmp_path: patch folders in the Potsdam layout with known labels."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataset import PALETTE  # noqa: E402
+
+
+def make_label(rng, size, undefined=0.05):
+    """A class map of random rectangles over all six classes, with a few undefined (255) pixels."""
+    h, w = size
+    lab = np.zeros((h, w), np.uint8)
+    for c in range(len(PALETTE)):
+        for _ in range(3):
+            y, x = rng.integers(0, h - 4), rng.integers(0, w - 4)
+            lab[y:y + rng.integers(4, h // 2), x:x + rng.integers(4, w // 2)] = c
+    lab[rng.random((h, w)) < undefined] = 255
+    return lab
+
+
+def write_patches(root, n=6, size=(48, 48), seed=0, undefined=0.05):
+    """Write n patches <root>/Images/Image_{i}.tif, <root>/Labels/Label_{i}.tif (LZW). Images are the label
+    colours darkened plus noise, so a model can learn them. Returns the class maps."""
+    root = Path(root)
+    (root / "Images").mkdir(parents=True, exist_ok=True)
+    (root / "Labels").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pal = np.vstack([np.asarray(PALETTE, np.uint8), np.zeros((256 - len(PALETTE), 3), np.uint8)])
+    labels = []
+    for i in range(n):
+        lab = make_label(rng, size, undefined)
+        colour = pal[lab]
+        img = np.clip(colour * 0.6 + rng.normal(40, 15, colour.shape), 0, 255).astype(np.uint8)
+        tifffile.imwrite(root / "Images" / f"Image_{i}.tif", img, compression="lzw")
+        tifffile.imwrite(root / "Labels" / f"Label_{i}.tif", colour, compression="lzw")
+        labels.append(lab)
+    return labels
+
+
+@pytest.fixture
+def patches(tmp_path):
+    root = tmp_path / "patches"
+    labels = write_patches(root)
+    return root, labels
