@@ -45,6 +45,8 @@ class TrainConfig:
     train_ids: Optional[list] = None
     val_ids: Optional[list] = None
     val_fraction: float = 0.125  # without split or published ids: the last 12.5 % of sorted ids (300/2400)
+    max_train: Optional[int] = None  # use only the first N training / validation images (quick runs)
+    max_val: Optional[int] = None
     classes: Optional[str] = None  # JSON class file; default ISPRS Potsdam colours
     bands: Optional[list] = None  # image band indices; default RGB
     # annotation
@@ -123,6 +125,9 @@ def _missing(i, folder):
 def build_datasets(cfg):
     classes = load_class_file(cfg.classes) if cfg.classes else POTSDAM
     train_pairs, val_pairs, how = resolve_split(cfg)
+    if cfg.max_train or cfg.max_val:
+        train_pairs, val_pairs = train_pairs[: cfg.max_train], val_pairs[: cfg.max_val]
+        how += f", first {len(train_pairs)} / {len(val_pairs)} used"
     common = dict(points=cfg.points, strategy=cfg.strategy, size=cfg.size, seed=cfg.annotation_seed,
                   classes=classes, bands=cfg.bands)
     train_ds = SegmentationDataset(train_pairs, resample_each_epoch=cfg.resample_each_epoch,
@@ -333,6 +338,8 @@ def get_args_parser():
     g.add_argument("--split", help="split JSON {'train': [ids], 'val': [ids]} (default: the published split "
                                    "when ids 0-2399 exist, else the last --val-fraction of ids)")
     g.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    g.add_argument("--max-train", type=int, help="use only the first N training images (quick runs)")
+    g.add_argument("--max-val", type=int, help="use only the first N validation images")
     g.add_argument("--classes", help="class file JSON (default: ISPRS Potsdam classes and colours)")
     g.add_argument("--bands", help="image bands to use, e.g. 0,1,2,3 (default: RGB)")
     g = p.add_argument_group("annotation and loss")

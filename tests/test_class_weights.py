@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+import torch
+
+from class_weights import compute_class_weights, load_class_weights, save_class_weights, weights_from_counts
+from dataset import CLASSES, PotsdamDataset
+
+
+def test_inverse_frequency_sums_to_num_classes():
+    w = weights_from_counts([100, 300, 600], names=("a", "b", "c"))
+    assert w.sum().item() == pytest.approx(3)
+    # inverse frequency: w ~ 1/f -> ratio a:b = 3
+    assert (w[0] / w[1]).item() == pytest.approx(3)
+    assert (w[1] / w[2]).item() == pytest.approx(2)
+
+
+def test_unseen_class_gets_finite_weight_and_warning():
+    with pytest.warns(UserWarning, match="never seen"):
+        w = weights_from_counts([100, 0, 50], names=("a", "b", "c"))
+    assert torch.isfinite(w).all() and w[1] == w.max()
+
+
+def test_points_vs_dense(patches):
+    root, _ = patches
+    ds = PotsdamDataset(root, points=30, size=48)
+    wp, cp = compute_class_weights(ds, "points")
+    wd, cd = compute_class_weights(ds, "dense")
+    # points count only the annotated pixels; dense counts every defined pixel
+    assert cp.sum() <= 30 * len(ds) < cd.sum()
+    assert cd.sum() == sum(int((ds._load(i)[2] != 255).sum()) for i in range(len(ds)))
+    assert not torch.allclose(wp, wd)
+
+
+def test_save_load_round_trip_and_class_check(tmp_path):
+    w = torch.tensor([1.0, 2, 3, 0.5, 0.25, 0.25])
+    save_class_weights(tmp_path / "w.pt", w, np.arange(6), "points", CLASSES)
+    assert torch.equal(load_class_weights(tmp_path / "w.pt"), w)
+    with pytest.raises(ValueError, match="classes"):
+        load_class_weights(tmp_path / "w.pt", names=("x", "y"))

@@ -1,0 +1,30 @@
+from pathlib import Path
+
+import papermill as pm
+
+from tests.conftest import write_patches
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_notebook_runs_headless_on_tiny_data(tmp_path):
+    write_patches(tmp_path / "patches", n=6, size=(48, 48))
+    out_nb = tmp_path / "executed.ipynb"
+    pm.execute_notebook(
+        str(REPO / "train.ipynb"), str(out_nb), cwd=str(REPO), progress_bar=False, kernel_name="python3",
+        parameters=dict(DATA=str(tmp_path / "patches"), EPOCHS=1, POINTS=50, PRETRAINED=False, SIZE=32,
+                        BATCH_SIZE=4, OUT=str(tmp_path / "ck"), FIGURES=str(tmp_path / "fig")))
+    assert (tmp_path / "ck" / "best_model.pth").is_file()
+    assert (tmp_path / "fig" / "output.png").is_file() and (tmp_path / "fig" / "results.png").is_file()
+    text = out_nb.read_text()
+    assert "best epoch 1: val OA" in text
+    assert "image/png" in text  # the figures are shown in the notebook
+
+
+def test_committed_notebook_has_no_outputs():
+    import nbformat
+
+    nb = nbformat.read(REPO / "train.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code)
+    assert "parameters" in code[0].metadata.get("tags", [])
