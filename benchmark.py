@@ -1,0 +1,207 @@
+"""Speed and memory, measured on the current device. Numbers go here, never into tests.
+
+    python benchmark.py infer                    # 6000x6000 synthetic GeoTIFF, end to end vs the model alone
+    python benchmark.py infer --size 2000        # smaller, for a slow CPU
+    python benchmark.py train --steps 10         # training images/s at 150x150, both decoders, batch 16
+    python benchmark.py train --device cuda --amp
+
+`infer` reports megapixels (of the input image) per second for infer.segment_folder on one synthetic tile
+(read, resize, tiles, blending, upsampling, argmax, PNG + GeoTIFF written), the same for the model alone on
+tensors already on the device covering the same model-input area without overlap (the limit), their ratio,
+and the peak RSS of the process during the end-to-end run. Weights are random: speed does not depend on them.
+"""
+
+import argparse
+import math
+import multiprocessing
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+from PIL import Image
+
+import dataset
+import infer
+from model import ResNet18Segmentation, load_checkpoint, resolve_device, save_checkpoint
+from partial_ce_loss import PartialCrossEntropyLoss
+
+# --------------------------------------------------------------------------- helpers
+
+
+def peak_rss_mb():
+    """Peak resident set size of this process so far, in MB: VmHWM on Linux (ru_maxrss would also count the
+    parent's memory a spawned child was forked from), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS, KiB on Linux
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_image(size, seed=0):
+    """(size, size, 3) uint8 with structure at several scales (not white noise, which no camera produces)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (size // 64 + 2, size // 64 + 2, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))
+    return np.clip(img.astype(np.int16) + rng.integers(-20, 21, (size, size, 1), dtype=np.int16), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- infer
+
+def _end_to_end(opts, ckpt_path, inp, out, queue):
+    """Child process: load the checkpoint, segment the folder, report (seconds, RSS before, peak RSS)."""
+    device = resolve_device(opts["device"])
+    model, ckpt = load_checkpoint(ckpt_path, device)
+    rss_before = peak_rss_mb()
+    sync(device)
+    t0 = time.perf_counter()
+    summary = infer.segment_folder(inp, out, model, ckpt, tile=opts["tile"], overlap=opts["overlap"],
+                                   batch_size=opts["batch_size"], tta=opts["tta"], device=device,
+                                   progress=opts["progress"])
+    sync(device)
+    seconds = time.perf_counter() - t0
+    if summary.done != 1 or summary.failed:
+        raise RuntimeError(f"the end-to-end run failed: {summary.failed}")
+    queue.put((seconds, rss_before, peak_rss_mb()))
+
+
+def bench_infer(args):
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ckpt_path, inp, out = tmp / "model.pth", tmp / "in", tmp / "out"
+        inp.mkdir()
+        save_checkpoint(ckpt_path, ResNet18Segmentation(decoder=args.decoder), classes=dataset.POTSDAM,
+                        scale=args.scale)
+        geo = [(33550, "d", 3, (0.05, 0.05, 0.0), True), (33922, "d", 6, (0, 0, 0, 368000.0, 5808000.0, 0), True),
+               (34735, "H", 8, (1, 1, 0, 1, 3072, 0, 1, 25833), True)]
+        tifffile.imwrite(inp / "tile.tif", synthetic_image(args.size), photometric="rgb", extratags=geo)
+        H = W = args.size
+        h, w = infer.model_size(H, W, args.scale)
+        ys, th = infer.tile_starts(h, args.tile, args.overlap)
+        xs, tw = infer.tile_starts(w, args.tile, args.overlap)
+        print(f"device {device} ({torch.get_num_threads()} CPU threads), {args.decoder} decoder, {W}x{H} input, "
+              f"scale {args.scale:g} -> model input {w}x{h} = {w * h / 1e6:.2f} MP, {len(ys) * len(xs)} tiles "
+              f"of {tw}x{th} (overlap >= {args.overlap}), batch {args.batch_size}, TTA {args.tta}")
+
+        # end to end in a fresh process, so its peak RSS is inference's alone (imports and model included)
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_end_to_end, args=(vars(args) | {"func": None}, ckpt_path, inp, out, queue))
+        child.start()
+        e2e, rss_before, rss = queue.get()
+        child.join()
+
+        # the model alone: tensors already on the device, timed per pixel and scaled to the model-input area
+        model, _ = load_checkpoint(ckpt_path, device)
+        x = torch.rand(args.batch_size, 3, th, tw, device=device)
+        n_batches = max(1, math.ceil(h * w / (args.batch_size * th * tw)))
+        passes = len(infer.TTA_MODES[infer._tta_mode(args.tta)])
+        with torch.inference_mode():
+            model(x)  # warm-up (cuDNN autotuning, allocator)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n_batches * passes):
+                model(x)
+            sync(device)
+        alone = (time.perf_counter() - t0) * h * w / (n_batches * args.batch_size * th * tw)
+    mp = H * W / 1e6
+    print(f"end to end : {e2e:7.2f} s  {mp / e2e:8.3f} MP/s  (input megapixels)")
+    print(f"model alone: {alone:7.2f} s  {mp / alone:8.3f} MP/s  (timed on {n_batches * passes} batches of "
+          f"{args.batch_size}x3x{th}x{tw})")
+    print(f"ratio      : {alone / e2e:.2f}   (goal >= 0.5)")
+    print(f"peak RSS   : {rss:.0f} MB in the end-to-end process ({rss_before:.0f} MB after imports and loading "
+          f"the model; goal < 2048)")
+
+
+# --------------------------------------------------------------------------- train
+
+def bench_train(args):
+    device = resolve_device(args.device)
+    use_amp = args.amp and device.type == "cuda"
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch_size, 3, args.size, args.size, generator=g).to(device)
+    y = torch.randint(0, len(dataset.CLASSES), (args.batch_size, args.size, args.size), generator=g)
+    y[torch.rand(y.shape, generator=g) > args.labelled] = dataset.IGNORE_INDEX  # sparse points, as in training
+    y = y.to(device)
+    print(f"device {device} ({torch.get_num_threads()} CPU threads), batch {args.batch_size} x 3 x {args.size} x "
+          f"{args.size}, {args.labelled:.0%} of pixels labelled, Adam, AMP {'bf16' if use_amp else 'off'}")
+    for decoder in args.decoders:
+        torch.manual_seed(0)
+        model = ResNet18Segmentation(decoder=decoder).to(device).train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        criterion = PartialCrossEntropyLoss()
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(x)
+            loss = criterion(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(args.warmup):
+            step()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync(device)
+        dt = time.perf_counter() - t0
+        print(f"{decoder:5s}: {args.steps * args.batch_size / dt:8.1f} images/s ({dt / args.steps * 1000:.0f} ms/step)")
+
+
+# --------------------------------------------------------------------------- CLI
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Measure inference and training speed on the current device.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("infer", help="end-to-end inference on a synthetic tile vs the model alone",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--size", type=int, default=6000, help="side of the synthetic square tile, input pixels")
+    q.add_argument("--scale", type=float, default=dataset.PROCESSING_SIZE / dataset.NATIVE_SIZE,
+                   help="processing scale recorded in the synthetic checkpoint")
+    q.add_argument("--decoder", default="plain", choices=["plain", "skip"])
+    q.add_argument("--tile", type=int, default=512)
+    q.add_argument("--overlap", type=int, default=64)
+    q.add_argument("--batch-size", type=int, default=4)
+    q.add_argument("--tta", default="none", choices=list(infer.TTA_MODES))
+    q.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    q.add_argument("--no-progress", dest="progress", action="store_false")
+    q.set_defaults(func=bench_infer)
+
+    t = sub.add_parser("train", help="training steps per second with random tensors, both decoders",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--size", type=int, default=dataset.PROCESSING_SIZE, help="patch side")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--steps", type=int, default=10, help="timed steps per decoder")
+    t.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    t.add_argument("--labelled", type=float, default=0.1, help="fraction of pixels with a point label")
+    t.add_argument("--decoders", nargs="+", default=["plain", "skip"], choices=["plain", "skip"])
+    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    t.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA (as train.py --amp)")
+    t.set_defaults(func=bench_train)
+    return p
+
+
+def main(args):
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

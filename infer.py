@@ -1,0 +1,398 @@
+"""Segment every image in a folder: any size, at the training resolution, in blended tiles, optional TTA.
+
+    python infer.py --checkpoint checkpoints/best_model.pth --input input_images --output output_images
+
+For each input `<name>.<ext>` it writes `<name>_mask.png` (a palette PNG: viewers show the checkpoint's
+class colours, the pixel values are the class indices), with `--index` also `<name>_mask.index.png`
+(grayscale, value = class index), with `--overlay` `<name>_mask.overlay.jpg` (image and colours blended),
+and for a georeferenced TIFF `<name>_mask.tif` with the same GeoTIFF tags, so a GIS lays it on the input.
+Every mask has exactly the input's height and width. Files named `*_mask.*` are this tool's outputs and
+never taken as inputs; nothing is written over an input, also with --output equal to --input.
+
+How an image is predicted (`predict_image`): it is resized by the checkpoint's scale (processing size /
+native size, e.g. 300 -> 150 = 0.5) so objects have the size the model learned; the resized image is cut
+into overlapping tiles (`--tile`, `--overlap`, in resized pixels) run in batches; class probabilities are
+blended with weights that fade to ~0 at tile edges (no seams), optionally averaged over flips and 90-degree
+rotations (`--tta`), and bilinearly upsampled back to the input size before the argmax. Rows are finished
+and upsampled as the tiles move down the image, so memory stays bounded for 6000x6000 tiles and beyond.
+Reading rules (bands, 16-bit, alpha) are in raster.py.
+"""
+
+import argparse
+import fnmatch
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dataset import IMAGE_SUFFIXES, ClassSpec, index_to_colour
+from model import load_checkpoint, resolve_device
+from raster import (RasterError, is_image_file, palette_image, read_model_image, resize, write_index_tiff,
+                    write_jpeg, write_png)
+
+OUTPUT_PATTERN = "*_mask.*"  # the files this tool writes: never inputs
+TTA_MODES = {  # (quarter turns, horizontal flip) applied to the input; the prediction is turned back
+    "none": [(0, False)],
+    "flip": [(0, False), (0, True), (2, False), (2, True)],  # identity, h-flip, h+v flip, v-flip
+    "d4": [(k, f) for k in range(4) for f in (False, True)],  # all flips and 90-degree rotations
+}
+OVERLAY_ALPHA = 0.5
+
+# --------------------------------------------------------------------------- tiles
+
+
+def model_size(height, width, scale):
+    """(h, w) the model sees for an (height, width) image: round(side * scale), at least 1."""
+    return max(1, math.floor(height * scale + 0.5)), max(1, math.floor(width * scale + 0.5))
+
+
+def tile_starts(length, tile, overlap):
+    """Tile starts along one axis and the tile length. A side that fits one tile is one tile. Otherwise n
+    tiles, evenly spaced, overlapping by at least `overlap`, of length <= tile rounded up to a multiple of 32
+    (the model pads to 32 anyway, so the rounding buys overlap for free)."""
+    if length <= tile:
+        return [0], length
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
+    n = math.ceil((length - overlap) / (tile - overlap))
+    size = min(tile, 32 * math.ceil(math.ceil((length + (n - 1) * overlap) / n) / 32))
+    return [round(i * (length - size) / (n - 1)) for i in range(n)], size
+
+
+def blend_window(height, width, overlap):
+    """(height, width) weights: 1 inside, a smoothstep from ~0 to 1 over `overlap` pixels at each edge, never 0."""
+    def ramp(n):
+        i = torch.arange(n, dtype=torch.float32)
+        d = torch.minimum(i, n - 1 - i) + 0.5  # distance to the nearest edge
+        r = (d / max(overlap, 1)).clamp(max=1)
+        return r * r * (3 - 2 * r)
+    return ramp(height)[:, None] * ramp(width)[None, :]
+
+
+def _forward(model, x, tta):
+    """Class probabilities (N, C, h, w) averaged over the TTA transforms, in float32."""
+    out = None
+    for k, flip in TTA_MODES[tta]:
+        t = torch.flip(x, (-1,)) if flip else x
+        t = torch.rot90(t, k, (-2, -1)).contiguous() if k else t
+        p = torch.softmax(model(t).float(), dim=1)
+        p = torch.rot90(p, -k, (-2, -1)) if k else p
+        p = torch.flip(p, (-1,)) if flip else p
+        out = p if out is None else out.add_(p)
+    return out.div_(len(TTA_MODES[tta]))
+
+
+def _tta_mode(tta):
+    if tta is True:
+        return "d4"
+    if not tta:
+        return "none"
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown TTA mode {tta!r}; use one of {list(TTA_MODES)}")
+    return tta
+
+
+def _probability_rows(model, small, tile, overlap, batch_size, tta, device, progress, desc):
+    """Blend tile predictions over a (h, w, B) uint8 image; yield finished rows in order as (C, n, w) float32
+    CPU tensors, normalised. Only one band of tile rows is held at a time."""
+    h, w, _ = small.shape
+    ys, th = tile_starts(h, tile, overlap)
+    xs, tw = tile_starts(w, tile, overlap)
+    window = blend_window(th, tw, overlap)
+    positions = [(y, x) for y in ys for x in xs]
+    acc = wsum = None  # rows [a0, a0 + th) of the blended probabilities and weights
+    a0 = 0
+    bar = tqdm(total=len(positions), desc=desc, unit="tile", leave=False,
+               disable=not progress or len(positions) <= batch_size)
+    for b in range(0, len(positions), batch_size):
+        batch = positions[b:b + batch_size]
+        x = torch.from_numpy(np.stack([small[y:y + th, x:x + tw] for y, x in batch]))
+        x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        probs = _forward(model, x, tta).cpu()
+        for (y, x0), p in zip(batch, probs):
+            if acc is None:
+                acc, wsum = torch.zeros(p.shape[0], th, w), torch.zeros(th, w)
+            if y > a0:  # a new tile row: rows above it get no more tiles
+                yield acc[:, : y - a0] / wsum[: y - a0]
+                keep = a0 + th - y
+                new_acc, new_wsum = torch.zeros_like(acc), torch.zeros_like(wsum)
+                new_acc[:, :keep], new_wsum[:keep] = acc[:, y - a0:], wsum[y - a0:]
+                acc, wsum, a0 = new_acc, new_wsum, y
+            acc[:, y - a0: y - a0 + th, x0:x0 + tw].addcmul_(p, window)
+            wsum[y - a0: y - a0 + th, x0:x0 + tw] += window
+        bar.update(len(batch))
+    bar.close()
+    yield acc / wsum
+
+
+class _Upsampler:
+    """Take model-resolution probability rows in order, emit (C, n, W) rows at the output size (H, W):
+    bilinear, align_corners=False, the same numbers as F.interpolate on the whole map, a few rows at a time."""
+
+    def __init__(self, h, w, H, W, sink, chunk_bytes=64 << 20):
+        src = np.maximum((np.arange(H) + 0.5) * (h / H) - 0.5, 0)
+        self.i0 = np.floor(src).astype(np.int64)
+        self.i1 = np.minimum(self.i0 + 1, h - 1)
+        self.wy = torch.from_numpy((src - self.i0).astype(np.float32))
+        self.same_height = h == H
+        self.w, self.W, self.sink, self.chunk_bytes = w, W, sink, chunk_bytes
+        self.buf, self.b0, self.y = None, 0, 0  # buffer holds model rows [b0, b0 + len); next output row y
+
+    def push(self, rows):
+        self.buf = rows if self.buf is None else torch.cat([self.buf, rows], 1)
+        end = self.b0 + self.buf.shape[1]  # model rows available: [b0, end)
+        y_end = int(np.searchsorted(self.i1, end - 1, side="right"))  # output rows computable now
+        step = max(1, self.chunk_bytes // (4 * self.buf.shape[0] * self.W))
+        for y0 in range(self.y, y_end, step):
+            y1 = min(y0 + step, y_end)
+            if self.same_height:
+                rows = self.buf[:, y0 - self.b0: y1 - self.b0]
+            else:
+                top = self.buf[:, torch.from_numpy(self.i0[y0:y1] - self.b0)]
+                rows = torch.lerp(top, self.buf[:, torch.from_numpy(self.i1[y0:y1] - self.b0)], self.wy[y0:y1, None])
+            if self.W != self.w:
+                rows = F.interpolate(rows[None], size=(y1 - y0, self.W), mode="bilinear", align_corners=False)[0]
+            self.sink(y0, y1, rows)
+        self.y = y_end
+        if y_end < len(self.i0):
+            drop = int(self.i0[y_end]) - self.b0
+            self.buf, self.b0 = self.buf[:, drop:], self.b0 + drop
+
+
+def _predict(model, image, scale, sink, tile, overlap, batch_size, tta, device, progress, desc):
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise ValueError(f"expected an (H, W, bands) uint8 image, got {image.dtype} {image.shape}")
+    if model.training:
+        raise ValueError("the model is in training mode; call model.eval() before predicting")
+    if tile < 32:
+        raise ValueError(f"tile must be >= 32 pixels, got {tile}")
+    tta = _tta_mode(tta)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    H, W = image.shape[:2]
+    h, w = model_size(H, W, scale)
+    small = resize(image, (h, w))
+    up = _Upsampler(h, w, H, W, sink)
+    with torch.inference_mode():
+        for rows in _probability_rows(model, small, tile, overlap, batch_size, tta, device, progress, desc):
+            up.push(rows)
+    assert up.y == H, (up.y, H)
+
+
+def predict_image(model, image, scale, *, tile=512, overlap=64, batch_size=4, tta=False, device=None,
+                  progress=False, desc=None):
+    """Class indices (H, W) uint8 for an (H, W, bands) uint8 image of any size.
+
+    Args:
+        model: a segmentation model in eval mode, (N, B, h, w) in [0, 1] -> logits (N, C, h, w).
+        image: (H, W, B) uint8 with B = the model's input bands (see raster.read_model_image).
+        scale: the checkpoint's processing scale (processing size / native size), e.g. 0.5.
+        tile, overlap: tile side and minimum overlap in model-input (rescaled) pixels.
+        batch_size: tiles per forward pass.
+        tta: False/"none", "flip" (4 flips), True/"d4" (flips and 90-degree rotations, 8 passes).
+        device: where the model runs (default: where its parameters are).
+    """
+    out = np.empty(image.shape[:2], np.uint8)
+
+    def sink(y0, y1, rows):
+        out[y0:y1] = rows.argmax(0).numpy().astype(np.uint8)
+
+    _predict(model, image, scale, sink, tile, overlap, batch_size, tta, device, progress, desc)
+    return out
+
+
+def predict_probabilities(model, image, scale, *, tile=512, overlap=64, batch_size=4, tta=False, device=None,
+                          progress=False, desc=None):
+    """Class probabilities (C, H, W) float32 at the image's size; arguments as predict_image. Holds the
+    whole map (C x H x W x 4 bytes): for small images (figures, tests); predict_image streams."""
+    parts = []
+    _predict(model, image, scale, lambda y0, y1, rows: parts.append(rows.clone()), tile, overlap, batch_size,
+             tta, device, progress, desc)
+    return torch.cat(parts, 1).numpy()
+
+
+def colour_mask(indices, palette):
+    """(H, W) class indices -> (H, W, 3) uint8 colours (dataset.index_to_colour)."""
+    return index_to_colour(indices, palette)
+
+
+def overlay(image, indices, palette, alpha=OVERLAY_ALPHA):
+    """Blend an (H, W, 3) uint8 image with the colour mask, row chunk by row chunk."""
+    out = np.empty(image.shape[:2] + (3,), np.uint8)
+    for r in range(0, image.shape[0], 512):
+        colours = colour_mask(indices[r:r + 512], palette).astype(np.float32)
+        out[r:r + 512] = np.round((1 - alpha) * image[r:r + 512, :, :3] + alpha * colours)
+    return out
+
+
+# --------------------------------------------------------------------------- files and folders
+
+@dataclass
+class Summary:
+    done: int = 0
+    skipped: list = field(default_factory=list)  # (path, why): not images
+    failed: list = field(default_factory=list)  # (path, message): bad images
+    written: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    def line(self):
+        return (f"{self.done} images done, {len(self.skipped)} skipped, {len(self.failed)} failed "
+                f"in {self.seconds:.1f} s")
+
+
+def list_inputs(input):
+    """(images, skipped) of an input folder (or one file). Hidden files and this tool's outputs
+    (`*_mask.*`) are ignored; other files that are not images are skipped with the reason.
+    A missing or image-less input is an error."""
+    input = Path(input)
+    if input.is_file():
+        files = [input]
+    elif input.is_dir():
+        files = sorted(p for p in input.iterdir() if p.is_file() and not p.name.startswith("."))
+    else:
+        raise FileNotFoundError(f"input {input} not found: pass --input FOLDER (or one image file)")
+    files = [p for p in files if not fnmatch.fnmatch(p.name.lower(), OUTPUT_PATTERN)]
+    images = [p for p in files if is_image_file(p)]
+    skipped = [(p, f"not an image ({'/'.join(IMAGE_SUFFIXES)})") for p in files if not is_image_file(p)]
+    if not images:
+        raise FileNotFoundError(f"no images in {input} (looked for {', '.join(IMAGE_SUFFIXES)}"
+                                f"{f'; {len(skipped)} other files' if skipped else ''})")
+    return images, skipped
+
+
+def output_stems(images):
+    """Output name stem per input: its stem, or stem_ext when two inputs share a stem (a.png, a.tif)."""
+    counts = {}
+    for p in images:
+        counts[p.stem] = counts.get(p.stem, 0) + 1
+    return {p: p.stem if counts[p.stem] == 1 else f"{p.stem}_{p.suffix[1:].lower()}" for p in images}
+
+
+def checkpoint_settings(ckpt):
+    """What inference needs from a checkpoint: scale, bands, input channels, class spec."""
+    return {"scale": float(ckpt["scale"]), "bands": ckpt.get("bands"),
+            "channels": int(ckpt["model_args"].get("in_channels", 3)),
+            "classes": ClassSpec.from_dict(ckpt["classes"])}
+
+
+def segment_file(path, output, model, ckpt, *, stem=None, scale=None, bands=None, bit_depth=None, index=False,
+                 overlay_preview=False, protect=(), log=print, **predict_kwargs):
+    """Segment one file into `output`. Returns the paths written. Raises RasterError for a bad file.
+    `scale`/`bands` default to the checkpoint's; `protect` lists paths never to write (the inputs)."""
+    s = checkpoint_settings(ckpt)
+    scale = s["scale"] if scale is None else scale
+    bands = s["bands"] if bands is None else bands
+    path, output = Path(path), Path(output)
+    image, raster, notes = read_model_image(path, s["channels"], bands, bit_depth)
+    for note in notes:
+        log(f"{path}: {note}")
+    pred = predict_image(model, image, scale, desc=path.name, **predict_kwargs)
+    stem, palette = stem or path.stem, s["classes"].palette
+    writers = {output / f"{stem}_mask.png": lambda t: write_png(t, palette_image(pred, palette))}
+    if index:
+        writers[output / f"{stem}_mask.index.png"] = lambda t: write_png(t, pred)
+    if overlay_preview:
+        rgb = image[:, :, :3] if image.shape[2] >= 3 else np.repeat(image[:, :, :1], 3, axis=2)
+        writers[output / f"{stem}_mask.overlay.jpg"] = lambda t: write_jpeg(t, overlay(rgb, pred, palette))
+    if raster.is_georeferenced:
+        writers[output / f"{stem}_mask.tif"] = lambda t: write_index_tiff(t, pred, palette, raster.geotags)
+    protected = {Path(p).resolve() for p in protect} | {path.resolve()}
+    for target in writers:
+        if target.resolve() in protected:
+            raise RasterError(f"{path}: refusing to write {target}, it is an input")
+    output.mkdir(parents=True, exist_ok=True)
+    for target, write in writers.items():
+        write(target)
+    return list(writers)
+
+
+def segment_folder(input, output, model, ckpt, *, progress=True, log=None, **kwargs):
+    """Segment every image of `input` (a folder or a file) into `output`; go on past bad files.
+    Keyword arguments as segment_file and predict_image. Returns a Summary (bad files in .failed)."""
+    t0 = time.time()
+    images, skipped = list_inputs(input)
+    log = log or tqdm.write
+    summary = Summary(skipped=skipped)
+    for p, why in skipped:
+        log(f"skipped {p}: {why}")
+    stems = output_stems(images)
+    for p in tqdm(images, desc="images", unit="image", disable=not progress):
+        try:
+            summary.written += segment_file(p, output, model, ckpt, stem=stems[p], protect=images, log=log,
+                                            progress=progress, **kwargs)
+            summary.done += 1
+        except (RasterError, OSError) as e:
+            msg = str(e) if str(p) in str(e) else f"{p}: {e}"
+            log(f"FAILED {msg}")
+            summary.failed.append((p, msg))
+    summary.seconds = time.time() - t0
+    return summary
+
+
+# --------------------------------------------------------------------------- CLI
+
+def get_args_parser():
+    p = argparse.ArgumentParser(
+        description="Segment every image in a folder with a trained checkpoint. Masks have the input's size; "
+                    "GeoTIFF inputs also get a georeferenced mask TIFF.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default="checkpoints/best_model.pth", help="checkpoint written by train.py")
+    p.add_argument("--input", default="input_images",
+                   help="folder of images (PNG, JPEG, TIFF) or one image file; *_mask.* files are ignored")
+    p.add_argument("--output", default="output_images", help="folder for the masks (created; may equal --input)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--scale", type=float, default=None,
+                   help="processing size / native size; default: the checkpoint's (what training used). Set it "
+                        "when your imagery's ground sampling differs from the training data's")
+    p.add_argument("--tile", type=int, default=512, help="tile side in model-input (rescaled) pixels")
+    p.add_argument("--overlap", type=int, default=64,
+                   help="minimum tile overlap in model-input pixels; probabilities are blended across it")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    p.add_argument("--tta", nargs="?", const="d4", default="none", choices=list(TTA_MODES),
+                   help="test-time augmentation averaged in probability space: 'flip' (4 flips) or "
+                        "'d4' (flips and 90-degree rotations, 8x the time); --tta alone means d4")
+    p.add_argument("--bands", type=int, nargs="+", default=None,
+                   help="0-based band indices to feed the model, e.g. --bands 3 0 1; default: the "
+                        "checkpoint's bands, else the image's (alpha dropped, first bands of more)")
+    p.add_argument("--bit-depth", type=int, default=None,
+                   help="bit depth of >8-bit images (scaled from [0, 2**b-1] to [0, 255]); default: "
+                        "per image, the smallest of 8..16 bits holding its largest value")
+    p.add_argument("--index", action="store_true", help="also write <name>_mask.index.png (class indices)")
+    p.add_argument("--overlay", action="store_true", help="also write <name>_mask.overlay.jpg (a preview)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def main(args):
+    """Returns the exit code: 0 all done, 1 some files failed, 2 nothing could start."""
+    try:
+        images, _ = list_inputs(args.input)
+        device = resolve_device(args.device)
+        model, ckpt = load_checkpoint(args.checkpoint, device)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = checkpoint_settings(ckpt)
+    scale = args.scale if args.scale is not None else s["scale"]
+    print(f"{len(images)} images from {args.input} -> {args.output}; model {ckpt['model_args']['decoder']} "
+          f"decoder, {s['classes'].num_classes} classes, scale {scale:g}, tile {args.tile}, overlap "
+          f"{args.overlap}, TTA {args.tta}, on {device}")
+    summary = segment_folder(args.input, args.output, model, ckpt, scale=scale, bands=args.bands,
+                             bit_depth=args.bit_depth, index=args.index, overlay_preview=args.overlay,
+                             tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, tta=args.tta,
+                             device=device, progress=args.progress)
+    print(summary.line() + f" -> {args.output}")
+    for p, msg in summary.failed:
+        print(f"failed: {msg}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

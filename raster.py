@@ -1,0 +1,312 @@
+"""Reading and writing rasters of any kind: PNG, JPEG, TIFF (any codec imagecodecs knows, tiled, BigTIFF,
+planar or interleaved), GeoTIFF georeferencing, 16-bit and multi-band data, atomic writes.
+
+    python raster.py some_image.tif        # prints shape, dtype, bands, alpha and georeferencing tags
+
+Turning a file into what a model eats happens in three explicit steps, so nothing is guessed silently:
+`read_raster` (the pixels as stored, plus alpha band and GeoTIFF tags), `select_bands` (which bands, given
+what the model needs) and `to_uint8` (the documented bit-depth rule). Each step returns notes (warnings as
+text) for the caller to print next to the file name.
+
+Bit depth rule: integer images wider than 8 bits are scaled linearly from [0, 2**b - 1] to [0, 255], b being
+the image's bit depth: the smallest of 8..16 bits (or the dtype's width) that holds its largest value. So
+11-, 12- or 14-bit sensor data stored in 16-bit files keep their contrast, and a 16-bit file holding only
+values < 256 is kept as is. Pass `bit_depth` (infer.py --bit-depth) to fix b for a constant scale across
+images. Float images must hold values in [0, 1] (multiplied by 255); anything else is an error.
+"""
+
+import argparse
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from dataset import IMAGE_SUFFIXES
+
+# --------------------------------------------------------------------------- GeoTIFF tags
+
+GEOTIFF_TAGS = {  # code -> name; what places a GeoTIFF on the ground
+    33550: "ModelPixelScaleTag",
+    33922: "ModelTiepointTag",
+    34264: "ModelTransformationTag",
+    34735: "GeoKeyDirectoryTag",
+    34736: "GeoDoubleParamsTag",
+    34737: "GeoAsciiParamsTag",
+}
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+class RasterError(ValueError):
+    """A file that cannot be turned into model input; the message names the file and what is wrong."""
+
+
+@dataclass
+class Raster:
+    """Pixels as stored: `array` (H, W, B) in the file's dtype; `alpha` the index of an alpha band (or None);
+    `geotags` {tag code: (TIFF datatype, count, value)} of the GeoTIFF tags found (empty if none)."""
+
+    path: Path
+    array: np.ndarray
+    alpha: int = None
+    geotags: dict = field(default_factory=dict)
+
+    @property
+    def is_georeferenced(self):
+        """Any GeoTIFF tag: whatever places the image (tie points, transformation, keys) is carried over."""
+        return bool(self.geotags)
+
+
+# --------------------------------------------------------------------------- reading
+
+def read_geotags(path):
+    """The GeoTIFF tags of a TIFF's first page, {code: (datatype, count, value)}; {} for other files."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return {}
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages.first.tags
+        return {code: (int(tags[code].dtype), int(tags[code].count), tags[code].value)
+                for code in GEOTIFF_TAGS if code in tags}
+
+
+def _read_tiff(path):
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages.first
+        series = tif.series[0]
+        arr = series.asarray()  # level 0 of a pyramid, all strips/tiles, any codec imagecodecs decodes
+        axes = series.axes
+        tags = page.tags
+        geotags = {code: (int(tags[code].dtype), int(tags[code].count), tags[code].value)
+                   for code in GEOTIFF_TAGS if code in tags}
+        photometric, colormap, extrasamples = page.photometric, page.colormap, tuple(page.extrasamples or ())
+    if photometric == tifffile.PHOTOMETRIC.PALETTE and colormap is not None and arr.ndim == 2:
+        cmap = np.asarray(colormap)
+        cmap = (cmap // 257).astype(np.uint8) if cmap.max() > 255 else cmap.astype(np.uint8)
+        return cmap.T[arr], None, geotags  # indexed colour -> RGB
+    if arr.ndim == 3 and axes[-1] not in "SC" and axes.endswith("YX"):
+        arr = np.moveaxis(arr, 0, -1)  # planar (bands, H, W) or one page per band
+    alpha = None
+    if arr.ndim == 3 and extrasamples and int(extrasamples[-1]) in (1, 2):  # associated / unassociated alpha
+        alpha = arr.shape[2] - 1
+    return arr, alpha, geotags
+
+
+def _read_pil(path):
+    with Image.open(path) as im:
+        if im.mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+            has_alpha = im.mode in ("PA",) or (im.mode == "P" and "transparency" in im.info)
+            im = im.convert("RGBA" if has_alpha else ("L" if im.mode == "1" else "RGB"))
+        arr = np.asarray(im)  # decodes here: a truncated file raises now
+        alpha = {"LA": 1, "RGBA": 3}.get(im.mode)
+    return arr, alpha, {}
+
+
+def read_raster(path):
+    """Read an image file as a Raster. Errors (RasterError) name the file: missing, empty, truncated,
+    corrupt, or a layout that is not (H, W) or (H, W, bands)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RasterError(f"{path}: not found")
+    if path.stat().st_size == 0:
+        raise RasterError(f"{path}: empty file (0 bytes)")
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            arr, alpha, geotags = _read_tiff(path)
+        else:
+            arr, alpha, geotags = _read_pil(path)
+    except Exception as e:  # codec errors come in many types
+        raise RasterError(f"{path}: cannot read it, corrupt or truncated? ({type(e).__name__}: {e})") from None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise RasterError(f"{path}: unsupported layout {arr.shape}; expected (H, W) or (H, W, bands)")
+    return Raster(path, arr, alpha, geotags)
+
+
+# --------------------------------------------------------------------------- bands and bit depth
+
+def select_bands(arr, channels=3, bands=None, alpha=None):
+    """Pick the bands a model with `channels` input bands gets. Returns (array (H, W, channels), notes).
+
+    `bands` (0-based indices) wins when given. Otherwise: an alpha band is dropped; a single band is
+    replicated (with a note); exactly `channels` bands are taken as they are; more bands: the first
+    `channels` (with a note); fewer (but more than one): an error that asks for `bands`.
+    """
+    n = arr.shape[2]
+    if bands is not None:
+        bands = [int(b) for b in bands]
+        if len(bands) != channels:
+            raise RasterError(f"{len(bands)} bands {bands} were asked for, the model takes {channels}")
+        if min(bands) < 0 or max(bands) >= n:
+            raise RasterError(f"bands {bands} were asked for, the image has {n} (0..{n - 1})")
+        return arr[:, :, bands], []
+    notes = []
+    if alpha is not None:
+        arr = np.delete(arr, alpha, axis=2) if n > 1 else arr
+        n = arr.shape[2]
+    if n == channels:
+        return arr, notes
+    if n == 1:
+        notes.append(f"single-band (grayscale) image: its band is replicated to {channels} bands")
+        return np.repeat(arr, channels, axis=2), notes
+    if n > channels:
+        notes.append(f"{n} bands: using the first {channels} (0..{channels - 1}); pass --bands to choose")
+        return arr[:, :, :channels], notes
+    raise RasterError(f"unsupported band layout: {n} bands, the model takes {channels}; "
+                      f"pass --bands with {channels} band indices")
+
+
+def bit_depth_of(arr):
+    """Smallest bit depth from 8 up to the dtype's width that holds the largest value of an integer array."""
+    top = int(arr.max()) if arr.size else 0
+    return min(max(8, top.bit_length()), arr.dtype.itemsize * 8)
+
+
+def to_uint8(arr, bit_depth=None):
+    """Scale pixels to uint8 by the module's bit-depth rule. Returns (uint8 array, notes)."""
+    if arr.dtype == np.uint8:
+        return arr, []
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255, []
+    if np.issubdtype(arr.dtype, np.integer):
+        b = int(bit_depth) if bit_depth else bit_depth_of(arr)
+        top = 2 ** b - 1
+        notes = [] if b == 8 else [f"{arr.dtype} pixels scaled to 8 bits as {b}-bit data (x 255/{top})"]
+        if arr.dtype == np.uint16:  # a lookup table: one pass, no large temporary
+            lut = np.clip(np.round(np.arange(65536) * (255 / top)), 0, 255).astype(np.uint8)
+            return lut[arr], notes
+        out = np.empty(arr.shape, np.uint8)
+        for r in range(0, arr.shape[0], 512):  # row chunks keep float temporaries small
+            out[r:r + 512] = np.clip(np.round(arr[r:r + 512] * (255 / top)), 0, 255)
+        return out, notes
+    if np.issubdtype(arr.dtype, np.floating):
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        if not (0 <= lo and hi <= 1) or np.isnan(arr).any():
+            raise RasterError(f"unsupported pixel values: {arr.dtype} in [{lo:g}, {hi:g}]; float images must "
+                              f"be in [0, 1] (convert the file to 8-bit, or scale it to [0, 1])")
+        out = np.empty(arr.shape, np.uint8)
+        for r in range(0, arr.shape[0], 512):
+            out[r:r + 512] = np.round(arr[r:r + 512] * 255)
+        return out, ["float pixels in [0, 1] scaled to 8 bits"]
+    raise RasterError(f"unsupported pixel type {arr.dtype}")
+
+
+def read_model_image(path, channels=3, bands=None, bit_depth=None):
+    """A file as model-ready pixels: (uint8 array (H, W, channels), Raster without pixels, notes)."""
+    raster = read_raster(path)
+    try:
+        arr, notes = select_bands(raster.array, channels, bands, raster.alpha)
+        arr, more = to_uint8(arr, bit_depth)
+    except RasterError as e:
+        raise RasterError(f"{path}: {e}") from None
+    raster.array = None  # the caller holds the pixels it needs; do not keep the wider original alive
+    return np.ascontiguousarray(arr), raster, notes + more
+
+
+def resize(arr, size):
+    """(H, W, B) uint8 -> (h, w, B) uint8, bilinear with antialiasing (PIL, band by band: what
+    dataset.py does for training, so the model sees the same pixels)."""
+    h, w = size
+    if arr.shape[:2] == (h, w):
+        return arr
+    out = np.empty((h, w, arr.shape[2]), np.uint8)
+    for b in range(arr.shape[2]):
+        out[:, :, b] = np.asarray(Image.fromarray(np.ascontiguousarray(arr[:, :, b])).resize((w, h), Image.BILINEAR))
+    return out
+
+
+def is_image_file(path):
+    path = Path(path)
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+# --------------------------------------------------------------------------- writing
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path`; rename it onto `path` when the block succeeds, delete it when
+    it fails. Readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def palette_image(index_map, palette):
+    """(H, W) uint8 class indices -> a PIL palette image: viewers show the class colours, the pixel values
+    stay the class indices."""
+    im = Image.fromarray(np.ascontiguousarray(index_map, dtype=np.uint8), mode="L").convert("P")
+    flat = np.zeros((256, 3), np.uint8)
+    flat[: len(palette)] = np.asarray(palette, np.uint8)
+    im.putpalette(flat.reshape(-1).tolist())
+    return im
+
+
+def write_png(path, image, compress_level=1):
+    """Write an (H, W), (H, W, 3) uint8 array or a PIL image as PNG, atomically."""
+    im = image if isinstance(image, Image.Image) else Image.fromarray(np.ascontiguousarray(image))
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG", compress_level=compress_level)
+
+
+def write_jpeg(path, image, quality=90):
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="JPEG", quality=quality)
+
+
+def write_index_tiff(path, index_map, palette=None, geotags=None):
+    """Write an (H, W) uint8 class map as a (Geo)TIFF, atomically: deflate-compressed, tiled when large,
+    with the palette as TIFF colour map (a GIS shows the class colours, values stay class indices) and the
+    given GeoTIFF tags copied verbatim (same size as the input -> same georeferencing)."""
+    index_map = np.ascontiguousarray(index_map, dtype=np.uint8)
+    kwargs = {}
+    if palette is not None:
+        cmap = np.zeros((3, 256), np.uint16)
+        cmap[:, : len(palette)] = np.asarray(palette, np.uint16).T * 257
+        kwargs.update(photometric="palette", colormap=cmap)
+    else:
+        kwargs.update(photometric="minisblack")
+    if min(index_map.shape) >= 512:
+        kwargs["tile"] = (256, 256)
+    extratags = [(code, dtype, count, value, True) for code, (dtype, count, value) in sorted((geotags or {}).items())]
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, index_map, compression="zlib", extratags=extratags, metadata=None,
+                         bigtiff=index_map.size > 2 ** 31, **kwargs)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Describe raster files: shape, dtype, bands, georeferencing.")
+    p.add_argument("paths", nargs="+", help="image files (PNG, JPEG, TIFF)")
+    return p
+
+
+def main(args):
+    failed = 0
+    for path in args.paths:
+        try:
+            r = read_raster(path)
+        except RasterError as e:
+            print(e)
+            failed += 1
+            continue
+        a = r.array
+        print(f"{path}: {a.shape[1]}x{a.shape[0]}, {a.shape[2]} bands, {a.dtype} (bit depth "
+              f"{bit_depth_of(a) if np.issubdtype(a.dtype, np.integer) else '-'}), alpha band {r.alpha}, "
+              f"georeferenced: {r.is_georeferenced}")
+        for code, (_, _, value) in r.geotags.items():
+            print(f"  {GEOTIFF_TAGS[code]} ({code}): {value}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(get_args_parser().parse_args()))

@@ -1,0 +1,332 @@
+"""infer.py: masks of the input's size at the training scale, tiles that blend into the whole-image result,
+TTA, every input kind, GeoTIFF tags carried over, bad files reported, inputs never overwritten."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import dataset
+import infer
+from model import ResNet18Segmentation, save_checkpoint
+from raster import resize
+
+ROOT = Path(__file__).resolve().parents[1]
+GEOTAGS = [(33550, "d", 3, (0.05, 0.05, 0.0), True),
+           (33922, "d", 6, (0.0, 0.0, 0.0, 368000.0, 5808000.0, 0.0), True),
+           (34735, "H", 16, (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 25833), True),
+           (34736, "d", 2, (6378137.0, 298.257222101), True),
+           (34737, "s", 0, "ETRS89 / UTM zone 33N|", True)]
+TRANSFORM = [(34264, "d", 16, (0.05, 0.0, 0.0, 368000.0, 0.0, -0.05, 0.0, 5808000.0) + (0.0,) * 7 + (1.0,), True),
+             (34735, "H", 8, (1, 1, 0, 1, 3072, 0, 1, 25833), True)]
+
+
+# --------------------------------------------------------------------------- helpers
+
+def smooth_image(h, w, seed=0, bands=3):
+    """Blobs, not white noise: neighbouring pixels agree, as in a photo."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (h // 8 + 2, w // 8 + 2, bands), dtype=np.uint8)
+    return np.stack([np.asarray(Image.fromarray(coarse[:, :, b]).resize((w, h), Image.BICUBIC))
+                     for b in range(bands)], -1)
+
+
+class PixelModel(nn.Module):
+    """A 1x1 convolution: each pixel's prediction depends on that pixel alone, so tiling must not change it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, 1)
+        self.shapes = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        return self.conv(x * 8 - 4)
+
+
+class LocalModel(nn.Module):
+    """Two 3x3 convolutions: a 5-pixel receptive field, zero padding at tile edges like a real network."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 6, 3, padding=1))
+
+    def forward(self, x):
+        return self.net(x * 8 - 4)
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
+    torch.manual_seed(0)
+    save_checkpoint(path, ResNet18Segmentation(decoder="plain"), classes=dataset.POTSDAM, scale=0.5)
+    return path
+
+
+def run(ckpt, inp, out, *extra):
+    args = infer.get_args_parser().parse_args(
+        ["--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out), "--no-progress", *extra])
+    return infer.main(args)
+
+
+def mask_of(path):
+    with Image.open(path) as im:
+        assert im.mode == "P"
+        return np.asarray(im)
+
+
+def write_inputs(folder):
+    """One file of every kind the tool reads; odd sizes. Returns {name: (H, W)}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = smooth_image(37, 53)
+    Image.fromarray(rgb).save(folder / "rgb.png")
+    Image.fromarray(smooth_image(41, 30)).save(folder / "photo.jpg")
+    Image.fromarray(smooth_image(20, 21)).save(folder / "photo2.JPEG")
+    Image.fromarray(np.dstack([rgb, np.full((37, 53), 255, np.uint8)])).save(folder / "rgba.png")
+    Image.fromarray(rgb[:, :, 0]).save(folder / "gray.png")
+    tifffile.imwrite(folder / "lzw_tiled.tif", smooth_image(64, 64), photometric="rgb", compression="lzw",
+                     tile=(16, 16))
+    tifffile.imwrite(folder / "big.tiff", smooth_image(33, 35), photometric="rgb", bigtiff=True)
+    tifffile.imwrite(folder / "sixteen.tif", smooth_image(31, 29).astype(np.uint16) * 16, photometric="rgb")
+    tifffile.imwrite(folder / "five_bands.tif", np.moveaxis(smooth_image(25, 27, bands=5), -1, 0),
+                     photometric="minisblack", planarconfig="separate")
+    return {"rgb": (37, 53), "photo": (41, 30), "photo2": (20, 21), "rgba": (37, 53), "gray": (37, 53),
+            "lzw_tiled": (64, 64), "big": (33, 35), "sixteen": (31, 29), "five_bands": (25, 27)}
+
+
+# --------------------------------------------------------------------------- tiles and blending
+
+@pytest.mark.parametrize("length, tile, overlap", [(100, 512, 64), (513, 512, 64), (3000, 512, 64), (1000, 100, 30),
+                                                   (77, 32, 0)])
+def test_tiles_cover_the_side_with_the_overlap(length, tile, overlap):
+    starts, size = infer.tile_starts(length, tile, overlap)
+    assert starts[0] == 0 and starts[-1] + size == length
+    if length > tile:
+        assert all(b - a <= size - overlap for a, b in zip(starts, starts[1:]))
+        assert size <= tile and (size % 32 == 0 or size == tile)
+    else:
+        assert starts == [0] and size == length
+
+
+@pytest.mark.parametrize("scale, size", [(1.0, (150, 173)), (0.5, (151, 173)), (0.7, (97, 120))])
+def test_tiled_probabilities_equal_the_whole_image_for_a_pixelwise_model(scale, size):
+    image = smooth_image(*size)
+    model = PixelModel().eval()
+    whole = infer.predict_probabilities(model, image, scale, tile=1024)
+    assert len(model.shapes) == 1
+    tiled = infer.predict_probabilities(model, image, scale, tile=32, overlap=8, batch_size=3)
+    assert len(model.shapes) > 4  # it really tiled
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)
+    assert whole.shape == (6,) + size
+    # and the whole-image result is softmax(model(resized)) upsampled bilinearly
+    h, w = infer.model_size(*size, scale)
+    x = torch.from_numpy(resize(image, (h, w)).copy()).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        ref = F.interpolate(torch.softmax(model(x), 1), size=size, mode="bilinear", align_corners=False)[0]
+    np.testing.assert_allclose(whole, ref.numpy(), atol=1e-5)
+
+
+def test_tiled_prediction_agrees_with_whole_image():
+    image = smooth_image(130, 157, seed=1)
+    model = LocalModel().eval()
+    whole = infer.predict_image(model, image, 1.0, tile=1024)
+    assert len(np.unique(whole)) >= 3  # a prediction with something to disagree about
+    tiled = infer.predict_image(model, image, 1.0, tile=48, overlap=16, batch_size=5)
+    assert (tiled == whole).mean() >= 0.99
+
+
+def test_model_sees_the_training_scale_and_mask_has_the_input_size():
+    model = PixelModel().eval()
+    pred = infer.predict_image(model, smooth_image(37, 53), 0.5)
+    assert model.shapes == [(1, 3, 19, 27)]  # round(37 * 0.5), round(53 * 0.5)
+    assert pred.shape == (37, 53) and pred.dtype == np.uint8
+
+
+def test_upsampler_streams_the_same_numbers_as_interpolate():
+    torch.manual_seed(0)
+    probs = torch.rand(6, 23, 31)
+    ref = F.interpolate(probs[None], size=(67, 50), mode="bilinear", align_corners=False)[0]
+    out = torch.zeros_like(ref)
+
+    def sink(y0, y1, rows):
+        out[:, y0:y1] = rows
+
+    up = infer._Upsampler(23, 31, 67, 50, sink, chunk_bytes=1)  # one output row at a time
+    for a, b in [(0, 1), (1, 9), (9, 10), (10, 23)]:  # rows arrive in uneven bands
+        up.push(probs[:, a:b])
+    assert up.y == 67
+    torch.testing.assert_close(out, ref)
+
+
+def test_tta_makes_the_prediction_rotation_and_flip_invariant():
+    torch.manual_seed(0)
+    model = ResNet18Segmentation(decoder="skip").eval()
+    image = smooth_image(32, 32)  # a multiple of 32: the model's own padding does not break the symmetry
+    p = infer.predict_probabilities(model, image, 1.0, tta=True)
+    turned = np.rot90(image[:, ::-1], 1).copy()  # flip, then a quarter turn
+    q = infer.predict_probabilities(model, turned, 1.0, tta=True)
+    np.testing.assert_allclose(np.rot90(q, -1, axes=(1, 2))[:, :, ::-1], p, atol=1e-5)
+    plain = infer.predict_probabilities(model, image, 1.0)
+    flipped = infer.predict_probabilities(model, image[:, ::-1].copy(), 1.0)[:, :, ::-1]
+    assert not np.allclose(plain, flipped, atol=1e-5)  # without TTA the model is not invariant
+    hv = infer.predict_probabilities(model, image[::-1, ::-1].copy(), 1.0, tta="flip")[:, ::-1, ::-1]
+    np.testing.assert_allclose(hv, infer.predict_probabilities(model, image, 1.0, tta="flip"), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the CLI on files
+
+def test_every_input_kind_gets_a_mask_of_its_size(ckpt_path, tmp_path, capsys):
+    sizes = write_inputs(tmp_path / "in")
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    assert run(ckpt_path, tmp_path / "in", tmp_path / "out", "--index", "--overlay") == 0
+    out = capsys.readouterr().out
+    for name, (h, w) in sizes.items():
+        mask = mask_of(tmp_path / "out" / f"{name}_mask.png")
+        assert mask.shape == (h, w) and mask.max() < 6, name
+        with Image.open(tmp_path / "out" / f"{name}_mask.index.png") as im:
+            np.testing.assert_array_equal(np.asarray(im), mask)
+        with Image.open(tmp_path / "out" / f"{name}_mask.overlay.jpg") as im:
+            assert im.size == (w, h)
+    assert "gray.png: single-band" in out and "five_bands.tif: 5 bands" in out and "sixteen.tif: uint16" in out
+    assert "notes.txt" in out and f"{len(sizes)} images done, 1 skipped, 0 failed" in out
+    assert not list((tmp_path / "out").glob("*.tif"))  # no georeferenced input: no mask TIFF
+
+
+def test_colour_mask_uses_the_checkpoint_palette(ckpt_path, tmp_path):
+    palette = ((10, 20, 30), (40, 50, 60), (70, 80, 90), (1, 2, 3), (4, 5, 6), (7, 8, 9))
+    classes = dataset.ClassSpec(names=tuple("abcdef"), palette=palette)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "own.pth", ResNet18Segmentation(), classes=classes, scale=1.0)
+    Image.fromarray(smooth_image(32, 40)).save(tmp_path / "a.png")
+    assert run(tmp_path / "own.pth", tmp_path / "a.png", tmp_path / "out") == 0
+    with Image.open(tmp_path / "out" / "a_mask.png") as im:
+        colours = set(map(tuple, np.asarray(im.convert("RGB")).reshape(-1, 3)))
+    assert colours and colours <= set(palette)
+
+
+@pytest.mark.parametrize("tags", [GEOTAGS, TRANSFORM], ids=["tiepoint", "transformation"])
+def test_geotiff_mask_keeps_the_georeferencing(ckpt_path, tmp_path, tags):
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "geo.tif", smooth_image(45, 38), photometric="rgb", extratags=tags,
+                     compression="lzw")
+    assert run(ckpt_path, tmp_path / "in", tmp_path / "out") == 0
+    with tifffile.TiffFile(tmp_path / "out" / "geo_mask.tif") as tif:
+        page = tif.pages.first
+        for code, _, _, value, _ in tags:
+            assert page.tags[code].value == value, code
+        indices = page.asarray()
+        assert page.photometric == tifffile.PHOTOMETRIC.PALETTE
+    assert indices.shape == (45, 38)
+    np.testing.assert_array_equal(indices, mask_of(tmp_path / "out" / "geo_mask.png"))
+
+
+def test_bad_files_are_named_the_rest_written_and_the_exit_code_is_not_zero(ckpt_path, tmp_path, capsys):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.fromarray(smooth_image(30, 31)).save(inp / "good.png")
+    Image.fromarray(smooth_image(64, 64)).save(inp / "cut.png")
+    (inp / "cut.png").write_bytes((inp / "cut.png").read_bytes()[:300])  # truncated
+    (inp / "empty.jpg").write_bytes(b"")
+    (inp / "junk.tif").write_bytes(b"II*\x00 definitely not a tiff")
+    tifffile.imwrite(inp / "two_bands.tif", smooth_image(20, 20, bands=2), photometric="minisblack",
+                     planarconfig="contig")
+    Image.fromarray(smooth_image(22, 23)).save(inp / "zz_last.png")
+    assert run(ckpt_path, inp, tmp_path / "out") == 1
+    captured = capsys.readouterr()
+    for name in ("cut.png", "empty.jpg", "junk.tif", "two_bands.tif"):
+        assert name in captured.err, name
+        assert not (tmp_path / "out" / f"{Path(name).stem}_mask.png").exists()
+    assert "unsupported band layout" in captured.err
+    assert "2 images done, 0 skipped, 4 failed" in captured.out
+    assert mask_of(tmp_path / "out" / "good_mask.png").shape == (30, 31)
+    assert mask_of(tmp_path / "out" / "zz_last_mask.png").shape == (22, 23)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_exit_code_of_the_script(ckpt_path, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.fromarray(smooth_image(30, 31)).save(inp / "good.png")
+    (inp / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n nope")
+    r = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(ckpt_path), "--input", str(inp),
+                        "--output", str(tmp_path / "out"), "--no-progress"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "broken.png" in r.stderr
+    assert (tmp_path / "out" / "good_mask.png").is_file()
+
+
+def test_inputs_are_never_overwritten_nor_read_back(ckpt_path, tmp_path):
+    inp = tmp_path / "data"
+    write_inputs(inp)
+    Image.fromarray(smooth_image(30, 30)).save(inp / "same.png")
+    tifffile.imwrite(inp / "same.tif", smooth_image(30, 30, seed=3), photometric="rgb", extratags=GEOTAGS)
+    digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in inp.iterdir()}
+    before = digest()
+    assert run(ckpt_path, inp, inp) == 0
+    first = digest()
+    assert run(ckpt_path, inp, inp) == 0  # a second run: its own masks are not inputs
+    after = digest()
+    assert {k: after[k] for k in before} == before
+    assert set(after) == set(first)
+    assert not [n for n in after if "_mask_mask" in n]
+    assert {"same_png_mask.png", "same_tif_mask.png", "same_tif_mask.tif"} <= set(after)  # one stem, two files
+
+
+def test_missing_checkpoint_says_how_to_train_one(tmp_path, capsys):
+    Image.fromarray(smooth_image(30, 31)).save(tmp_path / "a.png")
+    assert run(tmp_path / "nope.pth", tmp_path, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "nope.pth" in err and "train.py" in err
+    assert not (tmp_path / "out").exists()  # nothing was done
+
+
+def test_foreign_checkpoint_and_bad_input_folders_fail_before_any_work(ckpt_path, tmp_path, capsys):
+    Image.fromarray(smooth_image(30, 31)).save(tmp_path / "a.png")
+    torch.save({"state_dict": {}}, tmp_path / "other.pth")
+    assert run(tmp_path / "other.pth", tmp_path / "a.png", tmp_path / "out") == 2
+    assert "not a checkpoint of this project" in capsys.readouterr().err
+    assert run(ckpt_path, tmp_path / "missing", tmp_path / "out") == 2
+    assert "missing" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    assert run(ckpt_path, tmp_path / "empty", tmp_path / "out") == 2
+    assert "no images in" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bands_flag_and_checkpoint_bands(ckpt_path, tmp_path):
+    six = smooth_image(26, 28, bands=6)
+    tifffile.imwrite(tmp_path / "six.tif", np.moveaxis(six, -1, 0), photometric="minisblack",
+                     planarconfig="separate")
+    assert run(ckpt_path, tmp_path / "six.tif", tmp_path / "a", "--bands", "3", "4", "5") == 0
+    tifffile.imwrite(tmp_path / "last3.tif", six[:, :, 3:], photometric="rgb")
+    assert run(ckpt_path, tmp_path / "last3.tif", tmp_path / "b") == 0
+    np.testing.assert_array_equal(mask_of(tmp_path / "a" / "six_mask.png"), mask_of(tmp_path / "b" / "last3_mask.png"))
+    torch.manual_seed(0)  # the same weights as ckpt_path, trained (it says) on bands 3, 4, 5
+    save_checkpoint(tmp_path / "b345.pth", ResNet18Segmentation(), classes=dataset.POTSDAM, scale=0.5, bands=[3, 4, 5])
+    assert run(tmp_path / "b345.pth", tmp_path / "six.tif", tmp_path / "c") == 0
+    np.testing.assert_array_equal(mask_of(tmp_path / "c" / "six_mask.png"), mask_of(tmp_path / "a" / "six_mask.png"))
+
+
+def test_help_explains_every_flag(capsys):
+    parser = infer.get_args_parser()
+    for action in parser._actions:
+        assert action.help, action.option_strings
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--checkpoint", "--input", "--output", "--device", "--tile", "--overlap", "--batch-size", "--tta",
+                 "--bands", "--index", "--overlay", "--scale"):
+        assert flag in text
+    defaults = parser.parse_args([])
+    assert (defaults.checkpoint, defaults.input, defaults.output, defaults.device) == \
+        ("checkpoints/best_model.pth", "input_images", "output_images", "auto")
