@@ -1,0 +1,37 @@
+# make demo: venv + synthetic demo data + notebook training (headless) + inference on the demo scenes.
+# make test: the test suite.
+PYTHON ?= python3
+PY := .venv/bin/python
+
+# demo settings: sized to run in a few minutes on 2 CPU cores (random-init encoder: offline)
+DEMO_EPOCHS ?= 6
+DEMO_TRAIN ?= 320
+DEMO_VAL ?= 80
+
+.PHONY: demo demo-data train-demo infer-demo test clean-demo
+
+.venv/.installed: requirements.txt
+	$(PYTHON) -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+demo-data: .venv/.installed
+	$(PY) demo_data.py --out demo_data
+
+train-demo: demo-data
+	$(PY) -m papermill train.ipynb checkpoints/train_demo.ipynb --log-output --progress-bar \
+		-p DATA demo_data/patches -p EPOCHS $(DEMO_EPOCHS) -p PRETRAINED False \
+		-p MAX_TRAIN $(DEMO_TRAIN) -p MAX_VAL $(DEMO_VAL)
+
+infer-demo: .venv/.installed
+	$(PY) -c "import shutil, pathlib; [shutil.copy(p, 'input_images') for p in sorted(pathlib.Path('demo_data/scenes').glob('*.tif')) if not (pathlib.Path('input_images') / p.name).exists()]"
+	$(PY) infer.py --checkpoint checkpoints/best_model.pth --input input_images --output output_images
+
+demo: train-demo infer-demo
+
+test: .venv/.installed
+	$(PY) -m pytest -q
+
+clean-demo:
+	rm -rf demo_data checkpoints/*.pth checkpoints/*.pt checkpoints/train_demo.ipynb output_images/*_mask.*
