@@ -100,11 +100,11 @@ def _tta_mode(tta):
 
 def _probability_rows(model, small, tile, overlap, batch_size, tta, device, progress, desc):
     """Blend tile predictions over a (h, w, B) uint8 image; yield finished rows in order as (C, n, w) float32
-    CPU tensors, normalised. Only one band of tile rows is held at a time."""
+    tensors on `device`, normalised. Only one band of tile rows is held at a time."""
     h, w, _ = small.shape
     ys, th = tile_starts(h, tile, overlap)
     xs, tw = tile_starts(w, tile, overlap)
-    window = blend_window(th, tw, overlap)
+    window = blend_window(th, tw, overlap).to(device)
     positions = [(y, x) for y in ys for x in xs]
     acc = wsum = None  # rows [a0, a0 + th) of the blended probabilities and weights
     a0 = 0
@@ -114,10 +114,10 @@ def _probability_rows(model, small, tile, overlap, batch_size, tta, device, prog
         batch = positions[b:b + batch_size]
         x = torch.from_numpy(np.stack([small[y:y + th, x:x + tw] for y, x in batch]))
         x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        probs = _forward(model, x, tta).cpu()
+        probs = _forward(model, x, tta)
         for (y, x0), p in zip(batch, probs):
             if acc is None:
-                acc, wsum = torch.zeros(p.shape[0], th, w), torch.zeros(th, w)
+                acc, wsum = torch.zeros(p.shape[0], th, w, device=device), torch.zeros(th, w, device=device)
             if y > a0:  # a new tile row: rows above it get no more tiles
                 yield acc[:, : y - a0] / wsum[: y - a0]
                 keep = a0 + th - y
@@ -135,11 +135,12 @@ class _Upsampler:
     """Take model-resolution probability rows in order, emit (C, n, W) rows at the output size (H, W):
     bilinear, align_corners=False, the same numbers as F.interpolate on the whole map, a few rows at a time."""
 
-    def __init__(self, h, w, H, W, sink, chunk_bytes=64 << 20):
+    def __init__(self, h, w, H, W, sink, chunk_bytes=64 << 20, device="cpu"):
         src = np.maximum((np.arange(H) + 0.5) * (h / H) - 0.5, 0)
         self.i0 = np.floor(src).astype(np.int64)
         self.i1 = np.minimum(self.i0 + 1, h - 1)
-        self.wy = torch.from_numpy((src - self.i0).astype(np.float32))
+        self.wy = torch.from_numpy((src - self.i0).astype(np.float32)).to(device)
+        self.device = device
         self.same_height = h == H
         self.w, self.W, self.sink, self.chunk_bytes = w, W, sink, chunk_bytes
         self.buf, self.b0, self.y = None, 0, 0  # buffer holds model rows [b0, b0 + len); next output row y
@@ -154,8 +155,9 @@ class _Upsampler:
             if self.same_height:
                 rows = self.buf[:, y0 - self.b0: y1 - self.b0]
             else:
-                top = self.buf[:, torch.from_numpy(self.i0[y0:y1] - self.b0)]
-                rows = torch.lerp(top, self.buf[:, torch.from_numpy(self.i1[y0:y1] - self.b0)], self.wy[y0:y1, None])
+                top = self.buf[:, torch.from_numpy(self.i0[y0:y1] - self.b0).to(self.device)]
+                bottom = self.buf[:, torch.from_numpy(self.i1[y0:y1] - self.b0).to(self.device)]
+                rows = torch.lerp(top, bottom, self.wy[y0:y1, None])
             if self.W != self.w:
                 rows = F.interpolate(rows[None], size=(y1 - y0, self.W), mode="bilinear", align_corners=False)[0]
             self.sink(y0, y1, rows)
@@ -179,7 +181,7 @@ def _predict(model, image, scale, sink, tile, overlap, batch_size, tta, device, 
     H, W = image.shape[:2]
     h, w = model_size(H, W, scale)
     small = resize(image, (h, w))
-    up = _Upsampler(h, w, H, W, sink)
+    up = _Upsampler(h, w, H, W, sink, device=device)
     with torch.inference_mode():
         for rows in _probability_rows(model, small, tile, overlap, batch_size, tta, device, progress, desc):
             up.push(rows)
@@ -202,7 +204,7 @@ def predict_image(model, image, scale, *, tile=512, overlap=64, batch_size=4, tt
     out = np.empty(image.shape[:2], np.uint8)
 
     def sink(y0, y1, rows):
-        out[y0:y1] = rows.argmax(0).numpy().astype(np.uint8)
+        out[y0:y1] = rows.argmax(0).to(torch.uint8).cpu().numpy()
 
     _predict(model, image, scale, sink, tile, overlap, batch_size, tta, device, progress, desc)
     return out
@@ -213,7 +215,7 @@ def predict_probabilities(model, image, scale, *, tile=512, overlap=64, batch_si
     """Class probabilities (C, H, W) float32 at the image's size; arguments as predict_image. Holds the
     whole map (C x H x W x 4 bytes): for small images (figures, tests); predict_image streams."""
     parts = []
-    _predict(model, image, scale, lambda y0, y1, rows: parts.append(rows.clone()), tile, overlap, batch_size,
+    _predict(model, image, scale, lambda y0, y1, rows: parts.append(rows.cpu().clone()), tile, overlap, batch_size,
              tta, device, progress, desc)
     return torch.cat(parts, 1).numpy()
 
