@@ -108,21 +108,23 @@ def bench_infer(args):
 
         # the model alone: tensors already on the device, timed per pixel and scaled to the model-input area
         model, _ = load_checkpoint(ckpt_path, device)
-        x = torch.rand(args.batch_size, 3, th, tw, device=device)
-        n_batches = max(1, math.ceil(h * w / (args.batch_size * th * tw)))
+        bs = min(args.batch_size, len(ys) * len(xs))  # the batches infer.py runs
+        x = torch.rand(bs, 3, th, tw, device=device)
+        n_batches = max(1, math.ceil(h * w / (bs * th * tw)))
         passes = len(infer.TTA_MODES[infer._tta_mode(args.tta)])
         with torch.inference_mode():
             model(x)  # warm-up (cuDNN autotuning, allocator)
             sync(device)
             t0 = time.perf_counter()
-            for _ in range(n_batches * passes):
+            runs = max(3, n_batches * passes)  # a few at least: one short run is noise
+            for _ in range(runs):
                 model(x)
             sync(device)
-        alone = (time.perf_counter() - t0) * h * w / (n_batches * args.batch_size * th * tw)
+        alone = (time.perf_counter() - t0) / runs * n_batches * passes * h * w / (n_batches * bs * th * tw)
     mp = H * W / 1e6
     print(f"end to end : {e2e:7.2f} s  {mp / e2e:8.3f} MP/s  (input megapixels)")
-    print(f"model alone: {alone:7.2f} s  {mp / alone:8.3f} MP/s  (timed on {n_batches * passes} batches of "
-          f"{args.batch_size}x3x{th}x{tw})")
+    print(f"model alone: {alone:7.2f} s  {mp / alone:8.3f} MP/s  (timed on {runs} batches of "
+          f"{bs}x3x{th}x{tw})")
     print(f"ratio      : {alone / e2e:.2f}   (goal >= 0.5)")
     print(f"peak RSS   : {rss:.0f} MB in the end-to-end process ({rss_before:.0f} MB after imports and loading "
           f"the model; goal < 2048)")
@@ -171,30 +173,31 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="Measure inference and training speed on the current device.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("infer", help="end-to-end inference on a synthetic tile vs the model alone",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    q.add_argument("--size", type=int, default=6000, help="side of the synthetic square tile, input pixels")
+    q = sub.add_parser("infer", help="end-to-end inference on a synthetic tile vs the model alone")
+    q.add_argument("--size", type=int, default=6000,
+                   help="side of the synthetic square tile in input pixels (default: %(default)s)")
     q.add_argument("--scale", type=float, default=dataset.PROCESSING_SIZE / dataset.NATIVE_SIZE,
-                   help="processing scale recorded in the synthetic checkpoint")
-    q.add_argument("--decoder", default="plain", choices=["plain", "skip"])
-    q.add_argument("--tile", type=int, default=512)
-    q.add_argument("--overlap", type=int, default=64)
-    q.add_argument("--batch-size", type=int, default=4)
-    q.add_argument("--tta", default="none", choices=list(infer.TTA_MODES))
-    q.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
-    q.add_argument("--no-progress", dest="progress", action="store_false")
+                   help="processing scale recorded in the synthetic checkpoint (default: %(default)s)")
+    q.add_argument("--decoder", default="plain", choices=["plain", "skip"], help="(default: %(default)s)")
+    q.add_argument("--tile", type=int, default=512, help="as infer.py --tile (default: %(default)s)")
+    q.add_argument("--overlap", type=int, default=64, help="as infer.py --overlap (default: %(default)s)")
+    q.add_argument("--batch-size", type=int, default=4, help="as infer.py --batch-size (default: %(default)s)")
+    q.add_argument("--tta", default="none", choices=list(infer.TTA_MODES), help="as infer.py --tta (default: none)")
+    q.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ... (default: auto)")
+    q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     q.set_defaults(func=bench_infer)
 
-    t = sub.add_parser("train", help="training steps per second with random tensors, both decoders",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--size", type=int, default=dataset.PROCESSING_SIZE, help="patch side")
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--steps", type=int, default=10, help="timed steps per decoder")
-    t.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    t.add_argument("--labelled", type=float, default=0.1, help="fraction of pixels with a point label")
-    t.add_argument("--decoders", nargs="+", default=["plain", "skip"], choices=["plain", "skip"])
-    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
-    t.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA (as train.py --amp)")
+    t = sub.add_parser("train", help="training steps per second with random tensors, both decoders")
+    t.add_argument("--size", type=int, default=dataset.PROCESSING_SIZE, help="patch side (default: %(default)s)")
+    t.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    t.add_argument("--steps", type=int, default=10, help="timed steps per decoder (default: %(default)s)")
+    t.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
+    t.add_argument("--labelled", type=float, default=0.1,
+                   help="fraction of pixels with a point label (default: %(default)s)")
+    t.add_argument("--decoders", nargs="+", default=["plain", "skip"], choices=["plain", "skip"],
+                   help="(default: both)")
+    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ... (default: auto)")
+    t.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA, as train.py --amp")
     t.set_defaults(func=bench_train)
     return p
 

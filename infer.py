@@ -343,29 +343,35 @@ def segment_folder(input, output, model, ckpt, *, progress=True, log=None, **kwa
 def get_args_parser():
     p = argparse.ArgumentParser(
         description="Segment every image in a folder with a trained checkpoint. Masks have the input's size; "
-                    "GeoTIFF inputs also get a georeferenced mask TIFF.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/best_model.pth", help="checkpoint written by train.py")
+                    "GeoTIFF inputs also get a georeferenced mask TIFF. Exit code 1 when some file failed.")
+    p.add_argument("--checkpoint", default="checkpoints/best_model.pth",
+                   help="checkpoint written by train.py (default: %(default)s)")
     p.add_argument("--input", default="input_images",
-                   help="folder of images (PNG, JPEG, TIFF) or one image file; *_mask.* files are ignored")
-    p.add_argument("--output", default="output_images", help="folder for the masks (created; may equal --input)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+                   help="folder of images (PNG, JPEG, TIFF) or one image file; files named *_mask.* are this "
+                        "tool's outputs and ignored (default: %(default)s)")
+    p.add_argument("--output", default="output_images",
+                   help="folder for the masks, created if needed; may equal --input (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ... "
+                                                    "(default: %(default)s)")
     p.add_argument("--scale", type=float, default=None,
-                   help="processing size / native size; default: the checkpoint's (what training used). Set it "
+                   help="processing size / native size (default: the checkpoint's, what training used). Set it "
                         "when your imagery's ground sampling differs from the training data's")
-    p.add_argument("--tile", type=int, default=512, help="tile side in model-input (rescaled) pixels")
+    p.add_argument("--tile", type=int, default=512,
+                   help="tile side in model-input (rescaled) pixels; memory grows with batch size x tile^2 "
+                        "(default: %(default)s)")
     p.add_argument("--overlap", type=int, default=64,
-                   help="minimum tile overlap in model-input pixels; probabilities are blended across it")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+                   help="minimum tile overlap in model-input pixels; class probabilities are blended across it "
+                        "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default: %(default)s)")
     p.add_argument("--tta", nargs="?", const="d4", default="none", choices=list(TTA_MODES),
-                   help="test-time augmentation averaged in probability space: 'flip' (4 flips) or "
-                        "'d4' (flips and 90-degree rotations, 8x the time); --tta alone means d4")
+                   help="test-time augmentation averaged in probability space: 'flip' (4 flips, 4x the time) or "
+                        "'d4' (flips and 90-degree rotations, 8x); --tta alone means d4 (default: %(default)s)")
     p.add_argument("--bands", type=int, nargs="+", default=None,
-                   help="0-based band indices to feed the model, e.g. --bands 3 0 1; default: the "
-                        "checkpoint's bands, else the image's (alpha dropped, first bands of more)")
+                   help="0-based band indices to feed the model, e.g. --bands 3 0 1 (default: the checkpoint's "
+                        "bands, else the image's: alpha dropped, gray replicated, the first ones of more)")
     p.add_argument("--bit-depth", type=int, default=None,
-                   help="bit depth of >8-bit images (scaled from [0, 2**b-1] to [0, 255]); default: "
-                        "per image, the smallest of 8..16 bits holding its largest value")
+                   help="bit depth b of >8-bit images, scaled from [0, 2^b-1] to [0, 255] (default: per image, "
+                        "the smallest of 8..16 bits that holds its largest value)")
     p.add_argument("--index", action="store_true", help="also write <name>_mask.index.png (class indices)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_mask.overlay.jpg (a preview)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
