@@ -266,7 +266,7 @@ def test_exit_code_of_the_script(ckpt_path, tmp_path):
 
 def test_inputs_are_never_overwritten_nor_read_back(ckpt_path, tmp_path):
     inp = tmp_path / "data"
-    write_inputs(inp)
+    inp.mkdir()
     Image.fromarray(smooth_image(30, 30)).save(inp / "same.png")
     tifffile.imwrite(inp / "same.tif", smooth_image(30, 30, seed=3), photometric="rgb", extratags=GEOTAGS)
     digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in inp.iterdir()}
