@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from raster import IMAGE_SUFFIXES, RasterError, read_raster, resize
+
 # --------------------------------------------------------------------------- classes and colours
 
 IGNORE_INDEX = 255  # one sentinel for sampling, loss, metrics and padding
@@ -31,8 +33,6 @@ PROCESSING_SIZE = 150  # published processing size
 
 PUBLISHED_TRAIN_IDS = list(range(0, 2100))
 PUBLISHED_VAL_IDS = list(range(2100, 2400))
-
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 
 @dataclass(frozen=True)
@@ -95,34 +95,20 @@ def load_class_file(path):
 # --------------------------------------------------------------------------- reading files
 
 def read_image(path, bands=None):
-    """Read an image file as an (H, W, B) uint8 array. `bands` picks band indices (default: all of an
-    RGB(A) image but alpha)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} not found")
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            arr = tifffile.imread(path)
-        else:
-            with Image.open(path) as im:
-                arr = np.asarray(im)
-    except Exception as e:  # codec errors come in many types
-        raise OSError(f"cannot read {path}: {e} (is it a valid image? LZW TIFFs need the imagecodecs "
-                      f"package: pip install imagecodecs)") from None
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3:
-        raise ValueError(f"{path}: expected an (H, W, bands) image, got shape {arr.shape}")
-    if arr.shape[0] <= 4 and arr.shape[2] > 4:  # planar (bands, H, W) layout
-        arr = np.moveaxis(arr, 0, -1)
+    """Read a training image as an (H, W, B) uint8 array (raster.read_raster: any TIFF codec, PNG, JPEG).
+    `bands` picks band indices; by default every band but a declared alpha band is kept (so RGBIR stays 4
+    bands). Errors name the file."""
+    raster = read_raster(path)
+    arr = raster.array
     if bands is not None:
         if max(bands) >= arr.shape[2]:
-            raise ValueError(f"{path} has {arr.shape[2]} bands; bands {list(bands)} were asked for")
+            raise RasterError(f"{path} has {arr.shape[2]} bands; bands {list(bands)} were asked for")
         arr = arr[:, :, list(bands)]
-    elif arr.shape[2] == 4:
-        arr = arr[:, :, :3]  # RGBA: drop alpha
+    elif raster.alpha is not None and arr.shape[2] > 1:
+        arr = np.delete(arr, raster.alpha, axis=2)
     if arr.dtype != np.uint8:
-        raise ValueError(f"{path}: expected 8-bit pixels, got {arr.dtype}")
+        raise RasterError(f"{path}: training images must be 8-bit, this one is {arr.dtype}; convert it "
+                          f"(infer.py reads 16-bit, see raster.py for its scaling rule)")
     return np.ascontiguousarray(arr)
 
 
@@ -246,11 +232,7 @@ def points_to_grid(label, flat_points, out_hw):
 
 def _resize_image(arr, size):
     """(H, W, B) uint8 -> (B, h, w) float in [0, 1], antialiased."""
-    if arr.shape[:2] == (size[0], size[1]):
-        out = arr
-    else:
-        out = np.stack([np.asarray(Image.fromarray(arr[:, :, b]).resize((size[1], size[0]), Image.BILINEAR))
-                        for b in range(arr.shape[2])], axis=-1)
+    out = resize(arr, tuple(size))
     return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))).float().div_(255)
 
 
@@ -299,6 +281,7 @@ class SegmentationDataset(Dataset):
         self.cache = cache
         self.epoch = 0
         self._cache = {}
+        self._points = {}
 
     def __len__(self):
         return len(self.pairs)
@@ -328,13 +311,17 @@ class SegmentationDataset(Dataset):
 
     def point_grid(self, i, native_label=None):
         """The point annotation of sample i on the processing grid, (h, w) uint8."""
-        image_id = self.pairs[i][0]
+        fixed = not self.resample_each_epoch
+        if fixed and i in self._points:
+            return self._points[i]
         if native_label is None:
             native_label = self._load(i)[1]
-        epoch = self.epoch if self.resample_each_epoch else None
-        rng = np.random.default_rng(_image_seed(self.seed, image_id, epoch))
+        rng = np.random.default_rng(_image_seed(self.seed, self.pairs[i][0], None if fixed else self.epoch))
         flat = sample_points(native_label, self.points, self.strategy, rng)
-        return points_to_grid(native_label, flat, self.size or native_label.shape)
+        grid = points_to_grid(native_label, flat, self.size or native_label.shape)
+        if fixed and self.cache:  # a fixed annotation is drawn once
+            self._points[i] = grid
+        return grid
 
     def __getitem__(self, i):
         image, native_label, label = self._load(i)

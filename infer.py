@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataset import IMAGE_SUFFIXES, ClassSpec, index_to_colour
+from dataset import ClassSpec, index_to_colour
 from model import load_checkpoint, resolve_device
-from raster import (RasterError, is_image_file, palette_image, read_model_image, resize, write_index_tiff,
+from raster import (IMAGE_SUFFIXES, RasterError, is_image_file, palette_image, read_model_image, resize, write_index_tiff,
                     write_jpeg, write_png)
 
 OUTPUT_PATTERN = "*_mask.*"  # the files this tool writes: never inputs

@@ -25,7 +25,6 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from dataset import IMAGE_SUFFIXES
 
 # --------------------------------------------------------------------------- GeoTIFF tags
 
@@ -38,6 +37,7 @@ GEOTIFF_TAGS = {  # code -> name; what places a GeoTIFF on the ground
     34737: "GeoAsciiParamsTag",
 }
 TIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 
 class RasterError(ValueError):
@@ -208,8 +208,8 @@ def read_model_image(path, channels=3, bands=None, bit_depth=None):
 
 
 def resize(arr, size):
-    """(H, W, B) uint8 -> (h, w, B) uint8, bilinear with antialiasing (PIL, band by band: what
-    dataset.py does for training, so the model sees the same pixels)."""
+    """(H, W, B) uint8 -> (h, w, B) uint8, bilinear with antialiasing (PIL, band by band). Training
+    (dataset.py) and inference both resize with this, so the model sees the same pixels."""
     h, w = size
     if arr.shape[:2] == (h, w):
         return arr
