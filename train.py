@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 from class_weights import compute_class_weights, load_class_weights, save_class_weights
 from dataset import (IGNORE_INDEX, POTSDAM, PROCESSING_SIZE, PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS,
                      SegmentationDataset, available_ids, folder_pairs, index_to_colour, load_class_file,
-                     load_split, patch_pairs)
+                     load_split, patch_pairs, read_image)
 from metrics import ConfusionMatrix
-from model import ResNet18Segmentation, read_checkpoint, resolve_device, save_checkpoint
+from model import ResNet18Segmentation, load_checkpoint, read_checkpoint, resolve_device, save_checkpoint
 from partial_ce_loss import PartialCrossEntropyLoss
 
 
@@ -203,25 +203,29 @@ def plot_history(history, path):
 
 
 @torch.no_grad()
-def plot_results(model, dataset, path, n=4, device="cpu", title=None):
-    """Grid of image | ground truth | points | prediction for the first n samples of a dataset."""
+def plot_results(model, dataset, path, scale, n=4, device="cpu", title=None):
+    """Grid of image | ground truth | points | prediction for the first n samples of a dataset. The
+    prediction is what infer.py makes of the native image (infer.predict_image), at the native size."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from infer import predict_image
 
     model.eval()
     palette = dataset.classes.palette
     n = min(n, len(dataset))
     fig, axes = plt.subplots(n, 4, figsize=(12, 3 * n), squeeze=False)
     for r in range(n):
-        s = dataset[r]
-        pred = model(s["image"][None].to(device)).argmax(1)[0].cpu().numpy()
-        img = s["image"][:3].permute(1, 2, 0).numpy()
-        pts = s["points"].numpy()
-        frac = (pts != IGNORE_INDEX).mean()
-        panels = (img, index_to_colour(s["label"].numpy(), palette), index_to_colour(pts, palette),
+        image_id, image_path, _ = dataset.pairs[r]
+        image = read_image(image_path, dataset.bands)
+        label = dataset._load(r)[1]
+        pred = predict_image(model, image, scale, device=device)
+        pts = dataset.point_grid(r)
+        panels = (image[:, :, :3], index_to_colour(label, palette), index_to_colour(pts, palette),
                   index_to_colour(pred, palette))
-        titles = (f"image {s['id']}", "ground truth", f"points ({frac:.1%} of pixels)", "prediction")
+        titles = (f"image {image_id}", "ground truth", f"points ({(pts != IGNORE_INDEX).mean():.1%} of pixels)",
+                  "prediction (infer.py)")
         for ax, p, t in zip(axes[r], panels, titles):
             ax.imshow(p, interpolation="nearest")
             ax.set_title(t, fontsize=9)
@@ -319,9 +323,8 @@ def train(cfg):
         figures = Path(cfg.figures)
         plot_history(history, figures / "output.png")
         if best_path.is_file():
-            from model import load_checkpoint
             best_model, ck = load_checkpoint(best_path, device)
-            plot_results(best_model, val_ds, figures / "results.png", device=device,
+            plot_results(best_model, val_ds, figures / "results.png", scale, device=device,
                          title=f"best epoch {ck['metrics']['epoch']}: val mIoU {ck['metrics']['miou']:.3f}")
     return history
 
