@@ -12,7 +12,6 @@ DEMO_VAL ?= 80
 
 .venv/.installed: requirements.txt
 	$(PYTHON) -m venv .venv
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
