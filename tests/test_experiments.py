@@ -1,0 +1,164 @@
+"""experiments.py: run keys, resume, aggregation and the report, on fake runs (one tiny real run at the end)."""
+
+import math
+from dataclasses import replace
+
+import pytest
+
+import experiments as E
+from conftest import write_patches
+from dataset import CLASSES
+
+SETTINGS = dict(E.PRESETS["demo"], data="nowhere/patches", n_train=None, n_val=None)
+
+
+def fake_history(miou, oa=0.8, epochs=2):
+    iou = {c: miou for c in CLASSES}
+    return [{"epoch": e, "val_oa": oa, "val_miou": miou - 0.1 * (epochs - e), "val_mf1": miou + 0.05,
+             "val_iou": iou} for e in range(1, epochs + 1)]
+
+
+class FakeRunner:
+    """Records the configs it is asked to train; mIoU 0.5 + 0.1 * seed, no training."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, cfg):
+        self.calls.append(cfg)
+        return {"history": fake_history(0.5 + 0.1 * cfg.seed), "labelled_fraction": 0.25, "n_train": 7, "n_val": 1}
+
+
+def fake_row(run, seed, miou, oa=0.8, fraction=0.5, seconds=10.0, settings=SETTINGS):
+    """A row as read_rows returns it."""
+    row = {f: "" for f in E.FIELDS}
+    row.update(key=E.run_key(run, settings, seed), config_key=E.config_key(run, settings), seed=float(seed),
+               miou=miou, oa=oa, mf1=miou, labelled_fraction=fraction, seconds=seconds, device="cpu",
+               settings=E.json.dumps(settings, sort_keys=True))
+    for f in E.IOU_FIELDS:
+        row[f] = miou
+    return row
+
+
+# --------------------------------------------------------------------------- keys and the plan
+
+def test_run_key_is_stable_and_tells_configs_apart():
+    k = E.run_key(E.BASELINE, SETTINGS, 0)
+    assert k == E.run_key(E.Run(), dict(reversed(list(SETTINGS.items()))), 0)  # same config, any dict order
+    assert k.startswith(E.config_key(E.BASELINE, SETTINGS))
+    others = {E.run_key(E.BASELINE, SETTINGS, 1), E.run_key(replace(E.BASELINE, points=100), SETTINGS, 0),
+              E.run_key(replace(E.BASELINE, class_weights="none"), SETTINGS, 0),
+              E.run_key(replace(E.BASELINE, decoder="plain"), SETTINGS, 0),
+              E.run_key(replace(E.BASELINE, resample_each_epoch=True), SETTINGS, 0),
+              E.run_key(E.BASELINE, dict(SETTINGS, epochs=9), 0)}
+    assert k not in others and len(others) == 6
+
+
+def test_plan_trains_each_config_once_seed_major():
+    plan = E.plan_runs(SETTINGS, None, seeds=3)
+    keys = [p.key for p in plan]
+    assert len(keys) == len(set(keys))
+    configs = {run for e in E.EXPERIMENTS for _, run in e.rows}
+    assert len(plan) == 3 * len(configs)
+    assert sum(p.run == E.BASELINE for p in plan) == 3  # shown in experiments 1, 2, 3, 5 and 6, trained once per seed
+    assert [p.seed for p in plan] == sorted(p.seed for p in plan)  # every config gets seed 0 before any gets seed 1
+    only1 = E.plan_runs(SETTINGS, {1}, seeds=2)
+    assert {p.run for p in only1} == {run for _, run in E.EXPERIMENTS[0].rows} and len(only1) == 8
+
+
+# --------------------------------------------------------------------------- resume
+
+def test_finished_runs_are_not_run_again(tmp_path):
+    csv_path = tmp_path / "experiments.csv"
+    plan = E.plan_runs(SETTINGS, {5}, seeds=2)  # 2 configs x 2 seeds
+    runner = FakeRunner()
+    ran = E.execute(plan[:1], SETTINGS, "demo", csv_path, runner=runner, device="cpu", runs_dir=tmp_path / "runs")
+    assert ran == [plan[0].key] and len(runner.calls) == 1
+
+    runner = FakeRunner()
+    ran = E.execute(plan, SETTINGS, "demo", csv_path, runner=runner, device="cpu", runs_dir=tmp_path / "runs")
+    assert ran == [p.key for p in plan[1:]] and len(runner.calls) == 3
+    assert {(c.seed, c.annotation_seed) for c in runner.calls} >= {(1, 1)}  # the annotation seed follows the seed
+
+    runner = FakeRunner()
+    assert E.execute(plan, SETTINGS, "demo", csv_path, runner=runner, device="cpu", runs_dir=tmp_path) == []
+    assert runner.calls == []
+    rows = E.read_rows(csv_path)
+    assert [r["key"] for r in rows] == [p.key for p in plan]
+    r = rows[-1]
+    assert r["miou"] == pytest.approx(0.6) and r["best_miou"] == pytest.approx(0.6) and r["epochs"] == 2
+    assert r["seed"] == r["annotation_seed"] == 1 and r["n_train"] == 7
+
+
+def test_a_run_killed_while_writing_is_done_again(tmp_path, capsys):
+    csv_path = tmp_path / "experiments.csv"
+    plan = E.plan_runs(SETTINGS, {5}, seeds=1)
+    E.execute(plan, SETTINGS, "demo", csv_path, runner=FakeRunner(), device="cpu", runs_dir=tmp_path)
+    text = csv_path.read_text()
+    csv_path.write_text(text[: len(text) - 40])  # the last row cut short, no newline
+    assert [r["key"] for r in E.read_rows(csv_path)] == [plan[0].key]
+    assert "incomplete" in capsys.readouterr().out
+    runner = FakeRunner()
+    assert E.execute(plan, SETTINGS, "demo", csv_path, runner=runner, device="cpu", runs_dir=tmp_path) == [plan[1].key]
+    assert [r["key"] for r in E.read_rows(csv_path)] == [plan[0].key, plan[1].key]  # the new row on its own line
+
+
+def test_a_csv_with_other_columns_is_refused(tmp_path):
+    path = tmp_path / "experiments.csv"
+    path.write_text("key,miou\nabc-s0,0.5\n")
+    with pytest.raises(ValueError, match="move it aside"):
+        E.read_rows(path)
+
+
+# --------------------------------------------------------------------------- aggregation and report
+
+def test_aggregate_known_answers():
+    mean, std, n = E.aggregate([0.5, 0.7, 0.9])
+    assert (mean, std, n) == (pytest.approx(0.7), pytest.approx(0.2), 3)  # sample std, ddof 1
+    assert E.aggregate([0.4, float("nan"), None, 0.6])[:2] == (pytest.approx(0.5), pytest.approx(math.sqrt(0.02)))
+    one = E.aggregate([0.3])
+    assert one[0] == pytest.approx(0.3) and math.isnan(one[1]) and one[2] == 1
+    assert E.aggregate([])[2] == 0
+    assert E.fmt((0.7, 0.2, 3)) == "70.0 ± 20.0" and E.fmt((0.7, float("nan"), 1)) == "70.0"
+    assert E.fmt((float("nan"), float("nan"), 0)) == "not run"
+
+
+def test_report_tables_and_closing_note(tmp_path):
+    none = replace(E.BASELINE, class_weights="none")
+    dense = replace(E.BASELINE, points=None)
+    rows = [fake_row(E.BASELINE, s, m) for s, m in enumerate((0.5, 0.7, 0.9))]
+    rows += [fake_row(none, s, m) for s, m in enumerate((0.4, 0.7, 0.7))]  # paired differences 0.1, 0.0, 0.2
+    rows += [fake_row(dense, s, m, fraction=1.0) for s, m in enumerate((0.8, 0.8, 0.8))]
+    rows += [fake_row(replace(E.BASELINE, points=n), 0, m) for n, m in ((10, 0.2), (100, 0.5), (1000, 0.77))]
+    rows += [fake_row(E.BASELINE, 0, 0.1, settings=dict(SETTINGS, epochs=99))]  # other settings: left out
+
+    table = E.experiment_table(rows, E.EXPERIMENTS[0], SETTINGS)
+    assert "| skip decoder, class weights from points | 20,000 | 50.00 ± 0.00 | 80.0 ± 0.0 | 70.0 ± 20.0 |" in table
+    assert "| skip decoder, no class weights | 20,000 | 50.00 ± 0.00 | 80.0 ± 0.0 | 60.0 ± 17.3 |" in table
+    assert "| plain decoder (published), class weights from points | 20,000 | not run |" in table
+
+    c = E.closing_numbers(rows, SETTINGS)
+    assert c["ratio"] == pytest.approx(0.7 / 0.8)
+    assert c["weights_effect"] == (pytest.approx(0.1), pytest.approx(0.1), 3)
+    assert c["smallest_within_5"][0] == 1000  # 0.77 >= 0.95 * 0.8 = 0.76; 100 points (0.5) is not
+
+    md = E.write_report(rows, SETTINGS, "demo", tmp_path / "experiments.md", tmp_path)
+    text = md.read_text()
+    assert "SYNTHETIC" in text and "70.0 ± 20.0" in text and "87.5 %" in text and "**+10.0 ± 10.0 points**" in text
+    assert "**1,000 points per image**" in text
+    assert (tmp_path / "point_budget.png").is_file() and (tmp_path / "class_weights_iou.png").is_file()
+
+
+# --------------------------------------------------------------------------- one tiny real run
+
+def test_one_real_run_end_to_end(tmp_path):
+    write_patches(tmp_path / "patches", n=6, size=(32, 32))
+    settings = dict(SETTINGS, data=str(tmp_path / "patches"), size=32, epochs=1, batch_size=4)
+    plan = E.plan_runs(settings, {1}, seeds=1)[:1]
+    csv_path = tmp_path / "results" / "experiments.csv"
+    E.execute(plan, settings, "demo", csv_path, device="cpu", runs_dir=tmp_path / "results" / "runs")
+    (row,) = E.read_rows(csv_path)
+    assert row["key"] == plan[0].key and row["epochs"] == 1 and row["device"].startswith("cpu")
+    assert 0 <= row["miou"] <= 1 and 0 <= row["oa"] <= 1 and 0 < row["labelled_fraction"] <= 1
+    out = tmp_path / "results" / "runs" / plan[0].key
+    assert (out / "history.json").is_file() and not list(out.glob("*.pth"))  # checkpoints removed
