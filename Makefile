@@ -8,7 +8,7 @@ DEMO_EPOCHS ?= 6
 DEMO_TRAIN ?= 320
 DEMO_VAL ?= 80
 
-.PHONY: demo demo-data train-demo infer-demo test clean-demo
+.PHONY: demo demo-data train-demo infer-demo experiments test clean-demo
 
 .venv/.installed: requirements.txt
 	$(PYTHON) -m venv .venv
@@ -28,6 +28,9 @@ infer-demo: .venv/.installed
 	$(PY) infer.py --checkpoint checkpoints/best_model.pth --input input_images --output output_images
 
 demo: train-demo infer-demo
+
+experiments: demo-data  # about an hour on 2 CPU cores; resumes where it stopped
+	$(PY) experiments.py --preset demo
 
 test: .venv/.installed
 	$(PY) -m pytest -q
