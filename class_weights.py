@@ -25,10 +25,7 @@ def count_classes(dataset, source="points"):
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     counts = np.zeros(dataset.classes.num_classes, dtype=np.int64)
     for i in range(len(dataset)):
-        if source == "points":
-            m = dataset.point_grid(i)
-        else:
-            m = dataset._load(i)[2]
+        m = dataset.point_grid(i) if source == "points" else dataset.dense_label(i)
         m = m[m != IGNORE_INDEX]
         counts += np.bincount(m.astype(np.int64), minlength=len(counts))[: len(counts)]
     return counts

@@ -309,6 +309,14 @@ class SegmentationDataset(Dataset):
             self._cache[i] = item
         return item
 
+    def native_label(self, i):
+        """The dense (H, W) class map of sample i at its file's resolution."""
+        return self._load(i)[1]
+
+    def dense_label(self, i):
+        """The dense class map of sample i at processing resolution (what evaluation compares with)."""
+        return self._load(i)[2]
+
     def point_grid(self, i, native_label=None):
         """The point annotation of sample i on the processing grid, (h, w) uint8."""
         fixed = not self.resample_each_epoch

@@ -219,7 +219,7 @@ def plot_results(model, dataset, path, scale, n=4, device="cpu", title=None):
     for r in range(n):
         image_id, image_path, _ = dataset.pairs[r]
         image = read_image(image_path, dataset.bands)
-        label = dataset._load(r)[1]
+        label = dataset.native_label(r)
         pred = predict_image(model, image, scale, device=device)
         pts = dataset.point_grid(r)
         panels = (image[:, :, :3], index_to_colour(label, palette), index_to_colour(pts, palette),
@@ -247,7 +247,7 @@ def train(cfg):
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_ds, val_ds, how = build_datasets(cfg)
-    native = train_ds._load(0)[1].shape[0]
+    native = train_ds.native_label(0).shape[0]
     scale = cfg.size / native
     weights = class_weight_tensor(cfg, train_ds, out_dir)
     print(f"data: {len(train_ds)} train / {len(val_ds)} val images ({how}); "

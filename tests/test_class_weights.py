@@ -27,7 +27,7 @@ def test_points_vs_dense(patches):
     wd, cd = compute_class_weights(ds, "dense")
     # points count only the annotated pixels; dense counts every defined pixel
     assert cp.sum() <= 30 * len(ds) < cd.sum()
-    assert cd.sum() == sum(int((ds._load(i)[2] != 255).sum()) for i in range(len(ds)))
+    assert cd.sum() == sum(int((ds.dense_label(i) != 255).sum()) for i in range(len(ds)))
     assert not torch.allclose(wp, wd)
 
 
