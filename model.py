@@ -8,13 +8,14 @@ upsampling, no skips); `decoder="skip"` adds skip connections from the encoder s
 """
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+
+from raster import atomic_path
 
 # --------------------------------------------------------------------------- constants
 
@@ -141,9 +142,8 @@ def save_checkpoint(path, model, *, classes, scale, config=None, metrics=None, b
     ckpt.update(extra or {})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
     return ckpt
 
 

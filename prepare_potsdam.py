@@ -23,7 +23,6 @@ are still cut, and the exit code is 1.
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ import tifffile
 from tqdm import tqdm
 
 from dataset import NATIVE_SIZE, colour_to_index, read_image
+from raster import atomic_path
 
 # --------------------------------------------------------------------------- the Potsdam release
 
@@ -123,16 +123,14 @@ def patch_paths(out, patch_id):
 
 def _write_tif(path, arr):
     """LZW TIFF, written to a temporary name and renamed, so a killed run never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     extra = {"extrasamples": ["unspecified"]} if arr.shape[2] == 4 else {}  # NIR is not alpha
-    tifffile.imwrite(tmp, arr, compression="lzw", photometric="rgb", **extra)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, arr, compression="lzw", photometric="rgb", **extra)
 
 
 def _write_json(path, obj):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
 
 
 def check_label(label, path, rows=512):
