@@ -25,9 +25,10 @@ import tifffile
 import torch
 from PIL import Image
 
-import dataset
+import spec
 import infer
-from model import ResNet18Segmentation, load_checkpoint, resolve_device, save_checkpoint
+from checkpoint import load_model, save_checkpoint
+from model import ResNet18Segmentation, resolve_device
 from partial_ce_loss import PartialCrossEntropyLoss
 
 # --------------------------------------------------------------------------- helpers
@@ -64,7 +65,7 @@ def synthetic_image(size, seed=0):
 def _end_to_end(opts, ckpt_path, inp, out, queue):
     """Child process: load the checkpoint, segment the folder, report (seconds, RSS before, peak RSS)."""
     device = resolve_device(opts["device"])
-    model, ckpt = load_checkpoint(ckpt_path, device)
+    model, ckpt = load_model(ckpt_path, device)
     rss_before = peak_rss_mb()
     sync(device)
     t0 = time.perf_counter()
@@ -85,13 +86,12 @@ def bench_infer(args):
         tmp = Path(tmp)
         ckpt_path, inp, out = tmp / "model.pth", tmp / "in", tmp / "out"
         inp.mkdir()
-        save_checkpoint(ckpt_path, ResNet18Segmentation(decoder=args.decoder), classes=dataset.POTSDAM,
-                        scale=args.scale)
+        save_checkpoint(ckpt_path, ResNet18Segmentation(decoder=args.decoder), spec.DataSpec(scale=args.scale))
         geo = [(33550, "d", 3, (0.05, 0.05, 0.0), True), (33922, "d", 6, (0, 0, 0, 368000.0, 5808000.0, 0), True),
                (34735, "H", 8, (1, 1, 0, 1, 3072, 0, 1, 25833), True)]
         tifffile.imwrite(inp / "tile.tif", synthetic_image(args.size), photometric="rgb", extratags=geo)
         H = W = args.size
-        h, w = infer.model_size(H, W, args.scale)
+        h, w = spec.grid_size(H, W, args.scale)
         ys, th = infer.tile_starts(h, args.tile, args.overlap)
         xs, tw = infer.tile_starts(w, args.tile, args.overlap)
         print(f"device {device} ({torch.get_num_threads()} CPU threads), {args.decoder} decoder, {W}x{H} input, "
@@ -107,7 +107,7 @@ def bench_infer(args):
         child.join()
 
         # the model alone: tensors already on the device, timed per pixel and scaled to the model-input area
-        model, _ = load_checkpoint(ckpt_path, device)
+        model, _ = load_model(ckpt_path, device)
         bs = min(args.batch_size, len(ys) * len(xs))  # the batches infer.py runs
         x = torch.rand(bs, 3, th, tw, device=device)
         n_batches = max(1, math.ceil(h * w / (bs * th * tw)))
@@ -137,8 +137,8 @@ def bench_train(args):
     use_amp = args.amp and device.type == "cuda"
     g = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch_size, 3, args.size, args.size, generator=g).to(device)
-    y = torch.randint(0, len(dataset.CLASSES), (args.batch_size, args.size, args.size), generator=g)
-    y[torch.rand(y.shape, generator=g) > args.labelled] = dataset.IGNORE_INDEX  # sparse points, as in training
+    y = torch.randint(0, len(spec.CLASSES), (args.batch_size, args.size, args.size), generator=g)
+    y[torch.rand(y.shape, generator=g) > args.labelled] = spec.IGNORE_INDEX  # sparse points, as in training
     y = y.to(device)
     print(f"device {device} ({torch.get_num_threads()} CPU threads), batch {args.batch_size} x 3 x {args.size} x "
           f"{args.size}, {args.labelled:.0%} of pixels labelled, Adam, AMP {'bf16' if use_amp else 'off'}")
@@ -176,7 +176,7 @@ def get_args_parser():
     q = sub.add_parser("infer", help="end-to-end inference on a synthetic tile vs the model alone")
     q.add_argument("--size", type=int, default=6000,
                    help="side of the synthetic square tile in input pixels (default: %(default)s)")
-    q.add_argument("--scale", type=float, default=dataset.PROCESSING_SIZE / dataset.NATIVE_SIZE,
+    q.add_argument("--scale", type=float, default=spec.PROCESSING_SIZE / spec.NATIVE_SIZE,
                    help="processing scale recorded in the synthetic checkpoint (default: %(default)s)")
     q.add_argument("--decoder", default="plain", choices=["plain", "skip"], help="(default: %(default)s)")
     q.add_argument("--tile", type=int, default=512, help="as infer.py --tile (default: %(default)s)")
@@ -188,7 +188,7 @@ def get_args_parser():
     q.set_defaults(func=bench_infer)
 
     t = sub.add_parser("train", help="training steps per second with random tensors, both decoders")
-    t.add_argument("--size", type=int, default=dataset.PROCESSING_SIZE, help="patch side (default: %(default)s)")
+    t.add_argument("--size", type=int, default=spec.PROCESSING_SIZE, help="patch side (default: %(default)s)")
     t.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
     t.add_argument("--steps", type=int, default=10, help="timed steps per decoder (default: %(default)s)")
     t.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset import IGNORE_INDEX, POTSDAM, PotsdamDataset, available_ids
+from dataset import PotsdamDataset, available_ids, parse_points
+from spec import IGNORE_INDEX, NATIVE_SIZE, POTSDAM, DataSpec
 
 SOURCES = ("points", "dense")
 
@@ -72,7 +73,7 @@ def load_class_weights(path, names=POTSDAM.names):
 def get_args_parser():
     p = argparse.ArgumentParser(description="Compute inverse-frequency class weights.")
     p.add_argument("--data", default="demo_data/patches")
-    p.add_argument("--points", default="20000", help="points per image, or 'dense'")
+    p.add_argument("--points", default="20000", help="points per image, a share like 1%%, or 'dense'")
     p.add_argument("--source", default="points", choices=SOURCES)
     p.add_argument("--size", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
@@ -81,8 +82,8 @@ def get_args_parser():
 
 
 def main(args):
-    ds = PotsdamDataset(args.data, available_ids(args.data), size=args.size, seed=args.seed,
-                        points=None if args.points == "dense" else int(args.points))
+    ds = PotsdamDataset(args.data, available_ids(args.data), spec=DataSpec(scale=args.size / NATIVE_SIZE),
+                        seed=args.seed, points=parse_points(args.points))
     w, counts = compute_class_weights(ds, args.source)
     save_class_weights(args.out, w, counts, args.source, ds.classes.names)
     for name, c, wi in zip(ds.classes.names, counts, w.tolist()):

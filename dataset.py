@@ -1,15 +1,16 @@
-"""Potsdam patches, their colour labels and simulated point annotations.
+"""Potsdam patches, their labels and simulated point annotations.
 
-The one home of the class list, the palette and the ignore sentinel. A dataset sample holds the image, the
-point annotation (IGNORE_INDEX where nobody clicked) and the dense label (for evaluation only).
+A dataset sample holds the image, the point annotation (IGNORE_INDEX where nobody clicked) and the dense
+label (for evaluation only). What a file becomes before the model (bands, intensity, scale) is the contract
+in spec.py, which infer.py follows too; the class list and palette live there.
 
     python dataset.py --data demo_data/patches --points 20000      # prints the labelled fraction
 """
 
 import argparse
 import json
+import re
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,99 +19,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from raster import IMAGE_SUFFIXES, RasterError, read_raster, resize
-
-# --------------------------------------------------------------------------- classes and colours
-
-IGNORE_INDEX = 255  # one sentinel for sampling, loss, metrics and padding
-
-CLASSES = ("impervious_surfaces", "building", "low_vegetation", "tree", "car", "clutter")
-PALETTE = ((255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0))
-UNDEFINED_COLOUR = (0, 0, 0)  # black: undefined, never a training target
-
-NATIVE_SIZE = 300  # published Potsdam patches are 300x300
-PROCESSING_SIZE = 150  # published processing size
+from raster import IMAGE_SUFFIXES
+from spec import (IGNORE_INDEX, NATIVE_SIZE, PALETTE, POTSDAM, PROCESSING_SIZE, DataSpec, grid_size, load_input,
+                  to_grid)
 
 PUBLISHED_TRAIN_IDS = list(range(0, 2100))
 PUBLISHED_VAL_IDS = list(range(2100, 2400))
 
 
-@dataclass(frozen=True)
-class ClassSpec:
-    """What the label values mean: class names, their colours and how a label file encodes them.
-
-    `label_format` is "colour" (RGB labels, one colour per class, `ignore_colour` undefined) or "index"
-    (single-band labels, value i = class i, `ignore_value` undefined).
-    """
-
-    names: tuple = CLASSES
-    palette: tuple = PALETTE
-    label_format: str = "colour"
-    ignore_colour: tuple = UNDEFINED_COLOUR
-    ignore_value: int = IGNORE_INDEX
-
-    def __post_init__(self):
-        if len(self.names) != len(self.palette):
-            raise ValueError(f"{len(self.names)} class names but {len(self.palette)} palette colours")
-        if self.label_format not in ("colour", "index"):
-            raise ValueError(f"label_format must be 'colour' or 'index', got {self.label_format!r}")
-        if len(set(map(tuple, self.palette))) != len(self.palette):
-            raise ValueError("two classes share a palette colour")
-
-    @property
-    def num_classes(self):
-        return len(self.names)
-
-    def to_dict(self):
-        return {"names": list(self.names), "palette": [list(c) for c in self.palette],
-                "label_format": self.label_format, "ignore_colour": list(self.ignore_colour),
-                "ignore_value": int(self.ignore_value)}
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(names=tuple(d["names"]), palette=tuple(tuple(int(v) for v in c) for c in d["palette"]),
-                   label_format=d.get("label_format", "colour"),
-                   ignore_colour=tuple(d.get("ignore_colour", UNDEFINED_COLOUR)),
-                   ignore_value=int(d.get("ignore_value", IGNORE_INDEX)))
-
-
-POTSDAM = ClassSpec()
-
-
-def load_class_file(path):
-    """Read a JSON class file: {"names": [...], "palette": [[r,g,b], ...], "label_format": "colour"|"index",
-    "ignore_colour": [0,0,0], "ignore_value": 255}. For index labels the palette only colours the output."""
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-        return ClassSpec.from_dict(d)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"class file {path} not found") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"class file {path} is not valid ({e}); it needs 'names' and 'palette' "
-                         f"(one [r, g, b] per name), optionally 'label_format', 'ignore_colour', "
-                         f"'ignore_value'") from None
-
-
 # --------------------------------------------------------------------------- reading files
-
-def read_image(path, bands=None):
-    """Read a training image as an (H, W, B) uint8 array (raster.read_raster: any TIFF codec, PNG, JPEG).
-    `bands` picks band indices; by default every band but a declared alpha band is kept (so RGBIR stays 4
-    bands). Errors name the file."""
-    raster = read_raster(path)
-    arr = raster.array
-    if bands is not None:
-        if max(bands) >= arr.shape[2]:
-            raise RasterError(f"{path} has {arr.shape[2]} bands; bands {list(bands)} were asked for")
-        arr = arr[:, :, list(bands)]
-    elif raster.alpha is not None and arr.shape[2] > 1:
-        arr = np.delete(arr, raster.alpha, axis=2)
-    if arr.dtype != np.uint8:
-        raise RasterError(f"{path}: training images must be 8-bit, this one is {arr.dtype}; convert it "
-                          f"(infer.py reads 16-bit, see raster.py for its scaling rule)")
-    return np.ascontiguousarray(arr)
-
 
 def colour_to_index(rgb, classes=POTSDAM, path="<array>"):
     """Map an (H, W, 3) colour label to an (H, W) uint8 class map; the ignore colour -> IGNORE_INDEX.
@@ -134,17 +51,26 @@ def colour_to_index(rgb, classes=POTSDAM, path="<array>"):
 
 
 def index_to_index(arr, classes, path="<array>"):
-    """Validate a single-band index label: values 0..C-1 are classes, `ignore_value` -> IGNORE_INDEX."""
+    """Validate a single-band index label: the class file's `value_map` (e.g. {0: 0, 255: 1}) or value i =
+    class i; `ignore_value` -> IGNORE_INDEX; any other value is an error naming the file."""
     arr = arr[..., 0] if arr.ndim == 3 else arr
-    out = arr.astype(np.int64)
-    ignore = out == classes.ignore_value
-    bad = ~ignore & ((out < 0) | (out >= classes.num_classes))
-    if bad.any():
-        vals = np.unique(out[bad])[:8].tolist()
-        raise ValueError(f"{path}: label values {vals} are not classes 0..{classes.num_classes - 1} nor the "
-                         f"ignore value {classes.ignore_value}. Fix the label or the class file.")
-    out[ignore] = IGNORE_INDEX
-    return out.astype(np.uint8)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{path}: index labels must hold integers, this one is {arr.dtype}")
+    values = arr.astype(np.int64)
+    uniq, inverse = np.unique(values, return_inverse=True)
+    mapping = dict(classes.value_map) if classes.value_map is not None else \
+        {c: c for c in range(classes.num_classes)}
+    if classes.ignore_value is not None:
+        mapping[classes.ignore_value] = IGNORE_INDEX
+    unknown = [int(u) for u in uniq if int(u) not in mapping]
+    if unknown:
+        known = f"the value map {dict(classes.value_map)}" if classes.value_map is not None else \
+            f"classes 0..{classes.num_classes - 1}"
+        raise ValueError(f"{path}: label values {unknown[:8]} are not {known} nor the ignore value "
+                         f"{classes.ignore_value}. Fix the label or the class file (a 0/255 mask needs "
+                         f'"value_map": {{"0": 0, "255": 1}}).')
+    lut = np.array([mapping[int(u)] for u in uniq], dtype=np.uint8)
+    return lut[inverse.reshape(values.shape)]
 
 
 def read_label(path, classes=POTSDAM):
@@ -230,58 +156,77 @@ def points_to_grid(label, flat_points, out_hw):
 
 # --------------------------------------------------------------------------- datasets
 
-def _resize_image(arr, size):
-    """(H, W, B) uint8 -> (B, h, w) float in [0, 1], antialiased."""
-    out = resize(arr, tuple(size))
-    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))).float().div_(255)
+def parse_points(value):
+    """A point budget from the command line: 'dense' -> None, '100' -> 100 points per image, '1%' -> '1%'
+    (that share of each image's pixels). Errors say what is accepted."""
+    text = str(value).strip().lower()
+    if text in ("dense", "none"):
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*%", text)
+    if m:
+        share = float(m.group(1))
+        if not 0 < share <= 100:
+            raise ValueError(f"a point share must be in (0, 100] %, got {value!r}")
+        return f"{share:g}%"
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"points must be a whole number >= 1, a share like 1%, or 'dense'; got {value!r}")
+    return int(text)
 
 
-def _resize_label(label, size):
-    if label.shape == tuple(size):
-        return label
-    return np.asarray(Image.fromarray(label).resize((size[1], size[0]), Image.NEAREST))
+def point_count(points, height, width, path="<image>"):
+    """Points for one image of height x width native pixels: a count as it is, a share 'p%' as
+    round(p/100 x pixels) (at least 1). A count above the pixel count is an error: it would be dense."""
+    n = height * width
+    if isinstance(points, str):
+        return max(1, round(float(points[:-1]) / 100 * n))
+    if points > n:
+        raise ValueError(f"{points} points per image but {path} has only {n} pixels ({width}x{height}); "
+                         f"use --points dense, or a share such as --points 1%")
+    return int(points)
 
 
 class SegmentationDataset(Dataset):
-    """Image/label pairs with a fixed point annotation per image.
+    """Image/label pairs with a fixed point annotation per image, read under a preprocessing contract.
 
     Args:
         pairs: list of (image_id, image_path, label_path).
-        points: points per image at native label resolution; None = dense (every labelled pixel).
+        spec: the DataSpec (classes, bands, intensity, scale); spec.load_input and spec.to_grid turn each file
+            into model input exactly as infer.py does.
+        points: per image at native label resolution: a count, a share like "1%", or None (dense).
         strategy: "uniform" (published) or "balanced".
-        size: processing size (h, w) or an int; None keeps the native size.
         seed: annotation seed; points depend only on (seed, image id), never on epoch or order.
         resample_each_epoch: redraw points every epoch (the published code's behaviour; for comparison only).
         augment: random flips and 90-degree rotations, applied to image, points and label together.
-        classes: a ClassSpec (default Potsdam colours).
-        bands: band indices to read from the images (default: RGB).
         cache: keep decoded, resized samples in memory.
 
     A sample is a dict: image (B, h, w) float in [0, 1], points (h, w) long with IGNORE_INDEX where
-    unlabelled, label (h, w) long dense (evaluation only), id.
+    unlabelled, label (h, w) long dense (evaluation only), id. Images of different sizes give samples of
+    different sizes (aspect kept); `pad_collate` batches them. Nodata pixels are undefined in the label.
     """
 
-    def __init__(self, pairs, points=20000, strategy="uniform", size=PROCESSING_SIZE, seed=0,
-                 resample_each_epoch=False, augment=False, classes=POTSDAM, bands=None, cache=True):
+    def __init__(self, pairs, spec=None, points=20000, strategy="uniform", seed=0, resample_each_epoch=False,
+                 augment=False, cache=True):
         if not pairs:
             raise ValueError("the dataset has no images")
         if strategy not in ("uniform", "balanced"):
             raise ValueError(f"unknown point strategy {strategy!r}; use 'uniform' or 'balanced'")
-        if points is not None and points < 1:
-            raise ValueError(f"points must be >= 1 or None (dense), got {points}")
+        if points is not None and not isinstance(points, str) and points < 1:
+            raise ValueError(f"points must be >= 1, a share like '1%', or None (dense), got {points}")
         self.pairs = list(pairs)
+        self.spec = spec if spec is not None else DataSpec()
         self.points = points
         self.strategy = strategy
-        self.size = (size, size) if isinstance(size, int) else (tuple(size) if size is not None else None)
         self.seed = seed
         self.resample_each_epoch = resample_each_epoch
         self.augment = augment
-        self.classes = classes
-        self.bands = tuple(bands) if bands is not None else None
         self.cache = cache
         self.epoch = 0
         self._cache = {}
         self._points = {}
+
+    @property
+    def classes(self):
+        return self.spec.classes
 
     def __len__(self):
         return len(self.pairs)
@@ -298,13 +243,16 @@ class SegmentationDataset(Dataset):
         if i in self._cache:
             return self._cache[i]
         image_id, image_path, label_path = self.pairs[i]
-        image = read_image(image_path, self.bands)
-        label = read_label(label_path, self.classes)
-        if image.shape[:2] != label.shape:
-            raise ValueError(f"{image_path} is {image.shape[1]}x{image.shape[0]} but its label {label_path} "
-                             f"is {label.shape[1]}x{label.shape[0]}; they must match")
-        size = self.size or label.shape
-        item = (_resize_image(image, size), label, _resize_label(label, size))
+        inp = load_input(image_path, self.spec, strict=True)
+        label = read_label(label_path, self.spec.classes)
+        if inp.image.shape[:2] != label.shape:
+            raise ValueError(f"{image_path} is {inp.image.shape[1]}x{inp.image.shape[0]} but its label "
+                             f"{label_path} is {label.shape[1]}x{label.shape[0]}; they must match")
+        if inp.valid is not None:
+            label = np.where(inp.valid, label, IGNORE_INDEX).astype(np.uint8)  # nodata is never a target
+        image = to_grid(inp.image, self.spec.scale)
+        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255)
+        item = (image, label, to_grid(label, self.spec.scale, nearest=True))
         if self.cache:
             self._cache[i] = item
         return item
@@ -324,9 +272,11 @@ class SegmentationDataset(Dataset):
             return self._points[i]
         if native_label is None:
             native_label = self._load(i)[1]
+        H, W = native_label.shape
+        n = None if self.points is None else point_count(self.points, H, W, self.pairs[i][1])
         rng = np.random.default_rng(_image_seed(self.seed, self.pairs[i][0], None if fixed else self.epoch))
-        flat = sample_points(native_label, self.points, self.strategy, rng)
-        grid = points_to_grid(native_label, flat, self.size or native_label.shape)
+        flat = sample_points(native_label, n, self.strategy, rng)
+        grid = points_to_grid(native_label, flat, grid_size(H, W, self.spec.scale))
         if fixed and self.cache:  # a fixed annotation is drawn once
             self._points[i] = grid
         return grid
@@ -338,12 +288,7 @@ class SegmentationDataset(Dataset):
         points = torch.from_numpy(points.astype(np.int64))
         label = torch.from_numpy(label.astype(np.int64))
         if self.augment:
-            k = int(torch.randint(0, 4, (1,)))  # torch's global RNG: seeded by train.py
-            flip = bool(torch.randint(0, 2, (1,)))
-            image, points, label = (torch.rot90(t, k, dims=(-2, -1)) for t in (image, points, label))
-            if flip:
-                image, points, label = (torch.flip(t, dims=(-1,)) for t in (image, points, label))
-            image, points, label = image.contiguous(), points.contiguous(), label.contiguous()
+            image, points, label = augment_sample(image, points, label)
         return {"image": image, "points": points, "label": label, "id": str(self.pairs[i][0])}
 
     def labelled_fraction(self):
@@ -354,6 +299,31 @@ class SegmentationDataset(Dataset):
             labelled += int((grid != IGNORE_INDEX).sum())
             total += grid.size
         return labelled / total
+
+
+def augment_sample(image, points, label):
+    """A random 90-degree rotation and horizontal flip (torch's global RNG, seeded by train.py), the same for
+    the image (B, h, w), the points and the label (h, w)."""
+    k = int(torch.randint(0, 4, (1,)))
+    flip = bool(torch.randint(0, 2, (1,)))
+    out = [torch.rot90(t, k, dims=(-2, -1)) for t in (image, points, label)]
+    if flip:
+        out = [torch.flip(t, dims=(-1,)) for t in out]
+    return tuple(t.contiguous() for t in out)
+
+
+def pad_collate(samples):
+    """Batch samples of different sizes by padding at the bottom/right to the largest: images with 0, points
+    and labels with IGNORE_INDEX, so padding is never a target nor scored. Same-size samples: plain stack."""
+    h = max(s["image"].shape[-2] for s in samples)
+    w = max(s["image"].shape[-1] for s in samples)
+
+    def pad(t, value):
+        return torch.nn.functional.pad(t, (0, w - t.shape[-1], 0, h - t.shape[-2]), value=value)
+    return {"image": torch.stack([pad(s["image"], 0.0) for s in samples]),
+            "points": torch.stack([pad(s["points"], IGNORE_INDEX) for s in samples]),
+            "label": torch.stack([pad(s["label"], IGNORE_INDEX) for s in samples]),
+            "id": [s["id"] for s in samples]}
 
 
 def patch_pairs(root, ids):
@@ -423,29 +393,25 @@ class PotsdamDataset(SegmentationDataset):
         self.root = Path(root)
 
 
-def published_split(root, **kwargs):
-    """The published split: ids 0-2099 train, 2100-2399 val."""
-    return PotsdamDataset(root, PUBLISHED_TRAIN_IDS, **kwargs), PotsdamDataset(root, PUBLISHED_VAL_IDS, **kwargs)
-
-
 # --------------------------------------------------------------------------- CLI
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Report the point annotation of a patch folder.")
     p.add_argument("--data", default="demo_data/patches", help="patch folder (Images/, Labels/)")
-    p.add_argument("--points", default="20000", help="points per image, or 'dense'")
+    p.add_argument("--points", default="20000", help="points per image, a share like 1%%, or 'dense'")
     p.add_argument("--strategy", default="uniform", choices=["uniform", "balanced"])
-    p.add_argument("--size", type=int, default=PROCESSING_SIZE, help="processing size")
+    p.add_argument("--size", type=int, default=PROCESSING_SIZE,
+                   help=f"processing size of a {NATIVE_SIZE}x{NATIVE_SIZE} patch (scale = size / {NATIVE_SIZE})")
     p.add_argument("--limit", type=int, default=100, help="look at the first N patches")
     return p
 
 
 def main(args):
-    points = None if args.points == "dense" else int(args.points)
     ids = available_ids(args.data)[: args.limit]
-    ds = PotsdamDataset(args.data, ids, points=points, strategy=args.strategy, size=args.size)
+    spec = DataSpec(scale=args.size / NATIVE_SIZE)
+    ds = PotsdamDataset(args.data, ids, spec=spec, points=parse_points(args.points), strategy=args.strategy)
     print(f"{len(ds)} patches, {args.points} points/image ({args.strategy}) -> "
-          f"labelled fraction at {args.size}x{args.size}: {ds.labelled_fraction():.2%}")
+          f"labelled fraction at scale {spec.scale:g}: {ds.labelled_fraction():.2%}")
 
 
 if __name__ == "__main__":

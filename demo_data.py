@@ -33,7 +33,8 @@ import tifffile
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import CLASSES, IGNORE_INDEX, NATIVE_SIZE, index_to_colour, read_label
+from dataset import index_to_colour, read_label
+from spec import CLASSES, IGNORE_INDEX, NATIVE_SIZE
 
 # --------------------------------------------------------------------------- constants
 

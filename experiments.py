@@ -52,7 +52,7 @@ from typing import Optional
 
 import numpy as np
 
-from dataset import CLASSES
+from spec import CLASSES
 
 # --------------------------------------------------------------------------- what differs between runs
 
@@ -270,14 +270,14 @@ def make_config(run, settings, seed, ids, device, out):
         gamma=run.gamma, decoder=run.decoder, pretrained=settings["pretrained"], size=settings["size"],
         epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
         step_size=settings["step_size"], lr_gamma=settings["lr_gamma"], seed=seed, device=device,
-        out=str(out), figures=None, exclude=tuple(settings["exclude"]), progress=False)
+        out=str(out), figures=False, exclude=tuple(settings["exclude"]), progress=False)
 
 
 def train_and_measure(cfg):
     """The real runner: the labelled fraction of the training annotation at processing resolution, then
     train.train(cfg). Returns the history, the fraction and the split sizes."""
     from train import build_datasets, train
-    train_ds, val_ds, _ = build_datasets(cfg)
+    train_ds, val_ds, _, _ = build_datasets(cfg)
     fraction = train_ds.labelled_fraction()  # for redrawn points: the first draw (each draw is alike)
     print(f"labelled fraction of the training pixels at {cfg.size}x{cfg.size}: {fraction:.2%}", flush=True)
     history = train(cfg)

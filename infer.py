@@ -15,10 +15,12 @@ into overlapping tiles (`--tile`, `--overlap`, in resized pixels) run in batches
 blended with weights that fade to ~0 at tile edges (no seams), optionally averaged over flips and 90-degree
 rotations (`--tta`), and bilinearly upsampled back to the input size before the argmax. Rows are finished
 and upsampled as the tiles move down the image, so memory stays bounded for 6000x6000 tiles and beyond.
-Reading rules (bands, 16-bit, alpha) are in raster.py.
+What a file becomes before the model (bands, intensity, scale) is the checkpoint's contract: spec.py,
+the same functions training uses.
 """
 
 import argparse
+import dataclasses
 import fnmatch
 import math
 import sys
@@ -31,10 +33,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataset import ClassSpec, index_to_colour
-from model import load_checkpoint, resolve_device
-from raster import (IMAGE_SUFFIXES, RasterError, is_image_file, palette_image, read_model_image, resize, write_index_tiff,
+from checkpoint import load_model
+from dataset import index_to_colour
+from model import resolve_device
+from raster import (GDAL_NODATA, IMAGE_SUFFIXES, RasterError, is_image_file, palette_image, write_index_tiff,
                     write_jpeg, write_png)
+from spec import IGNORE_INDEX, grid_size, load_input, to_grid
 
 OUTPUT_PATTERN = "*_mask.*"  # the files this tool writes: never inputs
 TTA_MODES = {  # (quarter turns, horizontal flip) applied to the input; the prediction is turned back
@@ -45,11 +49,6 @@ TTA_MODES = {  # (quarter turns, horizontal flip) applied to the input; the pred
 OVERLAY_ALPHA = 0.5
 
 # --------------------------------------------------------------------------- tiles
-
-
-def model_size(height, width, scale):
-    """(h, w) the model sees for an (height, width) image: round(side * scale), at least 1."""
-    return max(1, math.floor(height * scale + 0.5)), max(1, math.floor(width * scale + 0.5))
 
 
 def tile_starts(length, tile, overlap):
@@ -179,8 +178,8 @@ def _predict(model, image, scale, sink, tile, overlap, batch_size, tta, device, 
     tta = _tta_mode(tta)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     H, W = image.shape[:2]
-    h, w = model_size(H, W, scale)
-    small = resize(image, (h, w))
+    small = to_grid(image, scale)
+    h, w = small.shape[:2]
     up = _Upsampler(h, w, H, W, sink, device=device)
     with torch.inference_mode():
         for rows in _probability_rows(model, small, tile, overlap, batch_size, tta, device, progress, desc):
@@ -194,7 +193,7 @@ def predict_image(model, image, scale, *, tile=512, overlap=64, batch_size=4, tt
 
     Args:
         model: a segmentation model in eval mode, (N, B, h, w) in [0, 1] -> logits (N, C, h, w).
-        image: (H, W, B) uint8 with B = the model's input bands (see raster.read_model_image).
+        image: (H, W, B) uint8 with B = the model's input bands (spec.load_input makes it from a file).
         scale: the checkpoint's processing scale (processing size / native size), e.g. 0.5.
         tile, overlap: tile side and minimum overlap in model-input (rescaled) pixels.
         batch_size: tiles per forward pass.
@@ -220,16 +219,20 @@ def predict_probabilities(model, image, scale, *, tile=512, overlap=64, batch_si
     return torch.cat(parts, 1).numpy()
 
 
-def colour_mask(indices, palette):
-    """(H, W) class indices -> (H, W, 3) uint8 colours (dataset.index_to_colour)."""
-    return index_to_colour(indices, palette)
+def display_rgb(image):
+    """What a person is shown of a model input (H, W, B) uint8: one band as gray, two as the first one's
+    gray, three or more: bands 0, 1, 2 of the model input as red, green, blue (for RGBIR, the RGB; choose
+    the order with --bands / the class file's bands to show another composite)."""
+    if image.shape[2] >= 3:
+        return image[:, :, :3]
+    return np.repeat(image[:, :, :1], 3, axis=2)
 
 
 def overlay(image, indices, palette, alpha=OVERLAY_ALPHA):
     """Blend an (H, W, 3) uint8 image with the colour mask, row chunk by row chunk."""
     out = np.empty(image.shape[:2] + (3,), np.uint8)
     for r in range(0, image.shape[0], 512):
-        colours = colour_mask(indices[r:r + 512], palette).astype(np.float32)
+        colours = index_to_colour(indices[r:r + 512], palette).astype(np.float32)
         out[r:r + 512] = np.round((1 - alpha) * image[r:r + 512, :, :3] + alpha * colours)
     return out
 
@@ -277,34 +280,41 @@ def output_stems(images):
     return {p: p.stem if counts[p.stem] == 1 else f"{p.stem}_{p.suffix[1:].lower()}" for p in images}
 
 
-def checkpoint_settings(ckpt):
-    """What inference needs from a checkpoint: scale, bands, input channels, class spec."""
-    return {"scale": float(ckpt["scale"]), "bands": ckpt.get("bands"),
-            "channels": int(ckpt["model_args"].get("in_channels", 3)),
-            "classes": ClassSpec.from_dict(ckpt["classes"])}
+def run_spec(ckpt, scale=None, bands=None):
+    """The checkpoint's preprocessing contract, with the user's --scale / --bands if given."""
+    spec = ckpt.spec
+    if scale is not None:
+        spec = dataclasses.replace(spec, scale=float(scale))
+    if bands is not None:
+        spec = dataclasses.replace(spec, bands=tuple(int(b) for b in bands))
+    return spec
 
 
 def segment_file(path, output, model, ckpt, *, stem=None, scale=None, bands=None, bit_depth=None, index=False,
                  overlay_preview=False, protect=(), log=print, **predict_kwargs):
     """Segment one file into `output`. Returns the paths written. Raises RasterError for a bad file.
-    `scale`/`bands` default to the checkpoint's; `protect` lists paths never to write (the inputs)."""
-    s = checkpoint_settings(ckpt)
-    scale = s["scale"] if scale is None else scale
-    bands = s["bands"] if bands is None else bands
+    `scale`/`bands` default to the checkpoint's; `protect` lists paths never to write (the inputs).
+    Nodata pixels (GeoTIFF GDAL_NODATA, NaN) get no class: IGNORE_INDEX (black in the colour mask)."""
+    spec = run_spec(ckpt, scale, bands)
     path, output = Path(path), Path(output)
-    image, raster, notes = read_model_image(path, s["channels"], bands, bit_depth)
-    for note in notes:
+    inp = load_input(path, spec, bit_depth=bit_depth)
+    for note in inp.notes:
         log(f"{path}: {note}")
-    pred = predict_image(model, image, scale, desc=path.name, **predict_kwargs)
-    stem, palette = stem or path.stem, s["classes"].palette
+    pred = predict_image(model, inp.image, spec.scale, desc=path.name, **predict_kwargs)
+    if inp.valid is not None:
+        pred[~inp.valid] = IGNORE_INDEX
+    stem, palette = stem or path.stem, spec.classes.palette
     writers = {output / f"{stem}_mask.png": lambda t: write_png(t, palette_image(pred, palette))}
     if index:
         writers[output / f"{stem}_mask.index.png"] = lambda t: write_png(t, pred)
     if overlay_preview:
-        rgb = image[:, :, :3] if image.shape[2] >= 3 else np.repeat(image[:, :, :1], 3, axis=2)
+        rgb = display_rgb(inp.image)
         writers[output / f"{stem}_mask.overlay.jpg"] = lambda t: write_jpeg(t, overlay(rgb, pred, palette))
-    if raster.is_georeferenced:
-        writers[output / f"{stem}_mask.tif"] = lambda t: write_index_tiff(t, pred, palette, raster.geotags)
+    if inp.raster.is_georeferenced:
+        tags = dict(inp.raster.geotags)
+        if inp.valid is not None:
+            tags[GDAL_NODATA] = (2, len(str(IGNORE_INDEX)) + 1, str(IGNORE_INDEX))  # ASCII, as GDAL writes it
+        writers[output / f"{stem}_mask.tif"] = lambda t: write_index_tiff(t, pred, palette, tags)
     protected = {Path(p).resolve() for p in protect} | {path.resolve()}
     for target in writers:
         if target.resolve() in protected:
@@ -383,15 +393,15 @@ def main(args):
     try:
         images, _ = list_inputs(args.input)
         device = resolve_device(args.device)
-        model, ckpt = load_checkpoint(args.checkpoint, device)
+        model, ckpt = load_model(args.checkpoint, device)
+        spec = run_spec(ckpt, args.scale, args.bands)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    s = checkpoint_settings(ckpt)
-    scale = args.scale if args.scale is not None else s["scale"]
-    print(f"{len(images)} images from {args.input} -> {args.output}; model {ckpt['model_args']['decoder']} "
-          f"decoder, {s['classes'].num_classes} classes, scale {scale:g}, tile {args.tile}, overlap "
-          f"{args.overlap}, TTA {args.tta}, on {device}")
+    scale = spec.scale
+    print(f"{len(images)} images from {args.input} -> {args.output}; model {ckpt.model_args}, "
+          f"{spec.classes.num_classes} classes, scale {scale:g}, intensity {spec.intensity.kind}, tile {args.tile}, "
+          f"overlap {args.overlap}, TTA {args.tta}, on {device}")
     summary = segment_folder(args.input, args.output, model, ckpt, scale=scale, bands=args.bands,
                              bit_depth=args.bit_depth, index=args.index, overlay_preview=args.overlay,
                              tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, tta=args.tta,

@@ -10,7 +10,7 @@ leaves classes (e.g. clutter, a common Potsdam protocol) out of the means, not o
 import numpy as np
 import torch
 
-from dataset import CLASSES, IGNORE_INDEX
+from spec import CLASSES, IGNORE_INDEX
 
 
 class ConfusionMatrix:

@@ -1,4 +1,5 @@
-"""ResNet18 encoder + transposed-convolution decoder, and the self-describing checkpoint format.
+"""ResNet18 encoder + transposed-convolution decoder (and a tiny stand-in for tests); the format that
+stores them is checkpoint.py.
 
     python model.py            # prints the parameter count and output shape of both decoders
 
@@ -15,15 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from raster import atomic_path
-
 # --------------------------------------------------------------------------- constants
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESNET18_WEIGHTS_FILE = "resnet18-f37072fd.pth"  # what torchvision's IMAGENET1K_V1 downloads
-CHECKPOINT_FORMAT = "pointseg-checkpoint"
-CHECKPOINT_VERSION = 1
 DECODERS = ("plain", "skip")
 
 
@@ -98,6 +95,12 @@ class ResNet18Segmentation(nn.Module):
                                        conv_block(64 + 64, 64), conv_block(64 + 64, 64)])
         self.head = nn.Conv2d(32, num_classes, 1)
 
+    @property
+    def model_args(self):
+        """What build_model needs to rebuild this model (stored in checkpoints)."""
+        return {"arch": "resnet18", "num_classes": self.num_classes, "decoder": self.decoder_kind,
+                "in_channels": self.in_channels}
+
     def forward(self, x):
         H, W = x.shape[-2:]
         x = (x - self.mean) / self.std
@@ -119,63 +122,36 @@ class ResNet18Segmentation(nn.Module):
         return self.head(y)[..., :H, :W]
 
 
-# --------------------------------------------------------------------------- checkpoints
+# --------------------------------------------------------------------------- a tiny stand-in and the factory
 
-def save_checkpoint(path, model, *, classes, scale, config=None, metrics=None, bands=None, extra=None):
-    """Write a checkpoint that holds everything infer.py needs: model args, classes, palette, processing
-    scale (processing size / native size), bands, training config and metrics. Written atomically."""
-    from dataset import ClassSpec  # local import: model.py stays importable on its own
+class TinySegmentation(nn.Module):
+    """Three convolutions at full resolution: a stand-in for tests and smoke runs where the test is not about
+    the network (trains in a fraction of ResNet18's time). Same input and output contract."""
 
-    assert isinstance(classes, ClassSpec)
-    ckpt = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "model_args": {"num_classes": model.num_classes, "decoder": model.decoder_kind,
-                       "in_channels": model.in_channels},
-        "classes": classes.to_dict(),
-        "scale": float(scale),
-        "bands": list(bands) if bands is not None else None,
-        "config": config or {},
-        "metrics": metrics or {},
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-    ckpt.update(extra or {})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
-    return ckpt
+    def __init__(self, num_classes=6, in_channels=3, width=16):
+        super().__init__()
+        self.num_classes, self.in_channels = num_classes, in_channels
+        self.net = nn.Sequential(conv_block(in_channels, width), conv_block(width, width),
+                                 nn.Conv2d(width, num_classes, 1))
+
+    @property
+    def model_args(self):
+        return {"arch": "tiny", "num_classes": self.num_classes, "in_channels": self.in_channels}
+
+    def forward(self, x):
+        return self.net(x * 2 - 1)
 
 
-def read_checkpoint(path, map_location="cpu"):
-    """Load and check a checkpoint dict (weights_only). Clear errors for a missing or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found. Train one first: python train.py --data DIR "
-                                f"(or make demo), or pass --checkpoint PATH")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' header); "
-                         f"train one with python train.py")
-    if ckpt.get("version", 0) > CHECKPOINT_VERSION:
-        raise ValueError(f"{path} has checkpoint version {ckpt['version']}, newer than this code "
-                         f"({CHECKPOINT_VERSION}); update the code")
-    return ckpt
+ARCHS = ("resnet18", "tiny")
 
 
-def load_checkpoint(path, device="cpu"):
-    """Rebuild the model from a checkpoint. Returns (model in eval mode on device, checkpoint dict)."""
-    ckpt = read_checkpoint(path)
-    model = ResNet18Segmentation(pretrained=False, **ckpt["model_args"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: its weights do not fit the model it describes "
-                         f"({ckpt['model_args']}): {str(e).splitlines()[0]}") from None
-    return model.to(device).eval(), ckpt
+def build_model(arch="resnet18", num_classes=6, in_channels=3, decoder="skip", pretrained=False):
+    """The model `model_args` describe (checkpoint.py stores them): ResNet18Segmentation or the tiny one."""
+    if arch == "tiny":
+        return TinySegmentation(num_classes, in_channels)
+    if arch != "resnet18":
+        raise ValueError(f"unknown arch {arch!r}; use one of {ARCHS}")
+    return ResNet18Segmentation(num_classes, pretrained=pretrained, decoder=decoder, in_channels=in_channels)
 
 
 def resolve_device(name="auto"):

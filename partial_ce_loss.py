@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dataset import IGNORE_INDEX
+from spec import IGNORE_INDEX
 
 NORMALIZATIONS = ("weighted", "points")
 

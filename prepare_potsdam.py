@@ -27,11 +27,13 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import tifffile
 from tqdm import tqdm
 
-from dataset import NATIVE_SIZE, colour_to_index, read_image
-from raster import atomic_path
+from dataset import colour_to_index
+from raster import RasterError, atomic_path, keep_bands, read_raster
+from spec import NATIVE_SIZE
 
 # --------------------------------------------------------------------------- the Potsdam release
 
@@ -140,6 +142,18 @@ def check_label(label, path, rows=512):
         colour_to_index(label[y:y + rows], path=f"{path} (rows {y}-{min(y + rows, label.shape[0]) - 1})")
 
 
+def read_tile(path, bands=None):
+    """An 8-bit tile's pixels as stored (the chosen bands, or all but alpha). Errors name the file."""
+    raster = read_raster(path)
+    try:
+        arr = keep_bands(raster.array, bands, raster.alpha)
+    except RasterError as e:
+        raise RasterError(f"{path}: {e}") from None
+    if arr.dtype != np.uint8:
+        raise RasterError(f"{path}: official Potsdam tiles are 8-bit, this one is {arr.dtype}")
+    return np.ascontiguousarray(arr)
+
+
 def cut_tile(tile, image_path, label_path, out, size=NATIVE_SIZE, stride=None, bands="RGB"):
     """Read one tile, check its label, write its patches; return their ids.
 
@@ -147,8 +161,8 @@ def cut_tile(tile, image_path, label_path, out, size=NATIVE_SIZE, stride=None, b
     outside the palette.
     """
     stride = stride or size
-    image = read_image(image_path, BANDS[bands])
-    label = read_image(label_path)  # (H, W, 3) uint8 colours; an alpha band is dropped
+    image = read_tile(image_path, BANDS[bands])
+    label = read_tile(label_path)  # (H, W, 3) uint8 colours; an alpha band is dropped
     if image.shape[:2] != label.shape[:2]:
         raise ValueError(f"{image_path} is {image.shape[1]}x{image.shape[0]} but its label {label_path} is "
                          f"{label.shape[1]}x{label.shape[0]}")

@@ -3,16 +3,16 @@ planar or interleaved), GeoTIFF georeferencing, 16-bit and multi-band data, atom
 
     python raster.py some_image.tif        # prints shape, dtype, bands, alpha and georeferencing tags
 
-Turning a file into what a model eats happens in three explicit steps, so nothing is guessed silently:
-`read_raster` (the pixels as stored, plus alpha band and GeoTIFF tags), `select_bands` (which bands, given
-what the model needs) and `to_uint8` (the documented bit-depth rule). Each step returns notes (warnings as
-text) for the caller to print next to the file name.
+The steps here are the building blocks: `read_raster` (the pixels as stored, plus alpha band, GeoTIFF tags
+and nodata value), `select_bands` (which bands, given what the model needs) and `to_uint8` (the bit-depth
+rule). Each returns notes (warnings as text) for the caller to print next to the file name. What a model
+eats is decided in one place, spec.py (`load_input`, `to_grid`), for training and inference alike.
 
-Bit depth rule: integer images wider than 8 bits are scaled linearly from [0, 2**b - 1] to [0, 255], b being
-the image's bit depth: the smallest of 8..16 bits (or the dtype's width) that holds its largest value. So
-11-, 12- or 14-bit sensor data stored in 16-bit files keep their contrast, and a 16-bit file holding only
-values < 256 is kept as is. Pass `bit_depth` (infer.py --bit-depth) to fix b for a constant scale across
-images. Float images must hold values in [0, 1] (multiplied by 255); anything else is an error.
+Bit depth rule (spec.py's `uint8` intensity, for models trained on 8-bit data): integer images wider than 8
+bits are scaled linearly from [0, 2**b - 1] to [0, 255], b being the image's bit depth: the smallest of 8..16
+bits (or the dtype's width) that holds its largest value. Pass `bit_depth` (infer.py --bit-depth) to fix b
+for a constant scale across images. Float images must hold values in [0, 1] (multiplied by 255). Models
+trained on wider data carry a `range` intensity rule fitted on their training set instead (spec.py).
 """
 
 import argparse
@@ -28,6 +28,7 @@ from PIL import Image
 
 # --------------------------------------------------------------------------- GeoTIFF tags
 
+GDAL_NODATA = 42113  # ASCII tag: the value of pixels that hold no data
 GEOTIFF_TAGS = {  # code -> name; what places a GeoTIFF on the ground
     33550: "ModelPixelScaleTag",
     33922: "ModelTiepointTag",
@@ -53,6 +54,7 @@ class Raster:
     array: np.ndarray
     alpha: int = None
     geotags: dict = field(default_factory=dict)
+    nodata: float = None  # the GDAL_NODATA value (TIFF tag 42113), None when the file declares none
 
     @property
     def is_georeferenced(self):
@@ -61,17 +63,6 @@ class Raster:
 
 
 # --------------------------------------------------------------------------- reading
-
-def read_geotags(path):
-    """The GeoTIFF tags of a TIFF's first page, {code: (datatype, count, value)}; {} for other files."""
-    path = Path(path)
-    if path.suffix.lower() not in TIFF_SUFFIXES:
-        return {}
-    with tifffile.TiffFile(path) as tif:
-        tags = tif.pages.first.tags
-        return {code: (int(tags[code].dtype), int(tags[code].count), tags[code].value)
-                for code in GEOTIFF_TAGS if code in tags}
-
 
 def _read_tiff(path):
     with tifffile.TiffFile(path) as tif:
@@ -82,17 +73,26 @@ def _read_tiff(path):
         tags = page.tags
         geotags = {code: (int(tags[code].dtype), int(tags[code].count), tags[code].value)
                    for code in GEOTIFF_TAGS if code in tags}
+        nodata = _parse_nodata(tags[GDAL_NODATA].value) if GDAL_NODATA in tags else None
         photometric, colormap, extrasamples = page.photometric, page.colormap, tuple(page.extrasamples or ())
     if photometric == tifffile.PHOTOMETRIC.PALETTE and colormap is not None and arr.ndim == 2:
         cmap = np.asarray(colormap)
         cmap = (cmap // 257).astype(np.uint8) if cmap.max() > 255 else cmap.astype(np.uint8)
-        return cmap.T[arr], None, geotags  # indexed colour -> RGB
+        return cmap.T[arr], None, geotags, None  # indexed colour -> RGB
     if arr.ndim == 3 and axes[-1] not in "SC" and axes.endswith("YX"):
         arr = np.moveaxis(arr, 0, -1)  # planar (bands, H, W) or one page per band
     alpha = None
     if arr.ndim == 3 and extrasamples and int(extrasamples[-1]) in (1, 2):  # associated / unassociated alpha
         alpha = arr.shape[2] - 1
-    return arr, alpha, geotags
+    return arr, alpha, geotags, nodata
+
+
+def _parse_nodata(value):
+    """GDAL writes the nodata value as ASCII ("-99999", "nan", "0 "); None when it is not a number."""
+    try:
+        return float(str(value).strip().strip("\x00"))
+    except ValueError:
+        return None
 
 
 def _read_pil(path):
@@ -102,7 +102,7 @@ def _read_pil(path):
             im = im.convert("RGBA" if has_alpha else ("L" if im.mode == "1" else "RGB"))
         arr = np.asarray(im)  # decodes here: a truncated file raises now
         alpha = {"LA": 1, "RGBA": 3}.get(im.mode)
-    return arr, alpha, {}
+    return arr, alpha, {}, None
 
 
 def read_raster(path):
@@ -115,19 +115,33 @@ def read_raster(path):
         raise RasterError(f"{path}: empty file (0 bytes)")
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
-            arr, alpha, geotags = _read_tiff(path)
+            arr, alpha, geotags, nodata = _read_tiff(path)
         else:
-            arr, alpha, geotags = _read_pil(path)
+            arr, alpha, geotags, nodata = _read_pil(path)
     except Exception as e:  # codec errors come in many types
         raise RasterError(f"{path}: cannot read it, corrupt or truncated? ({type(e).__name__}: {e})") from None
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise RasterError(f"{path}: unsupported layout {arr.shape}; expected (H, W) or (H, W, bands)")
-    return Raster(path, arr, alpha, geotags)
+    return Raster(path, arr, alpha, geotags, nodata)
 
 
 # --------------------------------------------------------------------------- bands and bit depth
+
+def keep_bands(arr, bands=None, alpha=None):
+    """The chosen bands (0-based `bands`), or every band but a declared alpha band. No guessing: used where
+    the band count must come out as the file has it (training images, patches cut from tiles)."""
+    n = arr.shape[2]
+    if bands is not None:
+        bands = [int(b) for b in bands]
+        if min(bands) < 0 or max(bands) >= n:
+            raise RasterError(f"it has {n} bands (0..{n - 1}); bands {bands} were asked for")
+        return arr[:, :, bands]
+    if alpha is not None and n > 1:
+        return np.delete(arr, alpha, axis=2)
+    return arr
+
 
 def select_bands(arr, channels=3, bands=None, alpha=None):
     """Pick the bands a model with `channels` input bands gets. Returns (array (H, W, channels), notes).
@@ -195,21 +209,9 @@ def to_uint8(arr, bit_depth=None):
     raise RasterError(f"unsupported pixel type {arr.dtype}")
 
 
-def read_model_image(path, channels=3, bands=None, bit_depth=None):
-    """A file as model-ready pixels: (uint8 array (H, W, channels), Raster without pixels, notes)."""
-    raster = read_raster(path)
-    try:
-        arr, notes = select_bands(raster.array, channels, bands, raster.alpha)
-        arr, more = to_uint8(arr, bit_depth)
-    except RasterError as e:
-        raise RasterError(f"{path}: {e}") from None
-    raster.array = None  # the caller holds the pixels it needs; do not keep the wider original alive
-    return np.ascontiguousarray(arr), raster, notes + more
-
-
 def resize(arr, size):
-    """(H, W, B) uint8 -> (h, w, B) uint8, bilinear with antialiasing (PIL, band by band). Training
-    (dataset.py) and inference both resize with this, so the model sees the same pixels."""
+    """(H, W, B) uint8 -> (h, w, B) uint8, bilinear with antialiasing (PIL, band by band); spec.to_grid is
+    the rule that calls it for training and inference alike."""
     h, w = size
     if arr.shape[:2] == (h, w):
         return arr

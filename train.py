@@ -5,8 +5,9 @@
 
 Per epoch: one log line (loss, OA and mIoU on the training points, val loss on the val points, val OA / mIoU
 on the dense val labels, lr, seconds). Keeps `<out>/best_model.pth` (best val mIoU) and `<out>/last.pth`
-(with optimizer state, for --resume); draws `<figures>/output.png` (curves) and `<figures>/results.png`
-(image | ground truth | points | prediction).
+(with optimizer state, for --resume), `<out>/history.json`, and draws `<out>/output.png` (curves) and
+`<out>/results.png` (image | ground truth | points | prediction). A run never replaces another run's
+checkpoints: a folder that holds some needs --resume (same settings) or --overwrite.
 """
 
 import argparse
@@ -14,23 +15,26 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from class_weights import compute_class_weights, load_class_weights, save_class_weights
-from dataset import (IGNORE_INDEX, POTSDAM, PROCESSING_SIZE, PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS,
-                     SegmentationDataset, available_ids, folder_pairs, index_to_colour, load_class_file,
-                     load_split, patch_pairs, read_image)
+from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids, folder_pairs,
+                     index_to_colour, load_split, pad_collate, parse_points, patch_pairs)
 from metrics import ConfusionMatrix
-from model import ResNet18Segmentation, load_checkpoint, read_checkpoint, resolve_device, save_checkpoint
-from partial_ce_loss import PartialCrossEntropyLoss
+from model import ARCHS, DECODERS, build_model, resolve_device
+from partial_ce_loss import NORMALIZATIONS, PartialCrossEntropyLoss
+from raster import read_raster
+from spec import IGNORE_INDEX, POTSDAM, PROCESSING_SIZE, DataSpec, fit_intensity, load_class_file, load_input
 
 
 # --------------------------------------------------------------------------- configuration
@@ -41,16 +45,16 @@ class TrainConfig:
     data: Optional[str] = "demo_data/patches"
     images: Optional[str] = None
     labels: Optional[str] = None
-    split: Optional[str] = None  # JSON {"train": [ids], "val": [ids]}; default: published split if present
+    split: Optional[str] = None  # JSON {"train": [ids], "val": [ids]}; default <data>/split.json if present
     train_ids: Optional[list] = None
     val_ids: Optional[list] = None
     val_fraction: float = 0.125  # without split or published ids: the last 12.5 % of sorted ids (300/2400)
     max_train: Optional[int] = None  # use only the first N training / validation images (quick runs)
     max_val: Optional[int] = None
     classes: Optional[str] = None  # JSON class file; default ISPRS Potsdam colours
-    bands: Optional[list] = None  # image band indices; default RGB
+    bands: Optional[list] = None  # image band indices; default every band but alpha
     # annotation
-    points: Optional[int] = 20000  # per image at native resolution; None = dense labels
+    points: Union[int, str, None] = 20000  # per image at native resolution, a share like "1%", None = dense
     strategy: str = "uniform"  # or "balanced"
     resample_each_epoch: bool = False  # the published code's behaviour: comparison only
     annotation_seed: int = 0
@@ -59,9 +63,11 @@ class TrainConfig:
     gamma: float = 2.0
     normalization: str = "weighted"
     # model
+    arch: str = "resnet18"  # "tiny": a three-layer stand-in for tests and smoke runs
     decoder: str = "skip"  # "plain" is the published decoder
     pretrained: bool = True  # ImageNet encoder through torchvision (needs the weights file or internet)
-    size: int = PROCESSING_SIZE  # processing size; published: 300 -> 150
+    size: int = PROCESSING_SIZE  # processing size of the first training image's longer side (300 -> 150)
+    scale: Optional[float] = None  # processing pixels per file pixel; overrides size (mixed image sizes)
     # optimisation (published: Adam + StepLR)
     epochs: int = 100
     batch_size: int = 16
@@ -76,10 +82,19 @@ class TrainConfig:
     amp: bool = False  # bfloat16 autocast on CUDA
     workers: int = 0
     out: str = "checkpoints"
-    figures: Optional[str] = "images"
+    figures: bool = True  # output.png and results.png in `out`
     exclude: tuple = ()  # classes left out of the means (e.g. ("clutter",))
     resume: bool = False
+    overwrite: bool = False  # start afresh in an `out` that holds another run's checkpoints
     progress: bool = True
+
+
+# settings that may differ between a run and its --resume: they do not change what is trained
+RESUMABLE = ("epochs", "device", "workers", "progress", "resume", "overwrite", "figures", "out", "amp")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss or weights); the message says what to change."""
 
 
 def seed_everything(seed):
@@ -88,10 +103,46 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def check_config(cfg):
+    """Argument errors before any work (ValueError naming the setting)."""
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(msg)
+    need(isinstance(cfg.epochs, int) and cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
+    need(cfg.batch_size >= 1, f"batch size must be >= 1, got {cfg.batch_size}")
+    need(math.isfinite(cfg.lr) and cfg.lr > 0, f"lr must be a positive number, got {cfg.lr}")
+    need(cfg.step_size >= 1, f"step size must be >= 1 epoch, got {cfg.step_size}")
+    need(0 < cfg.lr_gamma <= 1, f"lr gamma must be in (0, 1], got {cfg.lr_gamma}")
+    need(cfg.gamma >= 0, f"focal gamma must be >= 0, got {cfg.gamma}")
+    need(cfg.weight_decay >= 0, f"weight decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.size >= 8, f"size must be >= 8 pixels, got {cfg.size}")
+    need(cfg.scale is None or (math.isfinite(cfg.scale) and 0 < cfg.scale <= 16),
+         f"scale must be in (0, 16], got {cfg.scale}")
+    need(0 < cfg.val_fraction < 1, f"val fraction must be in (0, 1), got {cfg.val_fraction}")
+    for name in ("max_train", "max_val"):
+        v = getattr(cfg, name)
+        need(v is None or v >= 1, f"{name.replace('_', '-')} must be >= 1 (leave it out for all), got {v}")
+    need(cfg.workers >= 0, f"workers must be >= 0, got {cfg.workers}")
+    need(cfg.strategy in ("uniform", "balanced"), f"unknown point strategy {cfg.strategy!r}")
+    need(cfg.normalization in NORMALIZATIONS, f"normalization must be one of {NORMALIZATIONS}")
+    need(cfg.arch in ARCHS, f"unknown arch {cfg.arch!r}; use one of {ARCHS}")
+    need(cfg.decoder in DECODERS, f"unknown decoder {cfg.decoder!r}; use one of {DECODERS}")
+    need(cfg.bands is None or (len(cfg.bands) > 0 and min(cfg.bands) >= 0), f"bad bands {cfg.bands}")
+    if cfg.points is not None:
+        parse_points(cfg.points)
+    cw = cfg.class_weights
+    need(cw in ("points", "dense", "none") or Path(cw).is_file(),
+         f"class weights must be points, dense, none or an existing .pt file; {cw} is none of these")
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device}: no CUDA GPU is available here; use --device cpu or auto")
+
+
 # --------------------------------------------------------------------------- data
 
 def resolve_split(cfg):
-    """(train pairs, val pairs, description) from the config."""
+    """(train pairs, val pairs, description) from the config. Without --split, `<data>/split.json` is used
+    when it exists (prepare_potsdam.py writes one). Overlapping train and val ids are an error."""
     if cfg.images or cfg.labels:
         if not (cfg.images and cfg.labels):
             raise ValueError("own data needs both --images and --labels folders")
@@ -102,38 +153,101 @@ def resolve_split(cfg):
     else:
         get = lambda ids: patch_pairs(cfg.data, ids)
         ids = None
-    if cfg.split:
-        s = load_split(cfg.split)
-        return get(s["train"]), get(s["val"]), f"split file {cfg.split}"
-    if cfg.train_ids is not None or cfg.val_ids is not None:
+    split = cfg.split
+    if split is None and cfg.train_ids is None and cfg.data and not (cfg.images or cfg.labels) \
+            and (Path(cfg.data) / "split.json").is_file():
+        split = str(Path(cfg.data) / "split.json")
+    if split:
+        s = load_split(split)
+        tr, va, how = s["train"], s["val"], f"split file {split}"
+    elif cfg.train_ids is not None or cfg.val_ids is not None:
         if cfg.train_ids is None or cfg.val_ids is None:
             raise ValueError("give both train_ids and val_ids")
-        return get(cfg.train_ids), get(cfg.val_ids), "explicit ids"
-    ids = ids if ids is not None else available_ids(cfg.data)
-    if not (cfg.images or cfg.labels) and set(PUBLISHED_TRAIN_IDS + PUBLISHED_VAL_IDS) <= set(ids):
-        return get(PUBLISHED_TRAIN_IDS), get(PUBLISHED_VAL_IDS), "published split (0-2099 / 2100-2399)"
-    n_val = max(1, int(round(len(ids) * cfg.val_fraction)))
-    if len(ids) < 2:
-        raise ValueError(f"need at least 2 images to split into train and val, found {len(ids)}")
-    return get(ids[:-n_val]), get(ids[-n_val:]), f"last {n_val} of {len(ids)} sorted ids as val"
+        tr, va, how = cfg.train_ids, cfg.val_ids, "explicit ids"
+    else:
+        ids = ids if ids is not None else available_ids(cfg.data)
+        if not (cfg.images or cfg.labels) and set(PUBLISHED_TRAIN_IDS + PUBLISHED_VAL_IDS) <= set(ids):
+            tr, va, how = PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, "published split (0-2099 / 2100-2399)"
+        else:
+            if len(ids) < 2:
+                raise ValueError(f"need at least 2 images to split into train and val, found {len(ids)}")
+            n_val = min(len(ids) - 1, max(1, int(round(len(ids) * cfg.val_fraction))))
+            tr, va, how = ids[:-n_val], ids[-n_val:], f"last {n_val} of {len(ids)} sorted ids as val"
+    both = sorted({str(i) for i in tr} & {str(i) for i in va})
+    if both:
+        raise ValueError(f"{how}: {len(both)} ids are in both train and val ({both[:5]}); a split must not "
+                         f"validate on training images")
+    if not tr or not va:
+        raise ValueError(f"{how}: {len(tr)} train and {len(va)} val ids; both parts need images")
+    return get(tr), get(va), how
 
 
 def _missing(i, folder):
     raise FileNotFoundError(f"id {i} from the split has no image in {folder}")
 
 
-def build_datasets(cfg):
+def fit_spec(cfg, train_pairs):
+    """The preprocessing contract of this run, fitted on the training images: classes, bands (every band
+    but alpha unless --bands), the intensity rule (uint8 for 8-bit data, else per-band percentiles) and the
+    scale (--scale, or --size over the first image's longer side)."""
     classes = load_class_file(cfg.classes) if cfg.classes else POTSDAM
+    first = read_raster(train_pairs[0][1])
+    bands = tuple(cfg.bands) if cfg.bands is not None else None
+    if bands is not None and max(bands) >= first.array.shape[2]:
+        raise ValueError(f"{first.path} has {first.array.shape[2]} bands; --bands {list(bands)} asks for more")
+    channels = len(bands) if bands is not None else \
+        first.array.shape[2] - (1 if first.alpha is not None and first.array.shape[2] > 1 else 0)
+    scale = cfg.scale if cfg.scale is not None else cfg.size / max(first.array.shape[:2])
+    intensity = fit_intensity([p[1] for p in train_pairs], bands)
+    return DataSpec(classes=classes, bands=bands, channels=channels, intensity=intensity, scale=scale)
+
+
+def build_datasets(cfg, spec=None):
+    """(train dataset, val dataset, split description, spec). The spec is fitted on the training images
+    unless given (a resumed run reuses its checkpoint's)."""
     train_pairs, val_pairs, how = resolve_split(cfg)
     if cfg.max_train or cfg.max_val:
         train_pairs, val_pairs = train_pairs[: cfg.max_train], val_pairs[: cfg.max_val]
         how += f", first {len(train_pairs)} / {len(val_pairs)} used"
-    common = dict(points=cfg.points, strategy=cfg.strategy, size=cfg.size, seed=cfg.annotation_seed,
-                  classes=classes, bands=cfg.bands)
+    spec = spec or fit_spec(cfg, train_pairs)
+    common = dict(spec=spec, points=cfg.points, strategy=cfg.strategy, seed=cfg.annotation_seed)
     train_ds = SegmentationDataset(train_pairs, resample_each_epoch=cfg.resample_each_epoch,
                                    augment=cfg.augment, **common)
     val_ds = SegmentationDataset(val_pairs, **common)
-    return train_ds, val_ds, how
+    return train_ds, val_ds, how, spec
+
+
+def check_data(cfg, train_ds, val_ds):
+    """Read every label and annotation before the first epoch, so bad files and empty classes fail now, not
+    after an epoch: every class needs a training point; val needs labelled pixels."""
+    seen = np.zeros(train_ds.classes.num_classes, np.int64)
+    undefined = total = 0
+    for i in range(len(train_ds)):
+        grid = train_ds.point_grid(i)
+        seen += np.bincount(grid[grid != IGNORE_INDEX].astype(np.int64), minlength=len(seen))[: len(seen)]
+        native = train_ds.native_label(i)
+        undefined += int((native == IGNORE_INDEX).sum())
+        total += native.size
+    names = train_ds.classes.names
+    missing = [names[c] for c in np.flatnonzero(seen == 0)]
+    if missing:
+        hint = ""
+        if undefined > total / 2:
+            hint = (f" {100 * undefined / total:.0f} % of the training label pixels are undefined (the ignore "
+                    f"value): a 0/255 mask read with ignore_value 255 loses its foreground; map it with "
+                    f'"value_map": {{"0": 0, "255": 1}} in the class file.')
+        raise ValueError(f"classes {missing} have no labelled point in the {len(train_ds)} training images "
+                         f"(points {cfg.points}); the model could never learn them. Fix the labels or the class "
+                         f"file, or drop those classes from it.{hint}")
+    if undefined > total / 2:
+        print(f"warning: {100 * undefined / total:.0f} % of the training label pixels are undefined", flush=True)
+    labelled = sum(int((val_ds.dense_label(i) != IGNORE_INDEX).sum()) for i in range(len(val_ds)))
+    if labelled == 0:
+        raise ValueError(f"the {len(val_ds)} validation images have no labelled pixel: mIoU cannot be measured. "
+                         f"Choose other val images (--split) or fix their labels")
+    unknown = set(cfg.exclude) - set(names)
+    if unknown:
+        raise ValueError(f"--exclude names unknown classes {sorted(unknown)}; the classes are {list(names)}")
 
 
 def class_weight_tensor(cfg, train_ds, out_dir):
@@ -150,7 +264,8 @@ def class_weight_tensor(cfg, train_ds, out_dir):
 
 def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progress=True, desc=""):
     """Train (optimizer given) or evaluate over a loader. Returns (mean loss, points confusion matrix,
-    dense confusion matrix or None). Dense labels are only looked at when evaluating."""
+    dense confusion matrix or None). Dense labels are only looked at when evaluating. A non-finite loss
+    stops training (TrainingError) before the step that would spread it into the weights."""
     train = optimizer is not None
     model.train(train)
     k = model.num_classes
@@ -165,6 +280,11 @@ def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = model(x)
             loss = criterion(logits, y)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingError(f"{desc}: the loss is {value} (batch {batch['id'][:4]}...). Training diverged "
+                                    f"(learning rate too high? now {optimizer.param_groups[0]['lr'] if train else '-'})"
+                                    f"; nothing was saved from this epoch. Lower --lr and start again")
             if train:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -173,7 +293,7 @@ def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progr
             cm_points.update(pred, y)
             if cm_dense is not None:
                 cm_dense.update(pred, batch["label"])
-            total += float(loss.detach()) * x.shape[0]
+            total += value * x.shape[0]
             n += x.shape[0]
     return total / max(n, 1), cm_points, cm_dense
 
@@ -203,14 +323,14 @@ def plot_history(history, path):
 
 
 @torch.no_grad()
-def plot_results(model, dataset, path, scale, n=4, device="cpu", title=None):
+def plot_results(model, dataset, path, n=4, device="cpu", title=None):
     """Grid of image | ground truth | points | prediction for the first n samples of a dataset. The
-    prediction is what infer.py makes of the native image (infer.predict_image), at the native size."""
+    prediction is what infer.py makes of the file (spec.load_input + infer.predict_image), at its size."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from infer import predict_image
+    from infer import display_rgb, predict_image
 
     model.eval()
     palette = dataset.classes.palette
@@ -218,11 +338,11 @@ def plot_results(model, dataset, path, scale, n=4, device="cpu", title=None):
     fig, axes = plt.subplots(n, 4, figsize=(12, 3 * n), squeeze=False)
     for r in range(n):
         image_id, image_path, _ = dataset.pairs[r]
-        image = read_image(image_path, dataset.bands)
+        image = load_input(image_path, dataset.spec).image
         label = dataset.native_label(r)
-        pred = predict_image(model, image, scale, device=device)
+        pred = predict_image(model, image, dataset.spec.scale, device=device)
         pts = dataset.point_grid(r)
-        panels = (image[:, :, :3], index_to_colour(label, palette), index_to_colour(pts, palette),
+        panels = (display_rgb(image), index_to_colour(label, palette), index_to_colour(pts, palette),
                   index_to_colour(pred, palette))
         titles = (f"image {image_id}", "ground truth", f"points ({(pts != IGNORE_INDEX).mean():.1%} of pixels)",
                   "prediction (infer.py)")
@@ -240,56 +360,85 @@ def plot_results(model, dataset, path, scale, n=4, device="cpu", title=None):
 
 # --------------------------------------------------------------------------- training
 
+def comparable_config(config):
+    return {k: v for k, v in config.items() if k not in RESUMABLE}
+
+
+def prepare_out(cfg, out_dir):
+    """Refuse to replace another run's checkpoints; with --resume, the settings must be the same."""
+    last_path = out_dir / "last.pth"
+    if cfg.resume:
+        ck = read_checkpoint(last_path)
+        old, new = comparable_config(ck.config), comparable_config(_jsonable(dataclasses.asdict(cfg)))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+            raise ValueError(f"{last_path} was trained with other settings ({shown}); resume with the same "
+                             f"settings (only {', '.join(RESUMABLE[:4])}, ... may change) or train into a new --out")
+        if ck.train_state is None:
+            raise ValueError(f"{last_path} holds no training state to resume from")
+        return ck
+    taken = [p.name for p in (out_dir / "best_model.pth", last_path) if p.is_file()]
+    if taken and not cfg.overwrite:
+        raise ValueError(f"{out_dir} already holds another run's {' and '.join(taken)}; continue it with --resume, "
+                         f"start afresh with --overwrite (they are replaced), or choose another --out")
+    return None
+
+
+def _jsonable(config):
+    return json.loads(json.dumps(config))
+
+
 def train(cfg):
     """Train as configured; returns the history (one dict per epoch)."""
+    check_config(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     out_dir = Path(cfg.out)
+    resumed = prepare_out(cfg, out_dir)
+    train_ds, val_ds, how, spec = build_datasets(cfg, resumed.spec if resumed else None)
+    check_data(cfg, train_ds, val_ds)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_ds, val_ds, how = build_datasets(cfg)
-    native = train_ds.native_label(0).shape[0]
-    scale = cfg.size / native
     weights = class_weight_tensor(cfg, train_ds, out_dir)
-    print(f"data: {len(train_ds)} train / {len(val_ds)} val images ({how}); "
-          f"{'dense labels' if cfg.points is None else f'{cfg.points} {cfg.strategy} points per image'}"
+    budget = 'dense labels' if cfg.points is None else f'{cfg.points} {cfg.strategy} points per image'
+    print(f"data: {len(train_ds)} train / {len(val_ds)} val images ({how}); {budget}"
           f"{' redrawn every epoch (published code, comparison only)' if cfg.resample_each_epoch else ''}; "
-          f"processing {cfg.size}x{cfg.size} (scale {scale:g}); device {device}; "
-          f"encoder {'ImageNet' if cfg.pretrained else 'random init'}")
+          f"labelled {train_ds.labelled_fraction():.2%} of the training pixels; scale {spec.scale:g}; "
+          f"{spec.channels} bands, intensity {spec.intensity.kind}; device {device}; "
+          f"{cfg.arch}{' ImageNet' if cfg.pretrained and cfg.arch == 'resnet18' else ' random init'}", flush=True)
     if weights is not None:
         print("class weights (" + cfg.class_weights + "): " +
               ", ".join(f"{n} {w:.2f}" for n, w in zip(train_ds.classes.names, weights.tolist())))
 
-    model = ResNet18Segmentation(train_ds.classes.num_classes, pretrained=cfg.pretrained, decoder=cfg.decoder,
-                                 in_channels=train_ds[0]["image"].shape[0]).to(device)
+    model = build_model(cfg.arch, train_ds.classes.num_classes, spec.channels, cfg.decoder,
+                        pretrained=cfg.pretrained).to(device)
     criterion = PartialCrossEntropyLoss(cfg.gamma, weights, normalization=cfg.normalization).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.lr_gamma)
     history, start, best = [], 1, -math.inf
-
-    config = dataclasses.asdict(cfg)
-    last_path, best_path = out_dir / "last.pth", out_dir / "best_model.pth"
-    if cfg.resume:
-        ckpt = read_checkpoint(last_path)
-        if ckpt["model_args"] != {"num_classes": model.num_classes, "decoder": cfg.decoder,
-                                  "in_channels": model.in_channels}:
-            raise ValueError(f"{last_path} holds a {ckpt['model_args']} model; this run asks for another "
-                             f"(decoder {cfg.decoder}): resume with the same settings or a new --out")
-        model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"])
-        history, best = list(ckpt["history"]), ckpt["best_miou"]
-        start = ckpt["epoch"] + 1
-        print(f"resumed from {last_path} at epoch {ckpt['epoch']}")
-
     gen = torch.Generator().manual_seed(cfg.seed)
+
+    config = _jsonable(dataclasses.asdict(cfg))
+    last_path, best_path = out_dir / "last.pth", out_dir / "best_model.pth"
+    if resumed:
+        if resumed.model_args != model.model_args:
+            raise ValueError(f"{last_path} holds a {resumed.model_args} model; this run asks for "
+                             f"{model.model_args}: resume with the same settings or a new --out")
+        st = resumed.train_state
+        model.load_state_dict(resumed.state_dict)
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["rng"])
+        gen.set_state(st["loader_rng"])
+        history, best = list(st["history"]), st["best_miou"]
+        start = resumed.epoch + 1
+        print(f"resumed from {last_path} at epoch {resumed.epoch}")
+
     loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                     persistent_workers=cfg.workers > 0 and not cfg.resample_each_epoch)
+                     persistent_workers=cfg.workers > 0 and not cfg.resample_each_epoch, collate_fn=pad_collate)
     train_loader = DataLoader(train_ds, shuffle=True, drop_last=len(train_ds) > cfg.batch_size, generator=gen,
                               **loader_kw)
     val_loader = DataLoader(val_ds, shuffle=False, **loader_kw)
-    if cfg.resume and "loader_rng" in ckpt:
-        gen.set_state(ckpt["loader_rng"])
 
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.time()
@@ -310,22 +459,23 @@ def train(cfg):
               f"(train points) | val loss {va_loss:.4f} OA {va['oa']:.3f} mIoU {va['miou']:.3f} "
               f"mF1 {va['mf1']:.3f} (dense) | lr {lr:.2e} | {h['seconds']:.1f}s{' *' if improved else ''}",
               flush=True)
-        meta = dict(classes=train_ds.classes, scale=scale, config=config, bands=cfg.bands)
-        if improved:
-            best = va["miou"]
-            save_checkpoint(best_path, model, metrics={**va, "epoch": epoch}, extra={"epoch": epoch}, **meta)
-        save_checkpoint(last_path, model, metrics={**va, "epoch": epoch}, **meta, extra={
-            "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(), "loader_rng": gen.get_state(), "history": history, "best_miou": best})
+        try:
+            if improved:
+                best = va["miou"]
+                save_checkpoint(best_path, model, spec, config=config, metrics=va, epoch=epoch)
+            save_checkpoint(last_path, model, spec, config=config, metrics=va, epoch=epoch, train_state={
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                "loader_rng": gen.get_state(), "history": history, "best_miou": best})
+        except ValueError as e:  # non-finite weights: never saved
+            raise TrainingError(f"epoch {epoch}: {e}. Training diverged; lower --lr and start again") from None
 
     (out_dir / "history.json").write_text(json.dumps(history, indent=1))
     if cfg.figures and history:
-        figures = Path(cfg.figures)
-        plot_history(history, figures / "output.png")
+        plot_history(history, out_dir / "output.png")
         if best_path.is_file():
-            best_model, ck = load_checkpoint(best_path, device)
-            plot_results(best_model, val_ds, figures / "results.png", scale, device=device,
-                         title=f"best epoch {ck['metrics']['epoch']}: val mIoU {ck['metrics']['miou']:.3f}")
+            best_model, ck = load_model(best_path, device)
+            plot_results(best_model, val_ds, out_dir / "results.png", device=device,
+                         title=f"best epoch {ck.epoch}: val mIoU {ck.metrics['miou']:.3f}")
     return history
 
 
@@ -338,27 +488,33 @@ def get_args_parser():
     g.add_argument("--data", default=d.data, help="patch folder with Images/ and Labels/")
     g.add_argument("--images", help="own data: folder of images (with --labels; matching file names)")
     g.add_argument("--labels", help="own data: folder of labels")
-    g.add_argument("--split", help="split JSON {'train': [ids], 'val': [ids]} (default: the published split "
-                                   "when ids 0-2399 exist, else the last --val-fraction of ids)")
+    g.add_argument("--split", help="split JSON {'train': [ids], 'val': [ids]} (default: <data>/split.json when it "
+                                   "exists, else the published split when ids 0-2399 exist, else the last "
+                                   "--val-fraction of the sorted ids)")
     g.add_argument("--val-fraction", type=float, default=d.val_fraction)
     g.add_argument("--max-train", type=int, help="use only the first N training images (quick runs)")
     g.add_argument("--max-val", type=int, help="use only the first N validation images")
     g.add_argument("--classes", help="class file JSON (default: ISPRS Potsdam classes and colours)")
-    g.add_argument("--bands", help="image bands to use, e.g. 0,1,2,3 (default: RGB)")
+    g.add_argument("--bands", help="image bands to use, e.g. 0,1,2,3 (default: every band but alpha)")
     g = p.add_argument_group("annotation and loss")
-    g.add_argument("--points", default=str(d.points), help="points per image at native resolution, or 'dense'")
+    g.add_argument("--points", default=str(d.points),
+                   help="points per image at native resolution, a share of its pixels like 1%%, or 'dense'")
     g.add_argument("--strategy", default=d.strategy, choices=["uniform", "balanced"])
     g.add_argument("--resample-each-epoch", action="store_true",
                    help="redraw points every epoch, as the published code did (comparison only)")
     g.add_argument("--annotation-seed", type=int, default=d.annotation_seed)
     g.add_argument("--class-weights", default=d.class_weights, help="points, dense, none, or a .pt file")
     g.add_argument("--gamma", type=float, default=d.gamma, help="focal exponent (0 = cross-entropy)")
-    g.add_argument("--normalization", default=d.normalization, choices=["weighted", "points"])
+    g.add_argument("--normalization", default=d.normalization, choices=list(NORMALIZATIONS))
     g = p.add_argument_group("model and optimisation")
-    g.add_argument("--decoder", default=d.decoder, choices=["plain", "skip"], help="plain = published")
+    g.add_argument("--arch", default=d.arch, choices=list(ARCHS), help="tiny: a 3-layer stand-in for smoke runs")
+    g.add_argument("--decoder", default=d.decoder, choices=list(DECODERS), help="plain = published")
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                    help="random encoder init (offline); default: ImageNet weights through torchvision")
-    g.add_argument("--size", type=int, default=d.size, help="processing size")
+    g.add_argument("--size", type=int, default=d.size,
+                   help="processing size of the first training image's longer side (default 150: 300 -> 150)")
+    g.add_argument("--scale", type=float, default=None,
+                   help="processing pixels per image pixel, e.g. 0.5 (overrides --size; for mixed image sizes)")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--lr", type=float, default=d.lr)
@@ -371,28 +527,41 @@ def get_args_parser():
     g.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
     g.add_argument("--workers", type=int, default=d.workers)
-    g.add_argument("--out", default=d.out, help="checkpoint folder")
-    g.add_argument("--figures", default=d.figures, help="folder for output.png and results.png")
+    g.add_argument("--out", default=d.out, help="folder for checkpoints, history and figures of this run")
+    g.add_argument("--no-figures", dest="figures", action="store_false", help="no output.png / results.png")
     g.add_argument("--exclude", default="", help="classes left out of the means, e.g. clutter")
-    g.add_argument("--resume", action="store_true", help="continue from <out>/last.pth")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/last.pth (same settings)")
+    g.add_argument("--overwrite", action="store_true", help="replace the checkpoints a folder holds")
     g.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
 
 def config_from_args(args):
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    kw["points"] = None if str(args.points).lower() == "dense" else int(args.points)
-    kw["bands"] = [int(b) for b in args.bands.split(",")] if args.bands else None
+    kw["points"] = parse_points(args.points)
+    try:
+        kw["bands"] = [int(b) for b in args.bands.split(",")] if args.bands else None
+    except ValueError:
+        raise ValueError(f"--bands takes comma-separated band indices like 0,1,2,3; got {args.bands!r}") from None
     kw["exclude"] = tuple(c for c in args.exclude.split(",") if c)
     return TrainConfig(**kw)
 
 
 def main(args):
-    history = train(config_from_args(args))
+    """Returns the exit code: 0 trained, 1 training failed (diverged), 2 a user error (nothing trained)."""
+    try:
+        history = train(config_from_args(args))
+    except (ValueError, FileNotFoundError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     best = max(history, key=lambda h: h["val_miou"]) if history else None
     if best:
         print(f"best val mIoU {best['val_miou']:.3f} (OA {best['val_oa']:.3f}) at epoch {best['epoch']}")
+    return 0
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    sys.exit(main(get_args_parser().parse_args()))

@@ -9,7 +9,7 @@ import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset import PALETTE  # noqa: E402
+from spec import PALETTE  # noqa: E402
 
 
 def make_label(rng, size, undefined=0.05):

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from class_weights import compute_class_weights, load_class_weights, save_class_weights, weights_from_counts
-from dataset import CLASSES, PotsdamDataset
+from dataset import PotsdamDataset
+from spec import CLASSES, DataSpec
 
 
 def test_inverse_frequency_sums_to_num_classes():
@@ -22,7 +23,7 @@ def test_unseen_class_gets_finite_weight_and_warning():
 
 def test_points_vs_dense(patches):
     root, _ = patches
-    ds = PotsdamDataset(root, points=30, size=48)
+    ds = PotsdamDataset(root, points=30, spec=DataSpec(scale=1.0))
     wp, cp = compute_class_weights(ds, "points")
     wd, cd = compute_class_weights(ds, "dense")
     # points count only the annotated pixels; dense counts every defined pixel

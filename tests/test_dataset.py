@@ -3,8 +3,9 @@ import pytest
 import tifffile
 import torch
 
-from dataset import (IGNORE_INDEX, PALETTE, PotsdamDataset, SegmentationDataset, available_ids, folder_pairs,
-                     load_class_file, points_to_grid, read_label, sample_points)
+from dataset import (PotsdamDataset, SegmentationDataset, available_ids, folder_pairs, points_to_grid, read_label,
+                     sample_points)
+from spec import IGNORE_INDEX, PALETTE, DataSpec, load_class_file
 from tests.conftest import write_patches
 
 
@@ -45,7 +46,7 @@ def test_missing_image_and_empty_root_are_errors(tmp_path, patches):
 
 def test_sample_shapes_and_resize(patches):
     root, labels = patches
-    ds = PotsdamDataset(root, [0, 1], points=100, size=24)
+    ds = PotsdamDataset(root, [0, 1], points=100, spec=DataSpec(scale=0.5))
     s = ds[0]
     assert s["image"].shape == (3, 24, 24) and s["image"].dtype == torch.float32
     assert 0 <= s["image"].min() and s["image"].max() <= 1
@@ -56,19 +57,19 @@ def test_sample_shapes_and_resize(patches):
 
 def test_points_fixed_across_epochs_and_instances(patches):
     root, _ = patches
-    a = PotsdamDataset(root, [0, 1, 2], points=50, size=48, seed=7)
-    b = PotsdamDataset(root, [2, 1, 0], points=50, size=48, seed=7)  # another order, another instance
+    a = PotsdamDataset(root, [0, 1, 2], points=50, spec=DataSpec(scale=1.0), seed=7)
+    b = PotsdamDataset(root, [2, 1, 0], points=50, spec=DataSpec(scale=1.0), seed=7)  # another order, another instance
     first = a[1]["points"].clone()
     a.set_epoch(5)
     assert torch.equal(a[1]["points"], first)
     assert torch.equal(b[1]["points"], first)  # same image id -> same points
-    c = PotsdamDataset(root, [1], points=50, size=48, seed=8)
+    c = PotsdamDataset(root, [1], points=50, spec=DataSpec(scale=1.0), seed=8)
     assert not torch.equal(c[0]["points"], first)
 
 
 def test_resample_each_epoch_redraws(patches):
     root, _ = patches
-    ds = PotsdamDataset(root, [0], points=50, size=48, resample_each_epoch=True)
+    ds = PotsdamDataset(root, [0], points=50, spec=DataSpec(scale=1.0), resample_each_epoch=True)
     first = ds[0]["points"].clone()
     ds.set_epoch(1)
     assert not torch.equal(ds[0]["points"], first)
@@ -114,7 +115,7 @@ def test_grid_majority_and_tie():
 
 def test_labelled_fraction_grows_with_points(patches):
     root, _ = patches
-    fr = [PotsdamDataset(root, [0, 1], points=p, size=24).labelled_fraction() for p in (10, 200, None)]
+    fr = [PotsdamDataset(root, [0, 1], points=p, spec=DataSpec(scale=0.5)).labelled_fraction() for p in (10, 200, None)]
     assert 0 < fr[0] < fr[1] < fr[2] <= 1
     # 10 points can label at most 10 cells per image
     assert fr[0] <= 10 / (24 * 24)
@@ -123,8 +124,8 @@ def test_labelled_fraction_grows_with_points(patches):
 def test_augment_moves_image_points_and_label_together(patches):
     root, _ = patches
     torch.manual_seed(3)
-    plain = PotsdamDataset(root, [0], points=None, size=48)[0]
-    aug_ds = PotsdamDataset(root, [0], points=None, size=48, augment=True)
+    plain = PotsdamDataset(root, [0], points=None, spec=DataSpec(scale=1.0))[0]
+    aug_ds = PotsdamDataset(root, [0], points=None, spec=DataSpec(scale=1.0), augment=True)
     seen = set()
     for _ in range(12):
         s = aug_ds[0]
@@ -149,12 +150,12 @@ def test_index_labels_with_class_file_and_four_bands(tmp_path):
         '{"names": ["ground", "roof"], "palette": [[0,0,0],[255,0,0]], "label_format": "index", '
         '"ignore_value": 9}')
     classes = load_class_file(tmp_path / "classes.json")
-    ds = SegmentationDataset(folder_pairs(tmp_path / "img", tmp_path / "lab"), points=None, size=None,
-                             classes=classes, bands=[0, 1, 2, 3])
+    spec = DataSpec(classes=classes, bands=(0, 1, 2, 3), channels=4, scale=1.0)
+    ds = SegmentationDataset(folder_pairs(tmp_path / "img", tmp_path / "lab"), spec, points=None)
     s = ds[0]
     assert s["image"].shape == (4, 16, 16)
     assert s["label"][0, 0] == IGNORE_INDEX and s["label"][15, 15] == 1
     lab[1, 1] = 5  # not a class and not the ignore value
     tifffile.imwrite(tmp_path / "lab" / "a.tif", lab)
     with pytest.raises(ValueError, match=r"a\.tif.*\[5\]"):
-        SegmentationDataset(folder_pairs(tmp_path / "img", tmp_path / "lab"), classes=classes)[0]
+        SegmentationDataset(folder_pairs(tmp_path / "img", tmp_path / "lab"), spec)[0]

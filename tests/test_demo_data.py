@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import tifffile
 
-from dataset import CLASSES, IGNORE_INDEX, PotsdamDataset, read_image, read_label
+from dataset import PotsdamDataset, read_label
+from raster import read_raster
+from spec import CLASSES, IGNORE_INDEX, DataSpec
+
+
+def read_image(path):
+    return read_raster(path).array
 from demo_data import MARKER, TARGET_SHARES, draw_scene, get_args_parser, main, make_demo_data, measure_shares
 
 
@@ -22,7 +28,7 @@ def test_files_read_back_in_the_patch_layout(tmp_path):
         assert set(np.unique(lab)) <= set(range(len(CLASSES))) | {IGNORE_INDEX}
         with tifffile.TiffFile(label) as tif:
             assert tif.pages[0].compression == 5  # LZW
-    ds = PotsdamDataset(root, points=50, size=None)
+    ds = PotsdamDataset(root, points=50, spec=DataSpec(scale=1.0))
     assert len(ds) == 8
     sample = ds[0]
     assert sample["image"].shape == (3, 300, 300) and sample["label"].shape == (300, 300)

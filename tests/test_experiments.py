@@ -7,7 +7,7 @@ import pytest
 
 import experiments as E
 from conftest import write_patches
-from dataset import CLASSES
+from spec import CLASSES
 
 SETTINGS = dict(E.PRESETS["demo"], data="nowhere/patches", n_train=None, n_val=None)
 
@@ -152,7 +152,7 @@ def test_report_tables_and_closing_note(tmp_path):
 # --------------------------------------------------------------------------- one tiny real run
 
 def test_one_real_run_end_to_end(tmp_path):
-    write_patches(tmp_path / "patches", n=6, size=(32, 32))
+    write_patches(tmp_path / "patches", n=6, size=(150, 150))
     settings = dict(SETTINGS, data=str(tmp_path / "patches"), size=32, epochs=1, batch_size=4)
     plan = E.plan_runs(settings, {1}, seeds=1)[:1]
     csv_path = tmp_path / "results" / "experiments.csv"

@@ -14,10 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import dataset
 import infer
-from model import ResNet18Segmentation, save_checkpoint
+from checkpoint import save_checkpoint
+from model import ResNet18Segmentation
 from raster import resize
+from spec import ClassSpec, DataSpec, grid_size
 
 ROOT = Path(__file__).resolve().parents[1]
 GEOTAGS = [(33550, "d", 3, (0.05, 0.05, 0.0), True),
@@ -68,7 +69,7 @@ class LocalModel(nn.Module):
 def ckpt_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "model.pth"
     torch.manual_seed(0)
-    save_checkpoint(path, ResNet18Segmentation(decoder="plain"), classes=dataset.POTSDAM, scale=0.5)
+    save_checkpoint(path, ResNet18Segmentation(decoder="plain"), DataSpec(scale=0.5))
     return path
 
 
@@ -128,7 +129,7 @@ def test_tiled_probabilities_equal_the_whole_image_for_a_pixelwise_model(scale, 
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
     assert whole.shape == (6,) + size
     # and the whole-image result is softmax(model(resized)) upsampled bilinearly
-    h, w = infer.model_size(*size, scale)
+    h, w = grid_size(*size, scale)
     x = torch.from_numpy(resize(image, (h, w)).copy()).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
         ref = F.interpolate(torch.softmax(model(x), 1), size=size, mode="bilinear", align_corners=False)[0]
@@ -203,9 +204,9 @@ def test_every_input_kind_gets_a_mask_of_its_size(ckpt_path, tmp_path, capsys):
 
 def test_colour_mask_uses_the_checkpoint_palette(ckpt_path, tmp_path):
     palette = ((10, 20, 30), (40, 50, 60), (70, 80, 90), (1, 2, 3), (4, 5, 6), (7, 8, 9))
-    classes = dataset.ClassSpec(names=tuple("abcdef"), palette=palette)
+    classes = ClassSpec(names=tuple("abcdef"), palette=palette)
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "own.pth", ResNet18Segmentation(), classes=classes, scale=1.0)
+    save_checkpoint(tmp_path / "own.pth", ResNet18Segmentation(), DataSpec(classes=classes, scale=1.0))
     Image.fromarray(smooth_image(32, 40)).save(tmp_path / "a.png")
     assert run(tmp_path / "own.pth", tmp_path / "a.png", tmp_path / "out") == 0
     with Image.open(tmp_path / "out" / "a_mask.png") as im:
@@ -312,7 +313,7 @@ def test_bands_flag_and_checkpoint_bands(ckpt_path, tmp_path):
     assert run(ckpt_path, tmp_path / "last3.tif", tmp_path / "b") == 0
     np.testing.assert_array_equal(mask_of(tmp_path / "a" / "six_mask.png"), mask_of(tmp_path / "b" / "last3_mask.png"))
     torch.manual_seed(0)  # the same weights as ckpt_path, trained (it says) on bands 3, 4, 5
-    save_checkpoint(tmp_path / "b345.pth", ResNet18Segmentation(), classes=dataset.POTSDAM, scale=0.5, bands=[3, 4, 5])
+    save_checkpoint(tmp_path / "b345.pth", ResNet18Segmentation(), DataSpec(scale=0.5, bands=(3, 4, 5)))
     assert run(tmp_path / "b345.pth", tmp_path / "six.tif", tmp_path / "c") == 0
     np.testing.assert_array_equal(mask_of(tmp_path / "c" / "six_mask.png"), mask_of(tmp_path / "a" / "six_mask.png"))
 

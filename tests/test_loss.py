@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dataset import IGNORE_INDEX
+from spec import IGNORE_INDEX
 from partial_ce_loss import PartialCrossEntropyLoss, partial_cross_entropy
 
 

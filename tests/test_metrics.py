@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dataset import IGNORE_INDEX
+from spec import IGNORE_INDEX
 from metrics import ConfusionMatrix
 
 

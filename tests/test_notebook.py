@@ -13,9 +13,9 @@ def test_notebook_runs_headless_on_tiny_data(tmp_path):
     pm.execute_notebook(
         str(REPO / "train.ipynb"), str(out_nb), cwd=str(REPO), progress_bar=False, kernel_name="python3",
         parameters=dict(DATA=str(tmp_path / "patches"), EPOCHS=1, POINTS=50, PRETRAINED=False, SIZE=32,
-                        BATCH_SIZE=4, OUT=str(tmp_path / "ck"), FIGURES=str(tmp_path / "fig")))
+                        ARCH="tiny", BATCH_SIZE=4, OUT=str(tmp_path / "ck")))
     assert (tmp_path / "ck" / "best_model.pth").is_file()
-    assert (tmp_path / "fig" / "output.png").is_file() and (tmp_path / "fig" / "results.png").is_file()
+    assert (tmp_path / "ck" / "output.png").is_file() and (tmp_path / "ck" / "results.png").is_file()
     text = out_nb.read_text()
     assert "best epoch 1: val OA" in text
     assert "image/png" in text  # the figures are shown in the notebook

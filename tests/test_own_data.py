@@ -7,7 +7,7 @@ import tifffile
 from PIL import Image
 
 import infer
-from model import read_checkpoint
+from checkpoint import read_checkpoint
 from train import TrainConfig, train
 
 
@@ -30,12 +30,12 @@ def test_index_labels_four_bands_train_and_infer(tmp_path):
 
     history = train(TrainConfig(data=None, images=str(tmp_path / "images"), labels=str(tmp_path / "labels"),
                                 classes=str(tmp_path / "classes.json"), bands=[0, 1, 2, 3], points=50, size=32,
-                                epochs=1, batch_size=2, pretrained=False, out=str(tmp_path / "ck"), figures=None,
+                                epochs=1, batch_size=2, arch="tiny", out=str(tmp_path / "ck"), figures=False,
                                 progress=False, exclude=("hedge",)))
     assert set(history[0]["val_iou"]) == {"soil", "crop", "hedge"}
     ck = read_checkpoint(tmp_path / "ck" / "best_model.pth")
-    assert ck["model_args"]["in_channels"] == 4 and ck["bands"] == [0, 1, 2, 3]
-    assert ck["classes"]["names"] == ["soil", "crop", "hedge"] and ck["scale"] == 32 / 40
+    assert ck.model_args["in_channels"] == 4 and ck.spec.bands == (0, 1, 2, 3)
+    assert ck.spec.classes.names == ("soil", "crop", "hedge") and ck.spec.scale == 32 / 40
 
     out = tmp_path / "masks"
     code = infer.main(infer.get_args_parser().parse_args(

@@ -10,7 +10,9 @@ import tifffile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prepare_potsdam  # noqa: E402
-from dataset import IGNORE_INDEX, PALETTE, load_split, patch_pairs, read_image, read_label  # noqa: E402
+from dataset import load_split, patch_pairs, read_label  # noqa: E402
+from raster import read_raster  # noqa: E402
+from spec import IGNORE_INDEX, PALETTE  # noqa: E402
 
 H, W, SIZE = 650, 600, 300  # rows 0, 300, 350 (last shifted to the border) x cols 0, 300 -> 6 patches
 
@@ -67,7 +69,7 @@ def test_patches_cover_tile_and_read_back(tmp_path, raw):
     assert [i for i in ids if i.startswith("2_10_")] == [f"2_10_{k:04d}" for k in range(6)]
     # the last row is shifted to end at the border: patch 4 (third row, first column) is the bottom-left corner
     image = tifffile.imread(raw / "2_Ortho_RGB" / "top_potsdam_2_10_RGB.tif")
-    np.testing.assert_array_equal(read_image(out / "Images" / "Image_2_10_0004.tif"), image[H - SIZE:, :SIZE])
+    np.testing.assert_array_equal(read_raster(out / "Images" / "Image_2_10_0004.tif").array, image[H - SIZE:, :SIZE])
     with tifffile.TiffFile(out / "Labels" / "Label_2_10_0005.tif") as f:
         assert f.pages[0].compression == tifffile.COMPRESSION.LZW
     full = tifffile.imread(raw / "5_Labels_all" / "top_potsdam_2_10_label.tif")

@@ -5,14 +5,20 @@ import pytest
 import tifffile
 from PIL import Image
 
-from raster import (RasterError, atomic_path, palette_image, read_geotags, read_model_image, read_raster,
-                    select_bands, to_uint8, write_index_tiff)
+from raster import RasterError, atomic_path, palette_image, read_raster, select_bands, to_uint8, write_index_tiff
+from spec import DataSpec, load_input
 
 GEOTAGS = [(33550, "d", 3, (0.05, 0.05, 0.0), True),
            (33922, "d", 6, (0.0, 0.0, 0.0, 368000.0, 5808000.0, 0.0), True),
            (34735, "H", 16, (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 25833), True),
            (34736, "d", 2, (6378137.0, 298.257222101), True),
            (34737, "s", 0, "ETRS89 / UTM zone 33N|", True)]
+
+
+def read_model_image(path):
+    """A file as a 3-band 8-bit model (the default contract) sees it: (pixels, raster, notes)."""
+    inp = load_input(path, DataSpec())
+    return inp.image, inp.raster, inp.notes
 
 
 @pytest.fixture
@@ -117,7 +123,7 @@ def test_geotags_round_trip(tmp_path, rgb):
     r = read_raster(tmp_path / "geo.tif")
     assert r.is_georeferenced and set(r.geotags) == {t[0] for t in GEOTAGS}
     write_index_tiff(tmp_path / "mask.tif", rgb[:, :, 0] % 6, [(9, 9, 9)] * 6, r.geotags)
-    back = read_geotags(tmp_path / "mask.tif")
+    back = read_raster(tmp_path / "mask.tif").geotags
     for code, _, _, value, _ in GEOTAGS:
         assert back[code][2] == value, code
     with tifffile.TiffFile(tmp_path / "mask.tif") as tif:
