@@ -1,5 +1,6 @@
 # make demo: venv + synthetic demo data + notebook training (headless) + inference on the demo scenes.
 # make test: the test suite.
+# make realdata: a small real labelled set (SpaceNet Atlanta buildings, 0.5 m) in realdata/atlanta.
 PYTHON ?= python3
 PY := .venv/bin/python
 
@@ -8,7 +9,7 @@ DEMO_EPOCHS ?= 6
 DEMO_TRAIN ?= 320
 DEMO_VAL ?= 80
 
-.PHONY: demo demo-data train-demo infer-demo experiments test clean-demo
+.PHONY: demo demo-data train-demo infer-demo experiments realdata test clean-demo
 
 .venv/.installed: requirements.txt
 	$(PYTHON) -m venv .venv
@@ -31,6 +32,9 @@ demo: train-demo infer-demo
 
 experiments: demo-data  # about an hour on 2 CPU cores; resumes where it stopped
 	$(PY) experiments.py --preset demo
+
+realdata: .venv/.installed  # downloads the solaris 0.4.0 wheel once (17.8 MB); a finished set is not redone
+	$(PY) prepare_realdata.py
 
 test: .venv/.installed
 	$(PY) -m pytest -q
