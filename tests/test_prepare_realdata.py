@@ -12,7 +12,7 @@ import tifffile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prepare_realdata as pr  # noqa: E402
-from raster import read_geotags  # noqa: E402
+from raster import read_raster  # noqa: E402
 
 H = W = 60
 PATCH = 20  # -> 3x3 grid
@@ -82,12 +82,12 @@ def test_patches_keep_values_ids_and_georeferencing(source, tmp_path):
             assert img.dtype == np.uint16 and np.array_equal(img, image[win])
             lab = tifffile.imread(out / "labels" / f"{i}.tif")
             assert lab.dtype == np.uint8 and np.array_equal(lab, mask[win])  # 0/255 as in the source
-            tags = read_geotags(out / "images" / f"{i}.tif")
+            tags = read_raster(out / "images" / f"{i}.tif").geotags
             tie = tags[33922][2]
             assert tie == pytest.approx((0, 0, 0, ORIGIN[0] + c * PATCH * PIXEL, ORIGIN[1] - r * PATCH * PIXEL, 0))
             assert tags[33550][2] == pytest.approx((PIXEL, PIXEL, 0.0))
             assert tuple(tags[34735][2]) == GEOKEYS
-            assert read_geotags(out / "labels" / f"{i}.tif")[33922][2] == pytest.approx(tie)
+            assert read_raster(out / "labels" / f"{i}.tif").geotags[33922][2] == pytest.approx(tie)
     assert set(np.unique(tifffile.imread(out / "labels" / "r0_c0.tif"))) == {0, 255}
 
 
