@@ -9,7 +9,7 @@ DEMO_EPOCHS ?= 6
 DEMO_TRAIN ?= 320
 DEMO_VAL ?= 80
 
-.PHONY: demo demo-data train-demo infer-demo experiments realdata test clean-demo
+.PHONY: demo demo-data train-demo infer-demo readme-figures experiments realdata test clean-demo
 
 .venv/.installed: requirements.txt
 	$(PYTHON) -m venv .venv
@@ -23,6 +23,9 @@ train-demo: demo-data
 	$(PY) -m papermill train.ipynb checkpoints/train_demo.ipynb --log-output --progress-bar \
 		-p DATA demo_data/patches -p EPOCHS $(DEMO_EPOCHS) -p PRETRAINED False \
 		-p MAX_TRAIN $(DEMO_TRAIN) -p MAX_VAL $(DEMO_VAL)
+
+readme-figures:  # the README's figures from the last demo run (training never writes into images/)
+	cp checkpoints/output.png checkpoints/results.png images/
 
 infer-demo: .venv/.installed
 	$(PY) -c "import shutil, pathlib; [shutil.copy(p, 'input_images') for p in sorted(pathlib.Path('demo_data/scenes').glob('*.tif')) if not (pathlib.Path('input_images') / p.name).exists()]"
@@ -40,4 +43,5 @@ test: .venv/.installed
 	$(PY) -m pytest -q
 
 clean-demo:
-	rm -rf demo_data checkpoints/*.pth checkpoints/*.pt checkpoints/train_demo.ipynb output_images/*_mask.*
+	rm -rf demo_data checkpoints/*.pth checkpoints/*.pt checkpoints/*.png checkpoints/history.json \
+		checkpoints/train_demo.ipynb output_images/*_mask.*

@@ -38,9 +38,8 @@ class ConfusionMatrix:
         tp = m.diag()
         fp, fn = m.sum(0) - tp, m.sum(1) - tp
         total = m.sum()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            iou = (tp / (tp + fp + fn)).numpy()
-            f1 = (2 * tp / (2 * tp + fp + fn)).numpy()
+        iou = (tp / (tp + fp + fn)).numpy()  # torch division: 0/0 is NaN without a warning
+        f1 = (2 * tp / (2 * tp + fp + fn)).numpy()
         unknown = set(exclude) - set(self.names)
         if unknown:
             raise ValueError(f"cannot exclude {sorted(unknown)}: classes are {self.names}")

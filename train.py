@@ -7,7 +7,8 @@ Per epoch: one log line (loss, OA and mIoU on the training points, val loss on t
 on the dense val labels, lr, seconds). Keeps `<out>/best_model.pth` (best val mIoU) and `<out>/last.pth`
 (with optimizer state, for --resume), `<out>/history.json`, and draws `<out>/output.png` (curves) and
 `<out>/results.png` (image | ground truth | points | prediction). A run never replaces another run's
-checkpoints: a folder that holds some needs --resume (same settings) or --overwrite.
+checkpoints: a folder that holds some needs --resume (same settings) or --overwrite; only a rerun with
+exactly the same settings replaces them by itself.
 """
 
 import argparse
@@ -232,10 +233,11 @@ def check_data(cfg, train_ds, val_ds):
     missing = [names[c] for c in np.flatnonzero(seen == 0)]
     if missing:
         hint = ""
-        if undefined > total / 2:
-            hint = (f" {100 * undefined / total:.0f} % of the training label pixels are undefined (the ignore "
-                    f"value): a 0/255 mask read with ignore_value 255 loses its foreground; map it with "
-                    f'"value_map": {{"0": 0, "255": 1}} in the class file.')
+        spec = train_ds.classes
+        if undefined and spec.label_format == "index" and spec.ignore_value is not None:
+            hint = (f" {100 * undefined / total:.1f} % of the training label pixels hold the ignore value "
+                    f"{spec.ignore_value}: if that value is a class (a 0/255 mask), map it with "
+                    f'"value_map": {{"0": 0, "{spec.ignore_value}": 1}} in the class file.')
         raise ValueError(f"classes {missing} have no labelled point in the {len(train_ds)} training images "
                          f"(points {cfg.points}); the model could never learn them. Fix the labels or the class "
                          f"file, or drop those classes from it.{hint}")
@@ -282,9 +284,9 @@ def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progr
             loss = criterion(logits, y)
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise TrainingError(f"{desc}: the loss is {value} (batch {batch['id'][:4]}...). Training diverged "
-                                    f"(learning rate too high? now {optimizer.param_groups[0]['lr'] if train else '-'})"
-                                    f"; nothing was saved from this epoch. Lower --lr and start again")
+                raise TrainingError(f"{desc}: the loss is {value} (images {batch['id'][:4]}): training diverged, "
+                                    f"the learning rate is probably too high; nothing was saved from this epoch. "
+                                    f"Lower --lr and start again")
             if train:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -379,10 +381,22 @@ def prepare_out(cfg, out_dir):
             raise ValueError(f"{last_path} holds no training state to resume from")
         return ck
     taken = [p.name for p in (out_dir / "best_model.pth", last_path) if p.is_file()]
+    if taken and not cfg.overwrite and _same_run(cfg, last_path):
+        print(f"{out_dir} holds the checkpoints of a run with the same settings: they are replaced by this rerun")
+        return None
     if taken and not cfg.overwrite:
         raise ValueError(f"{out_dir} already holds another run's {' and '.join(taken)}; continue it with --resume, "
                          f"start afresh with --overwrite (they are replaced), or choose another --out")
     return None
+
+
+def _same_run(cfg, last_path):
+    """True when last_path was written by a run with exactly these settings (a rerun loses nothing)."""
+    try:
+        old = read_checkpoint(last_path).config
+    except (FileNotFoundError, CheckpointError):
+        return False
+    return comparable_config(old) == comparable_config(_jsonable(dataclasses.asdict(cfg)))
 
 
 def _jsonable(config):

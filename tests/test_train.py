@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -85,3 +87,116 @@ def test_cli_maps_to_config():
     assert cfg.epochs == 3 and cfg.pretrained is False and cfg.bands == [0, 1, 2, 3]
     assert cfg.exclude == ("clutter",)
     assert config_from_args(get_args_parser().parse_args([])).points == 20000
+
+
+# --------------------------------------------------------------------------- the data path and its checks
+
+def test_split_json_in_the_data_folder_is_the_default(data, tmp_path, capsys):
+    (data / "split.json").write_text(json.dumps({"train": [0, 1, 2, 3], "val": [7]}))
+    train(cfg_for(data, tmp_path, epochs=1, train_ids=None, val_ids=None))
+    assert f"split file {data / 'split.json'}" in capsys.readouterr().out
+    ck = read_checkpoint(tmp_path / "ck" / "last.pth")
+    assert ck.config["split"] is None  # the default, resolved at run time
+    (data / "split.json").write_text(json.dumps({"train": [0, 1, 2, 7], "val": [7]}))
+    with pytest.raises(ValueError, match=r"in both train and val \(\['7'\]"):
+        train(cfg_for(data, tmp_path, epochs=1, train_ids=None, val_ids=None, out=str(tmp_path / "other")))
+
+
+def test_mixed_image_sizes_train_with_padding(tmp_path):
+    write_patches(tmp_path / "p", n=4, size=(48, 48))
+    write_patches(tmp_path / "q", n=4, size=(40, 64), seed=1)
+    for k in range(4):  # ids 4..7 are 40x64
+        for kind, name in (("Images", "Image"), ("Labels", "Label")):
+            (tmp_path / "q" / kind / f"{name}_{k}.tif").rename(tmp_path / "p" / kind / f"{name}_{k + 4}.tif")
+    history = train(cfg_for(tmp_path / "p", tmp_path, scale=0.5, train_ids=[0, 1, 4, 5], val_ids=[2, 6]))
+    assert len(history) == 2 and 0 <= history[-1]["val_miou"] <= 1
+
+
+def test_a_new_run_never_replaces_another_runs_checkpoints(data, tmp_path):
+    train(cfg_for(data, tmp_path, epochs=1))
+    before = (tmp_path / "ck" / "best_model.pth").read_bytes()
+    with pytest.raises(ValueError, match="--resume.*--overwrite"):
+        train(cfg_for(data, tmp_path, epochs=1, lr=5e-3))
+    assert (tmp_path / "ck" / "best_model.pth").read_bytes() == before
+    train(cfg_for(data, tmp_path, epochs=1, lr=5e-3, overwrite=True))
+    assert (tmp_path / "ck" / "best_model.pth").read_bytes() != before
+
+
+def test_resume_with_changed_settings_names_them(data, tmp_path):
+    train(cfg_for(data, tmp_path, epochs=1))
+    with pytest.raises(ValueError, match=r"points: 100 -> 50.*lr: 0\.001 -> 0\.01|lr: 0\.001 -> 0\.01.*points"):
+        train(cfg_for(data, tmp_path, epochs=2, points=50, lr=1e-2, resume=True))
+
+
+def test_diverging_training_stops_and_saves_no_model(data, tmp_path):
+    from train import TrainingError
+    with pytest.raises(TrainingError, match="Lower --lr"):
+        train(cfg_for(data, tmp_path, epochs=3, lr=1e12, points=None, gamma=0.0))
+    for name in ("best_model.pth", "last.pth"):
+        path = tmp_path / "ck" / name
+        assert not path.exists() or torch.isfinite(torch.cat([v.float().flatten() for v in read_checkpoint(
+            path).state_dict.values()])).all()
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(epochs=0), "epochs must be >= 1"), (dict(epochs=-2), "epochs must be >= 1"),
+    (dict(max_train=0), "max-train must be >= 1"), (dict(max_val=-1), "max-val must be >= 1"),
+    (dict(val_fraction=-0.5), "val fraction"), (dict(batch_size=0), "batch size"),
+    (dict(step_size=0), "step size"), (dict(points=100_000), "only 2304 pixels"),
+    (dict(exclude=("trees",)), "unknown classes"), (dict(device="cuda:0"), "no CUDA"),
+])
+def test_bad_settings_fail_before_anything_is_written(data, tmp_path, change, match, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=match):
+        train(cfg_for(data, tmp_path, **change))
+    assert not (tmp_path / "ck").exists()
+
+
+def test_validation_without_labelled_pixels_is_an_error(tmp_path):
+    labels = write_patches(tmp_path / "p", n=4, size=(48, 48))
+    import tifffile
+    tifffile.imwrite(tmp_path / "p" / "Labels" / "Label_3.tif", np.zeros((48, 48, 3), np.uint8))  # all undefined
+    with pytest.raises(ValueError, match="no labelled pixel"):
+        train(cfg_for(tmp_path / "p", tmp_path, train_ids=[0, 1, 2], val_ids=[3]))
+    assert labels
+
+
+def test_a_class_without_any_training_point_is_an_error(tmp_path):
+    import tifffile
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lab").mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8:20, 8:20] = 255  # the buildings
+        tifffile.imwrite(tmp_path / "img" / f"a{k}.tif", rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+        tifffile.imwrite(tmp_path / "lab" / f"a{k}.tif", mask)
+    # the README's old advice: 0/255 masks with ignore_value 255 silently lose every building
+    (tmp_path / "c.json").write_text('{"names": ["ground", "building"], "palette": [[9, 9, 9], [255, 0, 0]], '
+                                     '"label_format": "index", "ignore_value": 255}')
+    cfg = dict(data=None, images=str(tmp_path / "img"), labels=str(tmp_path / "lab"), classes=str(tmp_path / "c.json"),
+               train_ids=["a0", "a1"], val_ids=["a2"], points=None)
+    with pytest.raises(ValueError, match=r"\['building'\] have no labelled point.*value_map"):
+        train(cfg_for(None, tmp_path, **cfg))
+    (tmp_path / "c.json").write_text('{"names": ["ground", "building"], "label_format": "index", '
+                                     '"value_map": {"0": 0, "255": 1}}')
+    history = train(cfg_for(None, tmp_path, **cfg))
+    assert history[-1]["val_iou"]["building"] >= 0
+
+
+def test_cli_user_errors_print_one_line_and_exit_2(data, tmp_path, capsys):
+    from train import main
+    base = ["--data", str(data), "--out", str(tmp_path / "ck"), "--no-progress", "--arch", "tiny", "--size", "32"]
+    for extra, match in ((["--points", "abc"], "points must be"), (["--batch-size", "0"], "batch size"),
+                         (["--epochs", "0"], "epochs"), (["--bands", "x"], "--bands"),
+                         (["--data", str(tmp_path / "nowhere")], "nowhere")):
+        with pytest.raises(SystemExit) as e:
+            raise SystemExit(main(get_args_parser().parse_args(base + extra)))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and match in err and "Traceback" not in err
+
+
+def test_a_rerun_with_the_same_settings_may_replace_its_own_checkpoints(data, tmp_path):
+    first = train(cfg_for(data, tmp_path, epochs=1))
+    again = train(cfg_for(data, tmp_path, epochs=1))  # e.g. make demo twice
+    assert [h["val_miou"] for h in first] == [h["val_miou"] for h in again]
