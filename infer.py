@@ -7,7 +7,10 @@ class colours, the pixel values are the class indices), with `--index` also `<na
 (grayscale, value = class index), with `--overlay` `<name>_mask.overlay.jpg` (image and colours blended),
 and for a georeferenced TIFF `<name>_mask.tif` with the same GeoTIFF tags, so a GIS lays it on the input.
 Every mask has exactly the input's height and width. Files named `*_mask.*` are this tool's outputs and
-never taken as inputs; nothing is written over an input, also with --output equal to --input.
+never taken as inputs (listed as skipped); nothing is written over an input, also with --output equal to
+--input; two inputs never share an output name (a.png, a.tif -> a_png, a_tif). A rerun replaces the masks
+of the same inputs; --skip-existing skips inputs whose `<name>_mask.png` (written last) exists. Nodata
+pixels get no class (255, black). All arguments and the output folder are checked before any work.
 
 How an image is predicted (`predict_image`): it is resized by the checkpoint's scale (processing size /
 native size, e.g. 300 -> 150 = 0.5) so objects have the size the model learned; the resized image is cut
@@ -24,6 +27,7 @@ import dataclasses
 import fnmatch
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,9 +267,12 @@ def list_inputs(input):
         files = sorted(p for p in input.iterdir() if p.is_file() and not p.name.startswith("."))
     else:
         raise FileNotFoundError(f"input {input} not found: pass --input FOLDER (or one image file)")
-    files = [p for p in files if not fnmatch.fnmatch(p.name.lower(), OUTPUT_PATTERN)]
+    outputs = [p for p in files if fnmatch.fnmatch(p.name.lower(), OUTPUT_PATTERN)]
+    files = [p for p in files if p not in outputs]
     images = [p for p in files if is_image_file(p)]
     skipped = [(p, f"not an image ({'/'.join(IMAGE_SUFFIXES)})") for p in files if not is_image_file(p)]
+    skipped += [(p, f"named like this tool's outputs ({OUTPUT_PATTERN}); rename it to segment it")
+                for p in outputs if is_image_file(p)]
     if not images:
         raise FileNotFoundError(f"no images in {input} (looked for {', '.join(IMAGE_SUFFIXES)}"
                                 f"{f'; {len(skipped)} other files' if skipped else ''})")
@@ -273,11 +280,24 @@ def list_inputs(input):
 
 
 def output_stems(images):
-    """Output name stem per input: its stem, or stem_ext when two inputs share a stem (a.png, a.tif)."""
+    """A distinct output name stem per input: its stem; stem_ext when inputs share a stem (a.png, a.tif ->
+    a_png, a_tif); then _2, _3, ... for what still collides (x.png, x.PNG; a_png.jpg beside a.png). Names
+    are compared case-insensitively, as on macOS and Windows file systems."""
+    def key(name):
+        return name.casefold()
     counts = {}
     for p in images:
-        counts[p.stem] = counts.get(p.stem, 0) + 1
-    return {p: p.stem if counts[p.stem] == 1 else f"{p.stem}_{p.suffix[1:].lower()}" for p in images}
+        counts[key(p.stem)] = counts.get(key(p.stem), 0) + 1
+    wanted = {p: p.stem if counts[key(p.stem)] == 1 else f"{p.stem}_{p.suffix[1:].lower()}" for p in images}
+    taken, stems = set(), {}
+    for p in sorted(images, key=lambda q: (wanted[q] != q.stem, q.name)):  # plain stems keep their name
+        stem, k = wanted[p], 1
+        while key(stem) in taken:
+            k += 1
+            stem = f"{wanted[p]}_{k}"
+        taken.add(key(stem))
+        stems[p] = stem
+    return stems
 
 
 def run_spec(ckpt, scale=None, bands=None):
@@ -290,6 +310,11 @@ def run_spec(ckpt, scale=None, bands=None):
     return spec
 
 
+def mask_path(output, stem):
+    """The colour mask of an input: written last, so its presence means every output of that input is done."""
+    return Path(output) / f"{stem}_mask.png"
+
+
 def segment_file(path, output, model, ckpt, *, stem=None, scale=None, bands=None, bit_depth=None, index=False,
                  overlay_preview=False, protect=(), log=print, **predict_kwargs):
     """Segment one file into `output`. Returns the paths written. Raises RasterError for a bad file.
@@ -297,14 +322,15 @@ def segment_file(path, output, model, ckpt, *, stem=None, scale=None, bands=None
     Nodata pixels (GeoTIFF GDAL_NODATA, NaN) get no class: IGNORE_INDEX (black in the colour mask)."""
     spec = run_spec(ckpt, scale, bands)
     path, output = Path(path), Path(output)
+    stem = stem or path.stem
     inp = load_input(path, spec, bit_depth=bit_depth)
     for note in inp.notes:
         log(f"{path}: {note}")
     pred = predict_image(model, inp.image, spec.scale, desc=path.name, **predict_kwargs)
     if inp.valid is not None:
         pred[~inp.valid] = IGNORE_INDEX
-    stem, palette = stem or path.stem, spec.classes.palette
-    writers = {output / f"{stem}_mask.png": lambda t: write_png(t, palette_image(pred, palette))}
+    palette = spec.classes.palette
+    writers = {}
     if index:
         writers[output / f"{stem}_mask.index.png"] = lambda t: write_png(t, pred)
     if overlay_preview:
@@ -315,6 +341,7 @@ def segment_file(path, output, model, ckpt, *, stem=None, scale=None, bands=None
         if inp.valid is not None:
             tags[GDAL_NODATA] = (2, len(str(IGNORE_INDEX)) + 1, str(IGNORE_INDEX))  # ASCII, as GDAL writes it
         writers[output / f"{stem}_mask.tif"] = lambda t: write_index_tiff(t, pred, palette, tags)
+    writers[mask_path(output, stem)] = lambda t: write_png(t, palette_image(pred, palette))  # last: "done"
     protected = {Path(p).resolve() for p in protect} | {path.resolve()}
     for target in writers:
         if target.resolve() in protected:
@@ -325,9 +352,11 @@ def segment_file(path, output, model, ckpt, *, stem=None, scale=None, bands=None
     return list(writers)
 
 
-def segment_folder(input, output, model, ckpt, *, progress=True, log=None, **kwargs):
-    """Segment every image of `input` (a folder or a file) into `output`; go on past bad files.
-    Keyword arguments as segment_file and predict_image. Returns a Summary (bad files in .failed)."""
+def segment_folder(input, output, model, ckpt, *, progress=True, log=None, skip_existing=False, **kwargs):
+    """Segment every image of `input` (a folder or a file) into `output`; go on past bad files. Existing
+    masks are replaced, unless `skip_existing`: then an input whose `<stem>_mask.png` exists is skipped
+    (an interrupted folder run continues where it stopped). Keyword arguments as segment_file and
+    predict_image. Returns a Summary (bad files in .failed)."""
     t0 = time.time()
     images, skipped = list_inputs(input)
     log = log or tqdm.write
@@ -336,6 +365,9 @@ def segment_folder(input, output, model, ckpt, *, progress=True, log=None, **kwa
         log(f"skipped {p}: {why}")
     stems = output_stems(images)
     for p in tqdm(images, desc="images", unit="image", disable=not progress):
+        if skip_existing and mask_path(output, stems[p]).is_file():
+            summary.skipped.append((p, f"{mask_path(output, stems[p])} exists (--skip-existing)"))
+            continue
         try:
             summary.written += segment_file(p, output, model, ckpt, stem=stems[p], protect=images, log=log,
                                             progress=progress, **kwargs)
@@ -382,19 +414,55 @@ def get_args_parser():
     p.add_argument("--bit-depth", type=int, default=None,
                    help="bit depth b of >8-bit images, scaled from [0, 2^b-1] to [0, 255] (default: per image, "
                         "the smallest of 8..16 bits that holds its largest value)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip inputs whose <name>_mask.png exists (continue an interrupted folder run); by "
+                        "default a rerun replaces the masks of the same inputs")
     p.add_argument("--index", action="store_true", help="also write <name>_mask.index.png (class indices)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_mask.overlay.jpg (a preview)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
 
+def check_args(args):
+    """Every argument checked before any work (ValueError naming the flag)."""
+    if args.scale is not None and not (math.isfinite(args.scale) and 0 < args.scale <= 16):
+        raise ValueError(f"--scale must be in (0, 16], got {args.scale}")
+    if args.tile < 32:
+        raise ValueError(f"--tile must be >= 32 model pixels, got {args.tile}")
+    if not 0 <= args.overlap < args.tile:
+        raise ValueError(f"--overlap must be in [0, --tile), got {args.overlap} with --tile {args.tile}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.bit_depth is not None and not 8 <= args.bit_depth <= 32:
+        raise ValueError(f"--bit-depth must be in 8..32, got {args.bit_depth}")
+    if args.bands is not None and min(args.bands) < 0:
+        raise ValueError(f"--bands are 0-based indices >= 0, got {args.bands}")
+
+
+def check_output(output):
+    """The output folder exists (or is created) and takes files: checked before any image is predicted."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file, not a folder; pass a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--output {output} is not writable ({e.strerror or e}); choose another folder") from None
+
+
 def main(args):
     """Returns the exit code: 0 all done, 1 some files failed, 2 nothing could start."""
     try:
+        check_args(args)
         images, _ = list_inputs(args.input)
         device = resolve_device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu or auto")
         model, ckpt = load_model(args.checkpoint, device)
         spec = run_spec(ckpt, args.scale, args.bands)
+        check_output(args.output)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -405,7 +473,7 @@ def main(args):
     summary = segment_folder(args.input, args.output, model, ckpt, scale=scale, bands=args.bands,
                              bit_depth=args.bit_depth, index=args.index, overlay_preview=args.overlay,
                              tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, tta=args.tta,
-                             device=device, progress=args.progress)
+                             device=device, progress=args.progress, skip_existing=args.skip_existing)
     print(summary.line() + f" -> {args.output}")
     for p, msg in summary.failed:
         print(f"failed: {msg}", file=sys.stderr)

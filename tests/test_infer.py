@@ -331,3 +331,103 @@ def test_help_explains_every_flag(capsys):
     defaults = parser.parse_args([])
     assert (defaults.checkpoint, defaults.input, defaults.output, defaults.device) == \
         ("checkpoints/best_model.pth", "input_images", "output_images", "auto")
+
+
+# --------------------------------------------------------------------------- what a careless user still breaks
+
+def test_output_names_never_collide(ckpt_path, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = ["a.png", "a.tif", "a_png.jpg", "x.png", "x.PNG", "solo.png"]
+    for k, name in enumerate(names):
+        image = smooth_image(20 + k, 24, seed=k)
+        if name.endswith(".tif"):
+            tifffile.imwrite(folder / name, image, photometric="rgb")
+        else:
+            Image.fromarray(image).save(folder / name, format="JPEG" if name.endswith("jpg") else "PNG")
+    assert run(ckpt_path, folder, tmp_path / "out") == 0
+    masks = sorted(tmp_path.joinpath("out").glob("*_mask.png"))
+    assert len(masks) == len(names) and len({m.name.casefold() for m in masks}) == len(names)
+    assert (tmp_path / "out" / "solo_mask.png").is_file()  # a name nobody shares keeps its stem
+    heights = sorted(np.asarray(Image.open(m)).shape[0] for m in masks)
+    assert heights == [20 + k for k in range(len(names))]  # one mask per input, none overwritten
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--scale", "0"], "--scale"), (["--scale", "-1"], "--scale"), (["--tile", "16"], "--tile"),
+    (["--batch-size", "0"], "--batch-size"), (["--overlap", "512"], "--overlap"), (["--bit-depth", "3"], "--bit-depth"),
+])
+def test_bad_arguments_stop_before_any_work(ckpt_path, tmp_path, capsys, extra, match):
+    Image.fromarray(smooth_image(40, 40)).save(tmp_path / "a.png")
+    assert run(ckpt_path, tmp_path / "a.png", tmp_path / "out", *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_is_found_before_any_prediction(ckpt_path, tmp_path, capsys, monkeypatch):
+    Image.fromarray(smooth_image(40, 40)).save(tmp_path / "a.png")
+    (tmp_path / "file").write_text("in the way")
+    called = []
+    monkeypatch.setattr(infer, "predict_image", lambda *a, **k: called.append(1))
+    assert run(ckpt_path, tmp_path / "a.png", tmp_path / "file") == 2
+    assert "is a file" in capsys.readouterr().err and not called
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda ck: ck["spec"]["classes"].update(names=["a", "b"], palette=[[1, 1, 1], [2, 2, 2]]), "6 outputs"),
+    (lambda ck: ck["spec"].update(scale=0.0), "scale"),
+    (lambda ck: ck.pop("spec"), "malformed"),
+])
+def test_bad_checkpoint_header_exits_2_with_a_message(tmp_path, capsys, change, match):
+    ck = save_checkpoint(tmp_path / "m.pth", ResNet18Segmentation(decoder="plain"), DataSpec())
+    change(ck)
+    torch.save(ck, tmp_path / "bad.pth")
+    Image.fromarray(smooth_image(40, 40)).save(tmp_path / "a.png")
+    assert run(tmp_path / "bad.pth", tmp_path / "a.png", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bad.pth" in err and match in err and "Traceback" not in err
+
+
+def test_own_images_named_like_outputs_are_listed_as_skipped(ckpt_path, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(smooth_image(30, 30)).save(tmp_path / "in" / "road_mask.png")
+    Image.fromarray(smooth_image(30, 30)).save(tmp_path / "in" / "road.png")
+    assert run(ckpt_path, tmp_path / "in", tmp_path / "out") == 0
+    out = capsys.readouterr()
+    assert "road_mask.png" in out.out + out.err and "rename it" in out.out + out.err
+    assert "1 images done, 1 skipped" in out.out
+
+
+def test_skip_existing_continues_an_interrupted_run(ckpt_path, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(smooth_image(30, 30)).save(tmp_path / "in" / f"{name}.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a_mask.png").write_bytes(b"left by an earlier run")
+    assert run(ckpt_path, tmp_path / "in", tmp_path / "out", "--skip-existing") == 0
+    assert (tmp_path / "out" / "a_mask.png").read_bytes() == b"left by an earlier run"
+    assert "2 images done, 1 skipped" in capsys.readouterr().out
+    assert run(ckpt_path, tmp_path / "in", tmp_path / "out") == 0  # the default replaces
+    assert (tmp_path / "out" / "a_mask.png").read_bytes() != b"left by an earlier run"
+
+
+def test_nodata_gets_no_class_and_the_tag_is_carried(ckpt_path, tmp_path):
+    (tmp_path / "in").mkdir()
+    image = smooth_image(40, 36)
+    image[:10] = 0
+    tifffile.imwrite(tmp_path / "in" / "geo.tif", image, photometric="rgb",
+                     extratags=GEOTAGS + [(42113, "s", 0, "0", True)])
+    assert run(ckpt_path, tmp_path / "in", tmp_path / "out") == 0
+    with tifffile.TiffFile(tmp_path / "out" / "geo_mask.tif") as tif:
+        mask = tif.pages.first.asarray()
+        assert tif.pages.first.tags[42113].value.strip("\x00") == "255"
+    assert (mask[:10] == 255).all() and (mask[10:] < 6).all()
+    with Image.open(tmp_path / "out" / "geo_mask.png") as im:
+        assert (np.asarray(im.convert("RGB"))[:10] == 0).all()  # black: undefined
+
+
+def test_single_band_overlay_is_gray_not_false_colour(ckpt_path, tmp_path):
+    gray = smooth_image(30, 30)[:, :, 0]
+    assert infer.display_rgb(gray[:, :, None]).shape == (30, 30, 3)
+    np.testing.assert_array_equal(infer.display_rgb(gray[:, :, None])[:, :, 2], gray)
