@@ -1,10 +1,16 @@
-"""Inverse-frequency class weights, from the point labels (default) or the dense labels (published choice).
+"""Class weights from the point labels (default) or the dense labels (published choice).
 
-    python class_weights.py --data demo_data/patches --points 20000 --source points --out class_weights.pt
+    python class_weights.py --data demo_data/patches --points 20000 --source points --scheme inverse
 
-w_c = (1 / f_c), normalised so the weights sum to the number of classes, with f_c the share of class c among
-the labelled pixels at processing resolution. Points are what an annotator actually has; dense labels are
-what the published description used (information a point-supervised user does not have).
+With f_c the share of class c among the labelled pixels at processing resolution, the schemes are
+- `inverse` (published): w_c = 1 / f_c;
+- `sqrt`: w_c = 1 / sqrt(f_c), the milder square-root inverse frequency;
+- `median`: w_c = median(f) / f_c, median-frequency balancing (Eigen & Fergus, 2015);
+- `effective`: w_c = (1 - b) / (1 - b^n_c), the effective number of samples (Cui et al., CVPR 2019), with n_c
+  the class's labelled pixel count and b = 1 - 1 / max(n);
+- `capped`: inverse frequency with the ratio of the largest to the smallest weight capped at MAX_RATIO.
+Each is normalised so the weights sum to the number of classes. Points are what an annotator actually has;
+dense labels are what the published description used (information a point-supervised user does not have).
 """
 
 import argparse
@@ -18,6 +24,8 @@ from dataset import PotsdamDataset, available_ids, parse_points
 from spec import IGNORE_INDEX, NATIVE_SIZE, POTSDAM, DataSpec
 
 SOURCES = ("points", "dense")
+SCHEMES = ("inverse", "sqrt", "median", "effective", "capped")
+MAX_RATIO = 10.0  # the `capped` scheme's largest / smallest weight
 
 
 def count_classes(dataset, source="points"):
@@ -32,15 +40,28 @@ def count_classes(dataset, source="points"):
     return counts
 
 
-def weights_from_counts(counts, names=POTSDAM.names):
-    """Inverse-frequency weights summing to C. A class never seen gets the largest weight of the seen ones
-    (finite) and a warning: the loss never meets it anyway, but the weights stay usable."""
+def weights_from_counts(counts, names=POTSDAM.names, scheme="inverse"):
+    """Class weights by `scheme` (see the module docstring), summing to C. A class never seen gets the
+    largest weight of the seen ones (finite) and a warning: the loss never meets it, the weights stay usable."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown class weighting {scheme!r}; use one of {SCHEMES}")
     counts = np.asarray(counts, dtype=np.float64)
     if counts.sum() == 0:
         raise ValueError("no labelled pixel at all: cannot compute class weights")
     seen = counts > 0
     inv = np.zeros_like(counts)
-    inv[seen] = counts.sum() / counts[seen]
+    f = counts[seen] / counts.sum()
+    if scheme in ("inverse", "capped"):
+        inv[seen] = 1 / f
+        if scheme == "capped":
+            inv[seen] = np.minimum(inv[seen], inv[seen].min() * MAX_RATIO)
+    elif scheme == "sqrt":
+        inv[seen] = 1 / np.sqrt(f)
+    elif scheme == "median":
+        inv[seen] = np.median(f) / f
+    else:  # effective number of samples
+        beta = 1 - 1 / counts.max()
+        inv[seen] = (1 - beta) / (1 - beta ** counts[seen])
     if not seen.all():
         missing = [names[i] for i in np.flatnonzero(~seen)]
         warnings.warn(f"classes never seen in the labels: {missing}; they get the largest weight of the others")
@@ -49,13 +70,13 @@ def weights_from_counts(counts, names=POTSDAM.names):
     return torch.tensor(w, dtype=torch.float32)
 
 
-def compute_class_weights(dataset, source="points"):
+def compute_class_weights(dataset, source="points", scheme="inverse"):
     counts = count_classes(dataset, source)
-    return weights_from_counts(counts, dataset.classes.names), counts
+    return weights_from_counts(counts, dataset.classes.names, scheme), counts
 
 
-def save_class_weights(path, weights, counts, source, names):
-    torch.save({"weights": weights, "counts": torch.as_tensor(counts), "source": source,
+def save_class_weights(path, weights, counts, source, names, scheme="inverse"):
+    torch.save({"weights": weights, "counts": torch.as_tensor(counts), "source": source, "scheme": scheme,
                 "classes": list(names)}, path)
 
 
@@ -75,6 +96,7 @@ def get_args_parser():
     p.add_argument("--data", default="demo_data/patches")
     p.add_argument("--points", default="20000", help="points per image, a share like 1%%, or 'dense'")
     p.add_argument("--source", default="points", choices=SOURCES)
+    p.add_argument("--scheme", default="inverse", choices=SCHEMES)
     p.add_argument("--size", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="class_weights.pt")
@@ -84,8 +106,8 @@ def get_args_parser():
 def main(args):
     ds = PotsdamDataset(args.data, available_ids(args.data), spec=DataSpec(scale=args.size / NATIVE_SIZE),
                         seed=args.seed, points=parse_points(args.points))
-    w, counts = compute_class_weights(ds, args.source)
-    save_class_weights(args.out, w, counts, args.source, ds.classes.names)
+    w, counts = compute_class_weights(ds, args.source, args.scheme)
+    save_class_weights(args.out, w, counts, args.source, ds.classes.names, args.scheme)
     for name, c, wi in zip(ds.classes.names, counts, w.tolist()):
         print(f"{name:20s} {c / counts.sum():7.2%}  weight {wi:.3f}")
     print(f"saved to {args.out}")

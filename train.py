@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
-from class_weights import compute_class_weights, load_class_weights, save_class_weights
+from class_weights import SCHEMES, compute_class_weights, load_class_weights, save_class_weights
 from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids, folder_pairs,
                      index_to_colour, load_split, pad_collate, parse_points, patch_pairs)
 from metrics import ConfusionMatrix
@@ -61,6 +61,7 @@ class TrainConfig:
     annotation_seed: int = 0
     # loss
     class_weights: str = "points"  # "points", "dense", "none" or a path to class_weights.pt
+    class_weighting: str = "inverse"  # how counts become weights: class_weights.SCHEMES
     gamma: float = 2.0
     normalization: str = "weighted"
     # model
@@ -125,6 +126,7 @@ def check_config(cfg):
         need(v is None or v >= 1, f"{name.replace('_', '-')} must be >= 1 (leave it out for all), got {v}")
     need(cfg.workers >= 0, f"workers must be >= 0, got {cfg.workers}")
     need(cfg.strategy in ("uniform", "balanced"), f"unknown point strategy {cfg.strategy!r}")
+    need(cfg.class_weighting in SCHEMES, f"unknown class weighting {cfg.class_weighting!r}; use one of {SCHEMES}")
     need(cfg.normalization in NORMALIZATIONS, f"normalization must be one of {NORMALIZATIONS}")
     need(cfg.arch in ARCHS, f"unknown arch {cfg.arch!r}; use one of {ARCHS}")
     need(cfg.decoder in DECODERS, f"unknown decoder {cfg.decoder!r}; use one of {DECODERS}")
@@ -256,8 +258,9 @@ def class_weight_tensor(cfg, train_ds, out_dir):
     if cfg.class_weights == "none":
         return None
     if cfg.class_weights in ("points", "dense"):
-        w, counts = compute_class_weights(train_ds, cfg.class_weights)
-        save_class_weights(out_dir / "class_weights.pt", w, counts, cfg.class_weights, train_ds.classes.names)
+        w, counts = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting)
+        save_class_weights(out_dir / "class_weights.pt", w, counts, cfg.class_weights, train_ds.classes.names,
+                           cfg.class_weighting)
         return w
     return load_class_weights(cfg.class_weights, train_ds.classes.names)
 
@@ -421,7 +424,7 @@ def train(cfg):
           f"{spec.channels} bands, intensity {spec.intensity.kind}; device {device}; "
           f"{cfg.arch}{' ImageNet' if cfg.pretrained and cfg.arch == 'resnet18' else ' random init'}", flush=True)
     if weights is not None:
-        print("class weights (" + cfg.class_weights + "): " +
+        print(f"class weights ({cfg.class_weights}, {cfg.class_weighting}): " +
               ", ".join(f"{n} {w:.2f}" for n, w in zip(train_ds.classes.names, weights.tolist())))
 
     model = build_model(cfg.arch, train_ds.classes.num_classes, spec.channels, cfg.decoder,
@@ -518,6 +521,8 @@ def get_args_parser():
                    help="redraw points every epoch, as the published code did (comparison only)")
     g.add_argument("--annotation-seed", type=int, default=d.annotation_seed)
     g.add_argument("--class-weights", default=d.class_weights, help="points, dense, none, or a .pt file")
+    g.add_argument("--class-weighting", default=d.class_weighting, choices=list(SCHEMES),
+                   help="how class counts become weights (see class_weights.py); inverse = published")
     g.add_argument("--gamma", type=float, default=d.gamma, help="focal exponent (0 = cross-entropy)")
     g.add_argument("--normalization", default=d.normalization, choices=list(NORMALIZATIONS))
     g = p.add_argument_group("model and optimisation")

@@ -38,3 +38,20 @@ def test_save_load_round_trip_and_class_check(tmp_path):
     assert torch.equal(load_class_weights(tmp_path / "w.pt"), w)
     with pytest.raises(ValueError, match="classes"):
         load_class_weights(tmp_path / "w.pt", names=("x", "y"))
+
+
+def test_schemes_order_and_tame_the_rare_class():
+    counts = [9600, 300, 100]  # 96 / 3 / 1 %
+    w = {s: weights_from_counts(counts, names=("a", "b", "c"), scheme=s) for s in
+         ("inverse", "sqrt", "median", "effective", "capped")}
+    for s, v in w.items():
+        assert v.sum().item() == pytest.approx(3), s
+        assert v[0] < v[1] <= v[2], s  # rarer, heavier (capped: b and c both hit the cap)
+    ratio = {s: (v[2] / v[0]).item() for s, v in w.items()}
+    assert ratio["inverse"] == pytest.approx(96)
+    assert ratio["sqrt"] == pytest.approx(96 ** 0.5)
+    assert ratio["capped"] == pytest.approx(10)
+    assert (w["median"][1] / w["median"][0]).item() == pytest.approx(32)  # median / f: same ratios as inverse
+    assert ratio["sqrt"] < ratio["inverse"] and ratio["effective"] < ratio["inverse"]
+    with pytest.raises(ValueError, match="unknown class weighting"):
+        weights_from_counts(counts, names=("a", "b", "c"), scheme="focal")
