@@ -40,12 +40,14 @@ Choices, stated once:
 import argparse
 import csv
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -175,13 +177,36 @@ NUMERIC = ["points", "gamma", "size", "epochs", "n_train", "n_val", "seed", "ann
            "oa", "miou", "mf1", *IOU_FIELDS, "best_miou", "best_epoch", "seconds"]
 
 
+@contextmanager
+def locked(path, shared=False):
+    """Hold an flock on the file `path` (created when missing) for the with-block: exclusive for writers,
+    shared for readers. The kernel drops it when the process dies, so a killed writer leaves no lock behind.
+    Where the lock file cannot be created (a read-only results folder) a reader goes on without it."""
+    try:
+        f = open(path, "a")
+    except OSError:
+        if not shared:
+            raise
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+
+
+def csv_lock(path):
+    """The lock file next to the csv, `<csv>.lock`, held by every append (and read) of the csv."""
+    return Path(path).with_name(Path(path).name + ".lock")
+
+
 def read_rows(path):
     """The finished runs in the csv, numbers as floats ('dense' points as None). A damaged line (a run killed
     while writing) is reported and left out, so that run is done again."""
     path = Path(path)
     if not path.is_file():
         return []
-    text = path.read_text()
+    with locked(csv_lock(path), shared=True):  # never half of a row that is being appended
+        text = path.read_text()
     if text and not text.endswith("\n"):  # append_row ends every row with a newline in the same write
         print(f"warning: the last line of {path} is incomplete and is ignored (that run will be done again)")
         text = text[: text.rfind("\n") + 1]
@@ -201,24 +226,27 @@ def read_rows(path):
 
 
 def append_row(path, row):
-    """Append one row (header first in a new file) with one write, flushed to disk. Every row ends with a
-    newline, so a file that does not ends in a row cut short by a kill; that fragment is dropped first."""
+    """Append one row (header first in a new file) with one write, flushed to disk, under an exclusive lock on
+    `<csv>.lock`: runs that finish together in several processes write one after the other, so no row is torn
+    or lost and the header is written once. Every row ends with a newline, so a file that does not ends in a
+    row cut short by a kill; that fragment is dropped first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, FIELDS, lineterminator="\n")
-    if path.is_file():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):  # a row cut short by a kill: drop it (read_rows ignores it too)
-            with open(path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
-    if not path.is_file() or path.stat().st_size == 0:
-        writer.writeheader()
-    writer.writerow({k: row.get(k, "") for k in FIELDS})
-    with open(path, "a", newline="") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
+    with locked(csv_lock(path)):
+        if path.is_file():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):  # a row cut short by a kill: drop it (read_rows ignores it too)
+                with open(path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+        if not path.is_file() or path.stat().st_size == 0:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in FIELDS})
+        with open(path, "a", newline="") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def make_row(planned, settings, preset, result, seconds, device):

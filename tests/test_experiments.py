@@ -1,6 +1,7 @@
 """experiments.py: run keys, resume, aggregation and the report, on fake runs (one tiny real run at the end)."""
 
 import math
+import multiprocessing
 from dataclasses import replace
 
 import pytest
@@ -162,3 +163,31 @@ def test_one_real_run_end_to_end(tmp_path):
     assert 0 <= row["miou"] <= 1 and 0 <= row["oa"] <= 1 and 0 < row["labelled_fraction"] <= 1
     out = tmp_path / "results" / "runs" / plan[0].key
     assert (out / "history.json").is_file() and not list(out.glob("*.pth"))  # checkpoints removed
+
+
+# --------------------------------------------------------------------------- the csv under concurrent writers
+
+def _append_many(csv_path, writer, n, start):
+    """One writer of test_concurrent_appends_keep_every_row: wait for the other, then append n rows."""
+    start.wait()
+    for i in range(n):
+        E.append_row(csv_path, {"key": f"w{writer}-{i}", "run": "x" * 100})
+
+
+def test_concurrent_appends_keep_every_row(tmp_path):
+    """Two processes append 50 rows each to one csv at once. Without the lock about half the rounds lose a row
+    or write the header twice, so twenty rounds (a fresh csv each) catch it almost always."""
+    ctx = multiprocessing.get_context("fork")  # a forked child starts in milliseconds (spawn re-imports torch)
+    for round in range(20):
+        csv_path = tmp_path / f"experiments{round}.csv"
+        start = ctx.Barrier(2)
+        procs = [ctx.Process(target=_append_many, args=(csv_path, w, 50, start)) for w in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert [p.exitcode for p in procs] == [0, 0]
+        text = csv_path.read_text()
+        assert text.count("key,config_key,") == 1 and len(text.splitlines()) == 101
+        keys = [r["key"] for r in E.read_rows(csv_path)]
+        assert sorted(keys) == sorted(f"w{w}-{i}" for w in range(2) for i in range(50))
