@@ -47,6 +47,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -200,8 +201,9 @@ def csv_lock(path):
 
 
 def read_rows(path):
-    """The finished runs in the csv, numbers as floats ('dense' points as None). A damaged line (a run killed
-    while writing) is reported and left out, so that run is done again."""
+    """The finished runs in the csv, numbers as floats ('dense' points as None), one row per key. A damaged line
+    (a run killed while writing) is reported and left out, so that run is done again. A key that is there twice
+    (two processes ran it before runs were claimed) is reported and counted once: its first row is kept."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -222,7 +224,20 @@ def read_rows(path):
         for k in NUMERIC:
             row[k] = None if row[k] in ("", "dense") else float(row[k])
         rows.append(row)
-    return rows
+    unique = first_per_key(rows)
+    if len(unique) < len(rows):
+        twice = [k for k, n in Counter(r["key"] for r in rows).items() if n > 1]
+        print(f"warning: {path} holds the keys {', '.join(twice)} more than once; each is counted once (its "
+              f"first row)")
+    return unique
+
+
+def first_per_key(rows):
+    """Each key's first row, in order: a run counts once however many rows it has."""
+    first = {}
+    for r in rows:
+        first.setdefault(r["key"], r)
+    return list(first.values())
 
 
 def append_row(path, row):
@@ -362,7 +377,8 @@ def aggregate(values):
 
 
 def rows_for(rows, ckey):
-    return [r for r in rows if r["config_key"] == ckey]
+    """The rows of one configuration, each run (key) once."""
+    return first_per_key([r for r in rows if r["config_key"] == ckey])
 
 
 def summarize(rows, ckey, fields=("oa", "miou", "mf1", "labelled_fraction", "seconds", *IOU_FIELDS)):

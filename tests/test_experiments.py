@@ -113,6 +113,20 @@ def test_a_csv_with_other_columns_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------- aggregation and report
 
+def test_a_key_is_counted_once(tmp_path, capsys):
+    """Two processes that both ran one key (before claims) left two rows; the report counts it once."""
+    csv_path = tmp_path / "experiments.csv"
+    rows = [fake_row(E.BASELINE, 0, 0.5), fake_row(E.BASELINE, 0, 0.9), fake_row(E.BASELINE, 1, 0.7)]
+    for r in rows:
+        E.append_row(csv_path, r)
+    read = E.read_rows(csv_path)
+    assert [(r["seed"], r["miou"]) for r in read] == [(0, 0.5), (1, 0.7)]  # the first row of a key is kept
+    assert "more than once" in capsys.readouterr().out
+    ckey = rows[0]["config_key"]
+    assert E.summarize(rows, ckey)["miou"] == (pytest.approx(0.6), pytest.approx(math.sqrt(0.02)), 2)
+    assert E.paired_difference(rows, ckey, ckey)[2] == 2
+
+
 def test_aggregate_known_answers():
     mean, std, n = E.aggregate([0.5, 0.7, 0.9])
     assert (mean, std, n) == (pytest.approx(0.7), pytest.approx(0.2), 3)  # sample std, ddof 1
