@@ -32,9 +32,14 @@ Choices, stated once:
   settings: 150x150, 100 epochs, the 2,100/300 split, ImageNet encoder). Timed with the synthetic patches
   standing in for Potsdam, one potsdam-preset epoch took about 12 s on an H200, so a 100-epoch run is about
   20 minutes and all 42 runs about 14 hours: use --only and --seeds to spend less.
-- A run's key is `<config hash>-s<seed>`; the hash covers the experiment settings (the Run fields and the
-  preset settings below, after command-line overrides), not the device. A run whose key is already in the
-  csv is not run again, so a killed preset resumes where it stopped. One csv row is appended per finished run.
+- A run's key is `<config key>-s<seed>`. The config key hashes the whole TrainConfig the run trains with
+  (dataclasses.asdict, defaults included) less NOT_IN_KEY (where and how a run goes: out, figures, progress,
+  device, workers, resume, overwrite) and the seed fields, plus the data folder's identity (the names and sizes
+  of its image and label files, and the split file). A changed TrainConfig default or changed data therefore
+  makes new keys, and those runs are done again. Rows of keys this version no longer makes (other defaults,
+  other data, or the older key scheme that hashed only the Run fields and the preset settings) stay in the
+  csv; the tables just do not match them. A run whose key is already in the csv is not run again, so a killed
+  preset resumes where it stopped. One csv row is appended per finished run.
 """
 
 import argparse
@@ -140,14 +145,92 @@ PRESETS = {
 DEMO_DATA = dict(out="demo_data", patches=2400, scenes=3, scene_size=1200, seed=0)  # what `make demo-data` writes
 
 
-def config_key(run, settings):
-    """Stable hash of one configuration (all seeds): the Run fields and the preset settings."""
-    blob = json.dumps({"run": dataclasses.asdict(run), "settings": settings}, sort_keys=True)
+# --------------------------------------------------------------------------- run keys
+
+# TrainConfig fields that say where and how a run goes, not what it computes: left out of the key. (Any other
+# field is in it, so a changed TrainConfig default, e.g. normalisation or augmentation, makes new keys.)
+NOT_IN_KEY = ("out", "figures", "progress", "device", "workers", "resume", "overwrite")
+SEED_FIELDS = ("seed", "annotation_seed")  # both set from the run's seed, which the key carries as -s<seed>
+
+
+def data_identity(settings):
+    """What the data folder holds, as a hash: the sorted relative names and sizes of the files under its
+    Images/ and Labels/, plus the split file's bytes when the settings name one. Stat only: milliseconds for
+    the 2,400 Potsdam patches."""
+    root = Path(settings["data"])
+    h = hashlib.sha1()
+    for sub in ("Images", "Labels"):
+        if not (root / sub).is_dir():
+            raise FileNotFoundError(f"no {sub}/ folder in {root}: expected {root}/Images/Image_<id>.tif and "
+                                    f"{root}/Labels/Label_<id>.tif (make demo-data builds a synthetic set)")
+        files = sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in (root / sub).rglob("*")
+                       if p.is_file())
+        h.update("".join(f"{name} {size}\n" for name, size in files).encode())
+    if settings["split"]:
+        split = Path(settings["split"])
+        if not split.is_file():
+            raise FileNotFoundError(f"split file {split} not found")
+        h.update(b"split\n" + split.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def subset_ids(settings):
+    """(train ids, val ids) for the preset: evenly spaced picks from the split's parts, or (None, None) to let
+    train.py use the whole split."""
+    if settings["n_train"] is None and settings["n_val"] is None:
+        return None, None
+    from train import TrainConfig, resolve_split
+    tr, va, _ = resolve_split(TrainConfig(data=settings["data"], split=settings["split"]))
+
+    def pick(pairs, n):
+        ids = [p[0] for p in pairs]
+        if n is None or n >= len(ids):
+            return ids
+        return [ids[i * len(ids) // n] for i in range(n)]
+    return pick(tr, settings["n_train"]), pick(va, settings["n_val"])
+
+
+def make_config(run, settings, seed, ids):
+    """The TrainConfig of one run; execute() fills in the NOT_IN_KEY fields (out, device, resume)."""
+    from train import TrainConfig
+    train_ids, val_ids = ids
+    return TrainConfig(
+        data=settings["data"], split=settings["split"] if train_ids is None else None,
+        train_ids=train_ids, val_ids=val_ids, points=run.points, strategy=run.strategy,
+        resample_each_epoch=run.resample_each_epoch, annotation_seed=seed, class_weights=run.class_weights,
+        gamma=run.gamma, decoder=run.decoder, pretrained=settings["pretrained"], size=settings["size"],
+        epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
+        step_size=settings["step_size"], lr_gamma=settings["lr_gamma"], seed=seed,
+        figures=None, exclude=tuple(settings["exclude"]), progress=False)
+
+
+def config_hash(cfg, data_id):
+    """Hash of a TrainConfig (all of dataclasses.asdict but NOT_IN_KEY and SEED_FIELDS) and the data identity."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY + SEED_FIELDS}
+    blob = json.dumps({"config": fields, "data": data_id}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
-def run_key(run, settings, seed):
-    return f"{config_key(run, settings)}-s{seed}"
+class Keys:
+    """Run keys for one set of settings on one data folder. A run's key is `<config key>-s<seed>`; the config
+    key (all seeds) is config_hash of the TrainConfig that make_config builds. The folder is read once, by
+    Keys.read: the subset ids and the data identity."""
+
+    def __init__(self, settings, ids, data_id):
+        self.settings, self.ids, self.data_id = settings, ids, data_id
+
+    @classmethod
+    def read(cls, settings):
+        return cls(settings, subset_ids(settings), data_identity(settings))
+
+    def config(self, run, seed):
+        return make_config(run, self.settings, seed, self.ids)
+
+    def config_key(self, run):
+        return config_hash(self.config(run, 0), self.data_id)
+
+    def run_key(self, run, seed):
+        return f"{self.config_key(run)}-s{seed}"
 
 
 @dataclass(frozen=True)
@@ -156,14 +239,15 @@ class PlannedRun:
     config_key: str
     run: Run
     seed: int
+    config: object  # train.TrainConfig, as hashed into the key
 
 
-def plan_runs(settings, experiments=None, seeds=3):
+def plan_runs(keys, experiments=None, seeds=3):
     """The distinct runs the chosen experiments need, seed-major (every configuration gets its first seed
     before any gets its second), each configuration once however many experiments show it."""
     chosen = [e for e in EXPERIMENTS if experiments is None or e.number in experiments]
     configs = list(dict.fromkeys(run for e in chosen for _, run in e.rows))
-    return [PlannedRun(run_key(r, settings, s), config_key(r, settings), r, s) for s in range(seeds)
+    return [PlannedRun(keys.run_key(r, s), keys.config_key(r), r, s, keys.config(r, s)) for s in range(seeds)
             for r in configs]
 
 
@@ -287,35 +371,6 @@ def make_row(planned, settings, preset, result, seconds, device):
 
 # --------------------------------------------------------------------------- running
 
-def subset_ids(settings):
-    """(train ids, val ids) for the preset: evenly spaced picks from the split's parts, or (None, None) to let
-    train.py use the whole split."""
-    if settings["n_train"] is None and settings["n_val"] is None:
-        return None, None
-    from train import TrainConfig, resolve_split
-    tr, va, _ = resolve_split(TrainConfig(data=settings["data"], split=settings["split"]))
-
-    def pick(pairs, n):
-        ids = [p[0] for p in pairs]
-        if n is None or n >= len(ids):
-            return ids
-        return [ids[i * len(ids) // n] for i in range(n)]
-    return pick(tr, settings["n_train"]), pick(va, settings["n_val"])
-
-
-def make_config(run, settings, seed, ids, device, out):
-    from train import TrainConfig
-    train_ids, val_ids = ids
-    return TrainConfig(
-        data=settings["data"], split=settings["split"] if train_ids is None else None,
-        train_ids=train_ids, val_ids=val_ids, points=run.points, strategy=run.strategy,
-        resample_each_epoch=run.resample_each_epoch, annotation_seed=seed, class_weights=run.class_weights,
-        gamma=run.gamma, decoder=run.decoder, pretrained=settings["pretrained"], size=settings["size"],
-        epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
-        step_size=settings["step_size"], lr_gamma=settings["lr_gamma"], seed=seed, device=device,
-        out=str(out), figures=None, exclude=tuple(settings["exclude"]), progress=False)
-
-
 def train_and_measure(cfg):
     """The real runner: the labelled fraction of the training annotation at processing resolution, then
     train.train(cfg). Returns the history, the fraction and the split sizes."""
@@ -346,13 +401,12 @@ def execute(plan, settings, preset, csv_path, runner=train_and_measure, device="
     print(f"{len(plan)} runs planned, {len(plan) - len(todo)} already in {csv_path}, {len(todo)} to do", flush=True)
     if not todo:
         return []
-    ids = subset_ids(settings)
     dev = device_name(device)
     ran = []
     for i, p in enumerate(todo, 1):
         out = Path(runs_dir) / p.key
         print(f"\n[{i}/{len(todo)}] {p.key} {p.run.name} seed {p.seed}", flush=True)
-        cfg = make_config(p.run, settings, p.seed, ids, device, out)
+        cfg = replace(p.config, out=str(out), device=device)
         t0 = time.time()
         result = runner(cfg)
         seconds = time.time() - t0
@@ -402,9 +456,9 @@ def paired_difference(rows, ckey_a, ckey_b, field="miou"):
     return aggregate([a[s] - b[s] for s in sorted(set(a) & set(b))])
 
 
-def closing_numbers(rows, settings):
+def closing_numbers(rows, keys):
     """The three numbers of the closing note, from the baseline, no-weights, budget and dense runs."""
-    key = lambda run: config_key(run, settings)
+    key = keys.config_key
     base, dense = summarize(rows, key(BASELINE))["miou"], summarize(rows, key(replace(BASELINE, points=None)))["miou"]
     out = {"baseline": base, "dense": dense, "ratio": base[0] / dense[0] if base[2] and dense[2] else float("nan"),
            "weights_effect": paired_difference(rows, key(BASELINE), key(replace(BASELINE, class_weights="none"))),
@@ -422,27 +476,27 @@ def closing_numbers(rows, settings):
 
 # --------------------------------------------------------------------------- report
 
-def experiment_table(rows, exp, settings):
+def experiment_table(rows, exp, keys):
     lines = ["| run | points / image | labelled pixels % | OA % | mIoU % | mean F1 % | seeds | s / run |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, run in exp.rows:
-        s = summarize(rows, config_key(run, settings))
+        s = summarize(rows, keys.config_key(run))
         pts = "dense" if run.points is None else f"{run.points:,}"
         lines.append(f"| {label} | {pts} | {fmt(s['labelled_fraction'], digits=2)} | {fmt(s['oa'])} | "
                      f"{fmt(s['miou'])} | {fmt(s['mf1'])} | {s['miou'][2]} | {fmt(s['seconds'], False, 0)} |")
     return "\n".join(lines)
 
 
-def per_class_table(rows, exp, settings):
+def per_class_table(rows, exp, keys):
     lines = ["| run | " + " | ".join(CLASSES) + " |", "|---|" + "---:|" * len(CLASSES)]
     for label, run in exp.rows:
-        s = summarize(rows, config_key(run, settings))
+        s = summarize(rows, keys.config_key(run))
         lines.append(f"| {label} | " + " | ".join(fmt(s[f]) for f in IOU_FIELDS) + " |")
     return "\n".join(lines)
 
 
-def closing_note(rows, settings):
-    c = closing_numbers(rows, settings)
+def closing_note(rows, keys):
+    c = closing_numbers(rows, keys)
     lines = []
     if c["baseline"][2] and c["dense"][2]:
         lines.append(f"- 20,000 fixed points reach **{100 * c['ratio']:.1f} %** of the dense ceiling's mIoU "
@@ -466,20 +520,21 @@ def closing_note(rows, settings):
     return "\n".join(lines)
 
 
-def write_report(rows, settings, preset, path, figures_dir):
+def write_report(rows, keys, preset, path, figures_dir):
     """results/experiments.md: the settings, one table per experiment, the closing note; plus the figures."""
-    path = Path(path)
-    n_rows = sum(1 for r in rows if r["settings"] == json.dumps(settings, sort_keys=True))
+    path, settings = Path(path), keys.settings
+    ckeys = {keys.config_key(run) for e in EXPERIMENTS for _, run in e.rows}
+    ours = first_per_key([r for r in rows if r["config_key"] in ckeys])
     synthetic = preset == "demo" or "demo_data" in str(settings["data"])
-    devices = sorted({r["device"] for r in rows if r["settings"] == json.dumps(settings, sort_keys=True)})
-    total = sum(r["seconds"] for r in rows if r["settings"] == json.dumps(settings, sort_keys=True))
+    devices = sorted({r["device"] for r in ours})
+    total = sum(r["seconds"] for r in ours)
     head = [f"# Experiments: preset `{preset}`", ""]
     if synthetic:
         head += ["**SYNTHETIC demo data** (procedural Potsdam-like scenes from `demo_data.py`). These numbers say "
                  "nothing about ISPRS Potsdam; they show that the pipeline runs and how the comparisons come out "
                  "on this toy problem.", ""]
     head += [f"Written by `python experiments.py --preset {preset} --report` from `{Path(path).parent}/"
-             f"experiments.csv` ({n_rows} runs of these settings, {total / 3600:.2f} h of training on "
+             f"experiments.csv` ({len(ours)} runs of these settings on this data, {total / 3600:.2f} h of training on "
              f"{', '.join(devices) or 'no device yet'}).", "",
              "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()) + ".", "",
              "Every cell is mean ± sample std over seeds (seed = model init, shuffling and annotation draw). "
@@ -493,21 +548,21 @@ def write_report(rows, settings, preset, path, figures_dir):
              "thing from it.", ""]
     body = []
     for exp in EXPERIMENTS:
-        body += [f"## {exp.number}. {exp.title}", "", experiment_table(rows, exp, settings), ""]
+        body += [f"## {exp.number}. {exp.title}", "", experiment_table(rows, exp, keys), ""]
         body += [exp.note, ""] if exp.note else []
         if exp.number == 1:
-            body += ["Per-class IoU %:", "", per_class_table(rows, exp, settings), ""]
-    figs = write_figures(rows, settings, preset, figures_dir)
+            body += ["Per-class IoU %:", "", per_class_table(rows, exp, keys), ""]
+    figs = write_figures(rows, keys, preset, figures_dir)
     if figs:
         rel = lambda p: os.path.relpath(p, path.parent)
         body += ["## Figures", ""] + [f"![{p.stem}]({rel(p)})" for p in figs] + [""]
-    body += ["## Closing note", "", closing_note(rows, settings), ""]
+    body += ["## Closing note", "", closing_note(rows, keys), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(head + body))
     return path
 
 
-def write_figures(rows, settings, preset, folder):
+def write_figures(rows, keys, preset, folder):
     """point_budget.png (mIoU vs points per image, log x, dense ceiling as a line) and class_weights_iou.png
     (per-class IoU of the published pair). Returns the paths written."""
     import matplotlib
@@ -517,7 +572,7 @@ def write_figures(rows, settings, preset, folder):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tag = " (SYNTHETIC demo data)" if preset == "demo" else f" ({preset})"
-    key = lambda run: config_key(run, settings)
+    key = keys.config_key
     written = []
 
     stats = {n: summarize(rows, key(replace(BASELINE, points=n))) for n in BUDGETS}
@@ -633,7 +688,10 @@ def main(args):
         raise SystemExit(f"--only {args.only}: experiments are {[e.number for e in EXPERIMENTS]}")
     results = Path(args.results)
     csv_path, md_path = results / "experiments.csv", results / "experiments.md"
-    plan = plan_runs(settings, only, args.seeds)
+    if args.preset == "demo" and not (args.dry_run or args.report):
+        ensure_demo_data(settings)
+    keys = Keys.read(settings)  # the run keys need the data folder: its subset ids and identity
+    plan = plan_runs(keys, only, args.seeds)
     if args.dry_run:
         done = {r["key"] for r in read_rows(csv_path)}
         for p in plan:
@@ -644,15 +702,13 @@ def main(args):
         import torch
         torch.set_num_threads(args.threads)
     if not args.report:
-        if args.preset == "demo":
-            ensure_demo_data(settings)
         t0 = time.time()
         execute(plan, settings, args.preset, csv_path, device=args.device, runs_dir=results / "runs",
                 keep_checkpoints=args.keep_checkpoints)
         print(f"\nall runs done in {(time.time() - t0) / 60:.1f} min", flush=True)
     rows = read_rows(csv_path)
-    write_report(rows, settings, args.preset, md_path, results)
-    print(f"wrote {md_path}\n\n" + closing_note(rows, settings))
+    write_report(rows, keys, args.preset, md_path, results)
+    print(f"wrote {md_path}\n\n" + closing_note(rows, keys))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """experiments.py: run keys, resume, aggregation and the report, on fake runs (one tiny real run at the end)."""
 
+import dataclasses
 import math
 import multiprocessing
 from dataclasses import replace
@@ -11,6 +12,7 @@ from conftest import write_patches
 from dataset import CLASSES
 
 SETTINGS = dict(E.PRESETS["demo"], data="nowhere/patches", n_train=None, n_val=None)
+KEYS = E.Keys(SETTINGS, (None, None), "data-id")  # what Keys.read would make of a folder, without one
 
 
 def fake_history(miou, oa=0.8, epochs=2):
@@ -30,12 +32,12 @@ class FakeRunner:
         return {"history": fake_history(0.5 + 0.1 * cfg.seed), "labelled_fraction": 0.25, "n_train": 7, "n_val": 1}
 
 
-def fake_row(run, seed, miou, oa=0.8, fraction=0.5, seconds=10.0, settings=SETTINGS):
+def fake_row(run, seed, miou, oa=0.8, fraction=0.5, seconds=10.0, keys=KEYS):
     """A row as read_rows returns it."""
     row = {f: "" for f in E.FIELDS}
-    row.update(key=E.run_key(run, settings, seed), config_key=E.config_key(run, settings), seed=float(seed),
+    row.update(key=keys.run_key(run, seed), config_key=keys.config_key(run), seed=float(seed),
                miou=miou, oa=oa, mf1=miou, labelled_fraction=fraction, seconds=seconds, device="cpu",
-               settings=E.json.dumps(settings, sort_keys=True))
+               settings=E.json.dumps(keys.settings, sort_keys=True))
     for f in E.IOU_FIELDS:
         row[f] = miou
     return row
@@ -44,26 +46,85 @@ def fake_row(run, seed, miou, oa=0.8, fraction=0.5, seconds=10.0, settings=SETTI
 # --------------------------------------------------------------------------- keys and the plan
 
 def test_run_key_is_stable_and_tells_configs_apart():
-    k = E.run_key(E.BASELINE, SETTINGS, 0)
-    assert k == E.run_key(E.Run(), dict(reversed(list(SETTINGS.items()))), 0)  # same config, any dict order
-    assert k.startswith(E.config_key(E.BASELINE, SETTINGS))
-    others = {E.run_key(E.BASELINE, SETTINGS, 1), E.run_key(replace(E.BASELINE, points=100), SETTINGS, 0),
-              E.run_key(replace(E.BASELINE, class_weights="none"), SETTINGS, 0),
-              E.run_key(replace(E.BASELINE, decoder="plain"), SETTINGS, 0),
-              E.run_key(replace(E.BASELINE, resample_each_epoch=True), SETTINGS, 0),
-              E.run_key(E.BASELINE, dict(SETTINGS, epochs=9), 0)}
-    assert k not in others and len(others) == 6
+    k = KEYS.run_key(E.BASELINE, 0)
+    same = E.Keys(dict(reversed(list(SETTINGS.items()))), (None, None), "data-id")  # any dict order
+    assert k == same.run_key(E.Run(), 0)
+    assert k == KEYS.config_key(E.BASELINE) + "-s0"
+    others = {KEYS.run_key(E.BASELINE, 1), KEYS.run_key(replace(E.BASELINE, points=100), 0),
+              KEYS.run_key(replace(E.BASELINE, class_weights="none"), 0),
+              KEYS.run_key(replace(E.BASELINE, decoder="plain"), 0),
+              KEYS.run_key(replace(E.BASELINE, resample_each_epoch=True), 0),
+              E.Keys(dict(SETTINGS, epochs=9), (None, None), "data-id").run_key(E.BASELINE, 0),
+              E.Keys(SETTINGS, (["1", "2"], ["3"]), "data-id").run_key(E.BASELINE, 0),  # a subset of the split
+              E.Keys(SETTINGS, (None, None), "other-data").run_key(E.BASELINE, 0)}
+    assert k not in others and len(others) == 8
+
+
+def test_key_hashes_the_whole_training_config(monkeypatch):
+    """Every TrainConfig field but NOT_IN_KEY is in the key, defaults included: a changed default (here the
+    loss normalisation) makes new keys, so old rows no longer count as done. Where the run goes does not."""
+    import train
+    cfg = KEYS.config(E.BASELINE, 0)
+    h = E.config_hash(cfg, "data-id")
+    assert h == E.config_hash(replace(cfg, out="elsewhere", figures="figs", progress=True, device="cuda:1",
+                                      workers=4, resume=True), "data-id")
+    assert h == E.config_hash(replace(cfg, seed=5, annotation_seed=5), "data-id")  # the seed is the -s suffix
+    changed = [replace(cfg, augment=False), replace(cfg, weight_decay=1e-4), replace(cfg, lr=2e-3),
+               replace(cfg, normalization="points"), replace(cfg, amp=True), replace(cfg, val_fraction=0.2)]
+    assert len({h} | {E.config_hash(c, "data-id") for c in changed}) == len(changed) + 1
+    assert E.config_hash(cfg, "other-data") != h
+
+    key, base = KEYS.run_key(E.BASELINE, 0), train.TrainConfig
+
+    @dataclasses.dataclass
+    class NewDefault(base):
+        normalization: str = "points"
+
+    @dataclasses.dataclass
+    class WithOverwrite(base):  # a field another change adds, which says how a run goes, not what it computes
+        overwrite: bool = False
+
+    monkeypatch.setattr(train, "TrainConfig", NewDefault)
+    assert KEYS.run_key(E.BASELINE, 0) != key
+    monkeypatch.setattr(train, "TrainConfig", WithOverwrite)
+    assert KEYS.run_key(E.BASELINE, 0) == key
+
+
+def test_data_identity_follows_the_files_and_the_split(tmp_path):
+    root = tmp_path / "patches"
+    (root / "Images").mkdir(parents=True)
+    (root / "Labels").mkdir()
+    for i in range(3):
+        (root / "Images" / f"Image_{i}.tif").write_bytes(b"x" * 10)
+        (root / "Labels" / f"Label_{i}.tif").write_bytes(b"y" * 10)
+    settings = dict(SETTINGS, data=str(root), split=None)
+    ident = E.data_identity(settings)
+    (root / "Images" / "Image_1.tif").write_bytes(b"z" * 10)  # same name and size: same identity
+    assert E.data_identity(settings) == ident
+    (root / "Labels" / "Label_1.tif").write_bytes(b"y" * 11)
+    resized = E.data_identity(settings)
+    (root / "Images" / "Image_3.tif").write_bytes(b"x")
+    added = E.data_identity(settings)
+    split = tmp_path / "split.json"
+    split.write_text('{"train": [0, 1], "val": [2]}')
+    with_split = E.data_identity(dict(settings, split=str(split)))
+    split.write_text('{"train": [0], "val": [1, 2]}')
+    other_split = E.data_identity(dict(settings, split=str(split)))
+    assert len({ident, resized, added, with_split, other_split}) == 5
+    (tmp_path / "no_labels" / "Images").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no Labels/ folder in .*no_labels"):
+        E.data_identity(dict(settings, data=str(tmp_path / "no_labels")))
 
 
 def test_plan_trains_each_config_once_seed_major():
-    plan = E.plan_runs(SETTINGS, None, seeds=3)
+    plan = E.plan_runs(KEYS, None, seeds=3)
     keys = [p.key for p in plan]
     assert len(keys) == len(set(keys))
     configs = {run for e in E.EXPERIMENTS for _, run in e.rows}
     assert len(plan) == 3 * len(configs)
     assert sum(p.run == E.BASELINE for p in plan) == 3  # shown in experiments 1, 2, 3, 5 and 6, trained once per seed
     assert [p.seed for p in plan] == sorted(p.seed for p in plan)  # every config gets seed 0 before any gets seed 1
-    only1 = E.plan_runs(SETTINGS, {1}, seeds=2)
+    only1 = E.plan_runs(KEYS, {1}, seeds=2)
     assert {p.run for p in only1} == {run for _, run in E.EXPERIMENTS[0].rows} and len(only1) == 8
 
 
@@ -71,7 +132,7 @@ def test_plan_trains_each_config_once_seed_major():
 
 def test_finished_runs_are_not_run_again(tmp_path):
     csv_path = tmp_path / "experiments.csv"
-    plan = E.plan_runs(SETTINGS, {5}, seeds=2)  # 2 configs x 2 seeds
+    plan = E.plan_runs(KEYS, {5}, seeds=2)  # 2 configs x 2 seeds
     runner = FakeRunner()
     ran = E.execute(plan[:1], SETTINGS, "demo", csv_path, runner=runner, device="cpu", runs_dir=tmp_path / "runs")
     assert ran == [plan[0].key] and len(runner.calls) == 1
@@ -93,7 +154,7 @@ def test_finished_runs_are_not_run_again(tmp_path):
 
 def test_a_run_killed_while_writing_is_done_again(tmp_path, capsys):
     csv_path = tmp_path / "experiments.csv"
-    plan = E.plan_runs(SETTINGS, {5}, seeds=1)
+    plan = E.plan_runs(KEYS, {5}, seeds=1)
     E.execute(plan, SETTINGS, "demo", csv_path, runner=FakeRunner(), device="cpu", runs_dir=tmp_path)
     text = csv_path.read_text()
     csv_path.write_text(text[: len(text) - 40])  # the last row cut short, no newline
@@ -145,20 +206,22 @@ def test_report_tables_and_closing_note(tmp_path):
     rows += [fake_row(none, s, m) for s, m in enumerate((0.4, 0.7, 0.7))]  # paired differences 0.1, 0.0, 0.2
     rows += [fake_row(dense, s, m, fraction=1.0) for s, m in enumerate((0.8, 0.8, 0.8))]
     rows += [fake_row(replace(E.BASELINE, points=n), 0, m) for n, m in ((10, 0.2), (100, 0.5), (1000, 0.77))]
-    rows += [fake_row(E.BASELINE, 0, 0.1, settings=dict(SETTINGS, epochs=99))]  # other settings: left out
+    rows += [fake_row(E.BASELINE, 0, 0.1, keys=E.Keys(dict(SETTINGS, epochs=99), (None, None), "data-id"))]
+    rows += [fake_row(E.BASELINE, 1, 0.1, keys=E.Keys(SETTINGS, (None, None), "other-data"))]  # both left out
 
-    table = E.experiment_table(rows, E.EXPERIMENTS[0], SETTINGS)
+    table = E.experiment_table(rows, E.EXPERIMENTS[0], KEYS)
     assert "| skip decoder, class weights from points | 20,000 | 50.00 ± 0.00 | 80.0 ± 0.0 | 70.0 ± 20.0 |" in table
     assert "| skip decoder, no class weights | 20,000 | 50.00 ± 0.00 | 80.0 ± 0.0 | 60.0 ± 17.3 |" in table
     assert "| plain decoder (published), class weights from points | 20,000 | not run |" in table
 
-    c = E.closing_numbers(rows, SETTINGS)
+    c = E.closing_numbers(rows, KEYS)
     assert c["ratio"] == pytest.approx(0.7 / 0.8)
     assert c["weights_effect"] == (pytest.approx(0.1), pytest.approx(0.1), 3)
     assert c["smallest_within_5"][0] == 1000  # 0.77 >= 0.95 * 0.8 = 0.76; 100 points (0.5) is not
 
-    md = E.write_report(rows, SETTINGS, "demo", tmp_path / "experiments.md", tmp_path)
+    md = E.write_report(rows, KEYS, "demo", tmp_path / "experiments.md", tmp_path)
     text = md.read_text()
+    assert "(12 runs of these settings on this data" in text  # not the two of other settings or data
     assert "SYNTHETIC" in text and "70.0 ± 20.0" in text and "87.5 %" in text and "**+10.0 ± 10.0 points**" in text
     assert "**1,000 points per image**" in text
     assert (tmp_path / "point_budget.png").is_file() and (tmp_path / "class_weights_iou.png").is_file()
@@ -169,7 +232,7 @@ def test_report_tables_and_closing_note(tmp_path):
 def test_one_real_run_end_to_end(tmp_path):
     write_patches(tmp_path / "patches", n=6, size=(32, 32))
     settings = dict(SETTINGS, data=str(tmp_path / "patches"), size=32, epochs=1, batch_size=4)
-    plan = E.plan_runs(settings, {1}, seeds=1)[:1]
+    plan = E.plan_runs(E.Keys.read(settings), {1}, seeds=1)[:1]
     csv_path = tmp_path / "results" / "experiments.csv"
     E.execute(plan, settings, "demo", csv_path, device="cpu", runs_dir=tmp_path / "results" / "runs")
     (row,) = E.read_rows(csv_path)
