@@ -40,6 +40,10 @@ Choices, stated once:
   other data, or the older key scheme that hashed only the Run fields and the preset settings) stay in the
   csv; the tables just do not match them. A run whose key is already in the csv is not run again, so a killed
   preset resumes where it stopped. One csv row is appended per finished run.
+- Several experiments.py may work on one results folder at once (one per GPU, say). A run is claimed before it
+  trains (`<results>/runs/<key>/claim`, created atomically, holding pid, host and start time) and released when
+  its row is written; the others skip it as running elsewhere. A claim whose pid is dead on this host is stale
+  (a killed run) and is taken over. Rows are appended under a lock, and a key the csv holds twice counts once.
 """
 
 import argparse
@@ -51,6 +55,7 @@ import io
 import json
 import math
 import os
+import socket
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -284,17 +289,19 @@ def csv_lock(path):
     return Path(path).with_name(Path(path).name + ".lock")
 
 
-def read_rows(path):
+def read_rows(path, warn=True):
     """The finished runs in the csv, numbers as floats ('dense' points as None), one row per key. A damaged line
     (a run killed while writing) is reported and left out, so that run is done again. A key that is there twice
-    (two processes ran it before runs were claimed) is reported and counted once: its first row is kept."""
+    (two processes ran it before runs were claimed) is reported and counted once: its first row is kept.
+    warn=False reads without those reports (execute reads the csv again before each run)."""
     path = Path(path)
     if not path.is_file():
         return []
     with locked(csv_lock(path), shared=True):  # never half of a row that is being appended
         text = path.read_text()
     if text and not text.endswith("\n"):  # append_row ends every row with a newline in the same write
-        print(f"warning: the last line of {path} is incomplete and is ignored (that run will be done again)")
+        if warn:
+            print(f"warning: the last line of {path} is incomplete and is ignored (that run will be done again)")
         text = text[: text.rfind("\n") + 1]
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if reader.fieldnames and list(reader.fieldnames) != FIELDS:
@@ -303,13 +310,14 @@ def read_rows(path):
     rows = []
     for line, row in enumerate(reader, start=2):
         if None in row or any(v is None for v in row.values()) or not row["key"]:
-            print(f"warning: {path} line {line} is incomplete and is ignored (that run will be done again)")
+            if warn:
+                print(f"warning: {path} line {line} is incomplete and is ignored (that run will be done again)")
             continue
         for k in NUMERIC:
             row[k] = None if row[k] in ("", "dense") else float(row[k])
         rows.append(row)
     unique = first_per_key(rows)
-    if len(unique) < len(rows):
+    if len(unique) < len(rows) and warn:
         twice = [k for k, n in Counter(r["key"] for r in rows).items() if n > 1]
         print(f"warning: {path} holds the keys {', '.join(twice)} more than once; each is counted once (its "
               f"first row)")
@@ -394,30 +402,112 @@ def device_name(device):
 
 def execute(plan, settings, preset, csv_path, runner=train_and_measure, device="auto", runs_dir="results/runs",
             keep_checkpoints=False):
-    """Train every planned run whose key is not in the csv yet, appending a row after each. Returns the keys
-    it ran."""
+    """Train every planned run whose key is not in the csv yet, appending a row after each. Each run is claimed
+    first (claim_run), so several processes on one results folder share the runs; a run another process holds
+    is skipped as running elsewhere. Returns the keys it ran."""
     done = {r["key"] for r in read_rows(csv_path)}
     todo = [p for p in plan if p.key not in done]
     print(f"{len(plan)} runs planned, {len(plan) - len(todo)} already in {csv_path}, {len(todo)} to do", flush=True)
     if not todo:
         return []
     dev = device_name(device)
-    ran = []
+    ran, elsewhere = [], []
     for i, p in enumerate(todo, 1):
         out = Path(runs_dir) / p.key
-        print(f"\n[{i}/{len(todo)}] {p.key} {p.run.name} seed {p.seed}", flush=True)
-        cfg = replace(p.config, out=str(out), device=device)
-        t0 = time.time()
-        result = runner(cfg)
-        seconds = time.time() - t0
-        append_row(csv_path, make_row(p, settings, preset, result, seconds, dev))
-        print(f"[{i}/{len(todo)}] done in {seconds:.0f} s: val mIoU {result['history'][-1]['val_miou']:.3f} "
-              f"(last epoch)", flush=True)
-        if not keep_checkpoints:
-            for f in out.glob("*.pth"):
-                f.unlink()
-        ran.append(p.key)
+        holder = claim_run(out)
+        if holder is not None:
+            print(f"[{i}/{len(todo)}] {p.key} {p.run.name} seed {p.seed}: running elsewhere "
+                  f"({describe_claim(holder)}), skipped", flush=True)
+            elsewhere.append(p.key)
+            continue
+        try:
+            if p.key in {r["key"] for r in read_rows(csv_path, warn=False)}:  # read again: it may have changed
+                print(f"[{i}/{len(todo)}] {p.key}: finished by another process meanwhile", flush=True)
+                continue
+            print(f"\n[{i}/{len(todo)}] {p.key} {p.run.name} seed {p.seed}", flush=True)
+            cfg = replace(p.config, out=str(out), device=device)
+            t0 = time.time()
+            result = runner(cfg)
+            seconds = time.time() - t0
+            append_row(csv_path, make_row(p, settings, preset, result, seconds, dev))
+            print(f"[{i}/{len(todo)}] done in {seconds:.0f} s: val mIoU {result['history'][-1]['val_miou']:.3f} "
+                  f"(last epoch)", flush=True)
+            if not keep_checkpoints:
+                for f in out.glob("*.pth"):
+                    f.unlink()
+            ran.append(p.key)
+        finally:
+            release_run(out)  # the row is written (or the run failed): the run is free again
+    if elsewhere:
+        print(f"{len(elsewhere)} runs are running elsewhere (claimed by another process) and were skipped: "
+              f"{', '.join(elsewhere)}", flush=True)
     return ran
+
+
+# --------------------------------------------------------------------------- claims: one process per run
+
+def claim_run(folder):
+    """Claim the run whose folder this is for this process: create `<folder>/claim` with O_CREAT | O_EXCL (of
+    two processes exactly one succeeds), holding pid, host name and start time. Returns None when this process
+    holds the run now, or the holder's claim (a dict) when another live process does.
+
+    A claim whose pid is dead on this host is stale (its run was killed) and is taken over, with a message. A
+    claim from another host is never judged stale, since its pid cannot be checked from here: delete it by hand
+    when that host's run is known to be dead. Claims are checked and taken under a lock on `<runs>/claims.lock`,
+    so two processes never take over one stale claim both."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "claim"
+    with locked(folder.parent / "claims.lock"):
+        if path.exists():
+            holder = read_claim(path)
+            if not is_stale(holder):
+                return holder
+            print(f"taking over the stale claim on {folder.name} ({describe_claim(holder)}: that process is dead)",
+                  flush=True)
+            path.unlink()
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
+    return None
+
+
+def read_claim(path):
+    """The claim's {pid, host, started}; {} for an unreadable one (its process died while writing it)."""
+    try:
+        claim = json.loads(Path(path).read_text())
+        return claim if isinstance(claim, dict) and {"pid", "host"} <= set(claim) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def is_stale(claim):
+    if not claim:
+        return True
+    if claim["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(claim["pid"]), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def describe_claim(claim):
+    if not claim:
+        return "an unreadable claim"
+    return f"pid {claim['pid']} on {claim['host']} since {claim.get('started', '?')}"
+
+
+def release_run(folder):
+    """Remove this process's claim on the run (a claim another process holds is left alone)."""
+    path = Path(folder) / "claim"
+    claim = read_claim(path)
+    if claim.get("pid") == os.getpid() and claim.get("host") == socket.gethostname():
+        path.unlink()
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -695,7 +785,10 @@ def main(args):
     if args.dry_run:
         done = {r["key"] for r in read_rows(csv_path)}
         for p in plan:
-            print(f"{'done' if p.key in done else 'todo'}  {p.key}  {p.run.name}  seed {p.seed}")
+            claim = results / "runs" / p.key / "claim"
+            running = claim.exists() and not is_stale(read_claim(claim))
+            print(f"{'done' if p.key in done else 'running' if running else 'todo'}  {p.key}  {p.run.name}  "
+                  f"seed {p.seed}")
         print(f"{sum(p.key in done for p in plan)} of {len(plan)} runs done ({csv_path})")
         return
     if args.threads:

@@ -3,7 +3,13 @@
 import dataclasses
 import math
 import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -163,6 +169,89 @@ def test_a_run_killed_while_writing_is_done_again(tmp_path, capsys):
     runner = FakeRunner()
     assert E.execute(plan, SETTINGS, "demo", csv_path, runner=runner, device="cpu", runs_dir=tmp_path) == [plan[1].key]
     assert [r["key"] for r in E.read_rows(csv_path)] == [plan[0].key, plan[1].key]  # the new row on its own line
+
+
+# --------------------------------------------------------------------------- two processes on one results folder
+
+def write_claim(folder, pid, host):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "claim").write_text(E.json.dumps({"pid": pid, "host": host, "started": "2026-01-01T00:00:00"}))
+
+
+def dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()  # exited and reaped: no process has this pid now
+    return p.pid
+
+
+class ClaimCheckingRunner(FakeRunner):
+    """A FakeRunner that also records who holds the run's claim while it trains."""
+
+    def __call__(self, cfg):
+        self.claims = getattr(self, "claims", []) + [E.json.loads((Path(cfg.out) / "claim").read_text())]
+        return super().__call__(cfg)
+
+
+def test_claimed_runs_are_skipped_and_stale_claims_taken_over(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    plan = E.plan_runs(KEYS, {5}, seeds=2)  # 4 runs
+    host = socket.gethostname()
+    write_claim(runs / plan[0].key, os.getppid(), host)  # alive on this host: running elsewhere
+    write_claim(runs / plan[1].key, dead_pid(), "another-host")  # its pid cannot be checked here: running
+    write_claim(runs / plan[2].key, dead_pid(), host)  # dead on this host: a killed run, stale
+    runner = ClaimCheckingRunner()
+    ran = E.execute(plan, SETTINGS, "demo", tmp_path / "experiments.csv", runner=runner, device="cpu",
+                    runs_dir=runs)
+    assert ran == [plan[2].key, plan[3].key]
+    out = capsys.readouterr().out
+    assert out.count("running elsewhere") >= 2 and "stale" in out
+    assert [(c["pid"], c["host"]) for c in runner.claims] == [(os.getpid(), host)] * 2  # held while training
+    assert E.json.loads((runs / plan[0].key / "claim").read_text())["pid"] == os.getppid()  # left alone
+    assert (runs / plan[1].key / "claim").is_file()
+    assert not (runs / plan[2].key / "claim").exists() and not (runs / plan[3].key / "claim").exists()  # released
+
+
+def _execute_after(start, plan, csv_path, runs):
+    start.wait()
+    E.execute(plan, SETTINGS, "demo", csv_path, runner=SlowRunner(), device="cpu", runs_dir=runs)
+
+
+class SlowRunner(FakeRunner):
+    def __call__(self, cfg):
+        time.sleep(0.05)
+        return super().__call__(cfg)
+
+
+def test_two_processes_on_one_results_folder_share_the_runs(tmp_path):
+    """Started together on one plan, two processes train each run once between them: one csv row per key."""
+    plan = E.plan_runs(KEYS, {5}, seeds=3)  # 6 runs
+    csv_path, runs = tmp_path / "experiments.csv", tmp_path / "runs"
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_execute_after, args=(start, plan, csv_path, runs)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0]
+    lines = csv_path.read_text().splitlines()[1:]
+    assert sorted(line.split(",")[0] for line in lines) == sorted(p.key for p in plan)  # each key once
+    assert not list(runs.glob("*/claim"))
+
+
+def test_a_run_finished_elsewhere_meanwhile_is_not_done_again(tmp_path):
+    """The csv is read again once a run is claimed: another process may have finished it since the start."""
+    csv_path = tmp_path / "experiments.csv"
+    plan = E.plan_runs(KEYS, {5}, seeds=1)
+
+    class FinishesTheNextOneToo(FakeRunner):  # plays the other process, which writes plan[1]'s row meanwhile
+        def __call__(self, cfg):
+            result = super().__call__(cfg)
+            E.append_row(csv_path, E.make_row(plan[1], SETTINGS, "demo", result, 1.0, "cpu"))
+            return result
+    runner = FinishesTheNextOneToo()
+    assert E.execute(plan, SETTINGS, "demo", csv_path, runner=runner, device="cpu", runs_dir=tmp_path) == [plan[0].key]
+    assert len(runner.calls) == 1 and sorted(r["key"] for r in E.read_rows(csv_path)) == sorted(p.key for p in plan)
 
 
 def test_a_csv_with_other_columns_is_refused(tmp_path):
