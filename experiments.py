@@ -39,7 +39,8 @@ Choices, stated once:
   makes new keys, and those runs are done again. Rows of keys this version no longer makes (other defaults,
   other data, or the older key scheme that hashed only the Run fields and the preset settings) stay in the
   csv; the tables just do not match them. A run whose key is already in the csv is not run again, so a killed
-  preset resumes where it stopped. One csv row is appended per finished run.
+  preset resumes where it stopped, and the run it was in continues from its `<results>/runs/<key>/last.pth`
+  rather than epoch 1. One csv row is appended per finished run.
 - Several experiments.py may work on one results folder at once (one per GPU, say). A run is claimed before it
   trains (`<results>/runs/<key>/claim`, created atomically, holding pid, host and start time) and released when
   its row is written; the others skip it as running elsewhere. A claim whose pid is dead on this host is stale
@@ -404,7 +405,8 @@ def execute(plan, settings, preset, csv_path, runner=train_and_measure, device="
             keep_checkpoints=False):
     """Train every planned run whose key is not in the csv yet, appending a row after each. Each run is claimed
     first (claim_run), so several processes on one results folder share the runs; a run another process holds
-    is skipped as running elsewhere. Returns the keys it ran."""
+    is skipped as running elsewhere. A run killed part-way resumes from its last.pth (restart). Returns the keys
+    it ran."""
     done = {r["key"] for r in read_rows(csv_path)}
     todo = [p for p in plan if p.key not in done]
     print(f"{len(plan)} runs planned, {len(plan) - len(todo)} already in {csv_path}, {len(todo)} to do", flush=True)
@@ -425,7 +427,7 @@ def execute(plan, settings, preset, csv_path, runner=train_and_measure, device="
                 print(f"[{i}/{len(todo)}] {p.key}: finished by another process meanwhile", flush=True)
                 continue
             print(f"\n[{i}/{len(todo)}] {p.key} {p.run.name} seed {p.seed}", flush=True)
-            cfg = replace(p.config, out=str(out), device=device)
+            cfg = replace(p.config, out=str(out), device=device, **restart(out, p.config))
             t0 = time.time()
             result = runner(cfg)
             seconds = time.time() - t0
@@ -442,6 +444,22 @@ def execute(plan, settings, preset, csv_path, runner=train_and_measure, device="
         print(f"{len(elsewhere)} runs are running elsewhere (claimed by another process) and were skipped: "
               f"{', '.join(elsewhere)}", flush=True)
     return ran
+
+
+def restart(out, cfg):
+    """How a run starts in its folder, as TrainConfig fields: from `<out>/last.pth` when a killed run left one
+    (resume=True: train.py continues after its last epoch); over the leftovers of a run killed before its first
+    checkpoint (overwrite=True, where TrainConfig has that field: train.py refuses a fresh run over old files
+    without it); else fresh."""
+    out = Path(out)
+    if (out / "last.pth").is_file():
+        print(f"resuming from {out / 'last.pth'}", flush=True)
+        return {"resume": True}
+    leftovers = [f.name for f in out.iterdir() if f.name != "claim"] if out.is_dir() else []
+    if leftovers and "overwrite" in {f.name for f in dataclasses.fields(cfg)}:
+        print(f"starting afresh over what a killed run left in {out}: {', '.join(sorted(leftovers))}", flush=True)
+        return {"overwrite": True}
+    return {}
 
 
 # --------------------------------------------------------------------------- claims: one process per run
