@@ -6,6 +6,7 @@
     python experiments.py --preset demo --only 1,3 --seeds 5
     python experiments.py --preset potsdam --data archive/patches --device cuda
     python experiments.py --preset demo --report            # rebuild the markdown and figures from the csv
+    python experiments.py --preset demo --epochs 2          # other settings: into results/adhoc-<hash>/
 
 Experiments (each configuration trained with --seeds seeds, reported as mean +/- sample std):
   1. class weights from points vs none (the published pair: 20,000 points, focal gamma 2)
@@ -41,6 +42,9 @@ Choices, stated once:
   csv; the tables just do not match them. A run whose key is already in the csv is not run again, so a killed
   preset resumes where it stopped, and the run it was in continues from its `<results>/runs/<key>/last.pth`
   rather than epoch 1. One csv row is appended per finished run.
+- results/ holds the presets' own settings only. Any option that changes them (--data, --split, --size,
+  --epochs, --n-train, --n-val, --no-pretrained, --exclude) sends the csv, the markdown and the figures to
+  results/adhoc-<hash of the settings>/ (printed) unless --results names a folder.
 - Several experiments.py may work on one results folder at once (one per GPU, say). A run is claimed before it
   trains (`<results>/runs/<key>/claim`, created atomically, holding pid, host and start time) and released when
   its row is written; the others skip it as running elsewhere. A claim whose pid is dead on this host is stale
@@ -759,7 +763,8 @@ def get_args_parser():
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default 0: torch's own choice). On a CPU shared with other jobs, 1 "
                         "avoids oversubscription; not part of the run key")
-    p.add_argument("--results", default="results", help="folder for experiments.csv/.md and the figures")
+    p.add_argument("--results", help="folder for experiments.csv/.md and the figures (default: results/ for a "
+                                     "preset's own settings, results/adhoc-<settings hash>/ for any others)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep <results>/runs/<key>/*.pth")
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are done; train nothing")
     p.add_argument("--report", action="store_true", help="rebuild the markdown and figures from the csv only")
@@ -779,6 +784,24 @@ def settings_from_args(args):
     return s
 
 
+def results_folder(args, settings):
+    """--results when given. Else results/ for a preset's own settings, and results/adhoc-<hash of the
+    settings>/ when an option (--data, --split, --size, --epochs, --n-train, --n-val, --no-pretrained,
+    --exclude) changes them: a quick try never rewrites the tracked results/experiments.md or adds to its csv,
+    and the same settings always find their folder again."""
+    if args.results is not None:
+        return Path(args.results)
+    preset = dict(PRESETS[args.preset], data=os.path.normpath(PRESETS[args.preset]["data"]))
+    if settings == preset:
+        return Path("results")
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    folder = Path("results") / f"adhoc-{digest}"
+    changed = ", ".join(f"{k} {settings[k]!r} (preset {preset[k]!r})" for k in settings if settings[k] != preset[k])
+    print(f"settings other than preset {args.preset}'s ({changed}): results go to {folder}/ "
+          f"(--results to choose)", flush=True)
+    return folder
+
+
 def ensure_demo_data(settings):
     """The demo preset draws the synthetic data (as `make demo-data` does) unless it is there already."""
     if Path(settings["data"]) != Path(DEMO_DATA["out"]) / "patches":
@@ -794,7 +817,7 @@ def main(args):
     only = None if not args.only else {int(x) for x in args.only.split(",") if x.strip()}
     if only and not only <= {e.number for e in EXPERIMENTS}:
         raise SystemExit(f"--only {args.only}: experiments are {[e.number for e in EXPERIMENTS]}")
-    results = Path(args.results)
+    results = results_folder(args, settings)
     csv_path, md_path = results / "experiments.csv", results / "experiments.md"
     if args.preset == "demo" and not (args.dry_run or args.report):
         ensure_demo_data(settings)

@@ -347,6 +347,38 @@ def test_report_tables_and_closing_note(tmp_path):
     assert (tmp_path / "point_budget.png").is_file() and (tmp_path / "class_weights_iou.png").is_file()
 
 
+# --------------------------------------------------------------------------- where results go
+
+def results_folder(*argv):
+    args = E.get_args_parser().parse_args(list(argv))
+    return E.results_folder(args, E.settings_from_args(args))
+
+
+def test_settings_other_than_a_preset_go_to_their_own_folder(capsys):
+    assert results_folder("--preset", "demo") == Path("results")
+    assert results_folder("--preset", "demo", "--data", "demo_data/patches/", "--no-pretrained", "--exclude", "",
+                          "--only", "1", "--seeds", "5", "--device", "cpu", "--threads", "1") == Path("results")
+    capsys.readouterr()
+    overrides = (["--epochs", "2"], ["--size", "64"], ["--n-train", "10"], ["--n-val", "10"], ["--data", "mine"],
+                 ["--split", "split.json"], ["--exclude", "clutter"])
+    adhoc = [results_folder("--preset", "demo", *o) for o in overrides]
+    adhoc.append(results_folder("--preset", "potsdam", "--no-pretrained"))
+    assert all(f.parent == Path("results") and f.name.startswith("adhoc-") for f in adhoc)
+    assert len(set(adhoc)) == len(adhoc)
+    assert str(adhoc[0]) in capsys.readouterr().out  # said where the results go
+    assert results_folder("--preset", "demo", "--epochs", "2") == adhoc[0]  # the same settings: the same folder
+    assert results_folder("--preset", "demo", "--epochs", "2", "--results", "results") == Path("results")
+
+
+def test_an_adhoc_report_leaves_the_tracked_results_alone(tmp_path, monkeypatch):
+    write_patches(tmp_path / "patches", n=6, size=(16, 16))
+    monkeypatch.chdir(tmp_path)
+    E.main(E.get_args_parser().parse_args(["--data", "patches", "--epochs", "2", "--report"]))
+    assert not (tmp_path / "results" / "experiments.md").exists()
+    (md,) = (tmp_path / "results").glob("adhoc-*/experiments.md")
+    assert "epochs = 2" in md.read_text()
+
+
 # --------------------------------------------------------------------------- one tiny real run
 
 def test_one_real_run_end_to_end(tmp_path):
