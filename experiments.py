@@ -217,7 +217,7 @@ def make_config(run, settings, seed, ids):
 def config_hash(cfg, data_id):
     """Hash of a TrainConfig (all of dataclasses.asdict but NOT_IN_KEY and SEED_FIELDS) and the data identity."""
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY + SEED_FIELDS}
-    blob = json.dumps({"config": fields, "data": data_id}, sort_keys=True)
+    blob = json.dumps({"config": fields, "data": data_id}, sort_keys=True, default=str)  # a Path as its text
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -282,6 +282,8 @@ def locked(path, shared=False):
     except OSError:
         if not shared:
             raise
+        f = None
+    if f is None:
         yield
         return
     with f:
@@ -445,7 +447,7 @@ def execute(plan, settings, preset, csv_path, runner=train_and_measure, device="
         finally:
             release_run(out)  # the row is written (or the run failed): the run is free again
     if elsewhere:
-        print(f"{len(elsewhere)} runs are running elsewhere (claimed by another process) and were skipped: "
+        print(f"skipped {len(elsewhere)} of {len(todo)} runs as running elsewhere (claimed by another process): "
               f"{', '.join(elsewhere)}", flush=True)
     return ran
 
@@ -487,7 +489,7 @@ def claim_run(folder):
                 return holder
             print(f"taking over the stale claim on {folder.name} ({describe_claim(holder)}: that process is dead)",
                   flush=True)
-            path.unlink()
+            path.unlink(missing_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         with os.fdopen(fd, "w") as f:
             json.dump({"pid": os.getpid(), "host": socket.gethostname(),
@@ -527,9 +529,10 @@ def describe_claim(claim):
 def release_run(folder):
     """Remove this process's claim on the run (a claim another process holds is left alone)."""
     path = Path(folder) / "claim"
-    claim = read_claim(path)
-    if claim.get("pid") == os.getpid() and claim.get("host") == socket.gethostname():
-        path.unlink()
+    with locked(path.parent.parent / "claims.lock"):  # never while another process is reading it in claim_run
+        claim = read_claim(path)
+        if claim.get("pid") == os.getpid() and claim.get("host") == socket.gethostname():
+            path.unlink()
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -837,9 +840,9 @@ def main(args):
         torch.set_num_threads(args.threads)
     if not args.report:
         t0 = time.time()
-        execute(plan, settings, args.preset, csv_path, device=args.device, runs_dir=results / "runs",
-                keep_checkpoints=args.keep_checkpoints)
-        print(f"\nall runs done in {(time.time() - t0) / 60:.1f} min", flush=True)
+        ran = execute(plan, settings, args.preset, csv_path, device=args.device, runs_dir=results / "runs",
+                      keep_checkpoints=args.keep_checkpoints)
+        print(f"\n{len(ran)} runs done here in {(time.time() - t0) / 60:.1f} min", flush=True)
     rows = read_rows(csv_path)
     write_report(rows, keys, args.preset, md_path, results)
     print(f"wrote {md_path}\n\n" + closing_note(rows, keys))
