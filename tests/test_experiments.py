@@ -1,4 +1,5 @@
-"""experiments.py: run keys, resume, aggregation and the report, on fake runs (one tiny real run at the end)."""
+"""experiments.py: run keys, claims and resume, the csv under concurrent writers, aggregation, the report and where
+results go, on fake runs (one tiny real run at the end)."""
 
 import dataclasses
 import math
@@ -171,6 +172,38 @@ def test_a_run_killed_while_writing_is_done_again(tmp_path, capsys):
     assert [r["key"] for r in E.read_rows(csv_path)] == [plan[0].key, plan[1].key]  # the new row on its own line
 
 
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    import train
+    plan = E.plan_runs(KEYS, {5}, seeds=1)
+    runs = tmp_path / "runs"
+    (runs / plan[0].key).mkdir(parents=True)
+    (runs / plan[0].key / "last.pth").write_bytes(b"a killed run's checkpoint")
+    (runs / plan[1].key).mkdir()
+    (runs / plan[1].key / "class_weights.pt").write_bytes(b"killed before its first checkpoint")
+    runner = FakeRunner()
+    E.execute(plan, SETTINGS, "demo", tmp_path / "a.csv", runner=runner, device="cpu", runs_dir=runs)
+    assert [c.resume for c in runner.calls] == [True, False]
+    has_overwrite = "overwrite" in {f.name for f in dataclasses.fields(train.TrainConfig)}
+    assert [getattr(c, "overwrite", None) for c in runner.calls] == ([False, True] if has_overwrite else [None] * 2)
+
+    @dataclasses.dataclass
+    class WithOverwrite(train.TrainConfig):  # train.py refuses a fresh run over leftovers unless overwrite
+        overwrite: bool = False
+    monkeypatch.setattr(train, "TrainConfig", WithOverwrite)
+    plan = E.plan_runs(KEYS, {5}, seeds=2)[2:]  # seed 1: fresh folders
+    (runs / plan[0].key).mkdir()
+    (runs / plan[0].key / "class_weights.pt").write_bytes(b"killed before its first checkpoint")
+    (runs / plan[1].key).mkdir()
+    (runs / plan[1].key / "last.pth").write_bytes(b"a killed run's checkpoint")
+    runner = FakeRunner()
+    E.execute(plan, SETTINGS, "demo", tmp_path / "b.csv", runner=runner, device="cpu", runs_dir=runs)
+    assert [(c.resume, c.overwrite) for c in runner.calls] == [(False, True), (True, False)]
+    runner = FakeRunner()
+    E.execute(E.plan_runs(KEYS, {5}, seeds=3)[4:], SETTINGS, "demo", tmp_path / "c.csv", runner=runner,
+              device="cpu", runs_dir=runs)
+    assert [(c.resume, c.overwrite) for c in runner.calls] == [(False, False)] * 2  # empty folders: fresh
+
+
 # --------------------------------------------------------------------------- two processes on one results folder
 
 def write_claim(folder, pid, host):
@@ -252,37 +285,6 @@ def test_a_run_finished_elsewhere_meanwhile_is_not_done_again(tmp_path):
     runner = FinishesTheNextOneToo()
     assert E.execute(plan, SETTINGS, "demo", csv_path, runner=runner, device="cpu", runs_dir=tmp_path) == [plan[0].key]
     assert len(runner.calls) == 1 and sorted(r["key"] for r in E.read_rows(csv_path)) == sorted(p.key for p in plan)
-
-
-def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
-    import train
-    plan = E.plan_runs(KEYS, {5}, seeds=1)
-    runs = tmp_path / "runs"
-    (runs / plan[0].key).mkdir(parents=True)
-    (runs / plan[0].key / "last.pth").write_bytes(b"a killed run's checkpoint")
-    (runs / plan[1].key).mkdir()
-    (runs / plan[1].key / "class_weights.pt").write_bytes(b"killed before its first checkpoint")
-    runner = FakeRunner()
-    E.execute(plan, SETTINGS, "demo", tmp_path / "a.csv", runner=runner, device="cpu", runs_dir=runs)
-    assert [c.resume for c in runner.calls] == [True, False]
-    assert not any(hasattr(c, "overwrite") for c in runner.calls)  # today's TrainConfig has no such field
-
-    @dataclasses.dataclass
-    class WithOverwrite(train.TrainConfig):  # train.py refuses a fresh run over leftovers unless overwrite
-        overwrite: bool = False
-    monkeypatch.setattr(train, "TrainConfig", WithOverwrite)
-    plan = E.plan_runs(KEYS, {5}, seeds=2)[2:]  # seed 1: fresh folders
-    (runs / plan[0].key).mkdir()
-    (runs / plan[0].key / "class_weights.pt").write_bytes(b"killed before its first checkpoint")
-    (runs / plan[1].key).mkdir()
-    (runs / plan[1].key / "last.pth").write_bytes(b"a killed run's checkpoint")
-    runner = FakeRunner()
-    E.execute(plan, SETTINGS, "demo", tmp_path / "b.csv", runner=runner, device="cpu", runs_dir=runs)
-    assert [(c.resume, c.overwrite) for c in runner.calls] == [(False, True), (True, False)]
-    runner = FakeRunner()
-    E.execute(E.plan_runs(KEYS, {5}, seeds=3)[4:], SETTINGS, "demo", tmp_path / "c.csv", runner=runner,
-              device="cpu", runs_dir=runs)
-    assert [(c.resume, c.overwrite) for c in runner.calls] == [(False, False)] * 2  # empty folders: fresh
 
 
 def test_a_csv_with_other_columns_is_refused(tmp_path):
