@@ -406,15 +406,18 @@ def _append_many(csv_path, writer, n, start):
 
 
 def test_concurrent_appends_keep_every_row(tmp_path):
-    """Two processes append 50 rows each to one csv at once. Without the lock about half the rounds lose a row
-    or write the header twice, so twenty rounds (a fresh csv each) catch it almost always."""
+    """Two processes append 50 rows each to one csv at once. Without the lock many such pairs lose a row or
+    write the header twice; thirty pairs (a csv each, all at once) caught it in every one of 10 tries."""
     ctx = multiprocessing.get_context("fork")  # a forked child starts in milliseconds (spawn re-imports torch)
-    for round in range(20):
-        csv_path = tmp_path / f"experiments{round}.csv"
-        start = ctx.Barrier(2)
-        procs = [ctx.Process(target=_append_many, args=(csv_path, w, 50, start)) for w in range(2)]
+    pairs = []
+    for n in range(30):
+        start = ctx.Barrier(2)  # the two writers of one csv start together
+        csv_path = tmp_path / f"experiments{n}.csv"
+        pairs.append((csv_path, [ctx.Process(target=_append_many, args=(csv_path, w, 50, start)) for w in range(2)]))
+    for _, procs in pairs:
         for p in procs:
             p.start()
+    for csv_path, procs in pairs:
         for p in procs:
             p.join(30)
         assert [p.exitcode for p in procs] == [0, 0]
