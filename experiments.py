@@ -6,6 +6,7 @@
     python experiments.py --preset demo --only 1,3 --seeds 5
     python experiments.py --preset potsdam --data archive/patches --device cuda
     python experiments.py --preset demo --report            # rebuild the markdown and figures from the csv
+    python experiments.py --preset demo --epochs 2          # other settings: into results/adhoc-<hash>/
 
 Experiments (each configuration trained with --seeds seeds, reported as mean +/- sample std):
   1. class weights from points vs none (the published pair: 20,000 points, focal gamma 2)
@@ -32,20 +33,37 @@ Choices, stated once:
   settings: 150x150, 100 epochs, the 2,100/300 split, ImageNet encoder). Timed with the synthetic patches
   standing in for Potsdam, one potsdam-preset epoch took about 12 s on an H200, so a 100-epoch run is about
   20 minutes and all 42 runs about 14 hours: use --only and --seeds to spend less.
-- A run's key is `<config hash>-s<seed>`; the hash covers the experiment settings (the Run fields and the
-  preset settings below, after command-line overrides), not the device. A run whose key is already in the
-  csv is not run again, so a killed preset resumes where it stopped. One csv row is appended per finished run.
+- A run's key is `<config key>-s<seed>`. The config key hashes the whole TrainConfig the run trains with
+  (dataclasses.asdict, defaults included) less NOT_IN_KEY (where and how a run goes: out, figures, progress,
+  device, workers, resume, overwrite) and the seed fields, plus the data folder's identity (the names and sizes
+  of its image and label files, and the split file). A changed TrainConfig default or changed data therefore
+  makes new keys, and those runs are done again. Rows of keys this version no longer makes (other defaults,
+  other data, or the older key scheme that hashed only the Run fields and the preset settings) stay in the
+  csv; the tables just do not match them. A run whose key is already in the csv is not run again, so a killed
+  preset resumes where it stopped, and the run it was in continues from its `<results>/runs/<key>/last.pth`
+  rather than epoch 1. One csv row is appended per finished run.
+- results/ holds the presets' own settings only. Any option that changes them (--data, --split, --size,
+  --epochs, --n-train, --n-val, --no-pretrained, --exclude) sends the csv, the markdown and the figures to
+  results/adhoc-<hash of the settings>/ (printed) unless --results names a folder.
+- Several experiments.py may work on one results folder at once (one per GPU, say). A run is claimed before it
+  trains (`<results>/runs/<key>/claim`, created atomically, holding pid, host and start time) and released when
+  its row is written; the others skip it as running elsewhere. A claim whose pid is dead on this host is stale
+  (a killed run) and is taken over. Rows are appended under a lock, and a key the csv holds twice counts once.
 """
 
 import argparse
 import csv
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
 import math
 import os
+import socket
 import time
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -137,14 +155,92 @@ PRESETS = {
 DEMO_DATA = dict(out="demo_data", patches=2400, scenes=3, scene_size=1200, seed=0)  # what `make demo-data` writes
 
 
-def config_key(run, settings):
-    """Stable hash of one configuration (all seeds): the Run fields and the preset settings."""
-    blob = json.dumps({"run": dataclasses.asdict(run), "settings": settings}, sort_keys=True)
+# --------------------------------------------------------------------------- run keys
+
+# TrainConfig fields that say where and how a run goes, not what it computes: left out of the key. (Any other
+# field is in it, so a changed TrainConfig default, e.g. normalisation or augmentation, makes new keys.)
+NOT_IN_KEY = ("out", "figures", "progress", "device", "workers", "resume", "overwrite")
+SEED_FIELDS = ("seed", "annotation_seed")  # both set from the run's seed, which the key carries as -s<seed>
+
+
+def data_identity(settings):
+    """What the data folder holds, as a hash: the sorted relative names and sizes of the files under its
+    Images/ and Labels/, plus the split file's bytes when the settings name one. Stat only: milliseconds for
+    the 2,400 Potsdam patches."""
+    root = Path(settings["data"])
+    h = hashlib.sha1()
+    for sub in ("Images", "Labels"):
+        if not (root / sub).is_dir():
+            raise FileNotFoundError(f"no {sub}/ folder in {root}: expected {root}/Images/Image_<id>.tif and "
+                                    f"{root}/Labels/Label_<id>.tif (make demo-data builds a synthetic set)")
+        files = sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in (root / sub).rglob("*")
+                       if p.is_file())
+        h.update("".join(f"{name} {size}\n" for name, size in files).encode())
+    if settings["split"]:
+        split = Path(settings["split"])
+        if not split.is_file():
+            raise FileNotFoundError(f"split file {split} not found")
+        h.update(b"split\n" + split.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def subset_ids(settings):
+    """(train ids, val ids) for the preset: evenly spaced picks from the split's parts, or (None, None) to let
+    train.py use the whole split."""
+    if settings["n_train"] is None and settings["n_val"] is None:
+        return None, None
+    from train import TrainConfig, resolve_split
+    tr, va, _ = resolve_split(TrainConfig(data=settings["data"], split=settings["split"]))
+
+    def pick(pairs, n):
+        ids = [p[0] for p in pairs]
+        if n is None or n >= len(ids):
+            return ids
+        return [ids[i * len(ids) // n] for i in range(n)]
+    return pick(tr, settings["n_train"]), pick(va, settings["n_val"])
+
+
+def make_config(run, settings, seed, ids):
+    """The TrainConfig of one run; execute() fills in the NOT_IN_KEY fields (out, device, resume)."""
+    from train import TrainConfig
+    train_ids, val_ids = ids
+    return TrainConfig(
+        data=settings["data"], split=settings["split"] if train_ids is None else None,
+        train_ids=train_ids, val_ids=val_ids, points=run.points, strategy=run.strategy,
+        resample_each_epoch=run.resample_each_epoch, annotation_seed=seed, class_weights=run.class_weights,
+        gamma=run.gamma, decoder=run.decoder, pretrained=settings["pretrained"], size=settings["size"],
+        epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
+        step_size=settings["step_size"], lr_gamma=settings["lr_gamma"], seed=seed,
+        figures=False, exclude=tuple(settings["exclude"]), progress=False)
+
+
+def config_hash(cfg, data_id):
+    """Hash of a TrainConfig (all of dataclasses.asdict but NOT_IN_KEY and SEED_FIELDS) and the data identity."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY + SEED_FIELDS}
+    blob = json.dumps({"config": fields, "data": data_id}, sort_keys=True, default=str)  # a Path as its text
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
-def run_key(run, settings, seed):
-    return f"{config_key(run, settings)}-s{seed}"
+class Keys:
+    """Run keys for one set of settings on one data folder. A run's key is `<config key>-s<seed>`; the config
+    key (all seeds) is config_hash of the TrainConfig that make_config builds. The folder is read once, by
+    Keys.read: the subset ids and the data identity."""
+
+    def __init__(self, settings, ids, data_id):
+        self.settings, self.ids, self.data_id = settings, ids, data_id
+
+    @classmethod
+    def read(cls, settings):
+        return cls(settings, subset_ids(settings), data_identity(settings))
+
+    def config(self, run, seed):
+        return make_config(run, self.settings, seed, self.ids)
+
+    def config_key(self, run):
+        return config_hash(self.config(run, 0), self.data_id)
+
+    def run_key(self, run, seed):
+        return f"{self.config_key(run)}-s{seed}"
 
 
 @dataclass(frozen=True)
@@ -153,14 +249,15 @@ class PlannedRun:
     config_key: str
     run: Run
     seed: int
+    config: object  # train.TrainConfig, as hashed into the key
 
 
-def plan_runs(settings, experiments=None, seeds=3):
+def plan_runs(keys, experiments=None, seeds=3):
     """The distinct runs the chosen experiments need, seed-major (every configuration gets its first seed
     before any gets its second), each configuration once however many experiments show it."""
     chosen = [e for e in EXPERIMENTS if experiments is None or e.number in experiments]
     configs = list(dict.fromkeys(run for e in chosen for _, run in e.rows))
-    return [PlannedRun(run_key(r, settings, s), config_key(r, settings), r, s) for s in range(seeds)
+    return [PlannedRun(keys.run_key(r, s), keys.config_key(r), r, s, keys.config(r, s)) for s in range(seeds)
             for r in configs]
 
 
@@ -175,15 +272,43 @@ NUMERIC = ["points", "gamma", "size", "epochs", "n_train", "n_val", "seed", "ann
            "oa", "miou", "mf1", *IOU_FIELDS, "best_miou", "best_epoch", "seconds"]
 
 
-def read_rows(path):
-    """The finished runs in the csv, numbers as floats ('dense' points as None). A damaged line (a run killed
-    while writing) is reported and left out, so that run is done again."""
+@contextmanager
+def locked(path, shared=False):
+    """Hold an flock on the file `path` (created when missing) for the with-block: exclusive for writers,
+    shared for readers. The kernel drops it when the process dies, so a killed writer leaves no lock behind.
+    Where the lock file cannot be created (a read-only results folder) a reader goes on without it."""
+    try:
+        f = open(path, "a")
+    except OSError:
+        if not shared:
+            raise
+        f = None
+    if f is None:
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+
+
+def csv_lock(path):
+    """The lock file next to the csv, `<csv>.lock`, held by every append (and read) of the csv."""
+    return Path(path).with_name(Path(path).name + ".lock")
+
+
+def read_rows(path, warn=True):
+    """The finished runs in the csv, numbers as floats ('dense' points as None), one row per key. A damaged line
+    (a run killed while writing) is reported and left out, so that run is done again. A key that is there twice
+    (two processes ran it before runs were claimed) is reported and counted once: its first row is kept.
+    warn=False reads without those reports (execute reads the csv again before each run)."""
     path = Path(path)
     if not path.is_file():
         return []
-    text = path.read_text()
+    with locked(csv_lock(path), shared=True):  # never half of a row that is being appended
+        text = path.read_text()
     if text and not text.endswith("\n"):  # append_row ends every row with a newline in the same write
-        print(f"warning: the last line of {path} is incomplete and is ignored (that run will be done again)")
+        if warn:
+            print(f"warning: the last line of {path} is incomplete and is ignored (that run will be done again)")
         text = text[: text.rfind("\n") + 1]
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if reader.fieldnames and list(reader.fieldnames) != FIELDS:
@@ -192,33 +317,50 @@ def read_rows(path):
     rows = []
     for line, row in enumerate(reader, start=2):
         if None in row or any(v is None for v in row.values()) or not row["key"]:
-            print(f"warning: {path} line {line} is incomplete and is ignored (that run will be done again)")
+            if warn:
+                print(f"warning: {path} line {line} is incomplete and is ignored (that run will be done again)")
             continue
         for k in NUMERIC:
             row[k] = None if row[k] in ("", "dense") else float(row[k])
         rows.append(row)
-    return rows
+    unique = first_per_key(rows)
+    if len(unique) < len(rows) and warn:
+        twice = [k for k, n in Counter(r["key"] for r in rows).items() if n > 1]
+        print(f"warning: {path} holds the keys {', '.join(twice)} more than once; each is counted once (its "
+              f"first row)")
+    return unique
+
+
+def first_per_key(rows):
+    """Each key's first row, in order: a run counts once however many rows it has."""
+    first = {}
+    for r in rows:
+        first.setdefault(r["key"], r)
+    return list(first.values())
 
 
 def append_row(path, row):
-    """Append one row (header first in a new file) with one write, flushed to disk. Every row ends with a
-    newline, so a file that does not ends in a row cut short by a kill; that fragment is dropped first."""
+    """Append one row (header first in a new file) with one write, flushed to disk, under an exclusive lock on
+    `<csv>.lock`: runs that finish together in several processes write one after the other, so no row is torn
+    or lost and the header is written once. Every row ends with a newline, so a file that does not ends in a
+    row cut short by a kill; that fragment is dropped first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, FIELDS, lineterminator="\n")
-    if path.is_file():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):  # a row cut short by a kill: drop it (read_rows ignores it too)
-            with open(path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
-    if not path.is_file() or path.stat().st_size == 0:
-        writer.writeheader()
-    writer.writerow({k: row.get(k, "") for k in FIELDS})
-    with open(path, "a", newline="") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
+    with locked(csv_lock(path)):
+        if path.is_file():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):  # a row cut short by a kill: drop it (read_rows ignores it too)
+                with open(path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+        if not path.is_file() or path.stat().st_size == 0:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in FIELDS})
+        with open(path, "a", newline="") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def make_row(planned, settings, preset, result, seconds, device):
@@ -244,35 +386,6 @@ def make_row(planned, settings, preset, result, seconds, device):
 
 # --------------------------------------------------------------------------- running
 
-def subset_ids(settings):
-    """(train ids, val ids) for the preset: evenly spaced picks from the split's parts, or (None, None) to let
-    train.py use the whole split."""
-    if settings["n_train"] is None and settings["n_val"] is None:
-        return None, None
-    from train import TrainConfig, resolve_split
-    tr, va, _ = resolve_split(TrainConfig(data=settings["data"], split=settings["split"]))
-
-    def pick(pairs, n):
-        ids = [p[0] for p in pairs]
-        if n is None or n >= len(ids):
-            return ids
-        return [ids[i * len(ids) // n] for i in range(n)]
-    return pick(tr, settings["n_train"]), pick(va, settings["n_val"])
-
-
-def make_config(run, settings, seed, ids, device, out):
-    from train import TrainConfig
-    train_ids, val_ids = ids
-    return TrainConfig(
-        data=settings["data"], split=settings["split"] if train_ids is None else None,
-        train_ids=train_ids, val_ids=val_ids, points=run.points, strategy=run.strategy,
-        resample_each_epoch=run.resample_each_epoch, annotation_seed=seed, class_weights=run.class_weights,
-        gamma=run.gamma, decoder=run.decoder, pretrained=settings["pretrained"], size=settings["size"],
-        epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
-        step_size=settings["step_size"], lr_gamma=settings["lr_gamma"], seed=seed, device=device,
-        out=str(out), figures=False, exclude=tuple(settings["exclude"]), progress=False)
-
-
 def train_and_measure(cfg):
     """The real runner: the labelled fraction of the training annotation at processing resolution, then
     train.train(cfg). Returns the history, the fraction and the split sizes."""
@@ -296,31 +409,130 @@ def device_name(device):
 
 def execute(plan, settings, preset, csv_path, runner=train_and_measure, device="auto", runs_dir="results/runs",
             keep_checkpoints=False):
-    """Train every planned run whose key is not in the csv yet, appending a row after each. Returns the keys
+    """Train every planned run whose key is not in the csv yet, appending a row after each. Each run is claimed
+    first (claim_run), so several processes on one results folder share the runs; a run another process holds
+    is skipped as running elsewhere. A run killed part-way resumes from its last.pth (restart). Returns the keys
     it ran."""
     done = {r["key"] for r in read_rows(csv_path)}
     todo = [p for p in plan if p.key not in done]
     print(f"{len(plan)} runs planned, {len(plan) - len(todo)} already in {csv_path}, {len(todo)} to do", flush=True)
     if not todo:
         return []
-    ids = subset_ids(settings)
     dev = device_name(device)
-    ran = []
+    ran, elsewhere = [], []
     for i, p in enumerate(todo, 1):
         out = Path(runs_dir) / p.key
-        print(f"\n[{i}/{len(todo)}] {p.key} {p.run.name} seed {p.seed}", flush=True)
-        cfg = make_config(p.run, settings, p.seed, ids, device, out)
-        t0 = time.time()
-        result = runner(cfg)
-        seconds = time.time() - t0
-        append_row(csv_path, make_row(p, settings, preset, result, seconds, dev))
-        print(f"[{i}/{len(todo)}] done in {seconds:.0f} s: val mIoU {result['history'][-1]['val_miou']:.3f} "
-              f"(last epoch)", flush=True)
-        if not keep_checkpoints:
-            for f in out.glob("*.pth"):
-                f.unlink()
-        ran.append(p.key)
+        holder = claim_run(out)
+        if holder is not None:
+            print(f"[{i}/{len(todo)}] {p.key} {p.run.name} seed {p.seed}: running elsewhere "
+                  f"({describe_claim(holder)}), skipped", flush=True)
+            elsewhere.append(p.key)
+            continue
+        try:
+            if p.key in {r["key"] for r in read_rows(csv_path, warn=False)}:  # read again: it may have changed
+                print(f"[{i}/{len(todo)}] {p.key}: finished by another process meanwhile", flush=True)
+                continue
+            print(f"\n[{i}/{len(todo)}] {p.key} {p.run.name} seed {p.seed}", flush=True)
+            cfg = replace(p.config, out=str(out), device=device, **restart(out, p.config))
+            t0 = time.time()
+            result = runner(cfg)
+            seconds = time.time() - t0
+            append_row(csv_path, make_row(p, settings, preset, result, seconds, dev))
+            print(f"[{i}/{len(todo)}] done in {seconds:.0f} s: val mIoU {result['history'][-1]['val_miou']:.3f} "
+                  f"(last epoch)", flush=True)
+            if not keep_checkpoints:
+                for f in out.glob("*.pth"):
+                    f.unlink()
+            ran.append(p.key)
+        finally:
+            release_run(out)  # the row is written (or the run failed): the run is free again
+    if elsewhere:
+        print(f"skipped {len(elsewhere)} of {len(todo)} runs as running elsewhere (claimed by another process): "
+              f"{', '.join(elsewhere)}", flush=True)
     return ran
+
+
+def restart(out, cfg):
+    """How a run starts in its folder, as TrainConfig fields: from `<out>/last.pth` when a killed run left one
+    (resume=True: train.py continues after its last epoch); over the leftovers of a run killed before its first
+    checkpoint (overwrite=True, where TrainConfig has that field: train.py refuses a fresh run over old files
+    without it); else fresh."""
+    out = Path(out)
+    if (out / "last.pth").is_file():
+        print(f"resuming from {out / 'last.pth'}", flush=True)
+        return {"resume": True}
+    leftovers = [f.name for f in out.iterdir() if f.name != "claim"] if out.is_dir() else []
+    if leftovers and "overwrite" in {f.name for f in dataclasses.fields(cfg)}:
+        print(f"starting afresh over what a killed run left in {out}: {', '.join(sorted(leftovers))}", flush=True)
+        return {"overwrite": True}
+    return {}
+
+
+# --------------------------------------------------------------------------- claims: one process per run
+
+def claim_run(folder):
+    """Claim the run whose folder this is for this process: create `<folder>/claim` with O_CREAT | O_EXCL (of
+    two processes exactly one succeeds), holding pid, host name and start time. Returns None when this process
+    holds the run now, or the holder's claim (a dict) when another live process does.
+
+    A claim whose pid is dead on this host is stale (its run was killed) and is taken over, with a message. A
+    claim from another host is never judged stale, since its pid cannot be checked from here: delete it by hand
+    when that host's run is known to be dead. Claims are checked and taken under a lock on `<runs>/claims.lock`,
+    so two processes never take over one stale claim both."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "claim"
+    with locked(folder.parent / "claims.lock"):
+        if path.exists():
+            holder = read_claim(path)
+            if not is_stale(holder):
+                return holder
+            print(f"taking over the stale claim on {folder.name} ({describe_claim(holder)}: that process is dead)",
+                  flush=True)
+            path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
+    return None
+
+
+def read_claim(path):
+    """The claim's {pid, host, started}; {} for an unreadable one (its process died while writing it)."""
+    try:
+        claim = json.loads(Path(path).read_text())
+        return claim if isinstance(claim, dict) and {"pid", "host"} <= set(claim) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def is_stale(claim):
+    if not claim:
+        return True
+    if claim["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(claim["pid"]), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def describe_claim(claim):
+    if not claim:
+        return "an unreadable claim"
+    return f"pid {claim['pid']} on {claim['host']} since {claim.get('started', '?')}"
+
+
+def release_run(folder):
+    """Remove this process's claim on the run (a claim another process holds is left alone)."""
+    path = Path(folder) / "claim"
+    with locked(path.parent.parent / "claims.lock"):  # never while another process is reading it in claim_run
+        claim = read_claim(path)
+        if claim.get("pid") == os.getpid() and claim.get("host") == socket.gethostname():
+            path.unlink()
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -334,7 +546,8 @@ def aggregate(values):
 
 
 def rows_for(rows, ckey):
-    return [r for r in rows if r["config_key"] == ckey]
+    """The rows of one configuration, each run (key) once."""
+    return first_per_key([r for r in rows if r["config_key"] == ckey])
 
 
 def summarize(rows, ckey, fields=("oa", "miou", "mf1", "labelled_fraction", "seconds", *IOU_FIELDS)):
@@ -358,9 +571,9 @@ def paired_difference(rows, ckey_a, ckey_b, field="miou"):
     return aggregate([a[s] - b[s] for s in sorted(set(a) & set(b))])
 
 
-def closing_numbers(rows, settings):
+def closing_numbers(rows, keys):
     """The three numbers of the closing note, from the baseline, no-weights, budget and dense runs."""
-    key = lambda run: config_key(run, settings)
+    key = keys.config_key
     base, dense = summarize(rows, key(BASELINE))["miou"], summarize(rows, key(replace(BASELINE, points=None)))["miou"]
     out = {"baseline": base, "dense": dense, "ratio": base[0] / dense[0] if base[2] and dense[2] else float("nan"),
            "weights_effect": paired_difference(rows, key(BASELINE), key(replace(BASELINE, class_weights="none"))),
@@ -378,27 +591,27 @@ def closing_numbers(rows, settings):
 
 # --------------------------------------------------------------------------- report
 
-def experiment_table(rows, exp, settings):
+def experiment_table(rows, exp, keys):
     lines = ["| run | points / image | labelled pixels % | OA % | mIoU % | mean F1 % | seeds | s / run |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, run in exp.rows:
-        s = summarize(rows, config_key(run, settings))
+        s = summarize(rows, keys.config_key(run))
         pts = "dense" if run.points is None else f"{run.points:,}"
         lines.append(f"| {label} | {pts} | {fmt(s['labelled_fraction'], digits=2)} | {fmt(s['oa'])} | "
                      f"{fmt(s['miou'])} | {fmt(s['mf1'])} | {s['miou'][2]} | {fmt(s['seconds'], False, 0)} |")
     return "\n".join(lines)
 
 
-def per_class_table(rows, exp, settings):
+def per_class_table(rows, exp, keys):
     lines = ["| run | " + " | ".join(CLASSES) + " |", "|---|" + "---:|" * len(CLASSES)]
     for label, run in exp.rows:
-        s = summarize(rows, config_key(run, settings))
+        s = summarize(rows, keys.config_key(run))
         lines.append(f"| {label} | " + " | ".join(fmt(s[f]) for f in IOU_FIELDS) + " |")
     return "\n".join(lines)
 
 
-def closing_note(rows, settings):
-    c = closing_numbers(rows, settings)
+def closing_note(rows, keys):
+    c = closing_numbers(rows, keys)
     lines = []
     if c["baseline"][2] and c["dense"][2]:
         lines.append(f"- 20,000 fixed points reach **{100 * c['ratio']:.1f} %** of the dense ceiling's mIoU "
@@ -422,20 +635,21 @@ def closing_note(rows, settings):
     return "\n".join(lines)
 
 
-def write_report(rows, settings, preset, path, figures_dir):
+def write_report(rows, keys, preset, path, figures_dir):
     """results/experiments.md: the settings, one table per experiment, the closing note; plus the figures."""
-    path = Path(path)
-    n_rows = sum(1 for r in rows if r["settings"] == json.dumps(settings, sort_keys=True))
+    path, settings = Path(path), keys.settings
+    ckeys = {keys.config_key(run) for e in EXPERIMENTS for _, run in e.rows}
+    ours = first_per_key([r for r in rows if r["config_key"] in ckeys])
     synthetic = preset == "demo" or "demo_data" in str(settings["data"])
-    devices = sorted({r["device"] for r in rows if r["settings"] == json.dumps(settings, sort_keys=True)})
-    total = sum(r["seconds"] for r in rows if r["settings"] == json.dumps(settings, sort_keys=True))
+    devices = sorted({r["device"] for r in ours})
+    total = sum(r["seconds"] for r in ours)
     head = [f"# Experiments: preset `{preset}`", ""]
     if synthetic:
         head += ["**SYNTHETIC demo data** (procedural Potsdam-like scenes from `demo_data.py`). These numbers say "
                  "nothing about ISPRS Potsdam; they show that the pipeline runs and how the comparisons come out "
                  "on this toy problem.", ""]
     head += [f"Written by `python experiments.py --preset {preset} --report` from `{Path(path).parent}/"
-             f"experiments.csv` ({n_rows} runs of these settings, {total / 3600:.2f} h of training on "
+             f"experiments.csv` ({len(ours)} runs of these settings on this data, {total / 3600:.2f} h of training on "
              f"{', '.join(devices) or 'no device yet'}).", "",
              "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()) + ".", "",
              "Every cell is mean ± sample std over seeds (seed = model init, shuffling and annotation draw). "
@@ -449,21 +663,21 @@ def write_report(rows, settings, preset, path, figures_dir):
              "thing from it.", ""]
     body = []
     for exp in EXPERIMENTS:
-        body += [f"## {exp.number}. {exp.title}", "", experiment_table(rows, exp, settings), ""]
+        body += [f"## {exp.number}. {exp.title}", "", experiment_table(rows, exp, keys), ""]
         body += [exp.note, ""] if exp.note else []
         if exp.number == 1:
-            body += ["Per-class IoU %:", "", per_class_table(rows, exp, settings), ""]
-    figs = write_figures(rows, settings, preset, figures_dir)
+            body += ["Per-class IoU %:", "", per_class_table(rows, exp, keys), ""]
+    figs = write_figures(rows, keys, preset, figures_dir)
     if figs:
         rel = lambda p: os.path.relpath(p, path.parent)
         body += ["## Figures", ""] + [f"![{p.stem}]({rel(p)})" for p in figs] + [""]
-    body += ["## Closing note", "", closing_note(rows, settings), ""]
+    body += ["## Closing note", "", closing_note(rows, keys), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(head + body))
     return path
 
 
-def write_figures(rows, settings, preset, folder):
+def write_figures(rows, keys, preset, folder):
     """point_budget.png (mIoU vs points per image, log x, dense ceiling as a line) and class_weights_iou.png
     (per-class IoU of the published pair). Returns the paths written."""
     import matplotlib
@@ -473,7 +687,7 @@ def write_figures(rows, settings, preset, folder):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tag = " (SYNTHETIC demo data)" if preset == "demo" else f" ({preset})"
-    key = lambda run: config_key(run, settings)
+    key = keys.config_key
     written = []
 
     stats = {n: summarize(rows, key(replace(BASELINE, points=n))) for n in BUDGETS}
@@ -552,7 +766,8 @@ def get_args_parser():
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default 0: torch's own choice). On a CPU shared with other jobs, 1 "
                         "avoids oversubscription; not part of the run key")
-    p.add_argument("--results", default="results", help="folder for experiments.csv/.md and the figures")
+    p.add_argument("--results", help="folder for experiments.csv/.md and the figures (default: results/ for a "
+                                     "preset's own settings, results/adhoc-<settings hash>/ for any others)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep <results>/runs/<key>/*.pth")
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are done; train nothing")
     p.add_argument("--report", action="store_true", help="rebuild the markdown and figures from the csv only")
@@ -572,6 +787,24 @@ def settings_from_args(args):
     return s
 
 
+def results_folder(args, settings):
+    """--results when given. Else results/ for a preset's own settings, and results/adhoc-<hash of the
+    settings>/ when an option (--data, --split, --size, --epochs, --n-train, --n-val, --no-pretrained,
+    --exclude) changes them: a quick try never rewrites the tracked results/experiments.md or adds to its csv,
+    and the same settings always find their folder again."""
+    if args.results is not None:
+        return Path(args.results)
+    preset = dict(PRESETS[args.preset], data=os.path.normpath(PRESETS[args.preset]["data"]))
+    if settings == preset:
+        return Path("results")
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    folder = Path("results") / f"adhoc-{digest}"
+    changed = ", ".join(f"{k} {settings[k]!r} (preset {preset[k]!r})" for k in settings if settings[k] != preset[k])
+    print(f"settings other than preset {args.preset}'s ({changed}): results go to {folder}/ "
+          f"(--results to choose)", flush=True)
+    return folder
+
+
 def ensure_demo_data(settings):
     """The demo preset draws the synthetic data (as `make demo-data` does) unless it is there already."""
     if Path(settings["data"]) != Path(DEMO_DATA["out"]) / "patches":
@@ -587,28 +820,32 @@ def main(args):
     only = None if not args.only else {int(x) for x in args.only.split(",") if x.strip()}
     if only and not only <= {e.number for e in EXPERIMENTS}:
         raise SystemExit(f"--only {args.only}: experiments are {[e.number for e in EXPERIMENTS]}")
-    results = Path(args.results)
+    results = results_folder(args, settings)
     csv_path, md_path = results / "experiments.csv", results / "experiments.md"
-    plan = plan_runs(settings, only, args.seeds)
+    if args.preset == "demo" and not (args.dry_run or args.report):
+        ensure_demo_data(settings)
+    keys = Keys.read(settings)  # the run keys need the data folder: its subset ids and identity
+    plan = plan_runs(keys, only, args.seeds)
     if args.dry_run:
         done = {r["key"] for r in read_rows(csv_path)}
         for p in plan:
-            print(f"{'done' if p.key in done else 'todo'}  {p.key}  {p.run.name}  seed {p.seed}")
+            claim = results / "runs" / p.key / "claim"
+            running = claim.exists() and not is_stale(read_claim(claim))
+            print(f"{'done' if p.key in done else 'running' if running else 'todo'}  {p.key}  {p.run.name}  "
+                  f"seed {p.seed}")
         print(f"{sum(p.key in done for p in plan)} of {len(plan)} runs done ({csv_path})")
         return
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
     if not args.report:
-        if args.preset == "demo":
-            ensure_demo_data(settings)
         t0 = time.time()
-        execute(plan, settings, args.preset, csv_path, device=args.device, runs_dir=results / "runs",
-                keep_checkpoints=args.keep_checkpoints)
-        print(f"\nall runs done in {(time.time() - t0) / 60:.1f} min", flush=True)
+        ran = execute(plan, settings, args.preset, csv_path, device=args.device, runs_dir=results / "runs",
+                      keep_checkpoints=args.keep_checkpoints)
+        print(f"\n{len(ran)} runs done here in {(time.time() - t0) / 60:.1f} min", flush=True)
     rows = read_rows(csv_path)
-    write_report(rows, settings, args.preset, md_path, results)
-    print(f"wrote {md_path}\n\n" + closing_note(rows, settings))
+    write_report(rows, keys, args.preset, md_path, results)
+    print(f"wrote {md_path}\n\n" + closing_note(rows, keys))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,16 @@
-"""experiments.py: run keys, resume, aggregation and the report, on fake runs (one tiny real run at the end)."""
+"""experiments.py: run keys, claims and resume, the csv under concurrent writers, aggregation, the report and where
+results go, on fake runs (one tiny real run at the end)."""
 
+import dataclasses
 import math
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +19,7 @@ from conftest import write_patches
 from spec import CLASSES
 
 SETTINGS = dict(E.PRESETS["demo"], data="nowhere/patches", n_train=None, n_val=None)
+KEYS = E.Keys(SETTINGS, (None, None), "data-id")  # what Keys.read would make of a folder, without one
 
 
 def fake_history(miou, oa=0.8, epochs=2):
@@ -29,12 +39,12 @@ class FakeRunner:
         return {"history": fake_history(0.5 + 0.1 * cfg.seed), "labelled_fraction": 0.25, "n_train": 7, "n_val": 1}
 
 
-def fake_row(run, seed, miou, oa=0.8, fraction=0.5, seconds=10.0, settings=SETTINGS):
+def fake_row(run, seed, miou, oa=0.8, fraction=0.5, seconds=10.0, keys=KEYS):
     """A row as read_rows returns it."""
     row = {f: "" for f in E.FIELDS}
-    row.update(key=E.run_key(run, settings, seed), config_key=E.config_key(run, settings), seed=float(seed),
+    row.update(key=keys.run_key(run, seed), config_key=keys.config_key(run), seed=float(seed),
                miou=miou, oa=oa, mf1=miou, labelled_fraction=fraction, seconds=seconds, device="cpu",
-               settings=E.json.dumps(settings, sort_keys=True))
+               settings=E.json.dumps(keys.settings, sort_keys=True))
     for f in E.IOU_FIELDS:
         row[f] = miou
     return row
@@ -43,26 +53,85 @@ def fake_row(run, seed, miou, oa=0.8, fraction=0.5, seconds=10.0, settings=SETTI
 # --------------------------------------------------------------------------- keys and the plan
 
 def test_run_key_is_stable_and_tells_configs_apart():
-    k = E.run_key(E.BASELINE, SETTINGS, 0)
-    assert k == E.run_key(E.Run(), dict(reversed(list(SETTINGS.items()))), 0)  # same config, any dict order
-    assert k.startswith(E.config_key(E.BASELINE, SETTINGS))
-    others = {E.run_key(E.BASELINE, SETTINGS, 1), E.run_key(replace(E.BASELINE, points=100), SETTINGS, 0),
-              E.run_key(replace(E.BASELINE, class_weights="none"), SETTINGS, 0),
-              E.run_key(replace(E.BASELINE, decoder="plain"), SETTINGS, 0),
-              E.run_key(replace(E.BASELINE, resample_each_epoch=True), SETTINGS, 0),
-              E.run_key(E.BASELINE, dict(SETTINGS, epochs=9), 0)}
-    assert k not in others and len(others) == 6
+    k = KEYS.run_key(E.BASELINE, 0)
+    same = E.Keys(dict(reversed(list(SETTINGS.items()))), (None, None), "data-id")  # any dict order
+    assert k == same.run_key(E.Run(), 0)
+    assert k == KEYS.config_key(E.BASELINE) + "-s0"
+    others = {KEYS.run_key(E.BASELINE, 1), KEYS.run_key(replace(E.BASELINE, points=100), 0),
+              KEYS.run_key(replace(E.BASELINE, class_weights="none"), 0),
+              KEYS.run_key(replace(E.BASELINE, decoder="plain"), 0),
+              KEYS.run_key(replace(E.BASELINE, resample_each_epoch=True), 0),
+              E.Keys(dict(SETTINGS, epochs=9), (None, None), "data-id").run_key(E.BASELINE, 0),
+              E.Keys(SETTINGS, (["1", "2"], ["3"]), "data-id").run_key(E.BASELINE, 0),  # a subset of the split
+              E.Keys(SETTINGS, (None, None), "other-data").run_key(E.BASELINE, 0)}
+    assert k not in others and len(others) == 8
+
+
+def test_key_hashes_the_whole_training_config(monkeypatch):
+    """Every TrainConfig field but NOT_IN_KEY is in the key, defaults included: a changed default (here the
+    loss normalisation) makes new keys, so old rows no longer count as done. Where the run goes does not."""
+    import train
+    cfg = KEYS.config(E.BASELINE, 0)
+    h = E.config_hash(cfg, "data-id")
+    assert h == E.config_hash(replace(cfg, out="elsewhere", figures="figs", progress=True, device="cuda:1",
+                                      workers=4, resume=True), "data-id")
+    assert h == E.config_hash(replace(cfg, seed=5, annotation_seed=5), "data-id")  # the seed is the -s suffix
+    changed = [replace(cfg, augment=False), replace(cfg, weight_decay=1e-4), replace(cfg, lr=2e-3),
+               replace(cfg, normalization="points"), replace(cfg, amp=True), replace(cfg, val_fraction=0.2)]
+    assert len({h} | {E.config_hash(c, "data-id") for c in changed}) == len(changed) + 1
+    assert E.config_hash(cfg, "other-data") != h
+
+    key, base = KEYS.run_key(E.BASELINE, 0), train.TrainConfig
+
+    @dataclasses.dataclass
+    class NewDefault(base):
+        normalization: str = "points"
+
+    @dataclasses.dataclass
+    class WithOverwrite(base):  # a field another change adds, which says how a run goes, not what it computes
+        overwrite: bool = False
+
+    monkeypatch.setattr(train, "TrainConfig", NewDefault)
+    assert KEYS.run_key(E.BASELINE, 0) != key
+    monkeypatch.setattr(train, "TrainConfig", WithOverwrite)
+    assert KEYS.run_key(E.BASELINE, 0) == key
+
+
+def test_data_identity_follows_the_files_and_the_split(tmp_path):
+    root = tmp_path / "patches"
+    (root / "Images").mkdir(parents=True)
+    (root / "Labels").mkdir()
+    for i in range(3):
+        (root / "Images" / f"Image_{i}.tif").write_bytes(b"x" * 10)
+        (root / "Labels" / f"Label_{i}.tif").write_bytes(b"y" * 10)
+    settings = dict(SETTINGS, data=str(root), split=None)
+    ident = E.data_identity(settings)
+    (root / "Images" / "Image_1.tif").write_bytes(b"z" * 10)  # same name and size: same identity
+    assert E.data_identity(settings) == ident
+    (root / "Labels" / "Label_1.tif").write_bytes(b"y" * 11)
+    resized = E.data_identity(settings)
+    (root / "Images" / "Image_3.tif").write_bytes(b"x")
+    added = E.data_identity(settings)
+    split = tmp_path / "split.json"
+    split.write_text('{"train": [0, 1], "val": [2]}')
+    with_split = E.data_identity(dict(settings, split=str(split)))
+    split.write_text('{"train": [0], "val": [1, 2]}')
+    other_split = E.data_identity(dict(settings, split=str(split)))
+    assert len({ident, resized, added, with_split, other_split}) == 5
+    (tmp_path / "no_labels" / "Images").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no Labels/ folder in .*no_labels"):
+        E.data_identity(dict(settings, data=str(tmp_path / "no_labels")))
 
 
 def test_plan_trains_each_config_once_seed_major():
-    plan = E.plan_runs(SETTINGS, None, seeds=3)
+    plan = E.plan_runs(KEYS, None, seeds=3)
     keys = [p.key for p in plan]
     assert len(keys) == len(set(keys))
     configs = {run for e in E.EXPERIMENTS for _, run in e.rows}
     assert len(plan) == 3 * len(configs)
     assert sum(p.run == E.BASELINE for p in plan) == 3  # shown in experiments 1, 2, 3, 5 and 6, trained once per seed
     assert [p.seed for p in plan] == sorted(p.seed for p in plan)  # every config gets seed 0 before any gets seed 1
-    only1 = E.plan_runs(SETTINGS, {1}, seeds=2)
+    only1 = E.plan_runs(KEYS, {1}, seeds=2)
     assert {p.run for p in only1} == {run for _, run in E.EXPERIMENTS[0].rows} and len(only1) == 8
 
 
@@ -70,7 +139,7 @@ def test_plan_trains_each_config_once_seed_major():
 
 def test_finished_runs_are_not_run_again(tmp_path):
     csv_path = tmp_path / "experiments.csv"
-    plan = E.plan_runs(SETTINGS, {5}, seeds=2)  # 2 configs x 2 seeds
+    plan = E.plan_runs(KEYS, {5}, seeds=2)  # 2 configs x 2 seeds
     runner = FakeRunner()
     ran = E.execute(plan[:1], SETTINGS, "demo", csv_path, runner=runner, device="cpu", runs_dir=tmp_path / "runs")
     assert ran == [plan[0].key] and len(runner.calls) == 1
@@ -92,7 +161,7 @@ def test_finished_runs_are_not_run_again(tmp_path):
 
 def test_a_run_killed_while_writing_is_done_again(tmp_path, capsys):
     csv_path = tmp_path / "experiments.csv"
-    plan = E.plan_runs(SETTINGS, {5}, seeds=1)
+    plan = E.plan_runs(KEYS, {5}, seeds=1)
     E.execute(plan, SETTINGS, "demo", csv_path, runner=FakeRunner(), device="cpu", runs_dir=tmp_path)
     text = csv_path.read_text()
     csv_path.write_text(text[: len(text) - 40])  # the last row cut short, no newline
@@ -103,6 +172,121 @@ def test_a_run_killed_while_writing_is_done_again(tmp_path, capsys):
     assert [r["key"] for r in E.read_rows(csv_path)] == [plan[0].key, plan[1].key]  # the new row on its own line
 
 
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    import train
+    plan = E.plan_runs(KEYS, {5}, seeds=1)
+    runs = tmp_path / "runs"
+    (runs / plan[0].key).mkdir(parents=True)
+    (runs / plan[0].key / "last.pth").write_bytes(b"a killed run's checkpoint")
+    (runs / plan[1].key).mkdir()
+    (runs / plan[1].key / "class_weights.pt").write_bytes(b"killed before its first checkpoint")
+    runner = FakeRunner()
+    E.execute(plan, SETTINGS, "demo", tmp_path / "a.csv", runner=runner, device="cpu", runs_dir=runs)
+    assert [c.resume for c in runner.calls] == [True, False]
+    has_overwrite = "overwrite" in {f.name for f in dataclasses.fields(train.TrainConfig)}
+    assert [getattr(c, "overwrite", None) for c in runner.calls] == ([False, True] if has_overwrite else [None] * 2)
+
+    @dataclasses.dataclass
+    class WithOverwrite(train.TrainConfig):  # train.py refuses a fresh run over leftovers unless overwrite
+        overwrite: bool = False
+    monkeypatch.setattr(train, "TrainConfig", WithOverwrite)
+    plan = E.plan_runs(KEYS, {5}, seeds=2)[2:]  # seed 1: fresh folders
+    (runs / plan[0].key).mkdir()
+    (runs / plan[0].key / "class_weights.pt").write_bytes(b"killed before its first checkpoint")
+    (runs / plan[1].key).mkdir()
+    (runs / plan[1].key / "last.pth").write_bytes(b"a killed run's checkpoint")
+    runner = FakeRunner()
+    E.execute(plan, SETTINGS, "demo", tmp_path / "b.csv", runner=runner, device="cpu", runs_dir=runs)
+    assert [(c.resume, c.overwrite) for c in runner.calls] == [(False, True), (True, False)]
+    runner = FakeRunner()
+    E.execute(E.plan_runs(KEYS, {5}, seeds=3)[4:], SETTINGS, "demo", tmp_path / "c.csv", runner=runner,
+              device="cpu", runs_dir=runs)
+    assert [(c.resume, c.overwrite) for c in runner.calls] == [(False, False)] * 2  # empty folders: fresh
+
+
+# --------------------------------------------------------------------------- two processes on one results folder
+
+def write_claim(folder, pid, host):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "claim").write_text(E.json.dumps({"pid": pid, "host": host, "started": "2026-01-01T00:00:00"}))
+
+
+def dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()  # exited and reaped: no process has this pid now
+    return p.pid
+
+
+class ClaimCheckingRunner(FakeRunner):
+    """A FakeRunner that also records who holds the run's claim while it trains."""
+
+    def __call__(self, cfg):
+        self.claims = getattr(self, "claims", []) + [E.json.loads((Path(cfg.out) / "claim").read_text())]
+        return super().__call__(cfg)
+
+
+def test_claimed_runs_are_skipped_and_stale_claims_taken_over(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    plan = E.plan_runs(KEYS, {5}, seeds=2)  # 4 runs
+    host = socket.gethostname()
+    write_claim(runs / plan[0].key, os.getppid(), host)  # alive on this host: running elsewhere
+    write_claim(runs / plan[1].key, dead_pid(), "another-host")  # its pid cannot be checked here: running
+    write_claim(runs / plan[2].key, dead_pid(), host)  # dead on this host: a killed run, stale
+    runner = ClaimCheckingRunner()
+    ran = E.execute(plan, SETTINGS, "demo", tmp_path / "experiments.csv", runner=runner, device="cpu",
+                    runs_dir=runs)
+    assert ran == [plan[2].key, plan[3].key]
+    out = capsys.readouterr().out
+    assert out.count("running elsewhere") >= 2 and "stale" in out
+    assert [(c["pid"], c["host"]) for c in runner.claims] == [(os.getpid(), host)] * 2  # held while training
+    assert E.json.loads((runs / plan[0].key / "claim").read_text())["pid"] == os.getppid()  # left alone
+    assert (runs / plan[1].key / "claim").is_file()
+    assert not (runs / plan[2].key / "claim").exists() and not (runs / plan[3].key / "claim").exists()  # released
+
+
+def _execute_after(start, plan, csv_path, runs):
+    start.wait()
+    E.execute(plan, SETTINGS, "demo", csv_path, runner=SlowRunner(), device="cpu", runs_dir=runs)
+
+
+class SlowRunner(FakeRunner):
+    def __call__(self, cfg):
+        time.sleep(0.05)
+        return super().__call__(cfg)
+
+
+def test_two_processes_on_one_results_folder_share_the_runs(tmp_path):
+    """Started together on one plan, two processes train each run once between them: one csv row per key."""
+    plan = E.plan_runs(KEYS, {5}, seeds=3)  # 6 runs
+    csv_path, runs = tmp_path / "experiments.csv", tmp_path / "runs"
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_execute_after, args=(start, plan, csv_path, runs)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0]
+    lines = csv_path.read_text().splitlines()[1:]
+    assert sorted(line.split(",")[0] for line in lines) == sorted(p.key for p in plan)  # each key once
+    assert not list(runs.glob("*/claim"))
+
+
+def test_a_run_finished_elsewhere_meanwhile_is_not_done_again(tmp_path):
+    """The csv is read again once a run is claimed: another process may have finished it since the start."""
+    csv_path = tmp_path / "experiments.csv"
+    plan = E.plan_runs(KEYS, {5}, seeds=1)
+
+    class FinishesTheNextOneToo(FakeRunner):  # plays the other process, which writes plan[1]'s row meanwhile
+        def __call__(self, cfg):
+            result = super().__call__(cfg)
+            E.append_row(csv_path, E.make_row(plan[1], SETTINGS, "demo", result, 1.0, "cpu"))
+            return result
+    runner = FinishesTheNextOneToo()
+    assert E.execute(plan, SETTINGS, "demo", csv_path, runner=runner, device="cpu", runs_dir=tmp_path) == [plan[0].key]
+    assert len(runner.calls) == 1 and sorted(r["key"] for r in E.read_rows(csv_path)) == sorted(p.key for p in plan)
+
+
 def test_a_csv_with_other_columns_is_refused(tmp_path):
     path = tmp_path / "experiments.csv"
     path.write_text("key,miou\nabc-s0,0.5\n")
@@ -111,6 +295,20 @@ def test_a_csv_with_other_columns_is_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------- aggregation and report
+
+def test_a_key_is_counted_once(tmp_path, capsys):
+    """Two processes that both ran one key (before claims) left two rows; the report counts it once."""
+    csv_path = tmp_path / "experiments.csv"
+    rows = [fake_row(E.BASELINE, 0, 0.5), fake_row(E.BASELINE, 0, 0.9), fake_row(E.BASELINE, 1, 0.7)]
+    for r in rows:
+        E.append_row(csv_path, r)
+    read = E.read_rows(csv_path)
+    assert [(r["seed"], r["miou"]) for r in read] == [(0, 0.5), (1, 0.7)]  # the first row of a key is kept
+    assert "more than once" in capsys.readouterr().out
+    ckey = rows[0]["config_key"]
+    assert E.summarize(rows, ckey)["miou"] == (pytest.approx(0.6), pytest.approx(math.sqrt(0.02)), 2)
+    assert E.paired_difference(rows, ckey, ckey)[2] == 2
+
 
 def test_aggregate_known_answers():
     mean, std, n = E.aggregate([0.5, 0.7, 0.9])
@@ -130,23 +328,57 @@ def test_report_tables_and_closing_note(tmp_path):
     rows += [fake_row(none, s, m) for s, m in enumerate((0.4, 0.7, 0.7))]  # paired differences 0.1, 0.0, 0.2
     rows += [fake_row(dense, s, m, fraction=1.0) for s, m in enumerate((0.8, 0.8, 0.8))]
     rows += [fake_row(replace(E.BASELINE, points=n), 0, m) for n, m in ((10, 0.2), (100, 0.5), (1000, 0.77))]
-    rows += [fake_row(E.BASELINE, 0, 0.1, settings=dict(SETTINGS, epochs=99))]  # other settings: left out
+    rows += [fake_row(E.BASELINE, 0, 0.1, keys=E.Keys(dict(SETTINGS, epochs=99), (None, None), "data-id"))]
+    rows += [fake_row(E.BASELINE, 1, 0.1, keys=E.Keys(SETTINGS, (None, None), "other-data"))]  # both left out
 
-    table = E.experiment_table(rows, E.EXPERIMENTS[0], SETTINGS)
+    table = E.experiment_table(rows, E.EXPERIMENTS[0], KEYS)
     assert "| skip decoder, class weights from points | 20,000 | 50.00 ± 0.00 | 80.0 ± 0.0 | 70.0 ± 20.0 |" in table
     assert "| skip decoder, no class weights | 20,000 | 50.00 ± 0.00 | 80.0 ± 0.0 | 60.0 ± 17.3 |" in table
     assert "| plain decoder (published), class weights from points | 20,000 | not run |" in table
 
-    c = E.closing_numbers(rows, SETTINGS)
+    c = E.closing_numbers(rows, KEYS)
     assert c["ratio"] == pytest.approx(0.7 / 0.8)
     assert c["weights_effect"] == (pytest.approx(0.1), pytest.approx(0.1), 3)
     assert c["smallest_within_5"][0] == 1000  # 0.77 >= 0.95 * 0.8 = 0.76; 100 points (0.5) is not
 
-    md = E.write_report(rows, SETTINGS, "demo", tmp_path / "experiments.md", tmp_path)
+    md = E.write_report(rows, KEYS, "demo", tmp_path / "experiments.md", tmp_path)
     text = md.read_text()
+    assert "(12 runs of these settings on this data" in text  # not the two of other settings or data
     assert "SYNTHETIC" in text and "70.0 ± 20.0" in text and "87.5 %" in text and "**+10.0 ± 10.0 points**" in text
     assert "**1,000 points per image**" in text
     assert (tmp_path / "point_budget.png").is_file() and (tmp_path / "class_weights_iou.png").is_file()
+
+
+# --------------------------------------------------------------------------- where results go
+
+def results_folder(*argv):
+    args = E.get_args_parser().parse_args(list(argv))
+    return E.results_folder(args, E.settings_from_args(args))
+
+
+def test_settings_other_than_a_preset_go_to_their_own_folder(capsys):
+    assert results_folder("--preset", "demo") == Path("results")
+    assert results_folder("--preset", "demo", "--data", "demo_data/patches/", "--no-pretrained", "--exclude", "",
+                          "--only", "1", "--seeds", "5", "--device", "cpu", "--threads", "1") == Path("results")
+    capsys.readouterr()
+    overrides = (["--epochs", "2"], ["--size", "64"], ["--n-train", "10"], ["--n-val", "10"], ["--data", "mine"],
+                 ["--split", "split.json"], ["--exclude", "clutter"])
+    adhoc = [results_folder("--preset", "demo", *o) for o in overrides]
+    adhoc.append(results_folder("--preset", "potsdam", "--no-pretrained"))
+    assert all(f.parent == Path("results") and f.name.startswith("adhoc-") for f in adhoc)
+    assert len(set(adhoc)) == len(adhoc)
+    assert str(adhoc[0]) in capsys.readouterr().out  # said where the results go
+    assert results_folder("--preset", "demo", "--epochs", "2") == adhoc[0]  # the same settings: the same folder
+    assert results_folder("--preset", "demo", "--epochs", "2", "--results", "results") == Path("results")
+
+
+def test_an_adhoc_report_leaves_the_tracked_results_alone(tmp_path, monkeypatch):
+    write_patches(tmp_path / "patches", n=6, size=(16, 16))
+    monkeypatch.chdir(tmp_path)
+    E.main(E.get_args_parser().parse_args(["--data", "patches", "--epochs", "2", "--report"]))
+    assert not (tmp_path / "results" / "experiments.md").exists()
+    (md,) = (tmp_path / "results").glob("adhoc-*/experiments.md")
+    assert "epochs = 2" in md.read_text()
 
 
 # --------------------------------------------------------------------------- one tiny real run
@@ -154,7 +386,7 @@ def test_report_tables_and_closing_note(tmp_path):
 def test_one_real_run_end_to_end(tmp_path):
     write_patches(tmp_path / "patches", n=6, size=(150, 150))
     settings = dict(SETTINGS, data=str(tmp_path / "patches"), size=32, epochs=1, batch_size=4)
-    plan = E.plan_runs(settings, {1}, seeds=1)[:1]
+    plan = E.plan_runs(E.Keys.read(settings), {1}, seeds=1)[:1]
     csv_path = tmp_path / "results" / "experiments.csv"
     E.execute(plan, settings, "demo", csv_path, device="cpu", runs_dir=tmp_path / "results" / "runs")
     (row,) = E.read_rows(csv_path)
@@ -162,3 +394,34 @@ def test_one_real_run_end_to_end(tmp_path):
     assert 0 <= row["miou"] <= 1 and 0 <= row["oa"] <= 1 and 0 < row["labelled_fraction"] <= 1
     out = tmp_path / "results" / "runs" / plan[0].key
     assert (out / "history.json").is_file() and not list(out.glob("*.pth"))  # checkpoints removed
+
+
+# --------------------------------------------------------------------------- the csv under concurrent writers
+
+def _append_many(csv_path, writer, n, start):
+    """One writer of test_concurrent_appends_keep_every_row: wait for the other, then append n rows."""
+    start.wait()
+    for i in range(n):
+        E.append_row(csv_path, {"key": f"w{writer}-{i}", "run": "x" * 100})
+
+
+def test_concurrent_appends_keep_every_row(tmp_path):
+    """Two processes append 50 rows each to one csv at once. Without the lock many such pairs lose a row or
+    write the header twice; thirty pairs (a csv each, all at once) caught it in every one of 10 tries."""
+    ctx = multiprocessing.get_context("fork")  # a forked child starts in milliseconds (spawn re-imports torch)
+    pairs = []
+    for n in range(30):
+        start = ctx.Barrier(2)  # the two writers of one csv start together
+        csv_path = tmp_path / f"experiments{n}.csv"
+        pairs.append((csv_path, [ctx.Process(target=_append_many, args=(csv_path, w, 50, start)) for w in range(2)]))
+    for _, procs in pairs:
+        for p in procs:
+            p.start()
+    for csv_path, procs in pairs:
+        for p in procs:
+            p.join(30)
+        assert [p.exitcode for p in procs] == [0, 0]
+        text = csv_path.read_text()
+        assert text.count("key,config_key,") == 1 and len(text.splitlines()) == 101
+        keys = [r["key"] for r in E.read_rows(csv_path)]
+        assert sorted(keys) == sorted(f"w{w}-{i}" for w in range(2) for i in range(50))
