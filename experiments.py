@@ -84,11 +84,14 @@ class Run:
     decoder: str = "skip"  # or "plain" (published)
     resample_each_epoch: bool = False  # True = the published code's behaviour
     gamma: float = 2.0  # focal exponent
+    class_weighting: str = "inverse"  # how class counts become weights (class_weights.SCHEMES)
 
     @property
     def name(self):
         pts = "dense" if self.points is None else f"{self.points}pts-{self.strategy}"
-        return (f"{pts}-w{self.class_weights}-{self.decoder}-g{self.gamma:g}"
+        weights = self.class_weights if self.class_weighting == "inverse" else \
+            f"{self.class_weights}-{self.class_weighting}"
+        return (f"{pts}-w{weights}-{self.decoder}-g{self.gamma:g}"
                 f"-{'redrawn' if self.resample_each_epoch else 'fixed'}")
 
 
@@ -139,6 +142,15 @@ EXPERIMENTS = (
         "'Labelled pixels' is one draw. Redrawn points give the model a new draw every epoch, so over a run it "
         "sees many times the labels the budget claims: the published code's '20,000 points' trained on far more "
         "labelled pixels than 20,000 per image."),
+    Experiment(7, "Class weighting on imbalanced data: none vs inverse frequency (published) vs milder schemes", (
+        ("no class weights", replace(BASELINE, class_weights="none")),
+        ("inverse frequency (published)", BASELINE),
+        ("square-root inverse frequency", replace(BASELINE, class_weighting="sqrt")),
+        ("median-frequency balancing", replace(BASELINE, class_weighting="median")),
+        ("effective number of samples", replace(BASELINE, class_weighting="effective")),
+        ("inverse frequency, ratio capped at 10", replace(BASELINE, class_weighting="capped"))),
+        "Weights from the training points (class_weights.py). The rare class is car on the synthetic scenes and "
+        "building on the Atlanta tile (4 % of the pixels); see the per-class IoU table."),
 )
 
 # --------------------------------------------------------------------------- presets
@@ -148,11 +160,33 @@ PRESETS = {
     # 2 CPU cores, random init: processing 75x75 (scale 0.25), a small evenly spread subset, few epochs.
     "demo": dict(data="demo_data/patches", split=None, n_train=160, n_val=48, size=75, epochs=8,
                  batch_size=16, lr=1e-3, step_size=6, lr_gamma=0.1, pretrained=False, exclude=[]),
+    # REAL data, 2 CPU cores: `make realdata` (SpaceNet Atlanta, 0.5 m, 36 patches of 150x150, 2 classes, 16-bit),
+    # whole patch columns 4-5 validate, processed at full resolution, random init.
+    "atlanta": dict(data=None, images="realdata/atlanta/images", labels="realdata/atlanta/labels",
+                    classes="realdata/atlanta/classes.json", split="realdata/atlanta/split.json", n_train=None,
+                    n_val=None, size=150, epochs=20, batch_size=8, lr=1e-3, step_size=15, lr_gamma=0.1,
+                    pretrained=False, exclude=[]),
     # the published settings: 300 -> 150, 100 epochs, Adam 1e-3 + StepLR(30, 0.1), split 2,100 / 300.
     "potsdam": dict(data="archive/patches", split=None, n_train=None, n_val=None, size=150, epochs=100,
                     batch_size=16, lr=1e-3, step_size=30, lr_gamma=0.1, pretrained=True, exclude=[]),
 }
 DEMO_DATA = dict(out="demo_data", patches=2400, scenes=3, scene_size=1200, seed=0)  # what `make demo-data` writes
+OWN_DATA = dict(data=None, images=None, labels=None, classes=None)  # settings a patch-folder preset leaves unset
+for _p in PRESETS.values():
+    for _k, _v in OWN_DATA.items():
+        _p.setdefault(_k, _v)
+
+
+def class_names(settings):
+    """The class names a preset's data use: its class file's, else the Potsdam classes."""
+    if settings.get("classes"):
+        from spec import load_class_file
+        return load_class_file(settings["classes"]).names
+    return CLASSES
+
+
+def is_synthetic(preset, settings):
+    return preset == "demo" or "demo_data" in str(settings.get("data"))
 
 
 # --------------------------------------------------------------------------- run keys
@@ -167,15 +201,23 @@ def data_identity(settings):
     """What the data folder holds, as a hash: the sorted relative names and sizes of the files under its
     Images/ and Labels/, plus the split file's bytes when the settings name one. Stat only: milliseconds for
     the 2,400 Potsdam patches."""
-    root = Path(settings["data"])
     h = hashlib.sha1()
-    for sub in ("Images", "Labels"):
-        if not (root / sub).is_dir():
-            raise FileNotFoundError(f"no {sub}/ folder in {root}: expected {root}/Images/Image_<id>.tif and "
-                                    f"{root}/Labels/Label_<id>.tif (make demo-data builds a synthetic set)")
-        files = sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in (root / sub).rglob("*")
+    if settings.get("images"):  # own data: two folders (and a class file)
+        folders = [Path(settings["images"]), Path(settings["labels"])]
+        hint = "make realdata builds the Atlanta set" if "realdata" in str(settings["images"]) else "check the path"
+    else:
+        root = Path(settings["data"])
+        folders = [root / "Images", root / "Labels"]
+        hint = (f"expected {root}/Images/Image_<id>.tif and {root}/Labels/Label_<id>.tif (make demo-data builds "
+                f"a synthetic set)")
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no folder {folder}: {hint}")
+        files = sorted((p.relative_to(folder.parent).as_posix(), p.stat().st_size) for p in folder.rglob("*")
                        if p.is_file())
         h.update("".join(f"{name} {size}\n" for name, size in files).encode())
+    if settings.get("classes"):
+        h.update(b"classes\n" + Path(settings["classes"]).read_bytes())
     if settings["split"]:
         split = Path(settings["split"])
         if not split.is_file():
@@ -190,7 +232,8 @@ def subset_ids(settings):
     if settings["n_train"] is None and settings["n_val"] is None:
         return None, None
     from train import TrainConfig, resolve_split
-    tr, va, _ = resolve_split(TrainConfig(data=settings["data"], split=settings["split"]))
+    tr, va, _ = resolve_split(TrainConfig(data=settings["data"], images=settings.get("images"),
+                                          labels=settings.get("labels"), split=settings["split"]))
 
     def pick(pairs, n):
         ids = [p[0] for p in pairs]
@@ -205,9 +248,11 @@ def make_config(run, settings, seed, ids):
     from train import TrainConfig
     train_ids, val_ids = ids
     return TrainConfig(
-        data=settings["data"], split=settings["split"] if train_ids is None else None,
+        data=settings["data"], images=settings.get("images"), labels=settings.get("labels"),
+        classes=settings.get("classes"), split=settings["split"] if train_ids is None else None,
         train_ids=train_ids, val_ids=val_ids, points=run.points, strategy=run.strategy,
         resample_each_epoch=run.resample_each_epoch, annotation_seed=seed, class_weights=run.class_weights,
+        class_weighting=run.class_weighting,
         gamma=run.gamma, decoder=run.decoder, pretrained=settings["pretrained"], size=settings["size"],
         epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
         step_size=settings["step_size"], lr_gamma=settings["lr_gamma"], seed=seed,
@@ -263,13 +308,13 @@ def plan_runs(keys, experiments=None, seeds=3):
 
 # --------------------------------------------------------------------------- the csv (one row per run)
 
-IOU_FIELDS = [f"iou_{c}" for c in CLASSES]
-FIELDS = (["key", "config_key", "preset", "run", "points", "strategy", "class_weights", "decoder",
-           "resample_each_epoch", "gamma", "size", "epochs", "n_train", "n_val", "pretrained", "seed",
-           "annotation_seed", "labelled_fraction", "oa", "miou", "mf1"] + IOU_FIELDS +
-          ["best_miou", "best_epoch", "seconds", "device", "finished", "settings"])
+FIELDS = ["key", "config_key", "preset", "run", "points", "strategy", "class_weights", "class_weighting", "decoder",
+          "resample_each_epoch", "gamma", "size", "epochs", "n_train", "n_val", "pretrained", "seed",
+          "annotation_seed", "labelled_fraction", "oa", "miou", "mf1", "class_iou", "best_miou", "best_epoch",
+          "seconds", "device", "finished", "settings"]
 NUMERIC = ["points", "gamma", "size", "epochs", "n_train", "n_val", "seed", "annotation_seed", "labelled_fraction",
-           "oa", "miou", "mf1", *IOU_FIELDS, "best_miou", "best_epoch", "seconds"]
+           "oa", "miou", "mf1", "best_miou", "best_epoch", "seconds"]
+BASE_STATS = ("oa", "miou", "mf1", "labelled_fraction", "seconds")
 
 
 @contextmanager
@@ -322,6 +367,8 @@ def read_rows(path, warn=True):
             continue
         for k in NUMERIC:
             row[k] = None if row[k] in ("", "dense") else float(row[k])
+        for name, value in json.loads(row["class_iou"] or "{}").items():  # iou_<class> for summarize
+            row[f"iou_{name}"] = float(value)
         rows.append(row)
     unique = first_per_key(rows)
     if len(unique) < len(rows) and warn:
@@ -371,16 +418,16 @@ def make_row(planned, settings, preset, result, seconds, device):
     r = planned.run
     row = dict(key=planned.key, config_key=planned.config_key, preset=preset, run=r.name,
                points="dense" if r.points is None else r.points, strategy=r.strategy,
-               class_weights=r.class_weights, decoder=r.decoder, resample_each_epoch=r.resample_each_epoch,
+               class_weights=r.class_weights, class_weighting=r.class_weighting, decoder=r.decoder,
+               resample_each_epoch=r.resample_each_epoch,
                gamma=r.gamma, size=settings["size"], epochs=len(history), n_train=result.get("n_train", ""),
                n_val=result.get("n_val", ""), pretrained=settings["pretrained"], seed=planned.seed,
                annotation_seed=planned.seed, labelled_fraction=f"{result['labelled_fraction']:.6g}",
                oa=f"{last['val_oa']:.6g}", miou=f"{last['val_miou']:.6g}", mf1=f"{last['val_mf1']:.6g}",
                best_miou=f"{best['val_miou']:.6g}", best_epoch=best["epoch"], seconds=f"{seconds:.1f}",
                device=device, finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-               settings=json.dumps(settings, sort_keys=True))
-    for c in CLASSES:
-        row[f"iou_{c}"] = f"{last['val_iou'].get(c, float('nan')):.6g}"
+               settings=json.dumps(settings, sort_keys=True),
+               class_iou=json.dumps({c: float(f"{v:.6g}") for c, v in last["val_iou"].items()}))
     return row
 
 
@@ -550,9 +597,12 @@ def rows_for(rows, ckey):
     return first_per_key([r for r in rows if r["config_key"] == ckey])
 
 
-def summarize(rows, ckey, fields=("oa", "miou", "mf1", "labelled_fraction", "seconds", *IOU_FIELDS)):
+def summarize(rows, ckey, fields=None):
+    """{field: (mean, std, n)} over one configuration's runs; by default BASE_STATS and every iou_<class>."""
     sel = rows_for(rows, ckey)
-    return {f: aggregate([r[f] for r in sel]) for f in fields}
+    if fields is None:
+        fields = list(BASE_STATS) + sorted({k for r in sel for k in r if k.startswith("iou_")})
+    return {f: aggregate([r.get(f) for r in sel]) for f in fields}
 
 
 def fmt(stat, percent=True, digits=1):
@@ -603,10 +653,11 @@ def experiment_table(rows, exp, keys):
 
 
 def per_class_table(rows, exp, keys):
-    lines = ["| run | " + " | ".join(CLASSES) + " |", "|---|" + "---:|" * len(CLASSES)]
+    names = class_names(keys.settings)
+    lines = ["| run | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for label, run in exp.rows:
-        s = summarize(rows, keys.config_key(run))
-        lines.append(f"| {label} | " + " | ".join(fmt(s[f]) for f in IOU_FIELDS) + " |")
+        s = summarize(rows, keys.config_key(run), [f"iou_{c}" for c in names])
+        lines.append(f"| {label} | " + " | ".join(fmt(s[f"iou_{c}"]) for c in names) + " |")
     return "\n".join(lines)
 
 
@@ -640,7 +691,7 @@ def write_report(rows, keys, preset, path, figures_dir):
     path, settings = Path(path), keys.settings
     ckeys = {keys.config_key(run) for e in EXPERIMENTS for _, run in e.rows}
     ours = first_per_key([r for r in rows if r["config_key"] in ckeys])
-    synthetic = preset == "demo" or "demo_data" in str(settings["data"])
+    synthetic = is_synthetic(preset, settings)
     devices = sorted({r["device"] for r in ours})
     total = sum(r["seconds"] for r in ours)
     head = [f"# Experiments: preset `{preset}`", ""]
@@ -648,6 +699,9 @@ def write_report(rows, keys, preset, path, figures_dir):
         head += ["**SYNTHETIC demo data** (procedural Potsdam-like scenes from `demo_data.py`). These numbers say "
                  "nothing about ISPRS Potsdam; they show that the pipeline runs and how the comparisons come out "
                  "on this toy problem.", ""]
+    else:
+        head += [f"**REAL data** (`{settings.get('images') or settings['data']}`). Never mix these numbers with the "
+                 "synthetic demo's.", ""]
     head += [f"Written by `python experiments.py --preset {preset} --report` from `{Path(path).parent}/"
              f"experiments.csv` ({len(ours)} runs of these settings on this data, {total / 3600:.2f} h of training on "
              f"{', '.join(devices) or 'no device yet'}).", "",
@@ -656,7 +710,7 @@ def write_report(rows, keys, preset, path, figures_dir):
              "Metrics are the validation metrics of the **last** epoch on the dense val labels (all pixels of "
              "the val patches at processing resolution, undefined pixels left out"
              + (f", classes {settings['exclude']} left out of the means" if settings["exclude"] else
-                ", all six classes in the means") + "). Points per image count at the native 300x300 "
+                f", all {len(class_names(settings))} classes in the means") + "). Points per image count at the native "
              "resolution; 'labelled pixels' is the share of training pixels that carry a label at processing "
              "resolution (several points can fall into one processing pixel). Baseline: 20,000 uniform points, "
              "class weights from points, focal gamma 2, skip decoder, points fixed; each experiment changes one "
@@ -665,7 +719,7 @@ def write_report(rows, keys, preset, path, figures_dir):
     for exp in EXPERIMENTS:
         body += [f"## {exp.number}. {exp.title}", "", experiment_table(rows, exp, keys), ""]
         body += [exp.note, ""] if exp.note else []
-        if exp.number == 1:
+        if exp.number in (1, 7):
             body += ["Per-class IoU %:", "", per_class_table(rows, exp, keys), ""]
     figs = write_figures(rows, keys, preset, figures_dir)
     if figs:
@@ -686,7 +740,7 @@ def write_figures(rows, keys, preset, folder):
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tag = " (SYNTHETIC demo data)" if preset == "demo" else f" ({preset})"
+    tag = " (SYNTHETIC demo data)" if is_synthetic(preset, keys.settings) else f" (REAL data, preset {preset})"
     key = keys.config_key
     written = []
 
@@ -728,12 +782,13 @@ def write_figures(rows, keys, preset, folder):
     if all(s["miou"][2] for _, s in pstats):
         fig, ax = plt.subplots(figsize=(8, 4.5))
         width = 0.8 / len(pstats)
-        x = np.arange(len(CLASSES))
+        names = class_names(keys.settings)
+        x = np.arange(len(names))
         for i, (label, s) in enumerate(pstats):
-            ax.bar(x + (i - (len(pstats) - 1) / 2) * width, [100 * s[f][0] for f in IOU_FIELDS], width,
-                   yerr=[100 * np.nan_to_num(s[f][1]) for f in IOU_FIELDS], capsize=3,
+            ax.bar(x + (i - (len(pstats) - 1) / 2) * width, [100 * s.get(f"iou_{c}", (np.nan,))[0] for c in names],
+                   width, yerr=[100 * np.nan_to_num(s.get(f"iou_{c}", (0, 0))[1]) for c in names], capsize=3,
                    label=f"{label} (mIoU {fmt(s['miou'])} %)")
-        ax.set_xticks(x, [c.replace("_", " ") for c in CLASSES], fontsize=8)
+        ax.set_xticks(x, [c.replace("_", " ") for c in names], fontsize=8)
         ax.set_ylabel("val IoU % (last epoch)")
         ax.set_title("Per-class IoU, 20,000 points, class weights vs none" + tag, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
@@ -783,7 +838,8 @@ def settings_from_args(args):
         s["pretrained"] = False
     if args.exclude is not None:
         s["exclude"] = [c for c in args.exclude.split(",") if c]
-    s["data"] = os.path.normpath(s["data"])
+    if s["data"]:
+        s["data"] = os.path.normpath(s["data"])
     return s
 
 
@@ -794,9 +850,11 @@ def results_folder(args, settings):
     and the same settings always find their folder again."""
     if args.results is not None:
         return Path(args.results)
-    preset = dict(PRESETS[args.preset], data=os.path.normpath(PRESETS[args.preset]["data"]))
+    preset = dict(PRESETS[args.preset])
+    if preset["data"]:
+        preset["data"] = os.path.normpath(preset["data"])
     if settings == preset:
-        return Path("results")
+        return Path("results") if args.preset == "demo" else Path("results") / args.preset
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     folder = Path("results") / f"adhoc-{digest}"
     changed = ", ".join(f"{k} {settings[k]!r} (preset {preset[k]!r})" for k in settings if settings[k] != preset[k])
@@ -807,7 +865,7 @@ def results_folder(args, settings):
 
 def ensure_demo_data(settings):
     """The demo preset draws the synthetic data (as `make demo-data` does) unless it is there already."""
-    if Path(settings["data"]) != Path(DEMO_DATA["out"]) / "patches":
+    if not settings["data"] or Path(settings["data"]) != Path(DEMO_DATA["out"]) / "patches":
         return  # the user's own folder: a missing one is an error from dataset.py, naming it
     from demo_data import make_demo_data
     s = make_demo_data(**DEMO_DATA, progress=True)  # skips the work when the folder is complete

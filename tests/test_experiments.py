@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import experiments as E
@@ -45,8 +46,8 @@ def fake_row(run, seed, miou, oa=0.8, fraction=0.5, seconds=10.0, keys=KEYS):
     row.update(key=keys.run_key(run, seed), config_key=keys.config_key(run), seed=float(seed),
                miou=miou, oa=oa, mf1=miou, labelled_fraction=fraction, seconds=seconds, device="cpu",
                settings=E.json.dumps(keys.settings, sort_keys=True))
-    for f in E.IOU_FIELDS:
-        row[f] = miou
+    for c in E.CLASSES:
+        row[f"iou_{c}"] = miou
     return row
 
 
@@ -119,7 +120,7 @@ def test_data_identity_follows_the_files_and_the_split(tmp_path):
     other_split = E.data_identity(dict(settings, split=str(split)))
     assert len({ident, resized, added, with_split, other_split}) == 5
     (tmp_path / "no_labels" / "Images").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="no Labels/ folder in .*no_labels"):
+    with pytest.raises(FileNotFoundError, match="no folder .*no_labels/Labels"):
         E.data_identity(dict(settings, data=str(tmp_path / "no_labels")))
 
 
@@ -425,3 +426,35 @@ def test_concurrent_appends_keep_every_row(tmp_path):
         assert text.count("key,config_key,") == 1 and len(text.splitlines()) == 101
         keys = [r["key"] for r in E.read_rows(csv_path)]
         assert sorted(keys) == sorted(f"w{w}-{i}" for w in range(2) for i in range(50))
+
+
+def test_own_data_preset_keys_rows_and_per_class_table(tmp_path):
+    """An own-data preset (two folders, a class file): its key follows the class file, its csv keeps each
+    class's IoU, and the per-class table names its classes, not Potsdam's."""
+    import tifffile
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    for k in range(3):
+        tifffile.imwrite(tmp_path / "images" / f"p{k}.tif", np.full((8, 8), 100 * k, np.uint16))
+        tifffile.imwrite(tmp_path / "labels" / f"p{k}.tif", np.zeros((8, 8), np.uint8))
+    classes = tmp_path / "classes.json"
+    classes.write_text('{"names": ["ground", "roof"], "label_format": "index", "value_map": {"0": 0, "255": 1}}')
+    settings = dict(E.PRESETS["atlanta"], images=str(tmp_path / "images"), labels=str(tmp_path / "labels"),
+                    classes=str(classes), split=None)
+    keys = E.Keys.read(settings)
+    assert E.class_names(settings) == ("ground", "roof")
+    other = tmp_path / "other.json"
+    other.write_text('{"names": ["ground", "tree"], "label_format": "index", "value_map": {"0": 0, "255": 1}}')
+    assert E.Keys.read(dict(settings, classes=str(other))).config_key(E.BASELINE) != keys.config_key(E.BASELINE)
+    cfg = keys.config(E.BASELINE, 0)
+    assert (cfg.images, cfg.data, cfg.classes) == (str(tmp_path / "images"), None, str(classes))
+    planned = E.plan_runs(keys, {7}, seeds=1)
+    history = [{"epoch": 1, "val_oa": 0.9, "val_miou": 0.6, "val_mf1": 0.7, "val_iou": {"ground": 0.95, "roof": 0.25}}]
+    csv_path = tmp_path / "r" / "experiments.csv"
+    for p in planned:
+        E.append_row(csv_path, E.make_row(p, settings, "atlanta", {"history": history, "labelled_fraction": 1.0},
+                                          1.0, "cpu"))
+    rows = E.read_rows(csv_path)
+    assert len(rows) == 6 and rows[0]["iou_roof"] == 0.25
+    table = E.per_class_table(rows, next(e for e in E.EXPERIMENTS if e.number == 7), keys)
+    assert "| run | ground | roof |" in table and "25.0" in table
