@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import tifffile
 from PIL import Image
@@ -38,6 +39,7 @@ GEOTIFF_TAGS = {  # code -> name; what places a GeoTIFF on the ground
     34737: "GeoAsciiParamsTag",
 }
 TIFF_SUFFIXES = (".tif", ".tiff")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 
@@ -95,6 +97,23 @@ def _parse_nodata(value):
         return None
 
 
+def _png_header(path):
+    """(bits per sample, colour type) from a PNG's IHDR (bytes 24 and 25), or None for a file that is no PNG."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def _read_png16(path, colour_type):
+    """A PNG of 16 bits per sample at full depth: Pillow keeps only the high byte of 16-bit colour (12-bit
+    data come out near black), imagecodecs (libpng) keeps all 16."""
+    arr = imagecodecs.png_decode(path.read_bytes())
+    alpha = {4: 1, 6: 3}.get(colour_type)  # gray + alpha, RGBA
+    return arr, alpha, {}, None
+
+
 def _read_pil(path):
     with Image.open(path) as im:
         if im.mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
@@ -114,8 +133,11 @@ def read_raster(path):
     if path.stat().st_size == 0:
         raise RasterError(f"{path}: empty file (0 bytes)")
     try:
+        png = None if path.suffix.lower() in TIFF_SUFFIXES else _png_header(path)
         if path.suffix.lower() in TIFF_SUFFIXES:
             arr, alpha, geotags, nodata = _read_tiff(path)
+        elif png is not None and png[0] == 16:
+            arr, alpha, geotags, nodata = _read_png16(path, png[1])
         else:
             arr, alpha, geotags, nodata = _read_pil(path)
     except Exception as e:  # codec errors come in many types

@@ -1,5 +1,6 @@
 """raster.py: every input kind read to the same pixels, the bit-depth rule, bands, GeoTIFF tags, atomic writes."""
 
+import imagecodecs
 import numpy as np
 import pytest
 import tifffile
@@ -142,3 +143,12 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     with atomic_path(target) as tmp:
         tmp.write_bytes(b"whole")
     assert target.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize("bands, alpha", [(3, None), (1, None), (2, 1), (4, 3)])  # RGB, gray, gray+alpha, RGBA
+def test_16bit_png_reads_at_full_depth(tmp_path, bands, alpha):
+    twelve = np.random.default_rng(1).integers(0, 4096, (5, 7, bands), dtype=np.uint16)  # 12-bit data
+    (tmp_path / "a.png").write_bytes(imagecodecs.png_encode(twelve))
+    r = read_raster(tmp_path / "a.png")
+    assert r.array.dtype == np.uint16 and r.alpha == alpha
+    np.testing.assert_array_equal(r.array, twelve)
