@@ -40,6 +40,16 @@ GEOTIFF_TAGS = {  # code -> name; what places a GeoTIFF on the ground
 }
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EXIF_ORIENTATION = 0x0112  # EXIF tag: how viewers turn the stored pixels (1 = as stored, 2..8 flips/rotations)
+_ORIENT = {  # orientation -> stored (H, W, ...) pixels as viewers show them (PIL.ImageOps.exif_transpose)
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: a[::-1].swapaxes(0, 1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: a[:, ::-1].swapaxes(0, 1),
+}
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 
@@ -109,19 +119,42 @@ def _png_header(path):
 def _read_png16(path, colour_type):
     """A PNG of 16 bits per sample at full depth: Pillow keeps only the high byte of 16-bit colour (12-bit
     data come out near black), imagecodecs (libpng) keeps all 16."""
-    arr = imagecodecs.png_decode(path.read_bytes())
+    data = path.read_bytes()
+    arr = imagecodecs.png_decode(data)
     alpha = {4: 1, 6: 3}.get(colour_type)  # gray + alpha, RGBA
-    return arr, alpha, {}, None
+    orientation = 1
+    if b"eXIf" in data or b"Raw profile type exif" in data:  # EXIF in a PNG is rare: Pillow reads it
+        with Image.open(path) as im:
+            orientation = exif_orientation(im)
+    return orient(arr, orientation), alpha, {}, None
 
 
 def _read_pil(path):
-    with Image.open(path) as im:
+    with Image.open(path) as src:
+        im = src
         if im.mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
             has_alpha = im.mode in ("PA",) or (im.mode == "P" and "transparency" in im.info)
             im = im.convert("RGBA" if has_alpha else ("L" if im.mode == "1" else "RGB"))
         arr = np.asarray(im)  # decodes here: a truncated file raises now
         alpha = {"LA": 1, "RGBA": 3}.get(im.mode)
-    return arr, alpha, {}, None
+        orientation = exif_orientation(src)
+    return orient(arr, orientation), alpha, {}, None
+
+
+def exif_orientation(im):
+    """The EXIF orientation (1..8) of an open PIL image (JPEG, PNG, ...); 1 (as stored) when it has none. Read
+    it after the pixels: a damaged EXIF block does not make the pixels unreadable, so it counts as none."""
+    try:
+        return int(im.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:
+        return 1
+
+
+def orient(arr, orientation):
+    """Stored (H, W, ...) pixels -> as every viewer shows them, given the file's EXIF orientation, so that a
+    mask lines up with the photo the user sees. Orientation 1 (or an unknown value): `arr` as it is."""
+    turn = _ORIENT.get(orientation)
+    return arr if turn is None else np.ascontiguousarray(turn(arr))
 
 
 def read_raster(path):

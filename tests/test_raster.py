@@ -1,10 +1,12 @@
 """raster.py: every input kind read to the same pixels, the bit-depth rule, bands, GeoTIFF tags, atomic writes."""
 
+import zlib
+
 import imagecodecs
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image
+from PIL import Image, ImageOps
 
 from raster import RasterError, atomic_path, palette_image, read_raster, select_bands, to_uint8, write_index_tiff
 from spec import DataSpec, load_input
@@ -152,3 +154,34 @@ def test_16bit_png_reads_at_full_depth(tmp_path, bands, alpha):
     r = read_raster(tmp_path / "a.png")
     assert r.array.dtype == np.uint16 and r.alpha == alpha
     np.testing.assert_array_equal(r.array, twelve)
+
+
+
+def jpeg_with_orientation(path, arr, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(arr).save(path, quality=95, exif=exif)
+
+
+def test_jpeg_exif_orientation_is_applied(tmp_path):
+    jpeg_with_orientation(tmp_path / "a.jpg", np.zeros((8, 16, 3), np.uint8), 6)  # stored 16x8, shown 8x16
+    assert read_raster(tmp_path / "a.jpg").array.shape == (16, 8, 3)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_reads_as_pillow_shows_it(tmp_path, rgb, orientation):
+    jpeg_with_orientation(tmp_path / "a.jpg", rgb, orientation)
+    with Image.open(tmp_path / "a.jpg") as im:
+        shown = np.asarray(ImageOps.exif_transpose(im))
+    np.testing.assert_array_equal(read_raster(tmp_path / "a.jpg").array, shown)
+
+
+def test_16bit_png_exif_orientation_is_applied(tmp_path):
+    stored = np.arange(4 * 6 * 3, dtype=np.uint16).reshape(4, 6, 3) * 50
+    png = imagecodecs.png_encode(stored)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    body = exif.tobytes().removeprefix(b"Exif\x00\x00")  # a PNG eXIf chunk holds the TIFF-style block itself
+    chunk = len(body).to_bytes(4, "big") + b"eXIf" + body + zlib.crc32(b"eXIf" + body).to_bytes(4, "big")
+    (tmp_path / "a.png").write_bytes(png[:33] + chunk + png[33:])  # right after IHDR (8 + 25 bytes)
+    np.testing.assert_array_equal(read_raster(tmp_path / "a.png").array, np.rot90(stored, -1))
