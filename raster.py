@@ -124,13 +124,25 @@ def _read_png16(path, colour_type):
     alpha = {4: 1, 6: 3}.get(colour_type)  # gray + alpha, RGBA
     orientation = 1
     if b"eXIf" in data or b"Raw profile type exif" in data:  # EXIF in a PNG is rare: Pillow reads it
-        with Image.open(path) as im:
+        with no_pixel_limit(), Image.open(path) as im:
             orientation = exif_orientation(im)
     return orient(arr, orientation), alpha, {}, None
 
 
+@contextlib.contextmanager
+def no_pixel_limit():
+    """Lift Pillow's decompression-bomb limit (about 179 megapixels) while reading: these are the user's own
+    files, and a 20000x20000 PNG or JPEG is read whole like a TIFF of that size. Restored afterwards."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def _read_pil(path):
-    with Image.open(path) as src:
+    with no_pixel_limit(), Image.open(path) as src:
         im = src
         if im.mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
             has_alpha = im.mode in ("PA",) or (im.mode == "P" and "transparency" in im.info)

@@ -185,3 +185,12 @@ def test_16bit_png_exif_orientation_is_applied(tmp_path):
     chunk = len(body).to_bytes(4, "big") + b"eXIf" + body + zlib.crc32(b"eXIf" + body).to_bytes(4, "big")
     (tmp_path / "a.png").write_bytes(png[:33] + chunk + png[33:])  # right after IHDR (8 + 25 bytes)
     np.testing.assert_array_equal(read_raster(tmp_path / "a.png").array, np.rot90(stored, -1))
+
+
+
+@pytest.mark.parametrize("name", ["big.png", "big.jpg"])
+def test_image_over_pillow_pixel_limit_is_read(tmp_path, rgb, monkeypatch, name):
+    Image.fromarray(rgb).save(tmp_path / name)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 37x53 is a "decompression bomb" now
+    assert read_raster(tmp_path / name).array.shape == (37, 53, 3)
+    assert Image.MAX_IMAGE_PIXELS == 100  # the limit is back for everyone else
