@@ -247,8 +247,15 @@ def bit_depth_of(arr):
     return min(max(8, top.bit_length()), arr.dtype.itemsize * 8)
 
 
+def _count_pixels(mask):
+    """Pixels of an (H, W, B) boolean mask with any band set (elements of a mask of another shape)."""
+    return int((mask.any(axis=2) if mask.ndim == 3 else mask).sum())
+
+
 def to_uint8(arr, bit_depth=None):
-    """Scale pixels to uint8 by the module's bit-depth rule. Returns (uint8 array, notes)."""
+    """Scale pixels to uint8 by the module's bit-depth rule. Returns (uint8 array, notes). Negative values of a
+    signed integer image are clipped to 0 with a note that counts them; a float image with NaN is an error
+    (spec.load_input marks NaN pixels as nodata before it gets here)."""
     if arr.dtype == np.uint8:
         return arr, []
     if arr.dtype == np.bool_:
@@ -261,14 +268,25 @@ def to_uint8(arr, bit_depth=None):
             lut = np.clip(np.round(np.arange(65536) * (255 / top)), 0, 255).astype(np.uint8)
             return lut[arr], notes
         out = np.empty(arr.shape, np.uint8)
+        negative = 0
         for r in range(0, arr.shape[0], 512):  # row chunks keep float temporaries small
-            out[r:r + 512] = np.clip(np.round(arr[r:r + 512] * (255 / top)), 0, 255)
+            chunk = arr[r:r + 512]
+            if np.issubdtype(arr.dtype, np.signedinteger):
+                negative += _count_pixels(chunk < 0)
+            out[r:r + 512] = np.clip(np.round(chunk * (255 / top)), 0, 255)
+        if negative:
+            notes.append(f"{negative} pixels hold negative {arr.dtype} values: clipped to 0")
         return out, notes
     if np.issubdtype(arr.dtype, np.floating):
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        if not (0 <= lo and hi <= 1) or np.isnan(arr).any():
-            raise RasterError(f"unsupported pixel values: {arr.dtype} in [{lo:g}, {hi:g}]; float images must "
-                              f"be in [0, 1] (convert the file to 8-bit, or scale it to [0, 1])")
+        nan = np.isnan(arr)
+        n_nan = _count_pixels(nan)
+        values = arr[~nan] if n_nan else arr
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (np.nan, np.nan)
+        if n_nan or not (0 <= lo and hi <= 1):
+            found = f"values in [{lo:g}, {hi:g}]" if values.size else "no value but NaN"
+            found += f", {n_nan} NaN pixels" if n_nan else ""
+            raise RasterError(f"unsupported pixel values: {arr.dtype}, {found}; float images must be in [0, 1] "
+                              f"without NaN (convert the file to 8-bit, or scale it to [0, 1])")
         out = np.empty(arr.shape, np.uint8)
         for r in range(0, arr.shape[0], 512):
             out[r:r + 512] = np.round(arr[r:r + 512] * 255)

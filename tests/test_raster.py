@@ -194,3 +194,21 @@ def test_image_over_pillow_pixel_limit_is_read(tmp_path, rgb, monkeypatch, name)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 37x53 is a "decompression bomb" now
     assert read_raster(tmp_path / name).array.shape == (37, 53, 3)
     assert Image.MAX_IMAGE_PIXELS == 100  # the limit is back for everyone else
+
+
+
+def test_negative_integers_are_clipped_with_a_note():
+    arr = np.array([[[-5], [0], [-1]], [[100], [255], [7]]], np.int16)
+    out, notes = to_uint8(arr)
+    assert out.ravel().tolist() == [0, 0, 0, 100, 255, 7]
+    assert any("2 pixels" in n and "negative" in n for n in notes)
+    assert to_uint8(np.array([[[0], [4095]]], np.int16))[1] == ["int16 pixels scaled to 8 bits as 12-bit data "
+                                                                "(x 255/4095)"]  # no negatives: no such note
+
+
+def test_float_with_nan_says_how_many():
+    arr = np.array([[[0.2], [np.nan], [0.5]], [[np.nan], [1.0], [0.0]]], np.float32)
+    with pytest.raises(RasterError, match="2 NaN pixels"):
+        to_uint8(arr)
+    with pytest.raises(RasterError, match="NaN"):
+        to_uint8(np.full((2, 2, 1), np.nan, np.float32))
