@@ -18,6 +18,7 @@ trained on wider data carry a `range` intensity rule fitted on their training se
 import argparse
 import contextlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -325,6 +326,44 @@ def atomic_path(path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_TEMPORARY = re.compile(r"\.(.+)\.([1-9][0-9]*)\.tmp")  # atomic_path's `.{name}.{pid}.tmp`
+
+
+def clean_stale_temporaries(folder):
+    """Delete the temporaries that killed runs left in `folder` (not its subfolders): files named as
+    atomic_path names them, `.{name}.{pid}.tmp`, whose pid is no running process on this machine (kill -9
+    skips atomic_path's clean-up; a checkpoint's temporary is hundreds of MB). Returns the removed paths.
+
+    Other files and the temporaries of living processes are never touched. A process of another machine
+    writing into the same (network) folder looks dead from here: call this where one machine writes a folder,
+    at the start of a run. Does nothing where processes cannot be probed with signal 0 (not POSIX).
+    """
+    folder = Path(folder)
+    if os.name != "posix" or not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        m = _TEMPORARY.fullmatch(path.name)
+        if m is None or path.is_symlink() or not path.is_file() or _is_running(int(m.group(2))):
+            continue
+        path.unlink(missing_ok=True)  # another cleaner may have been first
+        removed.append(path)
+    return removed
+
+
+def _is_running(pid):
+    """Whether `pid` is a process on this machine (signal 0 probes it and sends nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it runs, as another user
+    except (OverflowError, OSError):
+        return True  # not a pid this system can have: keep the file, it may not be ours
+    return True
 
 
 def palette_image(index_map, palette):
