@@ -47,6 +47,7 @@ DEFAULT_VAL_TILES = ("2_11", "4_10", "6_9")  # three training tiles held out for
 BANDS = {"RGB": (0, 1, 2), "IRRG": (0, 1, 2), "RGBIR": (0, 1, 2, 3)}  # band indices read from the file
 LABELS = {"full": "label", "eroded": "label_noBoundary"}  # --labels -> file name suffix
 BORDER = "shift"  # the last patch of a row/column is shifted to end at the tile border
+OUT_FOLDERS = ("Images", "Labels", ".done")  # what prepare writes under --out (and split.json)
 
 _NAME = re.compile(r"top_potsdam_(\d+)_(\d+)_(rgbir|rgb|irrg|label_no_?boundary|label)\.tiff?", re.IGNORECASE)
 _KIND = {"rgb": "RGB", "irrg": "IRRG", "rgbir": "RGBIR", "label": "full"}  # label_no*boundary -> eroded
@@ -205,7 +206,8 @@ def prepare(raw, out, size=NATIVE_SIZE, stride=None, labels="full", bands="RGB",
 
     Returns a summary: {"cut": [tiles], "already_done": [tiles], "bad": {tile: reason}, "absent": [official
     tiles not under raw], "split": the split dict}. Raises (before any work) on a missing `raw`, no tiles, `out`
-    inside `raw`, a validation tile that is a test tile or not under `raw`, or an `out` cut with other settings.
+    inside `raw` (or a subfolder of `out` that is a link into it), a validation tile that is a test tile or not
+    under `raw`, or an `out` cut with other settings.
     """
     stride = stride or size
     if labels not in LABELS:
@@ -215,9 +217,13 @@ def prepare(raw, out, size=NATIVE_SIZE, stride=None, labels="full", bands="RGB",
     if size < 1 or stride < 1:
         raise ValueError(f"--size and --stride must be positive, got {size} and {stride}")
     raw, out = Path(raw), Path(out)
-    if raw.is_dir() and (out.resolve() == raw.resolve() or raw.resolve() in out.resolve().parents):
-        raise ValueError(f"--out {out} is inside --raw {raw}; the raw archive is never written to, "
-                         f"choose an --out outside it")
+    if raw.is_dir():  # resolved, subfolders too: `<out>/Images` may be a link into the archive
+        for folder in (out,) + tuple(out / sub for sub in OUT_FOLDERS):
+            where = folder.resolve()
+            if where == raw.resolve() or raw.resolve() in where.parents:
+                shown = "" if where == folder.absolute() else f" (it leads to {where})"
+                raise ValueError(f"--out {folder}{shown} is inside --raw {raw}; the raw archive is never "
+                                 f"written to, choose an --out outside it")
     found = find_tiles(raw, bands, labels)
     explicit = val_tiles is not None
     val_tiles = tuple(tile_name(t) for t in (val_tiles if explicit else DEFAULT_VAL_TILES))
@@ -236,7 +242,7 @@ def prepare(raw, out, size=NATIVE_SIZE, stride=None, labels="full", bands="RGB",
             raise ValueError(f"{out} already holds patches cut with {old} ({marker}); now asked for "
                              f"{settings}. Use another --out, or delete {out} to start again")
 
-    for sub in ("Images", "Labels", ".done"):
+    for sub in OUT_FOLDERS:
         (out / sub).mkdir(parents=True, exist_ok=True)
     summary = {"cut": [], "already_done": [], "bad": {}, "absent": [t for t in ALL_TILES if t not in found]}
     for tile, (image, label) in tqdm(found.items(), desc="tiles", unit="tile", disable=not progress):

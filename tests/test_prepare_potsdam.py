@@ -185,3 +185,16 @@ def test_out_inside_raw_refused(tmp_path, raw):
     with pytest.raises(ValueError, match="inside --raw"):
         prepare_potsdam.prepare(raw, raw / "patches", size=SIZE, progress=False)
     assert not (raw / "patches").exists()
+
+
+@pytest.mark.parametrize("sub", ["Images", "Labels", ".done"])
+def test_out_subfolder_linked_into_raw_refused(tmp_path, raw, capsys, sub):
+    out = tmp_path / "patches"
+    out.mkdir()
+    (out / sub).symlink_to(raw / "2_Ortho_RGB", target_is_directory=True)
+    before = sorted(p.name for p in (raw / "2_Ortho_RGB").iterdir())
+    assert run(raw, out, "--size", str(SIZE)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "inside --raw" in err and str(out / sub) in err
+    assert sorted(p.name for p in (raw / "2_Ortho_RGB").iterdir()) == before
+    assert not (out / "split.json").exists()
