@@ -16,9 +16,9 @@ to end at the border (it overlaps its neighbour), so every pixel is in some patc
 size. The default 300/300 on 6000x6000 tiles fits exactly (400 patches per tile).
 
 Resumable: a tile is done when `<out>/.done/{tile}.json` names the same settings and all its patches exist;
-each file is written to a temporary name and renamed. A tile whose label holds colours outside the palette
-(e.g. an overlay rather than a mask), or that lacks its image or label, is reported and skipped; the others
-are still cut, and the exit code is 1.
+each file is written to a temporary name and renamed. A damaged marker (empty, cut short) is reported and its
+tile cut again. A tile whose label holds colours outside the palette (e.g. an overlay rather than a mask), or
+that lacks its image or label, is reported and skipped; the others are still cut, and the exit code is 1.
 """
 
 import argparse
@@ -184,13 +184,26 @@ def cut_tile(tile, image_path, label_path, out, size=NATIVE_SIZE, stride=None, b
 
 # --------------------------------------------------------------------------- the whole archive
 
+def read_marker(marker):
+    """A `.done/{tile}.json` marker as a dict, or None when it is damaged (empty, cut short, not the marker's
+    layout): the tile counts as not done and is cut again."""
+    try:
+        done = json.loads(Path(marker).read_text())
+    except (OSError, ValueError):  # ValueError: bad JSON, bad UTF-8
+        return None
+    if not (isinstance(done, dict) and done.get("tile") == Path(marker).stem and isinstance(done.get("ids"), list)
+            and all(isinstance(i, str) for i in done["ids"]) and isinstance(done.get("settings"), dict)):
+        return None
+    return done
+
+
 def _done_ids(out, tile, settings):
     """The tile's patch ids if it is already cut with these settings and all its files exist, else None."""
     marker = Path(out) / ".done" / f"{tile}.json"
     if not marker.is_file():
         return None
-    done = json.loads(marker.read_text())
-    if done.get("settings") != settings:
+    done = read_marker(marker)
+    if done is None or done.get("settings") != settings:
         return None
     if not all(p.is_file() for i in done["ids"] for p in patch_paths(out, i)):
         return None
@@ -237,10 +250,13 @@ def prepare(raw, out, size=NATIVE_SIZE, stride=None, labels="full", bands="RGB",
                          f"(found {', '.join(found)})")
     settings = {"size": size, "stride": stride, "labels": labels, "bands": bands, "border": BORDER}
     for marker in sorted((out / ".done").glob("*.json")):
-        old = json.loads(marker.read_text()).get("settings")
-        if old != settings:
-            raise ValueError(f"{out} already holds patches cut with {old} ({marker}); now asked for "
-                             f"{settings}. Use another --out, or delete {out} to start again")
+        done = read_marker(marker)
+        if done is None:
+            print(f"warning: {marker} is damaged (empty, cut short or not a marker); tile {marker.stem} "
+                  f"is not done and is cut again", flush=True)
+        elif done["settings"] != settings:
+            raise ValueError(f"{out} already holds patches cut with {done['settings']} ({marker}); now asked "
+                             f"for {settings}. Use another --out, or delete {out} to start again")
 
     for sub in OUT_FOLDERS:
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -266,7 +282,7 @@ def prepare(raw, out, size=NATIVE_SIZE, stride=None, labels="full", bands="RGB",
 
     split = {"train": [], "val": [], "test": [], "tiles": {"train": [], "val": [], "test": []},
              "settings": settings, "bad_tiles": summary["bad"]}
-    done = [json.loads(p.read_text()) for p in (out / ".done").glob("*.json")]
+    done = [d for d in map(read_marker, (out / ".done").glob("*.json")) if d is not None]  # damaged: warned
     for d in sorted(done, key=lambda d: _tile_key(d["tile"])):
         part = split_of(d["tile"], val_tiles)
         split[part] += d["ids"]

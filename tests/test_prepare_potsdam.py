@@ -198,3 +198,19 @@ def test_out_subfolder_linked_into_raw_refused(tmp_path, raw, capsys, sub):
     assert err.startswith("error: ") and "inside --raw" in err and str(out / sub) in err
     assert sorted(p.name for p in (raw / "2_Ortho_RGB").iterdir()) == before
     assert not (out / "split.json").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b'{"tile": "2_10", "settings"', b'{"tile": "2_10"}', b"\xff\xfe\x00"])
+def test_damaged_done_marker_means_not_done(tmp_path, raw, capsys, content):
+    out = tmp_path / "patches"
+    assert run(raw, out, "--size", str(SIZE)) == 0
+    marker = out / ".done" / "2_10.json"
+    marker.write_bytes(content)  # e.g. a disk that filled up, or a hand edit
+    capsys.readouterr()
+    summary = prepare_potsdam.prepare(raw, out, size=SIZE, progress=False)
+    assert summary["cut"] == ["2_10"] and sorted(summary["already_done"]) == ["2_11", "2_13", "3_10"]
+    assert f"warning: {marker}" in capsys.readouterr().out
+    split = load_split(out / "split.json")
+    assert len(split["train"] + split["val"] + split["test"]) == 4 * 6 and "2_10_0000" in split["train"]
+    assert prepare_potsdam.prepare(raw, out, size=SIZE, progress=False)["already_done"] == ["2_10", "2_11",
+                                                                                           "2_13", "3_10"]
