@@ -16,9 +16,10 @@ to end at the border (it overlaps its neighbour), so every pixel is in some patc
 size. The default 300/300 on 6000x6000 tiles fits exactly (400 patches per tile).
 
 Resumable: a tile is done when `<out>/.done/{tile}.json` names the same settings and all its patches exist;
-each file is written to a temporary name and renamed. A damaged marker (empty, cut short) is reported and its
-tile cut again. A tile whose label holds colours outside the palette (e.g. an overlay rather than a mask), or
-that lacks its image or label, is reported and skipped; the others are still cut, and the exit code is 1.
+each file is written to a temporary name and renamed, and the temporaries a killed run left are removed at the
+start. A damaged marker (empty, cut short) is reported and its tile cut again. A tile whose label holds colours
+outside the palette (e.g. an overlay rather than a mask), or that lacks its image or label, is reported and
+skipped; the others are still cut, and the exit code is 1.
 """
 
 import argparse
@@ -32,7 +33,7 @@ import tifffile
 from tqdm import tqdm
 
 from dataset import colour_to_index
-from raster import RasterError, atomic_path, keep_bands, read_raster
+from raster import RasterError, atomic_path, clean_stale_temporaries, keep_bands, read_raster
 from spec import NATIVE_SIZE
 
 # --------------------------------------------------------------------------- the Potsdam release
@@ -218,9 +219,9 @@ def prepare(raw, out, size=NATIVE_SIZE, stride=None, labels="full", bands="RGB",
     """Cut every tile under `raw` into `out` and write `out/split.json`.
 
     Returns a summary: {"cut": [tiles], "already_done": [tiles], "bad": {tile: reason}, "absent": [official
-    tiles not under raw], "split": the split dict}. Raises (before any work) on a missing `raw`, no tiles, `out`
-    inside `raw` (or a subfolder of `out` that is a link into it), a validation tile that is a test tile or not
-    under `raw`, or an `out` cut with other settings.
+    tiles not under raw], "removed_temporaries": [paths a killed run left], "split": the split dict}. Raises
+    (before any work) on a missing `raw`, no tiles, `out` inside `raw` (or a subfolder of `out` that is a link
+    into it), a validation tile that is a test tile or not under `raw`, or an `out` cut with other settings.
     """
     stride = stride or size
     if labels not in LABELS:
@@ -258,9 +259,12 @@ def prepare(raw, out, size=NATIVE_SIZE, stride=None, labels="full", bands="RGB",
             raise ValueError(f"{out} already holds patches cut with {done['settings']} ({marker}); now asked "
                              f"for {settings}. Use another --out, or delete {out} to start again")
 
+    removed = [p for folder in (out,) + tuple(out / sub for sub in OUT_FOLDERS)
+               for p in clean_stale_temporaries(folder)]
     for sub in OUT_FOLDERS:
         (out / sub).mkdir(parents=True, exist_ok=True)
-    summary = {"cut": [], "already_done": [], "bad": {}, "absent": [t for t in ALL_TILES if t not in found]}
+    summary = {"cut": [], "already_done": [], "bad": {}, "absent": [t for t in ALL_TILES if t not in found],
+               "removed_temporaries": removed}
     for tile, (image, label) in tqdm(found.items(), desc="tiles", unit="tile", disable=not progress):
         if _done_ids(out, tile, settings) is not None:
             summary["already_done"].append(tile)
@@ -318,6 +322,8 @@ def main(args):
         print(f"error: {e}", file=sys.stderr)
         return 2
     split, bad = summary["split"], summary["bad"]
+    if summary["removed_temporaries"]:
+        print(f"removed {len(summary['removed_temporaries'])} temporary files left by killed runs")
     print(f"tiles: {len(summary['cut'])} cut, {len(summary['already_done'])} already done, {len(bad)} bad")
     for tile, reason in bad.items():
         print(f"  bad {tile}: {reason}")

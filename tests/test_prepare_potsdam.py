@@ -1,5 +1,7 @@
 """prepare_potsdam.py on small fake tiles with the official names (650x600 instead of 6000x6000)."""
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -214,3 +216,18 @@ def test_damaged_done_marker_means_not_done(tmp_path, raw, capsys, content):
     assert len(split["train"] + split["val"] + split["test"]) == 4 * 6 and "2_10_0000" in split["train"]
     assert prepare_potsdam.prepare(raw, out, size=SIZE, progress=False)["already_done"] == ["2_10", "2_11",
                                                                                            "2_13", "3_10"]
+
+
+def test_stale_temporaries_of_killed_runs_are_removed(tmp_path, raw, capsys):
+    out = tmp_path / "patches"
+    assert run(raw, out, "--size", str(SIZE)) == 0
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # a pid that is dead once waited for
+    child.wait()
+    stale = [out / f".split.json.{child.pid}.tmp", out / "Images" / f".Image_2_10_0000.tif.{child.pid}.tmp",
+             out / "Labels" / f".Label_2_10_0000.tif.{child.pid}.tmp", out / ".done" / f".2_10.json.{child.pid}.tmp"]
+    alive = out / "Images" / f".Image_2_10_0001.tif.{os.getpid()}.tmp"
+    for path in stale + [alive]:
+        path.write_bytes(b"half")
+    assert run(raw, out, "--size", str(SIZE)) == 0
+    assert not any(p.exists() for p in stale) and alive.exists()
+    assert "removed 4 temporary files" in capsys.readouterr().out
