@@ -1,12 +1,14 @@
-"""Reading and writing rasters of any kind: PNG, JPEG, TIFF (any codec imagecodecs knows, tiled, BigTIFF,
-planar or interleaved), GeoTIFF georeferencing, 16-bit and multi-band data, atomic writes.
+"""Reading and writing rasters of any kind: PNG (8- and 16-bit), JPEG (turned by its EXIF orientation), TIFF
+(any codec imagecodecs knows, tiled, BigTIFF, planar or interleaved), GeoTIFF georeferencing, 16-bit and
+multi-band data, atomic writes and the clean-up of what a killed run left (`clean_stale_temporaries`).
 
     python raster.py some_image.tif        # prints shape, dtype, bands, alpha and georeferencing tags
 
-The steps here are the building blocks: `read_raster` (the pixels as stored, plus alpha band, GeoTIFF tags
-and nodata value), `select_bands` (which bands, given what the model needs) and `to_uint8` (the bit-depth
-rule). Each returns notes (warnings as text) for the caller to print next to the file name. What a model
-eats is decided in one place, spec.py (`load_input`, `to_grid`), for training and inference alike.
+The steps here are the building blocks: `read_raster` (the pixels as stored, turned as viewers show them when
+the file has an EXIF orientation, plus alpha band, GeoTIFF tags and nodata value), `select_bands` (which bands,
+given what the model needs) and `to_uint8` (the bit-depth rule). Each returns notes (warnings as text) for the
+caller to print next to the file name. What a model eats is decided in one place, spec.py (`load_input`,
+`to_grid`), for training and inference alike.
 
 Bit depth rule (spec.py's `uint8` intensity, for models trained on 8-bit data): integer images wider than 8
 bits are scaled linearly from [0, 2**b - 1] to [0, 255], b being the image's bit depth: the smallest of 8..16
@@ -40,6 +42,7 @@ GEOTIFF_TAGS = {  # code -> name; what places a GeoTIFF on the ground
     34737: "GeoAsciiParamsTag",
 }
 TIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EXIF_ORIENTATION = 0x0112  # EXIF tag: how viewers turn the stored pixels (1 = as stored, 2..8 flips/rotations)
 _ORIENT = {  # orientation -> stored (H, W, ...) pixels as viewers show them (PIL.ImageOps.exif_transpose)
@@ -51,7 +54,6 @@ _ORIENT = {  # orientation -> stored (H, W, ...) pixels as viewers show them (PI
     7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
     8: lambda a: a[:, ::-1].swapaxes(0, 1),
 }
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 
 class RasterError(ValueError):
@@ -108,28 +110,6 @@ def _parse_nodata(value):
         return None
 
 
-def _png_header(path):
-    """(bits per sample, colour type) from a PNG's IHDR (bytes 24 and 25), or None for a file that is no PNG."""
-    with open(path, "rb") as f:
-        head = f.read(26)
-    if len(head) < 26 or not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
-        return None
-    return head[24], head[25]
-
-
-def _read_png16(path, colour_type):
-    """A PNG of 16 bits per sample at full depth: Pillow keeps only the high byte of 16-bit colour (12-bit
-    data come out near black), imagecodecs (libpng) keeps all 16."""
-    data = path.read_bytes()
-    arr = imagecodecs.png_decode(data)
-    alpha = {4: 1, 6: 3}.get(colour_type)  # gray + alpha, RGBA
-    orientation = 1
-    if b"eXIf" in data or b"Raw profile type exif" in data:  # EXIF in a PNG is rare: Pillow reads it
-        with no_pixel_limit(), Image.open(path) as im:
-            orientation = exif_orientation(im)
-    return orient(arr, orientation), alpha, {}, None
-
-
 @contextlib.contextmanager
 def no_pixel_limit():
     """Lift Pillow's decompression-bomb limit (about 179 megapixels) while reading: these are the user's own
@@ -140,18 +120,6 @@ def no_pixel_limit():
         yield
     finally:
         Image.MAX_IMAGE_PIXELS = limit
-
-
-def _read_pil(path):
-    with no_pixel_limit(), Image.open(path) as src:
-        im = src
-        if im.mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
-            has_alpha = im.mode in ("PA",) or (im.mode == "P" and "transparency" in im.info)
-            im = im.convert("RGBA" if has_alpha else ("L" if im.mode == "1" else "RGB"))
-        arr = np.asarray(im)  # decodes here: a truncated file raises now
-        alpha = {"LA": 1, "RGBA": 3}.get(im.mode)
-        orientation = exif_orientation(src)
-    return orient(arr, orientation), alpha, {}, None
 
 
 def exif_orientation(im):
@@ -170,20 +138,54 @@ def orient(arr, orientation):
     return arr if turn is None else np.ascontiguousarray(turn(arr))
 
 
+def _png_bit_depth(path):
+    """Bits per sample of a PNG (its IHDR's byte 24), None for a file that is no PNG."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    return head[24]
+
+
+def _read_png16(path):
+    """A PNG of 16 bits per sample at full depth: Pillow keeps only the high byte of 16-bit colour (12-bit
+    data come out near black), imagecodecs (libpng) keeps all 16."""
+    data = path.read_bytes()
+    arr = imagecodecs.png_decode(data)
+    alpha = {4: 1, 6: 3}.get(data[25])  # IHDR colour type: gray + alpha, RGBA
+    orientation = 1
+    if b"eXIf" in data or b"Raw profile type exif" in data:  # EXIF in a PNG is rare: Pillow reads it
+        with no_pixel_limit(), Image.open(path) as im:
+            orientation = exif_orientation(im)
+    return orient(arr, orientation), alpha, {}, None
+
+
+def _read_pil(path):
+    with no_pixel_limit(), Image.open(path) as src:
+        im = src
+        if im.mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+            has_alpha = im.mode in ("PA",) or (im.mode == "P" and "transparency" in im.info)
+            im = im.convert("RGBA" if has_alpha else ("L" if im.mode == "1" else "RGB"))
+        arr = np.asarray(im)  # decodes here: a truncated file raises now
+        alpha = {"LA": 1, "RGBA": 3}.get(im.mode)
+        orientation = exif_orientation(src)
+    return orient(arr, orientation), alpha, {}, None
+
+
 def read_raster(path):
-    """Read an image file as a Raster. Errors (RasterError) name the file: missing, empty, truncated,
-    corrupt, or a layout that is not (H, W) or (H, W, bands)."""
+    """Read an image file as a Raster: 16-bit PNGs at full depth, EXIF orientation applied, no Pillow pixel
+    limit. Errors (RasterError) name the file: missing, empty, truncated, corrupt, or a layout that is not
+    (H, W) or (H, W, bands)."""
     path = Path(path)
     if not path.is_file():
         raise RasterError(f"{path}: not found")
     if path.stat().st_size == 0:
         raise RasterError(f"{path}: empty file (0 bytes)")
     try:
-        png = None if path.suffix.lower() in TIFF_SUFFIXES else _png_header(path)
         if path.suffix.lower() in TIFF_SUFFIXES:
             arr, alpha, geotags, nodata = _read_tiff(path)
-        elif png is not None and png[0] == 16:
-            arr, alpha, geotags, nodata = _read_png16(path, png[1])
+        elif _png_bit_depth(path) == 16:
+            arr, alpha, geotags, nodata = _read_png16(path)
         else:
             arr, alpha, geotags, nodata = _read_pil(path)
     except Exception as e:  # codec errors come in many types
