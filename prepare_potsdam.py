@@ -16,9 +16,10 @@ to end at the border (it overlaps its neighbour), so every pixel is in some patc
 size. The default 300/300 on 6000x6000 tiles fits exactly (400 patches per tile).
 
 Resumable: a tile is done when `<out>/.done/{tile}.json` names the same settings and all its patches exist;
-each file is written to a temporary name and renamed. A tile whose label holds colours outside the palette
-(e.g. an overlay rather than a mask), or that lacks its image or label, is reported and skipped; the others
-are still cut, and the exit code is 1.
+each file is written to a temporary name and renamed, and the temporaries a killed run left are removed at the
+start. A damaged marker (empty, cut short) is reported and its tile cut again. A tile whose label holds colours
+outside the palette (e.g. an overlay rather than a mask), or that lacks its image or label, is reported and
+skipped; the others are still cut, and the exit code is 1.
 """
 
 import argparse
@@ -32,7 +33,7 @@ import tifffile
 from tqdm import tqdm
 
 from dataset import colour_to_index
-from raster import RasterError, atomic_path, keep_bands, read_raster
+from raster import RasterError, atomic_path, clean_stale_temporaries, keep_bands, read_raster
 from spec import NATIVE_SIZE
 
 # --------------------------------------------------------------------------- the Potsdam release
@@ -47,6 +48,7 @@ DEFAULT_VAL_TILES = ("2_11", "4_10", "6_9")  # three training tiles held out for
 BANDS = {"RGB": (0, 1, 2), "IRRG": (0, 1, 2), "RGBIR": (0, 1, 2, 3)}  # band indices read from the file
 LABELS = {"full": "label", "eroded": "label_noBoundary"}  # --labels -> file name suffix
 BORDER = "shift"  # the last patch of a row/column is shifted to end at the tile border
+OUT_FOLDERS = ("Images", "Labels", ".done")  # what prepare writes under --out (and split.json)
 
 _NAME = re.compile(r"top_potsdam_(\d+)_(\d+)_(rgbir|rgb|irrg|label_no_?boundary|label)\.tiff?", re.IGNORECASE)
 _KIND = {"rgb": "RGB", "irrg": "IRRG", "rgbir": "RGBIR", "label": "full"}  # label_no*boundary -> eroded
@@ -183,13 +185,26 @@ def cut_tile(tile, image_path, label_path, out, size=NATIVE_SIZE, stride=None, b
 
 # --------------------------------------------------------------------------- the whole archive
 
+def read_marker(marker):
+    """A `.done/{tile}.json` marker as a dict, or None when it is damaged (empty, cut short, not the marker's
+    layout): the tile counts as not done and is cut again."""
+    try:
+        done = json.loads(Path(marker).read_text())
+    except (OSError, ValueError):  # ValueError: bad JSON, bad UTF-8
+        return None
+    if not (isinstance(done, dict) and done.get("tile") == Path(marker).stem and isinstance(done.get("ids"), list)
+            and all(isinstance(i, str) for i in done["ids"]) and isinstance(done.get("settings"), dict)):
+        return None
+    return done
+
+
 def _done_ids(out, tile, settings):
     """The tile's patch ids if it is already cut with these settings and all its files exist, else None."""
     marker = Path(out) / ".done" / f"{tile}.json"
     if not marker.is_file():
         return None
-    done = json.loads(marker.read_text())
-    if done.get("settings") != settings:
+    done = read_marker(marker)
+    if done is None or done.get("settings") != settings:
         return None
     if not all(p.is_file() for i in done["ids"] for p in patch_paths(out, i)):
         return None
@@ -204,8 +219,9 @@ def prepare(raw, out, size=NATIVE_SIZE, stride=None, labels="full", bands="RGB",
     """Cut every tile under `raw` into `out` and write `out/split.json`.
 
     Returns a summary: {"cut": [tiles], "already_done": [tiles], "bad": {tile: reason}, "absent": [official
-    tiles not under raw], "split": the split dict}. Raises (before any work) on a missing `raw`, no tiles, `out`
-    inside `raw`, a validation tile that is a test tile or not under `raw`, or an `out` cut with other settings.
+    tiles not under raw], "removed_temporaries": [paths a killed run left], "split": the split dict}. Raises
+    (before any work) on a missing `raw`, no tiles, `out` inside `raw` (or a subfolder of `out` that is a link
+    into it), a validation tile that is a test tile or not under `raw`, or an `out` cut with other settings.
     """
     stride = stride or size
     if labels not in LABELS:
@@ -215,9 +231,13 @@ def prepare(raw, out, size=NATIVE_SIZE, stride=None, labels="full", bands="RGB",
     if size < 1 or stride < 1:
         raise ValueError(f"--size and --stride must be positive, got {size} and {stride}")
     raw, out = Path(raw), Path(out)
-    if raw.is_dir() and (out.resolve() == raw.resolve() or raw.resolve() in out.resolve().parents):
-        raise ValueError(f"--out {out} is inside --raw {raw}; the raw archive is never written to, "
-                         f"choose an --out outside it")
+    if raw.is_dir():  # resolved, subfolders too: `<out>/Images` may be a link into the archive
+        for folder in (out,) + tuple(out / sub for sub in OUT_FOLDERS):
+            where = folder.resolve()
+            if where == raw.resolve() or raw.resolve() in where.parents:
+                shown = "" if where == folder.absolute() else f" (it leads to {where})"
+                raise ValueError(f"--out {folder}{shown} is inside --raw {raw}; the raw archive is never "
+                                 f"written to, choose an --out outside it")
     found = find_tiles(raw, bands, labels)
     explicit = val_tiles is not None
     val_tiles = tuple(tile_name(t) for t in (val_tiles if explicit else DEFAULT_VAL_TILES))
@@ -231,14 +251,20 @@ def prepare(raw, out, size=NATIVE_SIZE, stride=None, labels="full", bands="RGB",
                          f"(found {', '.join(found)})")
     settings = {"size": size, "stride": stride, "labels": labels, "bands": bands, "border": BORDER}
     for marker in sorted((out / ".done").glob("*.json")):
-        old = json.loads(marker.read_text()).get("settings")
-        if old != settings:
-            raise ValueError(f"{out} already holds patches cut with {old} ({marker}); now asked for "
-                             f"{settings}. Use another --out, or delete {out} to start again")
+        done = read_marker(marker)
+        if done is None:
+            print(f"warning: {marker} is damaged (empty, cut short or not a marker); tile {marker.stem} "
+                  f"is not done and is cut again", flush=True)
+        elif done["settings"] != settings:
+            raise ValueError(f"{out} already holds patches cut with {done['settings']} ({marker}); now asked "
+                             f"for {settings}. Use another --out, or delete {out} to start again")
 
-    for sub in ("Images", "Labels", ".done"):
+    removed = [p for folder in (out,) + tuple(out / sub for sub in OUT_FOLDERS)
+               for p in clean_stale_temporaries(folder)]
+    for sub in OUT_FOLDERS:
         (out / sub).mkdir(parents=True, exist_ok=True)
-    summary = {"cut": [], "already_done": [], "bad": {}, "absent": [t for t in ALL_TILES if t not in found]}
+    summary = {"cut": [], "already_done": [], "bad": {}, "absent": [t for t in ALL_TILES if t not in found],
+               "removed_temporaries": removed}
     for tile, (image, label) in tqdm(found.items(), desc="tiles", unit="tile", disable=not progress):
         if _done_ids(out, tile, settings) is not None:
             summary["already_done"].append(tile)
@@ -260,7 +286,7 @@ def prepare(raw, out, size=NATIVE_SIZE, stride=None, labels="full", bands="RGB",
 
     split = {"train": [], "val": [], "test": [], "tiles": {"train": [], "val": [], "test": []},
              "settings": settings, "bad_tiles": summary["bad"]}
-    done = [json.loads(p.read_text()) for p in (out / ".done").glob("*.json")]
+    done = [d for d in map(read_marker, (out / ".done").glob("*.json")) if d is not None]  # damaged: warned
     for d in sorted(done, key=lambda d: _tile_key(d["tile"])):
         part = split_of(d["tile"], val_tiles)
         split[part] += d["ids"]
@@ -296,6 +322,8 @@ def main(args):
         print(f"error: {e}", file=sys.stderr)
         return 2
     split, bad = summary["split"], summary["bad"]
+    if summary["removed_temporaries"]:
+        print(f"removed {len(summary['removed_temporaries'])} temporary files left by killed runs")
     print(f"tiles: {len(summary['cut'])} cut, {len(summary['already_done'])} already done, {len(bad)} bad")
     for tile, reason in bad.items():
         print(f"  bad {tile}: {reason}")

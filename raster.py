@@ -1,12 +1,14 @@
-"""Reading and writing rasters of any kind: PNG, JPEG, TIFF (any codec imagecodecs knows, tiled, BigTIFF,
-planar or interleaved), GeoTIFF georeferencing, 16-bit and multi-band data, atomic writes.
+"""Reading and writing rasters of any kind: PNG (8- and 16-bit), JPEG (turned by its EXIF orientation), TIFF
+(any codec imagecodecs knows, tiled, BigTIFF, planar or interleaved), GeoTIFF georeferencing, 16-bit and
+multi-band data, atomic writes and the clean-up of what a killed run left (`clean_stale_temporaries`).
 
     python raster.py some_image.tif        # prints shape, dtype, bands, alpha and georeferencing tags
 
-The steps here are the building blocks: `read_raster` (the pixels as stored, plus alpha band, GeoTIFF tags
-and nodata value), `select_bands` (which bands, given what the model needs) and `to_uint8` (the bit-depth
-rule). Each returns notes (warnings as text) for the caller to print next to the file name. What a model
-eats is decided in one place, spec.py (`load_input`, `to_grid`), for training and inference alike.
+The steps here are the building blocks: `read_raster` (the pixels as stored, turned as viewers show them when
+the file has an EXIF orientation, plus alpha band, GeoTIFF tags and nodata value), `select_bands` (which bands,
+given what the model needs) and `to_uint8` (the bit-depth rule). Each returns notes (warnings as text) for the
+caller to print next to the file name. What a model eats is decided in one place, spec.py (`load_input`,
+`to_grid`), for training and inference alike.
 
 Bit depth rule (spec.py's `uint8` intensity, for models trained on 8-bit data): integer images wider than 8
 bits are scaled linearly from [0, 2**b - 1] to [0, 255], b being the image's bit depth: the smallest of 8..16
@@ -18,9 +20,11 @@ trained on wider data carry a `range` intensity rule fitted on their training se
 import argparse
 import contextlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import tifffile
 from PIL import Image
@@ -39,6 +43,17 @@ GEOTIFF_TAGS = {  # code -> name; what places a GeoTIFF on the ground
 }
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EXIF_ORIENTATION = 0x0112  # EXIF tag: how viewers turn the stored pixels (1 = as stored, 2..8 flips/rotations)
+_ORIENT = {  # orientation -> stored (H, W, ...) pixels as viewers show them (PIL.ImageOps.exif_transpose)
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: a[::-1].swapaxes(0, 1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: a[:, ::-1].swapaxes(0, 1),
+}
 
 
 class RasterError(ValueError):
@@ -95,19 +110,72 @@ def _parse_nodata(value):
         return None
 
 
+@contextlib.contextmanager
+def no_pixel_limit():
+    """Lift Pillow's decompression-bomb limit (about 179 megapixels) while reading: these are the user's own
+    files, and a 20000x20000 PNG or JPEG is read whole like a TIFF of that size. Restored afterwards."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def exif_orientation(im):
+    """The EXIF orientation (1..8) of an open PIL image (JPEG, PNG, ...); 1 (as stored) when it has none. Read
+    it after the pixels: a damaged EXIF block does not make the pixels unreadable, so it counts as none."""
+    try:
+        return int(im.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:
+        return 1
+
+
+def orient(arr, orientation):
+    """Stored (H, W, ...) pixels -> as every viewer shows them, given the file's EXIF orientation, so that a
+    mask lines up with the photo the user sees. Orientation 1 (or an unknown value): `arr` as it is."""
+    turn = _ORIENT.get(orientation)
+    return arr if turn is None else np.ascontiguousarray(turn(arr))
+
+
+def _png_bit_depth(path):
+    """Bits per sample of a PNG (its IHDR's byte 24), None for a file that is no PNG."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    return head[24]
+
+
+def _read_png16(path):
+    """A PNG of 16 bits per sample at full depth: Pillow keeps only the high byte of 16-bit colour (12-bit
+    data come out near black), imagecodecs (libpng) keeps all 16."""
+    data = path.read_bytes()
+    arr = imagecodecs.png_decode(data)
+    alpha = {4: 1, 6: 3}.get(data[25])  # IHDR colour type: gray + alpha, RGBA
+    orientation = 1
+    if b"eXIf" in data or b"Raw profile type exif" in data:  # EXIF in a PNG is rare: Pillow reads it
+        with no_pixel_limit(), Image.open(path) as im:
+            orientation = exif_orientation(im)
+    return orient(arr, orientation), alpha, {}, None
+
+
 def _read_pil(path):
-    with Image.open(path) as im:
+    with no_pixel_limit(), Image.open(path) as src:
+        im = src
         if im.mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
             has_alpha = im.mode in ("PA",) or (im.mode == "P" and "transparency" in im.info)
             im = im.convert("RGBA" if has_alpha else ("L" if im.mode == "1" else "RGB"))
         arr = np.asarray(im)  # decodes here: a truncated file raises now
         alpha = {"LA": 1, "RGBA": 3}.get(im.mode)
-    return arr, alpha, {}, None
+        orientation = exif_orientation(src)
+    return orient(arr, orientation), alpha, {}, None
 
 
 def read_raster(path):
-    """Read an image file as a Raster. Errors (RasterError) name the file: missing, empty, truncated,
-    corrupt, or a layout that is not (H, W) or (H, W, bands)."""
+    """Read an image file as a Raster: 16-bit PNGs at full depth, EXIF orientation applied, no Pillow pixel
+    limit. Errors (RasterError) name the file: missing, empty, truncated, corrupt, or a layout that is not
+    (H, W) or (H, W, bands)."""
     path = Path(path)
     if not path.is_file():
         raise RasterError(f"{path}: not found")
@@ -116,6 +184,8 @@ def read_raster(path):
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
             arr, alpha, geotags, nodata = _read_tiff(path)
+        elif _png_bit_depth(path) == 16:
+            arr, alpha, geotags, nodata = _read_png16(path)
         else:
             arr, alpha, geotags, nodata = _read_pil(path)
     except Exception as e:  # codec errors come in many types
@@ -180,8 +250,15 @@ def bit_depth_of(arr):
     return min(max(8, top.bit_length()), arr.dtype.itemsize * 8)
 
 
+def _count_pixels(mask):
+    """Pixels of an (H, W, B) boolean mask with any band set (elements of a mask of another shape)."""
+    return int((mask.any(axis=2) if mask.ndim == 3 else mask).sum())
+
+
 def to_uint8(arr, bit_depth=None):
-    """Scale pixels to uint8 by the module's bit-depth rule. Returns (uint8 array, notes)."""
+    """Scale pixels to uint8 by the module's bit-depth rule. Returns (uint8 array, notes). Negative values of a
+    signed integer image are clipped to 0 with a note that counts them; a float image with NaN is an error
+    (spec.load_input marks NaN pixels as nodata before it gets here)."""
     if arr.dtype == np.uint8:
         return arr, []
     if arr.dtype == np.bool_:
@@ -194,14 +271,25 @@ def to_uint8(arr, bit_depth=None):
             lut = np.clip(np.round(np.arange(65536) * (255 / top)), 0, 255).astype(np.uint8)
             return lut[arr], notes
         out = np.empty(arr.shape, np.uint8)
+        negative = 0
         for r in range(0, arr.shape[0], 512):  # row chunks keep float temporaries small
-            out[r:r + 512] = np.clip(np.round(arr[r:r + 512] * (255 / top)), 0, 255)
+            chunk = arr[r:r + 512]
+            if np.issubdtype(arr.dtype, np.signedinteger):
+                negative += _count_pixels(chunk < 0)
+            out[r:r + 512] = np.clip(np.round(chunk * (255 / top)), 0, 255)
+        if negative:
+            notes.append(f"{negative} pixels hold negative {arr.dtype} values: clipped to 0")
         return out, notes
     if np.issubdtype(arr.dtype, np.floating):
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        if not (0 <= lo and hi <= 1) or np.isnan(arr).any():
-            raise RasterError(f"unsupported pixel values: {arr.dtype} in [{lo:g}, {hi:g}]; float images must "
-                              f"be in [0, 1] (convert the file to 8-bit, or scale it to [0, 1])")
+        nan = np.isnan(arr)
+        n_nan = _count_pixels(nan)
+        values = arr[~nan] if n_nan else arr
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (np.nan, np.nan)
+        if n_nan or not (0 <= lo and hi <= 1):
+            found = f"values in [{lo:g}, {hi:g}]" if values.size else "no value but NaN"
+            found += f", {n_nan} NaN pixels" if n_nan else ""
+            raise RasterError(f"unsupported pixel values: {arr.dtype}, {found}; float images must be in [0, 1] "
+                              f"without NaN (convert the file to 8-bit, or scale it to [0, 1])")
         out = np.empty(arr.shape, np.uint8)
         for r in range(0, arr.shape[0], 512):
             out[r:r + 512] = np.round(arr[r:r + 512] * 255)
@@ -240,6 +328,44 @@ def atomic_path(path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_TEMPORARY = re.compile(r"\.(.+)\.([1-9][0-9]*)\.tmp")  # atomic_path's `.{name}.{pid}.tmp`
+
+
+def clean_stale_temporaries(folder):
+    """Delete the temporaries that killed runs left in `folder` (not its subfolders): files named as
+    atomic_path names them, `.{name}.{pid}.tmp`, whose pid is no running process on this machine (kill -9
+    skips atomic_path's clean-up; a checkpoint's temporary is hundreds of MB). Returns the removed paths.
+
+    Other files and the temporaries of living processes are never touched. A process of another machine
+    writing into the same (network) folder looks dead from here: call this where one machine writes a folder,
+    at the start of a run. Does nothing where processes cannot be probed with signal 0 (not POSIX).
+    """
+    folder = Path(folder)
+    if os.name != "posix" or not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        m = _TEMPORARY.fullmatch(path.name)
+        if m is None or path.is_symlink() or not path.is_file() or _is_running(int(m.group(2))):
+            continue
+        path.unlink(missing_ok=True)  # another cleaner may have been first
+        removed.append(path)
+    return removed
+
+
+def _is_running(pid):
+    """Whether `pid` is a process on this machine (signal 0 probes it and sends nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it runs, as another user
+    except (OverflowError, OSError):
+        return True  # not a pid this system can have: keep the file, it may not be ours
+    return True
 
 
 def palette_image(index_map, palette):

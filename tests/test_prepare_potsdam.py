@@ -1,5 +1,7 @@
 """prepare_potsdam.py on small fake tiles with the official names (650x600 instead of 6000x6000)."""
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -185,3 +187,47 @@ def test_out_inside_raw_refused(tmp_path, raw):
     with pytest.raises(ValueError, match="inside --raw"):
         prepare_potsdam.prepare(raw, raw / "patches", size=SIZE, progress=False)
     assert not (raw / "patches").exists()
+
+
+@pytest.mark.parametrize("sub", ["Images", "Labels", ".done"])
+def test_out_subfolder_linked_into_raw_refused(tmp_path, raw, capsys, sub):
+    out = tmp_path / "patches"
+    out.mkdir()
+    (out / sub).symlink_to(raw / "2_Ortho_RGB", target_is_directory=True)
+    before = sorted(p.name for p in (raw / "2_Ortho_RGB").iterdir())
+    assert run(raw, out, "--size", str(SIZE)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "inside --raw" in err and str(out / sub) in err
+    assert sorted(p.name for p in (raw / "2_Ortho_RGB").iterdir()) == before
+    assert not (out / "split.json").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b'{"tile": "2_10", "settings"', b'{"tile": "2_10"}', b"\xff\xfe\x00"])
+def test_damaged_done_marker_means_not_done(tmp_path, raw, capsys, content):
+    out = tmp_path / "patches"
+    assert run(raw, out, "--size", str(SIZE)) == 0
+    marker = out / ".done" / "2_10.json"
+    marker.write_bytes(content)  # e.g. a disk that filled up, or a hand edit
+    capsys.readouterr()
+    summary = prepare_potsdam.prepare(raw, out, size=SIZE, progress=False)
+    assert summary["cut"] == ["2_10"] and sorted(summary["already_done"]) == ["2_11", "2_13", "3_10"]
+    assert f"warning: {marker}" in capsys.readouterr().out
+    split = load_split(out / "split.json")
+    assert len(split["train"] + split["val"] + split["test"]) == 4 * 6 and "2_10_0000" in split["train"]
+    assert prepare_potsdam.prepare(raw, out, size=SIZE, progress=False)["already_done"] == ["2_10", "2_11",
+                                                                                           "2_13", "3_10"]
+
+
+def test_stale_temporaries_of_killed_runs_are_removed(tmp_path, raw, capsys):
+    out = tmp_path / "patches"
+    assert run(raw, out, "--size", str(SIZE)) == 0
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # a pid that is dead once waited for
+    child.wait()
+    stale = [out / f".split.json.{child.pid}.tmp", out / "Images" / f".Image_2_10_0000.tif.{child.pid}.tmp",
+             out / "Labels" / f".Label_2_10_0000.tif.{child.pid}.tmp", out / ".done" / f".2_10.json.{child.pid}.tmp"]
+    alive = out / "Images" / f".Image_2_10_0001.tif.{os.getpid()}.tmp"
+    for path in stale + [alive]:
+        path.write_bytes(b"half")
+    assert run(raw, out, "--size", str(SIZE)) == 0
+    assert not any(p.exists() for p in stale) and alive.exists()
+    assert "removed 4 temporary files" in capsys.readouterr().out

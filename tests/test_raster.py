@@ -1,9 +1,12 @@
 """raster.py: every input kind read to the same pixels, the bit-depth rule, bands, GeoTIFF tags, atomic writes."""
 
+import zlib
+
+import imagecodecs
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image
+from PIL import Image, ImageOps
 
 from raster import RasterError, atomic_path, palette_image, read_raster, select_bands, to_uint8, write_index_tiff
 from spec import DataSpec, load_input
@@ -142,3 +145,70 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     with atomic_path(target) as tmp:
         tmp.write_bytes(b"whole")
     assert target.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize("bands, alpha", [(3, None), (1, None), (2, 1), (4, 3)])  # RGB, gray, gray+alpha, RGBA
+def test_16bit_png_reads_at_full_depth(tmp_path, bands, alpha):
+    twelve = np.random.default_rng(1).integers(0, 4096, (5, 7, bands), dtype=np.uint16)  # 12-bit data
+    (tmp_path / "a.png").write_bytes(imagecodecs.png_encode(twelve))
+    r = read_raster(tmp_path / "a.png")
+    assert r.array.dtype == np.uint16 and r.alpha == alpha
+    np.testing.assert_array_equal(r.array, twelve)
+
+
+
+def jpeg_with_orientation(path, arr, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(arr).save(path, quality=95, exif=exif)
+
+
+def test_jpeg_exif_orientation_is_applied(tmp_path):
+    jpeg_with_orientation(tmp_path / "a.jpg", np.zeros((8, 16, 3), np.uint8), 6)  # stored 16x8, shown 8x16
+    assert read_raster(tmp_path / "a.jpg").array.shape == (16, 8, 3)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_reads_as_pillow_shows_it(tmp_path, rgb, orientation):
+    jpeg_with_orientation(tmp_path / "a.jpg", rgb, orientation)
+    with Image.open(tmp_path / "a.jpg") as im:
+        shown = np.asarray(ImageOps.exif_transpose(im))
+    np.testing.assert_array_equal(read_raster(tmp_path / "a.jpg").array, shown)
+
+
+def test_16bit_png_exif_orientation_is_applied(tmp_path):
+    stored = np.arange(4 * 6 * 3, dtype=np.uint16).reshape(4, 6, 3) * 50
+    png = imagecodecs.png_encode(stored)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    body = exif.tobytes().removeprefix(b"Exif\x00\x00")  # a PNG eXIf chunk holds the TIFF-style block itself
+    chunk = len(body).to_bytes(4, "big") + b"eXIf" + body + zlib.crc32(b"eXIf" + body).to_bytes(4, "big")
+    (tmp_path / "a.png").write_bytes(png[:33] + chunk + png[33:])  # right after IHDR (8 + 25 bytes)
+    np.testing.assert_array_equal(read_raster(tmp_path / "a.png").array, np.rot90(stored, -1))
+
+
+
+@pytest.mark.parametrize("name", ["big.png", "big.jpg"])
+def test_image_over_pillow_pixel_limit_is_read(tmp_path, rgb, monkeypatch, name):
+    Image.fromarray(rgb).save(tmp_path / name)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 37x53 is a "decompression bomb" now
+    assert read_raster(tmp_path / name).array.shape == (37, 53, 3)
+    assert Image.MAX_IMAGE_PIXELS == 100  # the limit is back for everyone else
+
+
+
+def test_negative_integers_are_clipped_with_a_note():
+    arr = np.array([[[-5], [0], [-1]], [[100], [255], [7]]], np.int16)
+    out, notes = to_uint8(arr)
+    assert out.ravel().tolist() == [0, 0, 0, 100, 255, 7]
+    assert any("2 pixels" in n and "negative" in n for n in notes)
+    assert to_uint8(np.array([[[0], [4095]]], np.int16))[1] == ["int16 pixels scaled to 8 bits as 12-bit data "
+                                                                "(x 255/4095)"]  # no negatives: no such note
+
+
+def test_float_with_nan_says_how_many():
+    arr = np.array([[[0.2], [np.nan], [0.5]], [[np.nan], [1.0], [0.0]]], np.float32)
+    with pytest.raises(RasterError, match="2 NaN pixels"):
+        to_uint8(arr)
+    with pytest.raises(RasterError, match="NaN"):
+        to_uint8(np.full((2, 2, 1), np.nan, np.float32))
