@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from raster import IMAGE_SUFFIXES
+from raster import IMAGE_SUFFIXES, exif_orientation, no_pixel_limit, orient
 from spec import (IGNORE_INDEX, NATIVE_SIZE, PALETTE, POTSDAM, PROCESSING_SIZE, DataSpec, grid_size, load_input,
                   to_grid)
 
@@ -74,7 +74,8 @@ def index_to_index(arr, classes, path="<array>"):
 
 
 def read_label(path, classes=POTSDAM):
-    """Read a label file (colour or index, per `classes`) as an (H, W) uint8 class map."""
+    """Read a label file (colour or index, per `classes`) as an (H, W) uint8 class map. PNG/JPEG labels are
+    turned by their EXIF orientation like the images (raster.orient), so both line up as viewers show them."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"label {path} not found")
@@ -82,8 +83,9 @@ def read_label(path, classes=POTSDAM):
         if path.suffix.lower() in (".tif", ".tiff"):
             arr = tifffile.imread(path)
         else:
-            with Image.open(path) as im:
+            with no_pixel_limit(), Image.open(path) as im:
                 arr = np.asarray(im.convert("RGB") if classes.label_format == "colour" else im)
+                arr = orient(arr, exif_orientation(im))
     except Exception as e:
         raise OSError(f"cannot read label {path}: {e}") from None
     if classes.label_format == "index":

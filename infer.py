@@ -40,8 +40,8 @@ from tqdm import tqdm
 from checkpoint import load_model
 from dataset import index_to_colour
 from model import resolve_device
-from raster import (GDAL_NODATA, IMAGE_SUFFIXES, RasterError, is_image_file, palette_image, write_index_tiff,
-                    write_jpeg, write_png)
+from raster import (GDAL_NODATA, IMAGE_SUFFIXES, RasterError, clean_stale_temporaries, is_image_file, palette_image,
+                    write_index_tiff, write_jpeg, write_png)
 from spec import IGNORE_INDEX, grid_size, load_input, to_grid
 
 OUTPUT_PATTERN = "*_mask.*"  # the files this tool writes: never inputs
@@ -364,6 +364,9 @@ def segment_folder(input, output, model, ckpt, *, progress=True, log=None, skip_
     for p, why in skipped:
         log(f"skipped {p}: {why}")
     stems = output_stems(images)
+    removed = clean_stale_temporaries(output)
+    if removed:
+        log(f"removed {len(removed)} temporary files that killed runs left in {output}")
     for p in tqdm(images, desc="images", unit="image", disable=not progress):
         if skip_existing and mask_path(output, stems[p]).is_file():
             summary.skipped.append((p, f"{mask_path(output, stems[p])} exists (--skip-existing)"))

@@ -34,7 +34,7 @@ from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset
 from metrics import ConfusionMatrix
 from model import ARCHS, DECODERS, build_model, resolve_device
 from partial_ce_loss import NORMALIZATIONS, PartialCrossEntropyLoss
-from raster import read_raster
+from raster import clean_stale_temporaries, read_raster
 from spec import IGNORE_INDEX, POTSDAM, PROCESSING_SIZE, DataSpec, fit_intensity, load_class_file, load_input
 
 
@@ -413,6 +413,9 @@ def train(cfg):
     device = resolve_device(cfg.device)
     out_dir = Path(cfg.out)
     resumed = prepare_out(cfg, out_dir)
+    removed = clean_stale_temporaries(out_dir)
+    if removed:
+        print(f"removed {len(removed)} temporary files that killed runs left in {out_dir}")
     train_ds, val_ds, how, spec = build_datasets(cfg, resumed.spec if resumed else None)
     check_data(cfg, train_ds, val_ds)
     out_dir.mkdir(parents=True, exist_ok=True)

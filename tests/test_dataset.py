@@ -174,3 +174,21 @@ def test_index_labels_with_class_file_and_four_bands(tmp_path):
     tifffile.imwrite(tmp_path / "lab" / "a.tif", lab)
     with pytest.raises(ValueError, match=r"a\.tif.*\[5\]"):
         SegmentationDataset(folder_pairs(tmp_path / "img", tmp_path / "lab"), spec)[0]
+
+
+def test_png_labels_follow_their_exif_orientation_like_the_images(tmp_path):
+    from PIL import Image as PILImage
+    lab = np.zeros((4, 6), np.uint8)
+    lab[0, 0] = 1
+    im = PILImage.fromarray(lab)
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    im.save(tmp_path / "l.png", exif=exif)
+    classes = load_class_file_from(tmp_path, '{"names": ["a", "b"], "label_format": "index"}')
+    out = read_label(tmp_path / "l.png", classes)
+    assert out.shape == (6, 4) and out[0, 3] == 1  # top-left goes to top-right
+
+
+def load_class_file_from(folder, text):
+    (folder / "c.json").write_text(text)
+    return load_class_file(folder / "c.json")

@@ -200,3 +200,15 @@ def test_a_rerun_with_the_same_settings_may_replace_its_own_checkpoints(data, tm
     first = train(cfg_for(data, tmp_path, epochs=1))
     again = train(cfg_for(data, tmp_path, epochs=1))  # e.g. make demo twice
     assert [h["val_miou"] for h in first] == [h["val_miou"] for h in again]
+
+
+def test_temporaries_of_killed_runs_are_cleaned_on_start(data, tmp_path):
+    import subprocess
+    import sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "ck").mkdir()
+    stale = tmp_path / "ck" / f".last.pth.{dead.pid}.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    train(cfg_for(data, tmp_path, epochs=1))
+    assert not stale.exists()
