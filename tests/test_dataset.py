@@ -192,3 +192,19 @@ def test_png_labels_follow_their_exif_orientation_like_the_images(tmp_path):
 def load_class_file_from(folder, text):
     (folder / "c.json").write_text(text)
     return load_class_file(folder / "c.json")
+
+
+def test_point_budgets_as_counts_shares_and_dense(patches):
+    from dataset import parse_points, point_count
+    assert parse_points("dense") is None and parse_points("100") == 100 and parse_points("1%") == "1%"
+    assert parse_points(" 2.5 % ") == "2.5%"
+    for bad in ("abc", "0", "-3", "0%", "150%", "1e3"):
+        with pytest.raises(ValueError, match="points|share"):
+            parse_points(bad)
+    assert point_count("1%", 300, 300) == 900 and point_count("0.001%", 10, 10) == 1
+    with pytest.raises(ValueError, match=r"only 2304 pixels.*--points 1%"):
+        point_count(10_000, 48, 48, "Image_0.tif")
+    root, _ = patches
+    ds = PotsdamDataset(root, [0, 1], points="10%", spec=DataSpec(scale=1.0))
+    labelled = (ds.native_label(0) != IGNORE_INDEX).sum()
+    assert (ds.point_grid(0) != IGNORE_INDEX).sum() == min(230, labelled)  # 10 % of 48x48 = 230
