@@ -418,6 +418,8 @@ def train(cfg):
         print(f"removed {len(removed)} temporary files that killed runs left in {out_dir}")
     train_ds, val_ds, how, spec = build_datasets(cfg, resumed.spec if resumed else None)
     check_data(cfg, train_ds, val_ds)
+    model = build_model(cfg.arch, train_ds.classes.num_classes, spec.channels, cfg.decoder,
+                        pretrained=cfg.pretrained).to(device)  # before anything is written: weights may be missing
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = class_weight_tensor(cfg, train_ds, out_dir)
     budget = 'dense labels' if cfg.points is None else f'{cfg.points} {cfg.strategy} points per image'
@@ -430,8 +432,6 @@ def train(cfg):
         print(f"class weights ({cfg.class_weights}, {cfg.class_weighting}): " +
               ", ".join(f"{n} {w:.2f}" for n, w in zip(train_ds.classes.names, weights.tolist())))
 
-    model = build_model(cfg.arch, train_ds.classes.num_classes, spec.channels, cfg.decoder,
-                        pretrained=cfg.pretrained).to(device)
     criterion = PartialCrossEntropyLoss(cfg.gamma, weights, normalization=cfg.normalization).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.lr_gamma)
@@ -573,12 +573,12 @@ def main(args):
     """Returns the exit code: 0 trained, 1 training failed (diverged), 2 a user error (nothing trained)."""
     try:
         history = train(config_from_args(args))
-    except (ValueError, FileNotFoundError, CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (ValueError, FileNotFoundError, CheckpointError, OSError, RuntimeError) as e:  # RuntimeError: weights
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     best = max(history, key=lambda h: h["val_miou"]) if history else None
     if best:
         print(f"best val mIoU {best['val_miou']:.3f} (OA {best['val_oa']:.3f}) at epoch {best['epoch']}")
