@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from class_weights import SCHEMES, compute_class_weights, load_class_weights, save_class_weights
-from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids, folder_pairs,
-                     index_to_colour, load_split, pad_collate, parse_points, patch_pairs)
+from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids,
+                     clicks_per_object, folder_pairs, index_to_colour, load_split, pad_collate, parse_points,
+                     patch_pairs)
 from metrics import ConfusionMatrix
 from model import ARCHS, DECODERS, build_model, resolve_device
 from partial_ce_loss import NORMALIZATIONS, PartialCrossEntropyLoss
@@ -55,8 +56,9 @@ class TrainConfig:
     classes: Optional[str] = None  # JSON class file; default ISPRS Potsdam colours
     bands: Optional[list] = None  # image band indices; default every band but alpha
     # annotation
-    points: Union[int, str, None] = 20000  # per image at native resolution, a share like "1%", None = dense
-    strategy: str = "uniform"  # or "balanced"
+    points: Union[int, str, None] = 20000  # per image at native resolution, a share like "1%", clicks per
+    # object like "1/object" (dataset.object_clicks), None = dense
+    strategy: str = "uniform"  # or "balanced" (not used by "k/object")
     resample_each_epoch: bool = False  # the published code's behaviour: comparison only
     annotation_seed: int = 0
     # loss
@@ -417,10 +419,16 @@ def train(cfg):
     check_data(cfg, train_ds, val_ds)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = class_weight_tensor(cfg, train_ds, out_dir)
-    budget = 'dense labels' if cfg.points is None else f'{cfg.points} {cfg.strategy} points per image'
+    stats = train_ds.annotation_stats()
+    if cfg.points is None:
+        budget = "dense labels"
+    else:
+        budget = f"{cfg.points} clicks" if clicks_per_object(cfg.points) else \
+            f"{cfg.points} {cfg.strategy} points per image"
+        budget += f" ({stats['clicks_per_image']:.1f} clicks per image, {stats['clicked_fraction']:.3%} of the pixels)"
     print(f"data: {len(train_ds)} train / {len(val_ds)} val images ({how}); {budget}"
           f"{' redrawn every epoch (published code, comparison only)' if cfg.resample_each_epoch else ''}; "
-          f"labelled {train_ds.labelled_fraction():.2%} of the training pixels; scale {spec.scale:g}; "
+          f"labelled {stats['labelled_fraction']:.2%} of the training pixels; scale {spec.scale:g}; "
           f"{spec.channels} bands, intensity {spec.intensity.kind}; device {device}; "
           f"{cfg.arch}{' ImageNet' if cfg.pretrained and cfg.arch == 'resnet18' else ' random init'}", flush=True)
     if weights is not None:
@@ -515,8 +523,10 @@ def get_args_parser():
     g.add_argument("--bands", help="image bands to use, e.g. 0,1,2,3 (default: every band but alpha)")
     g = p.add_argument_group("annotation and loss")
     g.add_argument("--points", default=str(d.points),
-                   help="points per image at native resolution, a share of its pixels like 1%%, or 'dense'")
-    g.add_argument("--strategy", default=d.strategy, choices=["uniform", "balanced"])
+                   help="points per image at native resolution, a share of its pixels like 1%%, clicks in every "
+                        "object like 1/object (object = connected region of one class), or 'dense'")
+    g.add_argument("--strategy", default=d.strategy, choices=["uniform", "balanced"],
+                   help="how a number or share of points is drawn (not used by k/object)")
     g.add_argument("--resample-each-epoch", action="store_true",
                    help="redraw points every epoch, as the published code did (comparison only)")
     g.add_argument("--annotation-seed", type=int, default=d.annotation_seed)
