@@ -2,11 +2,16 @@
 training runs with each."""
 
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from checkpoint import read_checkpoint
+from tests.conftest import write_patches
+from tests.test_train import cfg_for
+from train import TrainConfig, config_from_args, get_args_parser, train
 from weak_losses import (AffinityLoss, ConsistencyLoss, affinity_loss, consistency_loss, geometric,
                          geometric_inverse, photometric, valid_pixels)
 
@@ -136,3 +141,55 @@ def test_consistency_gradient_reaches_the_model_and_padding_stays_black():
     loss = ConsistencyLoss(threshold=0.95)(model, image, weak, valid)
     loss.backward()
     assert loss.item() > 0 and model.weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- training with them
+
+@pytest.fixture
+def data(tmp_path):
+    root = tmp_path / "patches"
+    write_patches(root, n=8, size=(48, 48))
+    return root
+
+
+def test_affinity_training_lowers_the_loss_and_is_recorded(data, tmp_path, capsys):
+    history = train(cfg_for(data, tmp_path, points="1/object", affinity_weight=0.5, epochs=3, augment=False,
+                            lr=3e-3))
+    total = [h["train_loss"] + 0.5 * h["train_affinity"] for h in history]
+    assert total[-1] < total[0] and all(h["train_affinity"] > 0 for h in history)
+    assert re.search(r"\| loss \d\.\d{4} affinity \d\.\d{4} OA", capsys.readouterr().out)
+    config = read_checkpoint(tmp_path / "ck" / "last.pth").config
+    assert config["affinity_weight"] == 0.5 and config["consistency_weight"] == 0
+
+
+def test_consistency_training_lowers_the_loss_and_is_recorded(data, tmp_path, capsys):
+    history = train(cfg_for(data, tmp_path, points="1/object", consistency_weight=1.0, consistency_threshold=0.5,
+                            epochs=3, augment=False, lr=3e-3))
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert any(h["train_consistency"] > 0 for h in history) and "train_affinity" not in history[0]
+    assert re.search(r"\| loss \d\.\d{4} consistency \d\.\d{4} OA", capsys.readouterr().out)
+    config = read_checkpoint(tmp_path / "ck" / "last.pth").config
+    assert config["consistency_weight"] == 1.0 and config["consistency_threshold"] == 0.5
+
+
+def test_terms_are_off_by_default_and_the_epoch_line_unchanged(data, tmp_path, capsys):
+    history = train(cfg_for(data, tmp_path, epochs=1))
+    assert not any(k in history[0] for k in ("train_affinity", "train_consistency"))
+    assert re.search(r"\| loss \d\.\d{4} OA", capsys.readouterr().out)
+    cfg = config_from_args(get_args_parser().parse_args(["--affinity-weight", "2", "--affinity-kernel", "7",
+                                                         "--consistency-weight", "0.5",
+                                                         "--consistency-threshold", "0.9"]))
+    assert (cfg.affinity_weight, cfg.affinity_kernel, cfg.consistency_weight, cfg.consistency_threshold) == \
+        (2.0, 7, 0.5, 0.9)
+    d = TrainConfig()
+    assert d.affinity_weight == 0 and d.consistency_weight == 0 and d.consistency_threshold == 0.95
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(affinity_weight=-1.0), "affinity-weight must be >= 0"), (dict(affinity_kernel=4), "odd"),
+    (dict(consistency_threshold=1.5), "threshold"), (dict(consistency_weight=float("nan")), "consistency-weight"),
+])
+def test_bad_weak_settings_fail_before_training(data, tmp_path, change, match):
+    with pytest.raises(ValueError, match=match):
+        train(cfg_for(data, tmp_path, **change))
+    assert not (tmp_path / "ck").exists()
