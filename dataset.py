@@ -5,6 +5,7 @@ label (for evaluation only). What a file becomes before the model (bands, intens
 in spec.py, which infer.py follows too; the class list and palette live there.
 
     python dataset.py --data demo_data/patches --points 20000      # prints the labelled fraction
+    python dataset.py --data demo_data/patches --points 1/object   # one click per object: clicks per image
 """
 
 import argparse
@@ -17,6 +18,7 @@ import numpy as np
 import tifffile
 import torch
 from PIL import Image
+from scipy import ndimage
 from torch.utils.data import Dataset
 
 from raster import IMAGE_SUFFIXES, exif_orientation, no_pixel_limit, orient
@@ -135,6 +137,63 @@ def sample_points(label, points, strategy="uniform", rng=None):
         left -= take
     return np.sort(np.concatenate(chosen))
 
+OBJECT_MARGIN = 2.0  # native pixels: a click on an object of some size is at least this deep inside it
+FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)  # objects touching only at a corner are two objects
+
+
+def object_clicks(label, k, rng=None, margin=OBJECT_MARGIN):
+    """Simulate an annotator who clicks k times inside every object of a dense (H, W) class map.
+
+    An object is a 4-connected component of one class (scipy.ndimage.label). Its depth map is the Euclidean
+    distance of each of its pixels to the nearest pixel of another value (another class or undefined): a
+    pixel with such a 4-neighbour has depth 1. The image border is not a boundary (the object goes on beyond
+    it), unless one class fills the whole image. Clicks go to the object's core, the
+    pixels at least half as deep as its deepest one: the first at random there, the next ones as far as
+    possible from those already placed (farthest-point sampling), up to k, and no closer than 2 x margin
+    to each other, so a small core gets fewer clicks. An object less than 2 x margin deep (at most about
+    2 x 2 x margin pixels across) gets one click at its most interior pixel. Undefined pixels are never
+    objects. Every object gets at least one click: a one- or two-pixel-wide sliver has no interior, so
+    its click touches its boundary.
+
+    Returns sorted flat pixel indices into `label`.
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    if k < 1:
+        raise ValueError(f"clicks per object must be >= 1, got {k}")
+    W = label.shape[1]
+    chosen = []
+    for c in np.unique(label[label != IGNORE_INDEX]):
+        mask = label == c
+        objects, n = ndimage.label(mask, structure=FOUR_CONNECTED)
+        depth = ndimage.distance_transform_edt(mask) if not mask.all() else \
+            ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]  # one class everywhere: border-deep
+        depth = depth.reshape(-1)
+        flat = objects.reshape(-1)
+        inside = np.flatnonzero(flat)
+        by_object = inside[np.argsort(flat[inside], kind="stable")]  # pixels of object 1, then 2, ...
+        ends = np.cumsum(np.bincount(flat[inside], minlength=n + 1)[1:])
+        for pix in np.split(by_object, ends[:-1]):
+            chosen.append(_clicks_in_object(pix, depth[pix], W, k, rng, margin))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+
+
+def _clicks_in_object(pix, depth, width, k, rng, margin):
+    """Up to k clicks (flat indices) among one object's pixels `pix` with their depths (see object_clicks)."""
+    deepest = depth.max()
+    if deepest < 2 * margin:  # small: its most interior pixel (ties broken by the seed)
+        return np.array([rng.choice(pix[depth == deepest])])
+    core = pix[depth >= deepest / 2]
+    rows, cols = np.divmod(core, width)
+    picks = [int(rng.integers(core.size))]
+    gap = (rows - rows[picks[0]]) ** 2 + (cols - cols[picks[0]]) ** 2  # squared distance to the nearest click
+    while len(picks) < k:
+        far = int(gap.argmax())
+        if gap[far] < (2 * margin) ** 2:
+            break
+        picks.append(far)
+        gap = np.minimum(gap, (rows - rows[far]) ** 2 + (cols - cols[far]) ** 2)
+    return core[picks]
+
 
 def points_to_grid(label, flat_points, out_hw):
     """Carry points drawn on the native label grid onto an (h, w) processing grid.
@@ -160,10 +219,16 @@ def points_to_grid(label, flat_points, out_hw):
 
 def parse_points(value):
     """A point budget from the command line: 'dense' -> None, '100' -> 100 points per image, '1%' -> '1%'
-    (that share of each image's pixels). Errors say what is accepted."""
+    (that share of each image's pixels), '2/object' -> '2/object' (2 clicks in every object, see
+    object_clicks). Errors say what is accepted."""
     text = str(value).strip().lower()
     if text in ("dense", "none"):
         return None
+    m = re.fullmatch(r"(\d+)\s*/\s*obj(?:ect)?s?", text)
+    if m:
+        if int(m.group(1)) < 1:
+            raise ValueError(f"clicks per object must be >= 1, got {value!r}")
+        return f"{int(m.group(1))}/object"
     m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*%", text)
     if m:
         share = float(m.group(1))
@@ -171,14 +236,24 @@ def parse_points(value):
             raise ValueError(f"a point share must be in (0, 100] %, got {value!r}")
         return f"{share:g}%"
     if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"points must be a whole number >= 1, a share like 1%, or 'dense'; got {value!r}")
+        raise ValueError(f"points must be a whole number >= 1, a share like 1%, clicks per object like 1/object, "
+                         f"or 'dense'; got {value!r}")
     return int(text)
+
+
+def clicks_per_object(points):
+    """k for a budget of k clicks per object ('k/object'), else None."""
+    return int(points.split("/")[0]) if isinstance(points, str) and points.endswith("/object") else None
 
 
 def point_count(points, height, width, path="<image>"):
     """Points for one image of height x width native pixels: a count as it is, a share 'p%' as
-    round(p/100 x pixels) (at least 1). A count above the pixel count is an error: it would be dense."""
+    round(p/100 x pixels) (at least 1). A count above the pixel count is an error: it would be dense.
+    A 'k/object' budget has no count before the label is seen: it is an error here (see object_clicks)."""
     n = height * width
+    if clicks_per_object(points) is not None:
+        raise ValueError(f"a budget of {points} depends on the objects in the label of {path}, not on its size; "
+                         f"object_clicks(label, k) draws it")
     if isinstance(points, str):
         return max(1, round(float(points[:-1]) / 100 * n))
     if points > n:
@@ -194,7 +269,8 @@ class SegmentationDataset(Dataset):
         pairs: list of (image_id, image_path, label_path).
         spec: the DataSpec (classes, bands, intensity, scale); spec.load_input and spec.to_grid turn each file
             into model input exactly as infer.py does.
-        points: per image at native label resolution: a count, a share like "1%", or None (dense).
+        points: per image at native label resolution: a count, a share like "1%", k clicks in every object
+            like "1/object" (object_clicks; `strategy` does not apply), or None (dense).
         strategy: "uniform" (published) or "balanced".
         seed: annotation seed; points depend only on (seed, image id), never on epoch or order.
         resample_each_epoch: redraw points every epoch (the published code's behaviour; for comparison only).
@@ -212,8 +288,11 @@ class SegmentationDataset(Dataset):
             raise ValueError("the dataset has no images")
         if strategy not in ("uniform", "balanced"):
             raise ValueError(f"unknown point strategy {strategy!r}; use 'uniform' or 'balanced'")
-        if points is not None and not isinstance(points, str) and points < 1:
-            raise ValueError(f"points must be >= 1, a share like '1%', or None (dense), got {points}")
+        if isinstance(points, str):
+            points = parse_points(points)
+        elif points is not None and points < 1:
+            raise ValueError(f"points must be >= 1, a share like '1%', clicks like '1/object', or None (dense), "
+                             f"got {points}")
         self.pairs = list(pairs)
         self.spec = spec if spec is not None else DataSpec()
         self.points = points
@@ -225,6 +304,7 @@ class SegmentationDataset(Dataset):
         self.epoch = 0
         self._cache = {}
         self._points = {}
+        self._clicks = {}  # native pixels clicked per image (annotation_stats)
 
     @property
     def classes(self):
@@ -275,9 +355,14 @@ class SegmentationDataset(Dataset):
         if native_label is None:
             native_label = self._load(i)[1]
         H, W = native_label.shape
-        n = None if self.points is None else point_count(self.points, H, W, self.pairs[i][1])
         rng = np.random.default_rng(_image_seed(self.seed, self.pairs[i][0], None if fixed else self.epoch))
-        flat = sample_points(native_label, n, self.strategy, rng)
+        k = clicks_per_object(self.points)
+        if k is not None:
+            flat = object_clicks(native_label, k, rng)
+        else:
+            n = None if self.points is None else point_count(self.points, H, W, self.pairs[i][1])
+            flat = sample_points(native_label, n, self.strategy, rng)
+        self._clicks[i] = (flat.size, native_label.size)
         grid = points_to_grid(native_label, flat, grid_size(H, W, self.spec.scale))
         if fixed and self.cache:  # a fixed annotation is drawn once
             self._points[i] = grid
@@ -301,6 +386,20 @@ class SegmentationDataset(Dataset):
             labelled += int((grid != IGNORE_INDEX).sum())
             total += grid.size
         return labelled / total
+
+    def annotation_stats(self):
+        """The annotation budget as an annotator pays it, over the whole dataset: `clicks_per_image` (mean
+        native pixels clicked per image), `clicked_fraction` (clicks / native pixels) and
+        `labelled_fraction` (share of processing-grid pixels that carry a label, as labelled_fraction())."""
+        clicks = pixels = labelled = total = 0
+        for i in range(len(self)):
+            grid = self.point_grid(i)
+            labelled += int((grid != IGNORE_INDEX).sum())
+            total += grid.size
+            clicks += self._clicks[i][0]
+            pixels += self._clicks[i][1]
+        return {"clicks_per_image": clicks / len(self), "clicked_fraction": clicks / pixels,
+                "labelled_fraction": labelled / total}
 
 
 def augment_sample(image, points, label):
@@ -400,7 +499,8 @@ class PotsdamDataset(SegmentationDataset):
 def get_args_parser():
     p = argparse.ArgumentParser(description="Report the point annotation of a patch folder.")
     p.add_argument("--data", default="demo_data/patches", help="patch folder (Images/, Labels/)")
-    p.add_argument("--points", default="20000", help="points per image, a share like 1%%, or 'dense'")
+    p.add_argument("--points", default="20000",
+                   help="points per image, a share like 1%%, clicks per object like 1/object, or 'dense'")
     p.add_argument("--strategy", default="uniform", choices=["uniform", "balanced"])
     p.add_argument("--size", type=int, default=PROCESSING_SIZE,
                    help=f"processing size of a {NATIVE_SIZE}x{NATIVE_SIZE} patch (scale = size / {NATIVE_SIZE})")
@@ -411,9 +511,13 @@ def get_args_parser():
 def main(args):
     ids = available_ids(args.data)[: args.limit]
     spec = DataSpec(scale=args.size / NATIVE_SIZE)
-    ds = PotsdamDataset(args.data, ids, spec=spec, points=parse_points(args.points), strategy=args.strategy)
-    print(f"{len(ds)} patches, {args.points} points/image ({args.strategy}) -> "
-          f"labelled fraction at scale {spec.scale:g}: {ds.labelled_fraction():.2%}")
+    points = parse_points(args.points)
+    ds = PotsdamDataset(args.data, ids, spec=spec, points=points, strategy=args.strategy)
+    stats = ds.annotation_stats()
+    budget = f"{points} clicks" if clicks_per_object(points) else f"{args.points} points/image ({args.strategy})"
+    print(f"{len(ds)} patches, {budget}: {stats['clicks_per_image']:.1f} clicks per image "
+          f"({stats['clicked_fraction']:.3%} of the pixels) -> labelled fraction at scale {spec.scale:g}: "
+          f"{stats['labelled_fraction']:.2%}")
 
 
 if __name__ == "__main__":

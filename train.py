@@ -2,6 +2,7 @@
 
     python train.py --data archive/patches --points 20000 --class-weights points --decoder skip --epochs 100
     python train.py --data demo_data/patches --no-pretrained --epochs 5      # synthetic demo, random init
+    python train.py --data archive/patches --points 1/object --affinity-weight 1 --consistency-weight 1   # clicks
 
 Per epoch: one log line (loss, OA and mIoU on the training points, val loss on the val points, val OA / mIoU
 on the dense val labels, lr, seconds). Keeps `<out>/best_model.pth` (best val mIoU) and `<out>/last.pth`
@@ -29,13 +30,15 @@ from tqdm.auto import tqdm
 
 from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from class_weights import SCHEMES, compute_class_weights, load_class_weights, save_class_weights
-from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids, folder_pairs,
-                     index_to_colour, load_split, pad_collate, parse_points, patch_pairs)
+from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids,
+                     clicks_per_object, folder_pairs, index_to_colour, load_split, pad_collate, parse_points,
+                     patch_pairs)
 from metrics import ConfusionMatrix
 from model import ARCHS, DECODERS, build_model, resolve_device
 from partial_ce_loss import NORMALIZATIONS, PartialCrossEntropyLoss
 from raster import clean_stale_temporaries, read_raster
 from spec import IGNORE_INDEX, POTSDAM, PROCESSING_SIZE, DataSpec, fit_intensity, load_class_file, load_input
+from weak_losses import AffinityLoss, ConsistencyLoss, valid_pixels
 
 
 # --------------------------------------------------------------------------- configuration
@@ -55,8 +58,9 @@ class TrainConfig:
     classes: Optional[str] = None  # JSON class file; default ISPRS Potsdam colours
     bands: Optional[list] = None  # image band indices; default every band but alpha
     # annotation
-    points: Union[int, str, None] = 20000  # per image at native resolution, a share like "1%", None = dense
-    strategy: str = "uniform"  # or "balanced"
+    points: Union[int, str, None] = 20000  # per image at native resolution, a share like "1%", clicks per
+    # object like "1/object" (dataset.object_clicks), None = dense
+    strategy: str = "uniform"  # or "balanced" (not used by "k/object")
     resample_each_epoch: bool = False  # the published code's behaviour: comparison only
     annotation_seed: int = 0
     # loss
@@ -64,6 +68,14 @@ class TrainConfig:
     class_weighting: str = "inverse"  # how counts become weights: class_weights.SCHEMES
     gamma: float = 2.0
     normalization: str = "weighted"
+    # losses on the unlabelled pixels (weak_losses.py), added to the partial CE times their weight; 0 = off
+    affinity_weight: float = 0.0  # gated CRF pairwise loss
+    affinity_kernel: int = 5  # window side (odd), before dilation
+    affinity_dilation: int = 2
+    affinity_sigma_rgb: float = 0.1  # colour bandwidth, image in [0, 1]
+    affinity_sigma_xy: float = 4.0  # spatial bandwidth, processing pixels
+    consistency_weight: float = 0.0  # FixMatch-style: confident pseudo-labels of the batch vs a strong view
+    consistency_threshold: float = 0.95
     # model
     arch: str = "resnet18"  # "tiny": a three-layer stand-in for tests and smoke runs
     decoder: str = "skip"  # "plain" is the published decoder
@@ -128,6 +140,16 @@ def check_config(cfg):
     need(cfg.strategy in ("uniform", "balanced"), f"unknown point strategy {cfg.strategy!r}")
     need(cfg.class_weighting in SCHEMES, f"unknown class weighting {cfg.class_weighting!r}; use one of {SCHEMES}")
     need(cfg.normalization in NORMALIZATIONS, f"normalization must be one of {NORMALIZATIONS}")
+    for name in ("affinity_weight", "consistency_weight"):
+        v = getattr(cfg, name)
+        need(math.isfinite(v) and v >= 0, f"{name.replace('_', '-')} must be >= 0 (0 = off), got {v}")
+    need(cfg.affinity_kernel >= 3 and cfg.affinity_kernel % 2 == 1,
+         f"affinity kernel must be odd and >= 3, got {cfg.affinity_kernel}")
+    need(cfg.affinity_dilation >= 1, f"affinity dilation must be >= 1, got {cfg.affinity_dilation}")
+    need(cfg.affinity_sigma_rgb > 0 and cfg.affinity_sigma_xy > 0,
+         f"affinity sigmas must be > 0, got {cfg.affinity_sigma_rgb} and {cfg.affinity_sigma_xy}")
+    need(0 <= cfg.consistency_threshold <= 1, f"consistency threshold must be in [0, 1], got "
+                                              f"{cfg.consistency_threshold}")
     need(cfg.arch in ARCHS, f"unknown arch {cfg.arch!r}; use one of {ARCHS}")
     need(cfg.decoder in DECODERS, f"unknown decoder {cfg.decoder!r}; use one of {DECODERS}")
     need(cfg.bands is None or (len(cfg.bands) > 0 and min(cfg.bands) >= 0), f"bad bands {cfg.bands}")
@@ -267,16 +289,38 @@ def class_weight_tensor(cfg, train_ds, out_dir):
 
 # --------------------------------------------------------------------------- one epoch
 
-def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progress=True, desc=""):
+def weak_terms(cfg):
+    """The enabled losses on the unlabelled pixels as {name: (weight, fn(model, image, logits, points))}.
+    Padding (all bands 0) never counts; consistency uses the unlabelled pixels only."""
+    terms = {}
+    if cfg.affinity_weight:
+        affinity = AffinityLoss(cfg.affinity_kernel, cfg.affinity_dilation, cfg.affinity_sigma_rgb,
+                                cfg.affinity_sigma_xy)
+        terms["affinity"] = (cfg.affinity_weight, lambda model, x, logits, y: affinity(logits, x, valid_pixels(x)))
+    if cfg.consistency_weight:
+        consistency = ConsistencyLoss(cfg.consistency_threshold)
+
+        def fixmatch(model, x, logits, y):
+            valid = valid_pixels(x)
+            return consistency(model, x, logits.detach(), valid & (y == IGNORE_INDEX), valid)
+        terms["consistency"] = (cfg.consistency_weight, fixmatch)
+    return terms
+
+
+def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progress=True, desc="", extra=None):
     """Train (optimizer given) or evaluate over a loader. Returns (mean loss, points confusion matrix,
-    dense confusion matrix or None). Dense labels are only looked at when evaluating. A non-finite loss
-    stops training (TrainingError) before the step that would spread it into the weights."""
+    dense confusion matrix or None, {name: mean} of the `extra` terms). Dense labels are only looked at when
+    evaluating. `extra` ({name: (weight, fn)}, see weak_terms) adds weight x fn(...) to the loss when
+    training; the mean loss stays the partial CE alone. A non-finite loss (extras included) stops training
+    (TrainingError) before the step that would spread it into the weights."""
     train = optimizer is not None
     model.train(train)
     k = model.num_classes
     names = loader.dataset.classes.names
     cm_points, cm_dense = ConfusionMatrix(k, names), (None if train else ConfusionMatrix(k, names))
     total, n = 0.0, 0
+    extra = extra if train and extra else {}
+    extra_sums = dict.fromkeys(extra, 0.0)
     use_amp = amp and device.type == "cuda"
     with torch.set_grad_enabled(train):
         for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
@@ -286,8 +330,14 @@ def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progr
                 logits = model(x)
             loss = criterion(logits, y)
             value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingError(f"{desc}: the loss is {value} (images {batch['id'][:4]}): training diverged, "
+            for name, (weight, term) in extra.items():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    term_value = term(model, x, logits, y)
+                loss = loss + weight * term_value
+                extra_sums[name] += float(term_value.detach()) * x.shape[0]
+            loss_value = float(loss.detach()) if extra else value
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"{desc}: the loss is {loss_value} (images {batch['id'][:4]}): training diverged, "
                                     f"the learning rate is probably too high; nothing was saved from this epoch. "
                                     f"Lower --lr and start again")
             if train:
@@ -300,7 +350,7 @@ def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progr
                 cm_dense.update(pred, batch["label"])
             total += value * x.shape[0]
             n += x.shape[0]
-    return total / max(n, 1), cm_points, cm_dense
+    return total / max(n, 1), cm_points, cm_dense, {k: v / max(n, 1) for k, v in extra_sums.items()}
 
 
 # --------------------------------------------------------------------------- figures
@@ -422,10 +472,16 @@ def train(cfg):
                         pretrained=cfg.pretrained).to(device)  # before anything is written: weights may be missing
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = class_weight_tensor(cfg, train_ds, out_dir)
-    budget = 'dense labels' if cfg.points is None else f'{cfg.points} {cfg.strategy} points per image'
+    stats = train_ds.annotation_stats()
+    if cfg.points is None:
+        budget = "dense labels"
+    else:
+        budget = f"{cfg.points} clicks" if clicks_per_object(cfg.points) else \
+            f"{cfg.points} {cfg.strategy} points per image"
+        budget += f" ({stats['clicks_per_image']:.1f} clicks per image, {stats['clicked_fraction']:.3%} of the pixels)"
     print(f"data: {len(train_ds)} train / {len(val_ds)} val images ({how}); {budget}"
           f"{' redrawn every epoch (published code, comparison only)' if cfg.resample_each_epoch else ''}; "
-          f"labelled {train_ds.labelled_fraction():.2%} of the training pixels; scale {spec.scale:g}; "
+          f"labelled {stats['labelled_fraction']:.2%} of the training pixels; scale {spec.scale:g}; "
           f"{spec.channels} bands, intensity {spec.intensity.kind}; device {device}; "
           f"{cfg.arch}{' ImageNet' if cfg.pretrained and cfg.arch == 'resnet18' else ' random init'}", flush=True)
     if weights is not None:
@@ -433,6 +489,7 @@ def train(cfg):
               ", ".join(f"{n} {w:.2f}" for n, w in zip(train_ds.classes.names, weights.tolist())))
 
     criterion = PartialCrossEntropyLoss(cfg.gamma, weights, normalization=cfg.normalization).to(device)
+    extra = weak_terms(cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.lr_gamma)
     history, start, best = [], 1, -math.inf
@@ -464,18 +521,20 @@ def train(cfg):
         t0 = time.time()
         train_ds.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        tr_loss, tr_cm, _ = run_epoch(model, train_loader, criterion, device, optimizer, cfg.amp, cfg.progress,
-                                      f"epoch {epoch} train")
+        tr_loss, tr_cm, _, tr_extra = run_epoch(model, train_loader, criterion, device, optimizer, cfg.amp,
+                                                cfg.progress, f"epoch {epoch} train", extra)
         scheduler.step()
-        va_loss, _, va_cm = run_epoch(model, val_loader, criterion, device, None, cfg.amp, cfg.progress,
-                                      f"epoch {epoch} val")
+        va_loss, _, va_cm, _ = run_epoch(model, val_loader, criterion, device, None, cfg.amp, cfg.progress,
+                                         f"epoch {epoch} val")
         tr, va = tr_cm.compute(cfg.exclude), va_cm.compute(cfg.exclude)
         h = {"epoch": epoch, "train_loss": tr_loss, "train_oa": tr["oa"], "train_miou": tr["miou"],
              "val_loss": va_loss, "val_oa": va["oa"], "val_miou": va["miou"], "val_mf1": va["mf1"],
              "val_iou": va["iou"], "val_f1": va["f1"], "lr": lr, "seconds": time.time() - t0}
+        h.update({f"train_{name}": v for name, v in tr_extra.items()})  # only the enabled terms
         history.append(h)
         improved = va["miou"] > best
-        print(f"epoch {epoch:3d}/{cfg.epochs} | loss {tr_loss:.4f} OA {tr['oa']:.3f} mIoU {tr['miou']:.3f} "
+        terms = "".join(f" {name} {v:.4f}" for name, v in tr_extra.items())
+        print(f"epoch {epoch:3d}/{cfg.epochs} | loss {tr_loss:.4f}{terms} OA {tr['oa']:.3f} mIoU {tr['miou']:.3f} "
               f"(train points) | val loss {va_loss:.4f} OA {va['oa']:.3f} mIoU {va['miou']:.3f} "
               f"mF1 {va['mf1']:.3f} (dense) | lr {lr:.2e} | {h['seconds']:.1f}s{' *' if improved else ''}",
               flush=True)
@@ -518,8 +577,10 @@ def get_args_parser():
     g.add_argument("--bands", help="image bands to use, e.g. 0,1,2,3 (default: every band but alpha)")
     g = p.add_argument_group("annotation and loss")
     g.add_argument("--points", default=str(d.points),
-                   help="points per image at native resolution, a share of its pixels like 1%%, or 'dense'")
-    g.add_argument("--strategy", default=d.strategy, choices=["uniform", "balanced"])
+                   help="points per image at native resolution, a share of its pixels like 1%%, clicks in every "
+                        "object like 1/object (object = connected region of one class), or 'dense'")
+    g.add_argument("--strategy", default=d.strategy, choices=["uniform", "balanced"],
+                   help="how a number or share of points is drawn (not used by k/object)")
     g.add_argument("--resample-each-epoch", action="store_true",
                    help="redraw points every epoch, as the published code did (comparison only)")
     g.add_argument("--annotation-seed", type=int, default=d.annotation_seed)
@@ -528,6 +589,19 @@ def get_args_parser():
                    help="how class counts become weights (see class_weights.py); inverse = published")
     g.add_argument("--gamma", type=float, default=d.gamma, help="focal exponent (0 = cross-entropy)")
     g.add_argument("--normalization", default=d.normalization, choices=list(NORMALIZATIONS))
+    g = p.add_argument_group("losses on the unlabelled pixels (weak_losses.py; weight 0 = off)")
+    g.add_argument("--affinity-weight", type=float, default=d.affinity_weight,
+                   help="gated CRF pairwise loss: similar neighbouring colours, same class")
+    g.add_argument("--affinity-kernel", type=int, default=d.affinity_kernel, help="window side (odd)")
+    g.add_argument("--affinity-dilation", type=int, default=d.affinity_dilation, help="window step in pixels")
+    g.add_argument("--affinity-sigma-rgb", type=float, default=d.affinity_sigma_rgb,
+                   help="colour bandwidth (image in [0, 1])")
+    g.add_argument("--affinity-sigma-xy", type=float, default=d.affinity_sigma_xy,
+                   help="spatial bandwidth (processing pixels)")
+    g.add_argument("--consistency-weight", type=float, default=d.consistency_weight,
+                   help="FixMatch-style consistency between the batch and a jittered, rotated/flipped view")
+    g.add_argument("--consistency-threshold", type=float, default=d.consistency_threshold,
+                   help="pseudo-labels only where the softmax max reaches this")
     g = p.add_argument_group("model and optimisation")
     g.add_argument("--arch", default=d.arch, choices=list(ARCHS), help="tiny: a 3-layer stand-in for smoke runs")
     g.add_argument("--decoder", default=d.decoder, choices=list(DECODERS), help="plain = published")
