@@ -416,7 +416,9 @@ def plot_results(model, dataset, path, n=4, device="cpu", title=None):
 # --------------------------------------------------------------------------- training
 
 def comparable_config(config):
-    return {k: v for k, v in config.items() if k not in RESUMABLE}
+    """The settings that decide what is trained; a field an older checkpoint lacks counts as its default."""
+    defaults = _jsonable(dataclasses.asdict(TrainConfig()))
+    return {k: config.get(k, defaults.get(k)) for k in set(config) | set(defaults) if k not in RESUMABLE}
 
 
 def prepare_out(cfg, out_dir):

@@ -212,3 +212,11 @@ def test_temporaries_of_killed_runs_are_cleaned_on_start(data, tmp_path):
     stale.write_bytes(b"half a checkpoint")
     train(cfg_for(data, tmp_path, epochs=1))
     assert not stale.exists()
+
+
+def test_a_checkpoint_from_before_a_new_setting_still_resumes(data, tmp_path):
+    train(cfg_for(data, tmp_path, epochs=1))
+    ck = torch.load(tmp_path / "ck" / "last.pth", weights_only=True)
+    del ck["config"]["class_weighting"]  # a field added after this checkpoint was written
+    torch.save(ck, tmp_path / "ck" / "last.pth")
+    assert len(train(cfg_for(data, tmp_path, epochs=2, resume=True))) == 2
