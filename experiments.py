@@ -66,7 +66,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
@@ -78,17 +78,26 @@ from spec import CLASSES
 class Run:
     """The settings the experiments vary; everything else comes from the preset."""
 
-    points: Optional[int] = 20000  # per native image; None = dense labels
+    points: Union[int, str, None] = 20000  # per native image, "k/object" clicks, or None = dense labels
     strategy: str = "uniform"  # or "balanced"
     class_weights: str = "points"  # "points", "dense" or "none"
     decoder: str = "skip"  # or "plain" (published)
     resample_each_epoch: bool = False  # True = the published code's behaviour
     gamma: float = 2.0  # focal exponent
     class_weighting: str = "inverse"  # how class counts become weights (class_weights.SCHEMES)
+    affinity_weight: float = 0.0  # weak_losses: gated CRF pairwise loss on unlabelled pixels
+    consistency_weight: float = 0.0  # weak_losses: FixMatch-style consistency on unlabelled pixels
 
     @property
     def name(self):
-        pts = "dense" if self.points is None else f"{self.points}pts-{self.strategy}"
+        if self.points is None:
+            pts = "dense"
+        elif isinstance(self.points, str):
+            pts = self.points.replace("/", "per")
+        else:
+            pts = f"{self.points}pts-{self.strategy}"
+        pts += f"-aff{self.affinity_weight:g}" if self.affinity_weight else ""
+        pts += f"-cons{self.consistency_weight:g}" if self.consistency_weight else ""
         weights = self.class_weights if self.class_weighting == "inverse" else \
             f"{self.class_weights}-{self.class_weighting}"
         return (f"{pts}-w{weights}-{self.decoder}-g{self.gamma:g}"
@@ -151,6 +160,15 @@ EXPERIMENTS = (
         ("inverse frequency, ratio capped at 10", replace(BASELINE, class_weighting="capped"))),
         "Weights from the training points (class_weights.py). The rare class is car on the synthetic scenes and "
         "building on the Atlanta tile (4 % of the pixels); see the per-class IoU table."),
+    Experiment(8, "Few clicks: partial CE vs affinity loss vs consistency vs both, at 10 points and 1 click per object",
+        tuple((f"{label}, {method}", replace(BASELINE, points=budget, affinity_weight=a, consistency_weight=c))
+              for budget, label in ((10, "10 points"), ("1/object", "1 click / object"))
+              for method, a, c in (("partial CE", 0.0, 0.0), ("+ affinity", 1.0, 0.0), ("+ consistency", 0.0, 1.0),
+                                   ("+ both", 1.0, 1.0))) + (
+        ("dense labels (ceiling)", replace(BASELINE, points=None)),),
+        "Affinity: gated CRF loss, 5x5 window (dilation 2), weight 1; consistency: FixMatch-style, threshold 0.95, "
+        "weight 1 (weak_losses.py). Weights untuned. 10 points are per native image; '1 click / object' clicks "
+        "once inside every connected region of one class (dataset.object_clicks)."),
 )
 
 # --------------------------------------------------------------------------- presets
@@ -252,16 +270,26 @@ def make_config(run, settings, seed, ids):
         classes=settings.get("classes"), split=settings["split"] if train_ids is None else None,
         train_ids=train_ids, val_ids=val_ids, points=run.points, strategy=run.strategy,
         resample_each_epoch=run.resample_each_epoch, annotation_seed=seed, class_weights=run.class_weights,
-        class_weighting=run.class_weighting,
+        class_weighting=run.class_weighting, affinity_weight=run.affinity_weight,
+        consistency_weight=run.consistency_weight,
         gamma=run.gamma, decoder=run.decoder, pretrained=settings["pretrained"], size=settings["size"],
         epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
         step_size=settings["step_size"], lr_gamma=settings["lr_gamma"], seed=seed,
         figures=False, exclude=tuple(settings["exclude"]), progress=False)
 
 
+# TrainConfig fields added after runs were keyed, with the value that reproduces what those runs did: at that
+# value a field stays out of the key, so adding a feature (off by default) keeps every finished run valid. Any
+# other value (a run that uses the feature, or a changed default) enters the key.
+NEUTRAL = {"affinity_weight": 0.0, "affinity_kernel": 5, "affinity_dilation": 2, "affinity_sigma_rgb": 0.1,
+           "affinity_sigma_xy": 4.0, "consistency_weight": 0.0, "consistency_threshold": 0.95}
+
+
 def config_hash(cfg, data_id):
-    """Hash of a TrainConfig (all of dataclasses.asdict but NOT_IN_KEY and SEED_FIELDS) and the data identity."""
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY + SEED_FIELDS}
+    """Hash of a TrainConfig (all of dataclasses.asdict but NOT_IN_KEY, SEED_FIELDS and NEUTRAL fields at their
+    neutral value) and the data identity."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY + SEED_FIELDS
+              and not (k in NEUTRAL and v == NEUTRAL[k])}
     blob = json.dumps({"config": fields, "data": data_id}, sort_keys=True, default=str)  # a Path as its text
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
@@ -312,7 +340,7 @@ FIELDS = ["key", "config_key", "preset", "run", "points", "strategy", "class_wei
           "resample_each_epoch", "gamma", "size", "epochs", "n_train", "n_val", "pretrained", "seed",
           "annotation_seed", "labelled_fraction", "oa", "miou", "mf1", "class_iou", "best_miou", "best_epoch",
           "seconds", "device", "finished", "settings"]
-NUMERIC = ["points", "gamma", "size", "epochs", "n_train", "n_val", "seed", "annotation_seed", "labelled_fraction",
+NUMERIC = ["gamma", "size", "epochs", "n_train", "n_val", "seed", "annotation_seed", "labelled_fraction",
            "oa", "miou", "mf1", "best_miou", "best_epoch", "seconds"]
 BASE_STATS = ("oa", "miou", "mf1", "labelled_fraction", "seconds")
 
@@ -646,7 +674,7 @@ def experiment_table(rows, exp, keys):
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, run in exp.rows:
         s = summarize(rows, keys.config_key(run))
-        pts = "dense" if run.points is None else f"{run.points:,}"
+        pts = "dense" if run.points is None else (run.points if isinstance(run.points, str) else f"{run.points:,}")
         lines.append(f"| {label} | {pts} | {fmt(s['labelled_fraction'], digits=2)} | {fmt(s['oa'])} | "
                      f"{fmt(s['miou'])} | {fmt(s['mf1'])} | {s['miou'][2]} | {fmt(s['seconds'], False, 0)} |")
     return "\n".join(lines)

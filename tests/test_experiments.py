@@ -458,3 +458,14 @@ def test_own_data_preset_keys_rows_and_per_class_table(tmp_path):
     assert len(rows) == 6 and rows[0]["iou_roof"] == 0.25
     table = E.per_class_table(rows, next(e for e in E.EXPERIMENTS if e.number == 7), keys)
     assert "| run | ground | roof |" in table and "25.0" in table
+
+
+def test_a_new_feature_off_by_default_keeps_finished_runs_valid():
+    cfg = KEYS.config(E.BASELINE, 0)
+    fields = dataclasses.asdict(cfg)
+    key = E.config_hash(cfg, "data-id")
+    assert all(k in fields for k in E.NEUTRAL)  # the neutral table names real TrainConfig fields
+    on = dataclasses.replace(cfg, affinity_weight=1.0)
+    assert E.config_hash(on, "data-id") != key  # using the feature is another configuration
+    assert E.config_hash(dataclasses.replace(cfg, affinity_kernel=7, affinity_weight=1.0), "data-id") != \
+        E.config_hash(on, "data-id")
