@@ -5,7 +5,9 @@
 With f_c the share of class c among the labelled pixels at processing resolution, the schemes are
 - `inverse` (published): w_c = 1 / f_c;
 - `sqrt`: w_c = 1 / sqrt(f_c), the milder square-root inverse frequency;
-- `median`: w_c = median(f) / f_c, median-frequency balancing (Eigen & Fergus, 2015);
+- `median`: w_c = median(f) / f_c, median-frequency balancing (Eigen & Fergus, 2015). It is inverse frequency
+  times a constant, so after the normalisation below it gives exactly the `inverse` weights (and, with the loss's
+  weighted mean, the same training); it is kept so that the comparison says so;
 - `effective`: w_c = (1 - b) / (1 - b^n_c), the effective number of samples (Cui et al., CVPR 2019), with n_c
   the class's labelled pixel count and b = 1 - 1 / max(n);
 - `capped`: inverse frequency with the ratio of the largest to the smallest weight capped at MAX_RATIO.
