@@ -42,6 +42,7 @@ GEOTIFF_TAGS = {  # code -> name; what places a GeoTIFF on the ground
     34737: "GeoAsciiParamsTag",
 }
 TIFF_SUFFIXES = (".tif", ".tiff")
+JPEG_CODES = (6, 7, 34892, 33007)  # TIFF compressions that are JPEG (tifffile decodes their chroma subsampling)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EXIF_ORIENTATION = 0x0112  # EXIF tag: how viewers turn the stored pixels (1 = as stored, 2..8 flips/rotations)
@@ -79,11 +80,86 @@ class Raster:
 
 # --------------------------------------------------------------------------- reading
 
-def _read_tiff(path):
+@dataclass(frozen=True)
+class Rows:
+    """Rows [start, stop) of a TIFF, usable wherever a path is: `read_raster(Rows(path, 0, 512))` decodes only
+    the strips or tiles that hold those rows. spec.load_input takes it too, so a window of a large image goes
+    through the same contract as a whole file (infer.py streams large TIFFs this way). str() is the file's
+    path: messages name the file."""
+
+    path: Path
+    start: int
+    stop: int
+
+    def __fspath__(self):
+        return os.fspath(self.path)
+
+    def __str__(self):
+        return str(self.path)
+
+
+def _tiff_rows(tif, page, start, stop):
+    """Rows [start, stop) of a TIFF page, in the layout page.asarray() returns, decoding only the strips or
+    tiles that hold them (uncompressed data: only the bytes of those rows)."""
+    planes, _, height, width, samples = page.shaped
+    out = np.empty((planes, 1, stop - start, width, samples), page.dtype)
+    fh = tif.filehandle
+    if page.is_contiguous and page.fillorder == 1 and page.predictor == 1:  # raw pixels in one run of bytes
+        row = width * samples
+        for s in range(planes):
+            fh.seek(page.dataoffsets[0] + (s * height + start) * row * page.dtype.itemsize)
+            out[s, 0] = fh.read_array(tif.byteorder + page.dtype.char, (stop - start) * row).reshape(-1, width, samples)
+    else:
+        seg_rows = page.tilelength if page.is_tiled else page.rowsperstrip
+        across = -(-width // page.tilewidth) if page.is_tiled else 1
+        down = -(-height // seg_rows)
+        indices = [(s * down + r) * across + c for s in range(planes)
+                   for r in range(start // seg_rows, (stop - 1) // seg_rows + 1) for c in range(across)]
+        jpeg = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader} if page.compression in JPEG_CODES else {}
+        offsets = [page.dataoffsets[i] for i in indices]
+        counts = [page.databytecounts[i] for i in indices]
+        for data, index in fh.read_segments(offsets, counts, indices=indices, sort=True):
+            segment, (s, _, y, x, _), shape = page.decode(data, index, **jpeg)
+            y0, y1, x1 = max(y, start), min(y + shape[1], stop), min(x + shape[2], width)
+            if segment is None:  # an empty strip or tile: the file's fill value
+                out[s, 0, y0 - start:y1 - start, x:x1] = page.nodata
+            else:
+                out[s, 0, y0 - start:y1 - start, x:x1] = segment[0, y0 - y:y1 - y, :x1 - x]
+    return out.reshape([stop - start if axis == "Y" else n for axis, n in zip(page.axes, page.shape)])
+
+
+def readable_by_rows(path):
+    """(height, width, rows per strip or tile) of a TIFF whose rows `read_raster(Rows(...))` reads without
+    decoding the rest: one image page (no page per band, no volume), plain strips or tiles. None for any other
+    file (and for a file that cannot be parsed: reading it whole then reports why)."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES or not path.is_file():
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series, page = tif.series[0], tif.pages.first
+            if (len(series.pages) != 1 or series.pages[0] is not page or series.shape != page.shape
+                    or page.imagedepth != 1 or page.dtype is None
+                    or (page.is_subsampled and page.compression not in JPEG_CODES)
+                    or "Y" not in page.axes or len(page.dataoffsets) == 0):
+                return None
+            if page.is_contiguous and page.fillorder == 1 and page.predictor == 1:
+                seg_rows = 1
+            else:
+                seg_rows = page.tilelength if page.is_tiled else page.rowsperstrip
+            return page.imagelength, page.imagewidth, max(1, min(seg_rows, page.imagelength))
+    except Exception:  # not a TIFF tifffile parses: read_raster says why
+        return None
+
+
+def _read_tiff(path, rows=None):
     with tifffile.TiffFile(path) as tif:
         page = tif.pages.first
         series = tif.series[0]
-        arr = series.asarray()  # level 0 of a pyramid, all strips/tiles, any codec imagecodecs decodes
+        if rows is None:
+            arr = series.asarray()  # level 0 of a pyramid, all strips/tiles, any codec imagecodecs decodes
+        else:
+            arr = _tiff_rows(tif, page, max(0, rows[0]), min(rows[1], page.imagelength))
         axes = series.axes
         tags = page.tags
         geotags = {code: (int(tags[code].dtype), int(tags[code].count), tags[code].value)
@@ -174,16 +250,20 @@ def _read_pil(path):
 
 def read_raster(path):
     """Read an image file as a Raster: 16-bit PNGs at full depth, EXIF orientation applied, no Pillow pixel
-    limit. Errors (RasterError) name the file: missing, empty, truncated, corrupt, or a layout that is not
-    (H, W) or (H, W, bands)."""
+    limit. `Rows(path, start, stop)` reads only those rows of a TIFF (readable_by_rows says which TIFFs).
+    Errors (RasterError) name the file: missing, empty, truncated, corrupt, or a layout that is not (H, W) or
+    (H, W, bands)."""
+    rows = (path.start, path.stop) if isinstance(path, Rows) else None
     path = Path(path)
     if not path.is_file():
         raise RasterError(f"{path}: not found")
     if path.stat().st_size == 0:
         raise RasterError(f"{path}: empty file (0 bytes)")
+    if rows is not None and readable_by_rows(path) is None:
+        raise RasterError(f"{path}: rows can only be read from a one-page TIFF of strips or tiles")
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
-            arr, alpha, geotags, nodata = _read_tiff(path)
+            arr, alpha, geotags, nodata = _read_tiff(path, rows)
         elif _png_bit_depth(path) == 16:
             arr, alpha, geotags, nodata = _read_png16(path)
         else:
@@ -371,10 +451,10 @@ def _is_running(pid):
 def palette_image(index_map, palette):
     """(H, W) uint8 class indices -> a PIL palette image: viewers show the class colours, the pixel values
     stay the class indices."""
-    im = Image.fromarray(np.ascontiguousarray(index_map, dtype=np.uint8), mode="L").convert("P")
+    im = Image.fromarray(np.ascontiguousarray(index_map, dtype=np.uint8))  # "L", sharing the array's memory
     flat = np.zeros((256, 3), np.uint8)
     flat[: len(palette)] = np.asarray(palette, np.uint8)
-    im.putpalette(flat.reshape(-1).tolist())
+    im.putpalette(flat.reshape(-1).tolist())  # "L" becomes "P" in place: no copy of a 400 MB mask
     return im
 
 
