@@ -20,12 +20,17 @@ rotations (`--tta`), and bilinearly upsampled back to the input size before the 
 and upsampled as the tiles move down the image, so memory stays bounded for 6000x6000 tiles and beyond.
 What a file becomes before the model (bands, intensity, scale) is the checkpoint's contract: spec.py,
 the same functions training uses.
+
+A TIFF over STREAM_PIXELS (64 MP) is streamed (`predict_streamed`): read in windows of rows through the same
+contract, resized window by window to the same bytes as the whole image, so only the mask (1 byte per
+pixel) and a few windows are held; its overlay is skipped.
 """
 
 import argparse
 import dataclasses
 import fnmatch
 import math
+import re
 import sys
 import tempfile
 import time
@@ -33,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -40,9 +46,9 @@ from tqdm import tqdm
 from checkpoint import load_model
 from dataset import index_to_colour
 from model import resolve_device
-from raster import (GDAL_NODATA, IMAGE_SUFFIXES, RasterError, clean_stale_temporaries, is_image_file, palette_image,
-                    write_index_tiff, write_jpeg, write_png)
-from spec import IGNORE_INDEX, grid_size, load_input, to_grid
+from raster import (GDAL_NODATA, IMAGE_SUFFIXES, RasterError, Rows, bit_depth_of, clean_stale_temporaries, is_image_file,
+                    palette_image, read_raster, readable_by_rows, resize, write_index_tiff, write_jpeg, write_png)
+from spec import IGNORE_INDEX, _bands, grid_size, load_input, to_grid
 
 OUTPUT_PATTERN = "*_mask.*"  # the files this tool writes: never inputs
 TTA_MODES = {  # (quarter turns, horizontal flip) applied to the input; the prediction is turned back
@@ -170,19 +176,25 @@ class _Upsampler:
             self.buf, self.b0 = self.buf[:, drop:], self.b0 + drop
 
 
-def _predict(model, image, scale, sink, tile, overlap, batch_size, tta, device, progress, desc):
+def _grid(image, scale):
+    """An (H, W, B) or (H, W) uint8 image on the processing grid (spec.to_grid), checked."""
     if image.ndim == 2:
         image = image[:, :, None]
     if image.dtype != np.uint8 or image.ndim != 3:
         raise ValueError(f"expected an (H, W, bands) uint8 image, got {image.dtype} {image.shape}")
+    return to_grid(image, scale)
+
+
+def _predict(model, small, size, sink, tile, overlap, batch_size, tta, device, progress, desc):
+    """Predict the processing-grid image `small` ((h, w, B) uint8, or _GridRows) and hand the probabilities,
+    upsampled to `size` (H, W), to `sink(y0, y1, rows)` in order, a few rows at a time."""
     if model.training:
         raise ValueError("the model is in training mode; call model.eval() before predicting")
     if tile < 32:
         raise ValueError(f"tile must be >= 32 pixels, got {tile}")
     tta = _tta_mode(tta)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    H, W = image.shape[:2]
-    small = to_grid(image, scale)
+    H, W = size
     h, w = small.shape[:2]
     up = _Upsampler(h, w, H, W, sink, device=device)
     with torch.inference_mode():
@@ -209,7 +221,8 @@ def predict_image(model, image, scale, *, tile=512, overlap=64, batch_size=4, tt
     def sink(y0, y1, rows):
         out[y0:y1] = rows.argmax(0).to(torch.uint8).cpu().numpy()
 
-    _predict(model, image, scale, sink, tile, overlap, batch_size, tta, device, progress, desc)
+    _predict(model, _grid(image, scale), image.shape[:2], sink, tile, overlap, batch_size, tta, device, progress,
+             desc)
     return out
 
 
@@ -218,8 +231,8 @@ def predict_probabilities(model, image, scale, *, tile=512, overlap=64, batch_si
     """Class probabilities (C, H, W) float32 at the image's size; arguments as predict_image. Holds the
     whole map (C x H x W x 4 bytes): for small images (figures, tests); predict_image streams."""
     parts = []
-    _predict(model, image, scale, lambda y0, y1, rows: parts.append(rows.cpu().clone()), tile, overlap, batch_size,
-             tta, device, progress, desc)
+    _predict(model, _grid(image, scale), image.shape[:2], lambda y0, y1, rows: parts.append(rows.cpu().clone()),
+             tile, overlap, batch_size, tta, device, progress, desc)
     return torch.cat(parts, 1).numpy()
 
 
@@ -239,6 +252,195 @@ def overlay(image, indices, palette, alpha=OVERLAY_ALPHA):
         colours = index_to_colour(indices[r:r + 512], palette).astype(np.float32)
         out[r:r + 512] = np.round((1 - alpha) * image[r:r + 512, :, :3] + alpha * colours)
     return out
+
+
+# --------------------------------------------------------------------------- large TIFFs, streamed by rows
+
+STREAM_PIXELS = 64_000_000  # TIFFs above this many pixels (8000 x 8000) are streamed, if they can be read by rows
+STREAM_CHUNK_BYTES = 64 << 20  # file pixels decoded per window of rows
+GRID_BLOCK_BYTES = 16 << 20  # int32 rows of the vertical resize pass computed at once
+PRECISION_BITS = 22  # Pillow's fixed-point weights of 8-bit resampling (Resample.c: 32 - 8 - 2)
+
+
+def streams(path):
+    """Whether segment_file streams this file: a TIFF above STREAM_PIXELS that raster.readable_by_rows reads."""
+    layout = readable_by_rows(path)
+    return layout is not None and layout[0] * layout[1] > STREAM_PIXELS
+
+
+def _width_first(H, W, h, w):
+    """Whether Pillow resizes (H, W) to (h, w) with the horizontal pass first. Both passes round to 8 bits, so
+    the order shows in the pixels, and it changed: Pillow < 12.2 always goes width first; 12.2 goes height
+    first for images over 100 times taller than wide (Image.resize); 13 when the height loses more than twice
+    as many pixels as the width (Resample.c, ImagingResampleInner)."""
+    version = tuple(int(v) for v in PIL.__version__.split(".")[:2])
+    if version >= (13, 0):
+        return not (H - h > 0 and H - h > 2 * (W - w))
+    if version >= (12, 2):
+        return not (H > 100 * W and h < H)
+    return True
+
+
+def _vertical_weights(H, h):
+    """Pillow's bilinear (antialiased) weights from H rows to h, computed as Resample.c does (precompute_coeffs
+    with the box (0, H), normalize_coeffs_8bpc), so the vertical pass of any band of rows equals the whole
+    image's. Returns the first input row of each output row, the number of input rows it uses, and (h, k)
+    int32 weights in units of 2^-PRECISION_BITS (0 past a row's count)."""
+    scale = H / h
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale  # the bilinear filter's support, stretched when shrinking
+    center = (np.arange(h) + 0.5) * scale
+    first = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    count = np.minimum(np.trunc(center + support + 0.5), H).astype(np.int64) - first
+    k = int(math.ceil(support)) * 2 + 1
+    weights, total = np.zeros((h, k)), np.zeros(h)
+    for j in range(k):  # in Pillow's order: the sums round alike
+        x = np.abs(((first + j) - center + 0.5) * (1.0 / filterscale))
+        weights[:, j] = np.where((j < count) & (x < 1.0), 1.0 - x, 0.0)
+        total = total + weights[:, j]
+    weights /= np.where(total == 0, 1.0, total)[:, None]
+    return first, count, np.trunc(0.5 + weights * (1 << PRECISION_BITS)).astype(np.int32)
+
+
+def _resize_width(rows, w):
+    """(n, W, B) uint8 -> (n, w, B): Pillow's horizontal pass alone (raster.resize with the height kept)."""
+    return resize(rows, (rows.shape[0], w))
+
+
+def _resize_height(src, src0, first, weights):
+    """Pillow's vertical pass (ImagingResampleVertical_8bpc) for output rows that start at input rows `first`
+    with `weights`; `src` holds input rows from src0 on. (n, width, B) uint8, the whole image's numbers."""
+    n = len(first)
+    acc = np.full((n,) + src.shape[1:], 1 << (PRECISION_BITS - 1), np.int32)
+    for j in range(weights.shape[1]):
+        rows = np.minimum(first + j - src0, len(src) - 1)  # past a row's count the weight is 0
+        acc += src[rows] * weights[:, j, None, None]
+    return np.clip(acc >> PRECISION_BITS, 0, 255).astype(np.uint8)
+
+
+class _GridRows:
+    """The processing-grid image of a large TIFF, equal to `spec.to_grid(load_input(path).image, scale)` to the
+    byte, made top to bottom as the tiles ask for rows (`grid[y0:y1, x0:x1]`, y0 never going back). The file is
+    read in windows of rows through the contract itself, `load_input(raster.Rows(path, a, b))`, so bands,
+    nodata and intensity are the whole file's; the resize is Pillow's two passes in Pillow's order, the
+    vertical one with the whole image's weights. Holds one window of input rows and the grid rows of a tile
+    row or two. Nodata pixels are set to IGNORE_INDEX in `mask` as their rows are read; the window notes are
+    collected in `notes`."""
+
+    def __init__(self, path, spec, mask, bit_depth=None, chunk_rows=1024):
+        H, W = mask.shape
+        self.path, self.spec, self.mask, self.bit_depth, self.chunk_rows = path, spec, mask, bit_depth, chunk_rows
+        h, w = grid_size(H, W, spec.scale)
+        self.shape = (h, w, spec.channels)
+        self.resize_h, self.resize_w = h != H, w != W
+        self.width_first = _width_first(H, W, h, w)
+        if self.resize_h:
+            self.first, count, self.weights = _vertical_weights(H, h)
+            self.needs = self.first + count  # input rows [0, needs[r]) make grid row r
+        else:
+            self.needs = np.arange(1, H + 1)
+        self.raster, self.notes, self.masked, self.rows_read = None, [], False, 0
+        self.src, self.src0 = np.zeros((0, w if self.width_first else W, spec.channels), np.uint8), 0
+        self.grid, self.grid0 = np.zeros((0, w, spec.channels), np.uint8), 0
+
+    def _read(self):
+        """The next window of input rows onto `src` (already resized in width when that pass comes first)."""
+        a, b = self.rows_read, min(self.mask.shape[0], self.rows_read + self.chunk_rows)
+        inp = load_input(Rows(self.path, a, b), self.spec, bit_depth=self.bit_depth)
+        self.raster, self.rows_read = inp.raster, b
+        self.notes += inp.notes
+        if inp.valid is not None:
+            self.mask[a:b][~inp.valid] = IGNORE_INDEX
+            self.masked = True
+        rows = _resize_width(inp.image, self.shape[1]) if self.resize_w and self.width_first else inp.image
+        self.src = np.concatenate([self.src, rows])
+
+    def _make(self, stop):
+        """Grid rows up to `stop` onto `grid`."""
+        end = self.grid0 + len(self.grid)
+        while end < stop:
+            while self.rows_read < self.needs[end]:
+                self._read()
+            r1 = min(stop, int(np.searchsorted(self.needs, self.rows_read, side="right")))
+            step = max(1, GRID_BLOCK_BYTES // (4 * self.src.shape[1] * self.shape[2]))
+            parts = [self.grid]
+            for r0 in range(end, r1, step):
+                r = slice(r0, min(r1, r0 + step))
+                if self.resize_h:
+                    rows = _resize_height(self.src, self.src0, self.first[r], self.weights[r])
+                else:
+                    rows = self.src[r.start - self.src0:r.stop - self.src0]
+                if self.resize_w and not self.width_first:
+                    rows = _resize_width(rows, self.shape[1])
+                parts.append(rows)
+            self.grid = np.concatenate(parts)
+            end = r1
+            if end < self.shape[0]:  # drop the input rows no grid row still needs
+                keep = int(self.first[end]) if self.resize_h else end
+            else:
+                keep = self.rows_read
+            self.src, self.src0 = self.src[keep - self.src0:], keep
+
+    def __getitem__(self, key):
+        rows, cols = key
+        if rows.start < self.grid0:
+            raise IndexError(f"grid rows are made top to bottom: row {rows.start} is gone (rows from {self.grid0})")
+        self._make(min(rows.stop, self.shape[0]))
+        self.grid, self.grid0 = self.grid[rows.start - self.grid0:], rows.start  # rows above are done with
+        return self.grid[:rows.stop - rows.start, cols]
+
+
+def _merge_notes(notes, pixels):
+    """The notes of every window of rows as one image's: a repeated note once; a note that counts pixels
+    ("12 nodata pixels (0.1 %): ...") with the counts summed and their share of the `pixels` recomputed."""
+    merged = {}
+    for note in notes:
+        m = re.fullmatch(r"(\d+) (.*)", note)
+        if m is None:
+            merged.setdefault(note, None)
+        else:
+            key = re.sub(r"\(\d+\.\d %\)", "({share} %)", m.group(2))
+            merged[key] = (merged.get(key) or 0) + int(m.group(1))
+    return [key if n is None else f"{n} " + key.format(share=f"{100 * (n / pixels):.1f}")
+            for key, n in merged.items()]
+
+
+def _stream_bit_depth(path, spec, height, chunk_rows):
+    """The bit depth of the uint8 intensity rule (raster.to_uint8) for a wide-integer file: it needs the image's
+    largest value, so the streamed path reads the file once more for it. None where the rule needs none."""
+    first = read_raster(Rows(path, 0, 1)).array
+    if spec.intensity.kind != "uint8" or not np.issubdtype(first.dtype, np.integer) or first.dtype.itemsize == 1:
+        return None
+    maxima = []
+    for a in range(0, height, chunk_rows):
+        arr, _ = _bands(read_raster(Rows(path, a, min(height, a + chunk_rows))), spec.bands, spec.channels, path)
+        maxima.append(arr.max())
+    return bit_depth_of(np.asarray(maxima, arr.dtype))
+
+
+def predict_streamed(model, path, spec, *, bit_depth=None, tile=512, overlap=64, batch_size=4, tta=False, device=None,
+                     progress=False, desc=None, chunk_bytes=None):
+    """Class indices (H, W) uint8 of a TIFF that raster.readable_by_rows reads, nodata pixels IGNORE_INDEX: the
+    mask predict_image makes of load_input's image (with the nodata set), holding 1 byte per pixel (the mask)
+    plus windows of rows. Returns (mask, raster tags, notes, whether the file has a nodata mask). `chunk_bytes`:
+    file pixels per window (default STREAM_CHUNK_BYTES); other arguments as segment_file and predict_image."""
+    path = Path(path)
+    H, W, segment_rows = readable_by_rows(path)
+    row_bytes = read_raster(Rows(path, 0, 1)).array.nbytes
+    chunk_rows = max(1, (chunk_bytes or STREAM_CHUNK_BYTES) // row_bytes)
+    chunk_rows = -(-chunk_rows // segment_rows) * segment_rows  # whole strips or tiles: none is decoded twice
+    if bit_depth is None:
+        bit_depth = _stream_bit_depth(path, spec, H, chunk_rows)
+    mask = np.zeros((H, W), np.uint8)
+    grid = _GridRows(path, spec, mask, bit_depth, chunk_rows)
+
+    def sink(y0, y1, rows):
+        assert y1 <= grid.rows_read, (y1, grid.rows_read)  # the nodata of these rows is marked already
+        pred = rows.argmax(0).to(torch.uint8).cpu().numpy()
+        mask[y0:y1] = np.where(mask[y0:y1] == IGNORE_INDEX, IGNORE_INDEX, pred)
+
+    _predict(model, grid, (H, W), sink, tile, overlap, batch_size, tta, device, progress, desc)
+    return mask, grid.raster, _merge_notes(grid.notes, H * W), grid.masked
 
 
 # --------------------------------------------------------------------------- files and folders
@@ -323,22 +525,32 @@ def segment_file(path, output, model, ckpt, *, stem=None, scale=None, bands=None
     spec = run_spec(ckpt, scale, bands)
     path, output = Path(path), Path(output)
     stem = stem or path.stem
-    inp = load_input(path, spec, bit_depth=bit_depth)
-    for note in inp.notes:
-        log(f"{path}: {note}")
-    pred = predict_image(model, inp.image, spec.scale, desc=path.name, **predict_kwargs)
-    if inp.valid is not None:
-        pred[~inp.valid] = IGNORE_INDEX
+    if streams(path):  # a large TIFF: read, resized and predicted by windows of rows
+        pred, raster, notes, masked = predict_streamed(model, path, spec, bit_depth=bit_depth, desc=path.name,
+                                                       **predict_kwargs)
+        image = None
+        for note in notes:
+            log(f"{path}: {note}")
+    else:
+        inp = load_input(path, spec, bit_depth=bit_depth)
+        for note in inp.notes:
+            log(f"{path}: {note}")
+        pred = predict_image(model, inp.image, spec.scale, desc=path.name, **predict_kwargs)
+        if inp.valid is not None:
+            pred[~inp.valid] = IGNORE_INDEX
+        image, raster, masked = inp.image, inp.raster, inp.valid is not None
     palette = spec.classes.palette
     writers = {}
     if index:
         writers[output / f"{stem}_mask.index.png"] = lambda t: write_png(t, pred)
-    if overlay_preview:
-        rgb = display_rgb(inp.image)
+    if overlay_preview and image is None:
+        log(f"{path}: no overlay for a streamed image (over {STREAM_PIXELS / 1e6:g} MP): it would hold the whole image")
+    elif overlay_preview:
+        rgb = display_rgb(image)
         writers[output / f"{stem}_mask.overlay.jpg"] = lambda t: write_jpeg(t, overlay(rgb, pred, palette))
-    if inp.raster.is_georeferenced:
-        tags = dict(inp.raster.geotags)
-        if inp.valid is not None:
+    if raster.is_georeferenced:
+        tags = dict(raster.geotags)
+        if masked:
             tags[GDAL_NODATA] = (2, len(str(IGNORE_INDEX)) + 1, str(IGNORE_INDEX))  # ASCII, as GDAL writes it
         writers[output / f"{stem}_mask.tif"] = lambda t: write_index_tiff(t, pred, palette, tags)
     writers[mask_path(output, stem)] = lambda t: write_png(t, palette_image(pred, palette))  # last: "done"
