@@ -19,8 +19,11 @@ trained on wider data carry a `range` intensity rule fitted on their training se
 
 import argparse
 import contextlib
+import itertools
 import os
 import re
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +48,7 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 JPEG_CODES = (6, 7, 34892, 33007)  # TIFF compressions that are JPEG (tifffile decodes their chroma subsampling)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MASK_TILE = 256  # tile side of the mask TIFFs
 EXIF_ORIENTATION = 0x0112  # EXIF tag: how viewers turn the stored pixels (1 = as stored, 2..8 flips/rotations)
 _ORIENT = {  # orientation -> stored (H, W, ...) pixels as viewers show them (PIL.ImageOps.exif_transpose)
     2: lambda a: a[:, ::-1],
@@ -465,29 +469,99 @@ def write_png(path, image, compress_level=1):
         im.save(tmp, format="PNG", compress_level=compress_level)
 
 
+class PngRows:
+    """An (height, width) uint8 PNG written to an open binary file band of rows by band of rows (`write(rows)`,
+    top to bottom, then `close()`): gray, or with a `palette` a palette PNG (viewers show the colours, the
+    values stay the indices; colours past the palette's are black). Only the zlib state is held, so masks too
+    large to hold whole can be written; the bytes do not depend on how the rows were split. png_rows() writes
+    a file atomically with it."""
+
+    def __init__(self, file, height, width, palette=None, compress_level=1, idat_bytes=1 << 20):
+        self.file, self.height, self.width, self.idat_bytes = file, int(height), int(width), idat_bytes
+        self.zip, self.pending, self.rows = zlib.compressobj(compress_level), b"", 0
+        file.write(PNG_SIGNATURE)
+        colour_type = 0 if palette is None else 3  # gray / palette, 8 bits per pixel
+        self._chunk(b"IHDR", struct.pack(">IIBBBBB", self.width, self.height, 8, colour_type, 0, 0, 0))
+        if palette is not None:
+            flat = np.zeros((256, 3), np.uint8)
+            flat[: len(palette)] = np.asarray(palette, np.uint8)
+            self._chunk(b"PLTE", flat.tobytes())
+
+    def write(self, rows):
+        """Append (n, width) uint8 rows."""
+        rows = np.asarray(rows, np.uint8)
+        if rows.ndim != 2 or rows.shape[1] != self.width or self.rows + len(rows) > self.height:
+            raise ValueError(f"rows {rows.shape} do not fit a {self.height}x{self.width} PNG after row {self.rows}")
+        lines = np.zeros((len(rows), self.width + 1), np.uint8)  # each line: filter type 0 (none), pixels
+        lines[:, 1:] = rows
+        self._idat(self.zip.compress(lines.tobytes()))
+        self.rows += len(rows)
+
+    def close(self):
+        if self.rows != self.height:
+            raise ValueError(f"{self.rows} rows written of the PNG's {self.height}")
+        self._idat(self.zip.flush(), last=True)
+        self._chunk(b"IEND", b"")
+
+    def _idat(self, data, last=False):
+        """IDAT chunks of `idat_bytes`: the same file however the rows came in."""
+        self.pending += data
+        while len(self.pending) >= self.idat_bytes or (last and self.pending):
+            self._chunk(b"IDAT", self.pending[: self.idat_bytes])
+            self.pending = self.pending[self.idat_bytes:]
+
+    def _chunk(self, kind, data):
+        self.file.write(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)))
+
+
+@contextlib.contextmanager
+def png_rows(path, height, width, palette=None, compress_level=1):
+    """A PngRows writing `path` atomically: the file appears when the block ends with every row written."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        png = PngRows(file, height, width, palette, compress_level)
+        yield png
+        png.close()
+
+
+def tiles_of_rows(bands, width, tile=MASK_TILE):
+    """The (tile, tile) tiles, row by row of tiles, of an image given as bands of rows (n, width) top to bottom,
+    for tifffile's writer; holds one row of tiles."""
+    held = np.zeros((0, width), np.uint8)
+    for rows in itertools.chain(bands, [None]):
+        if rows is not None:
+            held = np.concatenate([held, rows])
+        while len(held) >= tile or (rows is None and len(held)):
+            for x in range(0, width, tile):
+                yield held[:tile, x:x + tile]
+            held = held[tile:]
+
+
 def write_jpeg(path, image, quality=90):
     with atomic_path(path) as tmp:
         Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="JPEG", quality=quality)
 
 
-def write_index_tiff(path, index_map, palette=None, geotags=None):
+def write_index_tiff(path, index_map, palette=None, geotags=None, shape=None):
     """Write an (H, W) uint8 class map as a (Geo)TIFF, atomically: deflate-compressed, tiled when large,
     with the palette as TIFF colour map (a GIS shows the class colours, values stay class indices) and the
-    given GeoTIFF tags copied verbatim (same size as the input -> same georeferencing)."""
-    index_map = np.ascontiguousarray(index_map, dtype=np.uint8)
-    kwargs = {}
+    given GeoTIFF tags copied verbatim (same size as the input -> same georeferencing). `index_map` may also
+    be an iterator of MASK_TILE tiles (tiles_of_rows) of an image of `shape`: a mask too large to hold."""
+    if shape is None:
+        index_map = np.ascontiguousarray(index_map, dtype=np.uint8)
+        shape = index_map.shape
+    kwargs = {"shape": shape, "dtype": np.uint8}
     if palette is not None:
         cmap = np.zeros((3, 256), np.uint16)
         cmap[:, : len(palette)] = np.asarray(palette, np.uint16).T * 257
         kwargs.update(photometric="palette", colormap=cmap)
     else:
         kwargs.update(photometric="minisblack")
-    if min(index_map.shape) >= 512:
-        kwargs["tile"] = (256, 256)
+    if min(shape) >= 2 * MASK_TILE or not isinstance(index_map, np.ndarray):
+        kwargs["tile"] = (MASK_TILE, MASK_TILE)
     extratags = [(code, dtype, count, value, True) for code, (dtype, count, value) in sorted((geotags or {}).items())]
     with atomic_path(path) as tmp:
         tifffile.imwrite(tmp, index_map, compression="zlib", extratags=extratags, metadata=None,
-                         bigtiff=index_map.size > 2 ** 31, **kwargs)
+                         bigtiff=shape[0] * shape[1] > 2 ** 31, **kwargs)
 
 
 # --------------------------------------------------------------------------- CLI
