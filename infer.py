@@ -21,12 +21,13 @@ and upsampled as the tiles move down the image, so memory stays bounded for 6000
 What a file becomes before the model (bands, intensity, scale) is the checkpoint's contract: spec.py,
 the same functions training uses.
 
-A TIFF over STREAM_PIXELS (64 MP) is streamed (`predict_streamed`): read in windows of rows through the same
-contract, resized window by window to the same bytes as the whole image, so only the mask (1 byte per
-pixel) and a few windows are held; its overlay is skipped.
+A TIFF over STREAM_PIXELS (64 MP) is streamed (`StreamedInput`, `predict_streamed`): read in windows of rows
+through the same contract, resized window by window to the same bytes as the whole image, predicted, and its
+masks written band of rows by band of rows, so memory does not grow with the image; its overlay is skipped.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import fnmatch
 import math
@@ -46,8 +47,9 @@ from tqdm import tqdm
 from checkpoint import load_model
 from dataset import index_to_colour
 from model import resolve_device
-from raster import (GDAL_NODATA, IMAGE_SUFFIXES, RasterError, Rows, bit_depth_of, clean_stale_temporaries, is_image_file,
-                    palette_image, read_raster, readable_by_rows, resize, write_index_tiff, write_jpeg, write_png)
+from raster import (GDAL_NODATA, IMAGE_SUFFIXES, RasterError, Rows, bit_depth_of, clean_stale_temporaries,
+                    is_image_file, png_rows, read_raster, readable_by_rows, resize, tiles_of_rows, write_index_tiff,
+                    write_jpeg)
 from spec import IGNORE_INDEX, _bands, grid_size, load_input, to_grid
 
 OUTPUT_PATTERN = "*_mask.*"  # the files this tool writes: never inputs
@@ -84,8 +86,10 @@ def blend_window(height, width, overlap):
     return ramp(height)[:, None] * ramp(width)[None, :]
 
 
+@torch.inference_mode()
 def _forward(model, x, tta):
-    """Class probabilities (N, C, h, w) averaged over the TTA transforms, in float32."""
+    """Class probabilities (N, C, h, w) averaged over the TTA transforms, in float32. Inference mode is kept to
+    the model: the rest of the pipeline runs in generators, which must not leave it switched on between yields."""
     out = None
     for k, flip in TTA_MODES[tta]:
         t = torch.flip(x, (-1,)) if flip else x
@@ -128,7 +132,7 @@ def _probability_rows(model, small, tile, overlap, batch_size, tta, device, prog
             if acc is None:
                 acc, wsum = torch.zeros(p.shape[0], th, w, device=device), torch.zeros(th, w, device=device)
             if y > a0:  # a new tile row: rows above it get no more tiles
-                yield acc[:, : y - a0] / wsum[: y - a0]
+                yield acc[:, : y - a0].div_(wsum[: y - a0])  # in place: these rows get no more tiles
                 keep = a0 + th - y
                 new_acc, new_wsum = torch.zeros_like(acc), torch.zeros_like(wsum)
                 new_acc[:, :keep], new_wsum[:keep] = acc[:, y - a0:], wsum[y - a0:]
@@ -137,14 +141,14 @@ def _probability_rows(model, small, tile, overlap, batch_size, tta, device, prog
             wsum[y - a0: y - a0 + th, x0:x0 + tw] += window
         bar.update(len(batch))
     bar.close()
-    yield acc / wsum
+    yield acc.div_(wsum)
 
 
 class _Upsampler:
     """Take model-resolution probability rows in order, emit (C, n, W) rows at the output size (H, W):
     bilinear, align_corners=False, the same numbers as F.interpolate on the whole map, a few rows at a time."""
 
-    def __init__(self, h, w, H, W, sink, chunk_bytes=64 << 20, device="cpu"):
+    def __init__(self, h, w, H, W, sink, chunk_bytes=16 << 20, device="cpu"):
         src = np.maximum((np.arange(H) + 0.5) * (h / H) - 0.5, 0)
         self.i0 = np.floor(src).astype(np.int64)
         self.i1 = np.minimum(self.i0 + 1, h - 1)
@@ -173,7 +177,7 @@ class _Upsampler:
         self.y = y_end
         if y_end < len(self.i0):
             drop = int(self.i0[y_end]) - self.b0
-            self.buf, self.b0 = self.buf[:, drop:], self.b0 + drop
+            self.buf, self.b0 = self.buf[:, drop:].clone(), self.b0 + drop  # a copy: the band's memory goes
 
 
 def _grid(image, scale):
@@ -186,8 +190,10 @@ def _grid(image, scale):
 
 
 def _predict(model, small, size, sink, tile, overlap, batch_size, tta, device, progress, desc):
-    """Predict the processing-grid image `small` ((h, w, B) uint8, or _GridRows) and hand the probabilities,
-    upsampled to `size` (H, W), to `sink(y0, y1, rows)` in order, a few rows at a time."""
+    """Predict the processing-grid image `small` ((h, w, B) uint8, or a StreamedInput) and hand the
+    probabilities, upsampled to `size` (H, W), to `sink(y0, y1, rows)` in order, a few rows at a time. A
+    generator: it yields whenever a band of rows has reached the sink, so the caller can write them out before
+    the next band is predicted; run it to the end (`for _ in _predict(...): pass`) to predict everything."""
     if model.training:
         raise ValueError("the model is in training mode; call model.eval() before predicting")
     if tile < 32:
@@ -197,9 +203,9 @@ def _predict(model, small, size, sink, tile, overlap, batch_size, tta, device, p
     H, W = size
     h, w = small.shape[:2]
     up = _Upsampler(h, w, H, W, sink, device=device)
-    with torch.inference_mode():
-        for rows in _probability_rows(model, small, tile, overlap, batch_size, tta, device, progress, desc):
-            up.push(rows)
+    for rows in _probability_rows(model, small, tile, overlap, batch_size, tta, device, progress, desc):
+        up.push(rows)
+        yield
     assert up.y == H, (up.y, H)
 
 
@@ -221,8 +227,9 @@ def predict_image(model, image, scale, *, tile=512, overlap=64, batch_size=4, tt
     def sink(y0, y1, rows):
         out[y0:y1] = rows.argmax(0).to(torch.uint8).cpu().numpy()
 
-    _predict(model, _grid(image, scale), image.shape[:2], sink, tile, overlap, batch_size, tta, device, progress,
-             desc)
+    for _ in _predict(model, _grid(image, scale), image.shape[:2], sink, tile, overlap, batch_size, tta, device,
+                      progress, desc):
+        pass
     return out
 
 
@@ -231,8 +238,13 @@ def predict_probabilities(model, image, scale, *, tile=512, overlap=64, batch_si
     """Class probabilities (C, H, W) float32 at the image's size; arguments as predict_image. Holds the
     whole map (C x H x W x 4 bytes): for small images (figures, tests); predict_image streams."""
     parts = []
-    _predict(model, _grid(image, scale), image.shape[:2], lambda y0, y1, rows: parts.append(rows.cpu().clone()),
-             tile, overlap, batch_size, tta, device, progress, desc)
+
+    def sink(y0, y1, rows):
+        parts.append(rows.cpu().clone())
+
+    for _ in _predict(model, _grid(image, scale), image.shape[:2], sink, tile, overlap, batch_size, tta, device,
+                      progress, desc):
+        pass
     return torch.cat(parts, 1).numpy()
 
 
@@ -257,7 +269,7 @@ def overlay(image, indices, palette, alpha=OVERLAY_ALPHA):
 # --------------------------------------------------------------------------- large TIFFs, streamed by rows
 
 STREAM_PIXELS = 64_000_000  # TIFFs above this many pixels (8000 x 8000) are streamed, if they can be read by rows
-STREAM_CHUNK_BYTES = 64 << 20  # file pixels decoded per window of rows
+STREAM_CHUNK_BYTES = 16 << 20  # file pixels decoded per window of rows
 GRID_BLOCK_BYTES = 16 << 20  # int32 rows of the vertical resize pass computed at once
 PRECISION_BITS = 22  # Pillow's fixed-point weights of 8-bit resampling (Resample.c: 32 - 8 - 2)
 
@@ -318,20 +330,47 @@ def _resize_height(src, src0, first, weights):
     return np.clip(acc >> PRECISION_BITS, 0, 255).astype(np.uint8)
 
 
-class _GridRows:
-    """The processing-grid image of a large TIFF, equal to `spec.to_grid(load_input(path).image, scale)` to the
-    byte, made top to bottom as the tiles ask for rows (`grid[y0:y1, x0:x1]`, y0 never going back). The file is
-    read in windows of rows through the contract itself, `load_input(raster.Rows(path, a, b))`, so bands,
-    nodata and intensity are the whole file's; the resize is Pillow's two passes in Pillow's order, the
-    vertical one with the whole image's weights. Holds one window of input rows and the grid rows of a tile
-    row or two. Nodata pixels are set to IGNORE_INDEX in `mask` as their rows are read; the window notes are
-    collected in `notes`."""
+def _merge_notes(notes, pixels):
+    """The notes of every window of rows as one image's: a repeated note once; a note that counts pixels
+    ("12 nodata pixels (0.1 %): ...") with the counts summed and their share of the `pixels` recomputed."""
+    merged = {}
+    for note in notes:
+        m = re.fullmatch(r"(\d+) (.*)", note)
+        if m is None:
+            merged.setdefault(note, None)
+        else:
+            key = re.sub(r"\(\d+\.\d %\)", "({share} %)", m.group(2))
+            merged[key] = (merged.get(key) or 0) + int(m.group(1))
+    return [key if n is None else f"{n} " + key.format(share=f"{100 * (n / pixels):.1f}")
+            for key, n in merged.items()]
 
-    def __init__(self, path, spec, mask, bit_depth=None, chunk_rows=1024):
-        H, W = mask.shape
-        self.path, self.spec, self.mask, self.bit_depth, self.chunk_rows = path, spec, mask, bit_depth, chunk_rows
+
+class StreamedInput:
+    """A large TIFF as the model eats it, made top to bottom in windows of rows, never whole.
+
+    The file is read in windows through the contract itself, `spec.load_input(raster.Rows(path, a, b))`, so
+    bands, nodata and intensity are the whole file's (the bit-depth rule of `uint8` intensity needs the image's
+    largest value, and a float image's nodata mask its NaN: one streamed pass over the file first finds them).
+    `grid[y0:y1, x0:x1]` gives rows of the processing-grid image, `spec.to_grid(load_input(path).image, scale)`
+    to the byte: Pillow's two resize passes in Pillow's order, the vertical one with the whole image's
+    weights; y0 never goes back. `valid_rows(y0, y1)` gives the nodata of input rows already read. Holds one
+    window of input rows, the grid rows of a tile row or two and the nodata of the rows in between.
+
+    Known at once: `size` (H, W), `shape` (h, w, bands) of the grid, `raster` (tags), `masked` (whether there
+    is nodata to mark, as load_input's `valid is not None`); `notes` once every row is read.
+    """
+
+    def __init__(self, path, spec, bit_depth=None, chunk_bytes=None):
+        self.path, self.spec = Path(path), spec
+        H, W, segment_rows = readable_by_rows(path)
+        first = read_raster(Rows(path, 0, 1))
+        rows = max(1, (chunk_bytes or STREAM_CHUNK_BYTES) // first.array.nbytes)
+        self.chunk_rows = -(-rows // segment_rows) * segment_rows  # whole strips or tiles: none decoded twice
+        self.bit_depth, nonfinite = self._first_pass(first.array.dtype, bit_depth, H)
+        self.raster, first.array = first, None
+        self.masked = first.nodata is not None or nonfinite
         h, w = grid_size(H, W, spec.scale)
-        self.shape = (h, w, spec.channels)
+        self.size, self.shape = (H, W), (h, w, spec.channels)
         self.resize_h, self.resize_w = h != H, w != W
         self.width_first = _width_first(H, W, h, w)
         if self.resize_h:
@@ -339,19 +378,43 @@ class _GridRows:
             self.needs = self.first + count  # input rows [0, needs[r]) make grid row r
         else:
             self.needs = np.arange(1, H + 1)
-        self.raster, self.notes, self.masked, self.rows_read = None, [], False, 0
+        self._notes, self.valid, self.rows_read = [], [], 0  # valid: (a, b, (b - a, W) bool) windows with nodata
         self.src, self.src0 = np.zeros((0, w if self.width_first else W, spec.channels), np.uint8), 0
         self.grid, self.grid0 = np.zeros((0, w, spec.channels), np.uint8), 0
 
+    def _windows(self, H):
+        for a in range(0, H, self.chunk_rows):
+            yield Rows(self.path, a, min(H, a + self.chunk_rows))
+
+    def _first_pass(self, dtype, bit_depth, H):
+        """(bit depth, whether a pixel is NaN or infinite) where load_input's rules need the whole image: the
+        largest value of a wide integer image under `uint8` intensity without --bit-depth, the NaN of a float
+        image under `uint8` intensity. (bit_depth, False) without a pass where neither applies."""
+        wide = np.issubdtype(dtype, np.integer) and dtype.itemsize > 1 and bit_depth is None
+        floating = np.issubdtype(dtype, np.floating)
+        if self.spec.intensity.kind != "uint8" or not (wide or floating):
+            return bit_depth, False
+        maxima, nonfinite = [], False
+        for rows in self._windows(H):
+            arr, _ = _bands(read_raster(rows), self.spec.bands, self.spec.channels, self.path)
+            if wide:
+                maxima.append(arr.max())
+            else:
+                nonfinite = nonfinite or not np.isfinite(arr).all()
+        return (bit_depth_of(np.asarray(maxima, arr.dtype)) if wide else bit_depth), nonfinite
+
+    @property
+    def notes(self):
+        return _merge_notes(self._notes, self.size[0] * self.size[1])
+
     def _read(self):
         """The next window of input rows onto `src` (already resized in width when that pass comes first)."""
-        a, b = self.rows_read, min(self.mask.shape[0], self.rows_read + self.chunk_rows)
+        a, b = self.rows_read, min(self.size[0], self.rows_read + self.chunk_rows)
         inp = load_input(Rows(self.path, a, b), self.spec, bit_depth=self.bit_depth)
-        self.raster, self.rows_read = inp.raster, b
-        self.notes += inp.notes
-        if inp.valid is not None:
-            self.mask[a:b][~inp.valid] = IGNORE_INDEX
-            self.masked = True
+        self.rows_read = b
+        self._notes += inp.notes
+        if inp.valid is not None and not inp.valid.all():
+            self.valid.append((a, b, inp.valid))
         rows = _resize_width(inp.image, self.shape[1]) if self.resize_w and self.width_first else inp.image
         self.src = np.concatenate([self.src, rows])
 
@@ -389,58 +452,37 @@ class _GridRows:
         self.grid, self.grid0 = self.grid[rows.start - self.grid0:], rows.start  # rows above are done with
         return self.grid[:rows.stop - rows.start, cols]
 
-
-def _merge_notes(notes, pixels):
-    """The notes of every window of rows as one image's: a repeated note once; a note that counts pixels
-    ("12 nodata pixels (0.1 %): ...") with the counts summed and their share of the `pixels` recomputed."""
-    merged = {}
-    for note in notes:
-        m = re.fullmatch(r"(\d+) (.*)", note)
-        if m is None:
-            merged.setdefault(note, None)
-        else:
-            key = re.sub(r"\(\d+\.\d %\)", "({share} %)", m.group(2))
-            merged[key] = (merged.get(key) or 0) + int(m.group(1))
-    return [key if n is None else f"{n} " + key.format(share=f"{100 * (n / pixels):.1f}")
-            for key, n in merged.items()]
+    def valid_rows(self, y0, y1):
+        """(y1 - y0, W) bool, False at nodata, of input rows already read; None when they hold no nodata. The
+        nodata of rows above y0 is forgotten."""
+        if y1 > self.rows_read:
+            raise IndexError(f"rows {y0}..{y1} asked for, {self.rows_read} read")
+        self.valid = [(a, b, v) for a, b, v in self.valid if b > y0]
+        out = None
+        for a, b, v in self.valid:
+            if a < y1:
+                out = np.ones((y1 - y0, self.size[1]), bool) if out is None else out
+                out[max(a, y0) - y0:min(b, y1) - y0] = v[max(a, y0) - a:min(b, y1) - a]
+        return out
 
 
-def _stream_bit_depth(path, spec, height, chunk_rows):
-    """The bit depth of the uint8 intensity rule (raster.to_uint8) for a wide-integer file: it needs the image's
-    largest value, so the streamed path reads the file once more for it. None where the rule needs none."""
-    first = read_raster(Rows(path, 0, 1)).array
-    if spec.intensity.kind != "uint8" or not np.issubdtype(first.dtype, np.integer) or first.dtype.itemsize == 1:
-        return None
-    maxima = []
-    for a in range(0, height, chunk_rows):
-        arr, _ = _bands(read_raster(Rows(path, a, min(height, a + chunk_rows))), spec.bands, spec.channels, path)
-        maxima.append(arr.max())
-    return bit_depth_of(np.asarray(maxima, arr.dtype))
-
-
-def predict_streamed(model, path, spec, *, bit_depth=None, tile=512, overlap=64, batch_size=4, tta=False, device=None,
-                     progress=False, desc=None, chunk_bytes=None):
-    """Class indices (H, W) uint8 of a TIFF that raster.readable_by_rows reads, nodata pixels IGNORE_INDEX: the
-    mask predict_image makes of load_input's image (with the nodata set), holding 1 byte per pixel (the mask)
-    plus windows of rows. Returns (mask, raster tags, notes, whether the file has a nodata mask). `chunk_bytes`:
-    file pixels per window (default STREAM_CHUNK_BYTES); other arguments as segment_file and predict_image."""
-    path = Path(path)
-    H, W, segment_rows = readable_by_rows(path)
-    row_bytes = read_raster(Rows(path, 0, 1)).array.nbytes
-    chunk_rows = max(1, (chunk_bytes or STREAM_CHUNK_BYTES) // row_bytes)
-    chunk_rows = -(-chunk_rows // segment_rows) * segment_rows  # whole strips or tiles: none is decoded twice
-    if bit_depth is None:
-        bit_depth = _stream_bit_depth(path, spec, H, chunk_rows)
-    mask = np.zeros((H, W), np.uint8)
-    grid = _GridRows(path, spec, mask, bit_depth, chunk_rows)
+def predict_streamed(model, source, *, tile=512, overlap=64, batch_size=4, tta=False, device=None, progress=False,
+                     desc=None):
+    """Class indices of a StreamedInput, top to bottom: yields (y0, y1, (y1 - y0, W) uint8 rows), nodata
+    IGNORE_INDEX. Concatenated, the mask predict_image makes of load_input's image (with the nodata set);
+    nothing of the image's size is held. Arguments as predict_image."""
+    done = []
 
     def sink(y0, y1, rows):
-        assert y1 <= grid.rows_read, (y1, grid.rows_read)  # the nodata of these rows is marked already
         pred = rows.argmax(0).to(torch.uint8).cpu().numpy()
-        mask[y0:y1] = np.where(mask[y0:y1] == IGNORE_INDEX, IGNORE_INDEX, pred)
+        valid = source.valid_rows(y0, y1)
+        if valid is not None:
+            pred[~valid] = IGNORE_INDEX
+        done.append((y0, y1, pred))
 
-    _predict(model, grid, (H, W), sink, tile, overlap, batch_size, tta, device, progress, desc)
-    return mask, grid.raster, _merge_notes(grid.notes, H * W), grid.masked
+    for _ in _predict(model, source, source.size, sink, tile, overlap, batch_size, tta, device, progress, desc):
+        yield from done
+        done.clear()
 
 
 # --------------------------------------------------------------------------- files and folders
@@ -517,51 +559,69 @@ def mask_path(output, stem):
     return Path(output) / f"{stem}_mask.png"
 
 
+def _through(bands, pngs):
+    """Write each band of mask rows (y0, y1, rows) to the PNG writers and pass the rows on (to the TIFF's tiles)."""
+    for _, _, rows in bands:
+        for png in pngs:
+            png.write(rows)
+        yield rows
+
+
 def segment_file(path, output, model, ckpt, *, stem=None, scale=None, bands=None, bit_depth=None, index=False,
                  overlay_preview=False, protect=(), log=print, **predict_kwargs):
     """Segment one file into `output`. Returns the paths written. Raises RasterError for a bad file.
     `scale`/`bands` default to the checkpoint's; `protect` lists paths never to write (the inputs).
-    Nodata pixels (GeoTIFF GDAL_NODATA, NaN) get no class: IGNORE_INDEX (black in the colour mask)."""
+    Nodata pixels (GeoTIFF GDAL_NODATA, NaN) get no class: IGNORE_INDEX (black in the colour mask).
+    A TIFF over STREAM_PIXELS is streamed: read, predicted and written band of rows by band of rows."""
     spec = run_spec(ckpt, scale, bands)
     path, output = Path(path), Path(output)
     stem = stem or path.stem
-    if streams(path):  # a large TIFF: read, resized and predicted by windows of rows
-        pred, raster, notes, masked = predict_streamed(model, path, spec, bit_depth=bit_depth, desc=path.name,
-                                                       **predict_kwargs)
-        image = None
-        for note in notes:
-            log(f"{path}: {note}")
+    if streams(path):
+        source = StreamedInput(path, spec, bit_depth)
+        (H, W), raster, masked, image = source.size, source.raster, source.masked, None
     else:
         inp = load_input(path, spec, bit_depth=bit_depth)
         for note in inp.notes:
             log(f"{path}: {note}")
-        pred = predict_image(model, inp.image, spec.scale, desc=path.name, **predict_kwargs)
-        if inp.valid is not None:
-            pred[~inp.valid] = IGNORE_INDEX
-        image, raster, masked = inp.image, inp.raster, inp.valid is not None
-    palette = spec.classes.palette
-    writers = {}
-    if index:
-        writers[output / f"{stem}_mask.index.png"] = lambda t: write_png(t, pred)
+        (H, W), raster, masked, image = inp.image.shape[:2], inp.raster, inp.valid is not None, inp.image
     if overlay_preview and image is None:
         log(f"{path}: no overlay for a streamed image (over {STREAM_PIXELS / 1e6:g} MP): it would hold the whole image")
-    elif overlay_preview:
-        rgb = display_rgb(image)
-        writers[output / f"{stem}_mask.overlay.jpg"] = lambda t: write_jpeg(t, overlay(rgb, pred, palette))
-    if raster.is_georeferenced:
-        tags = dict(raster.geotags)
-        if masked:
-            tags[GDAL_NODATA] = (2, len(str(IGNORE_INDEX)) + 1, str(IGNORE_INDEX))  # ASCII, as GDAL writes it
-        writers[output / f"{stem}_mask.tif"] = lambda t: write_index_tiff(t, pred, palette, tags)
-    writers[mask_path(output, stem)] = lambda t: write_png(t, palette_image(pred, palette))  # last: "done"
+    index_path = output / f"{stem}_mask.index.png" if index else None
+    overlay_path = output / f"{stem}_mask.overlay.jpg" if overlay_preview and image is not None else None
+    tiff_path = output / f"{stem}_mask.tif" if raster.is_georeferenced else None
+    written = [p for p in (index_path, overlay_path, tiff_path) if p] + [mask_path(output, stem)]  # colour: last
     protected = {Path(p).resolve() for p in protect} | {path.resolve()}
-    for target in writers:
+    for target in written:
         if target.resolve() in protected:
             raise RasterError(f"{path}: refusing to write {target}, it is an input")
     output.mkdir(parents=True, exist_ok=True)
-    for target, write in writers.items():
-        write(target)
-    return list(writers)
+    if image is None:
+        bands = predict_streamed(model, source, desc=path.name, **predict_kwargs)
+    else:
+        pred = predict_image(model, image, spec.scale, desc=path.name, **predict_kwargs)
+        if inp.valid is not None:
+            pred[~inp.valid] = IGNORE_INDEX
+        bands = [(0, H, pred)]
+    palette = spec.classes.palette
+    with contextlib.ExitStack() as stack:  # every mask written as its rows come; the colour mask appears last
+        pngs = [stack.enter_context(png_rows(mask_path(output, stem), H, W, palette))]
+        if index_path:
+            pngs.append(stack.enter_context(png_rows(index_path, H, W)))
+        rows = _through(bands, pngs)
+        if tiff_path:
+            tags = dict(raster.geotags)
+            if masked:
+                tags[GDAL_NODATA] = (2, len(str(IGNORE_INDEX)) + 1, str(IGNORE_INDEX))  # ASCII, as GDAL writes it
+            write_index_tiff(tiff_path, tiles_of_rows(rows, W), palette, tags, shape=(H, W))
+        else:
+            for _ in rows:
+                pass
+        if overlay_path:
+            write_jpeg(overlay_path, overlay(display_rgb(image), pred, palette))
+    if image is None:
+        for note in source.notes:
+            log(f"{path}: {note}")
+    return written
 
 
 def segment_folder(input, output, model, ckpt, *, progress=True, log=None, skip_existing=False, **kwargs):

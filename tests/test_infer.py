@@ -21,7 +21,7 @@ import raster
 from checkpoint import load_model, save_checkpoint
 from model import ResNet18Segmentation
 from raster import resize
-from spec import ClassSpec, DataSpec, Intensity, grid_size, load_input, to_grid
+from spec import PALETTE, ClassSpec, DataSpec, Intensity, grid_size, load_input, to_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 GEOTAGS = [(33550, "d", 3, (0.05, 0.05, 0.0), True),
@@ -466,8 +466,8 @@ def test_grid_rows_equal_to_grid_to_the_byte(tmp_path, scale, size):
     tifffile.imwrite(tmp_path / "a.tif", image, photometric="rgb")
     spec = DataSpec(scale=scale)
     whole = to_grid(image, scale)
-    grid = infer._GridRows(tmp_path / "a.tif", spec, np.zeros(size, np.uint8), chunk_rows=7)
-    assert grid.shape == whole.shape
+    grid = infer.StreamedInput(tmp_path / "a.tif", spec, chunk_bytes=7 * size[1] * 3)  # windows of 7 rows
+    assert grid.shape == whole.shape and grid.chunk_rows == 7
     rows, y = [], 0
     for step in itertools.cycle([1, 5, 13]):  # rows asked for in uneven bands, as tiles do
         rows.append(grid[y:y + step, 0:whole.shape[1]].copy())
@@ -538,10 +538,13 @@ def test_streamed_16_bit_image_under_the_intensity_rule(tmp_path, monkeypatch, i
         inp = load_input(tmp_path / "a.tif", spec)
         expected = infer.predict_image(model, inp.image, scale, tile=64, overlap=16)
         expected[~inp.valid] = 255
-        stream_everything(monkeypatch, chunk_bytes=5000)
-        mask, _, notes, masked = infer.predict_streamed(model, tmp_path / "a.tif", spec, tile=64, overlap=16)
+        source = infer.StreamedInput(tmp_path / "a.tif", spec, chunk_bytes=5000)
+        bands = list(infer.predict_streamed(model, source, tile=64, overlap=16))
+        assert [y0 for y0, _, _ in bands] == sorted({y0 for y0, _, _ in bands}) and len(bands) > 1  # in order
+        mask = np.concatenate([rows for _, _, rows in bands])
         np.testing.assert_array_equal(mask, expected)
-        assert masked and (mask[:12] == 255).all() and len(np.unique(mask[12:])) >= 2
+        assert source.masked and (mask[:12] == 255).all() and len(np.unique(mask[12:])) >= 2
+        notes = source.notes
         assert sorted(notes) == sorted(inp.notes)  # counts summed over the windows
     assert any("3960 nodata pixels (4.6 %)" in n for n in notes)  # 12 rows x 330
     if intensity == "uint8":
@@ -555,3 +558,75 @@ def test_notes_of_windows_are_merged_into_the_image_notes():
     assert infer._merge_notes(notes, 1000) == [
         "single-band (grayscale) image: its band is replicated to 3 bands", "15 nodata pixels (1.5 %): x",
         "3 pixels hold negative int16 values: clipped to 0"]
+
+
+def rows_layouts():
+    """TIFF layouts as GIS tools and cameras write them: {name: (array, tifffile.imwrite arguments)}."""
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 65535, (101, 83, 4), dtype=np.uint16)
+    u8 = (a >> 8).astype(np.uint8)
+    return {
+        "raw strip": (a[..., :3], dict(photometric="rgb")),
+        "raw planar": (np.moveaxis(a, -1, 0), dict(photometric="minisblack", planarconfig="separate")),
+        "lzw tiles": (a[..., :3], dict(photometric="rgb", compression="lzw", tile=(32, 16))),
+        "zlib planar tiles": (np.moveaxis(a, -1, 0), dict(photometric="minisblack", planarconfig="separate",
+                                                          compression="zlib", tile=(16, 16))),
+        "predictor strips": (a[..., 0], dict(compression="lzw", predictor=True, rowsperstrip=7)),
+        "big-endian strips": (a[..., :3], dict(photometric="rgb", byteorder=">", compression="lzw", rowsperstrip=10)),
+        "float tiles": (a[..., :3].astype(np.float32) / 65535, dict(photometric="rgb", compression="zlib",
+                                                                    predictor=True, tile=(16, 16))),
+        "jpeg tiles": (u8[..., :3], dict(photometric="rgb", compression="jpeg", tile=(32, 32))),
+        "rgba bigtiff": (u8, dict(photometric="rgb", extrasamples=["unassalpha"], bigtiff=True, tile=(16, 32))),
+        "palette": ((a[..., 0] >> 14).astype(np.uint8), dict(photometric="palette", compression="lzw",
+                                                            colormap=rng.integers(0, 65535, (3, 256), np.uint16))),
+    }
+
+
+@pytest.mark.parametrize("layout", list(rows_layouts()))
+def test_rows_of_a_tiff_are_the_rows_of_the_whole_read(tmp_path, layout):
+    data, kwargs = rows_layouts()[layout]
+    tifffile.imwrite(tmp_path / "a.tif", data, **kwargs)
+    whole = raster.read_raster(tmp_path / "a.tif")
+    assert raster.readable_by_rows(tmp_path / "a.tif")[:2] == (101, 83)
+    for start, stop in [(0, 1), (0, 101), (5, 40), (31, 33), (100, 101)]:
+        part = raster.read_raster(raster.Rows(tmp_path / "a.tif", start, stop))
+        np.testing.assert_array_equal(part.array, whole.array[start:stop])
+        assert (part.alpha, part.nodata, part.geotags) == (whole.alpha, whole.nodata, whole.geotags)
+
+
+def test_tiffs_that_are_not_read_by_rows_are_read_whole(ckpt_path, tmp_path, monkeypatch):
+    bands = np.moveaxis(smooth_image(40, 50), -1, 0)
+    tifffile.imwrite(tmp_path / "pages.tif", bands, photometric="minisblack", metadata=None)  # a page per band
+    Image.fromarray(smooth_image(40, 50)).save(tmp_path / "a.png")
+    assert raster.readable_by_rows(tmp_path / "pages.tif") is None
+    assert raster.readable_by_rows(tmp_path / "a.png") is None
+    with pytest.raises(raster.RasterError, match="pages.tif"):
+        raster.read_raster(raster.Rows(tmp_path / "pages.tif", 0, 10))
+    monkeypatch.setattr(infer, "STREAM_PIXELS", 0)
+    assert not infer.streams(tmp_path / "pages.tif") and not infer.streams(tmp_path / "a.png")
+    assert run(ckpt_path, tmp_path / "pages.tif", tmp_path / "out") == 0  # read whole, as before
+    assert mask_of(tmp_path / "out" / "pages_mask.png").shape == (40, 50)
+
+
+def test_png_rows_write_the_same_file_however_the_rows_come(tmp_path):
+    labels = np.random.default_rng(0).integers(0, 6, (70, 90), dtype=np.uint8)
+    labels[:10] = 255
+    files = []
+    for k, cuts in enumerate([[70], [1, 7, 40, 22], [35, 35]]):
+        with raster.png_rows(tmp_path / f"{k}.png", 70, 90, PALETTE) as png:
+            for a, b in itertools.pairwise([0] + list(itertools.accumulate(cuts))):
+                png.write(labels[a:b])
+        files.append((tmp_path / f"{k}.png").read_bytes())
+    assert files[0] == files[1] == files[2]
+    np.testing.assert_array_equal(mask_of(tmp_path / "0.png"), labels)
+    with Image.open(tmp_path / "0.png") as im:
+        colours = np.asarray(im.convert("RGB"))
+    assert tuple(colours[20, 0]) == PALETTE[labels[20, 0]] and (colours[:10] == 0).all()  # 255: black
+    with raster.png_rows(tmp_path / "gray.png", 70, 90) as png:
+        png.write(labels)
+    with Image.open(tmp_path / "gray.png") as im:
+        assert im.mode == "L" and np.array_equal(np.asarray(im), labels)
+    with pytest.raises(ValueError, match="30 rows written"):
+        with raster.png_rows(tmp_path / "short.png", 70, 90) as png:
+            png.write(labels[:30])
+    assert not (tmp_path / "short.png").exists() and not list(tmp_path.glob(".*.tmp"))  # nothing half-written
