@@ -1,6 +1,8 @@
 """Reading and writing rasters of any kind: PNG (8- and 16-bit), JPEG (turned by its EXIF orientation), TIFF
 (any codec imagecodecs knows, tiled, BigTIFF, planar or interleaved), GeoTIFF georeferencing, 16-bit and
-multi-band data, atomic writes and the clean-up of what a killed run left (`clean_stale_temporaries`).
+multi-band data, atomic writes and the clean-up of what a killed run left (`clean_stale_temporaries`). Images too
+large to hold go by bands of rows: `Rows` reads a window of a TIFF, `png_rows` and `tiles_of_rows` +
+`write_index_tiff` write a mask.
 
     python raster.py some_image.tif        # prints shape, dtype, bands, alpha and georeferencing tags
 
