@@ -2,6 +2,8 @@
 
     python benchmark.py infer                    # 6000x6000 synthetic GeoTIFF, end to end vs the model alone
     python benchmark.py infer --size 2000        # smaller, for a slow CPU
+    python benchmark.py infer --size 20000 --e2e-only    # peak RSS of a 20000x20000 tile, streamed by rows
+    python benchmark.py infer --size 20000 --e2e-only --stream-pixels 1e12    # the same tile read whole
     python benchmark.py train --steps 10         # training images/s at 150x150, both decoders, batch 16
     python benchmark.py train --device cuda --amp
 
@@ -53,17 +55,22 @@ def sync(device):
 
 
 def synthetic_image(size, seed=0):
-    """(size, size, 3) uint8 with structure at several scales (not white noise, which no camera produces)."""
+    """(size, size, 3) uint8 with structure at several scales (not white noise, which no camera produces). The
+    noise is added in row chunks: a 20000x20000 image needs its 1.2 GB, no int16 copies of it."""
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, (size // 64 + 2, size // 64 + 2, 3), dtype=np.uint8)
-    img = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))
-    return np.clip(img.astype(np.int16) + rng.integers(-20, 21, (size, size, 1), dtype=np.int16), 0, 255).astype(np.uint8)
+    img = np.array(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))
+    for r in range(0, size, 1024):
+        noise = rng.integers(-20, 21, (min(1024, size - r), size, 1), dtype=np.int16)
+        img[r:r + 1024] = np.clip(img[r:r + 1024].astype(np.int16) + noise, 0, 255)
+    return img
 
 
 # --------------------------------------------------------------------------- infer
 
 def _end_to_end(opts, ckpt_path, inp, out, queue):
     """Child process: load the checkpoint, segment the folder, report (seconds, RSS before, peak RSS)."""
+    infer.STREAM_PIXELS = opts["stream_pixels"]
     device = resolve_device(opts["device"])
     model, ckpt = load_model(ckpt_path, device)
     rss_before = peak_rss_mb()
@@ -89,14 +96,17 @@ def bench_infer(args):
         save_checkpoint(ckpt_path, ResNet18Segmentation(decoder=args.decoder), spec.DataSpec(scale=args.scale))
         geo = [(33550, "d", 3, (0.05, 0.05, 0.0), True), (33922, "d", 6, (0, 0, 0, 368000.0, 5808000.0, 0), True),
                (34735, "H", 8, (1, 1, 0, 1, 3072, 0, 1, 25833), True)]
-        tifffile.imwrite(inp / "tile.tif", synthetic_image(args.size), photometric="rgb", extratags=geo)
+        layout = {"strip": {}, "tiled-lzw": {"compression": "lzw", "tile": (256, 256)}}[args.layout]
+        tifffile.imwrite(inp / "tile.tif", synthetic_image(args.size), photometric="rgb", extratags=geo, **layout)
         H = W = args.size
+        streamed = H * W > args.stream_pixels
         h, w = spec.grid_size(H, W, args.scale)
         ys, th = infer.tile_starts(h, args.tile, args.overlap)
         xs, tw = infer.tile_starts(w, args.tile, args.overlap)
-        print(f"device {device} ({torch.get_num_threads()} CPU threads), {args.decoder} decoder, {W}x{H} input, "
-              f"scale {args.scale:g} -> model input {w}x{h} = {w * h / 1e6:.2f} MP, {len(ys) * len(xs)} tiles "
-              f"of {tw}x{th} (overlap >= {args.overlap}), batch {args.batch_size}, TTA {args.tta}")
+        print(f"device {device} ({torch.get_num_threads()} CPU threads), {args.decoder} decoder, {W}x{H} input "
+              f"({args.layout} TIFF, {'streamed by rows' if streamed else 'read whole'}), scale {args.scale:g} -> "
+              f"model input {w}x{h} = {w * h / 1e6:.2f} MP, {len(ys) * len(xs)} tiles of {tw}x{th} (overlap >= "
+              f"{args.overlap}), batch {args.batch_size}, TTA {args.tta}")
 
         # end to end in a fresh process, so its peak RSS is inference's alone (imports and model included)
         ctx = multiprocessing.get_context("spawn")
@@ -105,6 +115,12 @@ def bench_infer(args):
         child.start()
         e2e, rss_before, rss = queue.get()
         child.join()
+        mp = H * W / 1e6
+        print(f"end to end : {e2e:7.2f} s  {mp / e2e:8.3f} MP/s  (input megapixels)")
+        print(f"peak RSS   : {rss:.0f} MB in the end-to-end process ({rss_before:.0f} MB after imports and "
+              f"loading the model; goal < 2048)")
+        if args.e2e_only:
+            return
 
         # the model alone: tensors already on the device, timed per pixel and scaled to the model-input area
         model, _ = load_model(ckpt_path, device)
@@ -121,13 +137,9 @@ def bench_infer(args):
                 model(x)
             sync(device)
         alone = (time.perf_counter() - t0) / runs * n_batches * passes * h * w / (n_batches * bs * th * tw)
-    mp = H * W / 1e6
-    print(f"end to end : {e2e:7.2f} s  {mp / e2e:8.3f} MP/s  (input megapixels)")
     print(f"model alone: {alone:7.2f} s  {mp / alone:8.3f} MP/s  (timed on {runs} batches of "
           f"{bs}x3x{th}x{tw})")
     print(f"ratio      : {alone / e2e:.2f}   (goal >= 0.5)")
-    print(f"peak RSS   : {rss:.0f} MB in the end-to-end process ({rss_before:.0f} MB after imports and loading "
-          f"the model; goal < 2048)")
 
 
 # --------------------------------------------------------------------------- train
@@ -184,6 +196,14 @@ def get_args_parser():
     q.add_argument("--batch-size", type=int, default=4, help="as infer.py --batch-size (default: %(default)s)")
     q.add_argument("--tta", default="none", choices=list(infer.TTA_MODES), help="as infer.py --tta (default: none)")
     q.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ... (default: auto)")
+    q.add_argument("--layout", default="strip", choices=["strip", "tiled-lzw"],
+                   help="the synthetic GeoTIFF: uncompressed in one strip, or LZW in 256x256 tiles as GIS tools "
+                        "write large rasters (default: %(default)s)")
+    q.add_argument("--stream-pixels", type=float, default=infer.STREAM_PIXELS,
+                   help="infer.STREAM_PIXELS for the run: TIFFs above it are streamed by rows; 1e12 reads the tile "
+                        "whole, as infer.py did before streaming (default: %(default)s)")
+    q.add_argument("--e2e-only", action="store_true",
+                   help="only the end-to-end run (time, peak RSS); skip timing the model alone")
     q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     q.set_defaults(func=bench_infer)
 

@@ -20,12 +20,18 @@ rotations (`--tta`), and bilinearly upsampled back to the input size before the 
 and upsampled as the tiles move down the image, so memory stays bounded for 6000x6000 tiles and beyond.
 What a file becomes before the model (bands, intensity, scale) is the checkpoint's contract: spec.py,
 the same functions training uses.
+
+A TIFF over STREAM_PIXELS (64 MP) is streamed (`StreamedInput`, `predict_streamed`): read in windows of rows
+through the same contract, resized window by window to the same bytes as the whole image, predicted, and its
+masks written band of rows by band of rows, so memory does not grow with the image; its overlay is skipped.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import fnmatch
 import math
+import re
 import sys
 import tempfile
 import time
@@ -33,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -40,9 +47,10 @@ from tqdm import tqdm
 from checkpoint import load_model
 from dataset import index_to_colour
 from model import resolve_device
-from raster import (GDAL_NODATA, IMAGE_SUFFIXES, RasterError, clean_stale_temporaries, is_image_file, palette_image,
-                    write_index_tiff, write_jpeg, write_png)
-from spec import IGNORE_INDEX, grid_size, load_input, to_grid
+from raster import (GDAL_NODATA, IMAGE_SUFFIXES, RasterError, Rows, bit_depth_of, clean_stale_temporaries,
+                    is_image_file, png_rows, read_raster, readable_by_rows, resize, tiles_of_rows, write_index_tiff,
+                    write_jpeg)
+from spec import IGNORE_INDEX, _bands, grid_size, load_input, to_grid
 
 OUTPUT_PATTERN = "*_mask.*"  # the files this tool writes: never inputs
 TTA_MODES = {  # (quarter turns, horizontal flip) applied to the input; the prediction is turned back
@@ -78,8 +86,10 @@ def blend_window(height, width, overlap):
     return ramp(height)[:, None] * ramp(width)[None, :]
 
 
+@torch.inference_mode()
 def _forward(model, x, tta):
-    """Class probabilities (N, C, h, w) averaged over the TTA transforms, in float32."""
+    """Class probabilities (N, C, h, w) averaged over the TTA transforms, in float32. Inference mode is kept to
+    the model: the rest of the pipeline runs in generators, which must not leave it switched on between yields."""
     out = None
     for k, flip in TTA_MODES[tta]:
         t = torch.flip(x, (-1,)) if flip else x
@@ -122,7 +132,7 @@ def _probability_rows(model, small, tile, overlap, batch_size, tta, device, prog
             if acc is None:
                 acc, wsum = torch.zeros(p.shape[0], th, w, device=device), torch.zeros(th, w, device=device)
             if y > a0:  # a new tile row: rows above it get no more tiles
-                yield acc[:, : y - a0] / wsum[: y - a0]
+                yield acc[:, : y - a0].div_(wsum[: y - a0])  # in place: these rows get no more tiles
                 keep = a0 + th - y
                 new_acc, new_wsum = torch.zeros_like(acc), torch.zeros_like(wsum)
                 new_acc[:, :keep], new_wsum[:keep] = acc[:, y - a0:], wsum[y - a0:]
@@ -131,14 +141,14 @@ def _probability_rows(model, small, tile, overlap, batch_size, tta, device, prog
             wsum[y - a0: y - a0 + th, x0:x0 + tw] += window
         bar.update(len(batch))
     bar.close()
-    yield acc / wsum
+    yield acc.div_(wsum)
 
 
 class _Upsampler:
     """Take model-resolution probability rows in order, emit (C, n, W) rows at the output size (H, W):
     bilinear, align_corners=False, the same numbers as F.interpolate on the whole map, a few rows at a time."""
 
-    def __init__(self, h, w, H, W, sink, chunk_bytes=64 << 20, device="cpu"):
+    def __init__(self, h, w, H, W, sink, chunk_bytes=16 << 20, device="cpu"):
         src = np.maximum((np.arange(H) + 0.5) * (h / H) - 0.5, 0)
         self.i0 = np.floor(src).astype(np.int64)
         self.i1 = np.minimum(self.i0 + 1, h - 1)
@@ -167,27 +177,35 @@ class _Upsampler:
         self.y = y_end
         if y_end < len(self.i0):
             drop = int(self.i0[y_end]) - self.b0
-            self.buf, self.b0 = self.buf[:, drop:], self.b0 + drop
+            self.buf, self.b0 = self.buf[:, drop:].clone(), self.b0 + drop  # a copy: the band's memory goes
 
 
-def _predict(model, image, scale, sink, tile, overlap, batch_size, tta, device, progress, desc):
+def _grid(image, scale):
+    """An (H, W, B) or (H, W) uint8 image on the processing grid (spec.to_grid), checked."""
     if image.ndim == 2:
         image = image[:, :, None]
     if image.dtype != np.uint8 or image.ndim != 3:
         raise ValueError(f"expected an (H, W, bands) uint8 image, got {image.dtype} {image.shape}")
+    return to_grid(image, scale)
+
+
+def _predict(model, small, size, sink, tile, overlap, batch_size, tta, device, progress, desc):
+    """Predict the processing-grid image `small` ((h, w, B) uint8, or a StreamedInput) and hand the
+    probabilities, upsampled to `size` (H, W), to `sink(y0, y1, rows)` in order, a few rows at a time. A
+    generator: it yields whenever a band of rows has reached the sink, so the caller can write them out before
+    the next band is predicted; run it to the end (`for _ in _predict(...): pass`) to predict everything."""
     if model.training:
         raise ValueError("the model is in training mode; call model.eval() before predicting")
     if tile < 32:
         raise ValueError(f"tile must be >= 32 pixels, got {tile}")
     tta = _tta_mode(tta)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    H, W = image.shape[:2]
-    small = to_grid(image, scale)
+    H, W = size
     h, w = small.shape[:2]
     up = _Upsampler(h, w, H, W, sink, device=device)
-    with torch.inference_mode():
-        for rows in _probability_rows(model, small, tile, overlap, batch_size, tta, device, progress, desc):
-            up.push(rows)
+    for rows in _probability_rows(model, small, tile, overlap, batch_size, tta, device, progress, desc):
+        up.push(rows)
+        yield
     assert up.y == H, (up.y, H)
 
 
@@ -209,7 +227,9 @@ def predict_image(model, image, scale, *, tile=512, overlap=64, batch_size=4, tt
     def sink(y0, y1, rows):
         out[y0:y1] = rows.argmax(0).to(torch.uint8).cpu().numpy()
 
-    _predict(model, image, scale, sink, tile, overlap, batch_size, tta, device, progress, desc)
+    for _ in _predict(model, _grid(image, scale), image.shape[:2], sink, tile, overlap, batch_size, tta, device,
+                      progress, desc):
+        pass
     return out
 
 
@@ -218,8 +238,13 @@ def predict_probabilities(model, image, scale, *, tile=512, overlap=64, batch_si
     """Class probabilities (C, H, W) float32 at the image's size; arguments as predict_image. Holds the
     whole map (C x H x W x 4 bytes): for small images (figures, tests); predict_image streams."""
     parts = []
-    _predict(model, image, scale, lambda y0, y1, rows: parts.append(rows.cpu().clone()), tile, overlap, batch_size,
-             tta, device, progress, desc)
+
+    def sink(y0, y1, rows):
+        parts.append(rows.cpu().clone())
+
+    for _ in _predict(model, _grid(image, scale), image.shape[:2], sink, tile, overlap, batch_size, tta, device,
+                      progress, desc):
+        pass
     return torch.cat(parts, 1).numpy()
 
 
@@ -239,6 +264,225 @@ def overlay(image, indices, palette, alpha=OVERLAY_ALPHA):
         colours = index_to_colour(indices[r:r + 512], palette).astype(np.float32)
         out[r:r + 512] = np.round((1 - alpha) * image[r:r + 512, :, :3] + alpha * colours)
     return out
+
+
+# --------------------------------------------------------------------------- large TIFFs, streamed by rows
+
+STREAM_PIXELS = 64_000_000  # TIFFs above this many pixels (8000 x 8000) are streamed, if they can be read by rows
+STREAM_CHUNK_BYTES = 16 << 20  # file pixels decoded per window of rows
+GRID_BLOCK_BYTES = 16 << 20  # int32 rows of the vertical resize pass computed at once
+PRECISION_BITS = 22  # Pillow's fixed-point weights of 8-bit resampling (Resample.c: 32 - 8 - 2)
+
+
+def streams(path):
+    """Whether segment_file streams this file: a TIFF above STREAM_PIXELS that raster.readable_by_rows reads."""
+    layout = readable_by_rows(path)
+    return layout is not None and layout[0] * layout[1] > STREAM_PIXELS
+
+
+def _width_first(H, W, h, w):
+    """Whether Pillow resizes (H, W) to (h, w) with the horizontal pass first. Both passes round to 8 bits, so
+    the order shows in the pixels, and it changed: Pillow < 12.2 always goes width first; 12.2 goes height
+    first for images over 100 times taller than wide (Image.resize); 13 when the height loses more than twice
+    as many pixels as the width (Resample.c, ImagingResampleInner)."""
+    version = tuple(int(v) for v in PIL.__version__.split(".")[:2])
+    if version >= (13, 0):
+        return not (H - h > 0 and H - h > 2 * (W - w))
+    if version >= (12, 2):
+        return not (H > 100 * W and h < H)
+    return True
+
+
+def _vertical_weights(H, h):
+    """Pillow's bilinear (antialiased) weights from H rows to h, computed as Resample.c does (precompute_coeffs
+    with the box (0, H), normalize_coeffs_8bpc), so the vertical pass of any band of rows equals the whole
+    image's. Returns the first input row of each output row, the number of input rows it uses, and (h, k)
+    int32 weights in units of 2^-PRECISION_BITS (0 past a row's count)."""
+    scale = H / h
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale  # the bilinear filter's support, stretched when shrinking
+    center = (np.arange(h) + 0.5) * scale
+    first = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    count = np.minimum(np.trunc(center + support + 0.5), H).astype(np.int64) - first
+    k = int(math.ceil(support)) * 2 + 1
+    weights, total = np.zeros((h, k)), np.zeros(h)
+    for j in range(k):  # in Pillow's order: the sums round alike
+        x = np.abs(((first + j) - center + 0.5) * (1.0 / filterscale))
+        weights[:, j] = np.where((j < count) & (x < 1.0), 1.0 - x, 0.0)
+        total = total + weights[:, j]
+    weights /= np.where(total == 0, 1.0, total)[:, None]
+    return first, count, np.trunc(0.5 + weights * (1 << PRECISION_BITS)).astype(np.int32)
+
+
+def _resize_width(rows, w):
+    """(n, W, B) uint8 -> (n, w, B): Pillow's horizontal pass alone (raster.resize with the height kept)."""
+    return resize(rows, (rows.shape[0], w))
+
+
+def _resize_height(src, src0, first, weights):
+    """Pillow's vertical pass (ImagingResampleVertical_8bpc) for output rows that start at input rows `first`
+    with `weights`; `src` holds input rows from src0 on. (n, width, B) uint8, the whole image's numbers."""
+    n = len(first)
+    acc = np.full((n,) + src.shape[1:], 1 << (PRECISION_BITS - 1), np.int32)
+    for j in range(weights.shape[1]):
+        rows = np.minimum(first + j - src0, len(src) - 1)  # past a row's count the weight is 0
+        acc += src[rows] * weights[:, j, None, None]
+    return np.clip(acc >> PRECISION_BITS, 0, 255).astype(np.uint8)
+
+
+def _merge_notes(notes, pixels):
+    """The notes of every window of rows as one image's: a repeated note once; a note that counts pixels
+    ("12 nodata pixels (0.1 %): ...") with the counts summed and their share of the `pixels` recomputed."""
+    merged = {}
+    for note in notes:
+        m = re.fullmatch(r"(\d+) (.*)", note)
+        if m is None:
+            merged.setdefault(note, None)
+        else:
+            key = re.sub(r"\(\d+\.\d %\)", "({share} %)", m.group(2))
+            merged[key] = (merged.get(key) or 0) + int(m.group(1))
+    return [key if n is None else f"{n} " + key.format(share=f"{100 * (n / pixels):.1f}")
+            for key, n in merged.items()]
+
+
+class StreamedInput:
+    """A large TIFF as the model eats it, made top to bottom in windows of rows, never whole.
+
+    The file is read in windows through the contract itself, `spec.load_input(raster.Rows(path, a, b))`, so
+    bands, nodata and intensity are the whole file's (the bit-depth rule of `uint8` intensity needs the image's
+    largest value, and a float image's nodata mask its NaN: one streamed pass over the file first finds them).
+    `grid[y0:y1, x0:x1]` gives rows of the processing-grid image, `spec.to_grid(load_input(path).image, scale)`
+    to the byte: Pillow's two resize passes in Pillow's order, the vertical one with the whole image's
+    weights; y0 never goes back. `valid_rows(y0, y1)` gives the nodata of input rows already read. Holds one
+    window of input rows, the grid rows of a tile row or two and the nodata of the rows in between.
+
+    Known at once: `size` (H, W), `shape` (h, w, bands) of the grid, `raster` (tags), `masked` (whether there
+    is nodata to mark, as load_input's `valid is not None`); `notes` once every row is read.
+    """
+
+    def __init__(self, path, spec, bit_depth=None, chunk_bytes=None):
+        self.path, self.spec = Path(path), spec
+        H, W, segment_rows = readable_by_rows(path)
+        first = read_raster(Rows(path, 0, 1))
+        rows = max(1, (chunk_bytes or STREAM_CHUNK_BYTES) // first.array.nbytes)
+        self.chunk_rows = -(-rows // segment_rows) * segment_rows  # whole strips or tiles: none decoded twice
+        self.bit_depth, nonfinite = self._first_pass(first.array.dtype, bit_depth, H)
+        self.raster, first.array = first, None
+        self.masked = first.nodata is not None or nonfinite
+        h, w = grid_size(H, W, spec.scale)
+        self.size, self.shape = (H, W), (h, w, spec.channels)
+        self.resize_h, self.resize_w = h != H, w != W
+        self.width_first = _width_first(H, W, h, w)
+        if self.resize_h:
+            self.first, count, self.weights = _vertical_weights(H, h)
+            self.needs = self.first + count  # input rows [0, needs[r]) make grid row r
+        else:
+            self.needs = np.arange(1, H + 1)
+        self._notes, self.valid, self.rows_read = [], [], 0  # valid: (a, b, (b - a, W) bool) windows with nodata
+        self.src, self.src0 = np.zeros((0, w if self.width_first else W, spec.channels), np.uint8), 0
+        self.grid, self.grid0 = np.zeros((0, w, spec.channels), np.uint8), 0
+
+    def _windows(self, H):
+        for a in range(0, H, self.chunk_rows):
+            yield Rows(self.path, a, min(H, a + self.chunk_rows))
+
+    def _first_pass(self, dtype, bit_depth, H):
+        """(bit depth, whether a pixel is NaN or infinite) where load_input's rules need the whole image: the
+        largest value of a wide integer image under `uint8` intensity without --bit-depth, the NaN of a float
+        image under `uint8` intensity. (bit_depth, False) without a pass where neither applies."""
+        wide = np.issubdtype(dtype, np.integer) and dtype.itemsize > 1 and bit_depth is None
+        floating = np.issubdtype(dtype, np.floating)
+        if self.spec.intensity.kind != "uint8" or not (wide or floating):
+            return bit_depth, False
+        maxima, nonfinite = [], False
+        for rows in self._windows(H):
+            arr, _ = _bands(read_raster(rows), self.spec.bands, self.spec.channels, self.path)
+            if wide:
+                maxima.append(arr.max())
+            else:
+                nonfinite = nonfinite or not np.isfinite(arr).all()
+        return (bit_depth_of(np.asarray(maxima, arr.dtype)) if wide else bit_depth), nonfinite
+
+    @property
+    def notes(self):
+        return _merge_notes(self._notes, self.size[0] * self.size[1])
+
+    def _read(self):
+        """The next window of input rows onto `src` (already resized in width when that pass comes first)."""
+        a, b = self.rows_read, min(self.size[0], self.rows_read + self.chunk_rows)
+        inp = load_input(Rows(self.path, a, b), self.spec, bit_depth=self.bit_depth)
+        self.rows_read = b
+        self._notes += inp.notes
+        if inp.valid is not None and not inp.valid.all():
+            self.valid.append((a, b, inp.valid))
+        rows = _resize_width(inp.image, self.shape[1]) if self.resize_w and self.width_first else inp.image
+        self.src = np.concatenate([self.src, rows])
+
+    def _make(self, stop):
+        """Grid rows up to `stop` onto `grid`."""
+        end = self.grid0 + len(self.grid)
+        while end < stop:
+            while self.rows_read < self.needs[end]:
+                self._read()
+            r1 = min(stop, int(np.searchsorted(self.needs, self.rows_read, side="right")))
+            step = max(1, GRID_BLOCK_BYTES // (4 * self.src.shape[1] * self.shape[2]))
+            parts = [self.grid]
+            for r0 in range(end, r1, step):
+                r = slice(r0, min(r1, r0 + step))
+                if self.resize_h:
+                    rows = _resize_height(self.src, self.src0, self.first[r], self.weights[r])
+                else:
+                    rows = self.src[r.start - self.src0:r.stop - self.src0]
+                if self.resize_w and not self.width_first:
+                    rows = _resize_width(rows, self.shape[1])
+                parts.append(rows)
+            self.grid = np.concatenate(parts)
+            end = r1
+            if end < self.shape[0]:  # drop the input rows no grid row still needs
+                keep = int(self.first[end]) if self.resize_h else end
+            else:
+                keep = self.rows_read
+            self.src, self.src0 = self.src[keep - self.src0:], keep
+
+    def __getitem__(self, key):
+        rows, cols = key
+        if rows.start < self.grid0:
+            raise IndexError(f"grid rows are made top to bottom: row {rows.start} is gone (rows from {self.grid0})")
+        self._make(min(rows.stop, self.shape[0]))
+        self.grid, self.grid0 = self.grid[rows.start - self.grid0:], rows.start  # rows above are done with
+        return self.grid[:rows.stop - rows.start, cols]
+
+    def valid_rows(self, y0, y1):
+        """(y1 - y0, W) bool, False at nodata, of input rows already read; None when they hold no nodata. The
+        nodata of rows above y0 is forgotten."""
+        if y1 > self.rows_read:
+            raise IndexError(f"rows {y0}..{y1} asked for, {self.rows_read} read")
+        self.valid = [(a, b, v) for a, b, v in self.valid if b > y0]
+        out = None
+        for a, b, v in self.valid:
+            if a < y1:
+                out = np.ones((y1 - y0, self.size[1]), bool) if out is None else out
+                out[max(a, y0) - y0:min(b, y1) - y0] = v[max(a, y0) - a:min(b, y1) - a]
+        return out
+
+
+def predict_streamed(model, source, *, tile=512, overlap=64, batch_size=4, tta=False, device=None, progress=False,
+                     desc=None):
+    """Class indices of a StreamedInput, top to bottom: yields (y0, y1, (y1 - y0, W) uint8 rows), nodata
+    IGNORE_INDEX. Concatenated, the mask predict_image makes of load_input's image (with the nodata set);
+    nothing of the image's size is held. Arguments as predict_image."""
+    done = []
+
+    def sink(y0, y1, rows):
+        pred = rows.argmax(0).to(torch.uint8).cpu().numpy()
+        valid = source.valid_rows(y0, y1)
+        if valid is not None:
+            pred[~valid] = IGNORE_INDEX
+        done.append((y0, y1, pred))
+
+    for _ in _predict(model, source, source.size, sink, tile, overlap, batch_size, tta, device, progress, desc):
+        yield from done
+        done.clear()
 
 
 # --------------------------------------------------------------------------- files and folders
@@ -315,41 +559,69 @@ def mask_path(output, stem):
     return Path(output) / f"{stem}_mask.png"
 
 
+def _through(bands, pngs):
+    """Write each band of mask rows (y0, y1, rows) to the PNG writers and pass the rows on (to the TIFF's tiles)."""
+    for _, _, rows in bands:
+        for png in pngs:
+            png.write(rows)
+        yield rows
+
+
 def segment_file(path, output, model, ckpt, *, stem=None, scale=None, bands=None, bit_depth=None, index=False,
                  overlay_preview=False, protect=(), log=print, **predict_kwargs):
     """Segment one file into `output`. Returns the paths written. Raises RasterError for a bad file.
     `scale`/`bands` default to the checkpoint's; `protect` lists paths never to write (the inputs).
-    Nodata pixels (GeoTIFF GDAL_NODATA, NaN) get no class: IGNORE_INDEX (black in the colour mask)."""
+    Nodata pixels (GeoTIFF GDAL_NODATA, NaN) get no class: IGNORE_INDEX (black in the colour mask).
+    A TIFF over STREAM_PIXELS is streamed: read, predicted and written band of rows by band of rows."""
     spec = run_spec(ckpt, scale, bands)
     path, output = Path(path), Path(output)
     stem = stem or path.stem
-    inp = load_input(path, spec, bit_depth=bit_depth)
-    for note in inp.notes:
-        log(f"{path}: {note}")
-    pred = predict_image(model, inp.image, spec.scale, desc=path.name, **predict_kwargs)
-    if inp.valid is not None:
-        pred[~inp.valid] = IGNORE_INDEX
-    palette = spec.classes.palette
-    writers = {}
-    if index:
-        writers[output / f"{stem}_mask.index.png"] = lambda t: write_png(t, pred)
-    if overlay_preview:
-        rgb = display_rgb(inp.image)
-        writers[output / f"{stem}_mask.overlay.jpg"] = lambda t: write_jpeg(t, overlay(rgb, pred, palette))
-    if inp.raster.is_georeferenced:
-        tags = dict(inp.raster.geotags)
-        if inp.valid is not None:
-            tags[GDAL_NODATA] = (2, len(str(IGNORE_INDEX)) + 1, str(IGNORE_INDEX))  # ASCII, as GDAL writes it
-        writers[output / f"{stem}_mask.tif"] = lambda t: write_index_tiff(t, pred, palette, tags)
-    writers[mask_path(output, stem)] = lambda t: write_png(t, palette_image(pred, palette))  # last: "done"
+    if streams(path):
+        source = StreamedInput(path, spec, bit_depth)
+        (H, W), raster, masked, image = source.size, source.raster, source.masked, None
+    else:
+        inp = load_input(path, spec, bit_depth=bit_depth)
+        for note in inp.notes:
+            log(f"{path}: {note}")
+        (H, W), raster, masked, image = inp.image.shape[:2], inp.raster, inp.valid is not None, inp.image
+    if overlay_preview and image is None:
+        log(f"{path}: no overlay for a streamed image (over {STREAM_PIXELS / 1e6:g} MP): it would hold the whole image")
+    index_path = output / f"{stem}_mask.index.png" if index else None
+    overlay_path = output / f"{stem}_mask.overlay.jpg" if overlay_preview and image is not None else None
+    tiff_path = output / f"{stem}_mask.tif" if raster.is_georeferenced else None
+    written = [p for p in (index_path, overlay_path, tiff_path) if p] + [mask_path(output, stem)]  # colour: last
     protected = {Path(p).resolve() for p in protect} | {path.resolve()}
-    for target in writers:
+    for target in written:
         if target.resolve() in protected:
             raise RasterError(f"{path}: refusing to write {target}, it is an input")
     output.mkdir(parents=True, exist_ok=True)
-    for target, write in writers.items():
-        write(target)
-    return list(writers)
+    if image is None:
+        bands = predict_streamed(model, source, desc=path.name, **predict_kwargs)
+    else:
+        pred = predict_image(model, image, spec.scale, desc=path.name, **predict_kwargs)
+        if inp.valid is not None:
+            pred[~inp.valid] = IGNORE_INDEX
+        bands = [(0, H, pred)]
+    palette = spec.classes.palette
+    with contextlib.ExitStack() as stack:  # every mask written as its rows come; the colour mask appears last
+        pngs = [stack.enter_context(png_rows(mask_path(output, stem), H, W, palette))]
+        if index_path:
+            pngs.append(stack.enter_context(png_rows(index_path, H, W)))
+        rows = _through(bands, pngs)
+        if tiff_path:
+            tags = dict(raster.geotags)
+            if masked:
+                tags[GDAL_NODATA] = (2, len(str(IGNORE_INDEX)) + 1, str(IGNORE_INDEX))  # ASCII, as GDAL writes it
+            write_index_tiff(tiff_path, tiles_of_rows(rows, W), palette, tags, shape=(H, W))
+        else:
+            for _ in rows:
+                pass
+        if overlay_path:
+            write_jpeg(overlay_path, overlay(display_rgb(image), pred, palette))
+    if image is None:
+        for note in source.notes:
+            log(f"{path}: {note}")
+    return written
 
 
 def segment_folder(input, output, model, ckpt, *, progress=True, log=None, skip_existing=False, **kwargs):

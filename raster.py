@@ -1,6 +1,8 @@
 """Reading and writing rasters of any kind: PNG (8- and 16-bit), JPEG (turned by its EXIF orientation), TIFF
 (any codec imagecodecs knows, tiled, BigTIFF, planar or interleaved), GeoTIFF georeferencing, 16-bit and
-multi-band data, atomic writes and the clean-up of what a killed run left (`clean_stale_temporaries`).
+multi-band data, atomic writes and the clean-up of what a killed run left (`clean_stale_temporaries`). Images too
+large to hold go by bands of rows: `Rows` reads a window of a TIFF, `png_rows` and `tiles_of_rows` +
+`write_index_tiff` write a mask.
 
     python raster.py some_image.tif        # prints shape, dtype, bands, alpha and georeferencing tags
 
@@ -19,8 +21,11 @@ trained on wider data carry a `range` intensity rule fitted on their training se
 
 import argparse
 import contextlib
+import itertools
 import os
 import re
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +47,10 @@ GEOTIFF_TAGS = {  # code -> name; what places a GeoTIFF on the ground
     34737: "GeoAsciiParamsTag",
 }
 TIFF_SUFFIXES = (".tif", ".tiff")
+JPEG_CODES = (6, 7, 34892, 33007)  # TIFF compressions that are JPEG (tifffile decodes their chroma subsampling)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MASK_TILE = 256  # tile side of the mask TIFFs
 EXIF_ORIENTATION = 0x0112  # EXIF tag: how viewers turn the stored pixels (1 = as stored, 2..8 flips/rotations)
 _ORIENT = {  # orientation -> stored (H, W, ...) pixels as viewers show them (PIL.ImageOps.exif_transpose)
     2: lambda a: a[:, ::-1],
@@ -79,11 +86,86 @@ class Raster:
 
 # --------------------------------------------------------------------------- reading
 
-def _read_tiff(path):
+@dataclass(frozen=True)
+class Rows:
+    """Rows [start, stop) of a TIFF, usable wherever a path is: `read_raster(Rows(path, 0, 512))` decodes only
+    the strips or tiles that hold those rows. spec.load_input takes it too, so a window of a large image goes
+    through the same contract as a whole file (infer.py streams large TIFFs this way). str() is the file's
+    path: messages name the file."""
+
+    path: Path
+    start: int
+    stop: int
+
+    def __fspath__(self):
+        return os.fspath(self.path)
+
+    def __str__(self):
+        return str(self.path)
+
+
+def _tiff_rows(tif, page, start, stop):
+    """Rows [start, stop) of a TIFF page, in the layout page.asarray() returns, decoding only the strips or
+    tiles that hold them (uncompressed data: only the bytes of those rows)."""
+    planes, _, height, width, samples = page.shaped
+    out = np.empty((planes, 1, stop - start, width, samples), page.dtype)
+    fh = tif.filehandle
+    if page.is_contiguous and page.fillorder == 1 and page.predictor == 1:  # raw pixels in one run of bytes
+        row = width * samples
+        for s in range(planes):
+            fh.seek(page.dataoffsets[0] + (s * height + start) * row * page.dtype.itemsize)
+            out[s, 0] = fh.read_array(tif.byteorder + page.dtype.char, (stop - start) * row).reshape(-1, width, samples)
+    else:
+        seg_rows = page.tilelength if page.is_tiled else page.rowsperstrip
+        across = -(-width // page.tilewidth) if page.is_tiled else 1
+        down = -(-height // seg_rows)
+        indices = [(s * down + r) * across + c for s in range(planes)
+                   for r in range(start // seg_rows, (stop - 1) // seg_rows + 1) for c in range(across)]
+        jpeg = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader} if page.compression in JPEG_CODES else {}
+        offsets = [page.dataoffsets[i] for i in indices]
+        counts = [page.databytecounts[i] for i in indices]
+        for data, index in fh.read_segments(offsets, counts, indices=indices, sort=True):
+            segment, (s, _, y, x, _), shape = page.decode(data, index, **jpeg)
+            y0, y1, x1 = max(y, start), min(y + shape[1], stop), min(x + shape[2], width)
+            if segment is None:  # an empty strip or tile: the file's fill value
+                out[s, 0, y0 - start:y1 - start, x:x1] = page.nodata
+            else:
+                out[s, 0, y0 - start:y1 - start, x:x1] = segment[0, y0 - y:y1 - y, :x1 - x]
+    return out.reshape([stop - start if axis == "Y" else n for axis, n in zip(page.axes, page.shape)])
+
+
+def readable_by_rows(path):
+    """(height, width, rows per strip or tile) of a TIFF whose rows `read_raster(Rows(...))` reads without
+    decoding the rest: one image page (no page per band, no volume), plain strips or tiles. None for any other
+    file (and for a file that cannot be parsed: reading it whole then reports why)."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES or not path.is_file():
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series, page = tif.series[0], tif.pages.first
+            if (len(series.pages) != 1 or series.pages[0] is not page or series.shape != page.shape
+                    or page.imagedepth != 1 or page.dtype is None
+                    or (page.is_subsampled and page.compression not in JPEG_CODES)
+                    or "Y" not in page.axes or len(page.dataoffsets) == 0):
+                return None
+            if page.is_contiguous and page.fillorder == 1 and page.predictor == 1:
+                seg_rows = 1
+            else:
+                seg_rows = page.tilelength if page.is_tiled else page.rowsperstrip
+            return page.imagelength, page.imagewidth, max(1, min(seg_rows, page.imagelength))
+    except Exception:  # not a TIFF tifffile parses: read_raster says why
+        return None
+
+
+def _read_tiff(path, rows=None):
     with tifffile.TiffFile(path) as tif:
         page = tif.pages.first
         series = tif.series[0]
-        arr = series.asarray()  # level 0 of a pyramid, all strips/tiles, any codec imagecodecs decodes
+        if rows is None:
+            arr = series.asarray()  # level 0 of a pyramid, all strips/tiles, any codec imagecodecs decodes
+        else:
+            arr = _tiff_rows(tif, page, max(0, rows[0]), min(rows[1], page.imagelength))
         axes = series.axes
         tags = page.tags
         geotags = {code: (int(tags[code].dtype), int(tags[code].count), tags[code].value)
@@ -174,16 +256,20 @@ def _read_pil(path):
 
 def read_raster(path):
     """Read an image file as a Raster: 16-bit PNGs at full depth, EXIF orientation applied, no Pillow pixel
-    limit. Errors (RasterError) name the file: missing, empty, truncated, corrupt, or a layout that is not
-    (H, W) or (H, W, bands)."""
+    limit. `Rows(path, start, stop)` reads only those rows of a TIFF (readable_by_rows says which TIFFs).
+    Errors (RasterError) name the file: missing, empty, truncated, corrupt, or a layout that is not (H, W) or
+    (H, W, bands)."""
+    rows = (path.start, path.stop) if isinstance(path, Rows) else None
     path = Path(path)
     if not path.is_file():
         raise RasterError(f"{path}: not found")
     if path.stat().st_size == 0:
         raise RasterError(f"{path}: empty file (0 bytes)")
+    if rows is not None and readable_by_rows(path) is None:
+        raise RasterError(f"{path}: rows can only be read from a one-page TIFF of strips or tiles")
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
-            arr, alpha, geotags, nodata = _read_tiff(path)
+            arr, alpha, geotags, nodata = _read_tiff(path, rows)
         elif _png_bit_depth(path) == 16:
             arr, alpha, geotags, nodata = _read_png16(path)
         else:
@@ -371,10 +457,10 @@ def _is_running(pid):
 def palette_image(index_map, palette):
     """(H, W) uint8 class indices -> a PIL palette image: viewers show the class colours, the pixel values
     stay the class indices."""
-    im = Image.fromarray(np.ascontiguousarray(index_map, dtype=np.uint8), mode="L").convert("P")
+    im = Image.fromarray(np.ascontiguousarray(index_map, dtype=np.uint8))  # "L", sharing the array's memory
     flat = np.zeros((256, 3), np.uint8)
     flat[: len(palette)] = np.asarray(palette, np.uint8)
-    im.putpalette(flat.reshape(-1).tolist())
+    im.putpalette(flat.reshape(-1).tolist())  # "L" becomes "P" in place: no copy of a 400 MB mask
     return im
 
 
@@ -385,29 +471,99 @@ def write_png(path, image, compress_level=1):
         im.save(tmp, format="PNG", compress_level=compress_level)
 
 
+class PngRows:
+    """An (height, width) uint8 PNG written to an open binary file band of rows by band of rows (`write(rows)`,
+    top to bottom, then `close()`): gray, or with a `palette` a palette PNG (viewers show the colours, the
+    values stay the indices; colours past the palette's are black). Only the zlib state is held, so masks too
+    large to hold whole can be written; the bytes do not depend on how the rows were split. png_rows() writes
+    a file atomically with it."""
+
+    def __init__(self, file, height, width, palette=None, compress_level=1, idat_bytes=1 << 20):
+        self.file, self.height, self.width, self.idat_bytes = file, int(height), int(width), idat_bytes
+        self.zip, self.pending, self.rows = zlib.compressobj(compress_level), b"", 0
+        file.write(PNG_SIGNATURE)
+        colour_type = 0 if palette is None else 3  # gray / palette, 8 bits per pixel
+        self._chunk(b"IHDR", struct.pack(">IIBBBBB", self.width, self.height, 8, colour_type, 0, 0, 0))
+        if palette is not None:
+            flat = np.zeros((256, 3), np.uint8)
+            flat[: len(palette)] = np.asarray(palette, np.uint8)
+            self._chunk(b"PLTE", flat.tobytes())
+
+    def write(self, rows):
+        """Append (n, width) uint8 rows."""
+        rows = np.asarray(rows, np.uint8)
+        if rows.ndim != 2 or rows.shape[1] != self.width or self.rows + len(rows) > self.height:
+            raise ValueError(f"rows {rows.shape} do not fit a {self.height}x{self.width} PNG after row {self.rows}")
+        lines = np.zeros((len(rows), self.width + 1), np.uint8)  # each line: filter type 0 (none), pixels
+        lines[:, 1:] = rows
+        self._idat(self.zip.compress(lines.tobytes()))
+        self.rows += len(rows)
+
+    def close(self):
+        if self.rows != self.height:
+            raise ValueError(f"{self.rows} rows written of the PNG's {self.height}")
+        self._idat(self.zip.flush(), last=True)
+        self._chunk(b"IEND", b"")
+
+    def _idat(self, data, last=False):
+        """IDAT chunks of `idat_bytes`: the same file however the rows came in."""
+        self.pending += data
+        while len(self.pending) >= self.idat_bytes or (last and self.pending):
+            self._chunk(b"IDAT", self.pending[: self.idat_bytes])
+            self.pending = self.pending[self.idat_bytes:]
+
+    def _chunk(self, kind, data):
+        self.file.write(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)))
+
+
+@contextlib.contextmanager
+def png_rows(path, height, width, palette=None, compress_level=1):
+    """A PngRows writing `path` atomically: the file appears when the block ends with every row written."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        png = PngRows(file, height, width, palette, compress_level)
+        yield png
+        png.close()
+
+
+def tiles_of_rows(bands, width, tile=MASK_TILE):
+    """The (tile, tile) tiles, row by row of tiles, of an image given as bands of rows (n, width) top to bottom,
+    for tifffile's writer; holds one row of tiles."""
+    held = np.zeros((0, width), np.uint8)
+    for rows in itertools.chain(bands, [None]):
+        if rows is not None:
+            held = np.concatenate([held, rows])
+        while len(held) >= tile or (rows is None and len(held)):
+            for x in range(0, width, tile):
+                yield held[:tile, x:x + tile]
+            held = held[tile:]
+
+
 def write_jpeg(path, image, quality=90):
     with atomic_path(path) as tmp:
         Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="JPEG", quality=quality)
 
 
-def write_index_tiff(path, index_map, palette=None, geotags=None):
+def write_index_tiff(path, index_map, palette=None, geotags=None, shape=None):
     """Write an (H, W) uint8 class map as a (Geo)TIFF, atomically: deflate-compressed, tiled when large,
     with the palette as TIFF colour map (a GIS shows the class colours, values stay class indices) and the
-    given GeoTIFF tags copied verbatim (same size as the input -> same georeferencing)."""
-    index_map = np.ascontiguousarray(index_map, dtype=np.uint8)
-    kwargs = {}
+    given GeoTIFF tags copied verbatim (same size as the input -> same georeferencing). `index_map` may also
+    be an iterator of MASK_TILE tiles (tiles_of_rows) of an image of `shape`: a mask too large to hold."""
+    if shape is None:
+        index_map = np.ascontiguousarray(index_map, dtype=np.uint8)
+        shape = index_map.shape
+    kwargs = {"shape": shape, "dtype": np.uint8}
     if palette is not None:
         cmap = np.zeros((3, 256), np.uint16)
         cmap[:, : len(palette)] = np.asarray(palette, np.uint16).T * 257
         kwargs.update(photometric="palette", colormap=cmap)
     else:
         kwargs.update(photometric="minisblack")
-    if min(index_map.shape) >= 512:
-        kwargs["tile"] = (256, 256)
+    if min(shape) >= 2 * MASK_TILE or not isinstance(index_map, np.ndarray):
+        kwargs["tile"] = (MASK_TILE, MASK_TILE)
     extratags = [(code, dtype, count, value, True) for code, (dtype, count, value) in sorted((geotags or {}).items())]
     with atomic_path(path) as tmp:
         tifffile.imwrite(tmp, index_map, compression="zlib", extratags=extratags, metadata=None,
-                         bigtiff=index_map.size > 2 ** 31, **kwargs)
+                         bigtiff=shape[0] * shape[1] > 2 ** 31, **kwargs)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -2,6 +2,8 @@
 TTA, every input kind, GeoTIFF tags carried over, bad files reported, inputs never overwritten."""
 
 import hashlib
+import itertools
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +17,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import infer
-from checkpoint import save_checkpoint
+import raster
+from checkpoint import load_model, save_checkpoint
 from model import ResNet18Segmentation
 from raster import resize
-from spec import ClassSpec, DataSpec, grid_size
+from spec import PALETTE, ClassSpec, DataSpec, Intensity, grid_size, load_input, to_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 GEOTAGS = [(33550, "d", 3, (0.05, 0.05, 0.0), True),
@@ -431,3 +434,199 @@ def test_single_band_overlay_is_gray_not_false_colour(ckpt_path, tmp_path):
     gray = smooth_image(30, 30)[:, :, 0]
     assert infer.display_rgb(gray[:, :, None]).shape == (30, 30, 3)
     np.testing.assert_array_equal(infer.display_rgb(gray[:, :, None])[:, :, 2], gray)
+
+
+# --------------------------------------------------------------------------- large TIFFs, streamed by rows
+
+def stream_everything(monkeypatch, chunk_bytes=2000):
+    """Stream every TIFF (the threshold of 64 MP lowered to 0) in windows of a few rows; returns the list of
+    (start, stop) windows raster decodes."""
+    monkeypatch.setattr(infer, "STREAM_PIXELS", 0)
+    monkeypatch.setattr(infer, "STREAM_CHUNK_BYTES", chunk_bytes)
+    windows = []
+    read_rows = raster._tiff_rows
+
+    def spy(tif, page, start, stop):
+        windows.append((start, stop))
+        return read_rows(tif, page, start, stop)
+
+    monkeypatch.setattr(raster, "_tiff_rows", spy)
+    return windows
+
+
+def outputs(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+@pytest.mark.parametrize("scale", [0.5, 0.37, 1.0, 1.5])
+@pytest.mark.parametrize("size", [(203, 171), (301, 67)], ids=["wide", "tall"])  # tall: Pillow 13 resizes height first
+def test_grid_rows_equal_to_grid_to_the_byte(tmp_path, scale, size):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size + (3,), dtype=np.uint8)  # noise: every rounding difference shows
+    tifffile.imwrite(tmp_path / "a.tif", image, photometric="rgb")
+    spec = DataSpec(scale=scale)
+    whole = to_grid(image, scale)
+    grid = infer.StreamedInput(tmp_path / "a.tif", spec, chunk_bytes=7 * size[1] * 3)  # windows of 7 rows
+    assert grid.shape == whole.shape and grid.chunk_rows == 7
+    rows, y = [], 0
+    for step in itertools.cycle([1, 5, 13]):  # rows asked for in uneven bands, as tiles do
+        rows.append(grid[y:y + step, 0:whole.shape[1]].copy())
+        y += step
+        if y >= whole.shape[0]:
+            break
+    np.testing.assert_array_equal(np.concatenate(rows), whole)
+    assert grid.rows_read == size[0] and len(grid.src) <= 7 + 2 * math.ceil(1 / scale) + 2  # a window, no more
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0])
+def test_streamed_masks_are_the_in_memory_masks(ckpt_path, tmp_path, monkeypatch, scale):
+    (tmp_path / "in").mkdir()
+    image = smooth_image(300, 400, seed=2)
+    image[:30, :70] = 0  # nodata
+    tifffile.imwrite(tmp_path / "in" / "geo.tif", image, photometric="rgb", compression="lzw", tile=(32, 48),
+                     extratags=GEOTAGS + [(42113, "s", 0, "0", True)])
+    _, ckpt = load_model(ckpt_path)
+    model = LocalModel().eval()  # a mask of several classes: something to disagree about
+    kwargs = dict(scale=scale, index=True, tile=96, overlap=16, progress=False, log=print)
+    assert infer.segment_folder(tmp_path / "in", tmp_path / "whole", model, ckpt, **kwargs).done == 1
+    calls = []
+    real = infer.predict_streamed
+    monkeypatch.setattr(infer, "predict_streamed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    windows = stream_everything(monkeypatch)
+    assert infer.segment_folder(tmp_path / "in", tmp_path / "streamed", model, ckpt, **kwargs).done == 1
+    assert calls == [1] and len(windows) > 5  # it streamed, in windows of rows
+    whole, streamed = outputs(tmp_path / "whole"), outputs(tmp_path / "streamed")
+    assert set(whole) == {"geo_mask.png", "geo_mask.index.png", "geo_mask.tif"}
+    assert streamed == whole  # byte for byte: PNG masks and the GeoTIFF mask
+    mask = mask_of(tmp_path / "streamed" / "geo_mask.png")
+    assert (mask[:30, :70] == 255).all() and len(np.unique(mask)) >= 4
+
+
+def test_streamed_path_never_decodes_the_whole_image(ckpt_path, tmp_path, monkeypatch):
+    image = smooth_image(300, 400, seed=4)
+    tifffile.imwrite(tmp_path / "a.tif", image, photometric="rgb", compression="lzw", tile=(32, 32))
+    windows = stream_everything(monkeypatch)
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the whole image was decoded")
+
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", whole)
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", whole)
+    monkeypatch.setattr(infer, "predict_image", whole)
+    assert run(ckpt_path, tmp_path / "a.tif", tmp_path / "out", "--overlay") == 0
+    rows = 2000 // (400 * 3)  # STREAM_CHUNK_BYTES // bytes per row, rounded up to whole tile rows (32)
+    assert max(b - a for a, b in windows) <= 32 and rows < 32
+    starts = sorted({a for a, _ in windows if a > 0})
+    assert starts == list(range(32, 300, 32))  # the image read top to bottom, window by window
+    assert mask_of(tmp_path / "out" / "a_mask.png").shape == (300, 400)
+    assert not (tmp_path / "out" / "a_mask.overlay.jpg").exists()  # no overlay: it would hold the image
+
+
+@pytest.mark.parametrize("intensity", ["range", "uint8"])
+def test_streamed_16_bit_image_under_the_intensity_rule(tmp_path, monkeypatch, intensity):
+    """16-bit bands 0, 2, 4 of five, 12-bit data: the `range` rule of a 16-bit model, or the bit-depth rule of
+    an 8-bit model, which needs the image's largest value (a first streamed pass finds it)."""
+    five = smooth_image(260, 330, seed=5, bands=5).astype(np.uint16) * 16  # values up to 4080: 12-bit
+    five[100:140, 50:90] = 4095  # the largest value, in the middle: the first windows alone would miss it
+    five[:12] = 7  # nodata rows
+    tifffile.imwrite(tmp_path / "a.tif", np.moveaxis(five, -1, 0), photometric="minisblack",
+                     planarconfig="separate", compression="zlib", tile=(32, 32), extratags=[(42113, "s", 0, "7", True)])
+    rule = Intensity("range", (100.0, 200.0, 300.0), (3000.0, 3500.0, 4000.0)) if intensity == "range" else Intensity()
+    model = LocalModel().eval()  # a prediction that varies over the image: something to disagree about
+    for scale in (0.5, 1.0):
+        spec = DataSpec(scale=scale, bands=(0, 2, 4), intensity=rule)
+        inp = load_input(tmp_path / "a.tif", spec)
+        expected = infer.predict_image(model, inp.image, scale, tile=64, overlap=16)
+        expected[~inp.valid] = 255
+        source = infer.StreamedInput(tmp_path / "a.tif", spec, chunk_bytes=5000)
+        bands = list(infer.predict_streamed(model, source, tile=64, overlap=16))
+        assert [y0 for y0, _, _ in bands] == sorted({y0 for y0, _, _ in bands}) and len(bands) > 1  # in order
+        mask = np.concatenate([rows for _, _, rows in bands])
+        np.testing.assert_array_equal(mask, expected)
+        assert source.masked and (mask[:12] == 255).all() and len(np.unique(mask[12:])) >= 2
+        notes = source.notes
+        assert sorted(notes) == sorted(inp.notes)  # counts summed over the windows
+    assert any("3960 nodata pixels (4.6 %)" in n for n in notes)  # 12 rows x 330
+    if intensity == "uint8":
+        assert any("12-bit" in n for n in notes)
+
+
+def test_notes_of_windows_are_merged_into_the_image_notes():
+    notes = ["single-band (grayscale) image: its band is replicated to 3 bands", "10 nodata pixels (1.0 %): x",
+             "single-band (grayscale) image: its band is replicated to 3 bands", "5 nodata pixels (0.5 %): x",
+             "3 pixels hold negative int16 values: clipped to 0"]
+    assert infer._merge_notes(notes, 1000) == [
+        "single-band (grayscale) image: its band is replicated to 3 bands", "15 nodata pixels (1.5 %): x",
+        "3 pixels hold negative int16 values: clipped to 0"]
+
+
+def rows_layouts():
+    """TIFF layouts as GIS tools and cameras write them: {name: (array, tifffile.imwrite arguments)}."""
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 65535, (101, 83, 4), dtype=np.uint16)
+    u8 = (a >> 8).astype(np.uint8)
+    return {
+        "raw strip": (a[..., :3], dict(photometric="rgb")),
+        "raw planar": (np.moveaxis(a, -1, 0), dict(photometric="minisblack", planarconfig="separate")),
+        "lzw tiles": (a[..., :3], dict(photometric="rgb", compression="lzw", tile=(32, 16))),
+        "zlib planar tiles": (np.moveaxis(a, -1, 0), dict(photometric="minisblack", planarconfig="separate",
+                                                          compression="zlib", tile=(16, 16))),
+        "predictor strips": (a[..., 0], dict(compression="lzw", predictor=True, rowsperstrip=7)),
+        "big-endian strips": (a[..., :3], dict(photometric="rgb", byteorder=">", compression="lzw", rowsperstrip=10)),
+        "float tiles": (a[..., :3].astype(np.float32) / 65535, dict(photometric="rgb", compression="zlib",
+                                                                    predictor=True, tile=(16, 16))),
+        "jpeg tiles": (u8[..., :3], dict(photometric="rgb", compression="jpeg", tile=(32, 32))),
+        "rgba bigtiff": (u8, dict(photometric="rgb", extrasamples=["unassalpha"], bigtiff=True, tile=(16, 32))),
+        "palette": ((a[..., 0] >> 14).astype(np.uint8), dict(photometric="palette", compression="lzw",
+                                                            colormap=rng.integers(0, 65535, (3, 256), np.uint16))),
+    }
+
+
+@pytest.mark.parametrize("layout", list(rows_layouts()))
+def test_rows_of_a_tiff_are_the_rows_of_the_whole_read(tmp_path, layout):
+    data, kwargs = rows_layouts()[layout]
+    tifffile.imwrite(tmp_path / "a.tif", data, **kwargs)
+    whole = raster.read_raster(tmp_path / "a.tif")
+    assert raster.readable_by_rows(tmp_path / "a.tif")[:2] == (101, 83)
+    for start, stop in [(0, 1), (0, 101), (5, 40), (31, 33), (100, 101)]:
+        part = raster.read_raster(raster.Rows(tmp_path / "a.tif", start, stop))
+        np.testing.assert_array_equal(part.array, whole.array[start:stop])
+        assert (part.alpha, part.nodata, part.geotags) == (whole.alpha, whole.nodata, whole.geotags)
+
+
+def test_tiffs_that_are_not_read_by_rows_are_read_whole(ckpt_path, tmp_path, monkeypatch):
+    bands = np.moveaxis(smooth_image(40, 50), -1, 0)
+    tifffile.imwrite(tmp_path / "pages.tif", bands, photometric="minisblack", metadata=None)  # a page per band
+    Image.fromarray(smooth_image(40, 50)).save(tmp_path / "a.png")
+    assert raster.readable_by_rows(tmp_path / "pages.tif") is None
+    assert raster.readable_by_rows(tmp_path / "a.png") is None
+    with pytest.raises(raster.RasterError, match="pages.tif"):
+        raster.read_raster(raster.Rows(tmp_path / "pages.tif", 0, 10))
+    monkeypatch.setattr(infer, "STREAM_PIXELS", 0)
+    assert not infer.streams(tmp_path / "pages.tif") and not infer.streams(tmp_path / "a.png")
+    assert run(ckpt_path, tmp_path / "pages.tif", tmp_path / "out") == 0  # read whole, as before
+    assert mask_of(tmp_path / "out" / "pages_mask.png").shape == (40, 50)
+
+
+def test_png_rows_write_the_same_file_however_the_rows_come(tmp_path):
+    labels = np.random.default_rng(0).integers(0, 6, (70, 90), dtype=np.uint8)
+    labels[:10] = 255
+    files = []
+    for k, cuts in enumerate([[70], [1, 7, 40, 22], [35, 35]]):
+        with raster.png_rows(tmp_path / f"{k}.png", 70, 90, PALETTE) as png:
+            for a, b in itertools.pairwise([0] + list(itertools.accumulate(cuts))):
+                png.write(labels[a:b])
+        files.append((tmp_path / f"{k}.png").read_bytes())
+    assert files[0] == files[1] == files[2]
+    np.testing.assert_array_equal(mask_of(tmp_path / "0.png"), labels)
+    with Image.open(tmp_path / "0.png") as im:
+        colours = np.asarray(im.convert("RGB"))
+    assert tuple(colours[20, 0]) == PALETTE[labels[20, 0]] and (colours[:10] == 0).all()  # 255: black
+    with raster.png_rows(tmp_path / "gray.png", 70, 90) as png:
+        png.write(labels)
+    with Image.open(tmp_path / "gray.png") as im:
+        assert im.mode == "L" and np.array_equal(np.asarray(im), labels)
+    with pytest.raises(ValueError, match="30 rows written"):
+        with raster.png_rows(tmp_path / "short.png", 70, 90) as png:
+            png.write(labels[:30])
+    assert not (tmp_path / "short.png").exists() and not list(tmp_path.glob(".*.tmp"))  # nothing half-written
