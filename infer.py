@@ -50,7 +50,7 @@ from model import resolve_device
 from raster import (GDAL_NODATA, IMAGE_SUFFIXES, RasterError, Rows, bit_depth_of, clean_stale_temporaries,
                     is_image_file, png_rows, read_raster, readable_by_rows, resize, tiles_of_rows, write_index_tiff,
                     write_jpeg)
-from spec import IGNORE_INDEX, _bands, grid_size, load_input, to_grid
+from spec import IGNORE_INDEX, file_bands, grid_size, load_input, to_grid
 
 OUTPUT_PATTERN = "*_mask.*"  # the files this tool writes: never inputs
 TTA_MODES = {  # (quarter turns, horizontal flip) applied to the input; the prediction is turned back
@@ -396,7 +396,7 @@ class StreamedInput:
             return bit_depth, False
         maxima, nonfinite = [], False
         for rows in self._windows(H):
-            arr, _ = _bands(read_raster(rows), self.spec.bands, self.spec.channels, self.path)
+            arr, _ = file_bands(read_raster(rows), self.spec.bands, self.spec.channels, self.path)
             if wide:
                 maxima.append(arr.max())
             else:

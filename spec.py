@@ -1,6 +1,7 @@
 """The preprocessing contract shared by training and inference, stored in every checkpoint as one object.
 
-    python spec.py checkpoints/best_model.pth      # prints the contract a checkpoint carries
+    python spec.py realdata/atlanta/images/*.tif    # the intensity rule training would fit on these images
+    python checkpoint.py checkpoints/best_model.pth  # the contract a trained model carries
 
 A `DataSpec` says what a model eats and what its outputs mean:
 - classes (`ClassSpec`): names, palette, how a label file encodes them (colours or index values, a value
@@ -20,6 +21,7 @@ processing grid (bilinear with antialiasing for images, nearest for labels). `Se
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,7 +188,7 @@ def fit_intensity(paths, bands=None, samples=200_000, seed=0):
     picks, all_uint8 = [], True
     for path in paths:
         raster = read_raster(path)
-        arr, _ = _bands(raster, bands, None, path)
+        arr, _ = file_bands(raster, bands, None, path)
         if arr.dtype == np.uint8:
             continue
         all_uint8 = False
@@ -242,7 +244,7 @@ class DataSpec:
                    scale=float(d["scale"]))
 
 
-def _bands(raster, bands, channels, path):
+def file_bands(raster, bands, channels, path):
     """Training (`channels` None): the file's bands as they are (raster.keep_bands). Inference: what a model
     of `channels` bands takes (raster.select_bands: gray replicated, extra bands dropped, with notes)."""
     try:
@@ -279,12 +281,12 @@ def load_input(path, spec, *, strict=False, bit_depth=None):
     bands the spec names (or exactly `channels` bands), no replication or dropping. Errors name the file."""
     raster = read_raster(path)
     if strict:
-        arr, notes = _bands(raster, spec.bands, None, path)
+        arr, notes = file_bands(raster, spec.bands, None, path)
         if arr.shape[2] != spec.channels:
             raise RasterError(f"{path} has {arr.shape[2]} bands (alpha dropped), the other training images "
                               f"{spec.channels}; give --bands or make the images alike")
     else:
-        arr, notes = _bands(raster, spec.bands, spec.channels, path)
+        arr, notes = file_bands(raster, spec.bands, spec.channels, path)
     valid = _valid_mask(raster, arr) if raster.nodata is not None else None
     if np.issubdtype(arr.dtype, np.floating) and spec.intensity.kind == "uint8":
         finite = np.isfinite(arr).all(2)
@@ -321,19 +323,19 @@ def to_grid(array, scale, nearest=False):
 # --------------------------------------------------------------------------- CLI
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Print the preprocessing contract a checkpoint carries.")
-    p.add_argument("checkpoint", help="a checkpoint written by train.py")
+    p = argparse.ArgumentParser(description="Print the intensity rule training would fit on some images.")
+    p.add_argument("images", nargs="+", help="training images (TIFF, PNG, JPEG)")
+    p.add_argument("--bands", type=int, nargs="+", help="0-based bands (default: every band but alpha)")
     return p
 
 
 def main(args):
-    from checkpoint import CheckpointError, read_checkpoint
     try:
-        ck = read_checkpoint(args.checkpoint)
-    except (FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=__import__("sys").stderr)
+        rule = fit_intensity(args.images, args.bands)
+    except (RasterError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(ck.spec.to_dict(), indent=1))
+    print(json.dumps(rule.to_dict()))
     return 0
 
 
