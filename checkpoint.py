@@ -19,7 +19,7 @@ import torch
 
 from model import ARCHS, DECODERS, build_model
 from raster import atomic_path
-from spec import ClassSpec, DataSpec, Intensity
+from spec import DataSpec
 
 FORMAT = "pointseg-checkpoint"
 VERSION = 2  # 1: classes / scale / bands at the top level, 8-bit intensity only

@@ -37,7 +37,8 @@ from metrics import ConfusionMatrix
 from model import ARCHS, DECODERS, build_model, resolve_device
 from partial_ce_loss import NORMALIZATIONS, PartialCrossEntropyLoss
 from raster import clean_stale_temporaries, read_raster
-from spec import IGNORE_INDEX, POTSDAM, PROCESSING_SIZE, DataSpec, fit_intensity, load_class_file, load_input
+from spec import (IGNORE_INDEX, POTSDAM, PROCESSING_SIZE, DataSpec, file_bands, fit_intensity, load_class_file,
+                  load_input)
 from weak_losses import AffinityLoss, ConsistencyLoss, valid_pixels
 
 
@@ -220,10 +221,7 @@ def fit_spec(cfg, train_pairs):
     classes = load_class_file(cfg.classes) if cfg.classes else POTSDAM
     first = read_raster(train_pairs[0][1])
     bands = tuple(cfg.bands) if cfg.bands is not None else None
-    if bands is not None and max(bands) >= first.array.shape[2]:
-        raise ValueError(f"{first.path} has {first.array.shape[2]} bands; --bands {list(bands)} asks for more")
-    channels = len(bands) if bands is not None else \
-        first.array.shape[2] - (1 if first.alpha is not None and first.array.shape[2] > 1 else 0)
+    channels = file_bands(first, bands, None, first.path)[0].shape[2]  # the rule load_input(strict) applies
     scale = cfg.scale if cfg.scale is not None else cfg.size / max(first.array.shape[:2])
     intensity = fit_intensity([p[1] for p in train_pairs], bands)
     return DataSpec(classes=classes, bands=bands, channels=channels, intensity=intensity, scale=scale)

@@ -48,3 +48,11 @@ def patches(tmp_path):
     root = tmp_path / "patches"
     labels = write_patches(root)
     return root, labels
+
+
+@pytest.fixture
+def data(tmp_path):
+    """Eight 48x48 patches in <tmp>/patches (ids 0-7): the training tests' data."""
+    root = tmp_path / "patches"
+    write_patches(root, n=8, size=(48, 48))
+    return root

@@ -7,7 +7,7 @@ import torch
 
 from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from model import ResNet18Segmentation, TinySegmentation
-from spec import POTSDAM, ClassSpec, DataSpec, Intensity
+from spec import ClassSpec, DataSpec, Intensity
 
 SPEC = DataSpec(scale=0.5, intensity=Intensity("range", (10.0, 20.0, 30.0), (400.0, 500.0, 600.0)))
 

@@ -6,7 +6,6 @@ import torch
 from dataset import (PotsdamDataset, SegmentationDataset, available_ids, folder_pairs, points_to_grid, read_label,
                      sample_points)
 from spec import IGNORE_INDEX, PALETTE, DataSpec, load_class_file
-from tests.conftest import write_patches
 
 
 def test_lzw_tiff_read_and_colours_mapped(patches):

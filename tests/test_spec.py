@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import infer
-from dataset import SegmentationDataset, folder_pairs, read_label
+from dataset import SegmentationDataset, read_label
 from spec import (IGNORE_INDEX, PERCENTILES, ClassSpec, DataSpec, Intensity, default_palette, fit_intensity,
                   grid_size, load_class_file, load_input, to_grid)
 from train import TrainConfig, build_datasets

@@ -18,13 +18,6 @@ def cfg_for(root, tmp_path, **kw):
     return TrainConfig(**base)
 
 
-@pytest.fixture
-def data(tmp_path):
-    root = tmp_path / "patches"
-    write_patches(root, n=8, size=(48, 48))
-    return root
-
-
 def test_history_checkpoints_and_figures(data, tmp_path):
     figures = tmp_path / "ck"  # figures go with the run's checkpoints
     history = train(cfg_for(data, tmp_path, figures=True))

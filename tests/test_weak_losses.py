@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import read_checkpoint
-from tests.conftest import write_patches
 from tests.test_train import cfg_for
 from train import TrainConfig, config_from_args, get_args_parser, train
 from weak_losses import (AffinityLoss, ConsistencyLoss, affinity_loss, consistency_loss, geometric,
@@ -144,13 +143,6 @@ def test_consistency_gradient_reaches_the_model_and_padding_stays_black():
 
 
 # --------------------------------------------------------------------------- training with them
-
-@pytest.fixture
-def data(tmp_path):
-    root = tmp_path / "patches"
-    write_patches(root, n=8, size=(48, 48))
-    return root
-
 
 def test_affinity_training_lowers_the_loss_and_is_recorded(data, tmp_path, capsys):
     history = train(cfg_for(data, tmp_path, points="1/object", affinity_weight=0.5, epochs=3, augment=False,
