@@ -160,9 +160,10 @@ EXPERIMENTS = (
         ("inverse frequency, ratio capped at 10", replace(BASELINE, class_weighting="capped"))),
         "Weights from the training points (class_weights.py). The rare class is car on the synthetic scenes and "
         "building on the Atlanta tile (4 % of the pixels); see the per-class IoU table."),
-    Experiment(8, "Few clicks: partial CE vs affinity loss vs consistency vs both, at 10 points and 1 click per object",
+    Experiment(8, "Few clicks: partial CE vs affinity loss vs consistency vs both, at 10 and 100 points and 1 click "
+                  "per object",
         tuple((f"{label}, {method}", replace(BASELINE, points=budget, affinity_weight=a, consistency_weight=c))
-              for budget, label in ((10, "10 points"), ("1/object", "1 click / object"))
+              for budget, label in ((10, "10 points"), (100, "100 points"), ("1/object", "1 click / object"))
               for method, a, c in (("partial CE", 0.0, 0.0), ("+ affinity", 1.0, 0.0), ("+ consistency", 0.0, 1.0),
                                    ("+ both", 1.0, 1.0))) + (
         ("dense labels (ceiling)", replace(BASELINE, points=None)),),
