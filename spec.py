@@ -288,7 +288,7 @@ def load_input(path, spec, *, strict=False, bit_depth=None):
     else:
         arr, notes = file_bands(raster, spec.bands, spec.channels, path)
     valid = _valid_mask(raster, arr) if raster.nodata is not None else None
-    if np.issubdtype(arr.dtype, np.floating) and spec.intensity.kind == "uint8":
+    if np.issubdtype(arr.dtype, np.floating):  # NaN / inf are never pixels, whatever the intensity rule
         finite = np.isfinite(arr).all(2)
         if not finite.all():
             valid = finite if valid is None else valid & finite

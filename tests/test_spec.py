@@ -141,3 +141,18 @@ def test_spec_round_trips_through_a_dict():
                                       value_map=((0, 0), (255, 1)), ignore_value=None),
                     bands=(3, 1), channels=2, intensity=Intensity("range", (1.0, 2.0), (10.0, 20.0)), scale=0.3)
     assert DataSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_nan_pixels_are_invalid_under_the_range_rule_too(tmp_path):
+    """A float image without a nodata tag: its NaN pixels are no prediction and no target, also when the
+    intensity rule is a fitted range (before, only the uint8 rule marked them)."""
+    img = np.linspace(0, 3000, 8 * 9 * 3, dtype=np.float32).reshape(8, 9, 3)
+    img[2, 3] = np.nan
+    img[5, 1, 0] = np.inf
+    tifffile.imwrite(tmp_path / "a.tif", img, photometric="rgb")
+    spec = DataSpec(intensity=Intensity("range", (0.0,) * 3, (3000.0,) * 3), channels=3)
+    inp = load_input(tmp_path / "a.tif", spec)
+    assert inp.valid is not None and not inp.valid[2, 3] and not inp.valid[5, 1]
+    assert inp.valid.sum() == 8 * 9 - 2
+    assert inp.image[2, 3].tolist() == [0, 0, 0]
+    assert any("NaN" in n for n in inp.notes)
