@@ -247,7 +247,7 @@ def _model_alone(args, root, n_train, device, use_amp):
     """(c): the same train steps and val forwards on float tensors already on the device (the resident cache
     the project run built), nothing else: the limit of (b)."""
     model, criterion, opt = _train_setup(args, device)
-    caches = sorted((root / "Images" / ".cache").glob("resident-*.pt"), key=lambda p: p.stat().st_size)
+    caches = sorted((root / ".resident-cache").glob("resident-*.pt"), key=lambda p: p.stat().st_size)
     if len(caches) >= 2:
         va, tr = (torch.load(p, weights_only=True) for p in caches[:2])  # val is the smaller one
         x_tr, y_tr = tr["images"].to(device).float().div_(255), tr["points"].to(device).long()

@@ -9,10 +9,11 @@ spec.load_input's uint8 resized by spec.to_grid, and the dataset's float is exac
 lost (build_tensors checks it). Images of different sizes are padded at the bottom/right to the largest, as
 dataset.pad_collate pads a batch: image 0, points and labels IGNORE_INDEX.
 
-The cache lives in `<images folder>/.cache/resident-<key>.pt` (the run's folder when the data folder is not
-writable). The key is a digest of every file's path, size and modification time, the DataSpec and the
-annotation settings (ANNOTATION_FIELDS of TrainConfig): a changed file or setting builds a new cache; an
-unreadable or partial cache file is rebuilt with a warning. Files are written atomically (raster.atomic_path).
+The cache lives in `<data>/.resident-cache/resident-<key>.pt`, next to Images/ (in the run's folder when the
+data folder is not writable). The key is a digest of every file's path, size and modification time, the
+DataSpec and the annotation settings (ANNOTATION_FIELDS of TrainConfig): a changed file or setting builds a
+new cache; an unreadable or partial cache file is rebuilt with a warning. Files are written atomically
+(raster.atomic_path). Old cache files are not deleted: remove the folder to reclaim the space.
 """
 
 import argparse
@@ -130,8 +131,9 @@ def cache_key(pairs, spec, annotation):
 
 
 def cache_folder(pairs):
-    """The data's own cache folder: `.cache/` in the folder of the first image."""
-    return Path(pairs[0][1]).parent / ".cache"
+    """The data's own cache folder: `.resident-cache/` next to the folder of the first image (`<data>/` for
+    the patch layout). Not inside the images folder: experiments.data_identity hashes every file under it."""
+    return Path(pairs[0][1]).resolve().parent.parent / ".resident-cache"
 
 
 def _read_cache(path, key):
@@ -155,7 +157,7 @@ def load_or_build(ds, annotation, fallback_dir):
     written. Returns (data, a line saying where it came from)."""
     key = cache_key(ds.pairs, ds.spec, annotation)
     name = f"resident-{key[:24]}.pt"
-    folders = [cache_folder(ds.pairs), Path(fallback_dir) / ".cache"]
+    folders = [cache_folder(ds.pairs), Path(fallback_dir) / ".resident-cache"]
     for folder in folders:
         data = _read_cache(folder / name, key)
         if data is not None:

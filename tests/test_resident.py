@@ -60,7 +60,7 @@ def test_loader_without_augmentation_gives_the_dataset_batches(data, tmp_path):
 def test_cache_is_reused_and_rebuilt_when_a_file_or_a_setting_changes(data, tmp_path):
     train_ds, _ = datasets(data, tmp_path)
     first, where = load_or_build(train_ds, annotation(), tmp_path / "out")
-    assert where.endswith("built") and str(data / "Images" / ".cache") in where
+    assert where.endswith("built") and str(data / ".resident-cache") in where
     again, where = load_or_build(datasets(data, tmp_path)[0], annotation(), tmp_path / "out")
     assert where.endswith("reused") and torch.equal(again.images, first.images)
     _, where = load_or_build(datasets(data, tmp_path, points=50)[0], annotation(points=50), tmp_path / "out")
@@ -70,6 +70,14 @@ def test_cache_is_reused_and_rebuilt_when_a_file_or_a_setting_changes(data, tmp_
     changed, where = load_or_build(datasets(data, tmp_path)[0], annotation(), tmp_path / "out")
     assert where.endswith("built") and not torch.equal(changed.images[2], first.images[2])
     assert torch.equal(changed.images[1], first.images[1])
+
+
+def test_the_cache_leaves_the_data_identity_of_experiments_alone(data, tmp_path):
+    from experiments import data_identity
+    before = data_identity({"data": str(data), "split": None})
+    load_or_build(datasets(data, tmp_path)[0], annotation(), tmp_path / "out")
+    assert any((data / ".resident-cache").iterdir())
+    assert data_identity({"data": str(data), "split": None}) == before  # finished runs keep their keys
 
 
 def test_every_annotation_field_is_in_the_key(data, tmp_path):
@@ -83,7 +91,7 @@ def test_every_annotation_field_is_in_the_key(data, tmp_path):
 def test_a_corrupt_cache_file_is_rebuilt_with_a_warning(data, tmp_path, capsys):
     train_ds, _ = datasets(data, tmp_path)
     first, _ = load_or_build(train_ds, annotation(), tmp_path / "out")
-    (cache,) = (data / "Images" / ".cache").glob("resident-*.pt")
+    (cache,) = (data / ".resident-cache").glob("resident-*.pt")
     cache.write_bytes(cache.read_bytes()[:100])  # a partial file
     again, where = load_or_build(train_ds, annotation(), tmp_path / "out")
     assert "unreadable" in capsys.readouterr().out and where.endswith("built")
@@ -97,7 +105,7 @@ def test_a_read_only_data_folder_caches_in_the_run_folder(data, tmp_path, monkey
     monkeypatch.setattr(resident, "cache_folder", lambda pairs: blocker / ".cache")  # mkdir fails
     train_ds, _ = datasets(data, tmp_path)
     _, where = load_or_build(train_ds, annotation(), tmp_path / "out")
-    assert "not writable" in where and str(tmp_path / "out" / ".cache") in where
+    assert "not writable" in where and str(tmp_path / "out" / ".resident-cache") in where
     assert load_or_build(train_ds, annotation(), tmp_path / "out")[1].endswith("reused")
 
 
