@@ -133,7 +133,7 @@ def cache_key(pairs, spec, annotation):
 def cache_folder(pairs):
     """The data's own cache folder: `.resident-cache/` next to the folder of the first image (`<data>/` for
     the patch layout). Not inside the images folder: experiments.data_identity hashes every file under it."""
-    return Path(pairs[0][1]).resolve().parent.parent / ".resident-cache"
+    return Path(pairs[0][1]).absolute().parent.parent / ".resident-cache"
 
 
 def _read_cache(path, key):
