@@ -4,8 +4,9 @@
     python benchmark.py infer --size 2000        # smaller, for a slow CPU
     python benchmark.py infer --size 20000 --e2e-only    # peak RSS of a 20000x20000 tile, streamed by rows
     python benchmark.py infer --size 20000 --e2e-only --stream-pixels 1e12    # the same tile read whole
-    python benchmark.py train --steps 10         # training images/s at 150x150, both decoders, batch 16
-    python benchmark.py train --device cuda --amp
+    python benchmark.py train                    # training images/s: published-style loader, train.py, model alone
+    python benchmark.py train --patches 32 --size 64 --epochs 2 --workers 2    # a couple of minutes on a CPU
+    python benchmark.py train --device cuda --amp --patches 2400 --epochs 3
 
 `infer` reports megapixels (of the input image) per second for infer.segment_folder on one synthetic tile
 (read, resize, tiles, blending, upsampling, argmax, PNG + GeoTIFF written), the same for the model alone on
@@ -16,6 +17,7 @@ and the peak RSS of the process during the end-to-end run. Weights are random: s
 import argparse
 import math
 import multiprocessing
+import os
 import resource
 import sys
 import tempfile
@@ -27,10 +29,11 @@ import tifffile
 import torch
 from PIL import Image
 
+import raster
 import spec
 import infer
 from checkpoint import load_model, save_checkpoint
-from model import ResNet18Segmentation, resolve_device
+from model import ResNet18Segmentation, build_model, resolve_device
 from partial_ce_loss import PartialCrossEntropyLoss
 
 # --------------------------------------------------------------------------- helpers
@@ -144,39 +147,169 @@ def bench_infer(args):
 
 # --------------------------------------------------------------------------- train
 
+class PublishedStyleDataset(torch.utils.data.Dataset):
+    """The per-item pipeline of the published code and most point-supervision repos: every __getitem__ reads
+    both files, resizes them and draws points again; a DataLoader with workers batches the items."""
+
+    def __init__(self, pairs, size, points):
+        self.pairs, self.size, self.points = pairs, size, points
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        from dataset import colour_to_index, points_to_grid, sample_points
+        _, image_path, label_path = self.pairs[i]
+        image = raster.resize(tifffile.imread(image_path), (self.size, self.size))
+        native = colour_to_index(tifffile.imread(label_path))
+        flat = sample_points(native, self.points, rng=np.random.default_rng())
+        label = np.asarray(Image.fromarray(native).resize((self.size, self.size), Image.NEAREST))
+        return (torch.from_numpy(image.transpose(2, 0, 1).copy()).float().div_(255),
+                torch.from_numpy(points_to_grid(native, flat, (self.size, self.size)).astype(np.int64)),
+                torch.from_numpy(label.astype(np.int64)))
+
+
+def _train_setup(args, device, num_classes=len(spec.CLASSES)):
+    """The model, loss and optimizer train.py builds (random init), on `device`."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes, 3, args.decoder, pretrained=False).to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    criterion = PartialCrossEntropyLoss(2.0, torch.ones(num_classes)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True if device.type == "cuda" else None)
+    return model, criterion, opt
+
+
+def _step(model, criterion, opt, x, y, use_amp, device):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        logits = model(x)
+    loss = criterion(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _published_style(args, pairs_tr, pairs_va, device, use_amp):
+    """(a): images/s of train + val epochs fed by PublishedStyleDataset through a DataLoader with workers."""
+    from metrics import ConfusionMatrix
+    model, criterion, opt = _train_setup(args, device)
+    kw = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
+    tr = torch.utils.data.DataLoader(PublishedStyleDataset(pairs_tr, args.size, args.points), shuffle=True,
+                                     drop_last=len(pairs_tr) > args.batch_size, **kw)
+    va = torch.utils.data.DataLoader(PublishedStyleDataset(pairs_va, args.size, args.points), **kw)
+    sync(device)
+    t0, n = time.perf_counter(), 0
+    for _ in range(args.epochs):
+        model.train()
+        for x, y, _ in tr:
+            _step(model, criterion, opt, x.to(device, non_blocking=True), y.to(device, non_blocking=True), use_amp,
+                  device)
+            n += x.shape[0]
+        model.eval()
+        cm = ConfusionMatrix(len(spec.CLASSES))
+        with torch.no_grad():
+            for x, y, label in va:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = model(x.to(device, non_blocking=True))
+                criterion(logits, y.to(device, non_blocking=True))
+                cm.update(logits.argmax(1).cpu(), label)
+                n += x.shape[0]
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def _project_loop(args, root, n_train, device):
+    """(b): train.train() on the patch folder. Returns (images/s over its epochs, setup + saving seconds,
+    wall seconds, the line saying which data path it took)."""
+    import contextlib
+    import io
+
+    from train import TrainConfig, train
+    cfg = TrainConfig(data=str(root), train_ids=list(range(n_train)), val_ids=list(range(n_train, args.patches)),
+                      pretrained=False, decoder=args.decoder, size=args.size, points=args.points,
+                      epochs=args.epochs, batch_size=args.batch_size, device=str(device), amp=args.amp,
+                      workers=args.workers, loader=args.loader, out=str(root.parent / "run"), figures=False,
+                      progress=False, overwrite=True)
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(log):
+        history = train(cfg)
+    wall = time.perf_counter() - t0
+    epochs = sum(h["seconds"] for h in history)
+    n_val = args.patches - n_train
+    n = args.epochs * ((n_train // args.batch_size * args.batch_size if n_train > args.batch_size else n_train)
+                       + n_val)
+    path = next((line for line in log.getvalue().splitlines() if line.startswith("data path")), "?")
+    return n / epochs, wall - epochs, wall, path
+
+
+def _model_alone(args, root, n_train, device, use_amp):
+    """(c): the same train steps and val forwards on float tensors already on the device (the resident cache
+    the project run built), nothing else: the limit of (b)."""
+    model, criterion, opt = _train_setup(args, device)
+    caches = sorted((root / ".resident-cache").glob("resident-*.pt"), key=lambda p: p.stat().st_size)
+    if len(caches) >= 2:
+        va, tr = (torch.load(p, weights_only=True) for p in caches[:2])  # val is the smaller one
+        x_tr, y_tr = tr["images"].to(device).float().div_(255), tr["points"].to(device).long()
+        x_va, y_va = va["images"].to(device).float().div_(255), va["points"].to(device).long()
+    else:  # (b) took the DataLoader path, no cache: random tensors of the same shapes (speed is alike)
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(args.patches, 3, args.size, args.size, generator=g)
+        y = torch.randint(0, len(spec.CLASSES), (args.patches, args.size, args.size), generator=g)
+        x_tr, y_tr, x_va, y_va = (t.to(device) for t in (x[:n_train], y[:n_train], x[n_train:], y[n_train:]))
+    if device.type == "cuda":
+        x_tr, x_va = (t.contiguous(memory_format=torch.channels_last) for t in (x_tr, x_va))
+    bs = args.batch_size
+    train_batches = max(1, len(x_tr) // bs)
+    _step(model, criterion, opt, x_tr[:bs], y_tr[:bs], use_amp, device)  # warm-up (cuDNN, allocator)
+    sync(device)
+    t0, n = time.perf_counter(), 0
+    for _ in range(args.epochs):
+        model.train()
+        for b in range(train_batches):
+            _step(model, criterion, opt, x_tr[b * bs:(b + 1) * bs], y_tr[b * bs:(b + 1) * bs], use_amp, device)
+            n += len(x_tr[b * bs:(b + 1) * bs])
+        model.eval()
+        with torch.no_grad():
+            for b in range(0, len(x_va), bs):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = model(x_va[b:b + bs])
+                criterion(logits, y_va[b:b + bs])
+                n += len(x_va[b:b + bs])
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
 def bench_train(args):
+    from demo_data import make_demo_data
+    from dataset import patch_pairs
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     use_amp = args.amp and device.type == "cuda"
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(args.batch_size, 3, args.size, args.size, generator=g).to(device)
-    y = torch.randint(0, len(spec.CLASSES), (args.batch_size, args.size, args.size), generator=g)
-    y[torch.rand(y.shape, generator=g) > args.labelled] = spec.IGNORE_INDEX  # sparse points, as in training
-    y = y.to(device)
-    print(f"device {device} ({torch.get_num_threads()} CPU threads), batch {args.batch_size} x 3 x {args.size} x "
-          f"{args.size}, {args.labelled:.0%} of pixels labelled, Adam, AMP {'bf16' if use_amp else 'off'}")
-    for decoder in args.decoders:
-        torch.manual_seed(0)
-        model = ResNet18Segmentation(decoder=decoder).to(device).train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        criterion = PartialCrossEntropyLoss()
-
-        def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(x)
-            loss = criterion(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        for _ in range(args.warmup):
-            step()
-        sync(device)
+    n_train = args.patches - max(1, round(args.patches * args.val_fraction))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{torch.get_num_threads()} CPU threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    print(f"device {device} ({name}); {n_train} train + {args.patches - n_train} val synthetic 300x300 patches at "
+          f"{args.size}x{args.size}, {args.points} points, batch {args.batch_size}, {args.decoder} decoder, "
+          f"{args.epochs} epochs, AMP {'bf16' if use_amp else 'off'}")
+    with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        sync(device)
-        dt = time.perf_counter() - t0
-        print(f"{decoder:5s}: {args.steps * args.batch_size / dt:8.1f} images/s ({dt / args.steps * 1000:.0f} ms/step)")
+        root = make_demo_data(Path(tmp) / "data", patches=args.patches, scenes=0)["out"] / "patches"
+        print(f"data written in {time.perf_counter() - t0:.1f} s")
+        pairs = patch_pairs(root, range(args.patches))
+        a = _published_style(args, pairs[:n_train], pairs[n_train:], device, use_amp)
+        print(f"(a) published-style per-item DataLoader ({args.workers} workers): {a:8.1f} images/s")
+        b, setup, wall, path = _project_loop(args, root, n_train, device)
+        print(f"(b) train.train() end to end, val every epoch  : {b:8.1f} images/s over its epochs; "
+              f"+{setup:.1f} s set-up and checkpoints ({wall:.1f} s in all)\n    {path}")
+        c = _model_alone(args, root, n_train, device, use_amp)
+        print(f"(c) the model alone on resident tensors        : {c:8.1f} images/s")
+    per_epoch = 2100 + 300
+    print(f"b/c {b / c:.2f} (goal >= 0.9), b/a {b / a:.2f}")
+    print("100 epochs x 2,100 train + 300 val patches: " + ", ".join(
+        f"{k} {100 * per_epoch / v / 60:.0f} min" for k, v in (("(a)", a), ("(b)", b), ("(c)", c))) +
+        f" (b: + about {setup * per_epoch / args.patches / 60:.1f} min set-up, scaled from this run)")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -207,15 +340,20 @@ def get_args_parser():
     q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     q.set_defaults(func=bench_infer)
 
-    t = sub.add_parser("train", help="training steps per second with random tensors, both decoders")
-    t.add_argument("--size", type=int, default=spec.PROCESSING_SIZE, help="patch side (default: %(default)s)")
+    t = sub.add_parser("train", help="training images/s: published-style DataLoader, train.py, the model alone")
+    t.add_argument("--patches", type=int, default=96, help="synthetic 300x300 patches, train + val (default: "
+                                                           "%(default)s)")
+    t.add_argument("--val-fraction", type=float, default=0.125, help="(default: %(default)s, as 300 / 2400)")
+    t.add_argument("--size", type=int, default=spec.PROCESSING_SIZE, help="processing size (default: %(default)s)")
+    t.add_argument("--epochs", type=int, default=2, help="(default: %(default)s)")
     t.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
-    t.add_argument("--steps", type=int, default=10, help="timed steps per decoder (default: %(default)s)")
-    t.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
-    t.add_argument("--labelled", type=float, default=0.1,
-                   help="fraction of pixels with a point label (default: %(default)s)")
-    t.add_argument("--decoders", nargs="+", default=["plain", "skip"], choices=["plain", "skip"],
-                   help="(default: both)")
+    t.add_argument("--points", type=int, default=20000, help="points per patch (default: %(default)s)")
+    t.add_argument("--decoder", default="skip", choices=["plain", "skip"], help="(default: %(default)s)")
+    t.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader workers of (a) (and of (b) on the DataLoader path) (default: %(default)s)")
+    t.add_argument("--loader", default="auto", choices=["auto", "resident", "dataloader"],
+                   help="train.py --loader for (b) (default: %(default)s)")
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ... (default: auto)")
     t.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA, as train.py --amp")
     t.set_defaults(func=bench_train)

@@ -37,6 +37,8 @@ from metrics import ConfusionMatrix
 from model import ARCHS, DECODERS, build_model, resolve_device
 from partial_ce_loss import NORMALIZATIONS, PartialCrossEntropyLoss
 from raster import clean_stale_temporaries, read_raster
+from resident import (ANNOTATION_FIELDS, LOADERS, ResidentLoader, choose_path, estimate_bytes, load_or_build,
+                      memory_budget)
 from spec import (IGNORE_INDEX, POTSDAM, PROCESSING_SIZE, DataSpec, file_bands, fit_intensity, load_class_file,
                   load_input)
 from weak_losses import AffinityLoss, ConsistencyLoss, valid_pixels
@@ -97,7 +99,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = False  # bfloat16 autocast on CUDA
-    workers: int = 0
+    workers: int = 0  # DataLoader path only
+    # "auto": batches from uint8 tensors held on the device (resident.py) unless points are redrawn every epoch
+    # or the data do not fit; "resident" insists; "dataloader": the per-item DataLoader of dataset.py
+    loader: str = "auto"
     out: str = "checkpoints"
     figures: bool = True  # output.png and results.png in `out`
     exclude: tuple = ()  # classes left out of the means (e.g. ("clutter",))
@@ -140,6 +145,9 @@ def check_config(cfg):
         v = getattr(cfg, name)
         need(v is None or v >= 1, f"{name.replace('_', '-')} must be >= 1 (leave it out for all), got {v}")
     need(cfg.workers >= 0, f"workers must be >= 0, got {cfg.workers}")
+    need(cfg.loader in LOADERS, f"unknown loader {cfg.loader!r}; use one of {LOADERS}")
+    need(not (cfg.loader == "resident" and cfg.resample_each_epoch),
+         "--loader resident holds fixed points; points redrawn every epoch need --loader dataloader (or auto)")
     need(cfg.strategy in ("uniform", "balanced"), f"unknown point strategy {cfg.strategy!r}")
     need(cfg.class_weighting in SCHEMES, f"unknown class weighting {cfg.class_weighting!r}; use one of {SCHEMES}")
     need(cfg.normalization in NORMALIZATIONS, f"normalization must be one of {NORMALIZATIONS}")
@@ -307,20 +315,46 @@ def weak_terms(cfg):
     return terms
 
 
-def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progress=True, desc="", extra=None):
-    """Train (optimizer given) or evaluate over a loader. Returns (mean loss, points confusion matrix,
-    dense confusion matrix or None, {name: mean} of the `extra` terms). Dense labels are only looked at when
-    evaluating. `extra` ({name: (weight, fn)}, see weak_terms) adds weight x fn(...) to the loss when
-    training; the mean loss stays the partial CE alone. A non-finite loss (extras included) stops training
-    (TrainingError) before the step that would spread it into the weights."""
+def make_loaders(cfg, train_ds, val_ds, device, gen, out_dir):
+    """(train loader, val loader). Batches gathered on the device from cached uint8 tensors (resident.py) when
+    the points are fixed and the data fit (--loader auto), else the per-item DataLoader; one line says which."""
+    need = estimate_bytes(train_ds) + estimate_bytes(val_ds) if cfg.loader != "dataloader" else 0
+    path, why = choose_path(cfg.loader, cfg.resample_each_epoch, need, memory_budget(device))
+    drop_last = len(train_ds) > cfg.batch_size
+    if path == "resident":
+        annotation = {name: getattr(cfg, name) for name in ANNOTATION_FIELDS}
+        (tr, tr_where), (va, va_where) = (load_or_build(ds, annotation, out_dir) for ds in (train_ds, val_ds))
+        fast = device.type == "cuda"  # channels_last pays on GPUs only
+        train_loader = ResidentLoader(tr.to(device), cfg.batch_size, shuffle=True, drop_last=drop_last,
+                                      generator=gen, augment=cfg.augment, channels_last=fast)
+        val_loader = ResidentLoader(va.to(device), cfg.batch_size, channels_last=fast)
+        print(f"data path: resident batches on {device} ({why}); train {tr_where}; val {va_where}", flush=True)
+        return train_loader, val_loader
+    loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                     persistent_workers=cfg.workers > 0 and not cfg.resample_each_epoch, collate_fn=pad_collate)
+    train_loader = DataLoader(train_ds, shuffle=True, drop_last=drop_last, generator=gen, **loader_kw)
+    val_loader = DataLoader(val_ds, shuffle=False, **loader_kw)
+    print(f"data path: per-item DataLoader, {cfg.workers} workers ({why})", flush=True)
+    return train_loader, val_loader
+
+
+def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progress=True, desc="", extra=None,
+              names=None):
+    """Train (optimizer given) or evaluate over a loader (a DataLoader or a resident.ResidentLoader). Returns
+    (mean loss, points confusion matrix, dense confusion matrix or None, {name: mean} of the `extra` terms).
+    Dense labels are only looked at when evaluating. `extra` ({name: (weight, fn)}, see weak_terms) adds
+    weight x fn(...) to the loss when training; the mean loss stays the partial CE alone. A non-finite loss
+    (extras included) stops training (TrainingError) before the step that would spread it into the weights.
+    Sums and confusion matrices stay on the device: evaluating waits for it once, at the end."""
     train = optimizer is not None
     model.train(train)
     k = model.num_classes
-    names = loader.dataset.classes.names
-    cm_points, cm_dense = ConfusionMatrix(k, names), (None if train else ConfusionMatrix(k, names))
-    total, n = 0.0, 0
+    names = names or loader.dataset.classes.names
+    cm_points, cm_dense = ConfusionMatrix(k, names, device=device), \
+        (None if train else ConfusionMatrix(k, names, device=device))
+    total, n = torch.zeros((), dtype=torch.float64, device=device), 0
     extra = extra if train and extra else {}
-    extra_sums = dict.fromkeys(extra, 0.0)
+    extra_sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in extra}
     use_amp = amp and device.type == "cuda"
     with torch.set_grad_enabled(train):
         for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
@@ -329,18 +363,14 @@ def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = model(x)
             loss = criterion(logits, y)
-            value = float(loss.detach())
+            value = loss.detach()
             for name, (weight, term) in extra.items():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     term_value = term(model, x, logits, y)
                 loss = loss + weight * term_value
-                extra_sums[name] += float(term_value.detach()) * x.shape[0]
-            loss_value = float(loss.detach()) if extra else value
-            if not math.isfinite(loss_value):
-                raise TrainingError(f"{desc}: the loss is {loss_value} (images {batch['id'][:4]}): training diverged, "
-                                    f"the learning rate is probably too high; nothing was saved from this epoch. "
-                                    f"Lower --lr and start again")
-            if train:
+                extra_sums[name] += term_value.detach() * x.shape[0]
+            if train:  # one wait a step (the partial CE waits once already, for its mask)
+                _check_finite(float(loss.detach()), desc, batch["id"])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -350,7 +380,16 @@ def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progr
                 cm_dense.update(pred, batch["label"])
             total += value * x.shape[0]
             n += x.shape[0]
-    return total / max(n, 1), cm_points, cm_dense, {k: v / max(n, 1) for k, v in extra_sums.items()}
+    mean = float(total) / max(n, 1)
+    _check_finite(mean, desc, "of this epoch")
+    return mean, cm_points, cm_dense, {name: float(v) / max(n, 1) for name, v in extra_sums.items()}
+
+
+def _check_finite(loss_value, desc, ids):
+    if not math.isfinite(loss_value):
+        raise TrainingError(f"{desc}: the loss is {loss_value} (images {ids[:4] if isinstance(ids, list) else ids}): "
+                            f"training diverged, the learning rate is probably too high; nothing was saved from "
+                            f"this epoch. Lower --lr and start again")
 
 
 # --------------------------------------------------------------------------- figures
@@ -492,7 +531,8 @@ def train(cfg):
 
     criterion = PartialCrossEntropyLoss(cfg.gamma, weights, normalization=cfg.normalization).to(device)
     extra = weak_terms(cfg)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 fused=True if device.type == "cuda" else None)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.lr_gamma)
     history, start, best = [], 1, -math.inf
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -513,21 +553,20 @@ def train(cfg):
         start = resumed.epoch + 1
         print(f"resumed from {last_path} at epoch {resumed.epoch}")
 
-    loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                     persistent_workers=cfg.workers > 0 and not cfg.resample_each_epoch, collate_fn=pad_collate)
-    train_loader = DataLoader(train_ds, shuffle=True, drop_last=len(train_ds) > cfg.batch_size, generator=gen,
-                              **loader_kw)
-    val_loader = DataLoader(val_ds, shuffle=False, **loader_kw)
+    train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, device, gen, out_dir)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    names = train_ds.classes.names
 
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.time()
         train_ds.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         tr_loss, tr_cm, _, tr_extra = run_epoch(model, train_loader, criterion, device, optimizer, cfg.amp,
-                                                cfg.progress, f"epoch {epoch} train", extra)
+                                                cfg.progress, f"epoch {epoch} train", extra, names)
         scheduler.step()
         va_loss, _, va_cm, _ = run_epoch(model, val_loader, criterion, device, None, cfg.amp, cfg.progress,
-                                         f"epoch {epoch} val")
+                                         f"epoch {epoch} val", names=names)
         tr, va = tr_cm.compute(cfg.exclude), va_cm.compute(cfg.exclude)
         h = {"epoch": epoch, "train_loss": tr_loss, "train_oa": tr["oa"], "train_miou": tr["miou"],
              "val_loss": va_loss, "val_oa": va["oa"], "val_miou": va["miou"], "val_mf1": va["mf1"],
@@ -625,7 +664,10 @@ def get_args_parser():
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
-    g.add_argument("--workers", type=int, default=d.workers)
+    g.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers (--loader dataloader)")
+    g.add_argument("--loader", default=d.loader, choices=list(LOADERS),
+                   help="auto: batches from uint8 tensors cached on the device (resident.py) unless points are "
+                        "redrawn every epoch or the data do not fit; dataloader: the per-item DataLoader")
     g.add_argument("--out", default=d.out, help="folder for checkpoints, history and figures of this run")
     g.add_argument("--no-figures", dest="figures", action="store_false", help="no output.png / results.png")
     g.add_argument("--exclude", default="", help="classes left out of the means, e.g. clutter")

@@ -80,6 +80,8 @@ def test_cli_maps_to_config():
     assert cfg.epochs == 3 and cfg.pretrained is False and cfg.bands == [0, 1, 2, 3]
     assert cfg.exclude == ("clutter",)
     assert config_from_args(get_args_parser().parse_args([])).points == 20000
+    assert config_from_args(get_args_parser().parse_args([])).loader == "auto"
+    assert config_from_args(get_args_parser().parse_args(["--loader", "dataloader"])).loader == "dataloader"
 
 
 # --------------------------------------------------------------------------- the data path and its checks

@@ -1,0 +1,278 @@
+"""Device-resident training data: a data set decoded once into compact uint8 tensors, cached on disk, and served
+as whole batches gathered by index on the training device, augmented there. train.py uses it by default
+(`--loader auto`); the per-item DataLoader stays for points redrawn every epoch and for data too large to hold.
+
+    python resident.py --data demo_data/patches --points 20000 --limit 300   # build (or find) the cache: its size
+
+A sample of `SegmentationDataset` (float image in [0, 1], points, dense label) is held as uint8: the image is
+spec.load_input's uint8 resized by spec.to_grid, and the dataset's float is exactly that / 255, so nothing is
+lost (build_tensors checks it). Images of different sizes are padded at the bottom/right to the largest, as
+dataset.pad_collate pads a batch: image 0, points and labels IGNORE_INDEX.
+
+The cache lives in `<data>/.resident-cache/resident-<key>.pt`, next to Images/ (in the run's folder when the
+data folder is not writable). The key is a digest of every file's path, size and modification time, the
+DataSpec and the annotation settings (ANNOTATION_FIELDS of TrainConfig): a changed file or setting builds a
+new cache; an unreadable or partial cache file is rebuilt with a warning. Files are written atomically
+(raster.atomic_path). Old cache files are not deleted: remove the folder to reclaim the space.
+"""
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from raster import atomic_path
+from spec import IGNORE_INDEX
+
+LOADERS = ("auto", "resident", "dataloader")  # train.py --loader
+CACHE_VERSION = 1
+# the TrainConfig fields that change the point grids: a new annotation setting is one more name here
+ANNOTATION_FIELDS = ("points", "strategy", "annotation_seed")
+# the resident tensors may take this share of the memory available where they live (GPU memory on CUDA, RAM)
+MEMORY_FRACTION = 0.25
+
+
+# --------------------------------------------------------------------------- the tensors
+
+@dataclass
+class ResidentData:
+    """A data set as tensors: images (N, C, h, w), points (N, h, w), labels (N, h, w), all uint8, and the ids."""
+
+    images: torch.Tensor
+    points: torch.Tensor
+    labels: torch.Tensor
+    ids: list
+
+    def __len__(self):
+        return len(self.ids)
+
+    @property
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in (self.images, self.points, self.labels))
+
+    def to(self, device):
+        return ResidentData(*(t.to(device) for t in (self.images, self.points, self.labels)), self.ids)
+
+
+def build_tensors(ds):
+    """Decode every sample of a SegmentationDataset (without its augmentation) into a ResidentData. Samples
+    the dataset holds in memory already (train.check_data reads them all) are not decoded again."""
+    plain = copy.copy(ds)  # shares the dataset's in-memory samples and point grids
+    plain.augment = False
+    samples = [plain[i] for i in range(len(plain))]
+    h = max(s["image"].shape[-2] for s in samples)
+    w = max(s["image"].shape[-1] for s in samples)
+    n, c = len(samples), samples[0]["image"].shape[0]
+    images = torch.zeros(n, c, h, w, dtype=torch.uint8)
+    points = torch.full((n, h, w), IGNORE_INDEX, dtype=torch.uint8)
+    labels = torch.full((n, h, w), IGNORE_INDEX, dtype=torch.uint8)
+    for i, s in enumerate(samples):
+        image = s["image"]
+        u8 = image.mul(255).round_().to(torch.uint8)
+        if not torch.equal(u8.float().div_(255), image):  # spec.load_input gives uint8: this holds by design
+            raise RuntimeError(f"image {s['id']}: the dataset's float image is not uint8 / 255, a uint8 cache "
+                               f"would change it; train with --loader dataloader")
+        ih, iw = image.shape[-2:]
+        images[i, :, :ih, :iw] = u8
+        points[i, :ih, :iw] = s["points"].to(torch.uint8)
+        labels[i, :ih, :iw] = s["label"].to(torch.uint8)
+    return ResidentData(images, points, labels, [s["id"] for s in samples])
+
+
+def estimate_bytes(ds):
+    """Bytes the resident tensors of a dataset take: N x largest h x largest w x (bands + 2)."""
+    shapes = [ds.dense_label(i).shape for i in range(len(ds))]
+    return len(shapes) * max(s[0] for s in shapes) * max(s[1] for s in shapes) * (ds.spec.channels + 2)
+
+
+def memory_budget(device):
+    """Bytes the resident tensors may take on `device`: MEMORY_FRACTION of its free memory (MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * MEMORY_FRACTION)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 * MEMORY_FRACTION
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * MEMORY_FRACTION)
+
+
+def choose_path(requested, resample_each_epoch, need, budget):
+    """("resident" | "dataloader", why) for `--loader` auto | resident | dataloader."""
+    if requested == "dataloader":
+        return "dataloader", "--loader dataloader"
+    if resample_each_epoch:
+        return "dataloader", "points are redrawn every epoch (--resample-each-epoch)"
+    if requested == "auto" and need > budget:
+        return "dataloader", (f"the data need {need / 2**20:.0f} MiB, more than the {budget / 2**20:.0f} MiB "
+                              f"allowed ({MEMORY_FRACTION:.0%} of the free memory)")
+    return "resident", f"{need / 2**20:.1f} MiB of uint8 tensors on the device"
+
+
+# --------------------------------------------------------------------------- the cache on disk
+
+def cache_key(pairs, spec, annotation):
+    """Digest of every file's path, size and modification time, the DataSpec and the annotation settings."""
+    files = []
+    for image_id, *paths in pairs:
+        for p in paths:
+            st = Path(p).stat()
+            files.append([str(image_id), str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+    text = json.dumps({"version": CACHE_VERSION, "files": files, "spec": spec.to_dict(),
+                       "annotation": annotation}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cache_folder(pairs):
+    """The data's own cache folder: `.resident-cache/` next to the folder of the first image (`<data>/` for
+    the patch layout). Not inside the images folder: experiments.data_identity hashes every file under it."""
+    return Path(pairs[0][1]).absolute().parent.parent / ".resident-cache"
+
+
+def _read_cache(path, key):
+    """The ResidentData a cache file holds, None when there is none; a bad file is reported and ignored."""
+    if not path.is_file():
+        return None
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        data = ResidentData(d["images"], d["points"], d["labels"], list(d["ids"]))
+        n = len(data.ids)
+        if d["key"] != key or not (data.images.shape[0] == data.points.shape[0] == data.labels.shape[0] == n):
+            raise ValueError("its key or tensor sizes do not match")
+        return data
+    except Exception as e:  # a partial or corrupt file: rebuilt, never trusted
+        print(f"warning: cache file {path} is unreadable ({type(e).__name__}: {e}); building it again", flush=True)
+        return None
+
+
+def load_or_build(ds, annotation, fallback_dir):
+    """The ResidentData of a SegmentationDataset, from its cache file when the key matches, else built and
+    written. Returns (data, a line saying where it came from)."""
+    key = cache_key(ds.pairs, ds.spec, annotation)
+    name = f"resident-{key[:24]}.pt"
+    folders = [cache_folder(ds.pairs), Path(fallback_dir) / ".resident-cache"]
+    for folder in folders:
+        data = _read_cache(folder / name, key)
+        if data is not None:
+            return data, f"cache {folder / name} reused"
+    data = build_tensors(ds)
+    blob = {"key": key, "images": data.images, "points": data.points, "labels": data.labels, "ids": data.ids}
+    note = ""
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(folder / name) as tmp:
+                torch.save(blob, tmp)
+            return data, f"cache {folder / name} built{note}"
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            note = f" (the data folder {folder} is not writable: {getattr(e, 'strerror', None) or e})"
+    return data, f"cache not written{note}"
+
+
+# --------------------------------------------------------------------------- batches on the device
+
+def batch_order(n, batch_size, generator=None, shuffle=True, drop_last=False, rank=0, world_size=1):
+    """One epoch's batches as CPU index tensors. The global order is a permutation drawn from `generator`
+    (shuffle) or 0..n-1; each global batch of `batch_size` is shared out among `world_size` ranks and this
+    returns rank `rank`'s share of each (world_size 1: the whole batches). `drop_last` drops a short last
+    global batch. The same generator state gives the same order on every rank."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    batches = list(order.split(batch_size))
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return [b[rank::world_size] for b in batches]
+
+
+def augment_batch(image, points, label, k, flip):
+    """Rotate sample i of a batch by k[i] x 90 degrees and flip it horizontally where flip[i], the same for its
+    image (B, C, h, w), points and label (B, h, w). Samples with the same (k, flip) draw move together. A
+    non-square batch is first padded to a square (image 0, points and labels IGNORE_INDEX) so that every
+    sample keeps one shape, as pad_collate pads rotated samples."""
+    h, w = image.shape[-2:]
+    if h != w:
+        pad = (0, max(h, w) - w, 0, max(h, w) - h)
+        image = F.pad(image, pad, value=0)
+        points, label = (F.pad(t, pad, value=IGNORE_INDEX) for t in (points, label))
+    code = k.cpu() * 2 + flip.cpu().long()
+    out = [torch.empty_like(t) for t in (image, points, label)]
+    for c in code.unique().tolist():
+        sel = (code == c).nonzero().squeeze(1).to(image.device, non_blocking=True)
+        turns, flipped = divmod(c, 2)
+        for src, dst in zip((image, points, label), out):
+            part = torch.rot90(src.index_select(0, sel), turns, dims=(-2, -1))
+            dst.index_copy_(0, sel, part.flip(-1) if flipped else part)
+    return tuple(out)
+
+
+class ResidentLoader:
+    """Batches of a ResidentData that lives on `device`, as train.run_epoch takes them: dicts with image
+    (B, C, h, w) float in [0, 1], points and label (B, h, w) long, id. Order from batch_order (shuffled with
+    `generator`); augmentation draws (k, flip) per sample from torch's global RNG, like dataset.augment_sample."""
+
+    def __init__(self, data, batch_size, shuffle=False, drop_last=False, generator=None, augment=False,
+                 channels_last=False, rank=0, world_size=1):
+        self.data, self.batch_size, self.shuffle, self.drop_last = data, batch_size, shuffle, drop_last
+        self.generator, self.augment, self.channels_last = generator, augment, channels_last
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self):
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        device = self.data.images.device
+        for idx in batch_order(len(self.data), self.batch_size, self.generator, self.shuffle, self.drop_last,
+                               self.rank, self.world_size):
+            at = idx.to(device, non_blocking=True)
+            batch = [t.index_select(0, at) for t in (self.data.images, self.data.points, self.data.labels)]
+            if self.augment:
+                k, flip = torch.randint(0, 4, (len(idx),)), torch.randint(0, 2, (len(idx),)).bool()
+                batch = augment_batch(*batch, k, flip)
+            x = batch[0].float().div_(255)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield {"image": x, "points": batch[1].long(), "label": batch[2].long(),
+                   "id": [self.data.ids[i] for i in idx.tolist()]}
+
+
+# --------------------------------------------------------------------------- CLI
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Build (or find) the resident cache of a patch folder.")
+    p.add_argument("--data", default="demo_data/patches", help="patch folder (Images/, Labels/)")
+    p.add_argument("--points", default="20000", help="as train.py --points")
+    p.add_argument("--strategy", default="uniform", choices=["uniform", "balanced"])
+    p.add_argument("--annotation-seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=150, help="processing size of a 300x300 patch")
+    p.add_argument("--limit", type=int, help="the first N patches only")
+    p.add_argument("--out", default="checkpoints", help="where the cache goes when the data folder is read-only")
+    return p
+
+
+def main(args):
+    import time
+
+    from dataset import PotsdamDataset, available_ids, parse_points
+    from spec import NATIVE_SIZE, DataSpec
+    ids = available_ids(args.data)[: args.limit]
+    points = parse_points(args.points)
+    ds = PotsdamDataset(args.data, ids, spec=DataSpec(scale=args.size / NATIVE_SIZE), points=points,
+                        strategy=args.strategy, seed=args.annotation_seed)
+    t0 = time.perf_counter()
+    annotation = {f: getattr(args, f) for f in ANNOTATION_FIELDS} | {"points": points}  # as train.py keys it
+    data, where = load_or_build(ds, annotation, args.out)
+    print(f"{len(data)} patches, images {tuple(data.images.shape)}, {data.nbytes / 2**20:.1f} MiB: {where} "
+          f"in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

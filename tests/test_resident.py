@@ -1,0 +1,219 @@
+"""resident.py: cached uint8 tensors equal the per-item dataset, the cache follows files and settings, device
+augmentation moves image, points and labels together, batch order and rank shares, and train() on this path."""
+
+import copy
+
+import pytest
+import tifffile
+import torch
+
+import resident
+from dataset import augment_sample, pad_collate
+from resident import (ANNOTATION_FIELDS, ResidentLoader, augment_batch, batch_order, build_tensors, choose_path,
+                      estimate_bytes, load_or_build)
+from spec import IGNORE_INDEX
+from tests.conftest import write_patches
+from tests.test_train import cfg_for
+from train import build_datasets, train
+
+
+def datasets(root, tmp_path, **kw):
+    train_ds, val_ds, _, _ = build_datasets(cfg_for(root, tmp_path, **kw))
+    return train_ds, val_ds
+
+
+def annotation(**kw):
+    return {"points": 100, "strategy": "uniform", "annotation_seed": 0} | kw
+
+
+# --------------------------------------------------------------------------- the tensors
+
+def test_cached_tensors_equal_the_per_item_samples_padded_as_pad_collate_pads(tmp_path):
+    write_patches(tmp_path / "p", n=3, size=(48, 48))
+    write_patches(tmp_path / "q", n=3, size=(40, 64), seed=1)
+    for k in range(3):  # ids 3..5 are 40x64: mixed sizes, padded
+        for kind, name in (("Images", "Image"), ("Labels", "Label")):
+            (tmp_path / "q" / kind / f"{name}_{k}.tif").rename(tmp_path / "p" / kind / f"{name}_{k + 3}.tif")
+    train_ds, _ = datasets(tmp_path / "p", tmp_path, scale=0.5, train_ids=[0, 3, 1, 4], val_ids=[2, 5])
+    data = build_tensors(train_ds)  # train_ds augments; the tensors must not be augmented
+    plain = copy.copy(train_ds)
+    plain.augment = False
+    ref = pad_collate([plain[i] for i in range(len(plain))])
+    assert data.images.dtype == data.points.dtype == data.labels.dtype == torch.uint8
+    assert data.images.shape == (4, 3, 24, 32) and data.nbytes == estimate_bytes(train_ds)
+    assert torch.equal(data.images.float() / 255, ref["image"])  # bit for bit: uint8 loses nothing
+    assert torch.equal(data.points.long(), ref["points"]) and torch.equal(data.labels.long(), ref["label"])
+    assert data.ids == ["0", "3", "1", "4"] and (data.points[0, 24:] == IGNORE_INDEX).all()
+
+
+def test_loader_without_augmentation_gives_the_dataset_batches(data, tmp_path):
+    _, val_ds = datasets(data, tmp_path)
+    batches = list(ResidentLoader(build_tensors(val_ds), batch_size=4))
+    ref = pad_collate([val_ds[i] for i in range(len(val_ds))])
+    assert len(batches) == 1 and batches[0]["id"] == ref["id"]
+    for key in ("image", "points", "label"):
+        assert torch.equal(batches[0][key], ref[key]) and batches[0][key].dtype == ref[key].dtype
+
+
+# --------------------------------------------------------------------------- the cache on disk
+
+def test_cache_is_reused_and_rebuilt_when_a_file_or_a_setting_changes(data, tmp_path):
+    train_ds, _ = datasets(data, tmp_path)
+    first, where = load_or_build(train_ds, annotation(), tmp_path / "out")
+    assert where.endswith("built") and str(data / ".resident-cache") in where
+    again, where = load_or_build(datasets(data, tmp_path)[0], annotation(), tmp_path / "out")
+    assert where.endswith("reused") and torch.equal(again.images, first.images)
+    _, where = load_or_build(datasets(data, tmp_path, points=50)[0], annotation(points=50), tmp_path / "out")
+    assert where.endswith("built")  # another annotation: other points, another cache
+    image = tifffile.imread(data / "Images" / "Image_2.tif")
+    tifffile.imwrite(data / "Images" / "Image_2.tif", 255 - image, compression="lzw")
+    changed, where = load_or_build(datasets(data, tmp_path)[0], annotation(), tmp_path / "out")
+    assert where.endswith("built") and not torch.equal(changed.images[2], first.images[2])
+    assert torch.equal(changed.images[1], first.images[1])
+
+
+def test_the_cache_leaves_the_data_identity_of_experiments_alone(data, tmp_path):
+    from experiments import data_identity
+    before = data_identity({"data": str(data), "split": None})
+    load_or_build(datasets(data, tmp_path)[0], annotation(), tmp_path / "out")
+    assert any((data / ".resident-cache").iterdir())
+    assert data_identity({"data": str(data), "split": None}) == before  # finished runs keep their keys
+
+
+def test_every_annotation_field_is_in_the_key(data, tmp_path):
+    train_ds, _ = datasets(data, tmp_path)
+    keys = {resident.cache_key(train_ds.pairs, train_ds.spec, annotation())}
+    for name in ANNOTATION_FIELDS:
+        keys.add(resident.cache_key(train_ds.pairs, train_ds.spec, annotation() | {name: "other"}))
+    assert len(keys) == 1 + len(ANNOTATION_FIELDS)
+
+
+def test_a_corrupt_cache_file_is_rebuilt_with_a_warning(data, tmp_path, capsys):
+    train_ds, _ = datasets(data, tmp_path)
+    first, _ = load_or_build(train_ds, annotation(), tmp_path / "out")
+    (cache,) = (data / ".resident-cache").glob("resident-*.pt")
+    cache.write_bytes(cache.read_bytes()[:100])  # a partial file
+    again, where = load_or_build(train_ds, annotation(), tmp_path / "out")
+    assert "unreadable" in capsys.readouterr().out and where.endswith("built")
+    assert torch.equal(again.points, first.points)
+    assert load_or_build(train_ds, annotation(), tmp_path / "out")[1].endswith("reused")
+
+
+def test_a_read_only_data_folder_caches_in_the_run_folder(data, tmp_path, monkeypatch):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    monkeypatch.setattr(resident, "cache_folder", lambda pairs: blocker / ".cache")  # mkdir fails
+    train_ds, _ = datasets(data, tmp_path)
+    _, where = load_or_build(train_ds, annotation(), tmp_path / "out")
+    assert "not writable" in where and str(tmp_path / "out" / ".resident-cache") in where
+    assert load_or_build(train_ds, annotation(), tmp_path / "out")[1].endswith("reused")
+
+
+# --------------------------------------------------------------------------- batches on the device
+
+def test_device_augmentation_moves_image_points_and_labels_alike():
+    grid = torch.arange(48, dtype=torch.uint8).reshape(6, 8)  # every pixel its own value; not square
+    image = grid.expand(8, 3, 6, 8).clone()
+    k = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    flip = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]).bool()
+    out_image, out_points, out_label = augment_batch(image, grid.expand(8, 6, 8).clone(),
+                                                     grid.expand(8, 6, 8).clone(), k, flip)
+    square = torch.full((8, 8), IGNORE_INDEX, dtype=torch.uint8)
+    square[:6] = grid  # padded at the bottom to a square, as pad_collate pads
+    for i in range(8):
+        expected = torch.rot90(square, int(k[i]), dims=(-2, -1))
+        expected = expected.flip(-1) if flip[i] else expected
+        assert torch.equal(out_points[i], expected) and torch.equal(out_label[i], expected)
+        assert torch.equal(out_image[i, 0][expected != IGNORE_INDEX], expected[expected != IGNORE_INDEX])
+        assert (out_image[i][:, expected == IGNORE_INDEX] == 0).all()  # image padding is 0
+
+
+def test_device_augmentation_draws_like_the_per_item_augmentation():
+    """Same draws, same result as dataset.augment_sample on every sample."""
+    g = torch.Generator().manual_seed(1)
+    image, points = torch.rand(6, 3, 5, 5, generator=g), torch.randint(0, 6, (6, 5, 5), generator=g)
+    k, flip = torch.randint(0, 4, (6,), generator=g), torch.randint(0, 2, (6,), generator=g).bool()
+    out = augment_batch(image, points, points.clone(), k, flip)
+    for i in range(6):
+        draws = iter([torch.tensor([int(k[i])]), torch.tensor([int(flip[i])])])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch, "randint", lambda *a, **kw: next(draws))
+            ref = augment_sample(image[i], points[i], points[i])
+        assert all(torch.equal(o[i], r) for o, r in zip(out, ref))
+
+
+def test_batch_order_is_reproducible_and_ranks_share_each_batch():
+    order = lambda seed, **kw: batch_order(10, 4, torch.Generator().manual_seed(seed), **kw)
+    assert [b.tolist() for b in order(3)] == [b.tolist() for b in order(3)]
+    assert [b.tolist() for b in order(3)] != [b.tolist() for b in order(4)]
+    whole = order(3)
+    assert sorted(torch.cat(whole).tolist()) == list(range(10)) and [len(b) for b in whole] == [4, 4, 2]
+    assert [len(b) for b in order(3, drop_last=True)] == [4, 4]
+    r0, r1 = order(3, rank=0, world_size=2), order(3, rank=1, world_size=2)
+    for b, a, c in zip(whole, r0, r1):
+        assert not set(a.tolist()) & set(c.tolist()) and sorted(a.tolist() + c.tolist()) == sorted(b.tolist())
+    assert [b.tolist() for b in batch_order(5, 2, shuffle=False)] == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="rank"):
+        batch_order(4, 2, rank=2, world_size=2)
+
+
+def test_auto_chooses_resident_unless_points_are_redrawn_or_the_data_do_not_fit():
+    assert choose_path("auto", False, 10, 100)[0] == "resident"
+    assert choose_path("auto", True, 10, 100) == ("dataloader", "points are redrawn every epoch "
+                                                                "(--resample-each-epoch)")
+    path, why = choose_path("auto", False, 200 * 2**20, 100 * 2**20)
+    assert path == "dataloader" and "200 MiB" in why
+    assert choose_path("resident", False, 200, 100)[0] == "resident"  # asked for: no fallback
+    assert choose_path("dataloader", False, 10, 100)[0] == "dataloader"
+
+
+# --------------------------------------------------------------------------- train() on this path
+
+def test_training_takes_the_resident_path_by_default_and_learns(data, tmp_path, capsys):
+    history = train(cfg_for(data, tmp_path, epochs=4, points=None, lr=3e-3))
+    out = capsys.readouterr().out
+    assert "data path: resident" in out and "cache" in out
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    again = train(cfg_for(data, tmp_path, epochs=4, points=None, lr=3e-3, out=str(tmp_path / "again")))
+    assert "reused" in capsys.readouterr().out
+    assert [h["train_loss"] for h in again] == [h["train_loss"] for h in history]  # same seed, same run
+
+
+def test_dataloader_path_is_used_for_redrawn_points_and_when_asked(data, tmp_path, capsys):
+    train(cfg_for(data, tmp_path, epochs=1, resample_each_epoch=True))
+    assert "data path: per-item DataLoader" in capsys.readouterr().out
+    history = train(cfg_for(data, tmp_path, epochs=1, loader="dataloader", out=str(tmp_path / "dl")))
+    assert "data path: per-item DataLoader, 0 workers (--loader dataloader)" in capsys.readouterr().out
+    assert 0 <= history[0]["val_miou"] <= 1
+    with pytest.raises(ValueError, match="redrawn every epoch need --loader dataloader"):
+        train(cfg_for(data, tmp_path, loader="resident", resample_each_epoch=True, out=str(tmp_path / "x")))
+
+
+def test_both_paths_validate_alike(data, tmp_path):
+    """One model, the val set through run_epoch from both loaders: the same loss and confusion matrices."""
+    from torch.utils.data import DataLoader
+
+    from model import build_model
+    from partial_ce_loss import PartialCrossEntropyLoss
+    from train import run_epoch
+    _, val_ds = datasets(data, tmp_path, train_ids=[0, 1], val_ids=[6, 7, 5])
+    torch.manual_seed(0)
+    model, loss = build_model("tiny", 6, 3, "skip", pretrained=False), PartialCrossEntropyLoss()
+    cpu = torch.device("cpu")
+    names = val_ds.classes.names
+    a = run_epoch(model, ResidentLoader(build_tensors(val_ds), 2), loss, cpu, progress=False, names=names)
+    b = run_epoch(model, DataLoader(val_ds, 2, collate_fn=pad_collate), loss, cpu, progress=False)
+    assert a[0] == pytest.approx(b[0], rel=1e-6)
+    assert torch.equal(a[1].mat, b[1].mat) and torch.equal(a[2].mat, b[2].mat) and a[2].mat.sum() > 0
+
+
+def test_the_weak_losses_run_on_the_resident_path(data, tmp_path):
+    history = train(cfg_for(data, tmp_path, epochs=1, affinity_weight=1.0, consistency_weight=1.0))
+    assert history[0]["train_affinity"] >= 0 and history[0]["train_consistency"] >= 0
+
+
+def test_resume_on_the_resident_path_continues(data, tmp_path):
+    straight = train(cfg_for(data, tmp_path, out=str(tmp_path / "s"), epochs=3, loader="resident"))
+    train(cfg_for(data, tmp_path, out=str(tmp_path / "r"), epochs=2, loader="resident"))
+    resumed = train(cfg_for(data, tmp_path, out=str(tmp_path / "r"), epochs=3, loader="resident", resume=True))
+    assert [h["train_loss"] for h in resumed] == pytest.approx([h["train_loss"] for h in straight], rel=1e-5)
