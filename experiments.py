@@ -212,7 +212,7 @@ def is_synthetic(preset, settings):
 
 # TrainConfig fields that say where and how a run goes, not what it computes: left out of the key. (Any other
 # field is in it, so a changed TrainConfig default, e.g. normalisation or augmentation, makes new keys.)
-NOT_IN_KEY = ("out", "figures", "progress", "device", "workers", "resume", "overwrite")
+NOT_IN_KEY = ("out", "figures", "progress", "device", "workers", "resume", "overwrite", "loader")  # how, not what
 SEED_FIELDS = ("seed", "annotation_seed")  # both set from the run's seed, which the key carries as -s<seed>
 
 

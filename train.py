@@ -112,7 +112,7 @@ class TrainConfig:
 
 
 # settings that may differ between a run and its --resume: they do not change what is trained
-RESUMABLE = ("epochs", "device", "workers", "progress", "resume", "overwrite", "figures", "out", "amp")
+RESUMABLE = ("epochs", "device", "workers", "progress", "resume", "overwrite", "figures", "out", "amp", "loader")
 
 
 class TrainingError(RuntimeError):
