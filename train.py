@@ -533,7 +533,7 @@ def train(cfg):
                               **loader_kw)
     val_loader = DataLoader(val_ds, shuffle=False, **loader_kw)
     if ctx.world > 1:  # the one place that shards the data: this rank's share of every batch (distributed.py)
-        train_loader, val_loader = distributed.shard_loader(train_loader, ctx), distributed.shard_loader(val_loader, ctx)
+        train_loader, val_loader = (distributed.shard_loader(loader, ctx) for loader in (train_loader, val_loader))
     net = distributed.wrap(model, ctx)  # DDP under torchrun: gradients averaged over the ranks
 
     for epoch in range(start, cfg.epochs + 1):

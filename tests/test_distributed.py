@@ -108,7 +108,8 @@ def test_two_processes_split_a_folder_and_a_bad_file_fails_them_all(data, tmp_pa
     """Five good images and one unreadable one on two ranks: every good image is segmented once, the bad one is
     named, and torchrun's exit code is non-zero (every rank exits 1, also the one whose files were fine)."""
     train(TrainConfig(data=str(data), arch="tiny", pretrained=False, epochs=1, batch_size=4, size=32, points=100,
-                      figures=False, progress=False, train_ids=list(range(6)), val_ids=[6, 7], out=str(tmp_path / "ck")))
+                      figures=False, progress=False, train_ids=list(range(6)), val_ids=[6, 7],
+                      out=str(tmp_path / "ck")))
     inp = tmp_path / "in"
     inp.mkdir()
     for i in range(5):
