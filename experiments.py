@@ -7,6 +7,8 @@
     python experiments.py --preset potsdam --data archive/patches --device cuda
     python experiments.py --preset demo --report            # rebuild the markdown and figures from the csv
     python experiments.py --preset demo --epochs 2          # other settings: into results/adhoc-<hash>/
+    python experiments.py --preset potsdam --data archive/patches --gpus 0,1,2,3    # one run per GPU at once
+    python experiments.py --preset demo --parallel 2 --threads 1                    # two runs at once on the CPU
 
 Experiments (each configuration trained with --seeds seeds, reported as mean +/- sample std):
   1. class weights from points vs none (the published pair: 20,000 points, focal gamma 2)
@@ -61,6 +63,9 @@ import json
 import math
 import os
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -528,6 +533,33 @@ def execute(plan, settings, preset, csv_path, runner=train_and_measure, device="
     return ran
 
 
+def spread(command, slots, env=None):
+    """Start `command` (an experiments.py worker) once per slot, all at once, and wait for them: slot = a GPU index
+    (the worker sees that GPU alone, CUDA_VISIBLE_DEVICES) or None (CPU). The workers share the runs through
+    claim_run and append their rows under append_row's lock. `env`: more environment variables for every worker.
+    Each output line is relayed with its worker's tag. Returns the exit codes."""
+    def relay(out, tag):
+        for line in out:
+            print(tag, line, end="", flush=True)
+
+    procs = []
+    for i, gpu in enumerate(slots):
+        child_env = dict(os.environ, **(env or {}), PYTHONUNBUFFERED="1")
+        if gpu is not None:
+            child_env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        tag = f"[worker {i}{f' gpu {gpu}' if gpu is not None else ''}]"
+        proc = subprocess.Popen(command, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace")
+        thread = threading.Thread(target=relay, args=(proc.stdout, tag), daemon=True)
+        thread.start()
+        procs.append((proc, thread))
+    codes = []
+    for proc, thread in procs:
+        codes.append(proc.wait())
+        thread.join()
+    return codes
+
+
 def restart(out, cfg):
     """How a run starts in its folder, as TrainConfig fields: from `<out>/last.pth` when a killed run left one
     (resume=True: train.py continues after its last epoch); over the leftovers of a run killed before its first
@@ -853,6 +885,12 @@ def get_args_parser():
     p.add_argument("--results", help="folder for experiments.csv/.md and the figures (default: results/ for a "
                                      "preset's own settings, results/adhoc-<settings hash>/ for any others)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep <results>/runs/<key>/*.pth")
+    p.add_argument("--gpus", help="GPUs to spread the runs over, e.g. 0,1,2,3: one worker process per GPU, each "
+                                  "training the next unclaimed run on its GPU, all at once")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="worker processes (per GPU with --gpus), each training one run at a time; on a CPU give "
+                        "--threads too (default: cores / workers)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --gpus / --parallel
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are done; train nothing")
     p.add_argument("--report", action="store_true", help="rebuild the markdown and figures from the csv only")
     return p
@@ -925,14 +963,35 @@ def main(args):
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    if not args.report:
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus and not args.worker else []
+    workers = (len(gpus) or 1) * args.parallel if not args.worker else 1
+    if args.parallel < 1 or (gpus and args.device not in ("auto", "cuda")):
+        raise SystemExit(f"--parallel must be >= 1 (got {args.parallel}); with --gpus, --device is auto or cuda "
+                         f"(each worker sees its GPU alone), got {args.device}")
+    failed = []
+    if not args.report and workers > 1:  # workers are this script again; they share the runs through claims
+        threads = {} if args.threads or gpus else {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+        slots = [g for g in gpus for _ in range(args.parallel)] if gpus else [None] * workers
+        print(f"{workers} workers ({', '.join(f'GPU {g}' for g in slots) if gpus else 'CPU'}) share "
+              f"{len(plan)} runs", flush=True)
+        t0 = time.time()
+        codes = spread([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker"], slots, threads)
+        failed = [f"worker {i} (exit {c})" for i, c in enumerate(codes) if c]
+        print(f"\n{workers} workers finished in {(time.time() - t0) / 60:.1f} min"
+              f"{'; failed: ' + ', '.join(failed) if failed else ''}", flush=True)
+    elif not args.report:
         t0 = time.time()
         ran = execute(plan, settings, args.preset, csv_path, device=args.device, runs_dir=results / "runs",
                       keep_checkpoints=args.keep_checkpoints)
         print(f"\n{len(ran)} runs done here in {(time.time() - t0) / 60:.1f} min", flush=True)
+    if args.worker:
+        return  # the process that started the workers writes the report
     rows = read_rows(csv_path)
     write_report(rows, keys, args.preset, md_path, results)
     print(f"wrote {md_path}\n\n" + closing_note(rows, keys))
+    if failed:
+        raise SystemExit(f"{len(failed)} workers failed ({', '.join(failed)}); their runs are not in the csv: run "
+                         f"again to do them")
 
 
 if __name__ == "__main__":

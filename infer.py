@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import distributed
 from checkpoint import load_model
 from dataset import index_to_colour
-from model import resolve_device
 from raster import (GDAL_NODATA, IMAGE_SUFFIXES, RasterError, Rows, bit_depth_of, clean_stale_temporaries,
                     is_image_file, png_rows, read_raster, readable_by_rows, resize, tiles_of_rows, write_index_tiff,
                     write_jpeg)
@@ -728,11 +728,14 @@ def check_output(output):
 
 
 def main(args):
-    """Returns the exit code: 0 all done, 1 some files failed, 2 nothing could start."""
+    """Returns the exit code: 0 all done, 1 some files failed, 2 nothing could start. Under torchrun each rank
+    segments its share of the sorted images (distributed.shard; output names are given from the whole list, alike
+    on every rank), the summaries are gathered, and every rank returns 1 when any rank failed a file."""
     try:
         check_args(args)
-        images, _ = list_inputs(args.input)
-        device = resolve_device(args.device)
+        images, skipped = list_inputs(args.input)
+        ctx = distributed.init_from_env(args.device)  # under torchrun: this rank and its device; else one process
+        device = ctx.device
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu or auto")
         model, ckpt = load_model(args.checkpoint, device)
@@ -740,18 +743,51 @@ def main(args):
         check_output(args.output)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        distributed.cleanup()
         return 2
     scale = spec.scale
     print(f"{len(images)} images from {args.input} -> {args.output}; model {ckpt.model_args}, "
           f"{spec.classes.num_classes} classes, scale {scale:g}, intensity {spec.intensity.kind}, tile {args.tile}, "
-          f"overlap {args.overlap}, TTA {args.tta}, on {device}")
-    summary = segment_folder(args.input, args.output, model, ckpt, scale=scale, bands=args.bands,
-                             bit_depth=args.bit_depth, index=args.index, overlay_preview=args.overlay,
-                             tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, tta=args.tta,
-                             device=device, progress=args.progress, skip_existing=args.skip_existing)
+          f"overlap {args.overlap}, TTA {args.tta}, on {device}"
+          f"{f' ({ctx.world} processes, each its share of the images)' if ctx.world > 1 else ''}")
+    kwargs = dict(scale=scale, bands=args.bands, bit_depth=args.bit_depth, index=args.index,
+                  overlay_preview=args.overlay, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
+                  tta=args.tta, device=device, progress=args.progress and ctx.is_main)
+    if ctx.world == 1:
+        summary = segment_folder(args.input, args.output, model, ckpt, skip_existing=args.skip_existing, **kwargs)
+    else:  # this rank's files; segment_folder's loop over them (until it takes a file list)
+        t0 = time.time()
+        stems = output_stems(images)  # from the whole list: the same names as one process gives
+        log = tqdm.write if ctx.is_main else (lambda m: print(m, file=sys.stderr))
+        for p, why in skipped if ctx.is_main else ():
+            log(f"skipped {p}: {why}")
+        removed = clean_stale_temporaries(args.output) if ctx.is_main else []
+        if removed:
+            log(f"removed {len(removed)} temporary files that killed runs left in {args.output}")
+        distributed.barrier()  # nobody writes before rank 0 has cleaned up
+        summary = Summary(skipped=list(skipped) if ctx.is_main else [])
+        mine = distributed.shard(images, ctx.rank, ctx.world)
+        for p in tqdm(mine, desc=f"images (rank 0 of {ctx.world})", unit="image", disable=not kwargs["progress"]):
+            if args.skip_existing and mask_path(args.output, stems[p]).is_file():
+                summary.skipped.append((p, f"{mask_path(args.output, stems[p])} exists (--skip-existing)"))
+                continue
+            try:
+                summary.written += segment_file(p, args.output, model, ckpt, stem=stems[p], protect=images, log=log,
+                                                **kwargs)
+                summary.done += 1
+            except (RasterError, OSError) as e:
+                msg = str(e) if str(p) in str(e) else f"{p}: {e}"
+                print(f"FAILED {msg}", file=sys.stderr)
+                summary.failed.append((p, msg))
+        summary.seconds = time.time() - t0
+        parts = distributed.gather_objects(summary)  # every rank learns whether any file failed
+        summary = Summary(done=sum(s.done for s in parts), skipped=[x for s in parts for x in s.skipped],
+                          failed=[x for s in parts for x in s.failed], written=[x for s in parts for x in s.written],
+                          seconds=max(s.seconds for s in parts))
     print(summary.line() + f" -> {args.output}")
-    for p, msg in summary.failed:
+    for p, msg in summary.failed if ctx.is_main else ():  # gathered: every rank's failures, named
         print(f"failed: {msg}", file=sys.stderr)
+    distributed.cleanup()
     return 1 if summary.failed else 0
 
 

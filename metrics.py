@@ -22,30 +22,30 @@ class ConfusionMatrix:
         self.names = tuple(names) if names is not None else tuple(CLASSES[:num_classes])
         self.ignore_index = ignore_index
         # k*k cells, then one slot for ignored pixels and one for targets outside 0..k-1
-        self._counts = torch.zeros(num_classes * num_classes + 2, dtype=torch.int64, device=device)
+        self.counts = torch.zeros(num_classes * num_classes + 2, dtype=torch.int64, device=device)
 
     @property
     def mat(self):
         """(k, k) int64 on the CPU: rows true class, columns prediction."""
         k = self.num_classes
-        return self._counts[: k * k].reshape(k, k).cpu()
+        return self.counts[: k * k].reshape(k, k).cpu()
 
     def update(self, pred, target):
         """pred, target: integer tensors of the same shape (any), on any device (moved to the matrix's)."""
-        dev = self._counts.device
+        dev = self.counts.device
         pred = torch.as_tensor(pred).reshape(-1).to(dev, non_blocking=True).long()
         target = torch.as_tensor(target).reshape(-1).to(dev, non_blocking=True).long()
         k = self.num_classes
         ignored = target == self.ignore_index
         bad = ~ignored & ((target < 0) | (target >= k) | (pred < 0) | (pred >= k))
         idx = torch.where(ignored, k * k, torch.where(bad, k * k + 1, target * k + pred))
-        self._counts.index_add_(0, idx, torch.ones_like(idx))
+        self.counts.index_add_(0, idx, torch.ones_like(idx))
         if dev.type == "cpu":  # checking costs nothing here; on a GPU compute() checks once
             self._check()
         return self
 
     def _check(self):
-        bad = int(self._counts[-1])
+        bad = int(self.counts[-1])
         if bad:
             raise ValueError(f"target (or prediction) holds values outside 0..{self.num_classes - 1} and "
                              f"{self.ignore_index} ({bad} pixels)")

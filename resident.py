@@ -223,6 +223,7 @@ class ResidentLoader:
         self.data, self.batch_size, self.shuffle, self.drop_last = data, batch_size, shuffle, drop_last
         self.generator, self.augment, self.channels_last = generator, augment, channels_last
         self.rank, self.world_size = rank, world_size
+        self.count = 0  # images handed out in the last pass (this rank's share)
 
     def __len__(self):
         n = len(self.data)
@@ -230,8 +231,12 @@ class ResidentLoader:
 
     def __iter__(self):
         device = self.data.images.device
+        self.count = 0
         for idx in batch_order(len(self.data), self.batch_size, self.generator, self.shuffle, self.drop_last,
                                self.rank, self.world_size):
+            if not len(idx):  # a last batch smaller than the number of ranks: this rank has no share
+                continue
+            self.count += len(idx)
             at = idx.to(device, non_blocking=True)
             batch = [t.index_select(0, at) for t in (self.data.images, self.data.points, self.data.labels)]
             if self.augment:

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+import distributed
 from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from class_weights import SCHEMES, compute_class_weights, load_class_weights, save_class_weights
 from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids,
@@ -315,9 +316,12 @@ def weak_terms(cfg):
     return terms
 
 
-def make_loaders(cfg, train_ds, val_ds, device, gen, out_dir):
+def make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx=None):
     """(train loader, val loader). Batches gathered on the device from cached uint8 tensors (resident.py) when
-    the points are fixed and the data fit (--loader auto), else the per-item DataLoader; one line says which."""
+    the points are fixed and the data fit (--loader auto), else the per-item DataLoader; one line says which.
+    Under torchrun (`ctx`, distributed.Context) each loader yields this rank's share of every global batch:
+    the one place the data are sharded."""
+    rank, world = (ctx.rank, ctx.world) if ctx is not None else (0, 1)
     need = estimate_bytes(train_ds) + estimate_bytes(val_ds) if cfg.loader != "dataloader" else 0
     path, why = choose_path(cfg.loader, cfg.resample_each_epoch, need, memory_budget(device))
     drop_last = len(train_ds) > cfg.batch_size
@@ -326,14 +330,17 @@ def make_loaders(cfg, train_ds, val_ds, device, gen, out_dir):
         (tr, tr_where), (va, va_where) = (load_or_build(ds, annotation, out_dir) for ds in (train_ds, val_ds))
         fast = device.type == "cuda"  # channels_last pays on GPUs only
         train_loader = ResidentLoader(tr.to(device), cfg.batch_size, shuffle=True, drop_last=drop_last,
-                                      generator=gen, augment=cfg.augment, channels_last=fast)
-        val_loader = ResidentLoader(va.to(device), cfg.batch_size, channels_last=fast)
+                                      generator=gen, augment=cfg.augment, channels_last=fast, rank=rank,
+                                      world_size=world)
+        val_loader = ResidentLoader(va.to(device), cfg.batch_size, channels_last=fast, rank=rank, world_size=world)
         print(f"data path: resident batches on {device} ({why}); train {tr_where}; val {va_where}", flush=True)
         return train_loader, val_loader
     loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                      persistent_workers=cfg.workers > 0 and not cfg.resample_each_epoch, collate_fn=pad_collate)
     train_loader = DataLoader(train_ds, shuffle=True, drop_last=drop_last, generator=gen, **loader_kw)
     val_loader = DataLoader(val_ds, shuffle=False, **loader_kw)
+    if world > 1:  # this rank's share of every batch (distributed.RankBatches)
+        train_loader, val_loader = (distributed.shard_loader(loader, ctx) for loader in (train_loader, val_loader))
     print(f"data path: per-item DataLoader, {cfg.workers} workers ({why})", flush=True)
     return train_loader, val_loader
 
@@ -500,19 +507,29 @@ def _jsonable(config):
 def train(cfg):
     """Train as configured; returns the history (one dict per epoch)."""
     check_config(cfg)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    ctx = distributed.init_from_env(cfg.device)  # under torchrun: this rank and its device; else one process
+    if cfg.batch_size % ctx.world:
+        raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {ctx.world} processes: the global "
+                         f"batch is shared out equally, so give a multiple of {ctx.world}")
+    seed_everything(cfg.seed)  # the same on every rank: the same model init (DDP broadcasts rank 0's anyway)
+    device = ctx.device
     out_dir = Path(cfg.out)
     resumed = prepare_out(cfg, out_dir)
-    removed = clean_stale_temporaries(out_dir)
+    removed = clean_stale_temporaries(out_dir) if ctx.is_main else []
     if removed:
         print(f"removed {len(removed)} temporary files that killed runs left in {out_dir}")
     train_ds, val_ds, how, spec = build_datasets(cfg, resumed.spec if resumed else None)
     check_data(cfg, train_ds, val_ds)
+    if len(train_ds) < ctx.world:
+        raise ValueError(f"{len(train_ds)} training images cannot feed {ctx.world} processes; use fewer processes")
     model = build_model(cfg.arch, train_ds.classes.num_classes, spec.channels, cfg.decoder,
                         pretrained=cfg.pretrained).to(device)  # before anything is written: weights may be missing
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = class_weight_tensor(cfg, train_ds, out_dir)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main or cfg.class_weights not in ("points", "dense"):
+        weights = class_weight_tensor(cfg, train_ds, out_dir)  # rank 0 writes class_weights.pt
+    else:  # the same numbers, not written again
+        weights = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting)[0]
     stats = train_ds.annotation_stats()
     if cfg.points is None:
         budget = "dense labels"
@@ -525,6 +542,9 @@ def train(cfg):
           f"labelled {stats['labelled_fraction']:.2%} of the training pixels; scale {spec.scale:g}; "
           f"{spec.channels} bands, intensity {spec.intensity.kind}; device {device}; "
           f"{cfg.arch}{' ImageNet' if cfg.pretrained and cfg.arch == 'resnet18' else ' random init'}", flush=True)
+    if ctx.world > 1:
+        print(f"distributed: {ctx.world} processes ({torch.distributed.get_backend()}), {cfg.batch_size // ctx.world} "
+              f"of each batch of {cfg.batch_size} per process", flush=True)
     if weights is not None:
         print(f"class weights ({cfg.class_weights}, {cfg.class_weighting}): " +
               ", ".join(f"{n} {w:.2f}" for n, w in zip(train_ds.classes.names, weights.tolist())))
@@ -553,20 +573,26 @@ def train(cfg):
         start = resumed.epoch + 1
         print(f"resumed from {last_path} at epoch {resumed.epoch}")
 
-    train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, device, gen, out_dir)
+    train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     names = train_ds.classes.names
+    net = distributed.wrap(model, ctx)  # DDP under torchrun: gradients averaged over the ranks
 
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.time()
         train_ds.set_epoch(epoch)
+        if ctx.world > 1:  # augmentation draws differ per rank, and a resumed run draws the same again
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, ctx.rank]).generate_state(1)[0]))
         lr = optimizer.param_groups[0]["lr"]
-        tr_loss, tr_cm, _, tr_extra = run_epoch(model, train_loader, criterion, device, optimizer, cfg.amp,
-                                                cfg.progress, f"epoch {epoch} train", extra, names)
+        tr_loss, tr_cm, _, tr_extra = run_epoch(net, train_loader, criterion, device, optimizer, cfg.amp,
+                                                cfg.progress and ctx.is_main, f"epoch {epoch} train", extra, names)
+        tr_loss, tr_cm, tr_extra = distributed.reduce_epoch(train_loader, tr_loss, tr_cm, tr_extra)
         scheduler.step()
-        va_loss, _, va_cm, _ = run_epoch(model, val_loader, criterion, device, None, cfg.amp, cfg.progress,
-                                         f"epoch {epoch} val", names=names)
+        distributed.sync_buffers(model)  # every rank validates rank 0's model, the one saved
+        va_loss, _, va_cm, _ = run_epoch(model, val_loader, criterion, device, None, cfg.amp,
+                                         cfg.progress and ctx.is_main, f"epoch {epoch} val", names=names)
+        va_loss, va_cm, _ = distributed.reduce_epoch(val_loader, va_loss, va_cm, {})
         tr, va = tr_cm.compute(cfg.exclude), va_cm.compute(cfg.exclude)
         h = {"epoch": epoch, "train_loss": tr_loss, "train_oa": tr["oa"], "train_miou": tr["miou"],
              "val_loss": va_loss, "val_oa": va["oa"], "val_miou": va["miou"], "val_mf1": va["mf1"],
@@ -582,13 +608,18 @@ def train(cfg):
         try:
             if improved:
                 best = va["miou"]
-                save_checkpoint(best_path, model, spec, config=config, metrics=va, epoch=epoch)
-            save_checkpoint(last_path, model, spec, config=config, metrics=va, epoch=epoch, train_state={
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                "loader_rng": gen.get_state(), "history": history, "best_miou": best})
+                if ctx.is_main:  # only rank 0 writes; the others hold the same weights
+                    save_checkpoint(best_path, model, spec, config=config, metrics=va, epoch=epoch)
+            if ctx.is_main:
+                save_checkpoint(last_path, model, spec, config=config, metrics=va, epoch=epoch, train_state={
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(), "loader_rng": gen.get_state(), "history": history, "best_miou": best})
         except ValueError as e:  # non-finite weights: never saved
             raise TrainingError(f"epoch {epoch}: {e}. Training diverged; lower --lr and start again") from None
 
+    if not ctx.is_main:
+        distributed.barrier()  # rank 0 writes the history and figures
+        return history
     (out_dir / "history.json").write_text(json.dumps(history, indent=1))
     if cfg.figures and history:
         plot_history(history, out_dir / "output.png")
@@ -596,6 +627,7 @@ def train(cfg):
             best_model, ck = load_model(best_path, device)
             plot_results(best_model, val_ds, out_dir / "results.png", device=device,
                          title=f"best epoch {ck.epoch}: val mIoU {ck.metrics['miou']:.3f}")
+    distributed.barrier()
     return history
 
 
@@ -692,15 +724,17 @@ def main(args):
     """Returns the exit code: 0 trained, 1 training failed (diverged), 2 a user error (nothing trained)."""
     try:
         history = train(config_from_args(args))
+        best = max(history, key=lambda h: h["val_miou"]) if history else None
+        if best:  # under torchrun rank 0 alone prints (distributed.init_from_env)
+            print(f"best val mIoU {best['val_miou']:.3f} (OA {best['val_oa']:.3f}) at epoch {best['epoch']}")
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, CheckpointError, OSError, RuntimeError) as e:  # RuntimeError: weights
         print(f"error: {e}", file=sys.stderr)
         return 2
-    best = max(history, key=lambda h: h["val_miou"]) if history else None
-    if best:
-        print(f"best val mIoU {best['val_miou']:.3f} (OA {best['val_oa']:.3f}) at epoch {best['epoch']}")
+    finally:
+        distributed.cleanup()  # under torchrun: leave the process group (no-op in one process)
     return 0
 
 
