@@ -172,6 +172,14 @@ def test_upsampler_streams_the_same_numbers_as_interpolate():
     torch.testing.assert_close(out, ref)
 
 
+def test_class_indices_are_the_argmax_with_ties_and_nan():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.randint(0, 3, (6, 40, 77), generator=g).float()  # many equal maxima: the first one wins
+    probs[2, ::7, ::5] = float("nan")
+    for p in (probs, probs[:, :, ::2], probs.permute(0, 2, 1)):
+        np.testing.assert_array_equal(infer.class_indices(p), p.argmax(0).numpy())
+
+
 def test_tta_makes_the_prediction_rotation_and_flip_invariant():
     torch.manual_seed(0)
     model = ResNet18Segmentation(decoder="skip").eval()
