@@ -746,7 +746,7 @@ def _reader(files, read, jobs, stop):
     for p in files:
         try:
             item = (p, read(p), None)
-        except BaseException as e:  # noqa: BLE001 -- handed to the main thread
+        except BaseException as e:  # handed to the main thread: it reports a bad file, raises a bug
             item = (p, None, e)
         if not _put(jobs, item, stop):
             return
@@ -763,7 +763,7 @@ def _writer(todo, results, stop):
         job, pred = item
         try:
             results.put((job.path, _write_masks(job, [(0, job.size[0], pred)], pred), None))
-        except BaseException as e:  # noqa: BLE001 -- handed to the main thread
+        except BaseException as e:  # handed to the main thread: it reports a bad file, raises a bug
             results.put((job.path, None, e))
             if not isinstance(e, (RasterError, OSError)):
                 stop.set()
@@ -861,6 +861,7 @@ def segment_files(files, stems, output, model, ckpt, *, progress=True, log=None,
     the serial run. On an exception (Ctrl-C) the queued files are dropped and both threads end before it
     propagates; masks already written stay, and --skip-existing continues from them. `pipeline=False` runs
     segment_file file after file (for comparison; `infer.py --no-pipeline`)."""
+    t0 = time.time()
     log = log or tqdm.write
     output = Path(output)
     summary = Summary()
@@ -874,6 +875,7 @@ def segment_files(files, stems, output, model, ckpt, *, progress=True, log=None,
             pass
     order = {p: i for i, p in enumerate(files)}
     summary.failed.sort(key=lambda f: order[f[0]])
+    summary.seconds = time.time() - t0
     return summary
 
 

@@ -650,7 +650,8 @@ def test_pipelined_masks_are_the_serial_masks_byte_for_byte(ckpt_path, tmp_path,
     write_inputs(inp)
     nodata = smooth_image(40, 36, seed=4)
     nodata[:10] = 0
-    tifffile.imwrite(inp / "geo_nodata.tif", nodata, photometric="rgb", extratags=GEOTAGS + [(42113, "s", 0, "0", True)])
+    tifffile.imwrite(inp / "geo_nodata.tif", nodata, photometric="rgb",
+                     extratags=GEOTAGS + [(42113, "s", 0, "0", True)])
     tifffile.imwrite(inp / "geo_streamed.tif", smooth_image(70, 66, seed=5), photometric="rgb", extratags=GEOTAGS,
                      rowsperstrip=8)
     monkeypatch.setattr(infer, "STREAM_PIXELS", 4500)  # geo_streamed (4620 pixels) goes the streamed way
@@ -704,8 +705,10 @@ def test_a_file_that_fails_to_write_is_reported_and_the_others_written(ckpt_path
 def test_a_slow_writer_holds_the_reader_back(ckpt_path, tmp_path, monkeypatch):
     n = 2 * infer.PIPELINE_DEPTH + 6
     files = tiny_folder(tmp_path / "in", n)
-    bound = 2 * infer.PIPELINE_DEPTH + 3  # files read while the first is written: one in the writer, one in the model,
-    read, write = infer._read_file, infer._write_masks  # one in the reader, PIPELINE_DEPTH in each queue
+    # files read while the writer holds the first: one in the writer, in the model and in the reader each,
+    # PIPELINE_DEPTH in each of the two queues
+    bound = 2 * infer.PIPELINE_DEPTH + 3
+    read, write = infer._read_file, infer._write_masks
     reads, seen, too_far = [], [], threading.Event()
 
     def counting_read(path, *args, **kwargs):
