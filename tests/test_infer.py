@@ -747,16 +747,17 @@ def test_an_exception_in_the_model_ends_the_threads(ckpt_path, tmp_path):
     assert not (tmp_path / "out" / "f05_mask.png").exists()
 
 
-def test_a_bug_in_the_reader_is_raised_not_reported_as_a_bad_file(ckpt_path, tmp_path, monkeypatch):
-    files = tiny_folder(tmp_path / "in", 4)
-    read = infer._read_file
+@pytest.mark.parametrize("step", ["_read_file", "_write_masks"])
+def test_a_bug_in_a_thread_is_raised_not_reported_as_a_bad_file(ckpt_path, tmp_path, monkeypatch, step):
+    files = tiny_folder(tmp_path / "in", 6)
+    real = getattr(infer, step)
 
-    def buggy(path, *args, **kwargs):
-        if "f02" in Path(path).name:
+    def buggy(job, *args, **kwargs):
+        if "f02" in Path(getattr(job, "path", job)).name:
             raise ZeroDivisionError("a bug")
-        return read(path, *args, **kwargs)
+        return real(job, *args, **kwargs)
 
-    monkeypatch.setattr(infer, "_read_file", buggy)
+    monkeypatch.setattr(infer, step, buggy)
     with pytest.raises(ZeroDivisionError):
         segment(files, tmp_path / "out", ckpt_path)
     assert pipeline_threads() == []
