@@ -153,7 +153,7 @@ def bench_infer(args):
                   f"peak RSS {rss:.0f} MB ({rss_before:.0f} MB after imports and loading the model; goal < 2048)")
         if len(e2e) == 2:
             same = _digest(tmp / "out_pipelined") == _digest(tmp / "out_serial")
-            print(f"pipelined / serial    : {e2e['serial'] / e2e['pipelined']:.2f}x faster; masks byte-identical: "
+            print(f"pipelined vs serial   : {e2e['serial'] / e2e['pipelined']:.2f}x the speed; masks byte-identical: "
                   f"{'yes' if same else 'NO'}")
         if args.e2e_only:
             return
