@@ -4,20 +4,24 @@
     python benchmark.py infer --size 2000        # smaller, for a slow CPU
     python benchmark.py infer --size 20000 --e2e-only    # peak RSS of a 20000x20000 tile, streamed by rows
     python benchmark.py infer --size 20000 --e2e-only --stream-pixels 1e12    # the same tile read whole
+    python benchmark.py infer --files 16 --size 6000     # a folder: pipelined vs serial vs the model alone
     python benchmark.py train                    # training images/s: published-style loader, train.py, model alone
     python benchmark.py train --patches 32 --size 64 --epochs 2 --workers 2    # a couple of minutes on a CPU
     python benchmark.py train --device cuda --amp --patches 2400 --epochs 3
 
-`infer` reports megapixels (of the input image) per second for infer.segment_folder on one synthetic tile
-(read, resize, tiles, blending, upsampling, argmax, PNG + GeoTIFF written), the same for the model alone on
-tensors already on the device covering the same model-input area without overlap (the limit), their ratio,
-and the peak RSS of the process during the end-to-end run. Weights are random: speed does not depend on them.
+`infer` reports megapixels (of the input images) per second for infer.segment_folder on a folder of --files
+synthetic tiles (read, resize, tiles, blending, upsampling, argmax, PNG + GeoTIFF written), pipelined (infer.py's
+default) and serial (--no-pipeline), each in a fresh process with its peak RSS, whether both wrote the same
+bytes, the same for the model alone on tensors already on the device covering the same model-input area without
+overlap (the limit), and the ratios. Weights are random: speed does not depend on them.
 """
 
 import argparse
+import hashlib
 import math
 import multiprocessing
 import os
+import platform
 import resource
 import sys
 import tempfile
@@ -71,9 +75,24 @@ def synthetic_image(size, seed=0):
 
 # --------------------------------------------------------------------------- infer
 
-def _end_to_end(opts, ckpt_path, inp, out, queue):
+def device_name(device):
+    """The accelerator's or the CPU's name, for the output."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
+
+
+def _end_to_end(opts, ckpt_path, inp, out, pipeline, queue):
     """Child process: load the checkpoint, segment the folder, report (seconds, RSS before, peak RSS)."""
     infer.STREAM_PIXELS = opts["stream_pixels"]
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
     device = resolve_device(opts["device"])
     model, ckpt = load_model(ckpt_path, device)
     rss_before = peak_rss_mb()
@@ -81,47 +100,63 @@ def _end_to_end(opts, ckpt_path, inp, out, queue):
     t0 = time.perf_counter()
     summary = infer.segment_folder(inp, out, model, ckpt, tile=opts["tile"], overlap=opts["overlap"],
                                    batch_size=opts["batch_size"], tta=opts["tta"], device=device,
-                                   progress=opts["progress"])
+                                   progress=opts["progress"], pipeline=pipeline)
     sync(device)
     seconds = time.perf_counter() - t0
-    if summary.done != 1 or summary.failed:
+    if summary.done != opts["files"] or summary.failed:
         raise RuntimeError(f"the end-to-end run failed: {summary.failed}")
     queue.put((seconds, rss_before, peak_rss_mb()))
 
 
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())}
+
+
 def bench_infer(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ckpt_path, inp, out = tmp / "model.pth", tmp / "in", tmp / "out"
+        ckpt_path, inp = tmp / "model.pth", tmp / "in"
         inp.mkdir()
         save_checkpoint(ckpt_path, ResNet18Segmentation(decoder=args.decoder), spec.DataSpec(scale=args.scale))
         geo = [(33550, "d", 3, (0.05, 0.05, 0.0), True), (33922, "d", 6, (0, 0, 0, 368000.0, 5808000.0, 0), True),
                (34735, "H", 8, (1, 1, 0, 1, 3072, 0, 1, 25833), True)]
         layout = {"strip": {}, "tiled-lzw": {"compression": "lzw", "tile": (256, 256)}}[args.layout]
-        tifffile.imwrite(inp / "tile.tif", synthetic_image(args.size), photometric="rgb", extratags=geo, **layout)
+        for i in range(args.files):  # different pixels per file: no cache makes a later file cheaper
+            name = "tile.tif" if args.files == 1 else f"tile_{i:03d}.tif"
+            tifffile.imwrite(inp / name, synthetic_image(args.size, seed=i), photometric="rgb", extratags=geo,
+                             **layout)
         H = W = args.size
         streamed = H * W > args.stream_pixels
         h, w = spec.grid_size(H, W, args.scale)
         ys, th = infer.tile_starts(h, args.tile, args.overlap)
         xs, tw = infer.tile_starts(w, args.tile, args.overlap)
-        print(f"device {device} ({torch.get_num_threads()} CPU threads), {args.decoder} decoder, {W}x{H} input "
-              f"({args.layout} TIFF, {'streamed by rows' if streamed else 'read whole'}), scale {args.scale:g} -> "
-              f"model input {w}x{h} = {w * h / 1e6:.2f} MP, {len(ys) * len(xs)} tiles of {tw}x{th} (overlap >= "
-              f"{args.overlap}), batch {args.batch_size}, TTA {args.tta}")
+        print(f"device {device}: {device_name(device)} ({torch.get_num_threads()} torch CPU threads), {args.decoder} "
+              f"decoder, {args.files} x {W}x{H} input ({args.layout} TIFF, "
+              f"{'streamed by rows' if streamed else 'read whole'}), scale {args.scale:g} -> model input {w}x{h} = "
+              f"{w * h / 1e6:.2f} MP per file, {len(ys) * len(xs)} tiles of {tw}x{th} (overlap >= {args.overlap}), "
+              f"batch {args.batch_size}, TTA {args.tta}")
 
-        # end to end in a fresh process, so its peak RSS is inference's alone (imports and model included)
+        # end to end in a fresh process per mode, so its peak RSS is inference's alone (imports and model included)
         ctx = multiprocessing.get_context("spawn")
-        queue = ctx.Queue()
-        child = ctx.Process(target=_end_to_end, args=(vars(args) | {"func": None}, ckpt_path, inp, out, queue))
-        child.start()
-        e2e, rss_before, rss = queue.get()
-        child.join()
-        mp = H * W / 1e6
-        print(f"end to end : {e2e:7.2f} s  {mp / e2e:8.3f} MP/s  (input megapixels)")
-        print(f"peak RSS   : {rss:.0f} MB in the end-to-end process ({rss_before:.0f} MB after imports and "
-              f"loading the model; goal < 2048)")
+        mp = args.files * H * W / 1e6
+        e2e = {}
+        for mode in args.modes:
+            queue = ctx.Queue()
+            child = ctx.Process(target=_end_to_end, args=(vars(args) | {"func": None}, ckpt_path, inp,
+                                                          tmp / f"out_{mode}", mode == "pipelined", queue))
+            child.start()
+            e2e[mode], rss_before, rss = queue.get()
+            child.join()
+            print(f"{mode + ' end to end':22s}: {e2e[mode]:7.2f} s  {mp / e2e[mode]:8.3f} MP/s  (input megapixels); "
+                  f"peak RSS {rss:.0f} MB ({rss_before:.0f} MB after imports and loading the model; goal < 2048)")
+        if len(e2e) == 2:
+            same = _digest(tmp / "out_pipelined") == _digest(tmp / "out_serial")
+            print(f"pipelined vs serial   : {e2e['serial'] / e2e['pipelined']:.2f}x the speed; masks byte-identical: "
+                  f"{'yes' if same else 'NO'}")
         if args.e2e_only:
             return
 
@@ -129,7 +164,7 @@ def bench_infer(args):
         model, _ = load_model(ckpt_path, device)
         bs = min(args.batch_size, len(ys) * len(xs))  # the batches infer.py runs
         x = torch.rand(bs, 3, th, tw, device=device)
-        n_batches = max(1, math.ceil(h * w / (bs * th * tw)))
+        n_batches = max(1, math.ceil(args.files * h * w / (bs * th * tw)))
         passes = len(infer.TTA_MODES[infer._tta_mode(args.tta)])
         with torch.inference_mode():
             model(x)  # warm-up (cuDNN autotuning, allocator)
@@ -139,10 +174,11 @@ def bench_infer(args):
             for _ in range(runs):
                 model(x)
             sync(device)
-        alone = (time.perf_counter() - t0) / runs * n_batches * passes * h * w / (n_batches * bs * th * tw)
-    print(f"model alone: {alone:7.2f} s  {mp / alone:8.3f} MP/s  (timed on {runs} batches of "
+        alone = (time.perf_counter() - t0) / runs * n_batches * passes * args.files * h * w / (n_batches * bs * th * tw)
+    print(f"{'model alone':22s}: {alone:7.2f} s  {mp / alone:8.3f} MP/s  (timed on {runs} batches of "
           f"{bs}x3x{th}x{tw})")
-    print(f"ratio      : {alone / e2e:.2f}   (goal >= 0.5)")
+    for mode, seconds in e2e.items():
+        print(f"{'ratio, ' + mode:22s}: {alone / seconds:.2f}   (end to end / model alone; goal >= 0.7 on CPU)")
 
 
 # --------------------------------------------------------------------------- train
@@ -318,7 +354,7 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="Measure inference and training speed on the current device.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("infer", help="end-to-end inference on a synthetic tile vs the model alone")
+    q = sub.add_parser("infer", help="end-to-end inference on synthetic tiles vs the model alone")
     q.add_argument("--size", type=int, default=6000,
                    help="side of the synthetic square tile in input pixels (default: %(default)s)")
     q.add_argument("--scale", type=float, default=spec.PROCESSING_SIZE / spec.NATIVE_SIZE,
@@ -328,6 +364,13 @@ def get_args_parser():
     q.add_argument("--overlap", type=int, default=64, help="as infer.py --overlap (default: %(default)s)")
     q.add_argument("--batch-size", type=int, default=4, help="as infer.py --batch-size (default: %(default)s)")
     q.add_argument("--tta", default="none", choices=list(infer.TTA_MODES), help="as infer.py --tta (default: none)")
+    q.add_argument("--files", type=int, default=1,
+                   help="synthetic tiles in the folder, each --size square; several show the pipeline's overlap of "
+                        "reading, the model and writing (default: %(default)s)")
+    q.add_argument("--modes", nargs="+", default=["pipelined", "serial"], choices=["pipelined", "serial"],
+                   help="end-to-end runs: infer.py's default pipeline and/or --no-pipeline (default: both)")
+    q.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for every run, end to end and the model alone (default: torch's)")
     q.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ... (default: auto)")
     q.add_argument("--layout", default="strip", choices=["strip", "tiled-lzw"],
                    help="the synthetic GeoTIFF: uncompressed in one strip, or LZW in 256x256 tiles as GIS tools "

@@ -6,6 +6,7 @@ import itertools
 import math
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,14 @@ def test_upsampler_streams_the_same_numbers_as_interpolate():
     torch.testing.assert_close(out, ref)
 
 
+def test_class_indices_are_the_argmax_with_ties_and_nan():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.randint(0, 3, (6, 40, 77), generator=g).float()  # many equal maxima: the first one wins
+    probs[2, ::7, ::5] = float("nan")
+    for p in (probs, probs[:, :, ::2], probs.permute(0, 2, 1)):
+        np.testing.assert_array_equal(infer.class_indices(p), p.argmax(0).numpy())
+
+
 def test_tta_makes_the_prediction_rotation_and_flip_invariant():
     torch.manual_seed(0)
     model = ResNet18Segmentation(decoder="skip").eval()
@@ -233,7 +242,8 @@ def test_geotiff_mask_keeps_the_georeferencing(ckpt_path, tmp_path, tags):
     np.testing.assert_array_equal(indices, mask_of(tmp_path / "out" / "geo_mask.png"))
 
 
-def test_bad_files_are_named_the_rest_written_and_the_exit_code_is_not_zero(ckpt_path, tmp_path, capsys):
+@pytest.mark.parametrize("mode", [[], ["--no-pipeline"]], ids=["pipelined", "serial"])
+def test_bad_files_are_named_the_rest_written_and_the_exit_code_is_not_zero(ckpt_path, tmp_path, capsys, mode):
     inp = tmp_path / "in"
     inp.mkdir()
     Image.fromarray(smooth_image(30, 31)).save(inp / "good.png")
@@ -244,7 +254,7 @@ def test_bad_files_are_named_the_rest_written_and_the_exit_code_is_not_zero(ckpt
     tifffile.imwrite(inp / "two_bands.tif", smooth_image(20, 20, bands=2), photometric="minisblack",
                      planarconfig="contig")
     Image.fromarray(smooth_image(22, 23)).save(inp / "zz_last.png")
-    assert run(ckpt_path, inp, tmp_path / "out") == 1
+    assert run(ckpt_path, inp, tmp_path / "out", *mode) == 1
     captured = capsys.readouterr()
     for name in ("cut.png", "empty.jpg", "junk.tif", "two_bands.tif"):
         assert name in captured.err, name
@@ -329,7 +339,7 @@ def test_help_explains_every_flag(capsys):
         parser.parse_args(["--help"])
     text = capsys.readouterr().out
     for flag in ("--checkpoint", "--input", "--output", "--device", "--tile", "--overlap", "--batch-size", "--tta",
-                 "--bands", "--index", "--overlay", "--scale"):
+                 "--bands", "--index", "--overlay", "--scale", "--no-pipeline", "--skip-existing"):
         assert flag in text
     defaults = parser.parse_args([])
     assert (defaults.checkpoint, defaults.input, defaults.output, defaults.device) == \
@@ -402,16 +412,17 @@ def test_own_images_named_like_outputs_are_listed_as_skipped(ckpt_path, tmp_path
     assert "1 images done, 1 skipped" in out.out
 
 
-def test_skip_existing_continues_an_interrupted_run(ckpt_path, tmp_path, capsys):
+@pytest.mark.parametrize("mode", [[], ["--no-pipeline"]], ids=["pipelined", "serial"])
+def test_skip_existing_continues_an_interrupted_run(ckpt_path, tmp_path, capsys, mode):
     (tmp_path / "in").mkdir()
     for name in ("a", "b", "c"):
         Image.fromarray(smooth_image(30, 30)).save(tmp_path / "in" / f"{name}.png")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "a_mask.png").write_bytes(b"left by an earlier run")
-    assert run(ckpt_path, tmp_path / "in", tmp_path / "out", "--skip-existing") == 0
+    assert run(ckpt_path, tmp_path / "in", tmp_path / "out", "--skip-existing", *mode) == 0
     assert (tmp_path / "out" / "a_mask.png").read_bytes() == b"left by an earlier run"
     assert "2 images done, 1 skipped" in capsys.readouterr().out
-    assert run(ckpt_path, tmp_path / "in", tmp_path / "out") == 0  # the default replaces
+    assert run(ckpt_path, tmp_path / "in", tmp_path / "out", *mode) == 0  # the default replaces
     assert (tmp_path / "out" / "a_mask.png").read_bytes() != b"left by an earlier run"
 
 
@@ -630,3 +641,133 @@ def test_png_rows_write_the_same_file_however_the_rows_come(tmp_path):
         with raster.png_rows(tmp_path / "short.png", 70, 90) as png:
             png.write(labels[:30])
     assert not (tmp_path / "short.png").exists() and not list(tmp_path.glob(".*.tmp"))  # nothing half-written
+
+
+# --------------------------------------------------------------------------- folders, pipelined
+
+def test_pipelined_masks_are_the_serial_masks_byte_for_byte(ckpt_path, tmp_path, monkeypatch):
+    inp = tmp_path / "in"
+    write_inputs(inp)
+    nodata = smooth_image(40, 36, seed=4)
+    nodata[:10] = 0
+    tifffile.imwrite(inp / "geo_nodata.tif", nodata, photometric="rgb",
+                     extratags=GEOTAGS + [(42113, "s", 0, "0", True)])
+    tifffile.imwrite(inp / "geo_streamed.tif", smooth_image(70, 66, seed=5), photometric="rgb", extratags=GEOTAGS,
+                     rowsperstrip=8)
+    monkeypatch.setattr(infer, "STREAM_PIXELS", 4500)  # geo_streamed (4620 pixels) goes the streamed way
+    assert infer.streams(inp / "geo_streamed.tif") and not infer.streams(inp / "lzw_tiled.tif")
+    assert run(ckpt_path, inp, tmp_path / "pipelined", "--index", "--overlay") == 0
+    assert run(ckpt_path, inp, tmp_path / "serial", "--index", "--overlay", "--no-pipeline") == 0
+    pipelined = {p.name: p.read_bytes() for p in (tmp_path / "pipelined").iterdir()}
+    serial = {p.name: p.read_bytes() for p in (tmp_path / "serial").iterdir()}
+    assert len(serial) == 3 * 11 - 1 + 2  # colour, index, overlay each but the streamed one; two mask TIFFs
+    assert pipelined.keys() == serial.keys()
+    assert [n for n in serial if pipelined[n] != serial[n]] == []
+
+
+def tiny_folder(folder, n, size=(20, 24)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        tifffile.imwrite(folder / f"f{i:02d}.tif", smooth_image(*size, seed=i), photometric="rgb", extratags=GEOTAGS)
+    return sorted(folder.iterdir())
+
+
+def segment(files, out, ckpt_path, model=None, **kwargs):
+    _, ckpt = load_model(ckpt_path, "cpu")
+    model = model or PixelModel().eval()
+    return infer.segment_files(files, infer.output_stems(files), out, model, ckpt, progress=False, log=lambda m: None,
+                               **kwargs)
+
+
+def pipeline_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith("infer-")]
+
+
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "serial"])
+def test_a_file_that_fails_to_write_is_reported_and_the_others_written(ckpt_path, tmp_path, monkeypatch, pipeline):
+    files = tiny_folder(tmp_path / "in", 4)
+    write_index_tiff = infer.write_index_tiff
+
+    def failing(path, *args, **kwargs):
+        if "f01" in Path(path).name:
+            raise OSError(f"no space left writing {path}")
+        return write_index_tiff(path, *args, **kwargs)
+
+    monkeypatch.setattr(infer, "write_index_tiff", failing)
+    summary = segment(files, tmp_path / "out", ckpt_path, pipeline=pipeline)
+    assert summary.done == 3 and [p for p, _ in summary.failed] == [files[1]]
+    assert "f01_mask.tif" in summary.failed[0][1]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        sorted(f"f{i:02d}_mask.{ext}" for i in (0, 2, 3) for ext in ("png", "tif"))  # no temporaries left
+    assert pipeline_threads() == []
+
+
+def test_a_slow_writer_holds_the_reader_back(ckpt_path, tmp_path, monkeypatch):
+    n = 2 * infer.PIPELINE_DEPTH + 6
+    files = tiny_folder(tmp_path / "in", n)
+    # files read while the writer holds the first: one in the writer, in the model and in the reader each,
+    # PIPELINE_DEPTH in each of the two queues
+    bound = 2 * infer.PIPELINE_DEPTH + 3
+    read, write = infer._read_file, infer._write_masks
+    reads, seen, too_far = [], [], threading.Event()
+
+    def counting_read(path, *args, **kwargs):
+        reads.append(path)
+        if len(reads) > bound:
+            too_far.set()
+        return read(path, *args, **kwargs)
+
+    def slow_write(job, *args, **kwargs):
+        if not seen:
+            too_far.wait(timeout=1)  # the reader has every chance to run ahead: only the queues stop it
+        seen.append(len(reads))
+        return write(job, *args, **kwargs)
+
+    monkeypatch.setattr(infer, "_read_file", counting_read)
+    monkeypatch.setattr(infer, "_write_masks", slow_write)
+    summary = segment(files, tmp_path / "out", ckpt_path)
+    assert summary.done == n and not summary.failed
+    assert len(seen) == n
+    assert max(s - k for k, s in enumerate(seen)) <= bound  # when file k is written, at most k + bound were read
+
+
+def test_an_exception_in_the_model_ends_the_threads(ckpt_path, tmp_path):
+    files = tiny_folder(tmp_path / "in", 6)
+
+    class Interrupted(PixelModel):
+        def forward(self, x):
+            if len(self.shapes) == 2:
+                raise KeyboardInterrupt  # Ctrl-C while the third file is predicted
+            return super().forward(x)
+
+    with pytest.raises(KeyboardInterrupt):
+        segment(files, tmp_path / "out", ckpt_path, model=Interrupted().eval())
+    assert pipeline_threads() == []
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+    assert not (tmp_path / "out" / "f05_mask.png").exists()
+
+
+@pytest.mark.parametrize("step", ["_read_file", "_write_masks"])
+def test_a_bug_in_a_thread_is_raised_not_reported_as_a_bad_file(ckpt_path, tmp_path, monkeypatch, step):
+    files = tiny_folder(tmp_path / "in", 6)
+    real = getattr(infer, step)
+
+    def buggy(job, *args, **kwargs):
+        if "f02" in Path(getattr(job, "path", job)).name:
+            raise ZeroDivisionError("a bug")
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(infer, step, buggy)
+    with pytest.raises(ZeroDivisionError):
+        segment(files, tmp_path / "out", ckpt_path)
+    assert pipeline_threads() == []
+
+
+def test_a_share_of_the_files_keeps_the_folder_names_and_protects_every_input(ckpt_path, tmp_path):
+    files = tiny_folder(tmp_path / "in", 4)
+    stems = infer.output_stems(files)
+    _, ckpt = load_model(ckpt_path, "cpu")
+    summary = infer.segment_files(files[1::2], stems, tmp_path / "out", PixelModel().eval(), ckpt, protect=files,
+                                  progress=False, log=lambda m: None)
+    assert summary.done == 2
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_mask.png")) == ["f01_mask.png", "f03_mask.png"]
