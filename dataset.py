@@ -308,6 +308,7 @@ class SegmentationDataset(Dataset):
         self._drawn = {}  # the drawn annotation's native flat indices, once click_pixels asked for them
         self._added = {}  # native flat indices clicked after the start (add_clicks), per image
         self._pseudo = {}  # pseudo-labels on the processing grid (set_pseudo), per image
+        self._grown = {}  # labels grown from the clicks on the processing grid (set_grown), per image
 
     @property
     def classes(self):
@@ -384,11 +385,13 @@ class SegmentationDataset(Dataset):
         return grid
 
     def point_grid(self, i, native_label=None):
-        """The training target of sample i on the processing grid, (h, w) uint8: its clicks (click_grid), and
-        its pseudo-labels (set_pseudo) on the cells that hold no click."""
+        """The training target of sample i on the processing grid, (h, w) uint8: its clicks (click_grid), then
+        on the cells that hold no click its grown labels (set_grown), then its pseudo-labels (set_pseudo)."""
         grid = self.click_grid(i, native_label)
-        pseudo = self._pseudo.get(i)
-        return grid if pseudo is None else np.where(pseudo != IGNORE_INDEX, pseudo, grid).astype(np.uint8)
+        for layer in (self._grown.get(i), self._pseudo.get(i)):  # an earlier one wins
+            if layer is not None:
+                grid = np.where((grid == IGNORE_INDEX) & (layer != IGNORE_INDEX), layer, grid).astype(np.uint8)
+        return grid
 
     def click_pixels(self, i):
         """Native flat indices of every click on sample i: the drawn annotation, then those add_clicks added."""
@@ -428,8 +431,9 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"{name}: pixels clicked twice {again[:5] if again.size else flat[:5]}")
         self._added[i] = np.concatenate([self._added.get(i, np.zeros(0, np.int64)), flat])
         self._points.pop(i, None)
-        if i in self._pseudo:
-            self._pseudo[i] = np.where(self.clicked_cells(i), IGNORE_INDEX, self._pseudo[i]).astype(np.uint8)
+        for layer in (self._pseudo, self._grown):
+            if i in layer:
+                layer[i] = np.where(self.clicked_cells(i), IGNORE_INDEX, layer[i]).astype(np.uint8)
 
     def added_clicks(self, i):
         """The native flat indices add_clicks added to sample i, in order."""
@@ -439,22 +443,33 @@ class SegmentationDataset(Dataset):
         """Pseudo-labels of sample i on the processing grid ((h, w), IGNORE_INDEX where none), replacing the
         earlier ones; None removes them. Cells that hold a click and pixels undefined in the label are left
         unlabelled, so a click always wins and an undefined pixel is never a target."""
+        self._set_layer(self._pseudo, i, grid, "pseudo-labels")
+
+    def set_grown(self, i, grid):
+        """Labels grown from sample i's clicks (e.g. over superpixels), as set_pseudo; they win over
+        pseudo-labels, and clicks win over them."""
+        self._set_layer(self._grown, i, grid, "grown labels")
+
+    def _set_layer(self, layer, i, grid, what):
         if grid is None:
-            self._pseudo.pop(i, None)
+            layer.pop(i, None)
             return
         grid = np.asarray(grid)
         label = self.dense_label(i)
         if grid.shape != label.shape:
-            raise ValueError(f"pseudo-labels of {self.pairs[i][1]} are {grid.shape}, its processing grid is "
-                             f"{label.shape}")
+            raise ValueError(f"{what} of {self.pairs[i][1]} are {grid.shape}, its processing grid is {label.shape}")
         if ((grid >= self.classes.num_classes) & (grid != IGNORE_INDEX)).any() or (grid < 0).any():
-            raise ValueError(f"pseudo-labels of {self.pairs[i][1]} hold values that are no class")
+            raise ValueError(f"{what} of {self.pairs[i][1]} hold values that are no class")
         keep = ~self.clicked_cells(i) & (label != IGNORE_INDEX)
-        self._pseudo[i] = np.where(keep, grid, IGNORE_INDEX).astype(np.uint8)
+        layer[i] = np.where(keep, grid, IGNORE_INDEX).astype(np.uint8)
 
     def pseudo_grid(self, i):
         """Sample i's pseudo-labels (set_pseudo) or None."""
         return self._pseudo.get(i)
+
+    def grown_grid(self, i):
+        """Sample i's grown labels (set_grown) or None."""
+        return self._grown.get(i)
 
     def __getitem__(self, i):
         image, native_label, label = self._load(i)
@@ -480,18 +495,22 @@ class SegmentationDataset(Dataset):
         """The annotation budget as an annotator pays it, over the whole dataset: `clicks_per_image` (mean
         native pixels clicked per image), `clicked_fraction` (clicks / native pixels) and
         `labelled_fraction` (share of processing-grid pixels that carry a click label, as labelled_fraction())
-        and `pseudo_fraction` (share that carries a pseudo-label, set_pseudo). Added clicks (add_clicks) count."""
-        clicks = pixels = labelled = pseudo = total = 0
+        and `pseudo_fraction` / `grown_fraction` (share that carries a pseudo-label / grown label where no click
+        is, set_pseudo / set_grown). Added clicks (add_clicks) count."""
+        clicks = pixels = labelled = pseudo = grown = total = 0
         for i in range(len(self)):
             grid = self.click_grid(i)
             labelled += int((grid != IGNORE_INDEX).sum())
             total += grid.size
             if i in self._pseudo:
                 pseudo += int((self._pseudo[i] != IGNORE_INDEX).sum())
+            if i in self._grown:
+                grown += int((self._grown[i] != IGNORE_INDEX).sum())
             clicks += self._clicks[i][0]
             pixels += self._clicks[i][1]
         return {"clicks_per_image": clicks / len(self), "clicked_fraction": clicks / pixels,
-                "labelled_fraction": labelled / total, "pseudo_fraction": pseudo / total}
+                "labelled_fraction": labelled / total, "pseudo_fraction": pseudo / total,
+                "grown_fraction": grown / total}
 
 
 def augment_sample(image, points, label):

@@ -95,6 +95,7 @@ class Run:
     rounds: int = 0  # few_clicks: rounds of clicks the model chooses
     clicks_per_round: int = 10
     click_strategy: str = "uncertain"  # or "random"
+    region_growing: bool = False  # few_clicks: a click labels its SLIC superpixel
 
     @property
     def name(self):
@@ -108,6 +109,7 @@ class Run:
         pts += f"-cons{self.consistency_weight:g}" if self.consistency_weight else ""
         pts += f"-st{self.self_training}t{self.pseudo_threshold:g}" if self.self_training else ""
         pts += f"-{self.rounds}x{self.clicks_per_round}{self.click_strategy}" if self.rounds else ""
+        pts += "-grown" if self.region_growing else ""
         weights = self.class_weights if self.class_weighting == "inverse" else \
             f"{self.class_weights}-{self.class_weighting}"
         return (f"{pts}-w{weights}-{self.decoder}-g{self.gamma:g}"
@@ -171,19 +173,22 @@ EXPERIMENTS = (
         ("inverse frequency, ratio capped at 10", replace(BASELINE, class_weighting="capped"))),
         "Weights from the training points (class_weights.py). The rare class is car on the synthetic scenes and "
         "building on the Atlanta tile (4 % of the pixels); see the per-class IoU table."),
-    Experiment(8, "Few clicks: partial CE vs affinity loss vs consistency vs both vs self-training, at 10 and 100 "
-                  "points and 1 click per object",
+    Experiment(8, "Few clicks: partial CE vs affinity loss vs consistency vs both vs self-training vs region growing, "
+                  "at 10 and 100 points and 1 click per object",
         tuple((f"{label}, {method}", replace(BASELINE, points=budget, affinity_weight=a, consistency_weight=c,
-                                              self_training=st))
+                                              self_training=st, region_growing=grown))
               for budget, label in ((10, "10 points"), (100, "100 points"), ("1/object", "1 click / object"))
-              for method, a, c, st in (("partial CE", 0.0, 0.0, 0), ("+ affinity", 1.0, 0.0, 0),
-                                       ("+ consistency", 0.0, 1.0, 0), ("+ both", 1.0, 1.0, 0),
-                                       ("+ self-training", 0.0, 0.0, ROUNDS))) + (
+              for method, a, c, st, grown in (("partial CE", 0.0, 0.0, 0, False), ("+ affinity", 1.0, 0.0, 0, False),
+                                              ("+ consistency", 0.0, 1.0, 0, False), ("+ both", 1.0, 1.0, 0, False),
+                                              ("+ self-training", 0.0, 0.0, ROUNDS, False),
+                                              ("+ region growing", 0.0, 0.0, 0, True))) + (
         ("dense labels (ceiling)", replace(BASELINE, points=None)),),
         "Affinity: gated CRF loss, 5x5 window (dilation 2), weight 1; consistency: FixMatch-style, threshold 0.95, "
         "weight 1 (weak_losses.py). Self-training: 3 rounds spread over the epochs, pixels of softmax >= 0.9 "
-        "become pseudo-labels, clicks always win (few_clicks.py). Weights untuned. 10 points are per native image; "
-        "'1 click / object' clicks once inside every connected region of one class (dataset.object_clicks)."),
+        "become pseudo-labels, clicks always win; region growing: a click labels its SLIC superpixel (about 8 x 8 "
+        "processing pixels) where the superpixel's clicks agree (few_clicks.py). Weights untuned. 10 points are per "
+        "native image; '1 click / object' clicks once inside every connected region of one class "
+        "(dataset.object_clicks)."),
     Experiment(9, f"Model-chosen vs random clicks at equal budgets: {ROUNDS} rounds x {CLICKS_PER_ROUND} clicks per "
                   f"image", tuple(
         (f"{label}, then {ROUNDS} x {CLICKS_PER_ROUND} {how} clicks",
@@ -303,7 +308,7 @@ def make_config(run, settings, seed, ids):
         class_weighting=run.class_weighting, affinity_weight=run.affinity_weight,
         consistency_weight=run.consistency_weight, self_training=run.self_training,
         pseudo_threshold=run.pseudo_threshold, rounds=run.rounds, clicks_per_round=run.clicks_per_round,
-        click_strategy=run.click_strategy,
+        click_strategy=run.click_strategy, region_growing=run.region_growing,
         gamma=run.gamma, decoder=run.decoder, pretrained=settings["pretrained"], size=settings["size"],
         epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
         step_size=settings["step_size"], lr_gamma=settings["lr_gamma"], seed=seed,
@@ -316,7 +321,7 @@ def make_config(run, settings, seed, ids):
 NEUTRAL = {"affinity_weight": 0.0, "affinity_kernel": 5, "affinity_dilation": 2, "affinity_sigma_rgb": 0.1,
            "affinity_sigma_xy": 4.0, "consistency_weight": 0.0, "consistency_threshold": 0.95, "self_training": 0,
            "pseudo_threshold": 0.9, "rounds": 0, "clicks_per_round": 10, "click_strategy": "uncertain",
-           "click_spacing": 5.0}
+           "click_spacing": 5.0, "region_growing": False}
 
 
 def config_hash(cfg, data_id):
@@ -806,6 +811,8 @@ def low_budget_method(run):
         return f"+ {run.rounds} x {run.clicks_per_round} {how} clicks"
     if run.self_training:
         return "+ self-training"
+    if run.region_growing:
+        return "+ region growing"
     return {(0, 0): "partial CE", (1, 0): "+ affinity", (0, 1): "+ consistency", (1, 1): "+ both"}[
         (int(bool(run.affinity_weight)), int(bool(run.consistency_weight)))]
 

@@ -3,6 +3,7 @@ confident pixels, and new clicks the model chooses (active annotation, simulated
 
     python train.py --data demo_data/patches --points 10 --self-training 3 --pseudo-threshold 0.9
     python train.py --data demo_data/patches --points 10 --rounds 3 --clicks-per-round 10 --click-strategy uncertain
+    python train.py --data demo_data/patches --points 1/object --region-growing    # a click labels its superpixel
     python few_clicks.py      # a worked example: which cells a probability map sends to the annotator
 
 One command runs the rounds: R rounds split the epochs of one run. Round r (1..R) runs after epoch
@@ -28,9 +29,14 @@ within a batch of equal sizes, so there is no padding) and changes the annotatio
   native dense label (the simulated annotator); the clicks join the image's annotation (points_to_grid of the
   old and new clicks together) and count in annotation_stats. Random picks depend on (annotation seed, image
   id, round) only.
-Both at once: where both fall on one epoch, one prediction serves both, the clicks first.
+- Region growing (--region-growing): every training image is cut into SLIC superpixels (scikit-image, about
+  SUPERPIXEL_AREA processing pixels each, on the processing-grid image); a superpixel whose clicked cells
+  agree on one class gets that class on all its cells (SegmentationDataset.set_grown: clicks win over grown
+  labels, grown labels over pseudo-labels; undefined pixels stay unlabelled); one with clicks of two classes
+  or none stays as it was. Grown at the start (train.build_datasets) and again after every click round.
+Both rounds at once: where both fall on one epoch, one prediction serves both, the clicks first.
 
-What a round changed (added clicks, pseudo-labels) is `state(dataset)`, which train.py keeps in last.pth's
+What a round changed (added clicks, grown labels, pseudo-labels) is `state(dataset)`, which train.py keeps in last.pth's
 train_state; `restore` puts it back on --resume. The schedule follows --epochs: resuming with more epochs
 spreads the rounds still ahead over the new length.
 """
@@ -40,11 +46,13 @@ import time
 
 import numpy as np
 import torch
+from skimage.segmentation import slic
 
 from dataset import _image_seed
 from spec import IGNORE_INDEX, grid_size
 
 CLICK_STRATEGIES = ("uncertain", "random")
+SUPERPIXEL_AREA = 64  # processing pixels per SLIC superpixel (about 8 x 8)
 ROUND_SEED = 9  # random clicks: a stream of their own, apart from the annotation's
 
 
@@ -147,10 +155,50 @@ def choose_cells(prob, candidates, k, spacing=5.0, strategy="uncertain", rng=Non
     return np.array(chosen, np.int64)
 
 
+# --------------------------------------------------------------------------- region growing
+
+def superpixels(image, area=SUPERPIXEL_AREA):
+    """(h, w) int superpixel ids of a (B, h, w) image in [0, 1]: SLIC on the bands as they are (no Lab, so any
+    band count works), about `area` pixels each."""
+    x = np.ascontiguousarray(torch.as_tensor(image).permute(1, 2, 0).numpy(), dtype=np.float64)
+    h, w = x.shape[:2]
+    return slic(x, n_segments=max(1, h * w // area), compactness=0.1, start_label=0, channel_axis=-1,
+                convert2lab=False)
+
+
+def grow(clicks, segments):
+    """(h, w) uint8: each superpixel (segments, (h, w) ids) whose labelled cells in `clicks` ((h, w), IGNORE_INDEX
+    where unlabelled) all hold one class, filled with that class; IGNORE_INDEX elsewhere."""
+    seg, cls = segments.reshape(-1), clicks.reshape(-1).astype(np.int64)
+    n = int(seg.max()) + 1
+    lab = cls != IGNORE_INDEX
+    k = int(cls[lab].max()) + 1 if lab.any() else 1
+    votes = np.bincount(seg[lab] * k + cls[lab], minlength=n * k).reshape(n, k)
+    fill = np.where((votes > 0).sum(1) == 1, votes.argmax(1), IGNORE_INDEX)
+    return fill[seg].reshape(clicks.shape).astype(np.uint8)
+
+
+def grow_regions(dataset, indices=None):
+    """Grow the clicks of the dataset's images (all, or `indices`) over their superpixels (set_grown). All of
+    them: prints the share of the training pixels grown and how many agree with the dense labels (diagnostic)."""
+    grown = right = total = 0
+    t0 = time.time()
+    for i in range(len(dataset)) if indices is None else indices:
+        dataset.set_grown(i, grow(dataset.click_grid(i), superpixels(dataset.image(i))))
+        g = dataset.grown_grid(i)
+        grown += int((g != IGNORE_INDEX).sum())
+        right += int(((g == dataset.dense_label(i)) & (g != IGNORE_INDEX)).sum())
+        total += g.size
+    if indices is None:
+        print(f"region growing: the clicks' superpixels label {grown / max(total, 1):.1%} of the training pixels, "
+              f"{right / max(grown, 1):.1%} of them right by the dense labels (diagnostic) | "
+              f"{time.time() - t0:.1f}s", flush=True)
+
+
 # --------------------------------------------------------------------------- a round, called by train.py
 
 def enabled(cfg):
-    return bool(cfg.self_training or cfg.rounds)
+    return bool(cfg.self_training or cfg.rounds or cfg.region_growing)
 
 
 def end_of_epoch(cfg, epoch, model, dataset, device):
@@ -170,6 +218,8 @@ def end_of_epoch(cfg, epoch, model, dataset, device):
             cells = choose_cells(prob, cand, cfg.clicks_per_round, cfg.click_spacing, cfg.click_strategy, rng)
             pixels = centres.reshape(-1)[cells]
             dataset.add_clicks(i, pixels)
+            if cfg.region_growing:
+                grow_regions(dataset, [i])
             n_new += cells.size
             wrong += int((prob.argmax(0).reshape(-1)[cells] != dataset.native_label(i).reshape(-1)[pixels]).sum())
         if pseudo:
@@ -199,25 +249,29 @@ def end_of_epoch(cfg, epoch, model, dataset, device):
 
 def state(dataset):
     """What the rounds changed, as tensors keyed by image id: {"clicks": {id: native flat indices added},
-    "pseudo": {id: (h, w) uint8 pseudo-labels}}."""
+    "pseudo": {id: (h, w) uint8 pseudo-labels}, "grown": {id: (h, w) uint8 grown labels}}."""
     ids = [str(p[0]) for p in dataset.pairs]
     clicks = {ids[i]: torch.from_numpy(dataset.added_clicks(i).astype(np.int64)) for i in range(len(dataset))
               if dataset.added_clicks(i).size}
     pseudo = {ids[i]: torch.from_numpy(dataset.pseudo_grid(i).copy()) for i in range(len(dataset))
               if dataset.pseudo_grid(i) is not None}
-    return {"clicks": clicks, "pseudo": pseudo}
+    grown = {ids[i]: torch.from_numpy(dataset.grown_grid(i).copy()) for i in range(len(dataset))
+             if dataset.grown_grid(i) is not None}
+    return {"clicks": clicks, "pseudo": pseudo, "grown": grown}
 
 
 def restore(dataset, st):
     """Put `state(dataset)` back on a fresh dataset of the same images (--resume)."""
     index = {str(p[0]): i for i, p in enumerate(dataset.pairs)}
-    unknown = sorted((set(st["clicks"]) | set(st["pseudo"])) - set(index))
+    unknown = sorted((set(st["clicks"]) | set(st["pseudo"]) | set(st.get("grown", {}))) - set(index))
     if unknown:
         raise ValueError(f"the training state names images {unknown[:5]} that are not in this training set")
     for image_id, flat in st["clicks"].items():
         dataset.add_clicks(index[image_id], flat.numpy())
     for image_id, grid in st["pseudo"].items():
         dataset.set_pseudo(index[image_id], grid.numpy())
+    for image_id, grid in st.get("grown", {}).items():
+        dataset.set_grown(index[image_id], grid.numpy())
 
 
 # --------------------------------------------------------------------------- a worked example

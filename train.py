@@ -90,6 +90,7 @@ class TrainConfig:
     clicks_per_round: int = 10  # per image and round
     click_strategy: str = "uncertain"  # smallest top-2 margin first, or "random" (the baseline)
     click_spacing: float = 5.0  # processing pixels between the clicks of one round
+    region_growing: bool = False  # a click labels its SLIC superpixel (where the superpixel's clicks agree)
     # model
     arch: str = "resnet18"  # "tiny": a three-layer stand-in for tests and smoke runs
     decoder: str = "skip"  # "plain" is the published decoder
@@ -170,9 +171,9 @@ def check_config(cfg):
          f"affinity sigmas must be > 0, got {cfg.affinity_sigma_rgb} and {cfg.affinity_sigma_xy}")
     need(0 <= cfg.consistency_threshold <= 1, f"consistency threshold must be in [0, 1], got "
                                               f"{cfg.consistency_threshold}")
-    for name in ("self_training", "rounds"):
+    for name in ("self_training", "rounds", "region_growing"):
         v = getattr(cfg, name)
-        need(isinstance(v, int) and 0 <= v < cfg.epochs,
+        need(name == "region_growing" or (isinstance(v, int) and 0 <= v < cfg.epochs),
              f"{name.replace('_', '-')} must be a whole number of rounds below the epochs ({cfg.epochs}; 0 = off), "
              f"got {v}")
         need(not v or (cfg.points is not None and not cfg.resample_each_epoch),
@@ -268,6 +269,8 @@ def build_datasets(cfg, spec=None):
     train_ds = SegmentationDataset(train_pairs, resample_each_epoch=cfg.resample_each_epoch,
                                    augment=cfg.augment, **common)
     val_ds = SegmentationDataset(val_pairs, **common)
+    if cfg.region_growing:  # before check_data and the class weights: grown labels train like clicks
+        few_clicks.grow_regions(train_ds)
     return train_ds, val_ds, how, spec
 
 
@@ -685,6 +688,8 @@ def get_args_parser():
                    help="uncertain: smallest margin between the two top classes first; random: the baseline")
     g.add_argument("--click-spacing", type=float, default=d.click_spacing,
                    help="least distance between the new clicks of a round (processing pixels)")
+    g.add_argument("--region-growing", action="store_true",
+                   help="a click labels its SLIC superpixel (where that superpixel's clicks agree on a class)")
     g = p.add_argument_group("model and optimisation")
     g.add_argument("--arch", default=d.arch, choices=list(ARCHS), help="tiny: a 3-layer stand-in for smoke runs")
     g.add_argument("--decoder", default=d.decoder, choices=list(DECODERS), help="plain = published")

@@ -275,16 +275,18 @@ def test_resume_restores_the_added_clicks(data, tmp_path, monkeypatch):
 def test_cli_and_checks_of_the_round_settings():
     args = get_args_parser().parse_args(["--self-training", "2", "--pseudo-threshold", "0.8", "--rounds", "3",
                                          "--clicks-per-round", "4", "--click-strategy", "random",
-                                         "--click-spacing", "3"])
+                                         "--click-spacing", "3", "--region-growing"])
     cfg = config_from_args(args)
     assert (cfg.self_training, cfg.pseudo_threshold, cfg.rounds, cfg.clicks_per_round, cfg.click_strategy,
-            cfg.click_spacing) == (2, 0.8, 3, 4, "random", 3.0)
+            cfg.click_spacing, cfg.region_growing) == (2, 0.8, 3, 4, "random", 3.0, True)
+    assert config_from_args(get_args_parser().parse_args([])).region_growing is False
     for bad, match in ((dict(rounds=8), "below the epochs"), (dict(self_training=-1), "self-training must"),
                        (dict(rounds=2, points=None), "fixed point annotation"),
                        (dict(self_training=2, resample_each_epoch=True), "fixed point annotation"),
                        (dict(pseudo_threshold=0.0), "pseudo threshold"), (dict(rounds=2, clicks_per_round=0),
                                                                           "clicks per round"),
-                       (dict(click_strategy="entropy"), "click strategy"), (dict(click_spacing=0.5), "spacing")):
+                       (dict(click_strategy="entropy"), "click strategy"), (dict(click_spacing=0.5), "spacing"),
+                       (dict(region_growing=True, points=None), "region-growing needs a fixed point annotation")):
         with pytest.raises(ValueError, match=match):
             check_config(TrainConfig(**{"epochs": 8, "points": 10, **bad}))
 
@@ -320,3 +322,54 @@ def test_low_budget_figure(tmp_path):
     written = E.write_figures(rows, KEYS, "demo", tmp_path)
     assert tmp_path / "low_budget.png" in written and (tmp_path / "low_budget.png").stat().st_size > 0
     assert E.write_figures([], KEYS, "demo", tmp_path / "none") == []
+
+
+# --------------------------------------------------------------------------- region growing
+
+def test_a_click_labels_its_superpixel_unless_its_clicks_disagree():
+    segments = np.repeat(np.repeat(np.arange(4).reshape(2, 2), 3, 0), 3, 1)  # four 3x3 superpixels
+    clicks = np.full((6, 6), IGNORE_INDEX, np.uint8)
+    clicks[0, 0] = 3  # superpixel 0: one class
+    clicks[1, 4], clicks[2, 5] = 1, 2  # superpixel 1: two classes
+    clicks[4, 1] = clicks[5, 2] = 4  # superpixel 2: one class twice; superpixel 3: no click
+    grown = few_clicks.grow(clicks, segments)
+    assert (grown[:3, :3] == 3).all() and (grown[3:, :3] == 4).all()
+    assert (grown[:3, 3:] == IGNORE_INDEX).all() and (grown[3:, 3:] == IGNORE_INDEX).all()
+
+
+def test_superpixels_follow_the_image():
+    image = torch.zeros(3, 16, 16)
+    image[:, :, 8:] = 1.0  # two flat halves
+    segments = few_clicks.superpixels(image, area=32)
+    assert not np.isin(segments[:, :8], segments[:, 8:]).any()  # no superpixel crosses the edge
+
+
+def test_clicks_beat_grown_labels_and_grown_labels_beat_pseudo_labels(patches):
+    root, _ = patches
+    ds = dataset(root)
+    clicks, clicked, dense = ds.click_grid(0).copy(), ds.clicked_cells(0), ds.dense_label(0)
+    few_clicks.grow_regions(ds)
+    grown = ds.grown_grid(0)
+    assert (grown[clicked] == IGNORE_INDEX).all() and (grown != IGNORE_INDEX).sum() > (clicks != IGNORE_INDEX).sum()
+    ds.set_pseudo(0, np.full(dense.shape, 5, np.uint8))
+    grid = ds.point_grid(0)
+    assert np.array_equal(grid[clicked], clicks[clicked])
+    on_grown = grown != IGNORE_INDEX
+    assert np.array_equal(grid[on_grown], grown[on_grown])
+    assert (grid[~clicked & ~on_grown & (dense != IGNORE_INDEX)] == 5).all()
+    assert (grid[~clicked & (dense == IGNORE_INDEX)] == IGNORE_INDEX).all()
+    share = sum(int((ds.grown_grid(i) != IGNORE_INDEX).sum()) for i in range(4)) / (4 * grown.size)
+    assert ds.annotation_stats()["grown_fraction"] == pytest.approx(share) and share > 0
+
+
+def test_region_growing_run_grows_again_after_each_click_round(data, tmp_path, capsys):
+    history = train(cfg_for(data, tmp_path, region_growing=True, rounds=1, clicks_per_round=4, epochs=4))
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert "region growing: the clicks' superpixels label" in capsys.readouterr().out
+    st = read_checkpoint(tmp_path / "ck" / "last.pth").train_state["few_clicks"]
+    ds = dataset(data, ids=range(6), scale=32 / 48)
+    few_clicks.restore(ds, st)
+    for i in range(len(ds)):  # the grown labels saved are those of all the clicks, the added ones included
+        expected = few_clicks.grow(ds.click_grid(i), few_clicks.superpixels(ds.image(i)))
+        keep = ~ds.clicked_cells(i) & (ds.dense_label(i) != IGNORE_INDEX)
+        assert np.array_equal(ds.grown_grid(i), np.where(keep, expected, IGNORE_INDEX))
