@@ -171,12 +171,13 @@ def check_config(cfg):
          f"affinity sigmas must be > 0, got {cfg.affinity_sigma_rgb} and {cfg.affinity_sigma_xy}")
     need(0 <= cfg.consistency_threshold <= 1, f"consistency threshold must be in [0, 1], got "
                                               f"{cfg.consistency_threshold}")
-    for name in ("self_training", "rounds", "region_growing"):
+    for name in ("self_training", "rounds"):
         v = getattr(cfg, name)
-        need(name == "region_growing" or (isinstance(v, int) and 0 <= v < cfg.epochs),
+        need(isinstance(v, int) and 0 <= v < cfg.epochs,
              f"{name.replace('_', '-')} must be a whole number of rounds below the epochs ({cfg.epochs}; 0 = off), "
              f"got {v}")
-        need(not v or (cfg.points is not None and not cfg.resample_each_epoch),
+    for name in ("self_training", "rounds", "region_growing"):
+        need(not getattr(cfg, name) or (cfg.points is not None and not cfg.resample_each_epoch),
              f"{name.replace('_', '-')} needs a fixed point annotation (not dense labels, not redrawn every epoch)")
     need(0 < cfg.pseudo_threshold <= 1, f"pseudo threshold must be in (0, 1], got {cfg.pseudo_threshold}")
     need(cfg.clicks_per_round >= 1, f"clicks per round must be >= 1, got {cfg.clicks_per_round}")
@@ -574,7 +575,7 @@ def train(cfg):
         torch.set_rng_state(st["rng"])
         gen.set_state(st["loader_rng"])
         history, best = list(st["history"]), st["best_miou"]
-        if "few_clicks" in st:  # the clicks and pseudo-labels of the rounds done
+        if "few_clicks" in st:  # the clicks, grown and pseudo-labels of the rounds done
             few_clicks.restore(train_ds, st["few_clicks"])
         start = resumed.epoch + 1
         print(f"resumed from {last_path} at epoch {resumed.epoch}")
