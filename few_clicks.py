@@ -33,7 +33,7 @@ within a batch of equal sizes, so there is no padding) and changes the annotatio
   SUPERPIXEL_AREA processing pixels each, on the processing-grid image); a superpixel whose clicked cells
   agree on one class gets that class on all its cells (SegmentationDataset.set_grown: clicks win over grown
   labels, grown labels over pseudo-labels; undefined pixels stay unlabelled); one with clicks of two classes
-  or none stays as it was. Grown at the start (train.build_datasets) and again after every click round.
+  or none stays as it was. Grown at the start (`start`) and again after every click round.
 Both rounds at once: where both fall on one epoch, one prediction serves both, the clicks first.
 
 What a round changed (added clicks, grown labels, pseudo-labels) is `state(dataset)`, which train.py keeps in last.pth's
@@ -195,10 +195,39 @@ def grow_regions(dataset, indices=None):
               f"{time.time() - t0:.1f}s", flush=True)
 
 
-# --------------------------------------------------------------------------- a round, called by train.py
+# --------------------------------------------------------------------------- called by train.py
 
 def enabled(cfg):
     return bool(cfg.self_training or cfg.rounds or cfg.region_growing)
+
+
+def start(cfg, dataset, train_state=None):
+    """Before the first epoch, after the loaders are made: put back what a resumed run's rounds had changed
+    (train_state from last.pth), else grow the clicks over superpixels (--region-growing). Class weights and
+    resident caches therefore come from the drawn clicks alone. Returns True when point grids changed."""
+    if train_state is not None and "few_clicks" in train_state:
+        restore(dataset, train_state["few_clicks"])
+        return True
+    if cfg.region_growing:
+        grow_regions(dataset)
+        return True
+    return False
+
+
+def refresh(loader, dataset):
+    """Make a training loader serve the dataset's current point grids. A resident.ResidentLoader (device tensors
+    gathered by index, padded at the bottom/right) gets them written into its points tensor; a DataLoader reads
+    dataset.point_grid per item already (train.make_loaders keeps no persistent workers while rounds are on)."""
+    data = getattr(loader, "data", None)
+    if data is None or not hasattr(data, "points"):
+        return
+    if list(data.ids) != [str(p[0]) for p in dataset.pairs]:
+        raise ValueError("the resident tensors hold other images than the training dataset; cannot refresh them")
+    points = torch.full(tuple(data.points.shape), IGNORE_INDEX, dtype=torch.uint8)
+    for i in range(len(dataset)):
+        grid = torch.from_numpy(dataset.point_grid(i))
+        points[i, :grid.shape[0], :grid.shape[1]] = grid
+    data.points.copy_(points.to(data.points.device))
 
 
 def end_of_epoch(cfg, epoch, model, dataset, device):

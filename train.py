@@ -270,8 +270,6 @@ def build_datasets(cfg, spec=None):
     train_ds = SegmentationDataset(train_pairs, resample_each_epoch=cfg.resample_each_epoch,
                                    augment=cfg.augment, **common)
     val_ds = SegmentationDataset(val_pairs, **common)
-    if cfg.region_growing:  # before check_data and the class weights: grown labels train like clicks
-        few_clicks.grow_regions(train_ds)
     return train_ds, val_ds, how, spec
 
 
@@ -356,7 +354,8 @@ def make_loaders(cfg, train_ds, val_ds, device, gen, out_dir):
         print(f"data path: resident batches on {device} ({why}); train {tr_where}; val {va_where}", flush=True)
         return train_loader, val_loader
     loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                     persistent_workers=cfg.workers > 0 and not cfg.resample_each_epoch, collate_fn=pad_collate)
+                     persistent_workers=cfg.workers > 0 and not cfg.resample_each_epoch and not few_clicks.enabled(cfg),
+                     collate_fn=pad_collate)  # persistent workers would keep their copy of an annotation rounds change
     train_loader = DataLoader(train_ds, shuffle=True, drop_last=drop_last, generator=gen, **loader_kw)
     val_loader = DataLoader(val_ds, shuffle=False, **loader_kw)
     print(f"data path: per-item DataLoader, {cfg.workers} workers ({why})", flush=True)
@@ -575,12 +574,13 @@ def train(cfg):
         torch.set_rng_state(st["rng"])
         gen.set_state(st["loader_rng"])
         history, best = list(st["history"]), st["best_miou"]
-        if "few_clicks" in st:  # the clicks, grown and pseudo-labels of the rounds done
-            few_clicks.restore(train_ds, st["few_clicks"])
         start = resumed.epoch + 1
         print(f"resumed from {last_path} at epoch {resumed.epoch}")
 
     train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, device, gen, out_dir)
+    # after the loaders (a resident cache holds the drawn annotation only): grown labels, or a resumed run's rounds
+    if few_clicks.start(cfg, train_ds, resumed.train_state if resumed else None):
+        few_clicks.refresh(train_loader, train_ds)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     names = train_ds.classes.names
@@ -607,10 +607,7 @@ def train(cfg):
               f"mF1 {va['mf1']:.3f} (dense) | lr {lr:.2e} | {h['seconds']:.1f}s{' *' if improved else ''}",
               flush=True)
         if few_clicks.end_of_epoch(cfg, epoch, model, train_ds, device):  # a round changed the annotation
-            # --- refresh the training batches here: resident point grids re-read train_ds.point_grid(i) ---
-            if loader_kw["persistent_workers"]:  # persistent workers hold their own copy of the dataset
-                train_loader = DataLoader(train_ds, shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
-                                          generator=gen, **loader_kw)
+            few_clicks.refresh(train_loader, train_ds)  # --- the batches read the new point grids from here on
         try:
             if improved:
                 best = va["miou"]

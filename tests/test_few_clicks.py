@@ -373,3 +373,37 @@ def test_region_growing_run_grows_again_after_each_click_round(data, tmp_path, c
         expected = few_clicks.grow(ds.click_grid(i), few_clicks.superpixels(ds.image(i)))
         keep = ~ds.clicked_cells(i) & (ds.dense_label(i) != IGNORE_INDEX)
         assert np.array_equal(ds.grown_grid(i), np.where(keep, expected, IGNORE_INDEX))
+
+
+# --------------------------------------------------------------------------- the batch paths
+
+def test_refresh_writes_the_new_point_grids_into_resident_tensors(patches):
+    from resident import ResidentLoader, build_tensors
+    root, _ = patches
+    ds = dataset(root)
+    loader = ResidentLoader(build_tensors(ds), batch_size=2)
+    few_clicks.end_of_epoch(config(rounds=1, self_training=1, pseudo_threshold=0.5), 4, Fixed(one_hot_logits(1)),
+                            ds, "cpu")
+    assert not all(np.array_equal(loader.data.points[i].numpy(), ds.point_grid(i)) for i in range(len(ds)))
+    few_clicks.refresh(loader, ds)
+    assert all(np.array_equal(loader.data.points[i].numpy(), ds.point_grid(i)) for i in range(len(ds)))
+    batch = next(iter(loader))
+    assert np.array_equal(batch["points"][0].numpy(), ds.point_grid(0))
+
+
+@pytest.mark.parametrize("loader", ["resident", "dataloader"])
+def test_both_batch_paths_train_on_the_grids_the_rounds_made(data, tmp_path, monkeypatch, loader):
+    seen = []
+    original = few_clicks.refresh
+
+    def checked(train_loader, ds):
+        original(train_loader, ds)
+        batches = list(train_loader)
+        by_id = {i: p for b in batches for i, p in zip(b["id"], b["points"])}
+        seen.append(all(np.array_equal(np.sort(by_id[str(ds.pairs[i][0])].numpy().ravel()),
+                                       np.sort(ds.point_grid(i).ravel())) for i in range(len(ds)) if str(ds.pairs[i][0])
+                        in by_id))  # sorted: the batches may be rotated or flipped
+    monkeypatch.setattr(few_clicks, "refresh", checked)
+    history = train(cfg_for(data, tmp_path, epochs=3, rounds=1, self_training=1, pseudo_threshold=0.3, loader=loader,
+                            augment=True))
+    assert seen == [True] and len(history) == 3
