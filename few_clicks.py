@@ -16,7 +16,7 @@ within a batch of equal sizes, so there is no padding) and changes the annotatio
   pseudo-labels (the argmax class), replacing the previous round's. A cell that holds a click keeps its
   click's class and undefined pixels stay unlabelled (SegmentationDataset.set_pseudo): the clicks always win.
   Pseudo-labels weigh as much as clicks in the partial CE: a smaller weight would need a second target map
-  in every batch, and the batch path is being rewritten; the class weights stay those of the clicks. Each
+  through both batch paths (resident tensors and DataLoader); the class weights stay those of the clicks. Each
   round logs how many pixels got a pseudo-label and how many of them agree with the dense labels (a
   diagnostic only: dense labels never train).
 - Model-chosen clicks (--rounds R --clicks-per-round K): every training image gets K new clicks per round.
@@ -36,9 +36,10 @@ within a batch of equal sizes, so there is no padding) and changes the annotatio
   or none stays as it was. Grown at the start (`start`) and again after every click round.
 Both rounds at once: where both fall on one epoch, one prediction serves both, the clicks first.
 
-What a round changed (added clicks, grown labels, pseudo-labels) is `state(dataset)`, which train.py keeps in last.pth's
-train_state; `restore` puts it back on --resume. The schedule follows --epochs: resuming with more epochs
-spreads the rounds still ahead over the new length.
+What a round changed (added clicks, grown labels, pseudo-labels) is `state(dataset)`, which train.py keeps in
+last.pth's train_state; `restore` puts it back on --resume (`start`). After every change train.py calls `refresh`,
+which writes the new point grids into resident batch tensors. The schedule follows --epochs: resuming with more
+epochs spreads the rounds still ahead over the new length.
 """
 
 import math
