@@ -305,6 +305,10 @@ class SegmentationDataset(Dataset):
         self._cache = {}
         self._points = {}
         self._clicks = {}  # native pixels clicked per image (annotation_stats)
+        self._drawn = {}  # the drawn annotation's native flat indices, once click_pixels asked for them
+        self._added = {}  # native flat indices clicked after the start (add_clicks), per image
+        self._pseudo = {}  # pseudo-labels on the processing grid (set_pseudo), per image
+        self._grown = {}  # labels grown from the clicks on the processing grid (set_grown), per image
 
     @property
     def classes(self):
@@ -347,26 +351,125 @@ class SegmentationDataset(Dataset):
         """The dense class map of sample i at processing resolution (what evaluation compares with)."""
         return self._load(i)[2]
 
-    def point_grid(self, i, native_label=None):
-        """The point annotation of sample i on the processing grid, (h, w) uint8."""
+    def image(self, i):
+        """The (B, h, w) float image of sample i on the processing grid, in [0, 1], not augmented."""
+        return self._load(i)[0]
+
+    def _draw(self, i, native_label):
+        """The drawn annotation of sample i: sorted native flat indices (see point_grid)."""
+        H, W = native_label.shape
+        fixed = not self.resample_each_epoch
+        rng = np.random.default_rng(_image_seed(self.seed, self.pairs[i][0], None if fixed else self.epoch))
+        k = clicks_per_object(self.points)
+        if k is not None:
+            return object_clicks(native_label, k, rng)
+        n = None if self.points is None else point_count(self.points, H, W, self.pairs[i][1])
+        return sample_points(native_label, n, self.strategy, rng)
+
+    def click_grid(self, i, native_label=None):
+        """The clicks of sample i on the processing grid, (h, w) uint8: the drawn annotation plus the clicks
+        add_clicks added (points_to_grid of all of them together); no pseudo-labels."""
         fixed = not self.resample_each_epoch
         if fixed and i in self._points:
             return self._points[i]
         if native_label is None:
             native_label = self._load(i)[1]
         H, W = native_label.shape
-        rng = np.random.default_rng(_image_seed(self.seed, self.pairs[i][0], None if fixed else self.epoch))
-        k = clicks_per_object(self.points)
-        if k is not None:
-            flat = object_clicks(native_label, k, rng)
-        else:
-            n = None if self.points is None else point_count(self.points, H, W, self.pairs[i][1])
-            flat = sample_points(native_label, n, self.strategy, rng)
+        flat = self._drawn[i].astype(np.int64) if i in self._drawn else self._draw(i, native_label)
+        if i in self._added:
+            flat = np.concatenate([flat, self._added[i]])
         self._clicks[i] = (flat.size, native_label.size)
         grid = points_to_grid(native_label, flat, grid_size(H, W, self.spec.scale))
         if fixed and self.cache:  # a fixed annotation is drawn once
             self._points[i] = grid
         return grid
+
+    def point_grid(self, i, native_label=None):
+        """The training target of sample i on the processing grid, (h, w) uint8: its clicks (click_grid), then
+        on the cells that hold no click its grown labels (set_grown), then its pseudo-labels (set_pseudo)."""
+        grid = self.click_grid(i, native_label)
+        for layer in (self._grown.get(i), self._pseudo.get(i)):  # an earlier one wins
+            if layer is not None:
+                grid = np.where((grid == IGNORE_INDEX) & (layer != IGNORE_INDEX), layer, grid).astype(np.uint8)
+        return grid
+
+    def click_pixels(self, i):
+        """Native flat indices of every click on sample i: the drawn annotation, then those add_clicks added."""
+        if i not in self._drawn:  # kept once asked for (the rounds ask every round); int32 is enough
+            drawn = self._draw(i, self._load(i)[1]).astype(np.int32)
+            if self.resample_each_epoch or not self.cache:
+                return np.concatenate([drawn, self.added_clicks(i)]).astype(np.int64)
+            self._drawn[i] = drawn
+        return np.concatenate([self._drawn[i], self.added_clicks(i)]).astype(np.int64)
+
+    def clicked_cells(self, i):
+        """(h, w) bool: the processing-grid cells of sample i that hold at least one click (points_to_grid's
+        cell rule), whether or not their clicks agree on a class."""
+        H, W = self._load(i)[1].shape
+        h, w = grid_size(H, W, self.spec.scale)
+        rows, cols = np.divmod(self.click_pixels(i), W)
+        cells = np.zeros(h * w, bool)
+        cells[(rows * h // H) * w + cols * w // W] = True
+        return cells.reshape(h, w)
+
+    def add_clicks(self, i, flat):
+        """Add clicks to sample i's annotation: native flat pixel indices into its label, whose classes the
+        dense label reveals (a simulated annotator). A pixel outside the image, undefined, already clicked or
+        given twice is an error. Pseudo-labels on the cells they fall in are dropped: a click always wins."""
+        if self.resample_each_epoch:
+            raise ValueError("clicks cannot be added to an annotation that is redrawn every epoch")
+        flat = np.asarray(flat, np.int64).reshape(-1)
+        native = self._load(i)[1]
+        name = self.pairs[i][1]
+        if flat.size and (flat.min() < 0 or flat.max() >= native.size):
+            raise ValueError(f"{name}: clicks {flat[(flat < 0) | (flat >= native.size)][:5]} are outside its "
+                             f"{native.size} pixels")
+        if (native.reshape(-1)[flat] == IGNORE_INDEX).any():
+            raise ValueError(f"{name}: clicks on undefined pixels {flat[native.reshape(-1)[flat] == IGNORE_INDEX][:5]}")
+        again = np.intersect1d(flat, self.click_pixels(i))
+        if again.size or np.unique(flat).size < flat.size:
+            raise ValueError(f"{name}: pixels clicked twice {again[:5] if again.size else flat[:5]}")
+        self._added[i] = np.concatenate([self._added.get(i, np.zeros(0, np.int64)), flat])
+        self._points.pop(i, None)
+        for layer in (self._pseudo, self._grown):
+            if i in layer:
+                layer[i] = np.where(self.clicked_cells(i), IGNORE_INDEX, layer[i]).astype(np.uint8)
+
+    def added_clicks(self, i):
+        """The native flat indices add_clicks added to sample i, in order."""
+        return self._added.get(i, np.zeros(0, np.int64))
+
+    def set_pseudo(self, i, grid):
+        """Pseudo-labels of sample i on the processing grid ((h, w), IGNORE_INDEX where none), replacing the
+        earlier ones; None removes them. Cells that hold a click and pixels undefined in the label are left
+        unlabelled, so a click always wins and an undefined pixel is never a target."""
+        self._set_layer(self._pseudo, i, grid, "pseudo-labels")
+
+    def set_grown(self, i, grid):
+        """Labels grown from sample i's clicks (e.g. over superpixels), as set_pseudo; they win over
+        pseudo-labels, and clicks win over them."""
+        self._set_layer(self._grown, i, grid, "grown labels")
+
+    def _set_layer(self, layer, i, grid, what):
+        if grid is None:
+            layer.pop(i, None)
+            return
+        grid = np.asarray(grid)
+        label = self.dense_label(i)
+        if grid.shape != label.shape:
+            raise ValueError(f"{what} of {self.pairs[i][1]} are {grid.shape}, its processing grid is {label.shape}")
+        if ((grid >= self.classes.num_classes) & (grid != IGNORE_INDEX)).any() or (grid < 0).any():
+            raise ValueError(f"{what} of {self.pairs[i][1]} hold values that are no class")
+        keep = ~self.clicked_cells(i) & (label != IGNORE_INDEX)
+        layer[i] = np.where(keep, grid, IGNORE_INDEX).astype(np.uint8)
+
+    def pseudo_grid(self, i):
+        """Sample i's pseudo-labels (set_pseudo) or None."""
+        return self._pseudo.get(i)
+
+    def grown_grid(self, i):
+        """Sample i's grown labels (set_grown) or None."""
+        return self._grown.get(i)
 
     def __getitem__(self, i):
         image, native_label, label = self._load(i)
@@ -379,10 +482,11 @@ class SegmentationDataset(Dataset):
         return {"image": image, "points": points, "label": label, "id": str(self.pairs[i][0])}
 
     def labelled_fraction(self):
-        """Fraction of processing-grid pixels that carry a point label, over the whole dataset."""
+        """Fraction of processing-grid pixels that carry a click label (pseudo-labels not counted), over the
+        whole dataset."""
         labelled = total = 0
         for i in range(len(self)):
-            grid = self.point_grid(i)
+            grid = self.click_grid(i)
             labelled += int((grid != IGNORE_INDEX).sum())
             total += grid.size
         return labelled / total
@@ -390,16 +494,23 @@ class SegmentationDataset(Dataset):
     def annotation_stats(self):
         """The annotation budget as an annotator pays it, over the whole dataset: `clicks_per_image` (mean
         native pixels clicked per image), `clicked_fraction` (clicks / native pixels) and
-        `labelled_fraction` (share of processing-grid pixels that carry a label, as labelled_fraction())."""
-        clicks = pixels = labelled = total = 0
+        `labelled_fraction` (share of processing-grid pixels that carry a click label, as labelled_fraction())
+        and `pseudo_fraction` / `grown_fraction` (share that carries a pseudo-label / grown label where no click
+        is, set_pseudo / set_grown). Added clicks (add_clicks) count."""
+        clicks = pixels = labelled = pseudo = grown = total = 0
         for i in range(len(self)):
-            grid = self.point_grid(i)
+            grid = self.click_grid(i)
             labelled += int((grid != IGNORE_INDEX).sum())
             total += grid.size
+            if i in self._pseudo:
+                pseudo += int((self._pseudo[i] != IGNORE_INDEX).sum())
+            if i in self._grown:
+                grown += int((self._grown[i] != IGNORE_INDEX).sum())
             clicks += self._clicks[i][0]
             pixels += self._clicks[i][1]
         return {"clicks_per_image": clicks / len(self), "clicked_fraction": clicks / pixels,
-                "labelled_fraction": labelled / total}
+                "labelled_fraction": labelled / total, "pseudo_fraction": pseudo / total,
+                "grown_fraction": grown / total}
 
 
 def augment_sample(image, points, label):

@@ -17,6 +17,9 @@ Experiments (each configuration trained with --seeds seeds, reported as mean +/-
   4. uniform vs class-balanced point sampling at low budgets
   5. plain (published) vs skip decoder
   6. points fixed vs redrawn every epoch (what the published code did)
+  7. class weighting schemes on imbalanced data
+  8. few clicks: partial CE vs affinity / consistency losses vs self-training, at 10 and 100 points and 1/object
+  9. model-chosen vs random clicks at equal budgets (few_clicks.py), and the same clicks all at the start
 
 Choices, stated once:
 - The baseline: 20,000 uniform points per native 300x300 image, class weights from the points, focal gamma 2
@@ -92,6 +95,12 @@ class Run:
     class_weighting: str = "inverse"  # how class counts become weights (class_weights.SCHEMES)
     affinity_weight: float = 0.0  # weak_losses: gated CRF pairwise loss on unlabelled pixels
     consistency_weight: float = 0.0  # weak_losses: FixMatch-style consistency on unlabelled pixels
+    self_training: int = 0  # few_clicks: rounds of pseudo-labels from the model's confident pixels
+    pseudo_threshold: float = 0.9
+    rounds: int = 0  # few_clicks: rounds of clicks the model chooses
+    clicks_per_round: int = 10
+    click_strategy: str = "uncertain"  # or "random"
+    region_growing: bool = False  # few_clicks: a click labels its SLIC superpixel
 
     @property
     def name(self):
@@ -103,6 +112,9 @@ class Run:
             pts = f"{self.points}pts-{self.strategy}"
         pts += f"-aff{self.affinity_weight:g}" if self.affinity_weight else ""
         pts += f"-cons{self.consistency_weight:g}" if self.consistency_weight else ""
+        pts += f"-st{self.self_training}t{self.pseudo_threshold:g}" if self.self_training else ""
+        pts += f"-{self.rounds}x{self.clicks_per_round}{self.click_strategy}" if self.rounds else ""
+        pts += "-grown" if self.region_growing else ""
         weights = self.class_weights if self.class_weighting == "inverse" else \
             f"{self.class_weights}-{self.class_weighting}"
         return (f"{pts}-w{weights}-{self.decoder}-g{self.gamma:g}"
@@ -113,6 +125,7 @@ BASELINE = Run()  # published annotation and loss, points fixed, skip decoder
 PUBLISHED = replace(BASELINE, decoder="plain")  # the published configuration (with points fixed)
 BUDGETS = (10, 100, 1000, 5000, 20000)  # points per native 300x300 image
 LOW_BUDGETS = (10, 100)
+ROUNDS, CLICKS_PER_ROUND = 3, 10  # experiment 9: 10 points + 3 rounds x 10 clicks = 40 clicks per image
 
 
 @dataclass(frozen=True)
@@ -165,16 +178,37 @@ EXPERIMENTS = (
         ("inverse frequency, ratio capped at 10", replace(BASELINE, class_weighting="capped"))),
         "Weights from the training points (class_weights.py). The rare class is car on the synthetic scenes and "
         "building on the Atlanta tile (4 % of the pixels); see the per-class IoU table."),
-    Experiment(8, "Few clicks: partial CE vs affinity loss vs consistency vs both, at 10 and 100 points and 1 click "
-                  "per object",
-        tuple((f"{label}, {method}", replace(BASELINE, points=budget, affinity_weight=a, consistency_weight=c))
+    Experiment(8, "Few clicks: partial CE vs affinity loss vs consistency vs both vs self-training vs region growing, "
+                  "at 10 and 100 points and 1 click per object",
+        tuple((f"{label}, {method}", replace(BASELINE, points=budget, affinity_weight=a, consistency_weight=c,
+                                              self_training=st, region_growing=grown))
               for budget, label in ((10, "10 points"), (100, "100 points"), ("1/object", "1 click / object"))
-              for method, a, c in (("partial CE", 0.0, 0.0), ("+ affinity", 1.0, 0.0), ("+ consistency", 0.0, 1.0),
-                                   ("+ both", 1.0, 1.0))) + (
+              for method, a, c, st, grown in (("partial CE", 0.0, 0.0, 0, False), ("+ affinity", 1.0, 0.0, 0, False),
+                                              ("+ consistency", 0.0, 1.0, 0, False), ("+ both", 1.0, 1.0, 0, False),
+                                              ("+ self-training", 0.0, 0.0, ROUNDS, False),
+                                              ("+ region growing", 0.0, 0.0, 0, True))) + (
         ("dense labels (ceiling)", replace(BASELINE, points=None)),),
         "Affinity: gated CRF loss, 5x5 window (dilation 2), weight 1; consistency: FixMatch-style, threshold 0.95, "
-        "weight 1 (weak_losses.py). Weights untuned. 10 points are per native image; '1 click / object' clicks "
-        "once inside every connected region of one class (dataset.object_clicks)."),
+        "weight 1 (weak_losses.py). Self-training: 3 rounds spread over the epochs, pixels of softmax >= 0.9 "
+        "become pseudo-labels, clicks always win; region growing: a click labels its SLIC superpixel (about 8 x 8 "
+        "processing pixels) where the superpixel's clicks agree (few_clicks.py). Weights untuned. 10 points are per "
+        "native image; '1 click / object' clicks once inside every connected region of one class "
+        "(dataset.object_clicks)."),
+    Experiment(9, f"Model-chosen vs random clicks at equal budgets: {ROUNDS} rounds x {CLICKS_PER_ROUND} clicks per "
+                  f"image", tuple(
+        (f"{label}, then {ROUNDS} x {CLICKS_PER_ROUND} {how} clicks",
+         replace(BASELINE, points=start, rounds=ROUNDS, clicks_per_round=CLICKS_PER_ROUND, click_strategy=strategy))
+        for start, label in ((10, "10 points"), ("1/object", "1 click / object"))
+        for strategy, how in (("uncertain", "model-chosen"), ("random", "random"))) + (
+        (f"{10 + ROUNDS * CLICKS_PER_ROUND} points from the start",
+         replace(BASELINE, points=10 + ROUNDS * CLICKS_PER_ROUND)),
+        ("1 click / object, no rounds", replace(BASELINE, points="1/object")),
+        ("dense labels (ceiling)", replace(BASELINE, points=None))),
+        "The model chooses each image's new clicks after epochs 2, 4, 6 (demo, 8 epochs) or 5, 10, 15 (atlanta, 20): "
+        "the cells of smallest margin between its two most likely classes, at least 5 processing pixels apart, "
+        "never on a clicked cell or an undefined pixel; the cell's centre pixel is clicked and its class read from "
+        "the dense label (a simulated annotator). Random: the same schedule and spacing, a random order. "
+        "'Labelled pixels' is what the run ended with (all rounds' clicks)."),
 )
 
 # --------------------------------------------------------------------------- presets
@@ -277,7 +311,9 @@ def make_config(run, settings, seed, ids):
         train_ids=train_ids, val_ids=val_ids, points=run.points, strategy=run.strategy,
         resample_each_epoch=run.resample_each_epoch, annotation_seed=seed, class_weights=run.class_weights,
         class_weighting=run.class_weighting, affinity_weight=run.affinity_weight,
-        consistency_weight=run.consistency_weight,
+        consistency_weight=run.consistency_weight, self_training=run.self_training,
+        pseudo_threshold=run.pseudo_threshold, rounds=run.rounds, clicks_per_round=run.clicks_per_round,
+        click_strategy=run.click_strategy, region_growing=run.region_growing,
         gamma=run.gamma, decoder=run.decoder, pretrained=settings["pretrained"], size=settings["size"],
         epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
         step_size=settings["step_size"], lr_gamma=settings["lr_gamma"], seed=seed,
@@ -288,7 +324,9 @@ def make_config(run, settings, seed, ids):
 # value a field stays out of the key, so adding a feature (off by default) keeps every finished run valid. Any
 # other value (a run that uses the feature, or a changed default) enters the key.
 NEUTRAL = {"affinity_weight": 0.0, "affinity_kernel": 5, "affinity_dilation": 2, "affinity_sigma_rgb": 0.1,
-           "affinity_sigma_xy": 4.0, "consistency_weight": 0.0, "consistency_threshold": 0.95}
+           "affinity_sigma_xy": 4.0, "consistency_weight": 0.0, "consistency_threshold": 0.95, "self_training": 0,
+           "pseudo_threshold": 0.9, "rounds": 0, "clicks_per_round": 10, "click_strategy": "uncertain",
+           "click_spacing": 5.0, "region_growing": False}
 
 
 def config_hash(cfg, data_id):
@@ -475,6 +513,12 @@ def train_and_measure(cfg):
     fraction = train_ds.labelled_fraction()  # for redrawn points: the first draw (each draw is alike)
     print(f"labelled fraction of the training pixels at {cfg.size}x{cfg.size}: {fraction:.2%}", flush=True)
     history = train(cfg)
+    if cfg.rounds:  # model-chosen clicks: the budget is what the run ended with, as its last.pth holds it
+        import few_clicks
+        from checkpoint import read_checkpoint
+        few_clicks.restore(train_ds, read_checkpoint(Path(cfg.out) / "last.pth").train_state["few_clicks"])
+        fraction = train_ds.labelled_fraction()
+        print(f"labelled fraction after the click rounds: {fraction:.2%}", flush=True)
     return {"history": history, "labelled_fraction": fraction, "n_train": len(train_ds), "n_val": len(val_ds)}
 
 
@@ -792,9 +836,23 @@ def write_report(rows, keys, preset, path, figures_dir):
     return path
 
 
+def low_budget_method(run):
+    """The series a low-budget run belongs to in low_budget.png (what it adds to the partial CE)."""
+    if run.rounds:
+        how = "model-chosen" if run.click_strategy == "uncertain" else "random"
+        return f"+ {run.rounds} x {run.clicks_per_round} {how} clicks"
+    if run.self_training:
+        return "+ self-training"
+    if run.region_growing:
+        return "+ region growing"
+    return {(0, 0): "partial CE", (1, 0): "+ affinity", (0, 1): "+ consistency", (1, 1): "+ both"}[
+        (int(bool(run.affinity_weight)), int(bool(run.consistency_weight)))]
+
+
 def write_figures(rows, keys, preset, folder):
-    """point_budget.png (mIoU vs points per image, log x, dense ceiling as a line) and class_weights_iou.png
-    (per-class IoU of the published pair). Returns the paths written."""
+    """point_budget.png (mIoU vs points per image, log x, dense ceiling as a line), class_weights_iou.png
+    (per-class IoU of the published pair) and low_budget.png (experiments 8 and 9: mIoU vs the labelled share of
+    the training pixels, log x, dense ceiling as a line). Returns the paths written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -857,6 +915,45 @@ def write_figures(rows, keys, preset, folder):
         fig.tight_layout()
         written.append(folder / "class_weights_iou.png")
         fig.savefig(written[-1], dpi=110, bbox_inches="tight")
+        plt.close(fig)
+
+    low = [run for e in EXPERIMENTS if e.number in (8, 9) for _, run in e.rows if run.points is not None]
+    series = {}
+    for run in dict.fromkeys(low):
+        s = summarize(rows, key(run))
+        if s["miou"][2]:
+            series.setdefault(low_budget_method(run), []).append((100 * s["labelled_fraction"][0], s["miou"], run))
+    if series:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for method, pts in series.items():
+            pts.sort(key=lambda p: p[0])
+            ax.errorbar([p[0] for p in pts], [100 * p[1][0] for p in pts],
+                        yerr=[100 * np.nan_to_num(p[1][1]) for p in pts], fmt="o-" if "clicks" not in method else "s--",
+                        capsize=3, label=method)
+            for x, m, run in pts:
+                ax.annotate(str(run.points), (x, 100 * m[0]), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color="grey")
+        dense = summarize(rows, key(replace(BASELINE, points=None)))["miou"]
+        if dense[2]:
+            m, s = 100 * dense[0], 100 * np.nan_to_num(dense[1])
+            ax.axhline(m, color="k", lw=1.5, label=f"dense labels (ceiling) {m:.1f} %")
+            ax.axhspan(m - s, m + s, color="k", alpha=0.1)
+        ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter
+        percent = FuncFormatter(lambda v, _: f"{v:g} %")
+        ax.xaxis.set_major_formatter(percent)
+        ax.xaxis.set_minor_formatter(percent)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.margins(y=0.1)
+        ax.set_xlabel("% of the training pixels labelled by clicks at processing size (at the end of the run; "
+                      "grey: the starting budget)", fontsize=8)
+        ax.set_ylabel("val mIoU % (last epoch)")
+        ax.set_title("Few clicks: mIoU vs labelled share" + tag, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        written.append(folder / "low_budget.png")
+        fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     return written
 

@@ -3,6 +3,7 @@
     python train.py --data archive/patches --points 20000 --class-weights points --decoder skip --epochs 100
     python train.py --data demo_data/patches --no-pretrained --epochs 5      # synthetic demo, random init
     python train.py --data archive/patches --points 1/object --affinity-weight 1 --consistency-weight 1   # clicks
+    python train.py --data archive/patches --points 10 --rounds 3 --clicks-per-round 10   # model-chosen clicks
 
 Per epoch: one log line (loss, OA and mIoU on the training points, val loss on the val points, val OA / mIoU
 on the dense val labels, lr, seconds). Keeps `<out>/best_model.pth` (best val mIoU) and `<out>/last.pth`
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import distributed
+import few_clicks
 from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from class_weights import SCHEMES, compute_class_weights, load_class_weights, save_class_weights
 from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids,
@@ -82,6 +84,14 @@ class TrainConfig:
     affinity_sigma_xy: float = 4.0  # spatial bandwidth, processing pixels
     consistency_weight: float = 0.0  # FixMatch-style: confident pseudo-labels of the batch vs a strong view
     consistency_threshold: float = 0.95
+    # rounds inside the run (few_clicks.py); 0 = off
+    self_training: int = 0  # R rounds of pseudo-labels from the model's confident pixels
+    pseudo_threshold: float = 0.9  # softmax max a pixel needs to become a pseudo-label
+    rounds: int = 0  # R rounds of clicks the model chooses (revealed from the dense labels)
+    clicks_per_round: int = 10  # per image and round
+    click_strategy: str = "uncertain"  # smallest top-2 margin first, or "random" (the baseline)
+    click_spacing: float = 5.0  # processing pixels between the clicks of one round
+    region_growing: bool = False  # a click labels its SLIC superpixel (where the superpixel's clicks agree)
     # model
     arch: str = "resnet18"  # "tiny": a three-layer stand-in for tests and smoke runs
     decoder: str = "skip"  # "plain" is the published decoder
@@ -162,6 +172,19 @@ def check_config(cfg):
          f"affinity sigmas must be > 0, got {cfg.affinity_sigma_rgb} and {cfg.affinity_sigma_xy}")
     need(0 <= cfg.consistency_threshold <= 1, f"consistency threshold must be in [0, 1], got "
                                               f"{cfg.consistency_threshold}")
+    for name in ("self_training", "rounds"):
+        v = getattr(cfg, name)
+        need(isinstance(v, int) and 0 <= v < cfg.epochs,
+             f"{name.replace('_', '-')} must be a whole number of rounds below the epochs ({cfg.epochs}; 0 = off), "
+             f"got {v}")
+    for name in ("self_training", "rounds", "region_growing"):
+        need(not getattr(cfg, name) or (cfg.points is not None and not cfg.resample_each_epoch),
+             f"{name.replace('_', '-')} needs a fixed point annotation (not dense labels, not redrawn every epoch)")
+    need(0 < cfg.pseudo_threshold <= 1, f"pseudo threshold must be in (0, 1], got {cfg.pseudo_threshold}")
+    need(cfg.clicks_per_round >= 1, f"clicks per round must be >= 1, got {cfg.clicks_per_round}")
+    need(cfg.click_strategy in few_clicks.CLICK_STRATEGIES,
+         f"unknown click strategy {cfg.click_strategy!r}; use one of {few_clicks.CLICK_STRATEGIES}")
+    need(cfg.click_spacing >= 1, f"click spacing must be >= 1 pixel, got {cfg.click_spacing}")
     need(cfg.arch in ARCHS, f"unknown arch {cfg.arch!r}; use one of {ARCHS}")
     need(cfg.decoder in DECODERS, f"unknown decoder {cfg.decoder!r}; use one of {DECODERS}")
     need(cfg.bands is None or (len(cfg.bands) > 0 and min(cfg.bands) >= 0), f"bad bands {cfg.bands}")
@@ -336,7 +359,8 @@ def make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx=None):
         print(f"data path: resident batches on {device} ({why}); train {tr_where}; val {va_where}", flush=True)
         return train_loader, val_loader
     loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                     persistent_workers=cfg.workers > 0 and not cfg.resample_each_epoch, collate_fn=pad_collate)
+                     persistent_workers=cfg.workers > 0 and not cfg.resample_each_epoch and not few_clicks.enabled(cfg),
+                     collate_fn=pad_collate)  # persistent workers would keep their copy of an annotation rounds change
     train_loader = DataLoader(train_ds, shuffle=True, drop_last=drop_last, generator=gen, **loader_kw)
     val_loader = DataLoader(val_ds, shuffle=False, **loader_kw)
     if world > 1:  # this rank's share of every batch (distributed.RankBatches)
@@ -574,6 +598,9 @@ def train(cfg):
         print(f"resumed from {last_path} at epoch {resumed.epoch}")
 
     train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx)
+    # after the loaders (a resident cache holds the drawn annotation only): grown labels, or a resumed run's rounds
+    if few_clicks.start(cfg, train_ds, resumed.train_state if resumed else None):
+        few_clicks.refresh(train_loader, train_ds)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     names = train_ds.classes.names
@@ -605,6 +632,8 @@ def train(cfg):
               f"(train points) | val loss {va_loss:.4f} OA {va['oa']:.3f} mIoU {va['miou']:.3f} "
               f"mF1 {va['mf1']:.3f} (dense) | lr {lr:.2e} | {h['seconds']:.1f}s{' *' if improved else ''}",
               flush=True)
+        if few_clicks.end_of_epoch(cfg, epoch, model, train_ds, device):  # a round changed the annotation
+            few_clicks.refresh(train_loader, train_ds)  # --- the batches read the new point grids from here on
         try:
             if improved:
                 best = va["miou"]
@@ -613,7 +642,8 @@ def train(cfg):
             if ctx.is_main:
                 save_checkpoint(last_path, model, spec, config=config, metrics=va, epoch=epoch, train_state={
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "loader_rng": gen.get_state(), "history": history, "best_miou": best})
+                    "rng": torch.get_rng_state(), "loader_rng": gen.get_state(), "history": history, "best_miou": best,
+                    **({"few_clicks": few_clicks.state(train_ds)} if few_clicks.enabled(cfg) else {})})
         except ValueError as e:  # non-finite weights: never saved
             raise TrainingError(f"epoch {epoch}: {e}. Training diverged; lower --lr and start again") from None
 
@@ -676,6 +706,20 @@ def get_args_parser():
                    help="FixMatch-style consistency between the batch and a jittered, rotated/flipped view")
     g.add_argument("--consistency-threshold", type=float, default=d.consistency_threshold,
                    help="pseudo-labels only where the softmax max reaches this")
+    g = p.add_argument_group("rounds inside the run (few_clicks.py; 0 = off)")
+    g.add_argument("--self-training", type=int, default=d.self_training,
+                   help="R rounds: the model's confident pixels become pseudo-labels (clicks always win)")
+    g.add_argument("--pseudo-threshold", type=float, default=d.pseudo_threshold,
+                   help="softmax max a pixel needs to become a pseudo-label")
+    g.add_argument("--rounds", type=int, default=d.rounds,
+                   help="R rounds of new clicks the model chooses, revealed from the dense labels (simulated)")
+    g.add_argument("--clicks-per-round", type=int, default=d.clicks_per_round, help="K new clicks per image")
+    g.add_argument("--click-strategy", default=d.click_strategy, choices=list(few_clicks.CLICK_STRATEGIES),
+                   help="uncertain: smallest margin between the two top classes first; random: the baseline")
+    g.add_argument("--click-spacing", type=float, default=d.click_spacing,
+                   help="least distance between the new clicks of a round (processing pixels)")
+    g.add_argument("--region-growing", action="store_true",
+                   help="a click labels its SLIC superpixel (where that superpixel's clicks agree on a class)")
     g = p.add_argument_group("model and optimisation")
     g.add_argument("--arch", default=d.arch, choices=list(ARCHS), help="tiny: a 3-layer stand-in for smoke runs")
     g.add_argument("--decoder", default=d.decoder, choices=list(DECODERS), help="plain = published")
