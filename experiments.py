@@ -744,6 +744,55 @@ def closing_numbers(rows, keys):
     return out
 
 
+# issue 9's goals: the best few-click method's share of the dense mIoU per starting budget
+FEW_CLICK_GOALS = ((10, 0.90), (100, 0.97), ("1/object", 0.90))
+
+
+def few_clicks_verdict(rows, keys):
+    """The few-clicks goals measured (experiments 8 and 9): per budget the best row's mIoU as a share of the
+    dense ceiling against its goal (runs that add clicks in rounds end with more clicks: not counted there); every method against partial CE at 10 points, paired by seed (same
+    seed = same clicks and init), and whether it wins by more than two standard deviations (the mean paired
+    difference > 2 x their std, at least 2 seeds); model-chosen against random clicks at equal budget. Rows
+    not run are left out."""
+    key = keys.config_key
+    dense = summarize(rows, key(replace(BASELINE, points=None)))["miou"]
+    few = [(label, run) for e in EXPERIMENTS if e.number in (8, 9) for label, run in e.rows if run.points is not None]
+    lines = []
+    if dense[2]:
+        for budget, goal in FEW_CLICK_GOALS:
+            done = [(summarize(rows, key(run))["miou"], label) for label, run in few
+                    if run.points == budget and not run.rounds]  # click rounds end with more clicks
+            done = [(m, label) for m, label in done if m[2]]
+            if done:
+                m, label = max(done, key=lambda d: d[0][0])
+                ratio = m[0] / dense[0]
+                lines.append(f"- {budget}: best is '{label}', {fmt(m)} % ({m[2]} seed{'s' * (m[2] > 1)}) = "
+                             f"**{ratio:.2f}** of dense ({fmt(dense)} %); goal >= {goal:.2f}: "
+                             f"{'met' if ratio >= goal else 'NOT met'}.")
+    base = replace(BASELINE, points=10)
+    ce = summarize(rows, key(base))["miou"]
+    for label, run in few:
+        if run.points != 10 or run == base:
+            continue
+        m = summarize(rows, key(run))["miou"]
+        if not (m[2] and ce[2]):
+            continue
+        d = paired_difference(rows, key(run), key(base))
+        wins = d[2] >= 2 and d[0] > 2 * d[1]
+        lines.append(f"- '{label}' vs partial CE at 10 points: {100 * d[0]:+.1f}"
+                     f"{'' if d[2] < 2 else f' ± {100 * d[1]:.1f}'} mIoU points (paired, {d[2]} seeds): "
+                     f"{'wins by more than 2 std' if wins else 'does NOT win by more than 2 std'}.")
+    for start in (10, "1/object"):
+        chosen, rand = (replace(BASELINE, points=start, rounds=ROUNDS, clicks_per_round=CLICKS_PER_ROUND,
+                                click_strategy=c) for c in ("uncertain", "random"))
+        d = paired_difference(rows, key(chosen), key(rand))
+        if d[2]:
+            lines.append(f"- {start} then {ROUNDS} x {CLICKS_PER_ROUND} clicks: model-chosen minus random "
+                         f"{100 * d[0]:+.1f}{'' if d[2] < 2 else f' ± {100 * d[1]:.1f}'} mIoU points (paired, "
+                         f"{d[2]} seeds).")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- report
 
 def experiment_table(rows, exp, keys):
@@ -831,6 +880,8 @@ def write_report(rows, keys, preset, path, figures_dir):
         rel = lambda p: os.path.relpath(p, path.parent)
         body += ["## Figures", ""] + [f"![{p.stem}]({rel(p)})" for p in figs] + [""]
     body += ["## Closing note", "", closing_note(rows, keys), ""]
+    verdict = few_clicks_verdict(rows, keys)
+    body += ["## Few clicks against the goals (experiments 8 and 9)", "", verdict, ""] if verdict else []
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(head + body))
     return path

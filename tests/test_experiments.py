@@ -469,3 +469,26 @@ def test_a_new_feature_off_by_default_keeps_finished_runs_valid():
     assert E.config_hash(on, "data-id") != key  # using the feature is another configuration
     assert E.config_hash(dataclasses.replace(cfg, affinity_kernel=7, affinity_weight=1.0), "data-id") != \
         E.config_hash(on, "data-id")
+
+
+def test_few_clicks_verdict_measures_the_goals_and_the_two_std_rule():
+    """The few-clicks section says per budget whether the best row reaches its share of dense, and a method wins
+    over partial CE at 10 points only when the paired difference exceeds twice its std."""
+    ce, cons, aff = (replace(E.BASELINE, points=10, **kw) for kw in ({}, {"consistency_weight": 1.0},
+                                                                      {"affinity_weight": 1.0}))
+    chosen, rand = (replace(E.BASELINE, points=10, rounds=E.ROUNDS, clicks_per_round=E.CLICKS_PER_ROUND,
+                            click_strategy=c) for c in ("uncertain", "random"))
+    rows = [fake_row(replace(E.BASELINE, points=None), s, 0.80) for s in range(3)]
+    rows += [fake_row(ce, s, m) for s, m in enumerate((0.60, 0.62, 0.64))]
+    rows += [fake_row(cons, s, m) for s, m in enumerate((0.70, 0.73, 0.74))]  # +0.10, +0.11, +0.10: wins
+    rows += [fake_row(aff, s, m) for s, m in enumerate((0.70, 0.60, 0.66))]  # +0.10, -0.02, +0.02: spread too wide
+    rows += [fake_row(chosen, s, 0.75) for s in range(2)] + [fake_row(rand, s, 0.70) for s in range(2)]
+    text = E.few_clicks_verdict(rows, KEYS)
+    # the best at 10 points is consistency (72.3 %), not the click rounds (75 %, but 40 clicks in the end)
+    assert "- 10: best is '10 points, + consistency', 72.3 ± 2.1 % (3 seeds) = **0.90** of dense" in text
+    assert "goal >= 0.90: met" in text and "- 100:" not in text  # no 100-point row has run
+    assert "'10 points, + consistency' vs partial CE at 10 points: +10.3 ± 0.6 mIoU points (paired, 3 seeds): " \
+           "wins by more than 2 std" in text
+    assert "'10 points, + affinity' vs partial CE at 10 points: +3.3" in text
+    assert "+ affinity' vs partial CE at 10 points: +3.3 ± 6.1 mIoU points (paired, 3 seeds): does NOT win" in text
+    assert "model-chosen minus random +5.0 ± 0.0 mIoU points (paired, 2 seeds)" in text
