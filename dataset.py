@@ -302,7 +302,7 @@ class SegmentationDataset(Dataset):
         self.augment = augment
         self.cache = cache
         self.epoch = 0
-        self._cache = {}
+        self._cache = {}  # (image, native label, dense label) per image; native None: seeded (seed_sample), unread
         self._points = {}
         self._clicks = {}  # native pixels clicked per image (annotation_stats)
         self._drawn = {}  # the drawn annotation's native flat indices, once click_pixels asked for them
@@ -325,9 +325,12 @@ class SegmentationDataset(Dataset):
         """Only matters with resample_each_epoch: fixed annotations ignore the epoch."""
         self.epoch = epoch
 
-    def _load(self, i):
-        if i in self._cache:
-            return self._cache[i]
+    def _load(self, i, native=True):
+        """(image, native label, dense label) of sample i, decoded once (kept with `cache`). A seeded sample
+        (seed_sample) reads its files only when its native label is asked for; native=False gives None then."""
+        item = self._cache.get(i)
+        if item is not None and (item[1] is not None or not native):
+            return item
         image_id, image_path, label_path = self.pairs[i]
         inp = load_input(image_path, self.spec, strict=True)
         label = read_label(label_path, self.spec.classes)
@@ -349,11 +352,27 @@ class SegmentationDataset(Dataset):
 
     def dense_label(self, i):
         """The dense class map of sample i at processing resolution (what evaluation compares with)."""
-        return self._load(i)[2]
+        return self._load(i, native=False)[2]
 
     def image(self, i):
         """The (B, h, w) float image of sample i on the processing grid, in [0, 1], not augmented."""
-        return self._load(i)[0]
+        return self._load(i, native=False)[0]
+
+    def seed_sample(self, i, image, label, points, clicks):
+        """Hold sample i as if decoded already (resident.seed_dataset, from a cache file): its processing-grid
+        image (B, h, w) float in [0, 1], dense label and drawn annotation (click_grid) as (h, w) uint8, and
+        `clicks` = (native pixels clicked, native pixels) for annotation_stats. Its files are read only when
+        its native label is asked for (native_label, add_clicks, object clicks of the rounds)."""
+        if self.resample_each_epoch or not self.cache:
+            raise ValueError("only a cached dataset with a fixed annotation can be seeded")
+        self._cache[i] = (image, None, label)
+        self._points[i] = points
+        self._clicks[i] = tuple(int(c) for c in clicks)
+
+    def click_count(self, i):
+        """(native pixels clicked, native pixels) of sample i's annotation, as annotation_stats counts them."""
+        self.click_grid(i)
+        return self._clicks[i]
 
     def _draw(self, i, native_label):
         """The drawn annotation of sample i: sorted native flat indices (see point_grid)."""
@@ -472,8 +491,8 @@ class SegmentationDataset(Dataset):
         return self._grown.get(i)
 
     def __getitem__(self, i):
-        image, native_label, label = self._load(i)
-        points = self.point_grid(i, native_label)
+        image, native_label, label = self._load(i, native=False)
+        points = self.point_grid(i, native_label)  # reads the native label only when the grid is not held
         image = image.clone()
         points = torch.from_numpy(points.astype(np.int64))
         label = torch.from_numpy(label.astype(np.int64))

@@ -7,7 +7,9 @@ as whole batches gathered by index on the training device, augmented there. trai
 A sample of `SegmentationDataset` (float image in [0, 1], points, dense label) is held as uint8: the image is
 spec.load_input's uint8 resized by spec.to_grid, and the dataset's float is exactly that / 255, so nothing is
 lost (build_tensors checks it). Images of different sizes are padded at the bottom/right to the largest, as
-dataset.pad_collate pads a batch: image 0, points and labels IGNORE_INDEX.
+dataset.pad_collate pads a batch: image 0, points and labels IGNORE_INDEX. Each sample's own size and its click
+counts are kept too, so that a cache hit gives the dataset its samples back (seed_dataset) and train.py's
+checks, class weights and annotation statistics read no file.
 
 The cache lives in `<data>/.resident-cache/resident-<key>.pt`, next to Images/ (in the run's folder when the
 data folder is not writable). The key is a digest of every file's path, size and modification time, the
@@ -31,7 +33,7 @@ from raster import atomic_path
 from spec import IGNORE_INDEX
 
 LOADERS = ("auto", "resident", "dataloader")  # train.py --loader
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: per-sample sizes and click counts (seed_dataset); files of version 1 are built again
 # the TrainConfig fields that change the point grids: a new annotation setting is one more name here
 ANNOTATION_FIELDS = ("points", "strategy", "annotation_seed")
 # the resident tensors may take this share of the memory available where they live (GPU memory on CUDA, RAM)
@@ -42,12 +44,16 @@ MEMORY_FRACTION = 0.25
 
 @dataclass
 class ResidentData:
-    """A data set as tensors: images (N, C, h, w), points (N, h, w), labels (N, h, w), all uint8, and the ids."""
+    """A data set as tensors: images (N, C, h, w), points (N, h, w), labels (N, h, w), all uint8, and the ids;
+    per sample its size on the processing grid, sizes (N, 2) (h, w), and its annotation's native click counts,
+    clicks (N, 2) (pixels clicked, pixels), both int64 and kept on the CPU."""
 
     images: torch.Tensor
     points: torch.Tensor
     labels: torch.Tensor
     ids: list
+    sizes: torch.Tensor
+    clicks: torch.Tensor
 
     def __len__(self):
         return len(self.ids)
@@ -57,14 +63,21 @@ class ResidentData:
         return sum(t.numel() * t.element_size() for t in (self.images, self.points, self.labels))
 
     def to(self, device):
-        return ResidentData(*(t.to(device) for t in (self.images, self.points, self.labels)), self.ids)
+        return ResidentData(*(t.to(device) for t in (self.images, self.points, self.labels)), self.ids, self.sizes,
+                            self.clicks)
 
 
 def build_tensors(ds):
     """Decode every sample of a SegmentationDataset (without its augmentation) into a ResidentData. Samples
-    the dataset holds in memory already (train.check_data reads them all) are not decoded again."""
+    the dataset holds in memory already (train.check_data reads them all) are not decoded again. The dataset
+    must hold its drawn annotation only: clicks, grown or pseudo-labels of the rounds are not in the cache key."""
     plain = copy.copy(ds)  # shares the dataset's in-memory samples and point grids
     plain.augment = False
+    later = [ds.pairs[i][1] for i in range(len(ds)) if ds.added_clicks(i).size or ds.pseudo_grid(i) is not None
+             or ds.grown_grid(i) is not None]
+    if later:
+        raise ValueError(f"{len(later)} samples (first {later[0]}) hold clicks or labels added after the drawn "
+                         f"annotation; a cache holds the drawn annotation only, build it before the rounds")
     samples = [plain[i] for i in range(len(plain))]
     h = max(s["image"].shape[-2] for s in samples)
     w = max(s["image"].shape[-1] for s in samples)
@@ -82,7 +95,22 @@ def build_tensors(ds):
         images[i, :, :ih, :iw] = u8
         points[i, :ih, :iw] = s["points"].to(torch.uint8)
         labels[i, :ih, :iw] = s["label"].to(torch.uint8)
-    return ResidentData(images, points, labels, [s["id"] for s in samples])
+    sizes = torch.tensor([list(s["image"].shape[-2:]) for s in samples], dtype=torch.int64)
+    clicks = torch.tensor([list(plain.click_count(i)) for i in range(n)], dtype=torch.int64)
+    return ResidentData(images, points, labels, [s["id"] for s in samples], sizes, clicks)
+
+
+def seed_dataset(ds, data):
+    """Give a SegmentationDataset its samples from the ResidentData of its cache, so that nothing asks for its
+    files: per sample the image (uint8 / 255: exactly the dataset's float, see build_tensors), dense label and
+    point grid, cropped to the sample's own size, and its click counts (dataset.seed_sample). Native labels
+    stay unread until something asks for them (the rounds of few_clicks.py)."""
+    ids = [str(p[0]) for p in ds.pairs]
+    if data.ids != ids:  # the key covers every file: a mismatch is a bug, never a reason to train on other data
+        raise RuntimeError(f"the cached samples {data.ids[:4]}... are not the dataset's {ids[:4]}...")
+    for i, ((h, w), clicks) in enumerate(zip(data.sizes.tolist(), data.clicks.tolist())):
+        ds.seed_sample(i, data.images[i, :, :h, :w].float().div_(255), data.labels[i, :h, :w].numpy().copy(),
+                       data.points[i, :h, :w].numpy().copy(), clicks)  # copies: rounds rewrite data.points
 
 
 def estimate_bytes(ds):
@@ -142,9 +170,10 @@ def _read_cache(path, key):
         return None
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
-        data = ResidentData(d["images"], d["points"], d["labels"], list(d["ids"]))
+        data = ResidentData(d["images"], d["points"], d["labels"], list(d["ids"]), d["sizes"], d["clicks"])
         n = len(data.ids)
-        if d["key"] != key or not (data.images.shape[0] == data.points.shape[0] == data.labels.shape[0] == n):
+        if d["key"] != key or not (data.images.shape[0] == data.points.shape[0] == data.labels.shape[0] == n) \
+                or data.sizes.shape != (n, 2) or data.clicks.shape != (n, 2):
             raise ValueError("its key or tensor sizes do not match")
         return data
     except Exception as e:  # a partial or corrupt file: rebuilt, never trusted
@@ -152,18 +181,33 @@ def _read_cache(path, key):
         return None
 
 
-def load_or_build(ds, annotation, fallback_dir):
-    """The ResidentData of a SegmentationDataset, from its cache file when the key matches, else built and
-    written. Returns (data, a line saying where it came from)."""
+def _cache_files(ds, annotation, fallback_dir):
+    """(key, file name, folders to look in: the data's own, then the run's)."""
     key = cache_key(ds.pairs, ds.spec, annotation)
-    name = f"resident-{key[:24]}.pt"
-    folders = [cache_folder(ds.pairs), Path(fallback_dir) / ".resident-cache"]
+    return key, f"resident-{key[:24]}.pt", [cache_folder(ds.pairs), Path(fallback_dir) / ".resident-cache"]
+
+
+def find_cache(ds, annotation, fallback_dir):
+    """(ResidentData, a line saying where it came from) from the cache file of a SegmentationDataset, or None
+    when there is none (nothing decoded)."""
+    key, name, folders = _cache_files(ds, annotation, fallback_dir)
     for folder in folders:
         data = _read_cache(folder / name, key)
         if data is not None:
             return data, f"cache {folder / name} reused"
+    return None
+
+
+def load_or_build(ds, annotation, fallback_dir, look=True):
+    """The ResidentData of a SegmentationDataset, from its cache file when the key matches, else built and
+    written (look=False: the caller found none already). Returns (data, a line saying where it came from)."""
+    found = find_cache(ds, annotation, fallback_dir) if look else None
+    if found is not None:
+        return found
+    key, name, folders = _cache_files(ds, annotation, fallback_dir)
     data = build_tensors(ds)
-    blob = {"key": key, "images": data.images, "points": data.points, "labels": data.labels, "ids": data.ids}
+    blob = {"key": key, "images": data.images, "points": data.points, "labels": data.labels, "ids": data.ids,
+            "sizes": data.sizes, "clicks": data.clicks}
     note = ""
     for folder in folders:
         try:

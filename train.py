@@ -40,8 +40,8 @@ from metrics import ConfusionMatrix
 from model import ARCHS, DECODERS, build_model, resolve_device
 from partial_ce_loss import NORMALIZATIONS, PartialCrossEntropyLoss
 from raster import clean_stale_temporaries, read_raster
-from resident import (ANNOTATION_FIELDS, LOADERS, ResidentLoader, choose_path, estimate_bytes, load_or_build,
-                      memory_budget)
+from resident import (ANNOTATION_FIELDS, LOADERS, ResidentLoader, choose_path, estimate_bytes, find_cache,
+                      load_or_build, memory_budget, seed_dataset)
 from spec import (IGNORE_INDEX, POTSDAM, PROCESSING_SIZE, DataSpec, file_bands, fit_intensity, load_class_file,
                   load_input)
 from weak_losses import AffinityLoss, ConsistencyLoss, valid_pixels
@@ -276,15 +276,17 @@ def build_datasets(cfg, spec=None):
 
 def check_data(cfg, train_ds, val_ds):
     """Read every label and annotation before the first epoch, so bad files and empty classes fail now, not
-    after an epoch: every class needs a training point; val needs labelled pixels."""
+    after an epoch: every class needs a training point; val needs labelled pixels. The share of undefined
+    training pixels (a warning, and a hint when a class has no point) is counted on the processing-grid labels,
+    which a cache hit holds without reading a file (resident.seed_dataset)."""
     seen = np.zeros(train_ds.classes.num_classes, np.int64)
     undefined = total = 0
     for i in range(len(train_ds)):
         grid = train_ds.point_grid(i)
         seen += np.bincount(grid[grid != IGNORE_INDEX].astype(np.int64), minlength=len(seen))[: len(seen)]
-        native = train_ds.native_label(i)
-        undefined += int((native == IGNORE_INDEX).sum())
-        total += native.size
+        label = train_ds.dense_label(i)
+        undefined += int((label == IGNORE_INDEX).sum())
+        total += label.size
     names = train_ds.classes.names
     missing = [names[c] for c in np.flatnonzero(seen == 0)]
     if missing:
@@ -339,18 +341,23 @@ def weak_terms(cfg):
     return terms
 
 
-def make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx=None):
+def make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx=None, cached=None):
     """(train loader, val loader). Batches gathered on the device from cached uint8 tensors (resident.py) when
     the points are fixed and the data fit (--loader auto), else the per-item DataLoader; one line says which.
-    Under torchrun (`ctx`, distributed.Context) each loader yields this rank's share of every global batch:
-    the one place the data are sharded."""
+    `cached`: what train() found of the two caches, ((data, where) or None, (data, where) or None); None: not
+    looked for yet. The memory the tensors need is a hit's own size, else resident.estimate_bytes (every
+    sample's size, from the samples check_data decoded). Under torchrun (`ctx`, distributed.Context) each
+    loader yields this rank's share of every global batch: the one place the data are sharded."""
     rank, world = (ctx.rank, ctx.world) if ctx is not None else (0, 1)
-    need = estimate_bytes(train_ds) + estimate_bytes(val_ds) if cfg.loader != "dataloader" else 0
+    hits = cached if cached is not None else (None, None)
+    need = sum(hit[0].nbytes if hit else estimate_bytes(ds) for ds, hit in zip((train_ds, val_ds), hits)) \
+        if cfg.loader != "dataloader" else 0
     path, why = choose_path(cfg.loader, cfg.resample_each_epoch, need, memory_budget(device))
     drop_last = len(train_ds) > cfg.batch_size
     if path == "resident":
         annotation = {name: getattr(cfg, name) for name in ANNOTATION_FIELDS}
-        (tr, tr_where), (va, va_where) = (load_or_build(ds, annotation, out_dir) for ds in (train_ds, val_ds))
+        (tr, tr_where), (va, va_where) = (hit or load_or_build(ds, annotation, out_dir, look=cached is None)
+                                          for ds, hit in zip((train_ds, val_ds), hits))
         fast = device.type == "cuda"  # channels_last pays on GPUs only
         train_loader = ResidentLoader(tr.to(device), cfg.batch_size, shuffle=True, drop_last=drop_last,
                                       generator=gen, augment=cfg.augment, channels_last=fast, rank=rank,
@@ -543,6 +550,13 @@ def train(cfg):
     if removed:
         print(f"removed {len(removed)} temporary files that killed runs left in {out_dir}")
     train_ds, val_ds, how, spec = build_datasets(cfg, resumed.spec if resumed else None)
+    cached = None  # the resident caches, looked for first: a hit seeds the datasets, so nothing below decodes a file
+    if cfg.loader != "dataloader" and not cfg.resample_each_epoch:  # choose_path's first rules; it decides the rest
+        annotation = {name: getattr(cfg, name) for name in ANNOTATION_FIELDS}
+        cached = tuple(find_cache(ds, annotation, out_dir) for ds in (train_ds, val_ds))
+        for ds, hit in zip((train_ds, val_ds), cached):
+            if hit:
+                seed_dataset(ds, hit[0])
     check_data(cfg, train_ds, val_ds)
     if len(train_ds) < ctx.world:
         raise ValueError(f"{len(train_ds)} training images cannot feed {ctx.world} processes; use fewer processes")
@@ -597,7 +611,7 @@ def train(cfg):
         start = resumed.epoch + 1
         print(f"resumed from {last_path} at epoch {resumed.epoch}")
 
-    train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx)
+    train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx, cached)
     # after the loaders (a resident cache holds the drawn annotation only): grown labels, or a resumed run's rounds
     if few_clicks.start(cfg, train_ds, resumed.train_state if resumed else None):
         few_clicks.refresh(train_loader, train_ds)

@@ -2,7 +2,9 @@
 augmentation moves image, points and labels together, batch order and rank shares, and train() on this path."""
 
 import copy
+from pathlib import Path
 
+import numpy as np
 import pytest
 import tifffile
 import torch
@@ -217,3 +219,123 @@ def test_resume_on_the_resident_path_continues(data, tmp_path):
     train(cfg_for(data, tmp_path, out=str(tmp_path / "r"), epochs=2, loader="resident"))
     resumed = train(cfg_for(data, tmp_path, out=str(tmp_path / "r"), epochs=3, loader="resident", resume=True))
     assert [h["train_loss"] for h in resumed] == pytest.approx([h["train_loss"] for h in straight], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- a cache hit decodes no file
+
+def count_reads(monkeypatch):
+    """Record every file read as (what, file name): dataset decoding (load_input, read_label) and the raster
+    reads fit_spec makes (train.read_raster, spec.read_raster inside fit_intensity and load_input)."""
+    import dataset
+    import spec
+    import train as train_module
+    reads = []
+    for module, name in ((dataset, "load_input"), (dataset, "read_label"), (spec, "read_raster"),
+                         (train_module, "read_raster")):
+        original = getattr(module, name)
+
+        def counted(path, *a, _original=original, _name=name, **kw):
+            reads.append((_name, Path(path).name))
+            return _original(path, *a, **kw)
+        monkeypatch.setattr(module, name, counted)
+    return reads
+
+
+def run_logged(cfg, capsys):
+    """train(cfg) -> (history without the seconds, the saved class weights, the log lines that must agree)."""
+    history = train(cfg)
+    out = capsys.readouterr().out
+    weights = torch.load(Path(cfg.out) / "class_weights.pt", weights_only=True)
+    lines = [line for line in out.splitlines() if line.startswith(("data:", "class weights", "warning"))]
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history], weights, lines, out
+
+
+def test_a_hit_seeds_the_dataset_with_the_samples_it_would_decode(tmp_path):
+    write_patches(tmp_path / "p", n=3, size=(48, 48))
+    write_patches(tmp_path / "q", n=3, size=(40, 64), seed=1)
+    for k in range(3):  # mixed sizes: each seeded sample is cropped to its own size
+        for kind, name in (("Images", "Image"), ("Labels", "Label")):
+            (tmp_path / "q" / kind / f"{name}_{k}.tif").rename(tmp_path / "p" / kind / f"{name}_{k + 3}.tif")
+    for points in (100, "1/object"):
+        kw = dict(scale=0.5, train_ids=[0, 3, 1, 4], val_ids=[2, 5], points=points)
+        decoded, _ = datasets(tmp_path / "p", tmp_path, **kw)
+        load_or_build(decoded, annotation(points=points), tmp_path / "out")
+        seeded, _ = datasets(tmp_path / "p", tmp_path, **kw)
+        data, where = resident.find_cache(seeded, annotation(points=points), tmp_path / "out")
+        resident.seed_dataset(seeded, data)
+        assert where.endswith("reused") and all(seeded._cache[i][1] is None for i in range(4))  # native unread
+        for i in range(4):
+            assert torch.equal(seeded.image(i), decoded.image(i)) and seeded.image(i).is_contiguous()
+            assert np.array_equal(seeded.dense_label(i), decoded.dense_label(i))
+            assert np.array_equal(seeded.point_grid(i), decoded.point_grid(i))
+            assert seeded.point_grid(i).dtype == decoded.point_grid(i).dtype == np.uint8
+        assert seeded.annotation_stats() == decoded.annotation_stats()
+        assert np.array_equal(seeded.native_label(3), decoded.native_label(3))  # read when asked for
+        assert np.array_equal(seeded.click_pixels(1), decoded.click_pixels(1))
+
+
+def test_a_second_run_hits_the_cache_decodes_nothing_and_trains_alike(data, tmp_path, monkeypatch, capsys):
+    from train import fit_spec, resolve_split
+    first = run_logged(cfg_for(data, tmp_path, epochs=2, out=str(tmp_path / "a")), capsys)
+    assert "cache" in first[3] and first[3].count("built") == 2
+    reads = count_reads(monkeypatch)
+    cfg = cfg_for(data, tmp_path, epochs=2, out=str(tmp_path / "b"))
+    second = run_logged(cfg, capsys)
+    assert second[3].count("reused") == 2
+    assert not [r for r in reads if r[0] in ("load_input", "read_label")]  # no image or label decoded
+    rasters = sorted(reads)
+    reads.clear()
+    fit_spec(cfg, resolve_split(cfg)[0])
+    assert rasters == sorted(reads) and len(rasters) == 7  # only fit_spec's: the first image, then all 6 for
+    # the intensity rule (the spec is in the cache key, so it is fitted before the cache can be looked up)
+    assert first[0] == second[0] and len(first[0]) == 2  # the same history, epoch for epoch
+    assert torch.equal(first[1]["weights"], second[1]["weights"]) and torch.equal(first[1]["counts"],
+                                                                                  second[1]["counts"])
+    assert first[2] == second[2] and any("clicks per image" in line for line in first[2])
+
+
+def test_check_data_refuses_a_class_without_points_on_a_hit(data, tmp_path, monkeypatch):
+    from train import check_data
+    for k in range(6):  # clutter (red) becomes impervious surface (white) in every training label
+        path = data / "Labels" / f"Label_{k}.tif"
+        label = tifffile.imread(path)
+        red = (label == (255, 0, 0)).all(-1)
+        label[red] = 255
+        tifffile.imwrite(path, label, compression="lzw")
+    cfg = cfg_for(data, tmp_path)
+    train_ds, val_ds, _, _ = build_datasets(cfg)
+    with pytest.raises(ValueError, match=r"classes \['clutter'\] have no labelled point") as miss:
+        check_data(cfg, train_ds, val_ds)  # the decoding path refuses it ...
+    for ds in (train_ds, val_ds):  # ... and a cache of these data exists
+        load_or_build(ds, annotation(), tmp_path / "ck")
+    reads = count_reads(monkeypatch)
+    with pytest.raises(ValueError, match=r"classes \['clutter'\] have no labelled point") as hit:
+        train(cfg)
+    assert str(hit.value) == str(miss.value)
+    assert not [r for r in reads if r[0] in ("load_input", "read_label")]
+
+
+def test_an_old_cache_is_built_again(data, tmp_path, monkeypatch, capsys):
+    train_ds, _ = datasets(data, tmp_path)
+    with monkeypatch.context() as mp:  # a cache file of version 1: another key, never found
+        mp.setattr(resident, "CACHE_VERSION", 1)
+        assert load_or_build(train_ds, annotation(), tmp_path / "out")[1].endswith("built")
+    assert load_or_build(train_ds, annotation(), tmp_path / "out")[1].endswith("built")
+    (path,) = [p for p in (data / ".resident-cache").glob("resident-*.pt")
+               if resident.cache_key(train_ds.pairs, train_ds.spec, annotation())[:24] in p.name]
+    blob = torch.load(path, weights_only=True)
+    torch.save({k: v for k, v in blob.items() if k not in ("sizes", "clicks")}, path)  # version 1's fields only
+    assert resident.find_cache(datasets(data, tmp_path)[0], annotation(), tmp_path / "out") is None
+    assert "unreadable (KeyError" in capsys.readouterr().out
+    assert load_or_build(train_ds, annotation(), tmp_path / "out")[1].endswith("built")
+
+
+def test_rounds_on_a_hit_read_native_labels_when_asked_and_train_alike(data, tmp_path, monkeypatch, capsys):
+    cfg = dict(epochs=3, rounds=1, self_training=1, pseudo_threshold=0.3, clicks_per_round=5)
+    first = run_logged(cfg_for(data, tmp_path, out=str(tmp_path / "a"), **cfg), capsys)
+    reads = count_reads(monkeypatch)
+    second = run_logged(cfg_for(data, tmp_path, out=str(tmp_path / "b"), **cfg), capsys)
+    assert second[3].count("reused") == 2 and first[0] == second[0]
+    labels = {name for what, name in reads if what == "read_label"}
+    assert labels == {f"Label_{k}.tif" for k in range(6)}  # the round's clicks: training labels only, once each
+    assert len([r for r in reads if r[0] == "read_label"]) == 6
