@@ -506,20 +506,16 @@ def make_row(planned, settings, preset, result, seconds, device):
 # --------------------------------------------------------------------------- running
 
 def train_and_measure(cfg):
-    """The real runner: the labelled fraction of the training annotation at processing resolution, then
-    train.train(cfg). Returns the history, the fraction and the split sizes."""
-    from train import build_datasets, train
-    train_ds, val_ds, _, _ = build_datasets(cfg)
-    fraction = train_ds.labelled_fraction()  # for redrawn points: the first draw (each draw is alike)
-    print(f"labelled fraction of the training pixels at {cfg.size}x{cfg.size}: {fraction:.2%}", flush=True)
+    """The real runner: train.train(cfg). Returns the history, the labelled fraction of the training pixels at
+    processing resolution as the run ended (the history records it each epoch: click rounds add clicks; for
+    redrawn points it is the first draw, each draw being alike) and the split sizes. Decodes nothing itself."""
+    from train import split_pairs, train
     history = train(cfg)
-    if cfg.rounds:  # model-chosen clicks: the budget is what the run ended with, as its last.pth holds it
-        import few_clicks
-        from checkpoint import read_checkpoint
-        few_clicks.restore(train_ds, read_checkpoint(Path(cfg.out) / "last.pth").train_state["few_clicks"])
-        fraction = train_ds.labelled_fraction()
-        print(f"labelled fraction after the click rounds: {fraction:.2%}", flush=True)
-    return {"history": history, "labelled_fraction": fraction, "n_train": len(train_ds), "n_val": len(val_ds)}
+    fraction = history[-1]["labelled_fraction"] if history else float("nan")
+    print(f"labelled fraction of the training pixels at {cfg.size}x{cfg.size} as the run ended: {fraction:.2%}",
+          flush=True)
+    train_pairs, val_pairs, _ = split_pairs(cfg)
+    return {"history": history, "labelled_fraction": fraction, "n_train": len(train_pairs), "n_val": len(val_pairs)}
 
 
 def device_name(device):

@@ -259,13 +259,19 @@ def fit_spec(cfg, train_pairs):
     return DataSpec(classes=classes, bands=bands, channels=channels, intensity=intensity, scale=scale)
 
 
-def build_datasets(cfg, spec=None):
-    """(train dataset, val dataset, split description, spec). The spec is fitted on the training images
-    unless given (a resumed run reuses its checkpoint's)."""
+def split_pairs(cfg):
+    """(train pairs, val pairs, description): resolve_split cut to --max-train / --max-val. Reads no image."""
     train_pairs, val_pairs, how = resolve_split(cfg)
     if cfg.max_train or cfg.max_val:
         train_pairs, val_pairs = train_pairs[: cfg.max_train], val_pairs[: cfg.max_val]
         how += f", first {len(train_pairs)} / {len(val_pairs)} used"
+    return train_pairs, val_pairs, how
+
+
+def build_datasets(cfg, spec=None):
+    """(train dataset, val dataset, split description, spec). The spec is fitted on the training images
+    unless given (a resumed run reuses its checkpoint's)."""
+    train_pairs, val_pairs, how = split_pairs(cfg)
     spec = spec or fit_spec(cfg, train_pairs)
     common = dict(spec=spec, points=cfg.points, strategy=cfg.strategy, seed=cfg.annotation_seed)
     train_ds = SegmentationDataset(train_pairs, resample_each_epoch=cfg.resample_each_epoch,
@@ -569,6 +575,7 @@ def train(cfg):
     else:  # the same numbers, not written again
         weights = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting)[0]
     stats = train_ds.annotation_stats()
+    labelled = stats["labelled_fraction"]
     if cfg.points is None:
         budget = "dense labels"
     else:
@@ -648,6 +655,8 @@ def train(cfg):
               flush=True)
         if few_clicks.end_of_epoch(cfg, epoch, model, train_ds, device):  # a round changed the annotation
             few_clicks.refresh(train_loader, train_ds)  # --- the batches read the new point grids from here on
+            labelled = train_ds.labelled_fraction()
+        h["labelled_fraction"] = labelled  # share of training pixels clicked as the epoch ends (rounds add some)
         try:
             if improved:
                 best = va["miou"]

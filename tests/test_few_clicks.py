@@ -249,6 +249,11 @@ def test_click_rounds_run_learns_and_the_stats_count_the_new_clicks(data, tmp_pa
     ds = dataset(data, ids=range(6), scale=32 / 48)
     few_clicks.restore(ds, read_checkpoint(tmp_path / "ck" / "last.pth").train_state["few_clicks"])
     assert ds.annotation_stats()["clicks_per_image"] == pytest.approx(20)
+    # the history records the clicked share as each epoch ends: it grows at the rounds, and ends at the final
+    # annotation's (what experiments.py reports as the run's budget)
+    shares = [h["labelled_fraction"] for h in history]
+    assert shares == sorted(shares) and shares[0] < shares[-1]
+    assert shares[-1] == pytest.approx(ds.labelled_fraction())
 
 
 def test_resume_restores_the_added_clicks(data, tmp_path, monkeypatch):
