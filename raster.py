@@ -254,6 +254,24 @@ def _read_pil(path):
     return orient(arr, orientation), alpha, {}, None
 
 
+def is_8bit(path):
+    """True when the file's pixels are 8-bit (uint8 as read_raster gives them), False when they are not, None
+    when the header does not say (read the file). Reads the header only: TIFF tags, the PNG IHDR, Pillow's
+    mode."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            with tifffile.TiffFile(path) as tif:
+                return tif.series[0].dtype == np.uint8
+        depth = _png_bit_depth(path)
+        if depth is not None:
+            return depth <= 8
+        with no_pixel_limit(), Image.open(path) as im:
+            return im.mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV")
+    except Exception:  # unreadable header: reading the file says why
+        return None
+
+
 def read_raster(path):
     """Read an image file as a Raster: 16-bit PNGs at full depth, EXIF orientation applied, no Pillow pixel
     limit. `Rows(path, start, stop)` reads only those rows of a TIFF (readable_by_rows says which TIFFs).

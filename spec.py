@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from raster import RasterError, keep_bands, read_raster, resize, select_bands, to_uint8
+from raster import RasterError, is_8bit, keep_bands, read_raster, resize, select_bands, to_uint8
 
 # --------------------------------------------------------------------------- classes and colours
 
@@ -184,6 +184,8 @@ class Intensity:
 def fit_intensity(paths, bands=None, samples=200_000, seed=0):
     """The intensity rule for a training set: `uint8` when every image is 8-bit, else `range` with per-band
     PERCENTILES over (up to `samples` pixels of) each image, nodata pixels left out."""
+    if all(is_8bit(p) is True for p in paths):  # the headers say it: no pixel needs reading
+        return Intensity("uint8")
     rng = np.random.default_rng(seed)
     picks, all_uint8 = [], True
     for path in paths:

@@ -156,3 +156,22 @@ def test_nan_pixels_are_invalid_under_the_range_rule_too(tmp_path):
     assert inp.valid.sum() == 8 * 9 - 2
     assert inp.image[2, 3].tolist() == [0, 0, 0]
     assert any("NaN" in n for n in inp.notes)
+
+
+def test_8bit_training_sets_are_recognised_from_the_headers(tmp_path, monkeypatch):
+    """fit_intensity reads no pixel when every header says 8 bits (a 2,100-patch set is fitted in no time), and
+    still fits a range as soon as one file is deeper (here a 16-bit PNG among 8-bit files)."""
+    from PIL import Image
+    import spec as spec_module
+    rgb = np.random.default_rng(0).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "a.tif", rgb, photometric="rgb", compression="zlib")
+    Image.fromarray(rgb).save(tmp_path / "b.png")
+    Image.fromarray(rgb).save(tmp_path / "c.jpg")
+    Image.fromarray(rgb).convert("P").save(tmp_path / "d.png")
+    eight = [tmp_path / n for n in ("a.tif", "b.png", "c.jpg", "d.png")]
+    reads = []
+    real = spec_module.read_raster
+    monkeypatch.setattr(spec_module, "read_raster", lambda p: reads.append(p) or real(p))
+    assert fit_intensity(eight) == Intensity("uint8") and reads == []
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 16)).save(tmp_path / "e.png")  # 16-bit gray PNG
+    assert fit_intensity(eight[:1] + [tmp_path / "e.png"], bands=[0]).kind == "range" and len(reads) == 2
