@@ -896,6 +896,19 @@ def low_budget_method(run):
         (int(bool(run.affinity_weight)), int(bool(run.consistency_weight)))]
 
 
+def _finish_miou_figure(fig, ax, title, path, legend, title_size=None):
+    """The common end of the mIoU-vs-budget figures: labels, grid, legend, saved to `path` (returned), closed."""
+    import matplotlib.pyplot as plt
+    ax.set_ylabel("val mIoU % (last epoch)")
+    ax.set_title(title, fontsize=title_size)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_figures(rows, keys, preset, folder):
     """point_budget.png (mIoU vs points per image, log x, dense ceiling as a line), class_weights_iou.png
     (per-class IoU of the published pair) and low_budget.png (experiments 8 and 9: mIoU vs the labelled share of
@@ -934,14 +947,8 @@ def write_figures(rows, keys, preset, folder):
         ax.set_xscale("log")
         ax.margins(y=0.1)
         ax.set_xlabel("points per image (native 300x300; grey: labelled share of pixels at processing size)")
-        ax.set_ylabel("val mIoU % (last epoch)")
-        ax.set_title("mIoU vs point budget" + tag)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8, loc="lower right")
-        fig.tight_layout()
-        written.append(folder / "point_budget.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_finish_miou_figure(fig, ax, "mIoU vs point budget" + tag, folder / "point_budget.png",
+                                           dict(fontsize=8, loc="lower right")))
 
     pair = EXPERIMENTS[0].rows[:2]  # the baseline (skip decoder) pair
     pstats = [(label, summarize(rows, key(run))) for label, run in pair]
@@ -994,14 +1001,8 @@ def write_figures(rows, keys, preset, folder):
         ax.margins(y=0.1)
         ax.set_xlabel("% of the training pixels labelled by clicks at processing size (at the end of the run; "
                       "grey: the starting budget)", fontsize=8)
-        ax.set_ylabel("val mIoU % (last epoch)")
-        ax.set_title("Few clicks: mIoU vs labelled share" + tag, fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        written.append(folder / "low_budget.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_finish_miou_figure(fig, ax, "Few clicks: mIoU vs labelled share" + tag,
+                                           folder / "low_budget.png", dict(fontsize=7, loc="best"), title_size=10))
     return written
 
 
