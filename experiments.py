@@ -993,8 +993,9 @@ def write_figures(rows, keys, preset, folder):
             ax.axhline(m, color="k", lw=1.5, label=f"dense labels (ceiling) {m:.1f} %")
             ax.axhspan(m - s, m + s, color="k", alpha=0.1)
         ax.set_xscale("log")
-        from matplotlib.ticker import FuncFormatter
+        from matplotlib.ticker import FuncFormatter, LogLocator
         percent = FuncFormatter(lambda v, _: f"{v:g} %")
+        ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))  # labels that do not overlap
         ax.xaxis.set_major_formatter(percent)
         ax.xaxis.set_minor_formatter(percent)
         ax.tick_params(axis="x", which="minor", labelsize=7)
