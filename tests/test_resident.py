@@ -286,8 +286,8 @@ def test_a_second_run_hits_the_cache_decodes_nothing_and_trains_alike(data, tmp_
     rasters = sorted(reads)
     reads.clear()
     fit_spec(cfg, resolve_split(cfg)[0])
-    assert rasters == sorted(reads) and len(rasters) == 7  # only fit_spec's: the first image, then all 6 for
-    # the intensity rule (the spec is in the cache key, so it is fitted before the cache can be looked up)
+    assert rasters == sorted(reads) and len(rasters) == 1  # only fit_spec's: the first image (its bands); the
+    # intensity rule of 8-bit images comes from their headers (raster.is_8bit), no pixel read
     assert first[0] == second[0] and len(first[0]) == 2  # the same history, epoch for epoch
     assert torch.equal(first[1]["weights"], second[1]["weights"]) and torch.equal(first[1]["counts"],
                                                                                   second[1]["counts"])
