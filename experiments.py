@@ -33,11 +33,12 @@ Choices, stated once:
   the std covers annotation luck too.
 - Reported numbers are the val metrics of the LAST epoch. The best epoch's val mIoU is also recorded in the
   csv, but picking the best epoch on val and reporting val is optimistic (there is no separate test split).
-- Presets: `demo` (synthetic data, random init, 75x75, 160/48 patches, 8 epochs, 42 runs: about 95 s a run
-  with --threads 1 on the 2 shared cores it was sized on, an hour in all) and `potsdam` (the published
+- Presets: `demo` (synthetic data, random init, 75x75, 160/48 patches, 8 epochs, 117 runs over experiments 1-9:
+  about 100 s a run with --threads 1 on the 2 shared cores it was sized on, about 3 hours in all) and `potsdam` (the published
   settings: 150x150, 100 epochs, the 2,100/300 split, ImageNet encoder). Timed with the synthetic patches
   standing in for Potsdam, one potsdam-preset epoch took about 12 s on an H200, so a 100-epoch run is about
-  20 minutes and all 42 runs about 14 hours: use --only and --seeds to spend less.
+  20 minutes with the per-item DataLoader of that round (the resident path is not yet timed on a GPU) and the
+  first 42 runs about 14 hours: use --only and --seeds to spend less.
 - A run's key is `<config key>-s<seed>`. The config key hashes the whole TrainConfig the run trains with
   (dataclasses.asdict, defaults included) less NOT_IN_KEY (where and how a run goes: out, figures, progress,
   device, workers, resume, overwrite) and the seed fields, plus the data folder's identity (the names and sizes
