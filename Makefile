@@ -33,7 +33,7 @@ infer-demo: .venv/.installed
 
 demo: train-demo infer-demo
 
-experiments: demo-data  # about an hour on 2 CPU cores; resumes where it stopped
+experiments: demo-data  # about 3 hours on 2 CPU cores; resumes where it stopped
 	$(PY) experiments.py --preset demo
 
 realdata: .venv/.installed  # downloads the solaris 0.4.0 wheel once (17.8 MB); a finished set is not redone
