@@ -36,9 +36,9 @@ Choices, stated once:
 - Presets: `demo` (synthetic data, random init, 75x75, 160/48 patches, 8 epochs, 117 runs over experiments
   1-9: about 100 s a run with --threads 1 on the 2 shared cores it was sized on, about 3 hours in all) and
   `potsdam` (the published settings: 150x150, 100 epochs, the 2,100/300 split, ImageNet encoder). Timed with
-  the synthetic patches standing in for Potsdam, one potsdam-preset epoch took about 12 s on an H200, so a 100-epoch run is about
-  20 minutes with the per-item DataLoader of that round (the resident path is not yet timed on a GPU) and the
-  first 42 runs about 14 hours: use --only and --seeds to spend less.
+  the synthetic patches standing in for Potsdam, one potsdam-preset epoch took about 12 s on an H200, so a
+  100-epoch run is about 20 minutes with the per-item DataLoader of that round (the resident path is not yet
+  timed on a GPU) and the first 42 runs about 14 hours: use --only and --seeds to spend less.
 - A run's key is `<config key>-s<seed>`. The config key hashes the whole TrainConfig the run trains with
   (dataclasses.asdict, defaults included) less NOT_IN_KEY (where and how a run goes: out, figures, progress,
   device, workers, resume, overwrite) and the seed fields, plus the data folder's identity (the names and sizes
@@ -748,9 +748,9 @@ FEW_CLICK_GOALS = ((10, 0.90), (100, 0.97), ("1/object", 0.90))
 def few_clicks_verdict(rows, keys):
     """The few-clicks goals measured (experiments 8 and 9): per budget the best row's mIoU as a share of the
     dense ceiling against its goal (runs that add clicks in rounds end with more clicks: not counted there);
-    every method against partial CE at 10 points, paired by seed (same seed = same clicks and init), and whether it wins by more than two standard deviations (the mean paired
-    difference > 2 x their std, at least 2 seeds); model-chosen against random clicks at equal budget. Rows
-    not run are left out."""
+    every method against partial CE at 10 points, paired by seed (same seed = same clicks and init), and
+    whether it wins by more than two standard deviations (the mean paired difference > 2 x their std, at least
+    2 seeds); model-chosen against random clicks at equal budget. Rows not run are left out."""
     key = keys.config_key
     dense = summarize(rows, key(replace(BASELINE, points=None)))["miou"]
     few = [(label, run) for e in EXPERIMENTS if e.number in (8, 9) for label, run in e.rows if run.points is not None]
