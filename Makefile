@@ -20,9 +20,8 @@ demo-data: .venv/.installed
 	$(PY) demo_data.py --out demo_data
 
 train-demo: demo-data
-	$(PY) -m papermill train.ipynb checkpoints/train_demo.ipynb --log-output --progress-bar \
-		-p DATA demo_data/patches -p EPOCHS $(DEMO_EPOCHS) -p PRETRAINED False \
-		-p MAX_TRAIN $(DEMO_TRAIN) -p MAX_VAL $(DEMO_VAL)
+	$(PY) -m papermill train.ipynb checkpoints/train_demo.ipynb --log-output --progress-bar -y "SETTINGS: \
+		{data: demo_data/patches, epochs: $(DEMO_EPOCHS), pretrained: false, max_train: $(DEMO_TRAIN), max_val: $(DEMO_VAL)}"
 
 readme-figures:  # the README's figures from the last demo run (training never writes into images/)
 	cp checkpoints/output.png checkpoints/results.png images/

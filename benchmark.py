@@ -37,6 +37,7 @@ import raster
 import spec
 import infer
 from checkpoint import load_model, save_checkpoint
+from config import add_arguments, check_config, config_from_args
 from model import ResNet18Segmentation, build_model, resolve_device
 from partial_ce_loss import PartialCrossEntropyLoss
 
@@ -260,12 +261,10 @@ def _project_loop(args, root, n_train, device):
     import contextlib
     import io
 
-    from train import TrainConfig, train
-    cfg = TrainConfig(data=str(root), train_ids=list(range(n_train)), val_ids=list(range(n_train, args.patches)),
-                      pretrained=False, decoder=args.decoder, size=args.size, points=args.points,
-                      epochs=args.epochs, batch_size=args.batch_size, device=str(device), amp=args.amp,
-                      workers=args.workers, loader=args.loader, out=str(root.parent / "run"), figures=False,
-                      progress=False, overwrite=True)
+    from train import train
+    cfg = config_from_args(args, data=str(root), train_ids=list(range(n_train)),
+                           val_ids=list(range(n_train, args.patches)), device=str(device), out=str(root.parent / "run"),
+                           figures=False, progress=False, overwrite=True)
     log = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(log):
@@ -319,6 +318,8 @@ def _model_alone(args, root, n_train, device, use_amp):
 def bench_train(args):
     from demo_data import make_demo_data
     from dataset import patch_pairs
+    check_config(config_from_args(args))
+    args.points = config_from_args(args).points  # parsed ('dense', '1%', ...) as train.py parses it
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -386,19 +387,9 @@ def get_args_parser():
     t = sub.add_parser("train", help="training images/s: published-style DataLoader, train.py, the model alone")
     t.add_argument("--patches", type=int, default=96, help="synthetic 300x300 patches, train + val (default: "
                                                            "%(default)s)")
-    t.add_argument("--val-fraction", type=float, default=0.125, help="(default: %(default)s, as 300 / 2400)")
-    t.add_argument("--size", type=int, default=spec.PROCESSING_SIZE, help="processing size (default: %(default)s)")
-    t.add_argument("--epochs", type=int, default=2, help="(default: %(default)s)")
-    t.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
-    t.add_argument("--points", type=int, default=20000, help="points per patch (default: %(default)s)")
-    t.add_argument("--decoder", default="skip", choices=["plain", "skip"], help="(default: %(default)s)")
-    t.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader workers of (a) (and of (b) on the DataLoader path) (default: %(default)s)")
-    t.add_argument("--loader", default="auto", choices=["auto", "resident", "dataloader"],
-                   help="train.py --loader for (b) (default: %(default)s)")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ... (default: auto)")
-    t.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA, as train.py --amp")
+    add_arguments(t)  # every train.py setting (config.py), with the benchmark's own defaults below
+    t.set_defaults(epochs=2, pretrained=False, workers=min(8, os.cpu_count() or 1))
     t.set_defaults(func=bench_train)
     return p
 

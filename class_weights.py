@@ -1,6 +1,7 @@
 """Class weights from the point labels (default) or the dense labels (published choice).
 
-    python class_weights.py --data demo_data/patches --points 20000 --source points --scheme inverse
+    python train.py --class-weights points --class-weighting sqrt      # the default: sqrt of the points' counts
+    python train.py --class-weights checkpoints/class_weights.pt       # the weights an earlier run wrote
 
 With f_c the share of class c among the labelled pixels at processing resolution, the schemes are
 - `inverse` (published): w_c = 1 / f_c;
@@ -14,19 +15,18 @@ With f_c the share of class c among the labelled pixels at processing resolution
 Each is normalised so the weights sum to the number of classes. train.py uses `sqrt` by default: in
 experiments.py's experiment 7 (3 seeds) it gave the best mIoU on the synthetic demo (66.4 vs 63.6 % inverse, 60.5 %
 none) and on the real Atlanta set (59.5 vs 57.7 % inverse, 53.6 % none) without inverse frequency's loss of
-overall accuracy to the majority class; `class_weights.py`'s own CLI keeps `inverse`, the published choice. Points are what an annotator actually has;
+overall accuracy to the majority class (config.py declares that default; the functions here take the scheme
+as an argument and have no default of their own). Points are what an annotator actually has;
 dense labels are what the published description used (information a point-supervised user does not have).
 """
 
-import argparse
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dataset import PotsdamDataset, available_ids, parse_points
-from spec import IGNORE_INDEX, NATIVE_SIZE, POTSDAM, DataSpec
+from spec import IGNORE_INDEX
 
 SOURCES = ("points", "dense")
 SCHEMES = ("inverse", "sqrt", "median", "effective", "capped")
@@ -45,7 +45,7 @@ def count_classes(dataset, source="points"):
     return counts
 
 
-def weights_from_counts(counts, names=POTSDAM.names, scheme="inverse"):
+def weights_from_counts(counts, names, scheme):
     """Class weights by `scheme` (see the module docstring), summing to C. A class never seen gets the
     largest weight of the seen ones (finite) and a warning: the loss never meets it, the weights stay usable."""
     if scheme not in SCHEMES:
@@ -75,48 +75,37 @@ def weights_from_counts(counts, names=POTSDAM.names, scheme="inverse"):
     return torch.tensor(w, dtype=torch.float32)
 
 
-def compute_class_weights(dataset, source="points", scheme="inverse"):
+def compute_class_weights(dataset, source, scheme):
     counts = count_classes(dataset, source)
     return weights_from_counts(counts, dataset.classes.names, scheme), counts
 
 
-def save_class_weights(path, weights, counts, source, names, scheme="inverse"):
+def save_class_weights(path, weights, counts, source, names, scheme):
     torch.save({"weights": weights, "counts": torch.as_tensor(counts), "source": source, "scheme": scheme,
                 "classes": list(names)}, path)
 
 
-def load_class_weights(path, names=POTSDAM.names):
+def load_class_weights(path, names):
     """Load weights saved by save_class_weights, checking they belong to these classes."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"class weights {path} not found; compute them with python class_weights.py")
-    d = torch.load(path, map_location="cpu", weights_only=True)
-    if list(d.get("classes", [])) != list(names):
-        raise ValueError(f"{path} holds weights for classes {d.get('classes')}, not {list(names)}")
-    return d["weights"]
-
-
-def get_args_parser():
-    p = argparse.ArgumentParser(description="Compute inverse-frequency class weights.")
-    p.add_argument("--data", default="demo_data/patches")
-    p.add_argument("--points", default="20000", help="points per image, a share like 1%%, or 'dense'")
-    p.add_argument("--source", default="points", choices=SOURCES)
-    p.add_argument("--scheme", default="inverse", choices=SCHEMES)
-    p.add_argument("--size", type=int, default=150)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="class_weights.pt")
-    return p
-
-
-def main(args):
-    ds = PotsdamDataset(args.data, available_ids(args.data), spec=DataSpec(scale=args.size / NATIVE_SIZE),
-                        seed=args.seed, points=parse_points(args.points))
-    w, counts = compute_class_weights(ds, args.source, args.scheme)
-    save_class_weights(args.out, w, counts, args.source, ds.classes.names, args.scheme)
-    for name, c, wi in zip(ds.classes.names, counts, w.tolist()):
-        print(f"{name:20s} {c / counts.sum():7.2%}  weight {wi:.3f}")
-    print(f"saved to {args.out}")
-
-
-if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+        raise FileNotFoundError(f"class weights {path} not found; a training run writes its own as "
+                                f"<out>/class_weights.pt (--class-weights points or dense)")
+    fmt = ('a dict {"weights": tensor of one weight per class, "classes": [names]}, as a run writes '
+           '<out>/class_weights.pt')
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or one holding code
+        raise ValueError(f"{path} cannot be read as class weights ({type(e).__name__}); it must be {fmt}") from None
+    if not isinstance(d, dict) or "weights" not in d or "classes" not in d:
+        raise ValueError(f"{path} holds a {type(d).__name__}{' without weights or classes' if isinstance(d, dict) else ''}"
+                         f"; class weights must be {fmt}")
+    if list(d["classes"]) != list(names):
+        raise ValueError(f"{path} holds weights for classes {list(d['classes'])}, not {list(names)}")
+    w = d["weights"]
+    if not isinstance(w, torch.Tensor) or w.shape != (len(names),):
+        raise ValueError(f"{path} holds {tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__} "
+                         f"weights for {len(names)} classes; it must be one weight per class")
+    if not (torch.isfinite(w).all() and (w >= 0).all() and (w > 0).any()):
+        raise ValueError(f"{path} holds weights {w.tolist()}: every weight must be a finite number >= 0, and one > 0")
+    return w.float()

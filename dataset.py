@@ -3,12 +3,8 @@
 A dataset sample holds the image, the point annotation (IGNORE_INDEX where nobody clicked) and the dense
 label (for evaluation only). What a file becomes before the model (bands, intensity, scale) is the contract
 in spec.py, which infer.py follows too; the class list and palette live there.
-
-    python dataset.py --data demo_data/patches --points 20000      # prints the labelled fraction
-    python dataset.py --data demo_data/patches --points 1/object   # one click per object: clicks per image
 """
 
-import argparse
 import json
 import re
 import zlib
@@ -22,7 +18,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from raster import IMAGE_SUFFIXES, exif_orientation, no_pixel_limit, orient
-from spec import (IGNORE_INDEX, NATIVE_SIZE, PALETTE, POTSDAM, PROCESSING_SIZE, DataSpec, grid_size, load_input,
+from spec import (IGNORE_INDEX, PALETTE, POTSDAM, DataSpec, grid_size, load_input,
                   to_grid)
 
 PUBLISHED_TRAIN_IDS = list(range(0, 2100))
@@ -309,6 +305,7 @@ class SegmentationDataset(Dataset):
         self._added = {}  # native flat indices clicked after the start (add_clicks), per image
         self._pseudo = {}  # pseudo-labels on the processing grid (set_pseudo), per image
         self._grown = {}  # labels grown from the clicks on the processing grid (set_grown), per image
+        self.annotation_version = 0  # counts the changes of add_clicks / set_pseudo / set_grown (ResidentLoader)
 
     @property
     def classes(self):
@@ -450,6 +447,7 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"{name}: pixels clicked twice {again[:5] if again.size else flat[:5]}")
         self._added[i] = np.concatenate([self._added.get(i, np.zeros(0, np.int64)), flat])
         self._points.pop(i, None)
+        self.annotation_version += 1
         for layer in (self._pseudo, self._grown):
             if i in layer:
                 layer[i] = np.where(self.clicked_cells(i), IGNORE_INDEX, layer[i]).astype(np.uint8)
@@ -470,6 +468,7 @@ class SegmentationDataset(Dataset):
         self._set_layer(self._grown, i, grid, "grown labels")
 
     def _set_layer(self, layer, i, grid, what):
+        self.annotation_version += 1
         if grid is None:
             layer.pop(i, None)
             return
@@ -532,15 +531,40 @@ class SegmentationDataset(Dataset):
                 "grown_fraction": grown / total}
 
 
+def augment_batch(image, points, label, k=None, flip=None):
+    """The training augmentation, for both data paths: rotate sample i of a batch by k[i] x 90 degrees and flip
+    it horizontally where flip[i], the same for its image (B, C, h, w), points and label (B, h, w). Without k and
+    flip, both are drawn per sample from torch's global RNG (seeded by train.py): k first, then flip. Samples
+    with the same (k, flip) move together. A non-square batch whose samples turn by odd and even k is first
+    padded to a square (image 0, points and labels IGNORE_INDEX), as pad_collate pads rotated samples, so that
+    every sample keeps one shape; padding is never a target nor scored."""
+    if k is None:
+        k = torch.randint(0, 4, (image.shape[0],))
+        flip = torch.randint(0, 2, (image.shape[0],)).bool()
+    k, flip = k.cpu(), flip.cpu()
+    h, w = image.shape[-2:]
+    odd = k % 2 == 1
+    if h != w and odd.any() and not odd.all():
+        pad = (0, max(h, w) - w, 0, max(h, w) - h)
+        image = torch.nn.functional.pad(image, pad, value=0)
+        points, label = (torch.nn.functional.pad(t, pad, value=IGNORE_INDEX) for t in (points, label))
+        h = w = max(h, w)
+    elif odd.all():  # every sample turns a quarter: the batch takes the turned shape
+        h, w = w, h
+    code = k * 2 + flip.long()
+    out = [t.new_empty((*t.shape[:-2], h, w)) for t in (image, points, label)]
+    for c in code.unique().tolist():
+        sel = (code == c).nonzero().squeeze(1).to(image.device, non_blocking=True)
+        turns, flipped = divmod(c, 2)
+        for src, dst in zip((image, points, label), out):
+            part = torch.rot90(src.index_select(0, sel), turns, dims=(-2, -1))
+            dst.index_copy_(0, sel, part.flip(-1) if flipped else part)
+    return tuple(out)
+
+
 def augment_sample(image, points, label):
-    """A random 90-degree rotation and horizontal flip (torch's global RNG, seeded by train.py), the same for
-    the image (B, h, w), the points and the label (h, w)."""
-    k = int(torch.randint(0, 4, (1,)))
-    flip = bool(torch.randint(0, 2, (1,)))
-    out = [torch.rot90(t, k, dims=(-2, -1)) for t in (image, points, label)]
-    if flip:
-        out = [torch.flip(t, dims=(-1,)) for t in out]
-    return tuple(t.contiguous() for t in out)
+    """augment_batch on one sample: image (B, h, w), points and label (h, w)."""
+    return tuple(t[0].contiguous() for t in augment_batch(image[None], points[None], label[None]))
 
 
 def pad_collate(samples):
@@ -622,33 +646,3 @@ class PotsdamDataset(SegmentationDataset):
         ids = available_ids(root) if ids is None else list(ids)
         super().__init__(patch_pairs(root, ids), **kwargs)
         self.root = Path(root)
-
-
-# --------------------------------------------------------------------------- CLI
-
-def get_args_parser():
-    p = argparse.ArgumentParser(description="Report the point annotation of a patch folder.")
-    p.add_argument("--data", default="demo_data/patches", help="patch folder (Images/, Labels/)")
-    p.add_argument("--points", default="20000",
-                   help="points per image, a share like 1%%, clicks per object like 1/object, or 'dense'")
-    p.add_argument("--strategy", default="uniform", choices=["uniform", "balanced"])
-    p.add_argument("--size", type=int, default=PROCESSING_SIZE,
-                   help=f"processing size of a {NATIVE_SIZE}x{NATIVE_SIZE} patch (scale = size / {NATIVE_SIZE})")
-    p.add_argument("--limit", type=int, default=100, help="look at the first N patches")
-    return p
-
-
-def main(args):
-    ids = available_ids(args.data)[: args.limit]
-    spec = DataSpec(scale=args.size / NATIVE_SIZE)
-    points = parse_points(args.points)
-    ds = PotsdamDataset(args.data, ids, spec=spec, points=points, strategy=args.strategy)
-    stats = ds.annotation_stats()
-    budget = f"{points} clicks" if clicks_per_object(points) else f"{args.points} points/image ({args.strategy})"
-    print(f"{len(ds)} patches, {budget}: {stats['clicks_per_image']:.1f} clicks per image "
-          f"({stats['clicked_fraction']:.3%} of the pixels) -> labelled fraction at scale {spec.scale:g}: "
-          f"{stats['labelled_fraction']:.2%}")
-
-
-if __name__ == "__main__":
-    main(get_args_parser().parse_args())

@@ -75,33 +75,49 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
+from config import NEUTRAL, NOT_IN_KEY, key_settings  # noqa: F401 (NEUTRAL: read by the tests)
 from spec import CLASSES
 
 # --------------------------------------------------------------------------- what differs between runs
 
-@dataclass(frozen=True)
-class Run:
-    """The settings the experiments vary; everything else comes from the preset."""
+# the experiments' baseline differs from train.py's defaults in one setting: the published inverse-frequency
+# class weighting (train.py defaults to sqrt, the winner of experiment 7, which compares them)
+EXPERIMENT_BASE = {"class_weighting": "inverse"}
 
-    points: Union[int, str, None] = 20000  # per native image, "k/object" clicks, or None = dense labels
-    strategy: str = "uniform"  # or "balanced"
-    class_weights: str = "points"  # "points", "dense" or "none"
-    decoder: str = "skip"  # or "plain" (published)
-    resample_each_epoch: bool = False  # True = the published code's behaviour
-    gamma: float = 2.0  # focal exponent
-    class_weighting: str = "inverse"  # how class counts become weights (class_weights.SCHEMES)
-    affinity_weight: float = 0.0  # weak_losses: gated CRF pairwise loss on unlabelled pixels
-    consistency_weight: float = 0.0  # weak_losses: FixMatch-style consistency on unlabelled pixels
-    self_training: int = 0  # few_clicks: rounds of pseudo-labels from the model's confident pixels
-    pseudo_threshold: float = 0.9
-    rounds: int = 0  # few_clicks: rounds of clicks the model chooses
-    clicks_per_round: int = 10
-    click_strategy: str = "uncertain"  # or "random"
-    region_growing: bool = False  # few_clicks: a click labels its SLIC superpixel
+
+@dataclass(frozen=True, init=False)
+class Run:
+    """One configuration of the experiments: overrides of the baseline TrainConfig (train.py's defaults and
+    EXPERIMENT_BASE); the preset adds the data and the schedule. `Run(points=10, affinity_weight=1.0)`; reading
+    `run.points` gives the override or the baseline's value; `dataclasses.replace(run, points=100)` makes another
+    (the overrides are its one field). Overrides equal to the baseline are dropped, so equal configurations are
+    equal Runs."""
+
+    changes: tuple = ()  # sorted (name, value) pairs that differ from the baseline
+
+    def __init__(self, changes=(), **overrides):
+        from train import TrainConfig
+        base = {**dataclasses.asdict(TrainConfig()), **EXPERIMENT_BASE}
+        merged = {**dict(changes), **overrides}
+        unknown = sorted(set(merged) - set(base))
+        if unknown:
+            raise TypeError(f"Run: {unknown} are not TrainConfig settings")
+        object.__setattr__(self, "changes", tuple(sorted((k, v) for k, v in merged.items() if v != base[k])))
+        object.__setattr__(self, "_base", base)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "_base":
+            raise AttributeError(name)
+        return dict(self.changes).get(name, self._base[name]) if name in self._base else \
+            object.__getattribute__(self, name)
+
+    @property
+    def settings(self):
+        """The TrainConfig settings this configuration sets: EXPERIMENT_BASE and its overrides."""
+        return {**EXPERIMENT_BASE, **dict(self.changes)}
 
     @property
     def name(self):
@@ -250,9 +266,10 @@ def is_synthetic(preset, settings):
 
 # --------------------------------------------------------------------------- run keys
 
-# TrainConfig fields that say where and how a run goes, not what it computes: left out of the key. (Any other
-# field is in it, so a changed TrainConfig default, e.g. normalisation or augmentation, makes new keys.)
-NOT_IN_KEY = ("out", "figures", "progress", "device", "workers", "resume", "overwrite", "loader")  # how, not what
+# Read off TrainConfig's declarations (config.py): NOT_IN_KEY, the "how" settings (where and how a run goes), and
+# NEUTRAL, the settings added after runs were keyed, which stay out of the key at their default so that a feature
+# that is off by default keeps every finished run valid. Any other field is in the key, so a changed TrainConfig
+# default (normalisation, augmentation, ...) makes new keys.
 SEED_FIELDS = ("seed", "annotation_seed")  # both set from the run's seed, which the key carries as -s<seed>
 
 
@@ -302,39 +319,26 @@ def subset_ids(settings):
     return pick(tr, settings["n_train"]), pick(va, settings["n_val"])
 
 
+# preset settings that are TrainConfig settings (the rest, n_train / n_val, choose the ids)
+PRESET_TRAIN_FIELDS = ("data", "images", "labels", "classes", "pretrained", "size", "epochs", "batch_size", "lr",
+                       "step_size", "lr_gamma")
+
+
 def make_config(run, settings, seed, ids):
-    """The TrainConfig of one run; execute() fills in the NOT_IN_KEY fields (out, device, resume)."""
+    """The TrainConfig of one run: the preset's settings, the run's (Run.settings), the seed and the ids;
+    execute() fills in the NOT_IN_KEY fields (out, device, resume)."""
     from train import TrainConfig
     train_ids, val_ids = ids
-    return TrainConfig(
-        data=settings["data"], images=settings.get("images"), labels=settings.get("labels"),
-        classes=settings.get("classes"), split=settings["split"] if train_ids is None else None,
-        train_ids=train_ids, val_ids=val_ids, points=run.points, strategy=run.strategy,
-        resample_each_epoch=run.resample_each_epoch, annotation_seed=seed, class_weights=run.class_weights,
-        class_weighting=run.class_weighting, affinity_weight=run.affinity_weight,
-        consistency_weight=run.consistency_weight, self_training=run.self_training,
-        pseudo_threshold=run.pseudo_threshold, rounds=run.rounds, clicks_per_round=run.clicks_per_round,
-        click_strategy=run.click_strategy, region_growing=run.region_growing,
-        gamma=run.gamma, decoder=run.decoder, pretrained=settings["pretrained"], size=settings["size"],
-        epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
-        step_size=settings["step_size"], lr_gamma=settings["lr_gamma"], seed=seed,
-        figures=False, exclude=tuple(settings["exclude"]), progress=False)
-
-
-# TrainConfig fields added after runs were keyed, with the value that reproduces what those runs did: at that
-# value a field stays out of the key, so adding a feature (off by default) keeps every finished run valid. Any
-# other value (a run that uses the feature, or a changed default) enters the key.
-NEUTRAL = {"affinity_weight": 0.0, "affinity_kernel": 5, "affinity_dilation": 2, "affinity_sigma_rgb": 0.1,
-           "affinity_sigma_xy": 4.0, "consistency_weight": 0.0, "consistency_threshold": 0.95, "self_training": 0,
-           "pseudo_threshold": 0.9, "rounds": 0, "clicks_per_round": 10, "click_strategy": "uncertain",
-           "click_spacing": 5.0, "region_growing": False}
+    return TrainConfig(**{k: settings.get(k) for k in PRESET_TRAIN_FIELDS}, **run.settings,
+                       split=settings["split"] if train_ids is None else None, train_ids=train_ids, val_ids=val_ids,
+                       exclude=tuple(settings["exclude"]), seed=seed, annotation_seed=seed, figures=False,
+                       progress=False)
 
 
 def config_hash(cfg, data_id):
-    """Hash of a TrainConfig (all of dataclasses.asdict but NOT_IN_KEY, SEED_FIELDS and NEUTRAL fields at their
-    neutral value) and the data identity."""
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY + SEED_FIELDS
-              and not (k in NEUTRAL and v == NEUTRAL[k])}
+    """Hash of a TrainConfig (config.key_settings: every "what" setting, neutral ones at their default left out)
+    less SEED_FIELDS, and the data identity."""
+    fields = {k: v for k, v in key_settings(cfg).items() if k not in SEED_FIELDS}
     blob = json.dumps({"config": fields, "data": data_id}, sort_keys=True, default=str)  # a Path as its text
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 

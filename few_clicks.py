@@ -4,7 +4,6 @@ confident pixels, and new clicks the model chooses (active annotation, simulated
     python train.py --data demo_data/patches --points 10 --self-training 3 --pseudo-threshold 0.9
     python train.py --data demo_data/patches --points 10 --rounds 3 --clicks-per-round 10 --click-strategy uncertain
     python train.py --data demo_data/patches --points 1/object --region-growing    # a click labels its superpixel
-    python few_clicks.py      # a worked example: which cells a probability map sends to the annotator
 
 One command runs the rounds: R rounds split the epochs of one run. Round r (1..R) runs after epoch
 floor(r x epochs / (R + 1)) (8 epochs, R = 3: after epochs 2, 4 and 6), and training goes on with the same
@@ -37,9 +36,10 @@ within a batch of equal sizes, so there is no padding) and changes the annotatio
 Both rounds at once: where both fall on one epoch, one prediction serves both, the clicks first.
 
 What a round changed (added clicks, grown labels, pseudo-labels) is `state(dataset)`, which train.py keeps in
-last.pth's train_state; `restore` puts it back on --resume (`start`). After every change train.py calls `refresh`,
-which writes the new point grids into resident batch tensors. The schedule follows --epochs: resuming with more
-epochs spreads the rounds still ahead over the new length.
+last.pth's train_state; `restore` puts it back on --resume (`start`). A round changes the annotation through the
+dataset's interface only; the resident batches follow it (resident.ResidentLoader reads the point grids again
+when the dataset's annotation_version moved), the per-item DataLoader reads them per item. The schedule is fixed
+by --epochs at the start: train.py refuses a --resume with other --epochs while rounds are on.
 """
 
 import math
@@ -215,22 +215,6 @@ def start(cfg, dataset, train_state=None):
     return False
 
 
-def refresh(loader, dataset):
-    """Make a training loader serve the dataset's current point grids. A resident.ResidentLoader (device tensors
-    gathered by index, padded at the bottom/right) gets them written into its points tensor; a DataLoader reads
-    dataset.point_grid per item already (train.make_loaders keeps no persistent workers while rounds are on)."""
-    data = getattr(loader, "data", None)
-    if data is None or not hasattr(data, "points"):
-        return
-    if list(data.ids) != [str(p[0]) for p in dataset.pairs]:
-        raise ValueError("the resident tensors hold other images than the training dataset; cannot refresh them")
-    points = torch.full(tuple(data.points.shape), IGNORE_INDEX, dtype=torch.uint8)
-    for i in range(len(dataset)):
-        grid = torch.from_numpy(dataset.point_grid(i))
-        points[i, :grid.shape[0], :grid.shape[1]] = grid
-    data.points.copy_(points.to(data.points.device))
-
-
 def end_of_epoch(cfg, epoch, model, dataset, device):
     """Run the rounds due after `epoch` on the training dataset. Returns True when point grids changed (the
     caller re-reads dataset.point_grid for resident batches), False when no round was due."""
@@ -302,17 +286,3 @@ def restore(dataset, st):
         dataset.set_pseudo(index[image_id], grid.numpy())
     for image_id, grid in st.get("grown", {}).items():
         dataset.set_grown(index[image_id], grid.numpy())
-
-
-# --------------------------------------------------------------------------- a worked example
-
-if __name__ == "__main__":
-    prob = np.zeros((2, 6, 8), np.float32)
-    prob[0] = np.linspace(0.5, 1.0, 8)[None, :]  # uncertain on the left, sure on the right
-    prob[1] = 1 - prob[0]
-    cand = np.ones((6, 8), bool)
-    cand[0, 0] = False  # already clicked
-    for s in (1, 3):
-        picks = choose_cells(prob, cand, 4, spacing=s)
-        print(f"spacing {s}: cells (row, col) {[divmod(int(j), 8) for j in picks]}")
-    print(f"cell centres of a 6x6 label on a 3x3 grid (native flat indices):\n{cell_centres(6, 6, 3, 3)}")

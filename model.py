@@ -1,14 +1,13 @@
 """ResNet18 encoder + transposed-convolution decoder (and a tiny stand-in for tests); the format that
 stores them is checkpoint.py.
 
-    python model.py            # prints the parameter count and output shape of both decoders
+    python train.py --decoder skip --arch resnet18      # what trains it; --arch tiny for smoke runs
 
 The model takes images in [0, 1] (B, H, W) of any size and normalises them itself (ImageNet mean/std), so
 training and inference cannot disagree. `decoder="plain"` is the published decoder (transposed-conv
 upsampling, no skips); `decoder="skip"` adds skip connections from the encoder stages.
 """
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -159,25 +158,3 @@ def resolve_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-# --------------------------------------------------------------------------- CLI
-
-def get_args_parser():
-    p = argparse.ArgumentParser(description="Show both decoders' size and output shape.")
-    p.add_argument("--size", type=int, default=150)
-    return p
-
-
-def main(args):
-    for decoder in DECODERS:
-        m = ResNet18Segmentation(decoder=decoder).eval()
-        with torch.no_grad():
-            out = m(torch.rand(1, 3, args.size, args.size))
-        n = sum(p.numel() for p in m.parameters())
-        print(f"{decoder:5s}: {n / 1e6:.2f} M parameters, {args.size}x{args.size} -> {tuple(out.shape)} "
-              f"(random init)")
-
-
-if __name__ == "__main__":
-    main(get_args_parser().parse_args())

@@ -1,6 +1,6 @@
 """Partial cross-entropy: only labelled pixels (points) count, with a focal term and class weights.
 
-    python partial_ce_loss.py      # a worked example: easy vs hard pixels, gamma 0 vs 2
+    python train.py --gamma 2 --class-weights points --normalization weighted      # how train.py uses it
 
 For a labelled pixel i with class y_i and predicted probability p_i of that class:
 
@@ -64,13 +64,3 @@ class PartialCrossEntropyLoss(nn.Module):
     def forward(self, logits, target):
         return partial_cross_entropy(logits, target, self.weight, self.gamma, self.ignore_index,
                                      self.normalization)
-
-
-if __name__ == "__main__":
-    easy = torch.tensor([4.0, -4.0]).view(1, 2, 1, 1)  # p(class 0) ~ 1.0
-    hard = torch.tensor([0.2, 0.0]).view(1, 2, 1, 1)  # p(class 0) ~ 0.55
-    t = torch.zeros(1, 1, 1, dtype=torch.long)
-    for gamma in (0.0, 2.0):
-        le = partial_cross_entropy(easy, t, gamma=gamma).item()
-        lh = partial_cross_entropy(hard, t, gamma=gamma).item()
-        print(f"gamma {gamma}: easy pixel {le:.5f}, hard pixel {lh:.5f}, hard/easy {lh / le:.0f}x")

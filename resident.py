@@ -2,8 +2,6 @@
 as whole batches gathered by index on the training device, augmented there. train.py uses it by default
 (`--loader auto`); the per-item DataLoader stays for points redrawn every epoch and for data too large to hold.
 
-    python resident.py --data demo_data/patches --points 20000 --limit 300   # build (or find) the cache: its size
-
 A sample of `SegmentationDataset` (float image in [0, 1], points, dense label) is held as uint8: the image is
 spec.load_input's uint8 resized by spec.to_grid, and the dataset's float is exactly that / 255, so nothing is
 lost (build_tensors checks it). Images of different sizes are padded at the bottom/right to the largest, as
@@ -13,12 +11,11 @@ checks, class weights and annotation statistics read no file.
 
 The cache lives in `<data>/.resident-cache/resident-<key>.pt`, next to Images/ (in the run's folder when the
 data folder is not writable). The key is a digest of every file's path, size and modification time, the
-DataSpec and the annotation settings (ANNOTATION_FIELDS of TrainConfig): a changed file or setting builds a
+DataSpec and the annotation settings (config.ANNOTATION_FIELDS): a changed file or setting builds a
 new cache; an unreadable or partial cache file is rebuilt with a warning. Files are written atomically
 (raster.atomic_path). Old cache files are not deleted: remove the folder to reclaim the space.
 """
 
-import argparse
 import copy
 import hashlib
 import json
@@ -27,15 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from dataset import augment_batch
 from raster import atomic_path
 from spec import IGNORE_INDEX
 
 LOADERS = ("auto", "resident", "dataloader")  # train.py --loader
 CACHE_VERSION = 2  # 2: per-sample sizes and click counts (seed_dataset); files of version 1 are built again
-# the TrainConfig fields that change the point grids: a new annotation setting is one more name here
-ANNOTATION_FIELDS = ("points", "strategy", "annotation_seed")
 # the resident tensors may take this share of the memory available where they live (GPU memory on CUDA, RAM)
 MEMORY_FRACTION = 0.25
 
@@ -236,38 +231,37 @@ def batch_order(n, batch_size, generator=None, shuffle=True, drop_last=False, ra
     return [b[rank::world_size] for b in batches]
 
 
-def augment_batch(image, points, label, k, flip):
-    """Rotate sample i of a batch by k[i] x 90 degrees and flip it horizontally where flip[i], the same for its
-    image (B, C, h, w), points and label (B, h, w). Samples with the same (k, flip) draw move together. A
-    non-square batch is first padded to a square (image 0, points and labels IGNORE_INDEX) so that every
-    sample keeps one shape, as pad_collate pads rotated samples."""
-    h, w = image.shape[-2:]
-    if h != w:
-        pad = (0, max(h, w) - w, 0, max(h, w) - h)
-        image = F.pad(image, pad, value=0)
-        points, label = (F.pad(t, pad, value=IGNORE_INDEX) for t in (points, label))
-    code = k.cpu() * 2 + flip.cpu().long()
-    out = [torch.empty_like(t) for t in (image, points, label)]
-    for c in code.unique().tolist():
-        sel = (code == c).nonzero().squeeze(1).to(image.device, non_blocking=True)
-        turns, flipped = divmod(c, 2)
-        for src, dst in zip((image, points, label), out):
-            part = torch.rot90(src.index_select(0, sel), turns, dims=(-2, -1))
-            dst.index_copy_(0, sel, part.flip(-1) if flipped else part)
-    return tuple(out)
-
-
 class ResidentLoader:
     """Batches of a ResidentData that lives on `device`, as train.run_epoch takes them: dicts with image
     (B, C, h, w) float in [0, 1], points and label (B, h, w) long, id. Order from batch_order (shuffled with
-    `generator`); augmentation draws (k, flip) per sample from torch's global RNG, like dataset.augment_sample."""
+    `generator`); augmentation is dataset.augment_batch, the one the per-item path uses.
+
+    `follow`: the SegmentationDataset the tensors were built from. Its annotation may change during training
+    (few-clicks rounds: added clicks, grown labels, pseudo-labels; it counts the changes in
+    `annotation_version`); at the start of every pass the loader reads its point grids again when it changed, so
+    no other module writes into these tensors."""
 
     def __init__(self, data, batch_size, shuffle=False, drop_last=False, generator=None, augment=False,
-                 channels_last=False, rank=0, world_size=1):
+                 channels_last=False, rank=0, world_size=1, follow=None):
         self.data, self.batch_size, self.shuffle, self.drop_last = data, batch_size, shuffle, drop_last
         self.generator, self.augment, self.channels_last = generator, augment, channels_last
         self.rank, self.world_size = rank, world_size
         self.count = 0  # images handed out in the last pass (this rank's share)
+        self.follow, self.version = follow, 0
+        if follow is not None and list(data.ids) != [str(p[0]) for p in follow.pairs]:
+            raise ValueError("the resident tensors hold other images than the dataset they should follow")
+
+    def _read_points(self):
+        """The followed dataset's current point grids into the points tensor (padded at the bottom/right)."""
+        version = self.follow.annotation_version
+        if version == self.version:
+            return
+        points = torch.full(tuple(self.data.points.shape), IGNORE_INDEX, dtype=torch.uint8)
+        for i in range(len(self.follow)):
+            grid = torch.from_numpy(self.follow.point_grid(i))
+            points[i, :grid.shape[0], :grid.shape[1]] = grid
+        self.data.points.copy_(points.to(self.data.points.device))
+        self.version = version
 
     def __len__(self):
         n = len(self.data)
@@ -276,6 +270,8 @@ class ResidentLoader:
     def __iter__(self):
         device = self.data.images.device
         self.count = 0
+        if self.follow is not None:
+            self._read_points()
         for idx in batch_order(len(self.data), self.batch_size, self.generator, self.shuffle, self.drop_last,
                                self.rank, self.world_size):
             if not len(idx):  # a last batch smaller than the number of ranks: this rank has no share
@@ -284,44 +280,9 @@ class ResidentLoader:
             at = idx.to(device, non_blocking=True)
             batch = [t.index_select(0, at) for t in (self.data.images, self.data.points, self.data.labels)]
             if self.augment:
-                k, flip = torch.randint(0, 4, (len(idx),)), torch.randint(0, 2, (len(idx),)).bool()
-                batch = augment_batch(*batch, k, flip)
+                batch = augment_batch(*batch)
             x = batch[0].float().div_(255)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield {"image": x, "points": batch[1].long(), "label": batch[2].long(),
                    "id": [self.data.ids[i] for i in idx.tolist()]}
-
-
-# --------------------------------------------------------------------------- CLI
-
-def get_args_parser():
-    p = argparse.ArgumentParser(description="Build (or find) the resident cache of a patch folder.")
-    p.add_argument("--data", default="demo_data/patches", help="patch folder (Images/, Labels/)")
-    p.add_argument("--points", default="20000", help="as train.py --points")
-    p.add_argument("--strategy", default="uniform", choices=["uniform", "balanced"])
-    p.add_argument("--annotation-seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=150, help="processing size of a 300x300 patch")
-    p.add_argument("--limit", type=int, help="the first N patches only")
-    p.add_argument("--out", default="checkpoints", help="where the cache goes when the data folder is read-only")
-    return p
-
-
-def main(args):
-    import time
-
-    from dataset import PotsdamDataset, available_ids, parse_points
-    from spec import NATIVE_SIZE, DataSpec
-    ids = available_ids(args.data)[: args.limit]
-    points = parse_points(args.points)
-    ds = PotsdamDataset(args.data, ids, spec=DataSpec(scale=args.size / NATIVE_SIZE), points=points,
-                        strategy=args.strategy, seed=args.annotation_seed)
-    t0 = time.perf_counter()
-    annotation = {f: getattr(args, f) for f in ANNOTATION_FIELDS} | {"points": points}  # as train.py keys it
-    data, where = load_or_build(ds, annotation, args.out)
-    print(f"{len(data)} patches, images {tuple(data.images.shape)}, {data.nbytes / 2**20:.1f} MiB: {where} "
-          f"in {time.perf_counter() - t0:.1f} s")
-
-
-if __name__ == "__main__":
-    main(get_args_parser().parse_args())

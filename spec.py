@@ -43,12 +43,20 @@ DEFAULT_PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
 
 NATIVE_SIZE = 300  # published Potsdam patches are 300x300
 PROCESSING_SIZE = 150  # published processing size: scale 0.5
+MAX_SCALE = 16  # processing pixels per file pixel: upsampling beyond this is a mistake, not a setting
 PERCENTILES = (0.5, 99.5)  # the `range` intensity rule's low / high, per band, over the training images
 
 
 def default_palette(n):
     """n distinct colours (cycled past ten), none of them the undefined black."""
     return tuple(DEFAULT_PALETTE[i % len(DEFAULT_PALETTE)] for i in range(n))
+
+
+def check_scale(scale):
+    """True for a usable scale (processing pixels per file pixel): a number in (0, MAX_SCALE]. The one rule that
+    training, the contract and inference apply."""
+    return isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) \
+        and 0 < scale <= MAX_SCALE
 
 
 @dataclass(frozen=True)
@@ -225,8 +233,8 @@ class DataSpec:
     scale: float = PROCESSING_SIZE / NATIVE_SIZE
 
     def __post_init__(self):
-        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and 0 < self.scale <= 16):
-            raise ValueError(f"scale must be a number in (0, 16], got {self.scale!r}")
+        if not check_scale(self.scale):
+            raise ValueError(f"scale must be a number in (0, {MAX_SCALE}], got {self.scale!r}")
         if self.channels < 1:
             raise ValueError(f"channels must be >= 1, got {self.channels}")
         if self.bands is not None and len(self.bands) != self.channels:

@@ -14,15 +14,12 @@ exactly the same settings replaces them by itself.
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -31,100 +28,25 @@ from tqdm.auto import tqdm
 
 import distributed
 import few_clicks
+from config import (RESUMABLE, TrainConfig, add_arguments, annotation_of, check_config, config_dict,  # noqa: F401
+                    config_from_args)
 from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
-from class_weights import SCHEMES, compute_class_weights, load_class_weights, save_class_weights
+from class_weights import compute_class_weights, load_class_weights, save_class_weights
 from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids,
-                     clicks_per_object, folder_pairs, index_to_colour, load_split, pad_collate, parse_points,
+                     clicks_per_object, folder_pairs, index_to_colour, load_split, pad_collate,
                      patch_pairs)
 from metrics import ConfusionMatrix
-from model import ARCHS, DECODERS, build_model, resolve_device
-from partial_ce_loss import NORMALIZATIONS, PartialCrossEntropyLoss
+from model import build_model, resolve_device
+from partial_ce_loss import PartialCrossEntropyLoss
 from raster import clean_stale_temporaries, read_raster
-from resident import (ANNOTATION_FIELDS, LOADERS, ResidentLoader, choose_path, estimate_bytes, find_cache,
-                      load_or_build, memory_budget, seed_dataset)
-from spec import (IGNORE_INDEX, POTSDAM, PROCESSING_SIZE, DataSpec, file_bands, fit_intensity, load_class_file,
+from resident import (ResidentLoader, choose_path, estimate_bytes, find_cache, load_or_build, memory_budget,
+                      seed_dataset)
+from spec import (IGNORE_INDEX, POTSDAM, DataSpec, file_bands, fit_intensity, load_class_file,
                   load_input)
 from weak_losses import AffinityLoss, ConsistencyLoss, valid_pixels
 
 
-# --------------------------------------------------------------------------- configuration
-
-@dataclass
-class TrainConfig:
-    # data: a patch folder (Images/, Labels/) or two folders of matching names (images + labels)
-    data: Optional[str] = "demo_data/patches"
-    images: Optional[str] = None
-    labels: Optional[str] = None
-    split: Optional[str] = None  # JSON {"train": [ids], "val": [ids]}; default <data>/split.json if present
-    train_ids: Optional[list] = None
-    val_ids: Optional[list] = None
-    val_fraction: float = 0.125  # without split or published ids: the last 12.5 % of sorted ids (300/2400)
-    max_train: Optional[int] = None  # use only the first N training / validation images (quick runs)
-    max_val: Optional[int] = None
-    classes: Optional[str] = None  # JSON class file; default ISPRS Potsdam colours
-    bands: Optional[list] = None  # image band indices; default every band but alpha
-    # annotation
-    points: Union[int, str, None] = 20000  # per image at native resolution, a share like "1%", clicks per
-    # object like "1/object" (dataset.object_clicks), None = dense
-    strategy: str = "uniform"  # or "balanced" (not used by "k/object")
-    resample_each_epoch: bool = False  # the published code's behaviour: comparison only
-    annotation_seed: int = 0
-    # loss
-    class_weights: str = "points"  # "points", "dense", "none" or a path to class_weights.pt
-    # how class counts become weights (class_weights.SCHEMES). sqrt, not the published inverse frequency: it won
-    # on the synthetic and the real set (experiments.py, experiment 7), and inverse lost OA to the majority class
-    class_weighting: str = "sqrt"
-    gamma: float = 2.0
-    normalization: str = "weighted"
-    # losses on the unlabelled pixels (weak_losses.py), added to the partial CE times their weight; 0 = off
-    affinity_weight: float = 0.0  # gated CRF pairwise loss
-    affinity_kernel: int = 5  # window side (odd), before dilation
-    affinity_dilation: int = 2
-    affinity_sigma_rgb: float = 0.1  # colour bandwidth, image in [0, 1]
-    affinity_sigma_xy: float = 4.0  # spatial bandwidth, processing pixels
-    consistency_weight: float = 0.0  # FixMatch-style: confident pseudo-labels of the batch vs a strong view
-    consistency_threshold: float = 0.95
-    # rounds inside the run (few_clicks.py); 0 = off
-    self_training: int = 0  # R rounds of pseudo-labels from the model's confident pixels
-    pseudo_threshold: float = 0.9  # softmax max a pixel needs to become a pseudo-label
-    rounds: int = 0  # R rounds of clicks the model chooses (revealed from the dense labels)
-    clicks_per_round: int = 10  # per image and round
-    click_strategy: str = "uncertain"  # smallest top-2 margin first, or "random" (the baseline)
-    click_spacing: float = 5.0  # processing pixels between the clicks of one round
-    region_growing: bool = False  # a click labels its SLIC superpixel (where the superpixel's clicks agree)
-    # model
-    arch: str = "resnet18"  # "tiny": a three-layer stand-in for tests and smoke runs
-    decoder: str = "skip"  # "plain" is the published decoder
-    pretrained: bool = True  # ImageNet encoder through torchvision (needs the weights file or internet)
-    size: int = PROCESSING_SIZE  # processing size of the first training image's longer side (300 -> 150)
-    scale: Optional[float] = None  # processing pixels per file pixel; overrides size (mixed image sizes)
-    # optimisation (published: Adam + StepLR)
-    epochs: int = 100
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    step_size: int = 30
-    lr_gamma: float = 0.1
-    augment: bool = True  # flips and 90-degree rotations of the training patches
-    # run
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = False  # bfloat16 autocast on CUDA
-    workers: int = 0  # DataLoader path only
-    # "auto": batches from uint8 tensors held on the device (resident.py) unless points are redrawn every epoch
-    # or the data do not fit; "resident" insists; "dataloader": the per-item DataLoader of dataset.py
-    loader: str = "auto"
-    out: str = "checkpoints"
-    figures: bool = True  # output.png and results.png in `out`
-    exclude: tuple = ()  # classes left out of the means (e.g. ("clutter",))
-    resume: bool = False
-    overwrite: bool = False  # start afresh in an `out` that holds another run's checkpoints
-    progress: bool = True
-
-
-# settings that may differ between a run and its --resume: they do not change what is trained
-RESUMABLE = ("epochs", "device", "workers", "progress", "resume", "overwrite", "figures", "out", "amp", "loader")
-
+# --------------------------------------------------------------------------- checks
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss or weights); the message says what to change."""
@@ -136,63 +58,7 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def check_config(cfg):
-    """Argument errors before any work (ValueError naming the setting)."""
-    def need(ok, msg):
-        if not ok:
-            raise ValueError(msg)
-    need(isinstance(cfg.epochs, int) and cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
-    need(cfg.batch_size >= 1, f"batch size must be >= 1, got {cfg.batch_size}")
-    need(math.isfinite(cfg.lr) and cfg.lr > 0, f"lr must be a positive number, got {cfg.lr}")
-    need(cfg.step_size >= 1, f"step size must be >= 1 epoch, got {cfg.step_size}")
-    need(0 < cfg.lr_gamma <= 1, f"lr gamma must be in (0, 1], got {cfg.lr_gamma}")
-    need(cfg.gamma >= 0, f"focal gamma must be >= 0, got {cfg.gamma}")
-    need(cfg.weight_decay >= 0, f"weight decay must be >= 0, got {cfg.weight_decay}")
-    need(cfg.size >= 8, f"size must be >= 8 pixels, got {cfg.size}")
-    need(cfg.scale is None or (math.isfinite(cfg.scale) and 0 < cfg.scale <= 16),
-         f"scale must be in (0, 16], got {cfg.scale}")
-    need(0 < cfg.val_fraction < 1, f"val fraction must be in (0, 1), got {cfg.val_fraction}")
-    for name in ("max_train", "max_val"):
-        v = getattr(cfg, name)
-        need(v is None or v >= 1, f"{name.replace('_', '-')} must be >= 1 (leave it out for all), got {v}")
-    need(cfg.workers >= 0, f"workers must be >= 0, got {cfg.workers}")
-    need(cfg.loader in LOADERS, f"unknown loader {cfg.loader!r}; use one of {LOADERS}")
-    need(not (cfg.loader == "resident" and cfg.resample_each_epoch),
-         "--loader resident holds fixed points; points redrawn every epoch need --loader dataloader (or auto)")
-    need(cfg.strategy in ("uniform", "balanced"), f"unknown point strategy {cfg.strategy!r}")
-    need(cfg.class_weighting in SCHEMES, f"unknown class weighting {cfg.class_weighting!r}; use one of {SCHEMES}")
-    need(cfg.normalization in NORMALIZATIONS, f"normalization must be one of {NORMALIZATIONS}")
-    for name in ("affinity_weight", "consistency_weight"):
-        v = getattr(cfg, name)
-        need(math.isfinite(v) and v >= 0, f"{name.replace('_', '-')} must be >= 0 (0 = off), got {v}")
-    need(cfg.affinity_kernel >= 3 and cfg.affinity_kernel % 2 == 1,
-         f"affinity kernel must be odd and >= 3, got {cfg.affinity_kernel}")
-    need(cfg.affinity_dilation >= 1, f"affinity dilation must be >= 1, got {cfg.affinity_dilation}")
-    need(cfg.affinity_sigma_rgb > 0 and cfg.affinity_sigma_xy > 0,
-         f"affinity sigmas must be > 0, got {cfg.affinity_sigma_rgb} and {cfg.affinity_sigma_xy}")
-    need(0 <= cfg.consistency_threshold <= 1, f"consistency threshold must be in [0, 1], got "
-                                              f"{cfg.consistency_threshold}")
-    for name in ("self_training", "rounds"):
-        v = getattr(cfg, name)
-        need(isinstance(v, int) and 0 <= v < cfg.epochs,
-             f"{name.replace('_', '-')} must be a whole number of rounds below the epochs ({cfg.epochs}; 0 = off), "
-             f"got {v}")
-    for name in ("self_training", "rounds", "region_growing"):
-        need(not getattr(cfg, name) or (cfg.points is not None and not cfg.resample_each_epoch),
-             f"{name.replace('_', '-')} needs a fixed point annotation (not dense labels, not redrawn every epoch)")
-    need(0 < cfg.pseudo_threshold <= 1, f"pseudo threshold must be in (0, 1], got {cfg.pseudo_threshold}")
-    need(cfg.clicks_per_round >= 1, f"clicks per round must be >= 1, got {cfg.clicks_per_round}")
-    need(cfg.click_strategy in few_clicks.CLICK_STRATEGIES,
-         f"unknown click strategy {cfg.click_strategy!r}; use one of {few_clicks.CLICK_STRATEGIES}")
-    need(cfg.click_spacing >= 1, f"click spacing must be >= 1 pixel, got {cfg.click_spacing}")
-    need(cfg.arch in ARCHS, f"unknown arch {cfg.arch!r}; use one of {ARCHS}")
-    need(cfg.decoder in DECODERS, f"unknown decoder {cfg.decoder!r}; use one of {DECODERS}")
-    need(cfg.bands is None or (len(cfg.bands) > 0 and min(cfg.bands) >= 0), f"bad bands {cfg.bands}")
-    if cfg.points is not None:
-        parse_points(cfg.points)
-    cw = cfg.class_weights
-    need(cw in ("points", "dense", "none") or Path(cw).is_file(),
-         f"class weights must be points, dense, none or an existing .pt file; {cw} is none of these")
+def check_device(cfg):
     device = resolve_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device}: no CUDA GPU is available here; use --device cpu or auto")
@@ -361,13 +227,13 @@ def make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx=None, cached=N
     path, why = choose_path(cfg.loader, cfg.resample_each_epoch, need, memory_budget(device))
     drop_last = len(train_ds) > cfg.batch_size
     if path == "resident":
-        annotation = {name: getattr(cfg, name) for name in ANNOTATION_FIELDS}
+        annotation = annotation_of(cfg)
         (tr, tr_where), (va, va_where) = (hit or load_or_build(ds, annotation, out_dir, look=cached is None)
                                           for ds, hit in zip((train_ds, val_ds), hits))
         fast = device.type == "cuda"  # channels_last pays on GPUs only
         train_loader = ResidentLoader(tr.to(device), cfg.batch_size, shuffle=True, drop_last=drop_last,
                                       generator=gen, augment=cfg.augment, channels_last=fast, rank=rank,
-                                      world_size=world)
+                                      world_size=world, follow=train_ds)  # rounds change train_ds's annotation
         val_loader = ResidentLoader(va.to(device), cfg.batch_size, channels_last=fast, rank=rank, world_size=world)
         print(f"data path: resident batches on {device} ({why}); train {tr_where}; val {va_where}", flush=True)
         return train_loader, val_loader
@@ -500,7 +366,7 @@ def plot_results(model, dataset, path, n=4, device="cpu", title=None):
 
 def comparable_config(config):
     """The settings that decide what is trained; a field an older checkpoint lacks counts as its default."""
-    defaults = _jsonable(dataclasses.asdict(TrainConfig()))
+    defaults = config_dict(TrainConfig())
     return {k: config.get(k, defaults.get(k)) for k in set(config) | set(defaults) if k not in RESUMABLE}
 
 
@@ -509,7 +375,7 @@ def prepare_out(cfg, out_dir):
     last_path = out_dir / "last.pth"
     if cfg.resume:
         ck = read_checkpoint(last_path)
-        old, new = comparable_config(ck.config), comparable_config(_jsonable(dataclasses.asdict(cfg)))
+        old, new = comparable_config(ck.config), comparable_config(config_dict(cfg))
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
@@ -517,6 +383,10 @@ def prepare_out(cfg, out_dir):
                              f"settings (only {', '.join(RESUMABLE[:4])}, ... may change) or train into a new --out")
         if ck.train_state is None:
             raise ValueError(f"{last_path} holds no training state to resume from")
+        if few_clicks.enabled(cfg) and ck.config.get("epochs") != cfg.epochs:  # rounds are placed by --epochs
+            raise ValueError(f"{last_path} was trained with few-clicks rounds placed over {ck.config.get('epochs')} "
+                             f"epochs; resume it with --epochs {ck.config.get('epochs')} (more epochs would move the "
+                             f"rounds still ahead and change how many run), or train into a new --out")
         return ck
     taken = [p.name for p in (out_dir / "best_model.pth", last_path) if p.is_file()]
     if taken and not cfg.overwrite and _same_run(cfg, last_path):
@@ -534,16 +404,13 @@ def _same_run(cfg, last_path):
         old = read_checkpoint(last_path).config
     except (FileNotFoundError, CheckpointError):
         return False
-    return comparable_config(old) == comparable_config(_jsonable(dataclasses.asdict(cfg)))
-
-
-def _jsonable(config):
-    return json.loads(json.dumps(config))
+    return comparable_config(old) == comparable_config(config_dict(cfg))
 
 
 def train(cfg):
     """Train as configured; returns the history (one dict per epoch)."""
     check_config(cfg)
+    check_device(cfg)
     ctx = distributed.init_from_env(cfg.device)  # under torchrun: this rank and its device; else one process
     if cfg.batch_size % ctx.world:
         raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {ctx.world} processes: the global "
@@ -558,7 +425,7 @@ def train(cfg):
     train_ds, val_ds, how, spec = build_datasets(cfg, resumed.spec if resumed else None)
     cached = None  # the resident caches, looked for first: a hit seeds the datasets, so nothing below decodes a file
     if cfg.loader != "dataloader" and not cfg.resample_each_epoch:  # choose_path's first rules; it decides the rest
-        annotation = {name: getattr(cfg, name) for name in ANNOTATION_FIELDS}
+        annotation = annotation_of(cfg)
         cached = tuple(find_cache(ds, annotation, out_dir) for ds in (train_ds, val_ds))
         for ds, hit in zip((train_ds, val_ds), cached):
             if hit:
@@ -602,7 +469,7 @@ def train(cfg):
     history, start, best = [], 1, -math.inf
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    config = _jsonable(dataclasses.asdict(cfg))
+    config = config_dict(cfg)
     last_path, best_path = out_dir / "last.pth", out_dir / "best_model.pth"
     if resumed:
         if resumed.model_args != model.model_args:
@@ -620,8 +487,7 @@ def train(cfg):
 
     train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx, cached)
     # after the loaders (a resident cache holds the drawn annotation only): grown labels, or a resumed run's rounds
-    if few_clicks.start(cfg, train_ds, resumed.train_state if resumed else None):
-        few_clicks.refresh(train_loader, train_ds)
+    few_clicks.start(cfg, train_ds, resumed.train_state if resumed else None)  # the loaders follow the changes
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     names = train_ds.classes.names
@@ -654,7 +520,6 @@ def train(cfg):
               f"mF1 {va['mf1']:.3f} (dense) | lr {lr:.2e} | {h['seconds']:.1f}s{' *' if improved else ''}",
               flush=True)
         if few_clicks.end_of_epoch(cfg, epoch, model, train_ds, device):  # a round changed the annotation
-            few_clicks.refresh(train_loader, train_ds)  # --- the batches read the new point grids from here on
             labelled = train_ds.labelled_fraction()
         h["labelled_fraction"] = labelled  # share of training pixels clicked as the epoch ends (rounds add some)
         try:
@@ -687,104 +552,9 @@ def train(cfg):
 # --------------------------------------------------------------------------- CLI
 
 def get_args_parser():
-    d = TrainConfig()
-    p = argparse.ArgumentParser(description="Train from point annotations (see the module docstring).")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=d.data, help="patch folder with Images/ and Labels/")
-    g.add_argument("--images", help="own data: folder of images (with --labels; matching file names)")
-    g.add_argument("--labels", help="own data: folder of labels")
-    g.add_argument("--split", help="split JSON {'train': [ids], 'val': [ids]} (default: <data>/split.json when it "
-                                   "exists, else the published split when ids 0-2399 exist, else the last "
-                                   "--val-fraction of the sorted ids)")
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    g.add_argument("--max-train", type=int, help="use only the first N training images (quick runs)")
-    g.add_argument("--max-val", type=int, help="use only the first N validation images")
-    g.add_argument("--classes", help="class file JSON (default: ISPRS Potsdam classes and colours)")
-    g.add_argument("--bands", help="image bands to use, e.g. 0,1,2,3 (default: every band but alpha)")
-    g = p.add_argument_group("annotation and loss")
-    g.add_argument("--points", default=str(d.points),
-                   help="points per image at native resolution, a share of its pixels like 1%%, clicks in every "
-                        "object like 1/object (object = connected region of one class), or 'dense'")
-    g.add_argument("--strategy", default=d.strategy, choices=["uniform", "balanced"],
-                   help="how a number or share of points is drawn (not used by k/object)")
-    g.add_argument("--resample-each-epoch", action="store_true",
-                   help="redraw points every epoch, as the published code did (comparison only)")
-    g.add_argument("--annotation-seed", type=int, default=d.annotation_seed)
-    g.add_argument("--class-weights", default=d.class_weights, help="points, dense, none, or a .pt file")
-    g.add_argument("--class-weighting", default=d.class_weighting, choices=list(SCHEMES),
-                   help="how class counts become weights (see class_weights.py; default sqrt, from experiment 7; "
-                        "inverse = published)")
-    g.add_argument("--gamma", type=float, default=d.gamma, help="focal exponent (0 = cross-entropy)")
-    g.add_argument("--normalization", default=d.normalization, choices=list(NORMALIZATIONS))
-    g = p.add_argument_group("losses on the unlabelled pixels (weak_losses.py; weight 0 = off)")
-    g.add_argument("--affinity-weight", type=float, default=d.affinity_weight,
-                   help="gated CRF pairwise loss: similar neighbouring colours, same class")
-    g.add_argument("--affinity-kernel", type=int, default=d.affinity_kernel, help="window side (odd)")
-    g.add_argument("--affinity-dilation", type=int, default=d.affinity_dilation, help="window step in pixels")
-    g.add_argument("--affinity-sigma-rgb", type=float, default=d.affinity_sigma_rgb,
-                   help="colour bandwidth (image in [0, 1])")
-    g.add_argument("--affinity-sigma-xy", type=float, default=d.affinity_sigma_xy,
-                   help="spatial bandwidth (processing pixels)")
-    g.add_argument("--consistency-weight", type=float, default=d.consistency_weight,
-                   help="FixMatch-style consistency between the batch and a jittered, rotated/flipped view")
-    g.add_argument("--consistency-threshold", type=float, default=d.consistency_threshold,
-                   help="pseudo-labels only where the softmax max reaches this")
-    g = p.add_argument_group("rounds inside the run (few_clicks.py; 0 = off)")
-    g.add_argument("--self-training", type=int, default=d.self_training,
-                   help="R rounds: the model's confident pixels become pseudo-labels (clicks always win)")
-    g.add_argument("--pseudo-threshold", type=float, default=d.pseudo_threshold,
-                   help="softmax max a pixel needs to become a pseudo-label")
-    g.add_argument("--rounds", type=int, default=d.rounds,
-                   help="R rounds of new clicks the model chooses, revealed from the dense labels (simulated)")
-    g.add_argument("--clicks-per-round", type=int, default=d.clicks_per_round, help="K new clicks per image")
-    g.add_argument("--click-strategy", default=d.click_strategy, choices=list(few_clicks.CLICK_STRATEGIES),
-                   help="uncertain: smallest margin between the two top classes first; random: the baseline")
-    g.add_argument("--click-spacing", type=float, default=d.click_spacing,
-                   help="least distance between the new clicks of a round (processing pixels)")
-    g.add_argument("--region-growing", action="store_true",
-                   help="a click labels its SLIC superpixel (where that superpixel's clicks agree on a class)")
-    g = p.add_argument_group("model and optimisation")
-    g.add_argument("--arch", default=d.arch, choices=list(ARCHS), help="tiny: a 3-layer stand-in for smoke runs")
-    g.add_argument("--decoder", default=d.decoder, choices=list(DECODERS), help="plain = published")
-    g.add_argument("--no-pretrained", dest="pretrained", action="store_false",
-                   help="random encoder init (offline); default: ImageNet weights through torchvision")
-    g.add_argument("--size", type=int, default=d.size,
-                   help="processing size of the first training image's longer side (default 150: 300 -> 150)")
-    g.add_argument("--scale", type=float, default=None,
-                   help="processing pixels per image pixel, e.g. 0.5 (overrides --size; for mixed image sizes)")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--step-size", type=int, default=d.step_size, help="StepLR step (epochs)")
-    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="StepLR factor")
-    g.add_argument("--no-augment", dest="augment", action="store_false")
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    g.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
-    g.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers (--loader dataloader)")
-    g.add_argument("--loader", default=d.loader, choices=list(LOADERS),
-                   help="auto: batches from uint8 tensors cached on the device (resident.py) unless points are "
-                        "redrawn every epoch or the data do not fit; dataloader: the per-item DataLoader")
-    g.add_argument("--out", default=d.out, help="folder for checkpoints, history and figures of this run")
-    g.add_argument("--no-figures", dest="figures", action="store_false", help="no output.png / results.png")
-    g.add_argument("--exclude", default="", help="classes left out of the means, e.g. clutter")
-    g.add_argument("--resume", action="store_true", help="continue from <out>/last.pth (same settings)")
-    g.add_argument("--overwrite", action="store_true", help="replace the checkpoints a folder holds")
-    g.add_argument("--no-progress", dest="progress", action="store_false")
-    return p
-
-
-def config_from_args(args):
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    kw["points"] = parse_points(args.points)
-    try:
-        kw["bands"] = [int(b) for b in args.bands.split(",")] if args.bands else None
-    except ValueError:
-        raise ValueError(f"--bands takes comma-separated band indices like 0,1,2,3; got {args.bands!r}") from None
-    kw["exclude"] = tuple(c for c in args.exclude.split(",") if c)
-    return TrainConfig(**kw)
+    """The options are TrainConfig's fields (config.py: help, choices and defaults declared there)."""
+    return add_arguments(argparse.ArgumentParser(description="Train from point annotations (see the module "
+                                                             "docstring)."))
 
 
 def main(args):

@@ -1,6 +1,6 @@
 """Losses on the unlabelled pixels, for training from a few clicks: they add to the partial cross-entropy.
 
-    python weak_losses.py      # a worked example: where a change of prediction costs more, and the inverse views
+    python train.py --points 10 --affinity-weight 1 --consistency-weight 1      # how train.py uses them
 
 - `affinity_loss`: a gated CRF-style pairwise loss (Obukhov et al. 2019, "Gated CRF loss"; Tang et al. 2018,
   "dense CRF loss"). Neighbouring pixels of similar colour should get the same class:
@@ -177,20 +177,3 @@ class ConsistencyLoss(nn.Module):
 
 
 # --------------------------------------------------------------------------- a worked example
-
-if __name__ == "__main__":
-    image = torch.zeros(1, 3, 8, 8)
-    image[..., 4:] = 1.0  # a colour edge between columns 3 and 4
-
-    def two_regions(column):
-        logits = torch.full((1, 2, 8, 8), -5.0)
-        logits[:, 0, :, :column] = 5.0
-        logits[:, 1, :, column:] = 5.0
-        return logits
-    print(f"affinity, class change at the colour edge: {affinity_loss(two_regions(4), image).item():.5f}; "
-          f"inside a uniform region: {affinity_loss(two_regions(2), image).item():.5f}")
-    x = torch.arange(6.0).view(1, 1, 2, 3)
-    for k in range(4):
-        for flip in (False, True):
-            assert torch.equal(geometric_inverse(geometric(x, k, flip), k, flip), x)
-    print("geometric_inverse undoes geometric for every rotation and flip")

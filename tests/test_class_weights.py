@@ -8,7 +8,7 @@ from spec import CLASSES, DataSpec
 
 
 def test_inverse_frequency_sums_to_num_classes():
-    w = weights_from_counts([100, 300, 600], names=("a", "b", "c"))
+    w = weights_from_counts([100, 300, 600], ("a", "b", "c"), "inverse")
     assert w.sum().item() == pytest.approx(3)
     # inverse frequency: w ~ 1/f -> ratio a:b = 3
     assert (w[0] / w[1]).item() == pytest.approx(3)
@@ -17,15 +17,15 @@ def test_inverse_frequency_sums_to_num_classes():
 
 def test_unseen_class_gets_finite_weight_and_warning():
     with pytest.warns(UserWarning, match="never seen"):
-        w = weights_from_counts([100, 0, 50], names=("a", "b", "c"))
+        w = weights_from_counts([100, 0, 50], ("a", "b", "c"), "inverse")
     assert torch.isfinite(w).all() and w[1] == w.max()
 
 
 def test_points_vs_dense(patches):
     root, _ = patches
     ds = PotsdamDataset(root, points=30, spec=DataSpec(scale=1.0))
-    wp, cp = compute_class_weights(ds, "points")
-    wd, cd = compute_class_weights(ds, "dense")
+    wp, cp = compute_class_weights(ds, "points", "inverse")
+    wd, cd = compute_class_weights(ds, "dense", "inverse")
     # points count only the annotated pixels; dense counts every defined pixel
     assert cp.sum() <= 30 * len(ds) < cd.sum()
     assert cd.sum() == sum(int((ds.dense_label(i) != 255).sum()) for i in range(len(ds)))
@@ -34,8 +34,8 @@ def test_points_vs_dense(patches):
 
 def test_save_load_round_trip_and_class_check(tmp_path):
     w = torch.tensor([1.0, 2, 3, 0.5, 0.25, 0.25])
-    save_class_weights(tmp_path / "w.pt", w, np.arange(6), "points", CLASSES)
-    assert torch.equal(load_class_weights(tmp_path / "w.pt"), w)
+    save_class_weights(tmp_path / "w.pt", w, np.arange(6), "points", CLASSES, "inverse")
+    assert torch.equal(load_class_weights(tmp_path / "w.pt", CLASSES), w)
     with pytest.raises(ValueError, match="classes"):
         load_class_weights(tmp_path / "w.pt", names=("x", "y"))
 
@@ -55,3 +55,17 @@ def test_schemes_order_and_tame_the_rare_class():
     assert ratio["sqrt"] < ratio["inverse"] and ratio["effective"] < ratio["inverse"]
     with pytest.raises(ValueError, match="unknown class weighting"):
         weights_from_counts(counts, names=("a", "b", "c"), scheme="focal")
+
+
+@pytest.mark.parametrize("content, match", [
+    (torch.ones(3), "holds a Tensor; class weights must be a dict"),
+    ({"weights": torch.ones(2), "classes": ["a", "b", "c"]}, r"\(2,\) weights for 3 classes"),
+    ({"weights": torch.tensor([1.0, float("nan"), 1.0]), "classes": ["a", "b", "c"]}, "finite"),
+    ({"weights": torch.tensor([1.0, -1.0, 1.0]), "classes": ["a", "b", "c"]}, ">= 0"),
+    ({"classes": ["a", "b", "c"]}, "without weights or classes"),
+])
+def test_a_bad_class_weights_file_is_refused_with_what_it_must_hold(tmp_path, content, match):
+    torch.save(content, tmp_path / "w.pt")
+    with pytest.raises(ValueError, match=match) as e:
+        load_class_weights(tmp_path / "w.pt", ("a", "b", "c"))
+    assert str(tmp_path / "w.pt") in str(e.value)

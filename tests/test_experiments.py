@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import config
 import experiments as E
 from conftest import write_patches
 from spec import CLASSES
@@ -86,11 +87,11 @@ def test_key_hashes_the_whole_training_config(monkeypatch):
 
     @dataclasses.dataclass
     class NewDefault(base):
-        normalization: str = "points"
+        normalization: str = config.setting("points", "changed default", config.LOSS)
 
     @dataclasses.dataclass
     class WithOverwrite(base):  # a field another change adds, which says how a run goes, not what it computes
-        overwrite: bool = False
+        overwrite: bool = config.setting(False, "how a run goes", config.RUN, role="how")
 
     monkeypatch.setattr(train, "TrainConfig", NewDefault)
     assert KEYS.run_key(E.BASELINE, 0) != key
@@ -189,7 +190,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
 
     @dataclasses.dataclass
     class WithOverwrite(train.TrainConfig):  # train.py refuses a fresh run over leftovers unless overwrite
-        overwrite: bool = False
+        overwrite: bool = config.setting(False, "how a run goes", config.RUN, role="how")
     monkeypatch.setattr(train, "TrainConfig", WithOverwrite)
     plan = E.plan_runs(KEYS, {5}, seeds=2)[2:]  # seed 1: fresh folders
     (runs / plan[0].key).mkdir()

@@ -277,6 +277,18 @@ def test_resume_restores_the_added_clicks(data, tmp_path, monkeypatch):
     assert all(torch.equal(a["pseudo"][k], b["pseudo"][k]) for k in a["pseudo"]) and a["pseudo"]
 
 
+def test_resume_with_other_epochs_is_refused_while_rounds_are_on(data, tmp_path):
+    """Rounds are placed by --epochs: resuming with more epochs would run another round (more clicks than the
+    run was asked for), fewer could skip one. Without rounds, training longer stays allowed."""
+    cfg = cfg_for(data, tmp_path, epochs=3, rounds=1, clicks_per_round=2)
+    train(cfg)
+    with pytest.raises(ValueError, match="rounds placed over 3 epochs; resume it with --epochs 3"):
+        train(replace(cfg, epochs=9, resume=True))
+    plain = cfg_for(data, tmp_path, epochs=2, out=str(tmp_path / "plain"))
+    train(plain)
+    assert len(train(replace(plain, epochs=3, resume=True))) == 3
+
+
 def test_cli_and_checks_of_the_round_settings():
     args = get_args_parser().parse_args(["--self-training", "2", "--pseudo-threshold", "0.8", "--rounds", "3",
                                          "--clicks-per-round", "4", "--click-strategy", "random",
@@ -288,9 +300,10 @@ def test_cli_and_checks_of_the_round_settings():
     for bad, match in ((dict(rounds=8), "below the epochs"), (dict(self_training=-1), "self-training must"),
                        (dict(rounds=2, points=None), "fixed point annotation"),
                        (dict(self_training=2, resample_each_epoch=True), "fixed point annotation"),
-                       (dict(pseudo_threshold=0.0), "pseudo threshold"), (dict(rounds=2, clicks_per_round=0),
-                                                                          "clicks per round"),
-                       (dict(click_strategy="entropy"), "click strategy"), (dict(click_spacing=0.5), "spacing"),
+                       (dict(pseudo_threshold=0.0), "--pseudo-threshold must"),
+                       (dict(rounds=2, clicks_per_round=0), "--clicks-per-round must"),
+                       (dict(click_strategy="entropy"), "--click-strategy must be one of uncertain, random"),
+                       (dict(click_spacing=0.5), "spacing"),
                        (dict(region_growing=True, points=None), "region-growing needs a fixed point annotation")):
         with pytest.raises(ValueError, match=match):
             check_config(TrainConfig(**{"epochs": 8, "points": 10, **bad}))
@@ -382,33 +395,46 @@ def test_region_growing_run_grows_again_after_each_click_round(data, tmp_path, c
 
 # --------------------------------------------------------------------------- the batch paths
 
-def test_refresh_writes_the_new_point_grids_into_resident_tensors(patches):
+def test_resident_batches_follow_the_annotation_the_rounds_change(patches):
+    """No module writes into the loader's tensors: the loader reads the dataset's point grids again at the start
+    of a pass when its annotation changed (and only then)."""
     from resident import ResidentLoader, build_tensors
     root, _ = patches
     ds = dataset(root)
-    loader = ResidentLoader(build_tensors(ds), batch_size=2)
+    loader = ResidentLoader(build_tensors(ds), batch_size=2, follow=ds)
+    before = loader.data.points.clone()
+    list(loader)
+    assert torch.equal(loader.data.points, before) and loader.version == ds.annotation_version == 0
     few_clicks.end_of_epoch(config(rounds=1, self_training=1, pseudo_threshold=0.5), 4, Fixed(one_hot_logits(1)),
                             ds, "cpu")
-    assert not all(np.array_equal(loader.data.points[i].numpy(), ds.point_grid(i)) for i in range(len(ds)))
-    few_clicks.refresh(loader, ds)
-    assert all(np.array_equal(loader.data.points[i].numpy(), ds.point_grid(i)) for i in range(len(ds)))
+    assert ds.annotation_version > 0
+    assert not all(np.array_equal(before[i].numpy(), ds.point_grid(i)) for i in range(len(ds)))
     batch = next(iter(loader))
+    assert all(np.array_equal(loader.data.points[i].numpy(), ds.point_grid(i)) for i in range(len(ds)))
     assert np.array_equal(batch["points"][0].numpy(), ds.point_grid(0))
 
 
 @pytest.mark.parametrize("loader", ["resident", "dataloader"])
 def test_both_batch_paths_train_on_the_grids_the_rounds_made(data, tmp_path, monkeypatch, loader):
-    seen = []
-    original = few_clicks.refresh
+    import train as T
+    grids, seen = [], []
+    original_round, original_epoch = few_clicks.end_of_epoch, T.run_epoch
 
-    def checked(train_loader, ds):
-        original(train_loader, ds)
-        batches = list(train_loader)
-        by_id = {i: p for b in batches for i, p in zip(b["id"], b["points"])}
-        seen.append(all(np.array_equal(np.sort(by_id[str(ds.pairs[i][0])].numpy().ravel()),
-                                       np.sort(ds.point_grid(i).ravel())) for i in range(len(ds)) if str(ds.pairs[i][0])
-                        in by_id))  # sorted: the batches may be rotated or flipped
-    monkeypatch.setattr(few_clicks, "refresh", checked)
+    def round_then_remember(cfg, epoch, model, ds, device):
+        changed = original_round(cfg, epoch, model, ds, device)
+        if changed:
+            grids.append({str(ds.pairs[i][0]): np.sort(ds.point_grid(i).ravel()) for i in range(len(ds))})
+        return changed
+
+    def epoch_seen(model, batches, criterion, device, optimizer=None, *args, **kw):
+        if optimizer is not None and grids:  # a training pass after the round: what did it train on?
+            batches = list(batches)
+            seen.append(all(np.array_equal(np.sort(p.numpy().ravel()), grids[-1][i])  # sorted: rotated, flipped
+                            for b in batches for i, p in zip(b["id"], b["points"])))
+        return original_epoch(model, batches, criterion, device, optimizer, *args, **kw)
+    monkeypatch.setattr(few_clicks, "end_of_epoch", round_then_remember)
+    monkeypatch.setattr(T, "run_epoch", epoch_seen)
     history = train(cfg_for(data, tmp_path, epochs=3, rounds=1, self_training=1, pseudo_threshold=0.3, loader=loader,
                             augment=True))
-    assert seen == [True] and len(history) == 3
+    assert len(grids) == 1 and len(history) == 3
+    assert seen == [True, True]  # epochs 2 and 3 trained on the grids of the round after epoch 1

@@ -12,8 +12,8 @@ def test_notebook_runs_headless_on_tiny_data(tmp_path):
     out_nb = tmp_path / "executed.ipynb"
     pm.execute_notebook(
         str(REPO / "train.ipynb"), str(out_nb), cwd=str(REPO), progress_bar=False, kernel_name="python3",
-        parameters=dict(DATA=str(tmp_path / "patches"), EPOCHS=1, POINTS=50, PRETRAINED=False, SIZE=32,
-                        ARCH="tiny", BATCH_SIZE=4, OUT=str(tmp_path / "ck")))
+        parameters=dict(SETTINGS=dict(data=str(tmp_path / "patches"), epochs=1, points=50, pretrained=False, size=32,
+                                      arch="tiny", batch_size=4, out=str(tmp_path / "ck"))))
     assert (tmp_path / "ck" / "best_model.pth").is_file()
     assert (tmp_path / "ck" / "output.png").is_file() and (tmp_path / "ck" / "results.png").is_file()
     text = out_nb.read_text()

@@ -10,8 +10,9 @@ import tifffile
 import torch
 
 import resident
-from dataset import augment_sample, pad_collate
-from resident import (ANNOTATION_FIELDS, ResidentLoader, augment_batch, batch_order, build_tensors, choose_path,
+from config import ANNOTATION_FIELDS
+from dataset import augment_batch, augment_sample, pad_collate
+from resident import (ResidentLoader, batch_order, build_tensors, choose_path,
                       estimate_bytes, load_or_build)
 from spec import IGNORE_INDEX
 from tests.conftest import write_patches
@@ -130,18 +131,21 @@ def test_device_augmentation_moves_image_points_and_labels_alike():
         assert (out_image[i][:, expected == IGNORE_INDEX] == 0).all()  # image padding is 0
 
 
-def test_device_augmentation_draws_like_the_per_item_augmentation():
-    """Same draws, same result as dataset.augment_sample on every sample."""
-    g = torch.Generator().manual_seed(1)
-    image, points = torch.rand(6, 3, 5, 5, generator=g), torch.randint(0, 6, (6, 5, 5), generator=g)
-    k, flip = torch.randint(0, 4, (6,), generator=g), torch.randint(0, 2, (6,), generator=g).bool()
-    out = augment_batch(image, points, points.clone(), k, flip)
-    for i in range(6):
-        draws = iter([torch.tensor([int(k[i])]), torch.tensor([int(flip[i])])])
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(torch, "randint", lambda *a, **kw: next(draws))
-            ref = augment_sample(image[i], points[i], points[i])
-        assert all(torch.equal(o[i], r) for o, r in zip(out, ref))
+def test_one_augmentation_serves_both_paths_and_a_turned_sample_keeps_its_shape():
+    """dataset.augment_sample is augment_batch on one sample: a quarter turn of a non-square sample takes the
+    turned shape (no padding), and the draws come from torch's global RNG, so a seed repeats them."""
+    grid = torch.arange(12).reshape(3, 4)
+    image = grid[None].float()
+    out = augment_batch(image[None], grid[None], grid[None], torch.tensor([1]), torch.tensor([True]))
+    assert out[1].shape == (1, 4, 3) and torch.equal(out[1][0], torch.rot90(grid, 1, (-2, -1)).flip(-1))
+    assert torch.equal(out[0][0, 0], out[1][0].float())
+    draws = []
+    for seed in (3, 3, *range(20)):
+        torch.manual_seed(seed)
+        draws.append(augment_sample(image, grid, grid))
+    assert all(torch.equal(x, y) for x, y in zip(draws[0], draws[1]))
+    assert {tuple(d[1].shape) for d in draws} == {(3, 4), (4, 3)}
+    assert all(torch.equal(d[0][0], d[1].float()) and torch.equal(d[1], d[2]) for d in draws)
 
 
 def test_batch_order_is_reproducible_and_ranks_share_each_batch():

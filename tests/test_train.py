@@ -77,7 +77,7 @@ def test_cli_maps_to_config():
                                          "--bands", "0,1,2,3", "--exclude", "clutter"])
     cfg = config_from_args(args)
     assert cfg.points is None and cfg.class_weights == "none" and cfg.decoder == "plain"
-    assert cfg.epochs == 3 and cfg.pretrained is False and cfg.bands == [0, 1, 2, 3]
+    assert cfg.epochs == 3 and cfg.pretrained is False and cfg.bands == (0, 1, 2, 3)
     assert cfg.exclude == ("clutter",)
     assert config_from_args(get_args_parser().parse_args([])).points == 20000
     assert config_from_args(get_args_parser().parse_args([])).loader == "auto"
@@ -136,8 +136,8 @@ def test_diverging_training_stops_and_saves_no_model(data, tmp_path):
 @pytest.mark.parametrize("change, match", [
     (dict(epochs=0), "epochs must be >= 1"), (dict(epochs=-2), "epochs must be >= 1"),
     (dict(max_train=0), "max-train must be >= 1"), (dict(max_val=-1), "max-val must be >= 1"),
-    (dict(val_fraction=-0.5), "val fraction"), (dict(batch_size=0), "batch size"),
-    (dict(step_size=0), "step size"), (dict(points=100_000), "only 2304 pixels"),
+    (dict(val_fraction=-0.5), "--val-fraction must"), (dict(batch_size=0), "--batch-size must"),
+    (dict(step_size=0), "--step-size must"), (dict(points=100_000), "only 2304 pixels"),
     (dict(exclude=("trees",)), "unknown classes"), (dict(device="cuda:0"), "no CUDA"),
 ])
 def test_bad_settings_fail_before_anything_is_written(data, tmp_path, change, match, monkeypatch):
@@ -182,7 +182,7 @@ def test_a_class_without_any_training_point_is_an_error(tmp_path):
 def test_cli_user_errors_print_one_line_and_exit_2(data, tmp_path, capsys):
     from train import main
     base = ["--data", str(data), "--out", str(tmp_path / "ck"), "--no-progress", "--arch", "tiny", "--size", "32"]
-    for extra, match in ((["--points", "abc"], "points must be"), (["--batch-size", "0"], "batch size"),
+    for extra, match in ((["--points", "abc"], "points must be"), (["--batch-size", "0"], "--batch-size must be >= 1"),
                          (["--epochs", "0"], "epochs"), (["--bands", "x"], "--bands"),
                          (["--data", str(tmp_path / "nowhere")], "nowhere")):
         with pytest.raises(SystemExit) as e:

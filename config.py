@@ -1,0 +1,318 @@
+"""Every training setting, declared once: `TrainConfig`.
+
+    python train.py --help                       # the command line is derived from the fields below
+    cfg = TrainConfig(points=10, epochs=5)       # the notebook and experiments.py pass overrides
+
+Each field is `setting(default, help, ...)`: its help text, its choices or check, and what it is to a run:
+- `group`: where `--help` shows it;
+- `role`: "what" settings decide what is trained (they are in a run's experiment key and must match on
+  --resume); "how" settings say where and how a run goes (out, device, progress, ...): left out of the key, free
+  to change on --resume;
+- `resumable`: a "what" setting that may still change on --resume (epochs: train longer; amp);
+- `annotation`: part of the drawn annotation, and so of the resident cache's key (resident.py);
+- `neutral`: added after finished experiment runs were keyed; at its default it stays out of the key, so a
+  feature that is off by default keeps those runs valid (experiments.py).
+RESUMABLE, NOT_IN_KEY, NEUTRAL and ANNOTATION_FIELDS are read off these declarations; `add_arguments` builds
+argparse from them (flag `--field-name`; a bool that defaults to True gets `--no-field-name`) and `check_config`
+applies every field's check, then the rules between fields (RULES). Adding a setting is one `setting(...)` here
+plus its use.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+from class_weights import SCHEMES
+from dataset import parse_points
+from few_clicks import CLICK_STRATEGIES
+from model import ARCHS, DECODERS
+from partial_ce_loss import NORMALIZATIONS
+from resident import LOADERS
+from spec import MAX_SCALE, PROCESSING_SIZE, check_scale
+
+GROUPS = ("data", "annotation and loss", "losses on the unlabelled pixels (weak_losses.py; weight 0 = off)",
+          "rounds inside the run (few_clicks.py; 0 = off)", "model and optimisation", "run")
+DATA, LOSS, WEAK, ROUNDS, MODEL, RUN = GROUPS
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a TrainConfig field is (see the module docstring)."""
+
+    help: str
+    group: str
+    choices: Optional[tuple] = None
+    check: Optional[object] = None  # value -> True when valid
+    must: str = ""  # what `check` asks, for the message: "<flag> must <must>, got <value>"
+    parse: Optional[object] = None  # command-line text -> value (default: the field's type)
+    flag: Optional[str] = None  # the command-line flag; "" = none (set from Python only)
+    role: str = "what"
+    resumable: bool = False
+    annotation: bool = False
+    neutral: bool = False
+
+
+def setting(default, help, group, **meta):
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("a setting's default must be immutable (use a tuple)")
+    return dataclasses.field(default=default, metadata={"setting": Setting(help, group, **meta)})
+
+
+def positive(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def at_least(low):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= low
+
+
+def whole(low):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def optional(check):
+    return lambda v: v is None or check(v)
+
+
+def parse_bands(text):
+    try:
+        return tuple(int(b) for b in str(text).split(",") if b.strip())
+    except ValueError:
+        raise ValueError(f"--bands takes comma-separated band indices like 0,1,2,3; got {text!r}") from None
+
+
+def parse_names(text):
+    return tuple(c.strip() for c in str(text).split(",") if c.strip())
+
+
+def parse_optional_int(text):
+    return None if str(text).lower() in ("", "none", "all") else int(text)
+
+
+def points_valid(v):
+    parse_points(v)  # raises with what is accepted
+    return True
+
+
+def class_weights_valid(v):
+    return v in ("points", "dense", "none") or Path(v).is_file()
+
+
+# --------------------------------------------------------------------------- the settings
+
+@dataclass
+class TrainConfig:
+    # data: a patch folder (Images/, Labels/) or two folders of matching names (images + labels)
+    data: Optional[str] = setting("demo_data/patches", "patch folder with Images/ and Labels/", DATA)
+    images: Optional[str] = setting(None, "own data: folder of images (with --labels; matching file names)", DATA)
+    labels: Optional[str] = setting(None, "own data: folder of labels", DATA)
+    split: Optional[str] = setting(
+        None, "split JSON {'train': [ids], 'val': [ids]} (default: <data>/split.json when it exists, else the "
+              "published split when ids 0-2399 exist, else the last --val-fraction of the sorted ids)", DATA)
+    train_ids: Optional[tuple] = setting(None, "training image ids (Python only; with val_ids)", DATA, flag="")
+    val_ids: Optional[tuple] = setting(None, "validation image ids (Python only; with train_ids)", DATA, flag="")
+    val_fraction: float = setting(0.125, "without a split: the last share of the sorted ids validates (300/2400)",
+                                  DATA, check=lambda v: positive(v) and v < 1, must="be in (0, 1)")
+    max_train: Optional[int] = setting(None, "use only the first N training images (quick runs)", DATA,
+                                       check=optional(whole(1)), must="be >= 1 (leave it out for all)",
+                                       parse=parse_optional_int)
+    max_val: Optional[int] = setting(None, "use only the first N validation images", DATA,
+                                     check=optional(whole(1)), must="be >= 1 (leave it out for all)",
+                                     parse=parse_optional_int)
+    classes: Optional[str] = setting(None, "class file JSON (default: ISPRS Potsdam classes and colours)", DATA)
+    bands: Optional[tuple] = setting(None, "image bands to use, e.g. 0,1,2,3 (default: every band but alpha)", DATA,
+                                     check=lambda v: v is None or (len(v) > 0 and min(v) >= 0),
+                                     must="be band indices >= 0", parse=parse_bands)
+    # annotation
+    points: Union[int, str, None] = setting(
+        20000, "points per image at native resolution, a share of its pixels like 1%%, clicks in every object like "
+               "1/object (object = connected region of one class), or 'dense'", LOSS, parse=parse_points,
+        check=points_valid, annotation=True)
+    strategy: str = setting("uniform", "how a number or share of points is drawn (not used by k/object)", LOSS,
+                            choices=("uniform", "balanced"), annotation=True)
+    resample_each_epoch: bool = setting(False, "redraw points every epoch, as the published code did (comparison "
+                                               "only)", LOSS)
+    annotation_seed: int = setting(0, "seed of the drawn annotation", LOSS, annotation=True)
+    class_weights: str = setting("points", "points, dense, none, or a .pt file (a run writes <out>/class_weights.pt)",
+                                 LOSS, check=class_weights_valid, must="be points, dense, none or an existing .pt file")
+    class_weighting: str = setting(
+        "sqrt", "how class counts become weights (class_weights.py; sqrt won experiment 7 on the synthetic and the "
+                "real set; inverse = published)", LOSS, choices=SCHEMES)
+    gamma: float = setting(2.0, "focal exponent (0 = cross-entropy)", LOSS, check=at_least(0), must="be >= 0")
+    normalization: str = setting("weighted", "how the partial CE averages over the labelled pixels", LOSS,
+                                 choices=NORMALIZATIONS)
+    # losses on the unlabelled pixels (weak_losses.py), added to the partial CE times their weight; 0 = off
+    affinity_weight: float = setting(0.0, "gated CRF pairwise loss: similar neighbouring colours, same class", WEAK,
+                                     check=at_least(0), must="be >= 0 (0 = off)", neutral=True)
+    affinity_kernel: int = setting(5, "window side (odd, >= 3)", WEAK, check=lambda v: whole(3)(v) and v % 2 == 1,
+                                   must="be odd and >= 3", neutral=True)
+    affinity_dilation: int = setting(2, "window step in pixels", WEAK, check=whole(1), must="be >= 1", neutral=True)
+    affinity_sigma_rgb: float = setting(0.1, "colour bandwidth (image in [0, 1])", WEAK, check=positive,
+                                        must="be > 0", neutral=True)
+    affinity_sigma_xy: float = setting(4.0, "spatial bandwidth (processing pixels)", WEAK, check=positive,
+                                       must="be > 0", neutral=True)
+    consistency_weight: float = setting(0.0, "FixMatch-style consistency between the batch and a jittered, "
+                                             "rotated/flipped view", WEAK, check=at_least(0),
+                                        must="be >= 0 (0 = off)", neutral=True)
+    consistency_threshold: float = setting(0.95, "pseudo-labels only where the softmax max reaches this", WEAK,
+                                           check=lambda v: at_least(0)(v) and v <= 1, must="be in [0, 1]",
+                                           neutral=True)
+    # rounds inside the run (few_clicks.py); 0 = off
+    self_training: int = setting(0, "R rounds: the model's confident pixels become pseudo-labels (clicks always "
+                                    "win)", ROUNDS, check=whole(0), must="be a whole number of rounds >= 0 (0 = off)",
+                                 neutral=True)
+    pseudo_threshold: float = setting(0.9, "softmax max a pixel needs to become a pseudo-label", ROUNDS,
+                                      check=lambda v: positive(v) and v <= 1, must="be in (0, 1]", neutral=True)
+    rounds: int = setting(0, "R rounds of new clicks the model chooses, revealed from the dense labels (simulated)",
+                          ROUNDS, check=whole(0), must="be a whole number of rounds >= 0 (0 = off)", neutral=True)
+    clicks_per_round: int = setting(10, "K new clicks per image and round", ROUNDS, check=whole(1), must="be >= 1",
+                                    neutral=True)
+    click_strategy: str = setting("uncertain", "uncertain: smallest margin between the two top classes first; "
+                                               "random: the baseline", ROUNDS, choices=CLICK_STRATEGIES, neutral=True)
+    click_spacing: float = setting(5.0, "least distance between the new clicks of a round (processing pixels)",
+                                   ROUNDS, check=at_least(1), must="be >= 1 pixel", neutral=True)
+    region_growing: bool = setting(False, "a click labels its SLIC superpixel (where that superpixel's clicks "
+                                          "agree on a class)", ROUNDS, neutral=True)
+    # model
+    arch: str = setting("resnet18", "tiny: a 3-layer stand-in for smoke runs", MODEL, choices=ARCHS)
+    decoder: str = setting("skip", "plain = the published decoder", MODEL, choices=DECODERS)
+    pretrained: bool = setting(True, "ImageNet encoder through torchvision (needs the weights file or internet); "
+                                     "--no-pretrained: random init (offline)", MODEL)
+    size: int = setting(PROCESSING_SIZE, "processing size of the first training image's longer side (300 -> 150)",
+                        MODEL, check=whole(8), must="be >= 8 pixels")
+    scale: Optional[float] = setting(None, "processing pixels per image pixel, e.g. 0.5 (overrides --size; for "
+                                           "mixed image sizes)", MODEL, check=lambda v: v is None or check_scale(v),
+                                     must=f"be in (0, {MAX_SCALE}]")
+    # optimisation (published: Adam + StepLR)
+    epochs: int = setting(100, "training epochs", MODEL, check=whole(1), must="be >= 1", resumable=True)
+    batch_size: int = setting(16, "images per optimizer step", MODEL, check=whole(1), must="be >= 1")
+    lr: float = setting(1e-3, "Adam learning rate", MODEL, check=positive, must="be a positive number")
+    weight_decay: float = setting(0.0, "Adam weight decay", MODEL, check=at_least(0), must="be >= 0")
+    step_size: int = setting(30, "StepLR step (epochs)", MODEL, check=whole(1), must="be >= 1 epoch")
+    lr_gamma: float = setting(0.1, "StepLR factor", MODEL, check=lambda v: positive(v) and v <= 1,
+                              must="be in (0, 1]")
+    augment: bool = setting(True, "flips and 90-degree rotations of the training patches", MODEL)
+    # run
+    seed: int = setting(0, "seed of the model init, shuffling and augmentation", RUN)
+    device: str = setting("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...", RUN, role="how")
+    amp: bool = setting(False, "bfloat16 autocast on CUDA", RUN, resumable=True)
+    workers: int = setting(0, "DataLoader workers (--loader dataloader)", RUN, check=whole(0), must="be >= 0",
+                           role="how")
+    loader: str = setting("auto", "auto: batches from uint8 tensors cached on the device (resident.py) unless points "
+                                  "are redrawn every epoch or the data do not fit; dataloader: the per-item "
+                                  "DataLoader", RUN, choices=LOADERS, role="how")
+    out: str = setting("checkpoints", "folder for checkpoints, history and figures of this run", RUN, role="how")
+    figures: bool = setting(True, "output.png (curves) and results.png in --out", RUN, role="how")
+    exclude: tuple = setting((), "classes left out of the means, e.g. clutter", RUN, parse=parse_names)
+    resume: bool = setting(False, "continue from <out>/last.pth (same settings)", RUN, role="how")
+    overwrite: bool = setting(False, "replace the checkpoints --out holds (another run's)", RUN, role="how")
+    progress: bool = setting(True, "progress bars", RUN, role="how")
+
+
+def settings():
+    """(name, default, Setting) of every TrainConfig field, in declaration order."""
+    return [(f.name, f.default, f.metadata["setting"]) for f in dataclasses.fields(TrainConfig)]
+
+
+RESUMABLE = tuple(n for n, _, s in settings() if s.role == "how" or s.resumable)
+NOT_IN_KEY = tuple(n for n, _, s in settings() if s.role == "how")
+NEUTRAL = {n: d for n, d, s in settings() if s.neutral}
+ANNOTATION_FIELDS = tuple(n for n, _, s in settings() if s.annotation)
+
+
+def key_settings(cfg):
+    """The settings that decide what a run computes, as a dict: every field but the "how" ones, and a neutral
+    field only when it differs from its default. Read off the instance's own declarations."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        s, v = f.metadata["setting"], getattr(cfg, f.name)
+        if s.role != "how" and not (s.neutral and v == f.default):
+            out[f.name] = v
+    return out
+
+
+def annotation_of(cfg):
+    """The annotation settings of a run, as the resident cache keys them."""
+    return {name: getattr(cfg, name) for name in ANNOTATION_FIELDS}
+
+
+# --------------------------------------------------------------------------- rules between settings
+
+def _rounds_below_epochs(cfg):
+    for name in ("self_training", "rounds"):
+        v = getattr(cfg, name)
+        if v >= cfg.epochs:
+            yield (f"{name.replace('_', '-')} must be a whole number of rounds below the epochs ({cfg.epochs}; "
+                   f"0 = off), got {v}")
+
+
+def _rounds_need_fixed_points(cfg):
+    for name in ("self_training", "rounds", "region_growing"):
+        if getattr(cfg, name) and (cfg.points is None or cfg.resample_each_epoch):
+            yield f"{name.replace('_', '-')} needs a fixed point annotation (not dense labels, not redrawn every epoch)"
+
+
+def _resident_needs_fixed_points(cfg):
+    if cfg.loader == "resident" and cfg.resample_each_epoch:
+        yield "--loader resident holds fixed points; points redrawn every epoch need --loader dataloader (or auto)"
+
+
+RULES = (_rounds_below_epochs, _rounds_need_fixed_points, _resident_needs_fixed_points)
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_config(cfg):
+    """Every argument error before any work (ValueError naming the setting): each field's choices and check,
+    then RULES. The device is checked by train.py, which knows the GPUs."""
+    for name, _, s in settings():
+        v = getattr(cfg, name)
+        if s.choices is not None and v not in s.choices:
+            raise ValueError(f"{flag(name)} must be one of {', '.join(map(str, s.choices))}, got {v!r}")
+        if s.check is not None and not s.check(v):
+            raise ValueError(f"{flag(name)} must {s.must}, got {v!r}")
+    for rule in RULES:
+        for problem in rule(cfg):
+            raise ValueError(problem)
+
+
+# --------------------------------------------------------------------------- command line
+
+def add_arguments(parser):
+    """One argparse option per TrainConfig field that has a flag, in groups, defaults from the fields."""
+    groups = {g: parser.add_argument_group(g) for g in GROUPS}
+    for f in dataclasses.fields(TrainConfig):
+        s = f.metadata["setting"]
+        if s.flag == "":
+            continue
+        g, default = groups[s.group], f.default
+        if isinstance(default, bool):
+            name = s.flag or (f"--no-{f.name.replace('_', '-')}" if default else flag(f.name))
+            g.add_argument(name, dest=f.name, action="store_false" if default else "store_true", help=s.help)
+            continue
+        kind = str if s.parse else {int: int, float: float}.get(type(default), str)  # parsed by config_from_args
+        shown = default if default is None or isinstance(default, (int, float, str)) else ",".join(map(str, default))
+        g.add_argument(s.flag or flag(f.name), dest=f.name, type=kind, default=default, choices=s.choices,
+                       help=f"{s.help} (default: {shown})".replace("%", "%%").replace("%%%%", "%%"))
+    return parser
+
+
+def config_from_args(args, **overrides):
+    """The TrainConfig of parsed arguments (and overrides given in Python). Text of a field with a `parse` is
+    parsed here, not by argparse, so that its message (what is accepted) reaches the user as `error: ...`."""
+    kw = {}
+    for name, _, s in settings():
+        if hasattr(args, name):
+            v = getattr(args, name)
+            kw[name] = s.parse(v) if s.parse and isinstance(v, str) else v
+    return TrainConfig(**{**kw, **overrides})
+
+
+def config_dict(cfg):
+    """The settings as JSON-ready values (tuples as lists), as checkpoints and run keys store them."""
+    import json
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))

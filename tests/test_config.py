@@ -1,0 +1,167 @@
+"""The settings are declared once (config.py): everything else is derived from the declarations."""
+
+import dataclasses
+
+import pytest
+
+import config
+import experiments as E
+from config import TrainConfig, add_arguments, check_config, config_from_args
+
+# config keys computed before TrainConfig's settings were declared in config.py (data id 'd' * 16): the
+# refactor keeps every finished experiment run valid
+DEMO_KEYS = {
+    "1000pts-uniform-wpoints-skip-g2-fixed": "87c22d83c3",
+    "100pts-balanced-wpoints-skip-g2-fixed": "38d29f4f30",
+    "100pts-uniform-aff1-cons1-wpoints-skip-g2-fixed": "cbc7de6088",
+    "100pts-uniform-aff1-wpoints-skip-g2-fixed": "2b4b25b6c5",
+    "100pts-uniform-cons1-wpoints-skip-g2-fixed": "16f797c0cb",
+    "100pts-uniform-grown-wpoints-skip-g2-fixed": "770f78afcc",
+    "100pts-uniform-st3t0.9-wpoints-skip-g2-fixed": "e3e5e24e01",
+    "100pts-uniform-wpoints-skip-g2-fixed": "474315f5df",
+    "100pts-uniform-wpoints-skip-g2-redrawn": "8b046c9c9c",
+    "10pts-balanced-wpoints-skip-g2-fixed": "b11415249f",
+    "10pts-uniform-3x10random-wpoints-skip-g2-fixed": "c6036253d9",
+    "10pts-uniform-3x10uncertain-wpoints-skip-g2-fixed": "08f7cd7332",
+    "10pts-uniform-aff1-cons1-wpoints-skip-g2-fixed": "197a7019f2",
+    "10pts-uniform-aff1-wpoints-skip-g2-fixed": "86765244dd",
+    "10pts-uniform-cons1-wpoints-skip-g2-fixed": "352f3b911a",
+    "10pts-uniform-grown-wpoints-skip-g2-fixed": "5d731cd323",
+    "10pts-uniform-st3t0.9-wpoints-skip-g2-fixed": "af4994ca7b",
+    "10pts-uniform-wpoints-skip-g2-fixed": "53bad7d15f",
+    "1perobject-3x10random-wpoints-skip-g2-fixed": "78908f11f6",
+    "1perobject-3x10uncertain-wpoints-skip-g2-fixed": "0881a308ab",
+    "1perobject-aff1-cons1-wpoints-skip-g2-fixed": "054da35e27",
+    "1perobject-aff1-wpoints-skip-g2-fixed": "b301412977",
+    "1perobject-cons1-wpoints-skip-g2-fixed": "a5b62b83cd",
+    "1perobject-grown-wpoints-skip-g2-fixed": "1f2164a96c",
+    "1perobject-st3t0.9-wpoints-skip-g2-fixed": "0e310a7988",
+    "1perobject-wpoints-skip-g2-fixed": "518cfd4c54",
+    "20000pts-uniform-wdense-skip-g2-fixed": "245a6ff707",
+    "20000pts-uniform-wnone-plain-g2-fixed": "a1f0f006fb",
+    "20000pts-uniform-wnone-skip-g2-fixed": "9ba8ead40d",
+    "20000pts-uniform-wpoints-capped-skip-g2-fixed": "a73fcba48c",
+    "20000pts-uniform-wpoints-effective-skip-g2-fixed": "16ebcc1676",
+    "20000pts-uniform-wpoints-median-skip-g2-fixed": "a85249ed31",
+    "20000pts-uniform-wpoints-plain-g2-fixed": "d950297697",
+    "20000pts-uniform-wpoints-skip-g2-fixed": "81de8f94ae",
+    "20000pts-uniform-wpoints-skip-g2-redrawn": "f2c4d9d323",
+    "20000pts-uniform-wpoints-sqrt-skip-g2-fixed": "ad49aa76bc",
+    "40pts-uniform-wpoints-skip-g2-fixed": "3b1f48828d",
+    "5000pts-uniform-wpoints-skip-g2-fixed": "8d5242c3f0",
+    "dense-wpoints-skip-g2-fixed": "4fda1f9b01",
+}
+ATLANTA_SUBSET_KEYS = {
+    "1000pts-uniform-wpoints-skip-g2-fixed": "735b963c57",
+    "100pts-balanced-wpoints-skip-g2-fixed": "3921ea944e",
+    "100pts-uniform-aff1-cons1-wpoints-skip-g2-fixed": "f25e8d62b4",
+    "100pts-uniform-aff1-wpoints-skip-g2-fixed": "379c075f50",
+    "100pts-uniform-cons1-wpoints-skip-g2-fixed": "01064e5acc",
+    "100pts-uniform-grown-wpoints-skip-g2-fixed": "c6d1c41734",
+    "100pts-uniform-st3t0.9-wpoints-skip-g2-fixed": "aeaf2cfb89",
+    "100pts-uniform-wpoints-skip-g2-fixed": "a51a5341b3",
+    "100pts-uniform-wpoints-skip-g2-redrawn": "bf63b0b700",
+    "10pts-balanced-wpoints-skip-g2-fixed": "72fe67c879",
+    "10pts-uniform-3x10random-wpoints-skip-g2-fixed": "426b5356d4",
+    "10pts-uniform-3x10uncertain-wpoints-skip-g2-fixed": "21d463fe80",
+    "10pts-uniform-aff1-cons1-wpoints-skip-g2-fixed": "9846f2250b",
+    "10pts-uniform-aff1-wpoints-skip-g2-fixed": "68a7b470b6",
+    "10pts-uniform-cons1-wpoints-skip-g2-fixed": "79ce9a8e00",
+    "10pts-uniform-grown-wpoints-skip-g2-fixed": "89cfd960d2",
+    "10pts-uniform-st3t0.9-wpoints-skip-g2-fixed": "362b4fad9a",
+    "10pts-uniform-wpoints-skip-g2-fixed": "bc09186478",
+    "1perobject-3x10random-wpoints-skip-g2-fixed": "36e6f2fdbc",
+    "1perobject-3x10uncertain-wpoints-skip-g2-fixed": "7d628f12a7",
+    "1perobject-aff1-cons1-wpoints-skip-g2-fixed": "5210083283",
+    "1perobject-aff1-wpoints-skip-g2-fixed": "4f64d65683",
+    "1perobject-cons1-wpoints-skip-g2-fixed": "cf0db24184",
+    "1perobject-grown-wpoints-skip-g2-fixed": "607af5ef67",
+    "1perobject-st3t0.9-wpoints-skip-g2-fixed": "3968d3b58e",
+    "1perobject-wpoints-skip-g2-fixed": "fa2b8a3aaf",
+    "20000pts-uniform-wdense-skip-g2-fixed": "7da53a0054",
+    "20000pts-uniform-wnone-plain-g2-fixed": "4ba3c1d611",
+    "20000pts-uniform-wnone-skip-g2-fixed": "b9c68cba1e",
+    "20000pts-uniform-wpoints-capped-skip-g2-fixed": "ef11de24f4",
+    "20000pts-uniform-wpoints-effective-skip-g2-fixed": "712531dda1",
+    "20000pts-uniform-wpoints-median-skip-g2-fixed": "a858cd6eff",
+    "20000pts-uniform-wpoints-plain-g2-fixed": "722f6efae7",
+    "20000pts-uniform-wpoints-skip-g2-fixed": "f220993030",
+    "20000pts-uniform-wpoints-skip-g2-redrawn": "f8906202ae",
+    "20000pts-uniform-wpoints-sqrt-skip-g2-fixed": "9aa619b117",
+    "40pts-uniform-wpoints-skip-g2-fixed": "b532b43ddf",
+    "5000pts-uniform-wpoints-skip-g2-fixed": "3285f721da",
+    "dense-wpoints-skip-g2-fixed": "81062ebbc0",
+}
+
+
+@pytest.mark.parametrize("preset, ids, expected", [("demo", (None, None), DEMO_KEYS),
+                                                    ("atlanta", (["0", "5"], ["9"]), ATLANTA_SUBSET_KEYS)])
+def test_experiment_keys_of_finished_runs_still_match(preset, ids, expected):
+    keys = E.Keys(E.PRESETS[preset], ids, "d" * 16)
+    got = {run.name: keys.config_key(run) for e in E.EXPERIMENTS for _, run in e.rows}
+    assert got == expected
+
+
+def test_the_lists_are_read_off_the_declarations():
+    assert set(config.NOT_IN_KEY) == {"out", "figures", "progress", "device", "workers", "resume", "overwrite",
+                                      "loader"}
+    assert set(config.RESUMABLE) == set(config.NOT_IN_KEY) | {"epochs", "amp"}
+    assert config.ANNOTATION_FIELDS == ("points", "strategy", "annotation_seed")
+    assert config.NEUTRAL["affinity_weight"] == 0.0 and config.NEUTRAL["click_strategy"] == "uncertain"
+    assert all(config.NEUTRAL[k] == getattr(TrainConfig(), k) for k in config.NEUTRAL)
+    assert E.NOT_IN_KEY is config.NOT_IN_KEY and E.NEUTRAL is config.NEUTRAL
+
+
+def test_the_command_line_is_derived_from_every_field():
+    import argparse
+    parser = add_arguments(argparse.ArgumentParser())
+    flags = {a.dest: a for a in parser._actions if a.option_strings}
+    for name, default, s in config.settings():
+        if s.flag == "":
+            assert name not in flags
+            continue
+        assert name in flags, name
+        assert flags[name].help.startswith(s.help[:20].replace("%%", "%%")), name
+    d = config_from_args(parser.parse_args([]))
+    assert d == TrainConfig()  # no second default anywhere on the command line
+    cfg = config_from_args(parser.parse_args(["--no-augment", "--region-growing", "--points", "1/object",
+                                              "--exclude", "car,clutter", "--max-train", "3"]))
+    assert (cfg.augment, cfg.region_growing, cfg.points, cfg.exclude, cfg.max_train) == \
+        (False, True, "1/object", ("car", "clutter"), 3)
+
+
+def test_every_check_names_the_flag_before_any_work():
+    for change, match in ((dict(lr=0.0), "--lr must be a positive number"), (dict(gamma=-1), "--gamma must be >= 0"),
+                          (dict(arch="vit"), "--arch must be one of resnet18, tiny"),
+                          (dict(scale=32.0), r"--scale must be in \(0, 16\]"), (dict(workers=-1), "--workers"),
+                          (dict(class_weights="nowhere.pt"), "--class-weights must be points, dense, none")):
+        with pytest.raises(ValueError, match=match):
+            check_config(TrainConfig(**change))
+
+
+def test_a_new_setting_is_one_declaration(monkeypatch):
+    """What adding a setting costs: one field. The parser, the check, the run key and the resume rule follow."""
+    import argparse
+    fields = [(f.name, f.type, f) for f in dataclasses.fields(TrainConfig)]
+    fields.append(("warmup", int, config.setting(0, "warm-up steps", config.MODEL, check=config.whole(0),
+                                                 must="be >= 0", neutral=True)))
+    New = dataclasses.make_dataclass("TrainConfig", fields)
+    monkeypatch.setattr(config, "TrainConfig", New)
+    assert "warmup" in {n for n, _, _ in config.settings()}
+    args = add_arguments(argparse.ArgumentParser()).parse_args(["--warmup", "5"])
+    assert config_from_args(args).warmup == 5
+    with pytest.raises(ValueError, match="--warmup must be >= 0"):
+        check_config(New(warmup=-1))
+    base = E.config_hash(New(), "d")  # neutral at its default: keys of finished runs do not move
+    assert base == E.config_hash(TrainConfig(), "d") and E.config_hash(New(warmup=5), "d") != base
+
+
+def test_one_rule_for_the_scale():
+    from spec import DataSpec, check_scale
+    for bad in (0, -1, 17, float("nan"), True):
+        assert not check_scale(bad)
+        with pytest.raises(ValueError):
+            check_config(TrainConfig(scale=bad))
+        with pytest.raises(ValueError):
+            DataSpec(scale=bad)
+    assert check_scale(16) and check_scale(0.25)
