@@ -605,6 +605,9 @@ def available_ids(root):
     names = sorted(p.stem[len("Image_"):] for p in (root / "Images").glob("Image_*.tif"))
     if not names:
         raise FileNotFoundError(f"no patches found in {root}/Images (expected Image_<id>.tif files)")
+    have = set(names)
+    note_orphans([p.name for p in (root / "Labels").glob("Label_*.tif") if p.stem[len("Label_"):] not in have],
+                 root / "Labels")
     return sorted((int(n) if n.isdigit() else n for n in names), key=lambda v: (isinstance(v, str), v))
 
 
@@ -621,7 +624,16 @@ def folder_pairs(image_dir, label_dir):
     if missing:
         raise FileNotFoundError(f"{len(missing)} images in {image_dir} have no label of the same name in "
                                 f"{label_dir}: {missing[:5]}")
+    stems = {p.stem for p in images}
+    note_orphans([p.name for p in labels.values() if p.stem not in stems], label_dir)
     return [(p.stem, p, labels[p.stem]) for p in images]
+
+
+def note_orphans(names, folder):
+    """Say which labels have no image (a deleted or renamed image): they are left out, never silently."""
+    if names:
+        print(f"note: {len(names)} labels in {folder} have no image and are left out: {sorted(names)[:5]}"
+              f"{' ...' if len(names) > 5 else ''}", flush=True)
 
 
 def load_split(path):

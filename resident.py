@@ -11,7 +11,8 @@ checks, class weights and annotation statistics read no file.
 
 The cache lives in `<data>/.resident-cache/resident-<key>.pt`, next to Images/ (in the run's folder when the
 data folder is not writable). The key is a digest of every file's path, size and modification time, the
-DataSpec and the annotation settings (config.ANNOTATION_FIELDS): a changed file or setting builds a
+DataSpec and the annotation settings (config.ANNOTATION_FIELDS); the file's inode and ctime too, so a rewrite
+with its mtime restored is seen: a changed file or setting builds a
 new cache; an unreadable or partial cache file is rebuilt with a warning. Files are written atomically
 (raster.atomic_path). Old cache files are not deleted: remove the folder to reclaim the space.
 """
@@ -142,12 +143,14 @@ def choose_path(requested, resample_each_epoch, need, budget):
 # --------------------------------------------------------------------------- the cache on disk
 
 def cache_key(pairs, spec, annotation):
-    """Digest of every file's path, size and modification time, the DataSpec and the annotation settings."""
+    """Digest of every file's path, size, modification time, inode and status-change time (ctime), the DataSpec
+    and the annotation settings. ctime cannot be set back by a user: a file rewritten with the same size and its
+    modification time restored (`touch -r`, copies that keep times) still gets a new key."""
     files = []
     for image_id, *paths in pairs:
         for p in paths:
             st = Path(p).stat()
-            files.append([str(image_id), str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+            files.append([str(image_id), str(Path(p).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns])
     text = json.dumps({"version": CACHE_VERSION, "files": files, "spec": spec.to_dict(),
                        "annotation": annotation}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()

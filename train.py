@@ -33,8 +33,8 @@ from config import (RESUMABLE, TrainConfig, add_arguments, annotation_of, check_
 from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from class_weights import compute_class_weights, load_class_weights, save_class_weights
 from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids,
-                     clicks_per_object, folder_pairs, index_to_colour, load_split, pad_collate,
-                     patch_pairs)
+                     clicks_per_object, folder_pairs, index_to_colour, load_split, pad_collate, patch_pairs,
+                     read_label)
 from metrics import ConfusionMatrix
 from model import build_model, resolve_device
 from partial_ce_loss import PartialCrossEntropyLoss
@@ -47,6 +47,9 @@ from weak_losses import AffinityLoss, ConsistencyLoss, valid_pixels
 
 
 # --------------------------------------------------------------------------- checks
+
+MIN_GRID = 4  # processing pixels a side an image needs (the tiny network halves it twice)
+
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss or weights); the message says what to change."""
@@ -160,14 +163,32 @@ def check_data(cfg, train_ds, val_ds):
         undefined += int((label == IGNORE_INDEX).sum())
         total += label.size
     names = train_ds.classes.names
+    unknown = set(cfg.exclude) - set(names)
+    if unknown:
+        raise ValueError(f"--exclude names unknown classes {sorted(unknown)}; the classes are {list(names)}")
+    if set(names) <= set(cfg.exclude):
+        raise ValueError(f"--exclude leaves no class to measure (the classes are {list(names)}): every mean would "
+                         f"be nan. Exclude fewer classes")
+    small = [(train_ds.pairs[i][1], train_ds.dense_label(i).shape) for i in range(len(train_ds))
+             if min(train_ds.dense_label(i).shape) < MIN_GRID]
+    if small:
+        raise ValueError(f"scale {train_ds.spec.scale:g} leaves {len(small)} training images at fewer than {MIN_GRID} "
+                         f"processing pixels a side ({small[0][0]}: {small[0][1][1]}x{small[0][1][0]}); raise --scale "
+                         f"or --size")
     missing = [names[c] for c in np.flatnonzero(seen == 0)]
     if missing:
         hint = ""
         spec = train_ds.classes
         if undefined and spec.label_format == "index" and spec.ignore_value is not None:
-            hint = (f" {100 * undefined / total:.1f} % of the training label pixels hold the ignore value "
-                    f"{spec.ignore_value}: if that value is a class (a 0/255 mask), map it with "
-                    f'"value_map": {{"0": 0, "{spec.ignore_value}": 1}} in the class file.')
+            in_files = sum(int((read_label(p[2], spec) == IGNORE_INDEX).sum()) for p in train_ds.pairs)  # error path
+            if in_files:
+                hint = (f" The training label files hold the ignore value {spec.ignore_value} in {in_files} pixels: "
+                        f"if that value is a class (a 0/255 mask), map it with "
+                        f'"value_map": {{"0": 0, "{spec.ignore_value}": 1}} in the class file.')
+        nodata = undefined - (in_files if hint else 0)
+        if nodata > 0 and not hint:
+            hint = (f" {100 * undefined / total:.1f} % of the training pixels are undefined: nodata, NaN or infinite "
+                    f"in the images, or undefined in the labels; none of them is ever a target.")
         raise ValueError(f"classes {missing} have no labelled point in the {len(train_ds)} training images "
                          f"(points {cfg.points}); the model could never learn them. Fix the labels or the class "
                          f"file, or drop those classes from it.{hint}")
@@ -177,9 +198,6 @@ def check_data(cfg, train_ds, val_ds):
     if labelled == 0:
         raise ValueError(f"the {len(val_ds)} validation images have no labelled pixel: mIoU cannot be measured. "
                          f"Choose other val images (--split) or fix their labels")
-    unknown = set(cfg.exclude) - set(names)
-    if unknown:
-        raise ValueError(f"--exclude names unknown classes {sorted(unknown)}; the classes are {list(names)}")
 
 
 def class_weight_tensor(cfg, train_ds, out_dir):
@@ -374,6 +392,9 @@ def prepare_out(cfg, out_dir):
     """Refuse to replace another run's checkpoints; with --resume, the settings must be the same."""
     last_path = out_dir / "last.pth"
     if cfg.resume:
+        if not last_path.is_file():
+            raise ValueError(f"--resume: {out_dir} holds no last.pth to continue from; give the --out of the run to "
+                             f"continue, or start it without --resume")
         ck = read_checkpoint(last_path)
         old, new = comparable_config(ck.config), comparable_config(config_dict(cfg))
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -398,6 +419,32 @@ def prepare_out(cfg, out_dir):
     return None
 
 
+def claim_out(out_dir):
+    """Hold `<out>/run.lock` (an flock, with this run's pid, host, start time and command) for the run's lifetime,
+    so that a second run started into the same folder stops before it checks or writes anything, instead of
+    both passing the checkpoint check and mixing their files. The kernel drops the lock when the process ends
+    (kill -9 included), so a dead run never blocks the folder. Returns the open lock file (keep it)."""
+    import fcntl
+    import os
+    import socket
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f = open(out_dir / "run.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{out_dir} is in use by another run ({holder}); wait for it to end or choose another "
+                         f"--out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+            f"{' '.join(sys.argv)[:300]}\n")
+    f.flush()
+    return f
+
+
 def _same_run(cfg, last_path):
     """True when last_path was written by a run with exactly these settings (a rerun loses nothing)."""
     try:
@@ -418,11 +465,22 @@ def train(cfg):
     seed_everything(cfg.seed)  # the same on every rank: the same model init (DDP broadcasts rank 0's anyway)
     device = ctx.device
     out_dir = Path(cfg.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder; name a folder for this run's checkpoints")
+    claim = claim_out(out_dir) if ctx.is_main else None  # noqa: F841 (held until train returns)
     resumed = prepare_out(cfg, out_dir)
     removed = clean_stale_temporaries(out_dir) if ctx.is_main else []
     if removed:
         print(f"removed {len(removed)} temporary files that killed runs left in {out_dir}")
     train_ds, val_ds, how, spec = build_datasets(cfg, resumed.spec if resumed else None)
+    split = {"train": [str(i) for i in train_ds.ids], "val": [str(i) for i in val_ds.ids]}
+    if resumed and resumed.train_state.get("split", split) != split:
+        old = resumed.train_state["split"]
+        moved = {part: sorted(set(split[part]) ^ set(old[part]))[:5] for part in ("train", "val")}
+        raise ValueError(f"{out_dir / 'last.pth'} was trained on another split ({how} now; images that moved: "
+                         f"train {moved['train']}, val {moved['val']}): the data folder changed since. Resuming "
+                         f"would train on former val images and compare best models over other val sets; restore "
+                         f"the folder, pin the split with --split, or train into a new --out")
     cached = None  # the resident caches, looked for first: a hit seeds the datasets, so nothing below decodes a file
     if cfg.loader != "dataloader" and not cfg.resample_each_epoch:  # choose_path's first rules; it decides the rest
         annotation = annotation_of(cfg)
@@ -531,6 +589,7 @@ def train(cfg):
                 save_checkpoint(last_path, model, spec, config=config, metrics=va, epoch=epoch, train_state={
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": torch.get_rng_state(), "loader_rng": gen.get_state(), "history": history, "best_miou": best,
+                    "split": split,
                     **({"few_clicks": few_clicks.state(train_ds)} if few_clicks.enabled(cfg) else {})})
         except ValueError as e:  # non-finite weights: never saved
             raise TrainingError(f"epoch {epoch}: {e}. Training diverged; lower --lr and start again") from None

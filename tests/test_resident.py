@@ -75,6 +75,21 @@ def test_cache_is_reused_and_rebuilt_when_a_file_or_a_setting_changes(data, tmp_
     assert torch.equal(changed.images[1], first.images[1])
 
 
+def test_a_label_rewritten_with_its_size_and_mtime_kept_is_not_served_stale(data, tmp_path):
+    import os
+    path = data / "Labels" / "Label_1.tif"
+    label = tifffile.imread(path)
+    tifffile.imwrite(path, label)  # uncompressed: a rewrite keeps the size
+    train_ds, _ = datasets(data, tmp_path)
+    first, _ = load_or_build(train_ds, annotation(), tmp_path / "out")
+    st = path.stat()
+    tifffile.imwrite(path, np.roll(label, 7, axis=1))  # other classes, same size and format
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # as touch -r / rsync -t leave it
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    again, where = load_or_build(datasets(data, tmp_path)[0], annotation(), tmp_path / "out")
+    assert where.endswith("built") and not torch.equal(again.labels[1], first.labels[1])
+
+
 def test_the_cache_leaves_the_data_identity_of_experiments_alone(data, tmp_path):
     from experiments import data_identity
     before = data_identity({"data": str(data), "split": None})
