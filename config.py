@@ -135,6 +135,9 @@ class TrainConfig:
     resample_each_epoch: bool = setting(False, "redraw points every epoch, as the published code did (comparison "
                                                "only)", LOSS)
     annotation_seed: int = setting(0, "seed of the drawn annotation", LOSS, annotation=True)
+    allow_unclicked: bool = setting(False, "train although some classes have no labelled training point (named in "
+                                           "the log and kept in the checkpoint; the model never learns them)",
+                                    LOSS, neutral=True)
     class_weights: str = setting("points", "points, dense, none, or a .pt file (a run writes <out>/class_weights.pt)",
                                  LOSS, check=class_weights_valid, must="be points, dense, none or an existing .pt file")
     class_weighting: str = setting(

@@ -185,13 +185,19 @@ def check_data(cfg, train_ds, val_ds):
                 hint = (f" The training label files hold the ignore value {spec.ignore_value} in {in_files} pixels: "
                         f"if that value is a class (a 0/255 mask), map it with "
                         f'"value_map": {{"0": 0, "{spec.ignore_value}": 1}} in the class file.')
-        nodata = undefined - (in_files if hint else 0)
-        if nodata > 0 and not hint:
+        if undefined and not hint:
             hint = (f" {100 * undefined / total:.1f} % of the training pixels are undefined: nodata, NaN or infinite "
                     f"in the images, or undefined in the labels; none of them is ever a target.")
-        raise ValueError(f"classes {missing} have no labelled point in the {len(train_ds)} training images "
-                         f"(points {cfg.points}); the model could never learn them. Fix the labels or the class "
-                         f"file, or drop those classes from it.{hint}")
+        counts = ", ".join(f"{n} {c}" for n, c in zip(names, seen.tolist()))
+        if cfg.allow_unclicked:
+            print(f"warning: classes {missing} have no labelled point in the {len(train_ds)} training images "
+                  f"(labelled pixels per class: {counts}); training without them (--allow-unclicked): the model "
+                  f"never predicts them", flush=True)
+        else:
+            raise ValueError(f"classes {missing} have no labelled point in the {len(train_ds)} training images "
+                             f"(points {cfg.points}; labelled pixels per class: {counts}); the model could never "
+                             f"learn them. Add clicks of those classes, fix the labels or the class file, or train "
+                             f"without them with --allow-unclicked.{hint}")
     if undefined > total / 2:
         print(f"warning: {100 * undefined / total:.0f} % of the training label pixels are undefined", flush=True)
     labelled = sum(int((val_ds.dense_label(i) != IGNORE_INDEX).sum()) for i in range(len(val_ds)))
@@ -467,145 +473,149 @@ def train(cfg):
     out_dir = Path(cfg.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file, not a folder; name a folder for this run's checkpoints")
-    claim = claim_out(out_dir) if ctx.is_main else None  # noqa: F841 (held until train returns)
-    resumed = prepare_out(cfg, out_dir)
-    removed = clean_stale_temporaries(out_dir) if ctx.is_main else []
-    if removed:
-        print(f"removed {len(removed)} temporary files that killed runs left in {out_dir}")
-    train_ds, val_ds, how, spec = build_datasets(cfg, resumed.spec if resumed else None)
-    split = {"train": [str(i) for i in train_ds.ids], "val": [str(i) for i in val_ds.ids]}
-    if resumed and resumed.train_state.get("split", split) != split:
-        old = resumed.train_state["split"]
-        moved = {part: sorted(set(split[part]) ^ set(old[part]))[:5] for part in ("train", "val")}
-        raise ValueError(f"{out_dir / 'last.pth'} was trained on another split ({how} now; images that moved: "
-                         f"train {moved['train']}, val {moved['val']}): the data folder changed since. Resuming "
-                         f"would train on former val images and compare best models over other val sets; restore "
-                         f"the folder, pin the split with --split, or train into a new --out")
-    cached = None  # the resident caches, looked for first: a hit seeds the datasets, so nothing below decodes a file
-    if cfg.loader != "dataloader" and not cfg.resample_each_epoch:  # choose_path's first rules; it decides the rest
-        annotation = annotation_of(cfg)
-        cached = tuple(find_cache(ds, annotation, out_dir) for ds in (train_ds, val_ds))
-        for ds, hit in zip((train_ds, val_ds), cached):
-            if hit:
-                seed_dataset(ds, hit[0])
-    check_data(cfg, train_ds, val_ds)
-    if len(train_ds) < ctx.world:
-        raise ValueError(f"{len(train_ds)} training images cannot feed {ctx.world} processes; use fewer processes")
-    model = build_model(cfg.arch, train_ds.classes.num_classes, spec.channels, cfg.decoder,
-                        pretrained=cfg.pretrained).to(device)  # before anything is written: weights may be missing
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    if ctx.is_main or cfg.class_weights not in ("points", "dense"):
-        weights = class_weight_tensor(cfg, train_ds, out_dir)  # rank 0 writes class_weights.pt
-    else:  # the same numbers, not written again
-        weights = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting)[0]
-    stats = train_ds.annotation_stats()
-    labelled = stats["labelled_fraction"]
-    if cfg.points is None:
-        budget = "dense labels"
-    else:
-        budget = f"{cfg.points} clicks" if clicks_per_object(cfg.points) else \
-            f"{cfg.points} {cfg.strategy} points per image"
-        budget += f" ({stats['clicks_per_image']:.1f} clicks per image, {stats['clicked_fraction']:.3%} of the pixels)"
-    print(f"data: {len(train_ds)} train / {len(val_ds)} val images ({how}); {budget}"
-          f"{' redrawn every epoch (published code, comparison only)' if cfg.resample_each_epoch else ''}; "
-          f"labelled {stats['labelled_fraction']:.2%} of the training pixels; scale {spec.scale:g}; "
-          f"{spec.channels} bands, intensity {spec.intensity.kind}; device {device}; "
-          f"{cfg.arch}{' ImageNet' if cfg.pretrained and cfg.arch == 'resnet18' else ' random init'}", flush=True)
-    if ctx.world > 1:
-        print(f"distributed: {ctx.world} processes ({torch.distributed.get_backend()}), {cfg.batch_size // ctx.world} "
-              f"of each batch of {cfg.batch_size} per process", flush=True)
-    if weights is not None:
-        print(f"class weights ({cfg.class_weights}, {cfg.class_weighting}): " +
-              ", ".join(f"{n} {w:.2f}" for n, w in zip(train_ds.classes.names, weights.tolist())))
+    claim = claim_out(out_dir) if ctx.is_main else None  # released when train returns or fails
+    try:
+        resumed = prepare_out(cfg, out_dir)
+        removed = clean_stale_temporaries(out_dir) if ctx.is_main else []
+        if removed:
+            print(f"removed {len(removed)} temporary files that killed runs left in {out_dir}")
+        train_ds, val_ds, how, spec = build_datasets(cfg, resumed.spec if resumed else None)
+        split = {"train": [str(i) for i in train_ds.ids], "val": [str(i) for i in val_ds.ids]}
+        if resumed and resumed.train_state.get("split", split) != split:
+            old = resumed.train_state["split"]
+            moved = {part: sorted(set(split[part]) ^ set(old[part]))[:5] for part in ("train", "val")}
+            raise ValueError(f"{out_dir / 'last.pth'} was trained on another split ({how} now; images that moved: "
+                             f"train {moved['train']}, val {moved['val']}): the data folder changed since. Resuming "
+                             f"would train on former val images and compare best models over other val sets; restore "
+                             f"the folder, pin the split with --split, or train into a new --out")
+        cached = None  # the resident caches, looked for first: a hit seeds the datasets, so nothing below decodes a file
+        if cfg.loader != "dataloader" and not cfg.resample_each_epoch:  # choose_path's first rules; it decides the rest
+            annotation = annotation_of(cfg)
+            cached = tuple(find_cache(ds, annotation, out_dir) for ds in (train_ds, val_ds))
+            for ds, hit in zip((train_ds, val_ds), cached):
+                if hit:
+                    seed_dataset(ds, hit[0])
+        check_data(cfg, train_ds, val_ds)
+        if len(train_ds) < ctx.world:
+            raise ValueError(f"{len(train_ds)} training images cannot feed {ctx.world} processes; use fewer processes")
+        model = build_model(cfg.arch, train_ds.classes.num_classes, spec.channels, cfg.decoder,
+                            pretrained=cfg.pretrained).to(device)  # before anything is written: weights may be missing
+        if ctx.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        if ctx.is_main or cfg.class_weights not in ("points", "dense"):
+            weights = class_weight_tensor(cfg, train_ds, out_dir)  # rank 0 writes class_weights.pt
+        else:  # the same numbers, not written again
+            weights = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting)[0]
+        stats = train_ds.annotation_stats()
+        labelled = stats["labelled_fraction"]
+        if cfg.points is None:
+            budget = "dense labels"
+        else:
+            budget = f"{cfg.points} clicks" if clicks_per_object(cfg.points) else \
+                f"{cfg.points} {cfg.strategy} points per image"
+            budget += f" ({stats['clicks_per_image']:.1f} clicks per image, {stats['clicked_fraction']:.3%} of the pixels)"
+        print(f"data: {len(train_ds)} train / {len(val_ds)} val images ({how}); {budget}"
+              f"{' redrawn every epoch (published code, comparison only)' if cfg.resample_each_epoch else ''}; "
+              f"labelled {stats['labelled_fraction']:.2%} of the training pixels; scale {spec.scale:g}; "
+              f"{spec.channels} bands, intensity {spec.intensity.kind}; device {device}; "
+              f"{cfg.arch}{' ImageNet' if cfg.pretrained and cfg.arch == 'resnet18' else ' random init'}", flush=True)
+        if ctx.world > 1:
+            print(f"distributed: {ctx.world} processes ({torch.distributed.get_backend()}), {cfg.batch_size // ctx.world} "
+                  f"of each batch of {cfg.batch_size} per process", flush=True)
+        if weights is not None:
+            print(f"class weights ({cfg.class_weights}, {cfg.class_weighting}): " +
+                  ", ".join(f"{n} {w:.2f}" for n, w in zip(train_ds.classes.names, weights.tolist())))
 
-    criterion = PartialCrossEntropyLoss(cfg.gamma, weights, normalization=cfg.normalization).to(device)
-    extra = weak_terms(cfg)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 fused=True if device.type == "cuda" else None)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.lr_gamma)
-    history, start, best = [], 1, -math.inf
-    gen = torch.Generator().manual_seed(cfg.seed)
+        criterion = PartialCrossEntropyLoss(cfg.gamma, weights, normalization=cfg.normalization).to(device)
+        extra = weak_terms(cfg)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     fused=True if device.type == "cuda" else None)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.lr_gamma)
+        history, start, best = [], 1, -math.inf
+        gen = torch.Generator().manual_seed(cfg.seed)
 
-    config = config_dict(cfg)
-    last_path, best_path = out_dir / "last.pth", out_dir / "best_model.pth"
-    if resumed:
-        if resumed.model_args != model.model_args:
-            raise ValueError(f"{last_path} holds a {resumed.model_args} model; this run asks for "
-                             f"{model.model_args}: resume with the same settings or a new --out")
-        st = resumed.train_state
-        model.load_state_dict(resumed.state_dict)
-        optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        torch.set_rng_state(st["rng"])
-        gen.set_state(st["loader_rng"])
-        history, best = list(st["history"]), st["best_miou"]
-        start = resumed.epoch + 1
-        print(f"resumed from {last_path} at epoch {resumed.epoch}")
+        config = config_dict(cfg)
+        last_path, best_path = out_dir / "last.pth", out_dir / "best_model.pth"
+        if resumed:
+            if resumed.model_args != model.model_args:
+                raise ValueError(f"{last_path} holds a {resumed.model_args} model; this run asks for "
+                                 f"{model.model_args}: resume with the same settings or a new --out")
+            st = resumed.train_state
+            model.load_state_dict(resumed.state_dict)
+            optimizer.load_state_dict(st["optimizer"])
+            scheduler.load_state_dict(st["scheduler"])
+            torch.set_rng_state(st["rng"])
+            gen.set_state(st["loader_rng"])
+            history, best = list(st["history"]), st["best_miou"]
+            start = resumed.epoch + 1
+            print(f"resumed from {last_path} at epoch {resumed.epoch}")
 
-    train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx, cached)
-    # after the loaders (a resident cache holds the drawn annotation only): grown labels, or a resumed run's rounds
-    few_clicks.start(cfg, train_ds, resumed.train_state if resumed else None)  # the loaders follow the changes
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    names = train_ds.classes.names
-    net = distributed.wrap(model, ctx)  # DDP under torchrun: gradients averaged over the ranks
+        train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx, cached)
+        # after the loaders (a resident cache holds the drawn annotation only): grown labels, or a resumed run's rounds
+        few_clicks.start(cfg, train_ds, resumed.train_state if resumed else None)  # the loaders follow the changes
+        if device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        names = train_ds.classes.names
+        net = distributed.wrap(model, ctx)  # DDP under torchrun: gradients averaged over the ranks
 
-    for epoch in range(start, cfg.epochs + 1):
-        t0 = time.time()
-        train_ds.set_epoch(epoch)
-        if ctx.world > 1:  # augmentation draws differ per rank, and a resumed run draws the same again
-            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, ctx.rank]).generate_state(1)[0]))
-        lr = optimizer.param_groups[0]["lr"]
-        tr_loss, tr_cm, _, tr_extra = run_epoch(net, train_loader, criterion, device, optimizer, cfg.amp,
-                                                cfg.progress and ctx.is_main, f"epoch {epoch} train", extra, names)
-        tr_loss, tr_cm, tr_extra = distributed.reduce_epoch(train_loader, tr_loss, tr_cm, tr_extra)
-        scheduler.step()
-        distributed.sync_buffers(model)  # every rank validates rank 0's model, the one saved
-        va_loss, _, va_cm, _ = run_epoch(model, val_loader, criterion, device, None, cfg.amp,
-                                         cfg.progress and ctx.is_main, f"epoch {epoch} val", names=names)
-        va_loss, va_cm, _ = distributed.reduce_epoch(val_loader, va_loss, va_cm, {})
-        tr, va = tr_cm.compute(cfg.exclude), va_cm.compute(cfg.exclude)
-        h = {"epoch": epoch, "train_loss": tr_loss, "train_oa": tr["oa"], "train_miou": tr["miou"],
-             "val_loss": va_loss, "val_oa": va["oa"], "val_miou": va["miou"], "val_mf1": va["mf1"],
-             "val_iou": va["iou"], "val_f1": va["f1"], "lr": lr, "seconds": time.time() - t0}
-        h.update({f"train_{name}": v for name, v in tr_extra.items()})  # only the enabled terms
-        history.append(h)
-        improved = va["miou"] > best
-        terms = "".join(f" {name} {v:.4f}" for name, v in tr_extra.items())
-        print(f"epoch {epoch:3d}/{cfg.epochs} | loss {tr_loss:.4f}{terms} OA {tr['oa']:.3f} mIoU {tr['miou']:.3f} "
-              f"(train points) | val loss {va_loss:.4f} OA {va['oa']:.3f} mIoU {va['miou']:.3f} "
-              f"mF1 {va['mf1']:.3f} (dense) | lr {lr:.2e} | {h['seconds']:.1f}s{' *' if improved else ''}",
-              flush=True)
-        if few_clicks.end_of_epoch(cfg, epoch, model, train_ds, device):  # a round changed the annotation
-            labelled = train_ds.labelled_fraction()
-        h["labelled_fraction"] = labelled  # share of training pixels clicked as the epoch ends (rounds add some)
-        try:
-            if improved:
-                best = va["miou"]
-                if ctx.is_main:  # only rank 0 writes; the others hold the same weights
-                    save_checkpoint(best_path, model, spec, config=config, metrics=va, epoch=epoch)
-            if ctx.is_main:
-                save_checkpoint(last_path, model, spec, config=config, metrics=va, epoch=epoch, train_state={
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "loader_rng": gen.get_state(), "history": history, "best_miou": best,
-                    "split": split,
-                    **({"few_clicks": few_clicks.state(train_ds)} if few_clicks.enabled(cfg) else {})})
-        except ValueError as e:  # non-finite weights: never saved
-            raise TrainingError(f"epoch {epoch}: {e}. Training diverged; lower --lr and start again") from None
+        for epoch in range(start, cfg.epochs + 1):
+            t0 = time.time()
+            train_ds.set_epoch(epoch)
+            if ctx.world > 1:  # augmentation draws differ per rank, and a resumed run draws the same again
+                torch.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, ctx.rank]).generate_state(1)[0]))
+            lr = optimizer.param_groups[0]["lr"]
+            tr_loss, tr_cm, _, tr_extra = run_epoch(net, train_loader, criterion, device, optimizer, cfg.amp,
+                                                    cfg.progress and ctx.is_main, f"epoch {epoch} train", extra, names)
+            tr_loss, tr_cm, tr_extra = distributed.reduce_epoch(train_loader, tr_loss, tr_cm, tr_extra)
+            scheduler.step()
+            distributed.sync_buffers(model)  # every rank validates rank 0's model, the one saved
+            va_loss, _, va_cm, _ = run_epoch(model, val_loader, criterion, device, None, cfg.amp,
+                                             cfg.progress and ctx.is_main, f"epoch {epoch} val", names=names)
+            va_loss, va_cm, _ = distributed.reduce_epoch(val_loader, va_loss, va_cm, {})
+            tr, va = tr_cm.compute(cfg.exclude), va_cm.compute(cfg.exclude)
+            h = {"epoch": epoch, "train_loss": tr_loss, "train_oa": tr["oa"], "train_miou": tr["miou"],
+                 "val_loss": va_loss, "val_oa": va["oa"], "val_miou": va["miou"], "val_mf1": va["mf1"],
+                 "val_iou": va["iou"], "val_f1": va["f1"], "lr": lr, "seconds": time.time() - t0}
+            h.update({f"train_{name}": v for name, v in tr_extra.items()})  # only the enabled terms
+            history.append(h)
+            improved = va["miou"] > best
+            terms = "".join(f" {name} {v:.4f}" for name, v in tr_extra.items())
+            print(f"epoch {epoch:3d}/{cfg.epochs} | loss {tr_loss:.4f}{terms} OA {tr['oa']:.3f} mIoU {tr['miou']:.3f} "
+                  f"(train points) | val loss {va_loss:.4f} OA {va['oa']:.3f} mIoU {va['miou']:.3f} "
+                  f"mF1 {va['mf1']:.3f} (dense) | lr {lr:.2e} | {h['seconds']:.1f}s{' *' if improved else ''}",
+                  flush=True)
+            if few_clicks.end_of_epoch(cfg, epoch, model, train_ds, device):  # a round changed the annotation
+                labelled = train_ds.labelled_fraction()
+            h["labelled_fraction"] = labelled  # share of training pixels clicked as the epoch ends (rounds add some)
+            try:
+                if improved:
+                    best = va["miou"]
+                    if ctx.is_main:  # only rank 0 writes; the others hold the same weights
+                        save_checkpoint(best_path, model, spec, config=config, metrics=va, epoch=epoch)
+                if ctx.is_main:
+                    save_checkpoint(last_path, model, spec, config=config, metrics=va, epoch=epoch, train_state={
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": torch.get_rng_state(), "loader_rng": gen.get_state(), "history": history, "best_miou": best,
+                        "split": split,
+                        **({"few_clicks": few_clicks.state(train_ds)} if few_clicks.enabled(cfg) else {})})
+            except ValueError as e:  # non-finite weights: never saved
+                raise TrainingError(f"epoch {epoch}: {e}. Training diverged; lower --lr and start again") from None
 
-    if not ctx.is_main:
-        distributed.barrier()  # rank 0 writes the history and figures
+        if not ctx.is_main:
+            distributed.barrier()  # rank 0 writes the history and figures
+            return history
+        (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+        if cfg.figures and history:
+            plot_history(history, out_dir / "output.png")
+            if best_path.is_file():
+                best_model, ck = load_model(best_path, device)
+                plot_results(best_model, val_ds, out_dir / "results.png", device=device,
+                             title=f"best epoch {ck.epoch}: val mIoU {ck.metrics['miou']:.3f}")
+        distributed.barrier()
         return history
-    (out_dir / "history.json").write_text(json.dumps(history, indent=1))
-    if cfg.figures and history:
-        plot_history(history, out_dir / "output.png")
-        if best_path.is_file():
-            best_model, ck = load_model(best_path, device)
-            plot_results(best_model, val_ds, out_dir / "results.png", device=device,
-                         title=f"best epoch {ck.epoch}: val mIoU {ck.metrics['miou']:.3f}")
-    distributed.barrier()
-    return history
+    finally:
+        if claim is not None:
+            claim.close()
 
 
 # --------------------------------------------------------------------------- CLI

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from checkpoint import read_checkpoint
 from tests.conftest import write_patches
 from tests.test_train import cfg_for
 from train import claim_out, train
@@ -84,6 +85,9 @@ def test_infinite_image_pixels_are_not_blamed_on_the_label_values(tmp_path):
     with pytest.raises(ValueError, match=r"\['building'\] have no labelled point") as e:
         train(cfg)
     assert "value_map" not in str(e.value) and "NaN or infinite in the images" in str(e.value)
+    assert "labelled pixels per class: ground " in str(e.value) and ", building 0)" in str(e.value)
+    history = train(replace(cfg, allow_unclicked=True))  # the user's choice: train without the class, said
+    assert len(history) == 2 and read_checkpoint(tmp_path / "ck" / "last.pth").config["allow_unclicked"] is True
 
 
 def test_labels_without_an_image_are_listed(tmp_path, capsys):
