@@ -10,7 +10,7 @@ import pytest
 import rasterio
 import shapely
 from PIL import Image
-from rasterio.transform import Affine, from_origin
+from rasterio.transform import Affine
 
 from annotations import (ImageClicks, check_unclicked, class_counts, click_metrics, clicks_from_label, image_refs,
                          read_clicks, split_clicks, wilson_interval, write_clicks)
@@ -27,7 +27,7 @@ def geotiff(path, left=LEFT, top=TOP, size=(40, 40), nodata=None, data=None):
     H, W = size
     data = np.full((3, H, W), 100, np.uint8) if data is None else data
     with rasterio.open(path, "w", driver="GTiff", height=H, width=W, count=3, dtype="uint8", crs=UTM,
-                       transform=from_origin(left, top, RES, RES), nodata=nodata) as ds:
+                       transform=Affine(RES, 0, left, 0, -RES, top), nodata=nodata) as ds:
         ds.write(data)
     return path
 
