@@ -394,8 +394,9 @@ def comparable_config(config):
     return {k: config.get(k, defaults.get(k)) for k in set(config) | set(defaults) if k not in RESUMABLE}
 
 
-def prepare_out(cfg, out_dir):
-    """Refuse to replace another run's checkpoints; with --resume, the settings must be the same."""
+def prepare_out(cfg, out_dir, say=True):
+    """Refuse to replace another run's checkpoints; with --resume, the settings must be the same. Returns the
+    checkpoint to resume from (or None). `say`: print that a rerun replaces its own checkpoints."""
     last_path = out_dir / "last.pth"
     if cfg.resume:
         if not last_path.is_file():
@@ -417,7 +418,8 @@ def prepare_out(cfg, out_dir):
         return ck
     taken = [p.name for p in (out_dir / "best_model.pth", last_path) if p.is_file()]
     if taken and not cfg.overwrite and _same_run(cfg, last_path):
-        print(f"{out_dir} holds the checkpoints of a run with the same settings: they are replaced by this rerun")
+        if say:
+            print(f"{out_dir} holds the checkpoints of a run with the same settings: they are replaced by this rerun")
         return None
     if taken and not cfg.overwrite:
         raise ValueError(f"{out_dir} already holds another run's {' and '.join(taken)}; continue it with --resume, "
@@ -473,12 +475,9 @@ def train(cfg):
     out_dir = Path(cfg.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file, not a folder; name a folder for this run's checkpoints")
-    claim = claim_out(out_dir) if ctx.is_main else None  # released when train returns or fails
+    claim = None  # the folder is claimed (run.lock) before anything is written; released when train ends
     try:
         resumed = prepare_out(cfg, out_dir)
-        removed = clean_stale_temporaries(out_dir) if ctx.is_main else []
-        if removed:
-            print(f"removed {len(removed)} temporary files that killed runs left in {out_dir}")
         train_ds, val_ds, how, spec = build_datasets(cfg, resumed.spec if resumed else None)
         split = {"train": [str(i) for i in train_ds.ids], "val": [str(i) for i in val_ds.ids]}
         if resumed and resumed.train_state.get("split", split) != split:
@@ -501,7 +500,11 @@ def train(cfg):
         model = build_model(cfg.arch, train_ds.classes.num_classes, spec.channels, cfg.decoder,
                             pretrained=cfg.pretrained).to(device)  # before anything is written: weights may be missing
         if ctx.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
+            claim = claim_out(out_dir)  # a run started into the same folder meanwhile stops here ...
+            prepare_out(cfg, out_dir, say=False)  # ... and one that finished meanwhile left checkpoints: again
+            removed = clean_stale_temporaries(out_dir)  # no other run writes here now
+            if removed:
+                print(f"removed {len(removed)} temporary files that killed runs left in {out_dir}")
         if ctx.is_main or cfg.class_weights not in ("points", "dense"):
             weights = class_weight_tensor(cfg, train_ds, out_dir)  # rank 0 writes class_weights.pt
         else:  # the same numbers, not written again

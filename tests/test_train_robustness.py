@@ -76,7 +76,7 @@ def test_infinite_image_pixels_are_not_blamed_on_the_label_values(tmp_path):
         mask[8:20, 8:20] = 1  # the buildings, correctly labelled 1
         image = rng.random((32, 32, 3)).astype(np.float32)
         image[8:20, 8:20] = np.inf  # ... under infinite image pixels
-        tifffile.imwrite(tmp_path / "img" / f"a{k}.tif", image)
+        tifffile.imwrite(tmp_path / "img" / f"a{k}.tif", image, photometric="rgb")
         tifffile.imwrite(tmp_path / "lab" / f"a{k}.tif", mask)
     (tmp_path / "c.json").write_text(json.dumps({"names": ["ground", "building"], "label_format": "index",
                                                  "ignore_value": 99}))
