@@ -1,6 +1,6 @@
 """The checkpoint format: one function writes it, one reads and checks it. Nothing else touches its keys.
 
-    python checkpoint.py checkpoints/best_model.pth      # prints what a checkpoint holds
+    python checkpoint.py checkpoints/best_model.pth      # checks a checkpoint as infer.py does, prints what it holds
 
 A checkpoint is self-describing (like nanoGPT's): the model's arguments, the preprocessing contract
 (`spec.DataSpec`: classes, palette, bands, intensity rule, scale), the training config, the metrics and
@@ -156,7 +156,7 @@ def get_args_parser():
 
 def main(args):
     try:
-        ck = read_checkpoint(args.checkpoint)
+        _, ck = load_model(args.checkpoint)  # the check infer.py makes: the weights must build the model
     except (FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

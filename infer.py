@@ -2,15 +2,26 @@
 
     python infer.py --checkpoint checkpoints/best_model.pth --input input_images --output output_images
 
-For each input `<name>.<ext>` it writes `<name>_mask.png` (a palette PNG: viewers show the checkpoint's
-class colours, the pixel values are the class indices), with `--index` also `<name>_mask.index.png`
-(grayscale, value = class index), with `--overlay` `<name>_mask.overlay.jpg` (image and colours blended),
-and for a georeferenced TIFF `<name>_mask.tif` with the same GeoTIFF tags, so a GIS lays it on the input.
-Every mask has exactly the input's height and width. Files named `*_mask.*` are this tool's outputs and
-never taken as inputs (listed as skipped); nothing is written over an input, also with --output equal to
---input; two inputs never share an output name (a.png, a.tif -> a_png, a_tif). A rerun replaces the masks
-of the same inputs; --skip-existing skips inputs whose `<name>_mask.png` (written last) exists. Nodata
-pixels get no class (255, black). All arguments and the output folder are checked before any work.
+For each input `<stem>.<ext>` it writes `<stem>_<ext>_mask.png` (a palette PNG: viewers show the checkpoint's
+class colours, the pixel values are the class indices), with `--index` also `<stem>_<ext>_mask.index.png`
+(grayscale, value = class index), with `--overlay` `<stem>_<ext>_mask.overlay.jpg` (image and colours blended),
+and for a georeferenced TIFF `<stem>_<ext>_mask.tif` with the same GeoTIFF tags, so a GIS lays it on the input.
+The name comes from the input's name alone (a.png -> a_png_mask.png, a_png.png -> a_png_png_mask.png), so two
+inputs never share it and adding or removing files never renames a mask; only names that differ in case alone
+(x.png, x.PNG) get _2, _3 in sorted order. Every mask has exactly the input's height and width and records the
+input's file name (`Source`, a PNG text chunk / the TIFF's ImageDescription). Files named `*_mask.*` are this
+tool's outputs and never taken as inputs; they, folders, broken links and other files that are no image are
+listed as skipped. Nothing is written over an input, also with --output equal to --input. A rerun replaces the
+masks of the same inputs; --skip-existing skips an input only when every output asked of it exists and its
+colour mask (written last) says it was made from that input (one made from another file is reported, not
+replaced). Nodata pixels get no class (255, black). All arguments and the output folder are checked before any
+work. Ctrl-C stops with one line, how many images were written, and exit code 130.
+
+An input that does not fit the model, 16-bit data under a model trained on 8-bit images, is segmented with a
+warning that names the choices (--bit-depth, or training on such files): logged, repeated after the run's summary
+and written into its masks' metadata (`Warning`). A whole image over --max-pixels (default raster.MAX_PIXELS,
+180 MP) is refused before it is decoded, and so is a header that claims more pixels than the file can hold
+(decompression bombs); TIFFs read by windows (below) are not bounded.
 
 How an image is predicted (`predict_image`): it is resized by the checkpoint's scale (processing size /
 native size, e.g. 300 -> 150 = 0.5) so objects have the size the model learned; the resized image is cut
@@ -36,6 +47,7 @@ import contextlib
 import dataclasses
 import fnmatch
 import math
+import os
 import queue
 import re
 import sys
@@ -47,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL
+import tifffile
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -54,10 +67,10 @@ from tqdm import tqdm
 import distributed
 from checkpoint import load_model
 from dataset import index_to_colour
-from raster import (GDAL_NODATA, IMAGE_SUFFIXES, RasterError, Rows, bit_depth_of, clean_stale_temporaries,
-                    is_image_file, png_rows, read_raster, readable_by_rows, resize, tiles_of_rows, write_index_tiff,
-                    write_jpeg)
-from spec import IGNORE_INDEX, file_bands, grid_size, load_input, to_grid
+from raster import (GDAL_NODATA, GEOTIFF_TAGS, IMAGE_SUFFIXES, MAX_PIXELS, TIFF_SUFFIXES, RasterError, Rows,
+                    bit_depth_of, clean_stale_temporaries, is_image_file, png_rows, png_text, read_raster,
+                    readable_by_rows, resize, scale_note, tiles_of_rows, write_index_tiff, write_jpeg)
+from spec import IGNORE_INDEX, file_bands, grid_size, load_input, to_grid, valid_mask, wide_input_warning
 
 OUTPUT_PATTERN = "*_mask.*"  # the files this tool writes: never inputs
 TTA_MODES = {  # (quarter turns, horizontal flip) applied to the input; the prediction is turned back
@@ -385,6 +398,9 @@ class StreamedInput:
         rows = max(1, (chunk_bytes or STREAM_CHUNK_BYTES) // first.array.nbytes)
         self.chunk_rows = -(-rows // segment_rows) * segment_rows  # whole strips or tiles: none decoded twice
         self.bit_depth, nonfinite = self._first_pass(first.array.dtype, bit_depth, H)
+        self.warnings = []  # load_input's, for the whole image: its windows get the bit depth found here
+        if bit_depth is None and self.bit_depth is not None:
+            self.warnings.append(wide_input_warning(self._dtype, self.bit_depth))
         self.raster, first.array = first, None
         self.masked = first.nodata is not None or nonfinite
         h, w = grid_size(H, W, spec.scale)
@@ -414,16 +430,21 @@ class StreamedInput:
             return bit_depth, False
         maxima, nonfinite = [], False
         for rows in self._windows(H):
-            arr, _ = file_bands(read_raster(rows), self.spec.bands, self.spec.channels, self.path)
-            if wide:
-                maxima.append(arr.max())
+            raster = read_raster(rows)
+            arr, _ = file_bands(raster, self.spec.bands, self.spec.channels, self.path)
+            self._dtype = arr.dtype
+            if wide:  # nodata left out, as load_input leaves it out
+                maxima.append(arr.max() if raster.nodata is None else np.max(arr[valid_mask(raster, arr)], initial=0))
             else:
                 nonfinite = nonfinite or not np.isfinite(arr).all()
         return (bit_depth_of(np.asarray(maxima, arr.dtype)) if wide else bit_depth), nonfinite
 
     @property
     def notes(self):
-        return _merge_notes(self._notes, self.size[0] * self.size[1])
+        notes = _merge_notes(self._notes, self.size[0] * self.size[1])
+        if self.warnings:  # the warning says it: no note besides
+            notes = [n for n in notes if n != scale_note(self._dtype, self.bit_depth)]
+        return notes
 
     def _read(self):
         """The next window of input rows onto `src` (already resized in width when that pass comes first)."""
@@ -512,21 +533,48 @@ class Summary:
     failed: list = field(default_factory=list)  # (path, message): bad images
     written: list = field(default_factory=list)
     seconds: float = 0.0
+    warnings: list = field(default_factory=list)  # (path, message): done, but the input does not fit the model
 
     def line(self):
-        return (f"{self.done} images done, {len(self.skipped)} skipped, {len(self.failed)} failed "
+        warned = f", {len(self.warnings)} with warnings" if self.warnings else ""
+        return (f"{self.done} images done, {len(self.skipped)} skipped, {len(self.failed)} failed{warned} "
                 f"in {self.seconds:.1f} s")
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during segment_files, with what was done until then: `summary`, `total` files asked."""
+
+    def __init__(self, summary, total):
+        super().__init__()
+        self.summary, self.total = summary, total
+
+
+def _not_a_file(path):
+    """Why a folder entry that is no file (a folder, a broken link, a link loop, a device) is not read."""
+    if path.is_symlink():
+        try:
+            path.stat()
+        except FileNotFoundError:
+            return f"a link to {os.readlink(path)}, which does not exist"
+        except OSError as e:
+            return f"a link that cannot be followed ({e.strerror or e}: a loop?)"
+    if path.is_dir():
+        return "a folder: subfolders are not searched; pass it as --input to segment its images"
+    return "not a regular file"
+
+
 def list_inputs(input):
-    """(images, skipped) of an input folder (or one file). Hidden files and this tool's outputs
-    (`*_mask.*`) are ignored; other files that are not images are skipped with the reason.
-    A missing or image-less input is an error."""
+    """(images, skipped) of an input folder (or one file). Hidden entries are ignored; this tool's outputs
+    (`*_mask.*`), files that are not images and entries that are no file (folders, broken links, link loops)
+    are skipped with the reason. A missing or image-less input is an error."""
     input = Path(input)
+    others = []
     if input.is_file():
         files = [input]
     elif input.is_dir():
-        files = sorted(p for p in input.iterdir() if p.is_file() and not p.name.startswith("."))
+        entries = sorted(p for p in input.iterdir() if not p.name.startswith("."))
+        files = [p for p in entries if p.is_file()]
+        others = [(p, _not_a_file(p)) for p in entries if not p.is_file()]
     else:
         raise FileNotFoundError(f"input {input} not found: pass --input FOLDER (or one image file)")
     outputs = [p for p in files if fnmatch.fnmatch(p.name.lower(), OUTPUT_PATTERN)]
@@ -535,6 +583,7 @@ def list_inputs(input):
     skipped = [(p, f"not an image ({'/'.join(IMAGE_SUFFIXES)})") for p in files if not is_image_file(p)]
     skipped += [(p, f"named like this tool's outputs ({OUTPUT_PATTERN}); rename it to segment it")
                 for p in outputs if is_image_file(p)]
+    skipped = sorted(skipped + others)
     if not images:
         raise FileNotFoundError(f"no images in {input} (looked for {', '.join(IMAGE_SUFFIXES)}"
                                 f"{f'; {len(skipped)} other files' if skipped else ''})")
@@ -542,22 +591,18 @@ def list_inputs(input):
 
 
 def output_stems(images):
-    """A distinct output name stem per input: its stem; stem_ext when inputs share a stem (a.png, a.tif ->
-    a_png, a_tif); then _2, _3, ... for what still collides (x.png, x.PNG; a_png.jpg beside a.png). Names
-    are compared case-insensitively, as on macOS and Windows file systems."""
-    def key(name):
-        return name.casefold()
-    counts = {}
-    for p in images:
-        counts[key(p.stem)] = counts.get(key(p.stem), 0) + 1
-    wanted = {p: p.stem if counts[key(p.stem)] == 1 else f"{p.stem}_{p.suffix[1:].lower()}" for p in images}
+    """The output name stem of each input, from its name alone: `<stem>_<suffix>` (a.png -> a_png, a.tif ->
+    a_tif, a_png.png -> a_png_png), distinct for distinct names and the same whichever other files are there.
+    Only names that differ in case alone (x.png, x.PNG) would share a mask on a case-insensitive disk (macOS,
+    Windows): the later of them in sorted order gets _2, _3, ..."""
     taken, stems = set(), {}
-    for p in sorted(images, key=lambda q: (wanted[q] != q.stem, q.name)):  # plain stems keep their name
-        stem, k = wanted[p], 1
-        while key(stem) in taken:
+    for p in sorted(images, key=lambda q: q.name):
+        base = f"{p.stem}_{p.suffix[1:]}"
+        stem, k = base, 1
+        while stem.casefold() in taken:
             k += 1
-            stem = f"{wanted[p]}_{k}"
-        taken.add(key(stem))
+            stem = f"{base}_{k}"
+        taken.add(stem.casefold())
         stems[p] = stem
     return stems
 
@@ -575,6 +620,26 @@ def run_spec(ckpt, scale=None, bands=None):
 def mask_path(output, stem):
     """The colour mask of an input: written last, so its presence means every output of that input is done."""
     return Path(output) / f"{stem}_mask.png"
+
+
+def output_paths(output, stem, *, index=False, overlay=False, tiff=False):
+    """The paths written for an input, the colour mask last: index PNG, overlay JPEG, GeoTIFF (as asked / for a
+    georeferenced input), colour PNG."""
+    output = Path(output)
+    return [q for q, wanted in ((output / f"{stem}_mask.index.png", index),
+                                (output / f"{stem}_mask.overlay.jpg", overlay),
+                                (output / f"{stem}_mask.tif", tiff)) if wanted] + [mask_path(output, stem)]
+
+
+def _is_georeferenced(path):
+    """Whether a TIFF carries GeoTIFF tags (its mask TIFF is written); reads the header only."""
+    if Path(path).suffix.lower() not in TIFF_SUFFIXES:
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return any(code in tif.pages.first.tags for code in GEOTIFF_TAGS)
+    except Exception:  # reading it says why
+        return False
 
 
 def _through(bands, pngs):
@@ -605,38 +670,40 @@ class _Job:
     valid: np.ndarray = None
     source: object = None
     notes: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)  # the input does not fit the model: also in the masks' metadata
 
 
 def _read_file(path, output, ckpt, *, stem=None, scale=None, bands=None, bit_depth=None, index=False,
-               overlay_preview=False, protect=()):
+               overlay_preview=False, protect=(), max_pixels=MAX_PIXELS):
     """Read and check one input (step 1 of segment_file): a _Job. Raises RasterError for a bad file."""
     spec = run_spec(ckpt, scale, bands)
     path, output = Path(path), Path(output)
-    stem = stem or path.stem
+    stem = stem or output_stems([path])[path]
     notes, grid, image, valid, source = [], None, None, None, None
     if streams(path):
         source = StreamedInput(path, spec, bit_depth)
-        (H, W), raster, masked = source.size, source.raster, source.masked
+        (H, W), raster, masked, warnings = source.size, source.raster, source.masked, source.warnings
         if overlay_preview:
             notes.append(f"no overlay for a streamed image (over {STREAM_PIXELS / 1e6:g} MP): it would hold the "
                          f"whole image")
     else:
-        inp = load_input(path, spec, bit_depth=bit_depth)
+        inp = load_input(path, spec, bit_depth=bit_depth, max_pixels=max_pixels)
         notes += inp.notes
-        (H, W), raster, masked, valid = inp.image.shape[:2], inp.raster, inp.valid is not None, inp.valid
+        (H, W), raster, masked, valid, warnings = (inp.image.shape[:2], inp.raster, inp.valid is not None, inp.valid,
+                                                   inp.warnings)
         grid = _grid(inp.image, spec.scale)
         image = inp.image if overlay_preview else None
-    index_path = output / f"{stem}_mask.index.png" if index else None
-    overlay_path = output / f"{stem}_mask.overlay.jpg" if overlay_preview and source is None else None
-    tiff_path = output / f"{stem}_mask.tif" if raster.is_georeferenced else None
-    written = [p for p in (index_path, overlay_path, tiff_path) if p] + [mask_path(output, stem)]  # colour: last
+    written = output_paths(output, stem, index=index, overlay=overlay_preview and source is None,
+                           tiff=raster.is_georeferenced)  # the colour mask last
+    index_path, overlay_path, tiff_path = (next((q for q in written if q.name.endswith(end)), None)
+                                           for end in ("_mask.index.png", "_mask.overlay.jpg", "_mask.tif"))
     protected = {Path(p).resolve() for p in protect} | {path.resolve()}
     for target in written:
         if target.resolve() in protected:
             raise RasterError(f"{path}: refusing to write {target}, it is an input")
     output.mkdir(parents=True, exist_ok=True)
     return _Job(path, output, stem, spec, (H, W), raster, masked, written, index_path, overlay_path, tiff_path,
-                grid, image, valid, source, notes)
+                grid, image, valid, source, notes, list(warnings))
 
 
 def _predict_file(model, job, *, tile=512, overlap=64, batch_size=4, tta=False, device=None, progress=False):
@@ -648,21 +715,31 @@ def _predict_file(model, job, *, tile=512, overlap=64, batch_size=4, tta=False, 
     return pred
 
 
+def mask_text(job):
+    """The masks' metadata (PNG iTXt, TIFF ImageDescription): `Source`, the input's file name (--skip-existing
+    checks that a mask is that input's), and a `Warning` when the input does not fit the model."""
+    text = {"Source": job.path.name}
+    if job.warnings:
+        text["Warning"] = " ".join(job.warnings)
+    return text
+
+
 def _write_masks(job, bands, pred=None):
     """Write the masks of `job` from `bands` of rows (y0, y1, rows) top to bottom (step 3 of segment_file), each
     atomically, the colour mask last; `pred`, the whole mask, for the overlay. Returns the paths written."""
     H, W = job.size
     palette = job.spec.classes.palette
+    text = mask_text(job)
     with contextlib.ExitStack() as stack:  # every mask written as its rows come; the colour mask appears last
-        pngs = [stack.enter_context(png_rows(mask_path(job.output, job.stem), H, W, palette))]
+        pngs = [stack.enter_context(png_rows(mask_path(job.output, job.stem), H, W, palette, text=text))]
         if job.index_path:
-            pngs.append(stack.enter_context(png_rows(job.index_path, H, W)))
+            pngs.append(stack.enter_context(png_rows(job.index_path, H, W, text=text)))
         rows = _through(bands, pngs)
         if job.tiff_path:
             tags = dict(job.raster.geotags)
             if job.masked:
                 tags[GDAL_NODATA] = (2, len(str(IGNORE_INDEX)) + 1, str(IGNORE_INDEX))  # ASCII, as GDAL writes it
-            write_index_tiff(job.tiff_path, tiles_of_rows(rows, W), palette, tags, shape=(H, W))
+            write_index_tiff(job.tiff_path, tiles_of_rows(rows, W), palette, tags, shape=(H, W), text=text)
         else:
             for _ in rows:
                 pass
@@ -680,7 +757,7 @@ def _segment_streamed(model, job, log, **predict_kwargs):
 
 
 def segment_file(path, output, model, ckpt, *, stem=None, scale=None, bands=None, bit_depth=None, index=False,
-                 overlay_preview=False, protect=(), log=print, **predict_kwargs):
+                 overlay_preview=False, protect=(), max_pixels=MAX_PIXELS, log=print, **predict_kwargs):
     """Segment one file into `output`. Returns the paths written. Raises RasterError for a bad file.
     `scale`/`bands` default to the checkpoint's; `protect` lists paths never to write (the inputs).
     Nodata pixels (GeoTIFF GDAL_NODATA, NaN) get no class: IGNORE_INDEX (black in the colour mask).
@@ -688,9 +765,8 @@ def segment_file(path, output, model, ckpt, *, stem=None, scale=None, bands=None
     Three steps, read (_read_file), predict (_predict_file), write (_write_masks): segment_files runs them
     in series with this function, or overlapped in threads."""
     job = _read_file(path, output, ckpt, stem=stem, scale=scale, bands=bands, bit_depth=bit_depth, index=index,
-                     overlay_preview=overlay_preview, protect=protect)
-    for note in job.notes:
-        log(f"{job.path}: {note}")
+                     overlay_preview=overlay_preview, protect=protect, max_pixels=max_pixels)
+    _report(job, None, log)
     if job.source is not None:
         return _segment_streamed(model, job, log, **predict_kwargs)
     pred = _predict_file(model, job, **predict_kwargs)
@@ -712,11 +788,34 @@ def _fail(summary, path, error, log):
     summary.failed.append((path, msg))
 
 
-def _existing(output, stem, skip_existing):
-    """Why an input is skipped under --skip-existing, or None."""
-    if skip_existing and mask_path(output, stem).is_file():
-        return f"{mask_path(output, stem)} exists (--skip-existing)"
-    return None
+def _report(job, summary, log):
+    """Log a job's notes and warnings; the warnings go into the summary too (None: log only)."""
+    for note in job.notes:
+        log(f"{job.path}: {note}")
+    for warning in job.warnings:
+        log(f"WARNING {job.path}: {warning}")
+        if summary is not None:
+            summary.warnings.append((job.path, warning))
+
+
+def _existing(path, output, stem, skip_existing, index=False, overlay_preview=False):
+    """Why an input is skipped under --skip-existing, or None (segment it): skipped when every output asked
+    of it exists (a rerun that adds --index or --overlay writes them) and its colour mask, written last, records
+    that it was made from a file of this name. A colour mask made from another file is a RasterError: it is
+    neither taken as this input's nor replaced."""
+    colour = mask_path(output, stem)
+    if not skip_existing or not colour.is_file():
+        return None
+    source = png_text(colour).get("Source")
+    if source != Path(path).name:
+        made = f"it was made from {source}" if source else "it does not say which input it was made from"
+        raise RasterError(f"{path}: {colour} exists but {made}; move it away, or run without --skip-existing "
+                          f"to replace it")
+    wanted = output_paths(output, stem, index=index, overlay=overlay_preview and not streams(path),
+                          tiff=_is_georeferenced(path))
+    if not all(q.is_file() for q in wanted):
+        return None
+    return f"{', '.join(q.name for q in wanted)} exist{'s' if len(wanted) == 1 else ''} (--skip-existing)"
 
 
 def _put(q, item, stop):
@@ -770,19 +869,29 @@ def _writer(todo, results, stop):
                 return
 
 
+def _skip_or_read(p, output, stems, skip_existing, read_kwargs):
+    """segment_file's first step under --skip-existing: why `p` is skipped (a str), or its _Job."""
+    return (_existing(p, output, stems[p], skip_existing, read_kwargs.get("index"), read_kwargs.get("overlay_preview"))
+            or _read_file(p, output, stem=stems[p], **read_kwargs))
+
+
 def _segment_serial(files, stems, output, model, summary, log, skip_existing, read_kwargs, predict_kwargs):
-    """segment_file file after file. Yields once per file."""
+    """segment_file's steps file after file. Yields once per file."""
     for p in files:
-        why = _existing(output, stems[p], skip_existing)
-        if why:
-            summary.skipped.append((p, why))
-        else:
-            try:
-                summary.written += segment_file(p, output, model, stem=stems[p], log=log, **read_kwargs,
-                                                **predict_kwargs)
+        try:
+            job = _skip_or_read(p, output, stems, skip_existing, read_kwargs)
+            if isinstance(job, str):
+                summary.skipped.append((p, job))
+            else:
+                _report(job, summary, log)
+                if job.source is not None:
+                    summary.written += _segment_streamed(model, job, log, **predict_kwargs)
+                else:
+                    pred = _predict_file(model, job, **predict_kwargs)
+                    summary.written += _write_masks(job, [(0, job.size[0], pred)], pred)
                 summary.done += 1
-            except (RasterError, OSError) as e:
-                _fail(summary, p, e, log)
+        except (RasterError, OSError) as e:
+            _fail(summary, p, e, log)
         yield
 
 
@@ -790,7 +899,7 @@ def _segment_pipelined(files, stems, output, model, summary, log, skip_existing,
     """segment_file's steps overlapped: a reader thread -> queue (PIPELINE_DEPTH) -> the model in this thread ->
     queue (PIPELINE_DEPTH) -> a writer thread. Yields once per file that left the model."""
     def read(p):
-        return _existing(output, stems[p], skip_existing) or _read_file(p, output, stem=stems[p], **read_kwargs)
+        return _skip_or_read(p, output, stems, skip_existing, read_kwargs)
 
     def collect():  # what the writer has finished
         while not results.empty():
@@ -817,8 +926,7 @@ def _segment_pipelined(files, stems, output, model, summary, log, skip_existing,
             elif isinstance(job, str):
                 summary.skipped.append((p, job))
             else:
-                for note in job.notes:
-                    log(f"{p}: {note}")
+                _report(job, summary, log)
                 try:
                     if job.source is not None:  # streamed: predicted and written band by band, here
                         summary.written += _segment_streamed(model, job, log, **predict_kwargs)
@@ -844,6 +952,14 @@ def _segment_pipelined(files, stems, output, model, summary, log, skip_existing,
             todo.put_nowait(_END)
         for t in threads:
             t.join()
+        if not finished:  # count what the writer finished before it stopped; the exception goes on
+            while not results.empty():
+                p, written, error = results.get()
+                if error is None:
+                    summary.written += written
+                    summary.done += 1
+                elif isinstance(error, (RasterError, OSError)):
+                    _fail(summary, p, error, log)
     collect()
 
 
@@ -858,21 +974,25 @@ def segment_files(files, stems, output, model, ckpt, *, progress=True, log=None,
     k-1.., with at most PIPELINE_DEPTH files waiting in each of the two queues, so memory stays bounded. The
     masks are byte for byte the serial run's (the same three functions, only in threads). A TIFF over
     STREAM_PIXELS is read ahead like any file but predicted and written band by band in this thread, as in
-    the serial run. On an exception (Ctrl-C) the queued files are dropped and both threads end before it
-    propagates; masks already written stay, and --skip-existing continues from them. `pipeline=False` runs
+    the serial run. On an exception the queued files are dropped and both threads end before it propagates;
+    masks already written stay, and --skip-existing continues from them. Ctrl-C comes out as Interrupted, which
+    holds the summary of what was done. `pipeline=False` runs
     segment_file file after file (for comparison; `infer.py --no-pipeline`)."""
     t0 = time.time()
     log = log or tqdm.write
     output = Path(output)
     summary = Summary()
-    read_kwargs = {k: kwargs.pop(k) for k in ("scale", "bands", "bit_depth", "index", "overlay_preview")
-                   if k in kwargs}
+    read_kwargs = {k: kwargs.pop(k) for k in ("scale", "bands", "bit_depth", "index", "overlay_preview",
+                                              "max_pixels") if k in kwargs}
     read_kwargs.update(ckpt=ckpt, protect=list(files) if protect is None else protect)
     steps = (_segment_pipelined if pipeline else _segment_serial)(
         files, stems, output, model, summary, log, skip_existing, read_kwargs, dict(kwargs, progress=progress))
-    with contextlib.closing(steps):  # on an exception the pipeline's threads end here, not when it is collected
-        for _ in tqdm(steps, total=len(files), desc="images", unit="image", disable=not progress):
-            pass
+    try:
+        with contextlib.closing(steps):  # on an exception the pipeline's threads end here, not when it is collected
+            for _ in tqdm(steps, total=len(files), desc="images", unit="image", disable=not progress):
+                pass
+    except KeyboardInterrupt:  # Ctrl-C: what was written until now stays, and the caller learns how much
+        raise Interrupted(summary, len(files)) from None
     order = {p: i for i, p in enumerate(files)}
     summary.failed.sort(key=lambda f: order[f[0]])
     summary.seconds = time.time() - t0
@@ -882,9 +1002,10 @@ def segment_files(files, stems, output, model, ckpt, *, progress=True, log=None,
 def segment_folder(input, output, model, ckpt, *, progress=True, log=None, skip_existing=False, pipeline=True,
                    **kwargs):
     """Segment every image of `input` (a folder or a file) into `output`; go on past bad files. Existing
-    masks are replaced, unless `skip_existing`: then an input whose `<stem>_mask.png` exists is skipped
-    (an interrupted folder run continues where it stopped). `pipeline`: see segment_files. Keyword arguments
-    as segment_file and predict_image. Returns a Summary (bad files in .failed)."""
+    masks are replaced, unless `skip_existing`: then an input whose asked outputs all exist, its colour mask
+    made from it, is skipped (an interrupted folder run continues where it stopped). `pipeline`: see
+    segment_files. Keyword arguments as segment_file and predict_image. Returns a Summary (bad files in
+    .failed, inputs that do not fit the model in .warnings)."""
     t0 = time.time()
     images, skipped = list_inputs(input)
     log = log or tqdm.write
@@ -935,8 +1056,13 @@ def get_args_parser():
                    help="bit depth b of >8-bit images, scaled from [0, 2^b-1] to [0, 255] (default: per image, "
                         "the smallest of 8..16 bits that holds its largest value)")
     p.add_argument("--skip-existing", action="store_true",
-                   help="skip inputs whose <name>_mask.png exists (continue an interrupted folder run); by "
-                        "default a rerun replaces the masks of the same inputs")
+                   help="skip inputs whose asked outputs all exist, their <stem>_<ext>_mask.png made from them "
+                        "(continue an interrupted folder run); by default a rerun replaces the masks of the same "
+                        "inputs")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help="largest image, in pixels, decoded whole; a larger one is refused as a possible "
+                        "decompression bomb (TIFFs read by windows of rows are not bounded). 0: no limit "
+                        "(default: %(default)s)")
     p.add_argument("--index", action="store_true", help="also write <name>_mask.index.png (class indices)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_mask.overlay.jpg (a preview)")
     p.add_argument("--no-pipeline", dest="pipeline", action="store_false",
@@ -961,6 +1087,8 @@ def check_args(args):
         raise ValueError(f"--bit-depth must be in 8..32, got {args.bit_depth}")
     if args.bands is not None and min(args.bands) < 0:
         raise ValueError(f"--bands are 0-based indices >= 0, got {args.bands}")
+    if args.max_pixels < 0:
+        raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}")
 
 
 def check_output(output):
@@ -977,9 +1105,22 @@ def check_output(output):
 
 
 def main(args):
-    """Returns the exit code: 0 all done, 1 some files failed, 2 nothing could start. Under torchrun each rank
-    segments its share of the sorted images (distributed.shard; output names are given from the whole list, alike
-    on every rank), the summaries are gathered, and every rank returns 1 when any rank failed a file."""
+    """Returns the exit code: 0 all done, 1 some files failed, 2 nothing could start, 130 Ctrl-C (one line says
+    how many images were written). Under torchrun each rank segments its share of the sorted images
+    (distributed.shard; output names are given from the whole list, alike on every rank), the summaries are
+    gathered, and every rank returns 1 when any rank failed a file."""
+    try:
+        return _main(args)
+    except Interrupted as e:
+        print(f"\ninterrupted: {e.summary.done} of {e.total} images written; rerun with --skip-existing to "
+              f"continue", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\ninterrupted before any image was written", file=sys.stderr)
+    distributed.cleanup()
+    return 130
+
+
+def _main(args):
     try:
         check_args(args)
         images, skipped = list_inputs(args.input)
@@ -999,9 +1140,9 @@ def main(args):
           f"{spec.classes.num_classes} classes, scale {scale:g}, intensity {spec.intensity.kind}, tile {args.tile}, "
           f"overlap {args.overlap}, TTA {args.tta}, on {device}"
           f"{f' ({ctx.world} processes, each its share of the images)' if ctx.world > 1 else ''}")
-    kwargs = dict(scale=scale, bands=args.bands, bit_depth=args.bit_depth, index=args.index,
-                  overlay_preview=args.overlay, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
-                  tta=args.tta, device=device, progress=args.progress and ctx.is_main,
+    kwargs = dict(scale=scale, bands=args.bands, bit_depth=args.bit_depth, max_pixels=args.max_pixels,
+                  index=args.index, overlay_preview=args.overlay, tile=args.tile, overlap=args.overlap,
+                  batch_size=args.batch_size, tta=args.tta, device=device, progress=args.progress and ctx.is_main,
                   skip_existing=args.skip_existing, pipeline=args.pipeline)
     if ctx.world == 1:
         summary = segment_folder(args.input, args.output, model, ckpt, **kwargs)
@@ -1020,8 +1161,10 @@ def main(args):
         parts = distributed.gather_objects(summary)  # every rank learns whether any file failed
         summary = Summary(done=sum(s.done for s in parts), skipped=[x for s in parts for x in s.skipped],
                           failed=[x for s in parts for x in s.failed], written=[x for s in parts for x in s.written],
-                          seconds=max(s.seconds for s in parts))
+                          seconds=max(s.seconds for s in parts), warnings=[x for s in parts for x in s.warnings])
     print(summary.line() + f" -> {args.output}")
+    for p, msg in summary.warnings if ctx.is_main else ():  # the run's last words: they may cost accuracy
+        print(f"warning: {p}: {msg}", file=sys.stderr)
     for p, msg in summary.failed if ctx.is_main else ():  # gathered: every rank's failures, named
         print(f"failed: {msg}", file=sys.stderr)
     distributed.cleanup()

@@ -22,6 +22,7 @@ trained on wider data carry a `range` intensity rule fitted on their training se
 import argparse
 import contextlib
 import itertools
+import json
 import os
 import re
 import struct
@@ -51,6 +52,8 @@ JPEG_CODES = (6, 7, 34892, 33007)  # TIFF compressions that are JPEG (tifffile d
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MASK_TILE = 256  # tile side of the mask TIFFs
+MAX_PIXELS = 180_000_000  # whole-image decodes above this are refused (Pillow's own bomb limit); infer.py --max-pixels
+DEFLATE_RATIO = 1032  # deflate (PNG) inflates a byte to at most this many: a header claiming more is a lie
 EXIF_ORIENTATION = 0x0112  # EXIF tag: how viewers turn the stored pixels (1 = as stored, 2..8 flips/rotations)
 _ORIENT = {  # orientation -> stored (H, W, ...) pixels as viewers show them (PIL.ImageOps.exif_transpose)
     2: lambda a: a[:, ::-1],
@@ -134,6 +137,25 @@ def _tiff_rows(tif, page, start, stop):
     return out.reshape([stop - start if axis == "Y" else n for axis, n in zip(page.axes, page.shape)])
 
 
+def _check_tiff_layout(page, path, size):
+    """RasterError unless the page lists every strip or tile its header's size needs and they lie inside the file
+    (`size` bytes): a header that claims more pixels than the file holds fails here, before anything is decoded."""
+    planes, depth, height, width, _ = page.shaped
+    if page.is_tiled:
+        needed = planes * -(-depth // page.tiledepth) * -(-height // page.tilelength) * -(-width // page.tilewidth)
+    else:
+        needed = planes * depth * -(-height // max(1, page.rowsperstrip))
+    kind = "tiles" if page.is_tiled else "strips"
+    have = len(page.dataoffsets)
+    if have < needed:
+        raise RasterError(f"{path}: its header says {width} x {height} pixels, which take {needed} {kind}, but it "
+                          f"lists {have}: truncated or corrupt (or a decompression bomb); export it again")
+    end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts)), default=0)
+    if end > size:
+        raise RasterError(f"{path}: its {kind} run to byte {end}, the file has {size}: truncated; copy or export "
+                          f"it again")
+
+
 def readable_by_rows(path):
     """(height, width, rows per strip or tile) of a TIFF whose rows `read_raster(Rows(...))` reads without
     decoding the rest: one image page (no page per band, no volume), plain strips or tiles. None for any other
@@ -149,6 +171,7 @@ def readable_by_rows(path):
                     or (page.is_subsampled and page.compression not in JPEG_CODES)
                     or "Y" not in page.axes or len(page.dataoffsets) == 0):
                 return None
+            _check_tiff_layout(page, path, path.stat().st_size)
             if page.is_contiguous and page.fillorder == 1 and page.predictor == 1:
                 seg_rows = 1
             else:
@@ -272,11 +295,60 @@ def is_8bit(path):
         return None
 
 
-def read_raster(path):
+def _png_header(data):
+    """(width, height, bytes the decoder inflates) from a PNG's first 26 bytes, None for a file that is no PNG.
+    The inflated size counts one filter byte per row (interlaced images have a few more)."""
+    if len(data) < 26 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    samples = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 4)
+    return width, height, height * (1 + -(-width * samples * depth // 8))
+
+
+def _check_decode_size(path, rows, max_pixels):
+    """Before any pixel is decoded: RasterError when the header claims more than the file can hold (a TIFF's
+    strips or tiles, a PNG's deflate ratio) or, for a whole-image decode, more than `max_pixels` pixels (None or
+    0: no limit). Windows of rows (`Rows`) are not bounded: they are how large images are read."""
+    size = path.stat().st_size
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages.first
+                _check_tiff_layout(page, path, size)
+                height, width = page.imagelength, page.imagewidth
+        except RasterError:
+            raise
+        except Exception:  # not a TIFF tifffile parses: reading it says why
+            return
+    else:
+        with open(path, "rb") as f:
+            png = _png_header(f.read(26))
+        if png is not None:
+            width, height, inflated = png
+            if inflated > DEFLATE_RATIO * size + 4096:
+                raise RasterError(f"{path}: its header says {width} x {height} pixels, more than its {size} bytes "
+                                  f"can hold (PNG compresses at most {DEFLATE_RATIO}:1): truncated, corrupt or a "
+                                  f"decompression bomb; export it again")
+        else:
+            try:
+                with no_pixel_limit(), Image.open(path) as im:  # reads the header only
+                    width, height = im.size
+            except Exception:  # reading it says why
+                return
+    if rows is None and max_pixels and width * height > max_pixels:
+        raise RasterError(f"{path}: {width} x {height} pixels ({width * height / 1e6:.0f} MP) is more than the "
+                          f"{max_pixels / 1e6:g} MP decoded whole at most (a guard against decompression bombs); "
+                          f"if the image is real, pass --max-pixels {width * height} (or --max-pixels 0: no limit), "
+                          f"or save it as a tiled or striped GeoTIFF, which is read by windows")
+
+
+def read_raster(path, max_pixels=MAX_PIXELS):
     """Read an image file as a Raster: 16-bit PNGs at full depth, EXIF orientation applied, no Pillow pixel
-    limit. `Rows(path, start, stop)` reads only those rows of a TIFF (readable_by_rows says which TIFFs).
-    Errors (RasterError) name the file: missing, empty, truncated, corrupt, or a layout that is not (H, W) or
-    (H, W, bands)."""
+    limit but our own: a whole image over `max_pixels` pixels (None or 0: no limit) is refused before decoding,
+    as is a header that claims more pixels than the file can hold (a decompression bomb). `Rows(path, start,
+    stop)` reads only those rows of a TIFF (readable_by_rows says which TIFFs), unbounded. Errors (RasterError)
+    name the file: missing, empty, truncated, corrupt, too large, or a layout that is not (H, W) or (H, W,
+    bands)."""
     rows = (path.start, path.stop) if isinstance(path, Rows) else None
     path = Path(path)
     if not path.is_file():
@@ -285,6 +357,7 @@ def read_raster(path):
         raise RasterError(f"{path}: empty file (0 bytes)")
     if rows is not None and readable_by_rows(path) is None:
         raise RasterError(f"{path}: rows can only be read from a one-page TIFF of strips or tiles")
+    _check_decode_size(path, rows, max_pixels)
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
             arr, alpha, geotags, nodata = _read_tiff(path, rows)
@@ -354,23 +427,33 @@ def bit_depth_of(arr):
     return min(max(8, top.bit_length()), arr.dtype.itemsize * 8)
 
 
+def scale_note(dtype, bit_depth):
+    """The note of to_uint8 on scaling `dtype` pixels as `bit_depth`-bit data."""
+    return f"{dtype} pixels scaled to 8 bits as {bit_depth}-bit data (x 255/{2 ** bit_depth - 1})"
+
+
 def _count_pixels(mask):
     """Pixels of an (H, W, B) boolean mask with any band set (elements of a mask of another shape)."""
     return int((mask.any(axis=2) if mask.ndim == 3 else mask).sum())
 
 
-def to_uint8(arr, bit_depth=None):
-    """Scale pixels to uint8 by the module's bit-depth rule. Returns (uint8 array, notes). Negative values of a
-    signed integer image are clipped to 0 with a note that counts them; a float image with NaN is an error
-    (spec.load_input marks NaN pixels as nodata before it gets here)."""
+def to_uint8(arr, bit_depth=None, valid=None):
+    """Scale pixels to uint8 by the module's bit-depth rule. Returns (uint8 array, notes). `valid` ((H, W) bool,
+    False at nodata) leaves nodata pixels out of every range check: the bit depth, the negatives counted, the
+    float range (they come out 0). Negative values of a signed integer image are clipped to 0 with a note that
+    counts them; a float image with NaN is an error (spec.load_input marks NaN pixels as nodata before it gets
+    here)."""
     if arr.dtype == np.uint8:
         return arr, []
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * 255, []
+    nodata = valid is not None and not valid.all()
+    if nodata:
+        arr = np.where(valid[..., None], arr, np.zeros((), arr.dtype))  # nodata: 0, out of every check
     if np.issubdtype(arr.dtype, np.integer):
         b = int(bit_depth) if bit_depth else bit_depth_of(arr)
         top = 2 ** b - 1
-        notes = [] if b == 8 else [f"{arr.dtype} pixels scaled to 8 bits as {b}-bit data (x 255/{top})"]
+        notes = [] if b == 8 else [scale_note(arr.dtype, b)]
         if arr.dtype == np.uint16:  # a lookup table: one pass, no large temporary
             lut = np.clip(np.round(np.arange(65536) * (255 / top)), 0, 255).astype(np.uint8)
             return lut[arr], notes
@@ -388,12 +471,22 @@ def to_uint8(arr, bit_depth=None):
         nan = np.isnan(arr)
         n_nan = _count_pixels(nan)
         values = arr[~nan] if n_nan else arr
+        if nodata:
+            values = arr[valid & ~nan.any(axis=2)]
         lo, hi = (float(values.min()), float(values.max())) if values.size else (np.nan, np.nan)
         if n_nan or not (0 <= lo and hi <= 1):
             found = f"values in [{lo:g}, {hi:g}]" if values.size else "no value but NaN"
             found += f", {n_nan} NaN pixels" if n_nan else ""
-            raise RasterError(f"unsupported pixel values: {arr.dtype}, {found}; float images must be in [0, 1] "
-                              f"without NaN (convert the file to 8-bit, or scale it to [0, 1])")
+            if values.size and 0 <= lo and hi <= 255:  # 8-bit data stored as float: say what converts it
+                todo = ("it looks like 8-bit data stored as float: convert it to 8-bit, e.g. gdal_translate -ot "
+                        "Byte in.tif out.tif (the georeferencing is kept), or train on such files so the model "
+                        "stores their range")
+            else:
+                todo = ("convert the file to 8-bit (gdal_translate -ot Byte -scale LOW HIGH 0 255 in.tif out.tif), "
+                        "scale it to [0, 1], or train on such files so the model stores their range")
+            found += " (nodata pixels left out)" if nodata else ""
+            raise RasterError(f"unsupported pixel values: {arr.dtype}, {found}; float images "
+                              f"must be in [0, 1] without NaN for a model trained on 8-bit images: {todo}")
         out = np.empty(arr.shape, np.uint8)
         for r in range(0, arr.shape[0], 512):
             out[r:r + 512] = np.round(arr[r:r + 512] * 255)
@@ -493,10 +586,11 @@ class PngRows:
     """An (height, width) uint8 PNG written to an open binary file band of rows by band of rows (`write(rows)`,
     top to bottom, then `close()`): gray, or with a `palette` a palette PNG (viewers show the colours, the
     values stay the indices; colours past the palette's are black). Only the zlib state is held, so masks too
-    large to hold whole can be written; the bytes do not depend on how the rows were split. png_rows() writes
-    a file atomically with it."""
+    large to hold whole can be written; the bytes do not depend on how the rows were split. `text` {keyword:
+    value} goes into iTXt chunks before the pixels (png_text reads them back). png_rows() writes a file
+    atomically with it."""
 
-    def __init__(self, file, height, width, palette=None, compress_level=1, idat_bytes=1 << 20):
+    def __init__(self, file, height, width, palette=None, compress_level=1, idat_bytes=1 << 20, text=None):
         self.file, self.height, self.width, self.idat_bytes = file, int(height), int(width), idat_bytes
         self.zip, self.pending, self.rows = zlib.compressobj(compress_level), b"", 0
         file.write(PNG_SIGNATURE)
@@ -506,6 +600,8 @@ class PngRows:
             flat = np.zeros((256, 3), np.uint8)
             flat[: len(palette)] = np.asarray(palette, np.uint8)
             self._chunk(b"PLTE", flat.tobytes())
+        for key, value in (text or {}).items():  # keyword, compression flag and method, language, translation
+            self._chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + _text_bytes(value))
 
     def write(self, rows):
         """Append (n, width) uint8 rows."""
@@ -534,11 +630,36 @@ class PngRows:
         self.file.write(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)))
 
 
+def _text_bytes(value):
+    """UTF-8 of a text for file metadata; a file name's undecodable bytes (Linux allows any) kept as they are."""
+    return str(value).encode("utf-8", "surrogateescape")
+
+
+def png_text(path):
+    """{keyword: text} of the tEXt / iTXt chunks before a PNG's pixels ({} for no PNG): what PngRows wrote."""
+    out = {}
+    with open(path, "rb") as f:
+        if f.read(8) != PNG_SIGNATURE:
+            return out
+        while len(head := f.read(8)) == 8:
+            length, kind = struct.unpack(">I", head[:4])[0], head[4:]
+            if kind in (b"IDAT", b"IEND") or length > 1 << 20:
+                break
+            data = f.read(length)
+            f.seek(4, 1)  # the CRC
+            key, _, rest = data.partition(b"\0")
+            if kind == b"iTXt" and rest[:1] == b"\0":  # uncompressed international text
+                out[key.decode("latin-1")] = rest[2:].split(b"\0", 2)[-1].decode("utf-8", "surrogateescape")
+            elif kind == b"tEXt":
+                out[key.decode("latin-1")] = rest.decode("latin-1")
+    return out
+
+
 @contextlib.contextmanager
-def png_rows(path, height, width, palette=None, compress_level=1):
+def png_rows(path, height, width, palette=None, compress_level=1, text=None):
     """A PngRows writing `path` atomically: the file appears when the block ends with every row written."""
     with atomic_path(path) as tmp, open(tmp, "wb") as file:
-        png = PngRows(file, height, width, palette, compress_level)
+        png = PngRows(file, height, width, palette, compress_level, text=text)
         yield png
         png.close()
 
@@ -561,11 +682,12 @@ def write_jpeg(path, image, quality=90):
         Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="JPEG", quality=quality)
 
 
-def write_index_tiff(path, index_map, palette=None, geotags=None, shape=None):
+def write_index_tiff(path, index_map, palette=None, geotags=None, shape=None, text=None):
     """Write an (H, W) uint8 class map as a (Geo)TIFF, atomically: deflate-compressed, tiled when large,
     with the palette as TIFF colour map (a GIS shows the class colours, values stay class indices) and the
     given GeoTIFF tags copied verbatim (same size as the input -> same georeferencing). `index_map` may also
-    be an iterator of MASK_TILE tiles (tiles_of_rows) of an image of `shape`: a mask too large to hold."""
+    be an iterator of MASK_TILE tiles (tiles_of_rows) of an image of `shape`: a mask too large to hold. `text`
+    {keyword: value} goes into the ImageDescription tag as JSON (ASCII, as TIFF requires)."""
     if shape is None:
         index_map = np.ascontiguousarray(index_map, dtype=np.uint8)
         shape = index_map.shape
@@ -581,6 +703,7 @@ def write_index_tiff(path, index_map, palette=None, geotags=None, shape=None):
     extratags = [(code, dtype, count, value, True) for code, (dtype, count, value) in sorted((geotags or {}).items())]
     with atomic_path(path) as tmp:
         tifffile.imwrite(tmp, index_map, compression="zlib", extratags=extratags, metadata=None,
+                         description=json.dumps(text) if text else None,
                          bigtiff=shape[0] * shape[1] > 2 ** 31, **kwargs)
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from raster import RasterError, is_8bit, keep_bands, read_raster, resize, select_bands, to_uint8
+from raster import (MAX_PIXELS, RasterError, bit_depth_of, is_8bit, keep_bands, read_raster, resize, scale_note,
+                    select_bands, to_uint8)
 
 # --------------------------------------------------------------------------- classes and colours
 
@@ -168,7 +169,7 @@ class Intensity:
     def apply(self, arr, valid=None, bit_depth=None):
         """(H, W, B) any dtype -> ((H, W, B) uint8, notes)."""
         if self.kind == "uint8":
-            return to_uint8(arr, bit_depth)
+            return to_uint8(arr, bit_depth, valid)
         if arr.shape[2] != len(self.low):
             raise RasterError(f"{arr.shape[2]} bands, the intensity rule has {len(self.low)}")
         out = np.empty(arr.shape, np.uint8)
@@ -203,7 +204,7 @@ def fit_intensity(paths, bands=None, samples=200_000, seed=0):
             continue
         all_uint8 = False
         flat = arr.reshape(-1, arr.shape[2])
-        valid = _valid_mask(raster, arr).reshape(-1)
+        valid = valid_mask(raster, arr).reshape(-1)
         if np.issubdtype(flat.dtype, np.floating):
             valid &= np.isfinite(flat).all(1)
         idx = np.flatnonzero(valid)
@@ -265,7 +266,7 @@ def file_bands(raster, bands, channels, path):
         raise RasterError(e if str(path) in str(e) else f"{path}: {e}") from None
 
 
-def _valid_mask(raster, arr):
+def valid_mask(raster, arr):
     """(H, W) bool: False where every band equals the file's nodata value (GDAL_NODATA)."""
     if raster.nodata is None:
         return np.ones(arr.shape[:2], bool)
@@ -278,18 +279,33 @@ def _valid_mask(raster, arr):
 @dataclass
 class ModelInput:
     """A file as the model eats it: `image` (H, W, channels) uint8, `valid` (H, W) bool or None (nodata),
-    `raster` (the file's tags, without pixels), `notes` (warnings to print next to the file name)."""
+    `raster` (the file's tags, without pixels), `notes` (remarks to print next to the file name), `warnings`
+    (mismatches between the file and the model that may cost accuracy: for the run's summary too)."""
 
     image: np.ndarray
     valid: np.ndarray
     raster: object
     notes: list
+    warnings: list = field(default_factory=list)
 
 
-def load_input(path, spec, *, strict=False, bit_depth=None):
+def wide_input_warning(dtype, bit_depth):
+    """The warning for `dtype` integer pixels wider than 8 bits under a model trained on 8-bit images (`uint8`
+    intensity), scaled by the bit-depth rule as `bit_depth`-bit data: the model does not know how its training
+    images were made 8-bit, so the user must say it."""
+    return (f"the model was trained on 8-bit images and this image is {dtype}: it was scaled as {bit_depth}-bit "
+            f"data (x 255/{2 ** bit_depth - 1}), the bit depth of its own largest value, which need not be how "
+            f"the training images were made 8-bit. Pass --bit-depth N to scale every image by 255/(2^N - 1) "
+            f"(e.g. --bit-depth 11 for x 255/2047), or train on the original files so the model stores their range")
+
+
+def load_input(path, spec, *, strict=False, bit_depth=None, max_pixels=MAX_PIXELS):
     """Read a file under the contract: bands, then intensity. `strict` (training): the file must have the
-    bands the spec names (or exactly `channels` bands), no replication or dropping. Errors name the file."""
-    raster = read_raster(path)
+    bands the spec names (or exactly `channels` bands), no replication or dropping. Integer pixels wider than 8
+    bits under `uint8` intensity without `bit_depth`: scaled by the image's own bit depth (nodata left out),
+    with a warning (wide_input_warning). `max_pixels`: raster.read_raster's bound on a whole-image decode.
+    Errors name the file."""
+    raster = read_raster(path, max_pixels)
     if strict:
         arr, notes = file_bands(raster, spec.bands, None, path)
         if arr.shape[2] != spec.channels:
@@ -297,21 +313,28 @@ def load_input(path, spec, *, strict=False, bit_depth=None):
                               f"{spec.channels}; give --bands or make the images alike")
     else:
         arr, notes = file_bands(raster, spec.bands, spec.channels, path)
-    valid = _valid_mask(raster, arr) if raster.nodata is not None else None
+    valid = valid_mask(raster, arr) if raster.nodata is not None else None
     if np.issubdtype(arr.dtype, np.floating):  # NaN / inf are never pixels, whatever the intensity rule
         finite = np.isfinite(arr).all(2)
         if not finite.all():
             valid = finite if valid is None else valid & finite
             notes.append(f"{int((~finite).sum())} pixels are NaN or infinite: no prediction there")
             arr = np.where(finite[..., None], arr, 0)
+    warnings = []
+    if (spec.intensity.kind == "uint8" and bit_depth is None and np.issubdtype(arr.dtype, np.integer)
+            and arr.dtype.itemsize > 1):
+        bit_depth = bit_depth_of(arr if valid is None else arr[valid])
+        warnings.append(wide_input_warning(arr.dtype, bit_depth))
     try:
         image, more = spec.intensity.apply(arr, valid, bit_depth)
     except RasterError as e:
         raise RasterError(f"{path}: {e}") from None
+    if warnings:  # the warning says it: no note besides
+        more = [n for n in more if n != scale_note(arr.dtype, bit_depth)]
     if valid is not None and not valid.all():
         more.append(f"{int((~valid).sum())} nodata pixels ({100 * (~valid).mean():.1f} %): no prediction there")
     raster.array = None  # the caller holds the pixels it needs
-    return ModelInput(np.ascontiguousarray(image), valid, raster, notes + more)
+    return ModelInput(np.ascontiguousarray(image), valid, raster, notes + more, warnings)
 
 
 def grid_size(height, width, scale):

@@ -98,3 +98,17 @@ def test_version_1_checkpoints_still_load(tmp_path):
     model, ck = load_model(tmp_path / "v1.pth")
     assert ck.spec == DataSpec(classes=classes, bands=(0, 1, 2, 3), channels=4, scale=0.25)
     assert ck.epoch == 7 and model.model_args == m.model_args
+
+
+def test_the_cli_refuses_what_infer_refuses(tmp_path, capsys):
+    import checkpoint
+    ck = save_checkpoint(tmp_path / "m.pth", TinySegmentation(), DataSpec())
+    assert checkpoint.main(checkpoint.get_args_parser().parse_args([str(tmp_path / "m.pth")])) == 0
+    del ck["state_dict"]["net.2.bias"]  # a weight missing
+    torch.save(ck, tmp_path / "bad.pth")
+    capsys.readouterr()
+    assert checkpoint.main(checkpoint.get_args_parser().parse_args([str(tmp_path / "bad.pth")])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bad.pth" in err and "do not fit" in err
+    with pytest.raises(CheckpointError, match="do not fit"):  # infer.py's check: the same
+        load_model(tmp_path / "bad.pth")

@@ -122,7 +122,7 @@ def test_two_processes_split_a_folder_and_a_bad_file_fails_them_all(data, tmp_pa
     assert "5 images done, 0 skipped, 1 failed" in run.stdout, run.stdout + run.stderr[-2000:]
     assert f"[rank 1] FAILED {inp / 'Image_9.tif'}" in run.stderr and f"failed: {inp / 'Image_9.tif'}" in run.stderr
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == [f"Image_{i}_mask.png" for i in range(5)]  # each once, no temporaries left
+    assert names == [f"Image_{i}_tif_mask.png" for i in range(5)]  # each once, no temporaries left
     images = sorted(inp.iterdir())
     assert distributed.shard(images, 1, 2) == [images[1], images[3], images[5]]
 

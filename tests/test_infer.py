@@ -202,15 +202,20 @@ def test_every_input_kind_gets_a_mask_of_its_size(ckpt_path, tmp_path, capsys):
     (tmp_path / "in" / "notes.txt").write_text("not an image")
     assert run(ckpt_path, tmp_path / "in", tmp_path / "out", "--index", "--overlay") == 0
     out = capsys.readouterr().out
-    for name, (h, w) in sizes.items():
-        mask = mask_of(tmp_path / "out" / f"{name}_mask.png")
-        assert mask.shape == (h, w) and mask.max() < 6, name
-        with Image.open(tmp_path / "out" / f"{name}_mask.index.png") as im:
+    for path in sorted((tmp_path / "in").iterdir()):
+        if path.suffix == ".txt":
+            continue
+        h, w = sizes[path.stem]
+        stem = f"{path.stem}_{path.suffix[1:]}"  # photo2.JPEG -> photo2_JPEG_mask.png
+        mask = mask_of(tmp_path / "out" / f"{stem}_mask.png")
+        assert mask.shape == (h, w) and mask.max() < 6, stem
+        with Image.open(tmp_path / "out" / f"{stem}_mask.index.png") as im:
             np.testing.assert_array_equal(np.asarray(im), mask)
-        with Image.open(tmp_path / "out" / f"{name}_mask.overlay.jpg") as im:
+        with Image.open(tmp_path / "out" / f"{stem}_mask.overlay.jpg") as im:
             assert im.size == (w, h)
-    assert "gray.png: single-band" in out and "five_bands.tif: 5 bands" in out and "sixteen.tif: uint16" in out
-    assert "notes.txt" in out and f"{len(sizes)} images done, 1 skipped, 0 failed" in out
+    assert "gray.png: single-band" in out and "five_bands.tif: 5 bands" in out
+    assert "WARNING" in out and "sixteen.tif: the model was trained on 8-bit images and this image is uint16" in out
+    assert "notes.txt" in out and f"{len(sizes)} images done, 1 skipped, 0 failed, 1 with warnings" in out
     assert not list((tmp_path / "out").glob("*.tif"))  # no georeferenced input: no mask TIFF
 
 
@@ -221,7 +226,7 @@ def test_colour_mask_uses_the_checkpoint_palette(ckpt_path, tmp_path):
     save_checkpoint(tmp_path / "own.pth", ResNet18Segmentation(), DataSpec(classes=classes, scale=1.0))
     Image.fromarray(smooth_image(32, 40)).save(tmp_path / "a.png")
     assert run(tmp_path / "own.pth", tmp_path / "a.png", tmp_path / "out") == 0
-    with Image.open(tmp_path / "out" / "a_mask.png") as im:
+    with Image.open(tmp_path / "out" / "a_png_mask.png") as im:
         colours = set(map(tuple, np.asarray(im.convert("RGB")).reshape(-1, 3)))
     assert colours and colours <= set(palette)
 
@@ -232,14 +237,14 @@ def test_geotiff_mask_keeps_the_georeferencing(ckpt_path, tmp_path, tags):
     tifffile.imwrite(tmp_path / "in" / "geo.tif", smooth_image(45, 38), photometric="rgb", extratags=tags,
                      compression="lzw")
     assert run(ckpt_path, tmp_path / "in", tmp_path / "out") == 0
-    with tifffile.TiffFile(tmp_path / "out" / "geo_mask.tif") as tif:
+    with tifffile.TiffFile(tmp_path / "out" / "geo_tif_mask.tif") as tif:
         page = tif.pages.first
         for code, _, _, value, _ in tags:
             assert page.tags[code].value == value, code
         indices = page.asarray()
         assert page.photometric == tifffile.PHOTOMETRIC.PALETTE
     assert indices.shape == (45, 38)
-    np.testing.assert_array_equal(indices, mask_of(tmp_path / "out" / "geo_mask.png"))
+    np.testing.assert_array_equal(indices, mask_of(tmp_path / "out" / "geo_tif_mask.png"))
 
 
 @pytest.mark.parametrize("mode", [[], ["--no-pipeline"]], ids=["pipelined", "serial"])
@@ -258,11 +263,11 @@ def test_bad_files_are_named_the_rest_written_and_the_exit_code_is_not_zero(ckpt
     captured = capsys.readouterr()
     for name in ("cut.png", "empty.jpg", "junk.tif", "two_bands.tif"):
         assert name in captured.err, name
-        assert not (tmp_path / "out" / f"{Path(name).stem}_mask.png").exists()
+        assert not (tmp_path / "out" / f"{name.replace('.', '_')}_mask.png").exists()
     assert "unsupported band layout" in captured.err
     assert "2 images done, 0 skipped, 4 failed" in captured.out
-    assert mask_of(tmp_path / "out" / "good_mask.png").shape == (30, 31)
-    assert mask_of(tmp_path / "out" / "zz_last_mask.png").shape == (22, 23)
+    assert mask_of(tmp_path / "out" / "good_png_mask.png").shape == (30, 31)
+    assert mask_of(tmp_path / "out" / "zz_last_png_mask.png").shape == (22, 23)
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
 
 
@@ -275,7 +280,7 @@ def test_exit_code_of_the_script(ckpt_path, tmp_path):
                         "--output", str(tmp_path / "out"), "--no-progress"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 1 and "broken.png" in r.stderr
-    assert (tmp_path / "out" / "good_mask.png").is_file()
+    assert (tmp_path / "out" / "good_png_mask.png").is_file()
 
 
 def test_inputs_are_never_overwritten_nor_read_back(ckpt_path, tmp_path):
@@ -324,11 +329,13 @@ def test_bands_flag_and_checkpoint_bands(ckpt_path, tmp_path):
     assert run(ckpt_path, tmp_path / "six.tif", tmp_path / "a", "--bands", "3", "4", "5") == 0
     tifffile.imwrite(tmp_path / "last3.tif", six[:, :, 3:], photometric="rgb")
     assert run(ckpt_path, tmp_path / "last3.tif", tmp_path / "b") == 0
-    np.testing.assert_array_equal(mask_of(tmp_path / "a" / "six_mask.png"), mask_of(tmp_path / "b" / "last3_mask.png"))
+    np.testing.assert_array_equal(mask_of(tmp_path / "a" / "six_tif_mask.png"),
+                                  mask_of(tmp_path / "b" / "last3_tif_mask.png"))
     torch.manual_seed(0)  # the same weights as ckpt_path, trained (it says) on bands 3, 4, 5
     save_checkpoint(tmp_path / "b345.pth", ResNet18Segmentation(), DataSpec(scale=0.5, bands=(3, 4, 5)))
     assert run(tmp_path / "b345.pth", tmp_path / "six.tif", tmp_path / "c") == 0
-    np.testing.assert_array_equal(mask_of(tmp_path / "c" / "six_mask.png"), mask_of(tmp_path / "a" / "six_mask.png"))
+    np.testing.assert_array_equal(mask_of(tmp_path / "c" / "six_tif_mask.png"),
+                                  mask_of(tmp_path / "a" / "six_tif_mask.png"))
 
 
 def test_help_explains_every_flag(capsys):
@@ -361,7 +368,7 @@ def test_output_names_never_collide(ckpt_path, tmp_path):
     assert run(ckpt_path, folder, tmp_path / "out") == 0
     masks = sorted(tmp_path.joinpath("out").glob("*_mask.png"))
     assert len(masks) == len(names) and len({m.name.casefold() for m in masks}) == len(names)
-    assert (tmp_path / "out" / "solo_mask.png").is_file()  # a name nobody shares keeps its stem
+    assert (tmp_path / "out" / "solo_png_mask.png").is_file()
     heights = sorted(np.asarray(Image.open(m)).shape[0] for m in masks)
     assert heights == [20 + k for k in range(len(names))]  # one mask per input, none overwritten
 
@@ -417,13 +424,14 @@ def test_skip_existing_continues_an_interrupted_run(ckpt_path, tmp_path, capsys,
     (tmp_path / "in").mkdir()
     for name in ("a", "b", "c"):
         Image.fromarray(smooth_image(30, 30)).save(tmp_path / "in" / f"{name}.png")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "a_mask.png").write_bytes(b"left by an earlier run")
+    assert run(ckpt_path, tmp_path / "in" / "a.png", tmp_path / "out", *mode) == 0  # an earlier run did a.png
+    first = (tmp_path / "out" / "a_png_mask.png").stat().st_ino
+    capsys.readouterr()
     assert run(ckpt_path, tmp_path / "in", tmp_path / "out", "--skip-existing", *mode) == 0
-    assert (tmp_path / "out" / "a_mask.png").read_bytes() == b"left by an earlier run"
+    assert (tmp_path / "out" / "a_png_mask.png").stat().st_ino == first  # kept, not written again
     assert "2 images done, 1 skipped" in capsys.readouterr().out
     assert run(ckpt_path, tmp_path / "in", tmp_path / "out", *mode) == 0  # the default replaces
-    assert (tmp_path / "out" / "a_mask.png").read_bytes() != b"left by an earlier run"
+    assert (tmp_path / "out" / "a_png_mask.png").stat().st_ino != first
 
 
 def test_nodata_gets_no_class_and_the_tag_is_carried(ckpt_path, tmp_path):
@@ -433,11 +441,11 @@ def test_nodata_gets_no_class_and_the_tag_is_carried(ckpt_path, tmp_path):
     tifffile.imwrite(tmp_path / "in" / "geo.tif", image, photometric="rgb",
                      extratags=GEOTAGS + [(42113, "s", 0, "0", True)])
     assert run(ckpt_path, tmp_path / "in", tmp_path / "out") == 0
-    with tifffile.TiffFile(tmp_path / "out" / "geo_mask.tif") as tif:
+    with tifffile.TiffFile(tmp_path / "out" / "geo_tif_mask.tif") as tif:
         mask = tif.pages.first.asarray()
         assert tif.pages.first.tags[42113].value.strip("\x00") == "255"
     assert (mask[:10] == 255).all() and (mask[10:] < 6).all()
-    with Image.open(tmp_path / "out" / "geo_mask.png") as im:
+    with Image.open(tmp_path / "out" / "geo_tif_mask.png") as im:
         assert (np.asarray(im.convert("RGB"))[:10] == 0).all()  # black: undefined
 
 
@@ -507,9 +515,9 @@ def test_streamed_masks_are_the_in_memory_masks(ckpt_path, tmp_path, monkeypatch
     assert infer.segment_folder(tmp_path / "in", tmp_path / "streamed", model, ckpt, **kwargs).done == 1
     assert calls == [1] and len(windows) > 5  # it streamed, in windows of rows
     whole, streamed = outputs(tmp_path / "whole"), outputs(tmp_path / "streamed")
-    assert set(whole) == {"geo_mask.png", "geo_mask.index.png", "geo_mask.tif"}
+    assert set(whole) == {"geo_tif_mask.png", "geo_tif_mask.index.png", "geo_tif_mask.tif"}
     assert streamed == whole  # byte for byte: PNG masks and the GeoTIFF mask
-    mask = mask_of(tmp_path / "streamed" / "geo_mask.png")
+    mask = mask_of(tmp_path / "streamed" / "geo_tif_mask.png")
     assert (mask[:30, :70] == 255).all() and len(np.unique(mask)) >= 4
 
 
@@ -529,8 +537,8 @@ def test_streamed_path_never_decodes_the_whole_image(ckpt_path, tmp_path, monkey
     assert max(b - a for a, b in windows) <= 32 and rows < 32
     starts = sorted({a for a, _ in windows if a > 0})
     assert starts == list(range(32, 300, 32))  # the image read top to bottom, window by window
-    assert mask_of(tmp_path / "out" / "a_mask.png").shape == (300, 400)
-    assert not (tmp_path / "out" / "a_mask.overlay.jpg").exists()  # no overlay: it would hold the image
+    assert mask_of(tmp_path / "out" / "a_tif_mask.png").shape == (300, 400)
+    assert not (tmp_path / "out" / "a_tif_mask.overlay.jpg").exists()  # no overlay: it would hold the image
 
 
 @pytest.mark.parametrize("intensity", ["range", "uint8"])
@@ -557,9 +565,10 @@ def test_streamed_16_bit_image_under_the_intensity_rule(tmp_path, monkeypatch, i
         assert source.masked and (mask[:12] == 255).all() and len(np.unique(mask[12:])) >= 2
         notes = source.notes
         assert sorted(notes) == sorted(inp.notes)  # counts summed over the windows
+        assert source.warnings == inp.warnings
     assert any("3960 nodata pixels (4.6 %)" in n for n in notes)  # 12 rows x 330
-    if intensity == "uint8":
-        assert any("12-bit" in n for n in notes)
+    if intensity == "uint8":  # an 8-bit model under 16-bit data: a warning, not a note
+        assert len(source.warnings) == 1 and "12-bit" in source.warnings[0] and "--bit-depth" in source.warnings[0]
 
 
 def test_notes_of_windows_are_merged_into_the_image_notes():
@@ -616,7 +625,7 @@ def test_tiffs_that_are_not_read_by_rows_are_read_whole(ckpt_path, tmp_path, mon
     monkeypatch.setattr(infer, "STREAM_PIXELS", 0)
     assert not infer.streams(tmp_path / "pages.tif") and not infer.streams(tmp_path / "a.png")
     assert run(ckpt_path, tmp_path / "pages.tif", tmp_path / "out") == 0  # read whole, as before
-    assert mask_of(tmp_path / "out" / "pages_mask.png").shape == (40, 50)
+    assert mask_of(tmp_path / "out" / "pages_tif_mask.png").shape == (40, 50)
 
 
 def test_png_rows_write_the_same_file_however_the_rows_come(tmp_path):
@@ -696,9 +705,9 @@ def test_a_file_that_fails_to_write_is_reported_and_the_others_written(ckpt_path
     monkeypatch.setattr(infer, "write_index_tiff", failing)
     summary = segment(files, tmp_path / "out", ckpt_path, pipeline=pipeline)
     assert summary.done == 3 and [p for p, _ in summary.failed] == [files[1]]
-    assert "f01_mask.tif" in summary.failed[0][1]
+    assert "f01_tif_mask.tif" in summary.failed[0][1]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
-        sorted(f"f{i:02d}_mask.{ext}" for i in (0, 2, 3) for ext in ("png", "tif"))  # no temporaries left
+        sorted(f"f{i:02d}_tif_mask.{ext}" for i in (0, 2, 3) for ext in ("png", "tif"))  # no temporaries left
     assert pipeline_threads() == []
 
 
@@ -744,7 +753,7 @@ def test_an_exception_in_the_model_ends_the_threads(ckpt_path, tmp_path):
         segment(files, tmp_path / "out", ckpt_path, model=Interrupted().eval())
     assert pipeline_threads() == []
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
-    assert not (tmp_path / "out" / "f05_mask.png").exists()
+    assert not (tmp_path / "out" / "f05_tif_mask.png").exists()
 
 
 @pytest.mark.parametrize("step", ["_read_file", "_write_masks"])
@@ -770,4 +779,4 @@ def test_a_share_of_the_files_keeps_the_folder_names_and_protects_every_input(ck
     summary = infer.segment_files(files[1::2], stems, tmp_path / "out", PixelModel().eval(), ckpt, protect=files,
                                   progress=False, log=lambda m: None)
     assert summary.done == 2
-    assert sorted(p.name for p in (tmp_path / "out").glob("*_mask.png")) == ["f01_mask.png", "f03_mask.png"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_mask.png")) == ["f01_tif_mask.png", "f03_tif_mask.png"]

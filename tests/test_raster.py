@@ -82,8 +82,8 @@ def test_bit_depth_rule():
 
 def test_16bit_tiff_file(tmp_path, rgb):
     tifffile.imwrite(tmp_path / "a.tif", rgb.astype(np.uint16) * 16, photometric="rgb")  # 12-bit data
-    arr, _, notes = read_model_image(tmp_path / "a.tif")
-    assert np.abs(arr.astype(int) - rgb).max() <= 1 and "12-bit" in notes[0]
+    inp = load_input(tmp_path / "a.tif", DataSpec())
+    assert np.abs(inp.image.astype(int) - rgb).max() <= 1 and "12-bit" in inp.warnings[0]
 
 
 def test_band_selection(rgb):
