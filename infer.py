@@ -70,7 +70,8 @@ from dataset import index_to_colour
 from raster import (GDAL_NODATA, GEOTIFF_TAGS, IMAGE_SUFFIXES, MAX_PIXELS, TIFF_SUFFIXES, RasterError, Rows,
                     bit_depth_of, clean_stale_temporaries, is_image_file, png_rows, png_text, read_raster,
                     readable_by_rows, resize, scale_note, tiles_of_rows, write_index_tiff, write_jpeg)
-from spec import IGNORE_INDEX, file_bands, grid_size, load_input, to_grid, valid_mask, wide_input_warning
+from spec import (IGNORE_INDEX, MAX_SCALE, check_scale, file_bands, grid_size, load_input, to_grid, valid_mask,
+                  wide_input_warning)
 
 OUTPUT_PATTERN = "*_mask.*"  # the files this tool writes: never inputs
 TTA_MODES = {  # (quarter turns, horizontal flip) applied to the input; the prediction is turned back
@@ -1075,8 +1076,8 @@ def get_args_parser():
 
 def check_args(args):
     """Every argument checked before any work (ValueError naming the flag)."""
-    if args.scale is not None and not (math.isfinite(args.scale) and 0 < args.scale <= 16):
-        raise ValueError(f"--scale must be in (0, 16], got {args.scale}")
+    if args.scale is not None and not check_scale(args.scale):
+        raise ValueError(f"--scale must be in (0, {MAX_SCALE}], got {args.scale}")
     if args.tile < 32:
         raise ValueError(f"--tile must be >= 32 model pixels, got {args.tile}")
     if not 0 <= args.overlap < args.tile:

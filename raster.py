@@ -4,7 +4,7 @@ multi-band data, atomic writes and the clean-up of what a killed run left (`clea
 large to hold go by bands of rows: `Rows` reads a window of a TIFF, `png_rows` and `tiles_of_rows` +
 `write_index_tiff` write a mask.
 
-    python raster.py some_image.tif        # prints shape, dtype, bands, alpha and georeferencing tags
+    python infer.py --input folder_of_images --checkpoint checkpoints/best_model.pth    # reads through here
 
 The steps here are the building blocks: `read_raster` (the pixels as stored, turned as viewers show them when
 the file has an EXIF orientation, plus alpha band, GeoTIFF tags and nodata value), `select_bands` (which bands,
@@ -19,7 +19,6 @@ for a constant scale across images. Float images must hold values in [0, 1] (mul
 trained on wider data carry a `range` intensity rule fitted on their training set instead (spec.py).
 """
 
-import argparse
 import contextlib
 import itertools
 import json
@@ -705,33 +704,3 @@ def write_index_tiff(path, index_map, palette=None, geotags=None, shape=None, te
         tifffile.imwrite(tmp, index_map, compression="zlib", extratags=extratags, metadata=None,
                          description=json.dumps(text) if text else None,
                          bigtiff=shape[0] * shape[1] > 2 ** 31, **kwargs)
-
-
-# --------------------------------------------------------------------------- CLI
-
-def get_args_parser():
-    p = argparse.ArgumentParser(description="Describe raster files: shape, dtype, bands, georeferencing.")
-    p.add_argument("paths", nargs="+", help="image files (PNG, JPEG, TIFF)")
-    return p
-
-
-def main(args):
-    failed = 0
-    for path in args.paths:
-        try:
-            r = read_raster(path)
-        except RasterError as e:
-            print(e)
-            failed += 1
-            continue
-        a = r.array
-        print(f"{path}: {a.shape[1]}x{a.shape[0]}, {a.shape[2]} bands, {a.dtype} (bit depth "
-              f"{bit_depth_of(a) if np.issubdtype(a.dtype, np.integer) else '-'}), alpha band {r.alpha}, "
-              f"georeferenced: {r.is_georeferenced}")
-        for code, (_, _, value) in r.geotags.items():
-            print(f"  {GEOTIFF_TAGS[code]} ({code}): {value}")
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(get_args_parser().parse_args()))

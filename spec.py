@@ -1,6 +1,5 @@
 """The preprocessing contract shared by training and inference, stored in every checkpoint as one object.
 
-    python spec.py realdata/atlanta/images/*.tif    # the intensity rule training would fit on these images
     python checkpoint.py checkpoints/best_model.pth  # the contract a trained model carries
 
 A `DataSpec` says what a model eats and what its outputs mean:
@@ -18,10 +17,8 @@ processing grid (bilinear with antialiasing for images, nearest for labels). `Se
 `infer.predict_image` both go through these two functions, so the same file gives the same model input.
 """
 
-import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,6 +110,19 @@ class ClassSpec:
 
     @classmethod
     def from_dict(cls, d):
+        if not isinstance(d, dict):
+            raise TypeError(f"a class file holds a JSON object, not a {type(d).__name__}")
+        unknown = sorted(set(d) - CLASS_FILE_KEYS)
+        if unknown:
+            raise KeyError(f"unknown keys {unknown} (the keys are {sorted(CLASS_FILE_KEYS)})")
+        if not isinstance(d.get("names"), list) or not d["names"] or \
+                not all(isinstance(n, str) and n.strip() for n in d["names"]):
+            raise TypeError(f"'names' must be a list of class names (strings), got {d.get('names')!r}")
+        twice = sorted({n for n in d["names"] if d["names"].count(n) > 1})
+        if twice:
+            raise ValueError(f"class names {twice} appear twice; each class needs its own name")
+        if d.get("label_format", "colour") not in LABEL_FORMATS:
+            raise ValueError(f"'label_format' must be one of {LABEL_FORMATS}, got {d['label_format']!r}")
         names = tuple(str(n) for n in d["names"])
         palette = d.get("palette")
         if palette is None:
@@ -129,6 +139,8 @@ class ClassSpec:
 
 
 POTSDAM = ClassSpec()
+LABEL_FORMATS = ("colour", "index")
+CLASS_FILE_KEYS = {"names", "palette", "label_format", "ignore_colour", "ignore_value", "value_map"}
 
 
 def load_class_file(path):
@@ -141,6 +153,7 @@ def load_class_file(path):
     except FileNotFoundError:
         raise FileNotFoundError(f"class file {path} not found") from None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
+        e = e.args[0] if isinstance(e, KeyError) and e.args else e  # a KeyError's text comes quoted
         raise ValueError(f"class file {path} is not valid ({e}); it needs 'names' and, for colour labels, "
                          f"'palette' (one [r, g, b] per name), optionally 'label_format', 'ignore_colour', "
                          f"'ignore_value', 'value_map'") from None
@@ -196,10 +209,17 @@ def fit_intensity(paths, bands=None, samples=200_000, seed=0):
     if all(is_8bit(p) is True for p in paths):  # the headers say it: no pixel needs reading
         return Intensity("uint8")
     rng = np.random.default_rng(seed)
-    picks, all_uint8 = [], True
+    picks, all_uint8, dtypes = [], True, {}
     for path in paths:
         raster = read_raster(path)
         arr, _ = file_bands(raster, bands, None, path)
+        dtypes.setdefault(arr.dtype.name, path)
+        if len(dtypes) > 1:  # one rule fitted on a mix would crush one kind (8-bit under a 16-bit range: 0..7)
+            (a, first), (b, other) = list(dtypes.items())[:2]
+            raise ValueError(f"the training images mix pixel types: {first} is {a}, {other} is {b}; one intensity "
+                             f"rule cannot fit both (8-bit images under a range fitted on wider ones keep almost no "
+                             f"contrast). Convert them to one type (e.g. gdal_translate -ot Byte -scale) or train on "
+                             f"one kind")
         if arr.dtype == np.uint8:
             continue
         all_uint8 = False
@@ -351,26 +371,3 @@ def to_grid(array, scale, nearest=False):
     if nearest:
         return np.asarray(Image.fromarray(np.ascontiguousarray(array)).resize((w, h), Image.NEAREST))
     return resize(array, (h, w))
-
-
-# --------------------------------------------------------------------------- CLI
-
-def get_args_parser():
-    p = argparse.ArgumentParser(description="Print the intensity rule training would fit on some images.")
-    p.add_argument("images", nargs="+", help="training images (TIFF, PNG, JPEG)")
-    p.add_argument("--bands", type=int, nargs="+", help="0-based bands (default: every band but alpha)")
-    return p
-
-
-def main(args):
-    try:
-        rule = fit_intensity(args.images, args.bands)
-    except (RasterError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(rule.to_dict()))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(get_args_parser().parse_args()))

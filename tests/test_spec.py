@@ -174,4 +174,33 @@ def test_8bit_training_sets_are_recognised_from_the_headers(tmp_path, monkeypatc
     monkeypatch.setattr(spec_module, "read_raster", lambda p: reads.append(p) or real(p))
     assert fit_intensity(eight) == Intensity("uint8") and reads == []
     Image.fromarray((rgb[..., 0].astype(np.uint16) * 16)).save(tmp_path / "e.png")  # 16-bit gray PNG
-    assert fit_intensity(eight[:1] + [tmp_path / "e.png"], bands=[0]).kind == "range" and len(reads) == 2
+    assert fit_intensity([tmp_path / "e.png"], bands=[0]).kind == "range" and len(reads) == 1
+    with pytest.raises(ValueError, match="mix pixel types"):  # one rule cannot fit 8-bit and 16-bit files at once
+        fit_intensity(eight[:1] + [tmp_path / "e.png"], bands=[0])
+
+
+@pytest.mark.parametrize("content, match", [
+    ({"names": ["a", "b"], "label_format": "index", "ignore_color": [0, 0, 0]}, r"unknown keys \['ignore_color'\]"),
+    ({"names": ["a", "a"], "label_format": "index"}, r"class names \['a'\] appear twice"),
+    ({"names": ["a", 3], "label_format": "index"}, "'names' must be a list of class names"),
+    ({"names": ["a", "b"], "label_format": "idx"}, "'label_format' must be one of"),
+    (["a", "b"], "JSON object, not a list"),
+])
+def test_a_class_file_names_its_bad_key_or_value(tmp_path, content, match):
+    import json
+    from spec import load_class_file
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=match) as e:
+        load_class_file(path)
+    assert str(path) in str(e.value) and "palette" not in str(e.value).split("(")[1].split(")")[0]
+
+
+def test_mixed_bit_depths_in_one_training_set_are_refused(tmp_path):
+    import tifffile
+    from spec import fit_intensity
+    tifffile.imwrite(tmp_path / "a.tif", np.full((8, 8, 3), 200, np.uint8))
+    tifffile.imwrite(tmp_path / "b.tif", np.full((8, 8, 3), 6000, np.uint16))
+    with pytest.raises(ValueError, match=r"mix pixel types: .*a.tif is uint8, .*b.tif is uint16"):
+        fit_intensity([tmp_path / "a.tif", tmp_path / "b.tif"])
+    assert fit_intensity([tmp_path / "a.tif"]).kind == "uint8"
