@@ -138,6 +138,36 @@ class Run:
                 f"-{'redrawn' if self.resample_each_epoch else 'fixed'}")
 
 
+# rows that train no CNN, beside the CNN rows whose clicks they use: what a person would use instead (forest.py)
+REFERENCES = {"forest-multiscale": "random forest, multiscale filter features",
+              "forest-bands": "random forest, band values",
+              "majority": "all-background (the majority class of the training targets everywhere)"}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference row: `method` (REFERENCES) fitted on exactly the training targets the CNN `run` trains on
+    (the same data, split, clicks and seed) and scored with the same confusion matrix on the same dense val
+    labels. Reads every other setting (points, strategy, ...) from `run`."""
+
+    run: Run
+    method: str
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.run, name)
+
+    @property
+    def name(self):
+        return f"{self.method}-{self.run.name}"
+
+
+def references(label, run, methods=("forest-multiscale", "forest-bands")):
+    """(label, Reference) rows of `methods` on `run`'s clicks."""
+    return tuple((f"{label}, {REFERENCES[m]}", Reference(run, m)) for m in methods)
+
+
 BASELINE = Run()  # published annotation and loss, points fixed, skip decoder
 PUBLISHED = replace(BASELINE, decoder="plain")  # the published configuration (with points fixed)
 BUDGETS = (10, 100, 1000, 5000, 20000)  # points per native 300x300 image
@@ -168,7 +198,9 @@ EXPERIMENTS = (
         "almost the same; the difference is what dense-label weights add beyond what an annotator has."),
     Experiment(3, "Point budget (uniform points, weights from points)", tuple(
         (f"{n:,} points", replace(BASELINE, points=n)) for n in BUDGETS) + (
-        ("dense labels (ceiling)", replace(BASELINE, points=None)),),
+        ("dense labels (ceiling)", replace(BASELINE, points=None)),
+        ("all-background: the majority class everywhere (no model)", Reference(replace(BASELINE, points=None),
+                                                                                "majority"))),
         "Points are counted per native 300x300 image; several can fall into one processing pixel. At the demo's "
         "75x75 one processing pixel covers 16 native ones, so 20,000 points label almost every pixel; at the "
         "published 150x150 they label about 63 % (measured on the synthetic patches)."),
@@ -203,8 +235,13 @@ EXPERIMENTS = (
               for method, a, c, st, grown in (("partial CE", 0.0, 0.0, 0, False), ("+ affinity", 1.0, 0.0, 0, False),
                                               ("+ consistency", 0.0, 1.0, 0, False), ("+ both", 1.0, 1.0, 0, False),
                                               ("+ self-training", 0.0, 0.0, ROUNDS, False),
-                                              ("+ region growing", 0.0, 0.0, 0, True))) + (
-        ("dense labels (ceiling)", replace(BASELINE, points=None)),),
+                                              ("+ region growing", 0.0, 0.0, 0, True))) + tuple(
+        row for budget, label in ((10, "10 points"), (100, "100 points"), ("1/object", "1 click / object"))
+        for row in references(label, replace(BASELINE, points=budget))) + (
+        ("dense labels (ceiling)", replace(BASELINE, points=None)),
+        *references("dense labels", replace(BASELINE, points=None)),
+        ("all-background: the majority class everywhere (no model)", Reference(replace(BASELINE, points=None),
+                                                                                "majority"))),
         "Affinity: gated CRF loss, 5x5 window (dilation 2), weight 1; consistency: FixMatch-style, threshold 0.95, "
         "weight 1 (weak_losses.py). Self-training: 3 rounds spread over the epochs, pixels of softmax >= 0.9 "
         "become pseudo-labels, clicks always win; region growing: a click labels its SLIC superpixel (about 8 x 8 "
@@ -219,6 +256,8 @@ EXPERIMENTS = (
         for strategy, how in (("uncertain", "model-chosen"), ("random", "random"))) + (
         (f"{10 + ROUNDS * CLICKS_PER_ROUND} points from the start",
          replace(BASELINE, points=10 + ROUNDS * CLICKS_PER_ROUND)),
+        *references(f"{10 + ROUNDS * CLICKS_PER_ROUND} points from the start",
+                    replace(BASELINE, points=10 + ROUNDS * CLICKS_PER_ROUND), ("forest-multiscale",)),
         ("1 click / object, no rounds", replace(BASELINE, points="1/object")),
         ("dense labels (ceiling)", replace(BASELINE, points=None))),
         "The model chooses each image's new clicks after epochs 2, 4, 6 (demo, 8 epochs) or 5, 10, 15 (atlanta, 20): "
@@ -356,10 +395,11 @@ class Keys:
         return cls(settings, subset_ids(settings), data_identity(settings))
 
     def config(self, run, seed):
-        return make_config(run, self.settings, seed, self.ids)
+        return make_config(run.run if isinstance(run, Reference) else run, self.settings, seed, self.ids)
 
     def config_key(self, run):
-        return config_hash(self.config(run, 0), self.data_id)
+        key = config_hash(self.config(run, 0), self.data_id)
+        return f"{key}-{run.method}" if isinstance(run, Reference) else key
 
     def run_key(self, run, seed):
         return f"{self.config_key(run)}-s{seed}"
@@ -523,6 +563,33 @@ def train_and_measure(cfg):
     return {"history": history, "labelled_fraction": fraction, "n_train": len(train_pairs), "n_val": len(val_pairs)}
 
 
+def measure_reference(cfg, method):
+    """A Reference row's result, shaped like train_and_measure's: the datasets train.py builds for `cfg` (the
+    same clicks), a forest fitted on the training targets or the majority class of them, scored on the val
+    labels."""
+    import forest
+    from metrics import ConfusionMatrix
+    from train import build_datasets
+    train_ds, val_ds, _, _ = build_datasets(cfg)
+    t0 = time.time()
+    if method == "majority":
+        counts = np.zeros(train_ds.classes.num_classes, np.int64)
+        for i in range(len(train_ds)):
+            grid = train_ds.point_grid(i)
+            counts += np.bincount(grid[grid < len(counts)].astype(np.int64), minlength=len(counts))
+        cm = ConfusionMatrix(val_ds.classes.num_classes, val_ds.classes.names)
+        for i in range(len(val_ds)):
+            label = val_ds.dense_label(i)
+            cm.update(np.full(label.shape, int(counts.argmax())), label)
+        m = cm.compute(cfg.exclude)
+    else:
+        m = forest.forest_baseline(train_ds, val_ds, method.split("-", 1)[1], cfg.seed, cfg.exclude)
+    print(f"{method}: val mIoU {m['miou']:.3f} in {time.time() - t0:.1f} s", flush=True)
+    history = [{"epoch": 1, "val_oa": m["oa"], "val_miou": m["miou"], "val_mf1": m["mf1"], "val_iou": m["iou"]}]
+    return {"history": history, "labelled_fraction": train_ds.labelled_fraction(), "n_train": len(train_ds),
+            "n_val": len(val_ds)}
+
+
 def device_name(device):
     import torch
     from model import resolve_device
@@ -561,7 +628,7 @@ def execute(plan, settings, preset, csv_path, runner=train_and_measure, device="
             print(f"\n[{i}/{len(todo)}] {p.key} {p.run.name} seed {p.seed}", flush=True)
             cfg = replace(p.config, out=str(out), device=device, **restart(out, p.config))
             t0 = time.time()
-            result = runner(cfg)
+            result = measure_reference(cfg, p.run.method) if isinstance(p.run, Reference) else runner(cfg)
             seconds = time.time() - t0
             append_row(csv_path, make_row(p, settings, preset, result, seconds, dev))
             print(f"[{i}/{len(todo)}] done in {seconds:.0f} s: val mIoU {result['history'][-1]['val_miou']:.3f} "
@@ -745,8 +812,9 @@ def closing_numbers(rows, keys):
     return out
 
 
-# issue 9's goals: the best few-click method's share of the dense mIoU per starting budget
+# the goals: the best few-click CNN's share of the dense mIoU per starting budget, and its lead over the forest
 FEW_CLICK_GOALS = ((10, 0.90), (100, 0.97), ("1/object", 0.90))
+FOREST_MARGIN = 0.05
 
 
 def few_clicks_verdict(rows, keys):
@@ -757,7 +825,8 @@ def few_clicks_verdict(rows, keys):
     2 seeds); model-chosen against random clicks at equal budget. Rows not run are left out."""
     key = keys.config_key
     dense = summarize(rows, key(replace(BASELINE, points=None)))["miou"]
-    few = [(label, run) for e in EXPERIMENTS if e.number in (8, 9) for label, run in e.rows if run.points is not None]
+    few = [(label, run) for e in EXPERIMENTS if e.number in (8, 9) for label, run in e.rows
+           if run.points is not None and not isinstance(run, Reference)]  # the CNN rows
     lines = []
     if dense[2]:
         for budget, goal in FEW_CLICK_GOALS:
@@ -783,6 +852,20 @@ def few_clicks_verdict(rows, keys):
         lines.append(f"- '{label}' vs partial CE at 10 points: {100 * d[0]:+.1f}"
                      f"{'' if d[2] < 2 else f' ± {100 * d[1]:.1f}'} mIoU points (paired, {d[2]} seeds): "
                      f"{'wins by more than 2 std' if wins else 'does NOT win by more than 2 std'}.")
+    for budget, _ in FEW_CLICK_GOALS:  # issue 19's goal: the best CNN row >= the forest + FOREST_MARGIN
+        forest = Reference(replace(BASELINE, points=budget), "forest-multiscale")
+        f = summarize(rows, key(forest))["miou"]
+        done = [(summarize(rows, key(run))["miou"], label, run) for label, run in few
+                if run.points == budget and not run.rounds]
+        done = [d for d in done if d[0][2]]
+        if f[2] and done:
+            m, label, run = max(done, key=lambda d: d[0][0])
+            d = paired_difference(rows, key(run), key(forest))
+            lines.append(f"- {budget}: best CNN '{label}' minus the random forest on multiscale features (same "
+                         f"clicks): {100 * d[0]:+.1f}{'' if d[2] < 2 else f' ± {100 * d[1]:.1f}'} mIoU points "
+                         f"(paired, {d[2]} seeds; forest {fmt(f)} %); goal >= +{100 * FOREST_MARGIN:.0f}: "
+                         + ("met." if d[0] >= FOREST_MARGIN else
+                            f"NOT met, short by {100 * (FOREST_MARGIN - d[0]):.1f}."))
     for start in (10, "1/object"):
         chosen, rand = (replace(BASELINE, points=start, rounds=ROUNDS, clicks_per_round=CLICKS_PER_ROUND,
                                 click_strategy=c) for c in ("uncertain", "random"))
@@ -889,7 +972,10 @@ def write_report(rows, keys, preset, path, figures_dir):
 
 
 def low_budget_method(run):
-    """The series a low-budget run belongs to in low_budget.png (what it adds to the partial CE)."""
+    """The series a low-budget run belongs to in low_budget.png (what it adds to the partial CE, or the
+    reference method)."""
+    if isinstance(run, Reference):
+        return REFERENCES[run.method]
     if run.rounds:
         how = "model-chosen" if run.click_strategy == "uncertain" else "random"
         return f"+ {run.rounds} x {run.clicks_per_round} {how} clicks"
@@ -987,8 +1073,9 @@ def write_figures(rows, keys, preset, folder):
         for method, pts in series.items():
             pts.sort(key=lambda p: p[0])
             ax.errorbar([p[0] for p in pts], [100 * p[1][0] for p in pts],
-                        yerr=[100 * np.nan_to_num(p[1][1]) for p in pts], fmt="o-" if "clicks" not in method else "s--",
-                        capsize=3, label=method)
+                        yerr=[100 * np.nan_to_num(p[1][1]) for p in pts],
+                        fmt="s--" if "clicks" in method else "^:" if "forest" in method else "o-", capsize=3,
+                        label=method)
             for x, m, run in pts:
                 ax.annotate(str(run.points), (x, 100 * m[0]), textcoords="offset points", xytext=(4, 4), fontsize=7,
                             color="grey")
@@ -997,6 +1084,10 @@ def write_figures(rows, keys, preset, folder):
             m, s = 100 * dense[0], 100 * np.nan_to_num(dense[1])
             ax.axhline(m, color="k", lw=1.5, label=f"dense labels (ceiling) {m:.1f} %")
             ax.axhspan(m - s, m + s, color="k", alpha=0.1)
+        majority = summarize(rows, key(Reference(replace(BASELINE, points=None), "majority")))["miou"]
+        if majority[2]:
+            ax.axhline(100 * majority[0], color="grey", lw=1.5, ls=":",
+                       label=f"all-background (no model) {100 * majority[0]:.1f} %")
         ax.set_xscale("log")
         from matplotlib.ticker import FuncFormatter, LogLocator
         percent = FuncFormatter(lambda v, _: f"{v:g} %")

@@ -487,7 +487,7 @@ def train(cfg):
                              f"train {moved['train']}, val {moved['val']}): the data folder changed since. Resuming "
                              f"would train on former val images and compare best models over other val sets; restore "
                              f"the folder, pin the split with --split, or train into a new --out")
-        cached = None  # the resident caches, looked for first: a hit seeds the datasets, so nothing below decodes a file
+        cached = None  # the resident caches, looked for first: a hit seeds the datasets, so nothing below decodes
         if cfg.loader != "dataloader" and not cfg.resample_each_epoch:  # choose_path's first rules; it decides the rest
             annotation = annotation_of(cfg)
             cached = tuple(find_cache(ds, annotation, out_dir) for ds in (train_ds, val_ds))
@@ -516,14 +516,16 @@ def train(cfg):
         else:
             budget = f"{cfg.points} clicks" if clicks_per_object(cfg.points) else \
                 f"{cfg.points} {cfg.strategy} points per image"
-            budget += f" ({stats['clicks_per_image']:.1f} clicks per image, {stats['clicked_fraction']:.3%} of the pixels)"
+            budget += (f" ({stats['clicks_per_image']:.1f} clicks per image, {stats['clicked_fraction']:.3%} of the "
+                       f"pixels)")
         print(f"data: {len(train_ds)} train / {len(val_ds)} val images ({how}); {budget}"
               f"{' redrawn every epoch (published code, comparison only)' if cfg.resample_each_epoch else ''}; "
               f"labelled {stats['labelled_fraction']:.2%} of the training pixels; scale {spec.scale:g}; "
               f"{spec.channels} bands, intensity {spec.intensity.kind}; device {device}; "
               f"{cfg.arch}{' ImageNet' if cfg.pretrained and cfg.arch == 'resnet18' else ' random init'}", flush=True)
         if ctx.world > 1:
-            print(f"distributed: {ctx.world} processes ({torch.distributed.get_backend()}), {cfg.batch_size // ctx.world} "
+            print(f"distributed: {ctx.world} processes ({torch.distributed.get_backend()}), "
+                  f"{cfg.batch_size // ctx.world} "
                   f"of each batch of {cfg.batch_size} per process", flush=True)
         if weights is not None:
             print(f"class weights ({cfg.class_weights}, {cfg.class_weighting}): " +
@@ -598,7 +600,8 @@ def train(cfg):
                 if ctx.is_main:
                     save_checkpoint(last_path, model, spec, config=config, metrics=va, epoch=epoch, train_state={
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": torch.get_rng_state(), "loader_rng": gen.get_state(), "history": history, "best_miou": best,
+                        "rng": torch.get_rng_state(), "loader_rng": gen.get_state(), "history": history,
+                        "best_miou": best,
                         "split": split,
                         **({"few_clicks": few_clicks.state(train_ds)} if few_clicks.enabled(cfg) else {})})
             except ValueError as e:  # non-finite weights: never saved
