@@ -6,6 +6,7 @@
     python experiments.py --preset demo --only 1,3 --seeds 5
     python experiments.py --preset potsdam --data archive/patches --device cuda
     python experiments.py --preset demo --report            # rebuild the markdown and figures from the csv
+    python experiments.py --preset atlanta --references-only # the forest and all-background rows alone
     python experiments.py --preset demo --epochs 2          # other settings: into results/adhoc-<hash>/
     python experiments.py --preset potsdam --data archive/patches --gpus 0,1,2,3    # one run per GPU at once
     python experiments.py --preset demo --parallel 2 --threads 1                    # two runs at once on the CPU
@@ -399,7 +400,12 @@ class Keys:
 
     def config_key(self, run):
         key = config_hash(self.config(run, 0), self.data_id)
-        return f"{key}-{run.method}" if isinstance(run, Reference) else key
+        if not isinstance(run, Reference):
+            return key
+        if run.method.startswith("forest"):
+            import forest
+            return f"{key}-{run.method}-{forest.settings_id()}"  # the forest's own settings are in its key
+        return f"{key}-{run.method}"
 
     def run_key(self, run, seed):
         return f"{self.config_key(run)}-s{seed}"
@@ -1133,6 +1139,8 @@ def get_args_parser():
                    help="worker processes (per GPU with --gpus), each training one run at a time; on a CPU give "
                         "--threads too (default: cores / workers)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --gpus / --parallel
+    p.add_argument("--references-only", action="store_true",
+                   help="only the reference rows (forests, all-background: seconds each, no CNN trains)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are done; train nothing")
     p.add_argument("--report", action="store_true", help="rebuild the markdown and figures from the csv only")
     return p
@@ -1193,6 +1201,8 @@ def main(args):
         ensure_demo_data(settings)
     keys = Keys.read(settings)  # the run keys need the data folder: its subset ids and identity
     plan = plan_runs(keys, only, args.seeds)
+    if args.references_only:
+        plan = [p for p in plan if isinstance(p.run, Reference)]
     if args.dry_run:
         done = {r["key"] for r in read_rows(csv_path)}
         for p in plan:

@@ -13,7 +13,8 @@ Both work on the processing-grid image the CNN sees (SegmentationDataset.image) 
 target (point_grid: clicks, then grown labels and pseudo-labels where a run has them; only clicks here, as the
 forest runs no rounds). The forest is scikit-learn's RandomForestClassifier with N_TREES trees, one job and a fixed
 seed (repeatable); at most MAX_SAMPLES labelled pixels train it (drawn at random, seeded, when there are more:
-dense labels), which keeps a row to seconds on a CPU.
+dense labels), which keeps a row to seconds on a CPU. settings_id() digests these constants into the
+experiments' keys.
 """
 
 import time
@@ -28,7 +29,15 @@ from spec import IGNORE_INDEX
 FEATURES = ("multiscale", "bands")
 SIGMA_MIN, SIGMA_MAX = 0.5, 16.0
 N_TREES = 100
-MAX_SAMPLES = 200_000
+MAX_SAMPLES = 50_000
+
+
+def settings_id():
+    """A short digest of the forest's constants (features, sigmas, trees, samples): experiments.py puts it in a
+    reference row's key, so rows of other forest settings are never mixed up with these."""
+    import hashlib
+    text = f"{FEATURES} {SIGMA_MIN} {SIGMA_MAX} {N_TREES} {MAX_SAMPLES}"
+    return hashlib.sha1(text.encode()).hexdigest()[:6]
 
 
 def pixel_features(image, kind="multiscale"):

@@ -14,8 +14,10 @@ from train import TrainConfig, build_datasets
 def test_a_reference_row_keys_off_its_cnn_run_and_leaves_cnn_keys_alone():
     run = replace(E.BASELINE, points=10)
     forest = E.Reference(run, "forest-multiscale")
-    assert KEYS.config_key(forest) == KEYS.config_key(run) + "-forest-multiscale"
-    assert KEYS.run_key(forest, 2) == KEYS.config_key(run) + "-forest-multiscale-s2"
+    import forest as F
+    assert KEYS.config_key(forest) == KEYS.config_key(run) + "-forest-multiscale-" + F.settings_id()
+    assert KEYS.run_key(forest, 2) == KEYS.config_key(forest) + "-s2"
+    assert KEYS.config_key(E.Reference(run, "majority")) == KEYS.config_key(run) + "-majority"
     assert forest.points == 10 and forest.name == "forest-multiscale-" + run.name
     planned = E.plan_runs(KEYS, {8}, seeds=1)
     refs = [p for p in planned if isinstance(p.run, E.Reference)]
