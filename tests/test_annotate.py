@@ -77,11 +77,11 @@ def train_command(tmp_path):
 
 
 def colour_image(h, w, seed=0):
-    """Left half red-ish, right half blue-ish, with noise: two classes a tiny model tells apart."""
+    """Left half green-brown, right half grey, with noise: two classes a tiny model tells apart."""
     rng = np.random.default_rng(seed)
     img = np.zeros((h, w, 3), np.uint8)
-    img[:, : w // 2] = (200, 40, 40)
-    img[:, w // 2:] = (40, 40, 200)
+    img[:, : w // 2] = (110, 150, 60)
+    img[:, w // 2:] = (150, 150, 150)
     return np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
 
 
