@@ -24,7 +24,6 @@ import shlex
 import subprocess
 import sys
 import threading
-import time
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -675,9 +674,8 @@ def make_server(args):
     handler = type("BoundHandler", (Handler,), {"app": app})
     server = ThreadingHTTPServer((args.host, args.port), handler)
     server.daemon_threads = True
-    port = server.server_address[1]
     if args.host in ("127.0.0.1", "localhost", "::1"):
-        app.hosts = {"127.0.0.1", "localhost", "::1", f"127.0.0.1:{port}"}
+        app.hosts = {"127.0.0.1", "localhost", "::1"}
     server.app = app
     return server
 
@@ -685,12 +683,14 @@ def make_server(args):
 # --------------------------------------------------------------------------- CLI
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, help="folder of images to annotate (TIF/PNG/JPG)")
     p.add_argument("--clicks", default=None, help="the click file, created when missing (.csv in pixels, .geojson / "
                                                   ".gpkg in map coordinates); default clicks.geojson when every image "
                                                   "is georeferenced, else clicks.csv")
-    p.add_argument("--classes", default=None, help="JSON class file (spec.load_class_file); default the Potsdam classes")
+    p.add_argument("--classes", default=None,
+                   help="JSON class file (spec.load_class_file); default the Potsdam classes")
     p.add_argument("--checkpoint", default=None, help="a model to show and suggest from before any training here")
     p.add_argument("--runs", default="checkpoints/annotate", help="run folder: the training's checkpoints and log")
     p.add_argument("--epochs", type=int, default=10, help="epochs of a training started from the page")

@@ -55,7 +55,8 @@ def click_pixel(driver, x, y):
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
     vx, vy = driver.execute_script(
         "const [sx, sy] = app.viewer.imageToScreen(arguments[0] + 0.5, arguments[1] + 0.5);"
-        "const r = app.viewer.canvas.getBoundingClientRect(); return [Math.round(r.left + sx), Math.round(r.top + sy)];",
+        "const r = app.viewer.canvas.getBoundingClientRect();"
+        "return [Math.round(r.left + sx), Math.round(r.top + sy)];",
         x, y)
     action = ActionBuilder(driver)
     action.pointer_action.move_to_location(vx, vy).click()
