@@ -1,0 +1,729 @@
+"""Click in the browser, see the map learn: a local web page to click points (and short scribbles) of a class on
+the images of a folder, train a short model on them, see its prediction over the image and click where it is
+least sure.
+
+    python annotate.py --images input_images --clicks clicks.csv          # then open the address it prints
+    python annotate.py --images tiles/ --clicks clicks.geojson --classes classes.json
+
+Every click is saved at once, atomically, to the click file (`annotations.write_clicks`: GeoJSON in map
+coordinates for georeferenced images, CSV image,x,y,class otherwise), so the same file trains with
+`python train.py --images DIR --clicks FILE`. Several tabs (or people) on one file do not lose each other's
+clicks: a page sends each change as an operation (add / remove pixels) and the server applies it to the file as
+it is on disk, under a file lock. The server reads and writes only the images folder, the click file (and its
+`.lock` beside it), its static files and its run folder (`--runs`); it binds to 127.0.0.1 unless told
+otherwise. The HTTP API and its bounds are in docs/annotate.md.
+"""
+
+import argparse
+import fcntl
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import warnings
+from collections import OrderedDict
+from contextlib import contextmanager
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BytesIO
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import pyogrio
+import rasterio
+import shapely
+from PIL import Image
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.transform import Affine
+from rasterio.windows import Window
+
+from annotations import (KINDS, LINE, POINT, ClickSet, ImageClicks, open_image, rasterise_shape, read_clicks,
+                         write_clicks)
+from raster import IMAGE_SUFFIXES, TIFF_SUFFIXES, read_raster
+from spec import POTSDAM, load_class_file
+
+HERE = Path(__file__).resolve().parent
+STATIC = HERE / "static"
+MAX_TILE = 1024  # pixels a side of a served tile; larger: 400
+MIN_TILE = 16
+MAX_ZOOM = 20  # a tile at zoom z shows 2**z image pixels per tile pixel
+MAX_BODY = 256 << 10  # bytes of a request body; larger: 413
+MAX_PIXELS_PER_OP = 20_000  # pixels one add / remove may name; more: 413
+MAX_LINE_VERTICES = 1000
+WHOLE_READ_PIXELS = 100_000_000  # PNG/JPEG (and TIFFs GDAL cannot window) are read whole up to this many pixels
+PREDICT_GRID_PIXELS = 16_000_000  # processing-grid pixels of an image predicted here; larger: run infer.py
+DEFAULT_TRAIN_COMMAND = ("{python} train.py --images {images} --clicks {clicks} --classes {classes} --no-pretrained "
+                         "--arch resnet18 --out {out} --epochs {epochs} --overwrite")
+EPOCH_LINE = re.compile(r"epoch\s+(\d+)\s*/\s*(\d+)")  # train.py's per-epoch line: "epoch   3/10 | loss ..."
+STATIC_NAME = re.compile(r"[A-Za-z0-9_-]+\.(html|js|css|png|svg)")
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
+
+
+class HTTPError(Exception):
+    """An answer other than 200: `status` and a message the page shows."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def not_found(what="not found"):
+    return HTTPError(HTTPStatus.NOT_FOUND, what)
+
+
+# --------------------------------------------------------------------------- images
+
+class Images:
+    """The images of one folder: {name (file stem): ImageRef} for the readable ones, [{file, error}] for the
+    others (an unreadable file, a name two files share, a link that leads out of the folder)."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder).resolve()
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"images folder {folder} not found")
+        self.refs, self.errors = {}, []
+        for p in sorted(self.folder.iterdir()):
+            if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
+                continue
+            try:
+                if not p.resolve().is_relative_to(self.folder):
+                    raise ValueError("a link to a file outside the images folder: not served")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    ref = open_image(p)
+                if ref.name in self.refs:
+                    raise ValueError(f"its name {ref.name!r} is taken by {self.refs[ref.name].path.name}")
+                self.refs[ref.name] = ref
+            except Exception as e:  # any unreadable file: listed as an error, the others still served
+                self.errors.append({"file": p.name, "error": f"{type(e).__name__}: {e}"})
+        if not self.refs and not self.errors:
+            raise FileNotFoundError(f"no images (.tif/.png/.jpg) found in {self.folder}")
+        self._whole = OrderedDict()  # name -> whole display image (small files), a few kept
+        self._ranges = {}  # name -> (low, high) per band for display of non-8-bit data
+        self._lock = threading.Lock()
+
+    def get(self, name):
+        ref = self.refs.get(name)
+        if ref is None:
+            raise not_found(f"no image named {name!r}")
+        return ref
+
+    def listing(self):
+        return [{"name": r.name, "file": r.path.name, "width": r.shape[1], "height": r.shape[0],
+                 "georeferenced": r.georeferenced, "crs": None if r.crs is None else str(r.crs)}
+                for r in self.refs.values()]
+
+    def window(self, name, x0, y0, x1, y1, step):
+        """Display pixels (h, w, 3) uint8 of image pixels [y0, y1) x [x0, x1), every `step`-th (nearest)."""
+        ref = self.get(name)
+        out_h, out_w = -(-(y1 - y0) // step), -(-(x1 - x0) // step)
+        if ref.path.suffix.lower() in TIFF_SUFFIXES:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    with rasterio.open(ref.path) as ds:
+                        keep = [i + 1 for i, c in enumerate(ds.colorinterp) if c != ColorInterp.alpha] or [1]
+                        arr = ds.read(keep[:3], window=Window(x0, y0, x1 - x0, y1 - y0),
+                                      out_shape=(min(3, len(keep)), out_h, out_w), resampling=Resampling.nearest)
+                return self._display(name, np.moveaxis(arr, 0, -1))
+            except rasterio.errors.RasterioError:
+                pass  # a TIFF GDAL cannot read: tifffile, whole, if small enough
+        whole = self._whole_image(ref)
+        return whole[y0:y1:step, x0:x1:step]
+
+    def _whole_image(self, ref):
+        with self._lock:
+            if ref.name in self._whole:
+                self._whole.move_to_end(ref.name)
+                return self._whole[ref.name]
+        if ref.shape[0] * ref.shape[1] > WHOLE_READ_PIXELS:
+            raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, f"{ref.path.name}: too large to read whole and not a "
+                                                             f"TIFF that can be read by windows")
+        r = read_raster(ref.path)
+        arr = r.array if r.alpha is None else np.delete(r.array, r.alpha, axis=2)
+        img = self._display(ref.name, arr[:, :, :3])
+        with self._lock:
+            self._whole[ref.name] = img
+            while len(self._whole) > 4:
+                self._whole.popitem(last=False)
+        return img
+
+    def _display(self, name, arr):
+        """(h, w, B) of any dtype -> (h, w, 3) uint8: 8-bit as is; other data stretched between the 0.5 and 99.5
+        percentiles of a low-resolution read of the image (fixed per image, so tiles agree)."""
+        if arr.dtype != np.uint8:
+            if name not in self._ranges:
+                ref = self.refs[name]
+                step = max(1, math.ceil(max(ref.shape) / 512))
+                sample = arr if arr.shape[:2] == ref.shape else self.window_raw(name, step)
+                s = sample.reshape(-1, sample.shape[2]).astype(np.float64)
+                s = s[np.isfinite(s).all(1)]
+                lo, hi = (np.percentile(s, [0.5, 99.5], axis=0) if len(s) else (np.zeros(arr.shape[2]),) * 2)
+                self._ranges[name] = (lo, np.maximum(hi, lo + 1e-9))
+            lo, hi = self._ranges[name]
+            arr = np.clip((np.nan_to_num(arr.astype(np.float64)) - lo) / (hi - lo) * 255, 0, 255).astype(np.uint8)
+        if arr.shape[2] < 3:
+            arr = np.repeat(arr[:, :, :1], 3, axis=2)
+        return np.ascontiguousarray(arr[:, :, :3])
+
+    def window_raw(self, name, step):
+        ref = self.refs[name]
+        H, W = ref.shape
+        with rasterio.open(ref.path) as ds:
+            keep = [i + 1 for i, c in enumerate(ds.colorinterp) if c != ColorInterp.alpha] or [1]
+            arr = ds.read(keep[:3], out_shape=(min(3, len(keep)), -(-H // step), -(-W // step)),
+                          resampling=Resampling.nearest)
+        return np.moveaxis(arr, 0, -1)
+
+
+def tile_window(ref, z, tx, ty, size):
+    """The image window (x0, y0, x1, y1) and step of tile (tx, ty) at zoom z, `size` tile pixels a side.
+    Bounds: 400 for a size or zoom out of range, 404 for a tile outside the image."""
+    if not MIN_TILE <= size <= MAX_TILE:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"tile size must be {MIN_TILE}..{MAX_TILE} pixels, got {size}")
+    if not 0 <= z <= MAX_ZOOM:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"zoom must be 0..{MAX_ZOOM}, got {z}")
+    step = 2 ** z
+    side = size * step
+    H, W = ref.shape
+    x0, y0 = tx * side, ty * side
+    if tx < 0 or ty < 0 or x0 >= W or y0 >= H:
+        raise not_found(f"tile {tx},{ty} at zoom {z} lies outside {ref.path.name}")
+    return x0, y0, min(W, x0 + side), min(H, y0 + side), step
+
+
+def png_bytes(arr):
+    buf = BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- the click file
+
+class ClickFile:
+    """The click file, changed one operation at a time: under a lock (threads here, `fcntl.flock` on
+    `<file>.lock` for other processes) the file is read as it is now, the operation applied and the result
+    written atomically (annotations.write_clicks: temporary + rename). So two pages never lose each other's
+    clicks, and a reader (train.py) never sees half a file."""
+
+    def __init__(self, path, images, classes):
+        self.path = Path(path).resolve()
+        self.images, self.classes = images, classes
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock = threading.Lock()
+        suffix = self.path.suffix.lower()
+        if suffix not in (".csv", ".geojson", ".json", ".gpkg"):
+            raise ValueError(f"{path}: the click file must be .csv, .geojson or .gpkg")
+        geo = {r.georeferenced for r in images.refs.values()}
+        if suffix != ".csv" and len(geo) > 1:
+            raise ValueError(f"{path}: some images are georeferenced, some not; one layer cannot hold both: "
+                             f"use a .csv click file (pixels)")
+        if self.path.exists():
+            self.read()  # a file that is not a click file of these images stops here, before any page opens
+
+    @contextmanager
+    def locked(self):
+        with self._lock, open(self.lock_path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def version(self):
+        """Changes whenever the file is replaced: (mtime ns, size, inode) as text; '' while there is none."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return ""
+        return f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}"
+
+    def _empty(self):
+        if not self.path.exists():
+            return True
+        if self.path.suffix.lower() == ".csv":
+            with open(self.path, encoding="utf-8-sig") as f:
+                return sum(1 for line in f if line.strip()) <= 1
+        return pyogrio.read_info(self.path)["features"] == 0
+
+    def read(self):
+        """{image name: {(row, col): (class, kind)}} as the file holds it now."""
+        out = {n: {} for n in self.images.refs}
+        if self._empty():
+            return out
+        cs = read_clicks(self.path, list(self.images.refs.values()), self.classes)
+        for n, c in cs.images.items():
+            out[n] = {(int(r), int(k)): (int(cl), int(kd)) for r, k, cl, kd in zip(c.rows, c.cols, c.classes, c.kinds)}
+        return out
+
+    def write(self, clicks):
+        items = {}
+        for n, ref in self.images.refs.items():
+            px = clicks.get(n, {})
+            rc = np.array(list(px.keys()), np.int64).reshape(-1, 2)
+            ck = np.array(list(px.values()), np.int64).reshape(-1, 2)
+            items[n] = ImageClicks(ref, rc[:, 0], rc[:, 1], ck[:, 0], ck[:, 1])
+        write_clicks(self.path, ClickSet(items, self.classes, str(self.path)))
+
+    def apply(self, op):
+        """Apply {"op": "add"|"remove", "image", "points": [[x, y], ...], "class", "kind": "point"|"line"} to the
+        file as it is now. A line's points are its vertices, rasterised as read_clicks rasterises lines. Returns
+        {"changed": [[x, y, old class or None, new class or None], ...], "count": clicks in the file}."""
+        kind_name = op.get("kind", "point")
+        if op.get("op") not in ("add", "remove") or kind_name not in ("point", "line"):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "op must be 'add' or 'remove', kind 'point' or 'line'")
+        ref = self.images.get(str(op.get("image")))
+        pts = op.get("points")
+        if not isinstance(pts, list) or not pts:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "points: a list of [x, y] pixel coordinates")
+        if len(pts) > (MAX_LINE_VERTICES if kind_name == "line" else MAX_PIXELS_PER_OP):
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"at most {MAX_PIXELS_PER_OP} points (a line: "
+                                                                 f"{MAX_LINE_VERTICES} vertices) per operation")
+        try:
+            xy = np.array(pts, np.float64).reshape(-1, 2)
+        except (TypeError, ValueError):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "points: a list of [x, y] pixel coordinates") from None
+        if not np.isfinite(xy).all():
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "points must be finite numbers")
+        H, W = ref.shape
+        if kind_name == "line" and len(xy) > 1:
+            rows, cols = rasterise_shape(shapely.LineString(xy), Affine.identity(), ref.shape)
+        else:
+            cols, rows = np.floor(xy[:, 0]).astype(np.int64), np.floor(xy[:, 1]).astype(np.int64)
+        inside = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
+        if not inside.all() and kind_name == "point":
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"a point lies outside {ref.path.name} ({W} x {H} pixels)")
+        pixels = list(dict.fromkeys(zip(rows[inside].tolist(), cols[inside].tolist())))
+        if len(pixels) > MAX_PIXELS_PER_OP:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"a line of more than {MAX_PIXELS_PER_OP} pixels")
+        new = None
+        if op["op"] == "add":
+            cls = op.get("class")
+            if not isinstance(cls, int) or not 0 <= cls < self.classes.num_classes:
+                raise HTTPError(HTTPStatus.BAD_REQUEST, f"class must be 0..{self.classes.num_classes - 1}")
+            new = (cls, LINE if kind_name == "line" else POINT)
+        with self.locked():
+            clicks = self.read()
+            mine = clicks[ref.name]
+            changed = []
+            for p in pixels:
+                old = mine.get(p)
+                if new is None and old is not None:
+                    del mine[p]
+                elif new is not None and old != new:
+                    mine[p] = new
+                else:
+                    continue
+                changed.append([p[1], p[0], None if old is None else old[0], None if new is None else new[0]])
+            if changed:
+                self.write(clicks)
+            return {"changed": changed, "count": sum(len(v) for v in clicks.values()), "version": self.version()}
+
+    def points(self, name=None):
+        """{image name: [[x, y, class, kind], ...]} of one image or all."""
+        with self.locked():
+            clicks = self.read()
+        names = [self.images.get(name).name] if name is not None else list(clicks)
+        return {n: [[c, r, cl, KINDS[kd]] for (r, c), (cl, kd) in sorted(clicks[n].items())] for n in names}
+
+
+# --------------------------------------------------------------------------- training and prediction
+
+class Training:
+    """One training at a time in a background process (the train command), then the prediction of every image
+    (class map and margin on the processing grid) for the overlay and for suggestions."""
+
+    def __init__(self, command, images, click_file, classes, classes_path, runs, epochs, device="cpu"):
+        self.command, self.images, self.click_file = command, images, click_file
+        self.classes, self.classes_path, self.runs = classes, classes_path, Path(runs).resolve()
+        self.epochs, self.device = epochs, device
+        self.out = self.runs / "run"
+        self.log_path = self.runs / "train.log"
+        self.state = {"state": "idle", "epoch": 0, "epochs": epochs, "message": "", "log": [], "metrics": {},
+                      "model": 0, "predicted": [], "skipped": {}}
+        self.predictions = {}  # name -> {"classes": (h, w) uint8, "margin": (h, w) float32, "prob": (C, h, w)}
+        self._lock = threading.Lock()
+        self._proc = None
+
+    def argv(self, epochs):
+        subs = {"python": sys.executable, "images": str(self.images.folder), "clicks": str(self.click_file.path),
+                "classes": str(self.classes_path), "out": str(self.out), "epochs": str(epochs)}
+        return [tok.format(**subs) for tok in shlex.split(self.command)]
+
+    def status(self):
+        with self._lock:
+            return json.loads(json.dumps(self.state))
+
+    def start(self, epochs=None):
+        epochs = int(epochs or self.epochs)
+        if not 1 <= epochs <= 1000:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "epochs must be 1..1000")
+        with self._lock:
+            if self.state["state"] in ("running", "predicting"):
+                raise HTTPError(HTTPStatus.CONFLICT, "a training is already running; wait for it to finish")
+            if sum(len(v) for v in self.click_file.read().values()) == 0:
+                raise HTTPError(HTTPStatus.BAD_REQUEST, "no clicks yet: click some points of each class first")
+            self.runs.mkdir(parents=True, exist_ok=True)
+            if not Path(self.classes_path).exists():
+                Path(self.classes_path).write_text(json.dumps(self.classes.to_dict(), indent=1))
+            argv = self.argv(epochs)
+            log = open(self.log_path, "w")
+            log.write("$ " + shlex.join(argv) + "\n")
+            log.flush()
+            self._proc = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.state.update(state="running", epoch=0, epochs=epochs, message="training", log=[], metrics={})
+        threading.Thread(target=self._watch, args=(self._proc, log), daemon=True).start()
+        return self.status()
+
+    def _watch(self, proc, log):
+        tail = []
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            tail = (tail + [line.rstrip()])[-15:]
+            m = EPOCH_LINE.search(line)
+            with self._lock:
+                self.state["log"] = tail
+                if m:
+                    self.state["epoch"], self.state["epochs"] = int(m.group(1)), int(m.group(2))
+        rc = proc.wait()
+        log.close()
+        if rc != 0:
+            with self._lock:
+                self.state.update(state="failed", message=f"training stopped with exit code {rc}; see {self.log_path}")
+            return
+        with self._lock:
+            self.state.update(state="predicting", message="predicting the images")
+        try:
+            self.predict_all()
+        except Exception as e:  # shown on the page; the server goes on
+            with self._lock:
+                self.state.update(state="failed", message=f"prediction failed: {type(e).__name__}: {e}")
+            return
+        with self._lock:
+            self.state.update(state="done", message="done", model=self.state["model"] + 1)
+
+    def checkpoint_path(self):
+        for name in ("best_model.pth", "last.pth"):
+            if (self.out / name).is_file():
+                return self.out / name
+        raise FileNotFoundError(f"the training wrote no checkpoint into {self.out}")
+
+    def predict_all(self, checkpoint=None):
+        import torch  # the server starts without it; only a prediction needs it
+        from checkpoint import load_model
+        from few_clicks import margin
+        from infer import predict_probabilities
+        from spec import grid_size, load_input, to_grid
+        checkpoint = Path(checkpoint or self.checkpoint_path())
+        model, ck = load_model(checkpoint, self.device)
+        metrics = held_out_metrics(checkpoint.parent / "history.json", ck.epoch)
+        preds, skipped = {}, {}
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        for name, ref in self.images.refs.items():
+            h, w = grid_size(*ref.shape, ck.spec.scale)
+            if h * w > PREDICT_GRID_PIXELS:
+                skipped[name] = f"{h} x {w} processing pixels: too large to predict here; run infer.py on it"
+                continue
+            try:
+                small = to_grid(load_input(ref.path, ck.spec).image, ck.spec.scale)
+                prob = predict_probabilities(model, small, 1.0)  # (C, h, w) on the processing grid
+            except Exception as e:  # one bad image does not stop the others
+                skipped[name] = f"{type(e).__name__}: {e}"
+                continue
+            preds[name] = {"classes": prob.argmax(0).astype(np.uint8), "margin": margin(prob).astype(np.float32),
+                           "prob": prob}
+        with self._lock:
+            self.predictions = preds
+            self.state.update(metrics=metrics, predicted=sorted(preds), skipped=skipped,
+                              checkpoint=checkpoint.name)
+
+
+def held_out_metrics(path, epoch=None):
+    """The validation numbers of the epoch the checkpoint is from (else the last): every `val_*` key of
+    history.json, as train.py --clicks writes them (accuracy on held-out clicks and its interval)."""
+    try:
+        history = json.loads(Path(path).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    if not isinstance(history, list) or not history:
+        return {}
+    row = next((h for h in history if isinstance(h, dict) and h.get("epoch") == epoch), history[-1])
+    out = {k: v for k, v in row.items() if k.startswith("val_")}
+    out["epoch"] = row.get("epoch")
+    return json.loads(json.dumps(out, default=float).replace("NaN", "null"))
+
+
+def overlay_tile(pred, ref, x0, y0, x1, y1, step, layer, palette):
+    """RGBA (h, w, 4) uint8 of the prediction (class colours) or of the least-sure map (red where the margin is
+    small) over image pixels [y0, y1) x [x0, x1) every `step`-th; cells are looked up by points_to_grid's rule."""
+    H, W = ref.shape
+    grid = pred["classes"]
+    h, w = grid.shape
+    rows = (np.arange(y0, y1, step) * h // H).clip(0, h - 1)
+    cols = (np.arange(x0, x1, step) * w // W).clip(0, w - 1)
+    out = np.zeros((rows.size, cols.size, 4), np.uint8)
+    if layer == "classes":
+        out[..., :3] = np.asarray(palette, np.uint8)[grid[np.ix_(rows, cols)]]
+        out[..., 3] = 255
+    else:
+        unsure = 1 - pred["margin"][np.ix_(rows, cols)]
+        out[..., 0] = 255
+        out[..., 3] = (unsure ** 2 * 255).astype(np.uint8)
+    return out
+
+
+def suggest(training, click_file, n, spacing=5.0):
+    """The n places the model is least sure of, over all predicted images: few_clicks.choose_cells' margin rule
+    per image (cells without a click, `spacing` cells apart), then the n smallest margins overall."""
+    from few_clicks import cell_centres, choose_cells
+    clicks = click_file.read()
+    found = []
+    for name, pred in training.predictions.items():
+        ref = click_file.images.refs[name]
+        H, W = ref.shape
+        h, w = pred["classes"].shape
+        centres = cell_centres(H, W, h, w)
+        candidates = centres >= 0
+        for r, c in clicks.get(name, {}):
+            candidates[r * h // H, c * w // W] = False
+        for j in choose_cells(pred["prob"], candidates, n, spacing=spacing):
+            r, c = divmod(int(centres.flat[j]), W)
+            found.append({"image": name, "x": c, "y": r, "margin": float(pred["margin"].flat[j]),
+                          "predicted": int(pred["classes"].flat[j])})
+    return sorted(found, key=lambda s: s["margin"])[:n]
+
+
+# --------------------------------------------------------------------------- HTTP
+
+class App:
+    """What the request handler needs: images, click file, training, classes, the allowed Host names."""
+
+    def __init__(self, args):
+        self.images = Images(args.images)
+        self.classes = load_class_file(args.classes) if args.classes else POTSDAM
+        clicks = args.clicks or default_click_file(self.images)
+        self.click_file = ClickFile(clicks, self.images, self.classes)
+        runs = Path(args.runs)
+        classes_path = Path(args.classes).resolve() if args.classes else runs.resolve() / "classes.json"
+        command = args.train_command or os.environ.get("ANNOTATE_TRAIN_COMMAND") or DEFAULT_TRAIN_COMMAND
+        self.training = Training(command, self.images, self.click_file, self.classes, classes_path, runs,
+                                 args.epochs, args.device)
+        self.hosts = set()
+
+    def config(self):
+        return {"images": self.images.listing(), "errors": self.images.errors,
+                "classes": {"names": list(self.classes.names), "palette": [list(c) for c in self.classes.palette]},
+                "clicks_file": self.click_file.path.name, "max_tile": MAX_TILE, "max_body": MAX_BODY,
+                "epochs": self.training.epochs}
+
+
+def default_click_file(images):
+    """clicks.geojson (map coordinates) when every image is georeferenced, clicks.csv (pixels) otherwise."""
+    geo = [r.georeferenced for r in images.refs.values()]
+    return "clicks.geojson" if geo and all(geo) else "clicks.csv"
+
+
+def _int(q, key, default=None):
+    v = q.get(key, [None])[0]
+    if v is None:
+        if default is None:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"missing parameter {key}")
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"{key} must be an integer, got {v!r}") from None
+
+
+class Handler(BaseHTTPRequestHandler):
+    app = None  # set by make_server
+    server_version = "annotate"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):  # quiet: errors are answered, not printed
+        pass
+
+    def _send(self, status, body, ctype, extra=()):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for k, v in extra:
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, obj, status=HTTPStatus.OK):
+        self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def _handle(self, method):
+        try:
+            host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+            if self.app.hosts and host not in self.app.hosts:  # DNS rebinding: only our own name
+                raise HTTPError(HTTPStatus.FORBIDDEN, "unknown Host header")
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                self.close_connection = True
+                raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY} bytes")
+            body = self.rfile.read(length) if length > 0 else b""
+            url = urlsplit(self.path)
+            route(self, method, url.path, parse_qs(url.query), body)
+        except HTTPError as e:
+            self._json({"error": str(e)}, e.status)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:  # a bug or an unreadable file: answered, the server goes on
+            self._json({"error": f"{type(e).__name__}: {e}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    def do_GET(self):
+        self._handle("GET")
+
+    def do_HEAD(self):
+        self._handle("GET")
+
+    def do_POST(self):
+        self._handle("POST")
+
+
+def route(h, method, path, q, body):
+    """Every URL the server answers; anything else is 404 (no path from a request ever reaches the disk:
+    images are looked up by name, static files by a plain file name in static/)."""
+    app = h.app
+    if method == "GET":
+        if path in ("/", "/index.html"):
+            return static_file(h, "index.html")
+        if path.startswith("/static/"):
+            return static_file(h, path[len("/static/"):])
+        if path == "/api/config":
+            return h._json(app.config())
+        if path == "/api/clicks":
+            name = q.get("image", [None])[0]
+            return h._json({"clicks": app.click_file.points(name), "version": app.click_file.version()})
+        if path == "/api/version":
+            return h._json({"version": app.click_file.version(), "model": app.training.status()["model"]})
+        if path in ("/api/tile", "/api/overlay"):
+            return tile(h, path, q)
+        if path == "/api/train":
+            return h._json(app.training.status())
+        if path == "/api/suggest":
+            n = _int(q, "n", 10)
+            if not 1 <= n <= 200:
+                raise HTTPError(HTTPStatus.BAD_REQUEST, "n must be 1..200")
+            if not app.training.predictions:
+                raise HTTPError(HTTPStatus.CONFLICT, "no prediction yet: train first")
+            return h._json({"suggestions": suggest(app.training, app.click_file, n)})
+        raise not_found()
+    if method == "POST":
+        if path not in ("/api/clicks", "/api/train"):
+            raise not_found()
+        if not (h.headers.get("Content-Type") or "").startswith("application/json"):
+            raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send JSON (Content-Type: application/json)")
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "the body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+        if path == "/api/clicks":
+            return h._json(app.click_file.apply(data))
+        return h._json(app.training.start(data.get("epochs")))
+    raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "GET or POST")
+
+
+def static_file(h, name):
+    if not STATIC_NAME.fullmatch(name):
+        raise not_found()
+    path = (STATIC / name).resolve()
+    if not path.is_relative_to(STATIC) or not path.is_file():
+        raise not_found()
+    h._send(HTTPStatus.OK, path.read_bytes(), CONTENT_TYPES[path.suffix])
+
+
+def tile(h, path, q):
+    app = h.app
+    name = q.get("image", [""])[0]
+    ref = app.images.get(name)
+    x0, y0, x1, y1, step = tile_window(ref, _int(q, "z"), _int(q, "x"), _int(q, "y"), _int(q, "size", 256))
+    if path == "/api/tile":
+        arr = app.images.window(name, x0, y0, x1, y1, step)
+    else:
+        layer = q.get("layer", ["classes"])[0]
+        if layer not in ("classes", "unsure"):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "layer must be 'classes' or 'unsure'")
+        pred = app.training.predictions.get(name)
+        if pred is None:
+            raise not_found(f"no prediction for {name}")
+        arr = overlay_tile(pred, ref, x0, y0, x1, y1, step, layer, app.classes.palette)
+    h._send(HTTPStatus.OK, png_bytes(arr), "image/png")
+
+
+def make_server(args):
+    """A ThreadingHTTPServer for `args` (not started); its address is server.server_address."""
+    app = App(args)
+    handler = type("BoundHandler", (Handler,), {"app": app})
+    server = ThreadingHTTPServer((args.host, args.port), handler)
+    server.daemon_threads = True
+    if args.host in ("127.0.0.1", "localhost", "::1"):
+        app.hosts = {"127.0.0.1", "localhost", "::1"}
+    server.app = app
+    return server
+
+
+# --------------------------------------------------------------------------- CLI
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="folder of images to annotate (TIF/PNG/JPG)")
+    p.add_argument("--clicks", default=None, help="the click file, created when missing (.csv in pixels, .geojson / "
+                                                  ".gpkg in map coordinates); default clicks.geojson when every image "
+                                                  "is georeferenced, else clicks.csv")
+    p.add_argument("--classes", default=None,
+                   help="JSON class file (spec.load_class_file); default the Potsdam classes")
+    p.add_argument("--checkpoint", default=None, help="a model to show and suggest from before any training here")
+    p.add_argument("--runs", default="checkpoints/annotate", help="run folder: the training's checkpoints and log")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of a training started from the page")
+    p.add_argument("--train-command", default=None,
+                   help="the training command ({python} {images} {clicks} {classes} {out} {epochs} filled in); "
+                        "default (or $ANNOTATE_TRAIN_COMMAND): " + DEFAULT_TRAIN_COMMAND.replace("%", "%%"))
+    p.add_argument("--device", default="cpu", help="where the page's predictions run")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
+    return p
+
+
+def main(args):
+    try:
+        server = make_server(args)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    app = server.app
+    if args.checkpoint:
+        app.training.predict_all(args.checkpoint)
+        app.training.state.update(state="done", model=1, message=f"showing {args.checkpoint}")
+    host, port = server.server_address[:2]
+    print(f"{len(app.images.refs)} images ({len(app.images.errors)} unreadable), clicks in {app.click_file.path}")
+    print(f"annotate: open http://{'[' + host + ']' if ':' in host else host}:{port}/  (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,122 @@
+// The model: start a short training, follow its progress, show its prediction, its accuracy on held-out clicks
+// and the places it is least sure of (suggestions, answered by ordinary clicks).
+"use strict";
+
+class Training {
+  constructor(app) {
+    this.app = app;
+    this.model = 0;
+    this.suggestions = []; // [{image, x, y, margin, predicted}]
+    this.timer = null;
+    this.el = (id) => document.getElementById(id);
+  }
+
+  async start() {
+    try {
+      const s = await api.post("/api/train", { epochs: Number(this.el("epochs").value) });
+      this.show(s);
+      this.poll();
+    } catch (e) {
+      this.app.message(e.message);
+    }
+  }
+
+  poll() {
+    clearTimeout(this.timer);
+    this.timer = setTimeout(async () => {
+      const s = await api.get("/api/train").catch(() => null);
+      if (s) this.show(s);
+      if (!s || s.state === "running" || s.state === "predicting") this.poll();
+    }, 700);
+  }
+
+  show(s) {
+    const bar = this.el("progress");
+    bar.max = s.epochs || 1;
+    bar.value = s.state === "done" ? bar.max : s.epoch;
+    const text = {
+      idle: "no model yet",
+      running: `training: epoch ${s.epoch} of ${s.epochs}`,
+      predicting: `predicting the images (trained ${s.epochs} epochs)`,
+      done: `model ${s.model} shown`,
+      failed: s.message + (s.log && s.log.length ? `: ${s.log[s.log.length - 1]}` : ""),
+    }[s.state];
+    this.el("train-status").textContent = text;
+    this.el("train").disabled = s.state === "running" || s.state === "predicting";
+    if (s.state === "done" && s.model !== this.model) {
+      this.model = s.model;
+      this.app.viewer.model = s.model;
+      this.app.viewer.predicted = new Set(s.predicted);
+      this.el("accuracy").textContent = formatMetrics(s.metrics);
+      this.app.viewer.redraw();
+    }
+  }
+
+  async suggest() {
+    try {
+      const n = Number(this.el("suggest-n").value) || 10;
+      this.suggestions = (await api.get(`/api/suggest?n=${n}`)).suggestions;
+    } catch (e) {
+      this.app.message(e.message);
+      return;
+    }
+    this.list();
+    if (this.suggestions.length) this.goTo(this.suggestions[0]);
+  }
+
+  list() {
+    const ol = this.el("suggestions");
+    ol.replaceChildren(...this.suggestions.map((s) => {
+      const li = document.createElement("li");
+      li.textContent = `${s.image} (${s.x}, ${s.y}) margin ${s.margin.toFixed(2)}`;
+      li.onclick = () => this.goTo(s);
+      return li;
+    }));
+    this.app.viewer.redraw();
+  }
+
+  goTo(s) {
+    this.app.select(s.image, () => this.app.viewer.centreOn(s.x + 0.5, s.y + 0.5));
+  }
+
+  // The suggestion under screen point (sx, sy), or null: a click there answers it (its exact pixel).
+  hit(viewer, sx, sy, radius = 10) {
+    return this.suggestions.find((s) => {
+      if (s.image !== viewer.image.name) return false;
+      const [px, py] = viewer.imageToScreen(s.x + 0.5, s.y + 0.5);
+      return Math.hypot(px - sx, py - sy) <= radius;
+    }) || null;
+  }
+
+  answered(s) {
+    this.suggestions = this.suggestions.filter((t) => t !== s);
+    this.list();
+  }
+
+  draw(ctx, viewer) {
+    ctx.strokeStyle = "#ff8c00";
+    ctx.lineWidth = 3;
+    for (const s of this.suggestions) {
+      if (s.image !== viewer.image.name) continue;
+      const [sx, sy] = viewer.imageToScreen(s.x + 0.5, s.y + 0.5);
+      ctx.beginPath();
+      ctx.arc(sx, sy, 10, 0, 2 * Math.PI);
+      ctx.stroke();
+    }
+  }
+}
+
+// history.json's val_* numbers of the shown model, labelled: they are measured on held-out clicks.
+function formatMetrics(m) {
+  if (!m) return "";
+  const parts = [];
+  for (const [k, v] of Object.entries(m)) {
+    if (typeof v !== "number" || !k.startsWith("val_") || k.endsWith("_ci")) continue;
+    const ci = m[`${k}_ci`];
+    const name = k.slice(4).replace(/_/g, " ");
+    parts.push(Array.isArray(ci) && ci.every((c) => typeof c === "number")
+      ? `${name} ${v.toFixed(3)} [${ci[0].toFixed(3)}, ${ci[1].toFixed(3)}]`
+      : `${name} ${v.toFixed(3)}`);
+  }
+  return parts.length ? `held-out clicks: ${parts.join("; ")}` : "held-out clicks: none measured";
+}

@@ -1,0 +1,374 @@
+"""annotate.py's HTTP API: listing, tiles, clicks saved in the format read_clicks takes, merges across servers,
+the bounds and the paths it refuses, and (slow) a training started from the API with its overlay and suggestions."""
+
+import http.client
+import json
+import re
+import threading
+import time
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from PIL import Image
+from rasterio.transform import from_origin
+
+import annotate
+from annotations import read_clicks
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A stand-in for `train.py --clicks` while train.py has no --clicks: same command line, trains the tiny model on
+# the clicked pixels, writes best_model.pth (checkpoint.save_checkpoint) and a history.json with val_* keys.
+STANDIN = r'''
+import argparse, json, sys
+from pathlib import Path
+import numpy as np, torch
+sys.path.insert(0, REPO)
+from annotations import read_clicks
+from checkpoint import save_checkpoint
+from model import build_model
+from spec import DataSpec, load_class_file, load_input
+
+p = argparse.ArgumentParser()
+for name in ("--images", "--clicks", "--classes", "--out", "--epochs"):
+    p.add_argument(name)
+a = p.parse_args()
+classes = load_class_file(a.classes)
+spec = DataSpec(classes=classes, scale=1.0)
+clicks = read_clicks(a.clicks, a.images, classes)
+torch.manual_seed(0)
+model = build_model("tiny", classes.num_classes, 3)
+opt = torch.optim.Adam(model.parameters(), 0.05)
+data = [(torch.from_numpy(load_input(c.image.path, spec).image).permute(2, 0, 1)[None].float() / 255,
+         torch.from_numpy(c.label().astype(np.int64))[None]) for c in clicks.images.values() if len(c)]
+epochs, history = int(a.epochs), []
+for e in range(1, epochs + 1):
+    for _ in range(15):
+        for x, y in data:
+            loss = torch.nn.functional.cross_entropy(model(x), y, ignore_index=255)
+            opt.zero_grad(); loss.backward(); opt.step()
+    print(f"epoch {e:3d}/{epochs} | loss {loss.item():.4f}", flush=True)
+    history.append({"epoch": e, "train_loss": loss.item(), "val_accuracy": 0.75, "val_accuracy_ci": [0.5, 0.9]})
+out = Path(a.out)
+out.mkdir(parents=True, exist_ok=True)
+save_checkpoint(out / "best_model.pth", model.eval(), spec, epoch=epochs)
+(out / "history.json").write_text(json.dumps(history))
+'''.replace("REPO", repr(str(REPO)))
+
+_HAS_CLICKS = None
+
+
+def train_command(tmp_path):
+    """The real train.py with tiny settings when it takes --clicks, else the stand-in with the same arguments."""
+    global _HAS_CLICKS
+    if _HAS_CLICKS is None:  # read from the source: `train.py --help` costs a torch import
+        source = (REPO / "config.py").read_text() + (REPO / "train.py").read_text()
+        _HAS_CLICKS = bool(re.search(r"^\s*clicks\s*:|\"--clicks\"", source, re.M))
+    if _HAS_CLICKS:
+        return annotate.DEFAULT_TRAIN_COMMAND.replace("--arch resnet18", "--arch tiny --size 32")
+    script = tmp_path / "standin_train.py"
+    script.write_text(STANDIN)
+    return f"{{python}} {script} --images {{images}} --clicks {{clicks}} --classes {{classes}} --out {{out}} " \
+           f"--epochs {{epochs}}"
+
+
+def colour_image(h, w, seed=0):
+    """Left half green-brown, right half grey, with noise: two classes a tiny model tells apart."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, : w // 2] = (110, 150, 60)
+    img[:, w // 2:] = (150, 150, 150)
+    return np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def pngs(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(30, 40), (24, 36)]):
+        Image.fromarray(colour_image(h, w, i)).save(folder / f"im{i}.png")
+    return folder
+
+
+class Server:
+    """annotate's server on a free port in a thread; `request` answers (status, headers, body)."""
+
+    def __init__(self, images, clicks, runs, **kw):
+        args = annotate.get_args_parser().parse_args(
+            ["--images", str(images), "--clicks", str(clicks), "--runs", str(runs), "--port", "0"])
+        for k, v in kw.items():
+            setattr(args, k, v)
+        self.server = annotate.make_server(args)
+        self.app = self.server.app
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def request(self, method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        hdrs = {"Content-Type": "application/json"} if data is not None else {}
+        hdrs.update(headers or {})
+        conn.request(method, path, body=data, headers=hdrs)
+        r = conn.getresponse()
+        out = r.status, dict(r.getheaders()), r.read()
+        conn.close()
+        return out
+
+    def json(self, method, path, body=None, status=200):
+        code, _, data = self.request(method, path, body)
+        assert code == status, (code, data)
+        return json.loads(data)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def server(pngs, tmp_path):
+    s = Server(pngs, tmp_path / "clicks.csv", tmp_path / "runs")
+    yield s
+    s.close()
+
+
+def png(data):
+    return np.asarray(Image.open(BytesIO(data)))
+
+
+# --------------------------------------------------------------------------- listing and tiles
+
+def test_listing_shows_an_unreadable_image_as_an_error(pngs, tmp_path):
+    (pngs / "broken.png").write_bytes(b"not a png at all")
+    s = Server(pngs, tmp_path / "clicks.csv", tmp_path / "runs")
+    try:
+        cfg = s.json("GET", "/api/config")
+        assert [i["name"] for i in cfg["images"]] == ["im0", "im1"]
+        assert cfg["images"][0]["width"] == 40 and cfg["images"][0]["height"] == 30
+        assert [e["file"] for e in cfg["errors"]] == ["broken.png"]
+        assert cfg["classes"]["names"][0] == "impervious_surfaces"
+        assert s.request("GET", "/")[0] == 200 and b"<canvas" in s.request("GET", "/")[2]
+    finally:
+        s.close()
+
+
+def test_tiles_are_windows_of_the_image_decimated_by_zoom(server, pngs):
+    full = np.asarray(Image.open(pngs / "im0.png"))
+    code, hdrs, data = server.request("GET", "/api/tile?image=im0&z=0&x=0&y=0&size=16")
+    assert code == 200 and hdrs["Content-Type"] == "image/png"
+    assert np.array_equal(png(data), full[:16, :16])
+    code, _, data = server.request("GET", "/api/tile?image=im0&z=0&x=2&y=1&size=16")  # the edge tile: 8 x 14
+    assert np.array_equal(png(data), full[16:30, 32:40])
+    code, _, data = server.request("GET", "/api/tile?image=im0&z=1&x=0&y=0&size=16")  # every 2nd pixel
+    assert np.array_equal(png(data), full[:30:2, :32:2])
+
+
+def test_a_20000_pixel_geotiff_is_served_by_windows(tmp_path):
+    folder = tmp_path / "big"
+    folder.mkdir()
+    path = folder / "big.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=20000, height=20000, count=3, dtype="uint8", tiled=True,
+                       blockxsize=512, blockysize=512, compress="deflate", sparse_ok=True, crs="EPSG:32616",
+                       transform=from_origin(500000, 3700000, 0.5, 0.5)) as ds:
+        patch = np.zeros((3, 100, 100), np.uint8)
+        patch[0] = 255
+        ds.write(patch, window=rasterio.windows.Window(15000, 12000, 100, 100))
+    assert path.stat().st_size < 5_000_000  # sparse: the test holds no 1.2 GB of pixels
+    s = Server(folder, tmp_path / "clicks.geojson", tmp_path / "runs")
+    try:
+        cfg = s.json("GET", "/api/config")
+        assert cfg["images"][0]["width"] == 20000 and cfg["images"][0]["georeferenced"]
+        code, _, data = s.request("GET", "/api/tile?image=big&z=0&x=58&y=46&size=256")  # holds (15000, 12000)
+        tile = png(data)
+        assert code == 200 and tile.shape == (256, 256, 3)
+        assert (tile[12000 - 46 * 256, 15000 - 58 * 256] == (255, 0, 0)).all() and (tile[0, 0] == 0).all()
+        code, _, data = s.request("GET", "/api/tile?image=big&z=7&x=0&y=0&size=256")  # the whole image, small
+        assert code == 200 and png(data).shape == (157, 157, 3)
+        assert s.request("GET", "/api/tile?image=big&z=0&x=0&y=0&size=4096")[0] == 400
+        r = s.json("POST", "/api/clicks", {"op": "add", "image": "big", "points": [[15050.5, 12010.5]], "class": 1})
+        assert r["count"] == 1
+        got = read_clicks(tmp_path / "clicks.geojson", folder).images["big"]
+        assert (got.rows.tolist(), got.cols.tolist(), got.classes.tolist()) == ([12010], [15050], [1])
+    finally:
+        s.close()
+
+
+# --------------------------------------------------------------------------- clicks
+
+def test_clicks_are_saved_at_once_in_the_format_read_clicks_takes(server, pngs, tmp_path):
+    r = server.json("POST", "/api/clicks", {"op": "add", "image": "im0", "points": [[3, 4], [10.7, 20.2]], "class": 2})
+    assert r["changed"] == [[3, 4, None, 2], [10, 20, None, 2]] and r["count"] == 2
+    server.json("POST", "/api/clicks", {"op": "add", "image": "im1", "points": [[5, 6]], "class": 1})
+    refs = [pngs / "im0.png", pngs / "im1.png"]
+    got = read_clicks(tmp_path / "clicks.csv", refs)
+    def xyc(c):
+        return list(zip(c.cols.tolist(), c.rows.tolist(), c.classes.tolist()))
+    assert xyc(got.images["im0"]) == [(3, 4, 2), (10, 20, 2)] and xyc(got.images["im1"]) == [(5, 6, 1)]
+    # a point of another class on a clicked pixel replaces it; remove takes it away
+    r = server.json("POST", "/api/clicks", {"op": "add", "image": "im0", "points": [[3, 4]], "class": 0})
+    assert r["changed"] == [[3, 4, 2, 0]]
+    r = server.json("POST", "/api/clicks", {"op": "remove", "image": "im0", "points": [[10, 20]]})
+    assert r["changed"] == [[10, 20, 2, None]] and r["count"] == 2
+    got = read_clicks(tmp_path / "clicks.csv", refs)
+    assert got.images["im0"].cols.tolist() == [3] and got.images["im0"].classes.tolist() == [0]
+    assert server.json("GET", "/api/clicks?image=im0")["clicks"] == {"im0": [[3, 4, 0, "point"]]}
+    assert not list(tmp_path.glob(".clicks.csv.*.tmp"))  # written through a temporary, renamed
+
+
+def test_a_scribble_is_saved_as_line_pixels(server, pngs, tmp_path):
+    r = server.json("POST", "/api/clicks", {"op": "add", "image": "im0", "points": [[2.5, 5.5], [12.5, 5.5]],
+                                            "class": 3, "kind": "line"})
+    assert len(r["changed"]) >= 10
+    got = read_clicks(tmp_path / "clicks.csv", [pngs / "im0.png", pngs / "im1.png"]).images["im0"]
+    assert set(got.rows.tolist()) == {5} and {2, 12} <= set(got.cols.tolist())
+    assert set(got.kinds.tolist()) == {1}  # annotations.LINE
+
+
+def test_georeferenced_clicks_go_to_geojson_in_map_coordinates(tmp_path):
+    folder = tmp_path / "geo"
+    folder.mkdir()
+    for i in range(2):
+        with rasterio.open(folder / f"t{i}.tif", "w", driver="GTiff", width=32, height=32, count=3, dtype="uint8",
+                           crs="EPSG:32616", transform=from_origin(500000 + 16 * i, 3700000, 0.5, 0.5)) as ds:
+            ds.write(np.moveaxis(colour_image(32, 32, i), -1, 0))
+    s = Server(folder, tmp_path / "clicks.geojson", tmp_path / "runs")
+    try:
+        s.json("POST", "/api/clicks", {"op": "add", "image": "t1", "points": [[7, 9]], "class": 4})
+    finally:
+        s.close()
+    doc = json.loads((tmp_path / "clicks.geojson").read_text())
+    x, y = doc["features"][0]["geometry"]["coordinates"][:2]
+    assert (x, y) == (500000 + 16 + 7.5 * 0.5, 3700000 - 9.5 * 0.5)  # pixel centre in metres, EPSG:32616
+    assert "32616" in json.dumps(doc.get("crs"))
+    got = read_clicks(tmp_path / "clicks.geojson", [folder / "t1.tif"]).images["t1"]
+    assert (got.cols.tolist(), got.rows.tolist(), got.classes.tolist()) == ([7], [9], [4])
+
+
+def test_two_servers_on_one_file_keep_each_others_clicks(pngs, tmp_path):
+    a = Server(pngs, tmp_path / "clicks.csv", tmp_path / "runs_a")
+    b = Server(pngs, tmp_path / "clicks.csv", tmp_path / "runs_b")
+    try:
+        def click(s, xs, cls):
+            for x in xs:
+                s.json("POST", "/api/clicks", {"op": "add", "image": "im0", "points": [[x, cls]], "class": cls})
+        threads = [threading.Thread(target=click, args=(s, range(0, 30, 3), c))
+                   for s, c in ((a, 1), (b, 2), (a, 3), (b, 4))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        a.close()
+        b.close()
+    got = read_clicks(tmp_path / "clicks.csv", [pngs / "im0.png", pngs / "im1.png"]).images["im0"]
+    assert len(got) == 40
+    assert sorted(set(zip(got.rows.tolist(), got.classes.tolist()))) == [(1, 1), (2, 2), (3, 3), (4, 4)]
+
+
+def test_bad_operations_are_refused_and_leave_the_file_alone(server, tmp_path):
+    server.json("POST", "/api/clicks", {"op": "add", "image": "im0", "points": [[1, 1]], "class": 0})
+    before = (tmp_path / "clicks.csv").read_bytes()
+    for body, status in [({"op": "add", "image": "im0", "points": [[1, 1]], "class": 6}, 400),  # 6 classes: 0..5
+                         ({"op": "add", "image": "im0", "points": [[40, 1]], "class": 0}, 400),  # x past the width
+                         ({"op": "add", "image": "im0", "points": [["a", 1]], "class": 0}, 400),
+                         ({"op": "move", "image": "im0", "points": [[1, 1]]}, 400),
+                         ({"op": "add", "image": "nope", "points": [[1, 1]], "class": 0}, 404),
+                         ({"op": "add", "image": "im0", "points": [[1, 1]] * (annotate.MAX_PIXELS_PER_OP + 1),
+                           "class": 0}, 413)]:
+        assert server.request("POST", "/api/clicks", body)[0] == status, body
+    assert (tmp_path / "clicks.csv").read_bytes() == before
+    assert server.request("POST", "/api/clicks", b"{not json")[0] == 400
+    assert server.request("POST", "/api/clicks", b"{}", {"Content-Type": "text/plain"})[0] == 415
+
+
+# --------------------------------------------------------------------------- security and bounds
+
+def test_paths_outside_what_the_server_owns_are_404(pngs, tmp_path):
+    outside = tmp_path / "secret.png"
+    Image.fromarray(colour_image(8, 8)).save(outside)
+    (pngs / "link.png").symlink_to(outside)
+    s = Server(pngs, tmp_path / "clicks.csv", tmp_path / "runs")
+    try:
+        assert [e["file"] for e in s.json("GET", "/api/config")["errors"]] == ["link.png"]
+        for path in ["/static/../annotate.py", "/static/%2e%2e/annotate.py", "/static/%2e%2e%2fannotate.py",
+                     "/static/..%2fannotate.py", "/../annotate.py", "/%2e%2e/annotate.py", "/annotate.py",
+                     "/static//etc/passwd", "/static/%2fetc%2fpasswd", "/etc/passwd", "/static/", "/static/app.jsx",
+                     "/api/tile?image=../images/im0&z=0&x=0&y=0", "/api/tile?image=%2e%2e%2fimages%2fim0&z=0&x=0&y=0",
+                     f"/api/tile?image={pngs}/im0.png&z=0&x=0&y=0", "/api/tile?image=/etc/passwd&z=0&x=0&y=0",
+                     "/api/tile?image=link&z=0&x=0&y=0", "/api/tile?image=im0.png&z=0&x=0&y=0",
+                     "/api/tile?image=im0&z=0&x=9&y=0", "/api/clicks?image=../clicks",
+                     "/api/overlay?image=im0&z=0&x=0&y=0", "/clicks.csv", "/runs/"]:
+            code, _, body = s.request("GET", path)
+            assert code == 404, (path, code, body)
+            assert b"root:" not in body and b"import " not in body  # neither /etc/passwd nor source
+        assert s.request("POST", "/api/../api/clicks", {})[0] == 404
+        assert s.request("GET", "/static/app.js")[0] == 200
+    finally:
+        s.close()
+
+
+def test_bounds_body_size_and_tile_size(server):
+    big = b"{" + b" " * (annotate.MAX_BODY + 1) + b"}"
+    assert server.request("POST", "/api/clicks", big)[0] == 413
+    assert server.request("GET", f"/api/tile?image=im0&z=0&x=0&y=0&size={annotate.MAX_TILE + 1}")[0] == 400
+    assert server.request("GET", f"/api/tile?image=im0&z=0&x=0&y=0&size={annotate.MAX_TILE}")[0] == 200
+    assert server.request("GET", "/api/tile?image=im0&z=99&x=0&y=0")[0] == 400
+    assert server.request("GET", "/api/tile?image=im0&z=0&x=0&y=zero")[0] == 400
+    assert server.request("GET", "/api/config", headers={"Host": "evil.example:8765"})[0] == 403
+
+
+def test_held_out_metrics_are_the_checkpoints_epoch(tmp_path):
+    (tmp_path / "history.json").write_text(json.dumps([
+        {"epoch": 1, "train_loss": 1.0, "val_accuracy": 0.5, "val_accuracy_ci": [0.4, 0.6]},
+        {"epoch": 2, "train_loss": 0.5, "val_accuracy": 0.7, "val_accuracy_ci": [0.6, 0.8], "val_miou": float("nan")}]))
+    assert annotate.held_out_metrics(tmp_path / "history.json", 1) == {
+        "val_accuracy": 0.5, "val_accuracy_ci": [0.4, 0.6], "epoch": 1}
+    assert annotate.held_out_metrics(tmp_path / "history.json")["val_miou"] is None
+    assert annotate.held_out_metrics(tmp_path / "missing.json") == {}
+
+
+# --------------------------------------------------------------------------- training
+
+def wait_trained(s, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        st = s.json("GET", "/api/train")
+        if st["state"] in ("done", "failed"):
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"training did not finish in {timeout} s: {st}")
+
+
+@pytest.mark.slow
+def test_train_from_the_api_then_overlay_and_suggestions(pngs, tmp_path):
+    s = Server(pngs, tmp_path / "clicks.csv", tmp_path / "runs", train_command=None)
+    s.app.training.command = train_command(tmp_path)
+    try:
+        assert s.request("POST", "/api/train", {"epochs": 1})[0] == 400  # no clicks yet
+        for img, (h, w) in (("im0", (30, 40)), ("im1", (24, 36))):
+            pts = [[x, y] for x in (2, 6, 10) for y in (3, h - 4)]
+            s.json("POST", "/api/clicks", {"op": "add", "image": img, "points": pts, "class": 5})
+            pts = [[x, y] for x in (w - 3, w - 7, w - 11) for y in (3, h - 4)]
+            s.json("POST", "/api/clicks", {"op": "add", "image": img, "points": pts, "class": 1})
+        st = s.json("POST", "/api/train", {"epochs": 2})
+        assert st["state"] == "running" and st["epochs"] == 2
+        assert s.request("POST", "/api/train", {"epochs": 2})[0] == 409  # not started twice
+        st = wait_trained(s)
+        assert st["state"] == "done", st
+        assert st["epoch"] == 2 and st["predicted"] == ["im0", "im1"]
+        assert any(k.startswith("val_") for k in st["metrics"])
+        over = png(s.request("GET", "/api/overlay?image=im0&z=0&x=0&y=0&size=64")[2])
+        assert over.shape == (30, 40, 4) and (over[..., 3] == 255).all()
+        assert (over[15, 2, :3] == (255, 0, 0)).all() and (over[15, 37, :3] == (0, 0, 255)).all()  # clutter, building
+        unsure = png(s.request("GET", "/api/overlay?image=im0&z=0&x=0&y=0&size=64&layer=unsure")[2])
+        assert unsure.shape == (30, 40, 4)
+        sug = s.json("GET", "/api/suggest?n=5")["suggestions"]
+        assert len(sug) == 5 and sug == sorted(sug, key=lambda t: t["margin"])
+        clicked = {(img, x, y) for img, pts in s.json("GET", "/api/clicks")["clicks"].items() for x, y, _, _ in pts}
+        assert not clicked & {(t["image"], t["x"], t["y"]) for t in sug}
+        assert (tmp_path / "runs" / "train.log").read_text().count("epoch") >= 2
+    finally:
+        s.close()
