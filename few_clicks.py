@@ -34,6 +34,9 @@ within a batch of equal sizes, so there is no padding) and changes the annotatio
   labels, grown labels over pseudo-labels; undefined pixels stay unlabelled); one with clicks of two classes
   or none stays as it was. Grown at the start (`start`) and again after every click round.
 Both rounds at once: where both fall on one epoch, one prediction serves both, the clicks first.
+With a person's clicks (train.py --clicks) self-training and region growing work as on simulated clicks; without
+dense labels their "right by the dense labels" diagnostic is left out, and model-chosen clicks are refused (nothing
+can reveal their classes).
 
 What a round changed (added clicks, grown labels, pseudo-labels) is `state(dataset)`, which train.py keeps in
 last.pth's train_state; `restore` puts it back on --resume (`start`). A round changes the annotation through the
