@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from annotations import parse_fraction
 from class_weights import SCHEMES
 from dataset import parse_points
 from few_clicks import CLICK_STRATEGIES
@@ -96,6 +97,10 @@ def points_valid(v):
     return True
 
 
+def share_valid(v):
+    return isinstance(v, float) and 0 < v < 1
+
+
 def class_weights_valid(v):
     return v in ("points", "dense", "none") or Path(v).is_file()
 
@@ -138,6 +143,19 @@ class TrainConfig:
     allow_unclicked: bool = setting(False, "train although some classes have no labelled training point (named in "
                                            "the log and kept in the checkpoint; the model never learns them)",
                                     LOSS, neutral=True)
+    clicks: Optional[str] = setting(
+        None, "a person's clicks instead of simulated points: a GeoPackage/GeoJSON/Shapefile layer (points, lines, "
+              "polygons; map coordinates), a CSV image,x,y,class (pixels), a Label Studio JSON, a CVAT XML or a folder "
+              "of sparse label rasters (annotations.read_clicks; docs/clicks.md). Without --labels they also validate "
+              "(--val-clicks)", LOSS, annotation=True, neutral=True)
+    class_field: str = setting("class", "--clicks: the attribute or column that holds the class (name or index)",
+                               LOSS, annotation=True, neutral=True)
+    line_width: float = setting(1.0, "--clicks: width in pixels of drawn lines (scribbles)", LOSS, check=positive,
+                                must="be a positive number of pixels", annotation=True, neutral=True)
+    val_clicks: Optional[float] = setting(
+        None, "--clicks without dense labels: hold out this share of the clicks for validation, spatially blocked "
+              "(whole images, or blocks of few images), e.g. 20%% (default then: 20%%)", LOSS, parse=parse_fraction,
+        check=optional(share_valid), must="be a share in (0, 1) like 20% or 0.2", annotation=True, neutral=True)
     class_weights: str = setting("points", "points, dense, none, or a .pt file (a run writes <out>/class_weights.pt)",
                                  LOSS, check=class_weights_valid, must="be points, dense, none or an existing .pt file")
     class_weighting: str = setting(
@@ -207,6 +225,10 @@ class TrainConfig:
                                   "are redrawn every epoch or the data do not fit; dataloader: the per-item "
                                   "DataLoader", RUN, choices=LOADERS, role="how")
     out: str = setting("checkpoints", "folder for checkpoints, history and figures of this run", RUN, role="how")
+    export_clicks: Optional[str] = setting(
+        None, "write the clicks the run trains on (read or simulated) before training, by extension: .gpkg/.geojson "
+              "(points in map coordinates where the images have them) or .csv (pixels); --clicks reads them back",
+        RUN, role="how")
     figures: bool = setting(True, "output.png (curves) and results.png in --out", RUN, role="how")
     exclude: tuple = setting((), "classes left out of the means, e.g. clutter", RUN, parse=parse_names)
     resume: bool = setting(False, "continue from <out>/last.pth (same settings)", RUN, role="how")
@@ -237,8 +259,29 @@ def key_settings(cfg):
 
 
 def annotation_of(cfg):
-    """The annotation settings of a run, as the resident cache keys them."""
-    return {name: getattr(cfg, name) for name in ANNOTATION_FIELDS}
+    """The annotation settings of a run, as the resident cache keys them: a neutral one only when it differs from its
+    default (caches of runs without it stay valid), and with --clicks the digest of the click file's content, so that
+    clicks edited in place give a new cache."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        s, v = f.metadata["setting"], getattr(cfg, f.name)
+        if s.annotation and not (s.neutral and v == f.default):
+            out[f.name] = v
+    if cfg.clicks:
+        out["clicks_sha256"] = content_digest(cfg.clicks)
+    return out
+
+
+def content_digest(path):
+    """sha256 of a file's bytes, or of a folder's files (names and bytes, sorted)."""
+    import hashlib
+    path = Path(path)
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if p.is_file():
+            h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- rules between settings
@@ -253,8 +296,40 @@ def _rounds_below_epochs(cfg):
 
 def _rounds_need_fixed_points(cfg):
     for name in ("self_training", "rounds", "region_growing"):
-        if getattr(cfg, name) and (cfg.points is None or cfg.resample_each_epoch):
+        if getattr(cfg, name) and ((cfg.points is None and not cfg.clicks) or cfg.resample_each_epoch):
             yield f"{name.replace('_', '-')} needs a fixed point annotation (not dense labels, not redrawn every epoch)"
+
+
+def dense_labels(cfg):
+    """True when the run has dense labels (a patch folder, or --images with --labels); False for --images alone."""
+    return not (cfg.images and not cfg.labels)
+
+
+def _clicks_rules(cfg):
+    if cfg.export_clicks and cfg.clicks and Path(cfg.export_clicks).resolve() == Path(cfg.clicks).resolve():
+        yield f"--export-clicks {cfg.export_clicks} is the --clicks file this run reads; write the export elsewhere"
+    elif cfg.export_clicks and Path(cfg.export_clicks).exists() and not cfg.overwrite:
+        yield (f"--export-clicks {cfg.export_clicks} exists already; choose another file, or --overwrite to replace "
+               f"it")
+    if cfg.clicks and cfg.resample_each_epoch:
+        yield "--clicks are a fixed annotation; they cannot be redrawn every epoch (--resample-each-epoch)"
+    if dense_labels(cfg):
+        if cfg.val_clicks is not None:
+            yield ("--val-clicks holds out clicks for validation when there are no dense labels; with dense labels "
+                   "the run validates on them (leave out --labels to validate on held-out clicks)")
+        return
+    if not cfg.clicks:
+        yield ("own data needs both --images and --labels folders, or --clicks (a person's clicks) to train "
+               "without labels")
+        return
+    if cfg.rounds:
+        yield ("--rounds reveals the class of each model-chosen click from dense labels, and this run has none "
+               "(--images without --labels); click those pixels yourself and add them to --clicks, or give --labels")
+    if cfg.class_weights == "dense":
+        yield "--class-weights dense counts the dense labels, and this run has none; use points (the clicks) or none"
+    if cfg.split or cfg.train_ids is not None or cfg.val_ids is not None:
+        yield ("without dense labels the run validates on held-out clicks chosen by --val-clicks; --split, "
+               "train_ids and val_ids apply to dense labels only")
 
 
 def _resident_needs_fixed_points(cfg):
@@ -262,7 +337,7 @@ def _resident_needs_fixed_points(cfg):
         yield "--loader resident holds fixed points; points redrawn every epoch need --loader dataloader (or auto)"
 
 
-RULES = (_rounds_below_epochs, _rounds_need_fixed_points, _resident_needs_fixed_points)
+RULES = (_rounds_below_epochs, _rounds_need_fixed_points, _resident_needs_fixed_points, _clicks_rules)
 
 
 def flag(name):

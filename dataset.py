@@ -1,8 +1,8 @@
-"""Potsdam patches, their labels and simulated point annotations.
+"""Potsdam patches, their labels and simulated point annotations (or a person's clicks).
 
 A dataset sample holds the image, the point annotation (IGNORE_INDEX where nobody clicked) and the dense
-label (for evaluation only). What a file becomes before the model (bands, intensity, scale) is the contract
-in spec.py, which infer.py follows too; the class list and palette live there.
+label (for evaluation only; all IGNORE_INDEX when the images come without labels, so nothing dense scores).
+What a file becomes before the model (bands, intensity, scale) is the contract in spec.py, which infer.py follows too; the class list and palette live there.
 """
 
 import json
@@ -272,6 +272,11 @@ class SegmentationDataset(Dataset):
         resample_each_epoch: redraw points every epoch (the published code's behaviour; for comparison only).
         augment: random flips and 90-degree rotations, applied to image, points and label together.
         cache: keep decoded, resized samples in memory.
+        clicks: a person's clicks instead of drawn points: {image file stem: annotations.ImageClicks} (native flat
+            pixels and their classes); an image without an entry has no click. Each click keeps its own class,
+            whatever the dense label says. `points` and `strategy` then do not apply.
+
+    A pair's label path may be None (images without labels, with `clicks`): its dense label is all IGNORE_INDEX.
 
     A sample is a dict: image (B, h, w) float in [0, 1], points (h, w) long with IGNORE_INDEX where
     unlabelled, label (h, w) long dense (evaluation only), id. Images of different sizes give samples of
@@ -279,9 +284,11 @@ class SegmentationDataset(Dataset):
     """
 
     def __init__(self, pairs, spec=None, points=20000, strategy="uniform", seed=0, resample_each_epoch=False,
-                 augment=False, cache=True):
+                 augment=False, cache=True, clicks=None):
         if not pairs:
             raise ValueError("the dataset has no images")
+        if clicks is not None and resample_each_epoch:
+            raise ValueError("given clicks are a fixed annotation; they cannot be redrawn every epoch")
         if strategy not in ("uniform", "balanced"):
             raise ValueError(f"unknown point strategy {strategy!r}; use 'uniform' or 'balanced'")
         if isinstance(points, str):
@@ -297,6 +304,8 @@ class SegmentationDataset(Dataset):
         self.resample_each_epoch = resample_each_epoch
         self.augment = augment
         self.cache = cache
+        self.clicks = clicks
+        self.has_labels = all(p[2] is not None for p in self.pairs)
         self.epoch = 0
         self._cache = {}  # (image, native label, dense label) per image; native None: seeded (seed_sample), unread
         self._points = {}
@@ -330,7 +339,8 @@ class SegmentationDataset(Dataset):
             return item
         image_id, image_path, label_path = self.pairs[i]
         inp = load_input(image_path, self.spec, strict=True)
-        label = read_label(label_path, self.spec.classes)
+        label = read_label(label_path, self.spec.classes) if label_path is not None else \
+            np.full(inp.image.shape[:2], IGNORE_INDEX, np.uint8)  # no labels: nothing dense ever scores
         if inp.image.shape[:2] != label.shape:
             raise ValueError(f"{image_path} is {inp.image.shape[1]}x{inp.image.shape[0]} but its label "
                              f"{label_path} is {label.shape[1]}x{label.shape[0]}; they must match")
@@ -355,6 +365,27 @@ class SegmentationDataset(Dataset):
         """The (B, h, w) float image of sample i on the processing grid, in [0, 1], not augmented."""
         return self._load(i, native=False)[0]
 
+    def defined(self, i):
+        """(h, w) bool: the processing-grid pixels of sample i that may carry a target: labelled in the dense label,
+        or, without labels, every pixel that is not nodata (a nodata pixel is 0 in every band, as padding)."""
+        if self.has_labels:
+            return self.dense_label(i) != IGNORE_INDEX
+        return (self.image(i) != 0).any(0).numpy()
+
+    def given_clicks(self, i):
+        """Sample i's given clicks (an annotations.ImageClicks) or None (no `clicks`, or none on this image)."""
+        return None if self.clicks is None else self.clicks.get(Path(self.pairs[i][1]).stem)
+
+    def _click_classes(self, i, native_label):
+        """The native label the clicks of sample i take their class from: the dense label with the given clicks'
+        own classes written over it (the rounds' clicks read the dense label)."""
+        given = self.given_clicks(i)
+        if given is None or not len(given):
+            return native_label
+        label = native_label.copy()
+        label.reshape(-1)[given.flat] = given.classes
+        return label
+
     def seed_sample(self, i, image, label, points, clicks):
         """Hold sample i as if decoded already (resident.seed_dataset, from a cache file): its processing-grid
         image (B, h, w) float in [0, 1], dense label and drawn annotation (click_grid) as (h, w) uint8, and
@@ -372,8 +403,16 @@ class SegmentationDataset(Dataset):
         return self._clicks[i]
 
     def _draw(self, i, native_label):
-        """The drawn annotation of sample i: sorted native flat indices (see point_grid)."""
+        """The drawn annotation of sample i: sorted native flat indices (see point_grid), or its given clicks."""
         H, W = native_label.shape
+        if self.clicks is not None:
+            given = self.given_clicks(i)
+            if given is None:
+                return np.zeros(0, np.int64)
+            if tuple(given.image.shape) != (H, W):
+                raise ValueError(f"the clicks of {self.pairs[i][1]} were read for a {given.image.shape[1]}x"
+                                 f"{given.image.shape[0]} image; the file is {W}x{H}")
+            return given.flat
         fixed = not self.resample_each_epoch
         rng = np.random.default_rng(_image_seed(self.seed, self.pairs[i][0], None if fixed else self.epoch))
         k = clicks_per_object(self.points)
@@ -395,7 +434,7 @@ class SegmentationDataset(Dataset):
         if i in self._added:
             flat = np.concatenate([flat, self._added[i]])
         self._clicks[i] = (flat.size, native_label.size)
-        grid = points_to_grid(native_label, flat, grid_size(H, W, self.spec.scale))
+        grid = points_to_grid(self._click_classes(i, native_label), flat, grid_size(H, W, self.spec.scale))
         if fixed and self.cache:  # a fixed annotation is drawn once
             self._points[i] = grid
         return grid
@@ -458,7 +497,7 @@ class SegmentationDataset(Dataset):
 
     def set_pseudo(self, i, grid):
         """Pseudo-labels of sample i on the processing grid ((h, w), IGNORE_INDEX where none), replacing the
-        earlier ones; None removes them. Cells that hold a click and pixels undefined in the label are left
+        earlier ones; None removes them. Cells that hold a click and pixels that are not `defined` are left
         unlabelled, so a click always wins and an undefined pixel is never a target."""
         self._set_layer(self._pseudo, i, grid, "pseudo-labels")
 
@@ -473,12 +512,12 @@ class SegmentationDataset(Dataset):
             layer.pop(i, None)
             return
         grid = np.asarray(grid)
-        label = self.dense_label(i)
-        if grid.shape != label.shape:
-            raise ValueError(f"{what} of {self.pairs[i][1]} are {grid.shape}, its processing grid is {label.shape}")
+        defined = self.defined(i)
+        if grid.shape != defined.shape:
+            raise ValueError(f"{what} of {self.pairs[i][1]} are {grid.shape}, its processing grid is {defined.shape}")
         if ((grid >= self.classes.num_classes) & (grid != IGNORE_INDEX)).any() or (grid < 0).any():
             raise ValueError(f"{what} of {self.pairs[i][1]} hold values that are no class")
-        keep = ~self.clicked_cells(i) & (label != IGNORE_INDEX)
+        keep = ~self.clicked_cells(i) & defined
         layer[i] = np.where(keep, grid, IGNORE_INDEX).astype(np.uint8)
 
     def pseudo_grid(self, i):

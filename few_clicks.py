@@ -34,6 +34,9 @@ within a batch of equal sizes, so there is no padding) and changes the annotatio
   labels, grown labels over pseudo-labels; undefined pixels stay unlabelled); one with clicks of two classes
   or none stays as it was. Grown at the start (`start`) and again after every click round.
 Both rounds at once: where both fall on one epoch, one prediction serves both, the clicks first.
+With a person's clicks (train.py --clicks) self-training and region growing work as on simulated clicks; without
+dense labels their "right by the dense labels" diagnostic is left out, and model-chosen clicks are refused (nothing
+can reveal their classes).
 
 What a round changed (added clicks, grown labels, pseudo-labels) is `state(dataset)`, which train.py keeps in
 last.pth's train_state; `restore` puts it back on --resume (`start`). A round changes the annotation through the
@@ -192,8 +195,14 @@ def grow_regions(dataset, indices=None):
         total += g.size
     if indices is None:
         print(f"region growing: the clicks' superpixels label {grown / max(total, 1):.1%} of the training pixels, "
-              f"{right / max(grown, 1):.1%} of them right by the dense labels (diagnostic) | "
-              f"{time.time() - t0:.1f}s", flush=True)
+              f"{_right(right, grown, dataset)} | {time.time() - t0:.1f}s", flush=True)
+
+
+def _right(right, n, dataset):
+    """How many of n labels agree with the dense labels (a diagnostic), or that there are none to check."""
+    if not dataset.has_labels:
+        return "no dense labels to check them"
+    return f"{right / max(n, 1):.1%} of them right by the dense labels (diagnostic)"
 
 
 # --------------------------------------------------------------------------- called by train.py
@@ -241,7 +250,7 @@ def end_of_epoch(cfg, epoch, model, dataset, device):
             grid, dense = dataset.pseudo_grid(i), dataset.dense_label(i)
             n_pseudo += int((grid != IGNORE_INDEX).sum())
             n_correct += int(((grid == dense) & (grid != IGNORE_INDEX)).sum())
-            n_open += int((~dataset.clicked_cells(i) & (dense != IGNORE_INDEX)).sum())
+            n_open += int((~dataset.clicked_cells(i) & dataset.defined(i)).sum())
     seconds = time.time() - t0
     n = len(dataset)
     if clicks:
@@ -253,9 +262,8 @@ def end_of_epoch(cfg, epoch, model, dataset, device):
     if pseudo:
         k = round_epochs(cfg.epochs, cfg.self_training).index(epoch) + 1
         print(f"self-training round {k}/{cfg.self_training} after epoch {epoch}: pseudo-labels (softmax >= "
-              f"{cfg.pseudo_threshold:g}) on {n_pseudo / max(n_open, 1):.1%} of the unclicked labelled training "
-              f"pixels ({n_pseudo}), {n_correct / max(n_pseudo, 1):.1%} of them right by the dense labels "
-              f"(diagnostic) | {seconds:.1f}s", flush=True)
+              f"{cfg.pseudo_threshold:g}) on {n_pseudo / max(n_open, 1):.1%} of the unclicked defined training "
+              f"pixels ({n_pseudo}), {_right(n_correct, n_pseudo, dataset)} | {seconds:.1f}s", flush=True)
     return True
 
 

@@ -13,6 +13,9 @@ Output, in the project's own-data layout (train.py --images/--labels/--classes/-
   <out>/labels/r{row}_c{col}.tif     uint8, the source values 0 / 255 (classes.json maps them to classes)
   <out>/instances/r{row}_c{col}.tif  uint16 building ids, 0 = none, k = instance band k (1-based), so a
                                      building cut by a patch border keeps one id across patches
+  <out>/clicks.gpkg                  the clicks a person would give (write_clicks_layer): one inside every
+                                     building, as many on the background, spread out; points in the image's
+                                     UTM CRS with a `class` attribute (train.py --images ... --clicks ...)
   <out>/classes.json, <out>/split.json (whole patch columns held out for validation), <out>/.done
 
 Patches are --patch-size squares on a grid of (height // size) x (width // size); a remainder at the
@@ -37,8 +40,11 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+from scipy import ndimage
 
+from annotations import ClickSet, ImageClicks, open_image, write_clicks
 from raster import RasterError, atomic_path, read_raster
+from spec import ClassSpec
 
 # --------------------------------------------------------------------------- the source
 
@@ -57,6 +63,10 @@ CLASSES = {"names": ["background", "building"],
            "value_map": {"0": 0, str(BUILDING_VALUE): 1},  # file value -> class index
            # the reader's default ignore value is 255, the building value here: name one that never occurs
            "ignore_value": 254}
+
+
+BACKGROUND_MARGIN = 6  # pixels (3 m): a background click is at least this far from every building
+CLICK_SEED = 0  # where the first background click goes; the others follow by farthest-point sampling
 
 
 class PrepareError(Exception):
@@ -222,6 +232,62 @@ def split_stats(ids, windows, mask, inst):
     return len(ids), building / max(pixels, 1), len(touched)
 
 
+# --------------------------------------------------------------------------- clicks as a person gives them
+
+def building_clicks(inst):
+    """(rows, cols) of one click per building of an (H, W) instance id map (0 = none): its most interior pixel
+    (largest distance to the nearest pixel outside it; the first of equals), as a person clicks the middle of a
+    roof rather than its edge."""
+    rows, cols = [], []
+    for k, box in enumerate(ndimage.find_objects(inst), start=1):
+        if box is None:
+            continue
+        inside = np.pad(inst[box] == k, 1)  # the window's border is outside the building
+        depth = ndimage.distance_transform_edt(inside)[1:-1, 1:-1]
+        r, c = np.unravel_index(int(depth.argmax()), depth.shape)
+        rows.append(box[0].start + r)
+        cols.append(box[1].start + c)
+    return np.array(rows, np.int64), np.array(cols, np.int64)
+
+
+def background_clicks(building, n, margin=BACKGROUND_MARGIN, seed=CLICK_SEED):
+    """(rows, cols) of n background clicks spread over an (H, W) building mask: among the pixels at least `margin`
+    pixels from every building, the first at random (seed), each next one the farthest from those taken."""
+    far = ndimage.distance_transform_edt(~building) >= margin
+    rows, cols = np.nonzero(far)
+    if rows.size == 0 or n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    picks = [int(np.random.default_rng(seed).integers(rows.size))]
+    gap = (rows - rows[picks[0]]) ** 2 + (cols - cols[picks[0]]) ** 2
+    while len(picks) < min(n, rows.size):
+        j = int(gap.argmax())
+        picks.append(j)
+        gap = np.minimum(gap, (rows - rows[j]) ** 2 + (cols - cols[j]) ** 2)
+    return rows[picks].astype(np.int64), cols[picks].astype(np.int64)
+
+
+def write_clicks_layer(out):
+    """Write `<out>/clicks.gpkg` from the patches in `out` (instances/, split.json's grid): building_clicks and as
+    many background_clicks, each in the patch it falls in, as points at pixel centres in the patches' CRS with a
+    `class` attribute (annotations.write_clicks). Returns (building clicks, background clicks)."""
+    split = json.loads((out / "split.json").read_text())
+    (rows, cols), size = split["grid"], split["patch_size"]
+    inst = np.block([[tifffile.imread(out / "instances" / f"{patch_id(r, c)}.tif") for c in range(cols)]
+                     for r in range(rows)])
+    br, bc = building_clicks(inst)
+    gr, gc = background_clicks(inst > 0, br.size)
+    r_all, c_all = np.concatenate([br, gr]), np.concatenate([bc, gc])
+    cls = np.concatenate([np.ones(br.size, np.uint8), np.zeros(gr.size, np.uint8)])
+    images = {}
+    for r in range(rows):
+        for c in range(cols):
+            sel = (r_all // size == r) & (c_all // size == c)
+            ref = open_image(out / "images" / f"{patch_id(r, c)}.tif")
+            images[ref.name] = ImageClicks(ref, r_all[sel] - r * size, c_all[sel] - c * size, cls[sel], 0)
+    write_clicks(out / "clicks.gpkg", ClickSet(images, ClassSpec.from_dict(CLASSES), "prepare_realdata.py"))
+    return br.size, gr.size
+
+
 # --------------------------------------------------------------------------- the whole job
 
 def parse_columns(text):
@@ -266,6 +332,9 @@ def prepare(args):
     done = read_done(out)
     digest = sha256(wheel) if wheel is not None else None
     if done and done.get("settings") == settings and (digest is None or done.get("wheel_sha256") == digest):
+        if not (out / "clicks.gpkg").is_file():  # a set made before the clicks layer existed
+            n = write_clicks_layer(out)
+            print(f"{out}/clicks.gpkg: {n[0]} building and {n[1]} background clicks added")
         print(f"{out} is complete already ({done.get('patches')} patches, wheel sha256 "
               f"{done.get('wheel_sha256', '?')[:12]}..., {settings}); nothing to do")
         return 0
@@ -326,6 +395,7 @@ def prepare(args):
              "source": f"{SOURCE}; wheel sha256 {digest}"}
     write_json(out / "classes.json", CLASSES)
     write_json(out / "split.json", split)
+    n_buildings, n_background = write_clicks_layer(out)
 
     print(f"{len(ids)} patches of {size}x{size} ({rows} rows x {cols} columns) -> {out}; "
           f"{bands.shape[2]} buildings in the image")
@@ -334,6 +404,8 @@ def prepare(args):
         n, share, buildings = split_stats(split[part], windows, mask, inst)
         stats[part] = {"patches": n, "building_share": round(share, 5), "buildings": buildings}
         print(f"  {part:5s} {n:3d} patches, building pixels {share:.2%}, {buildings} buildings touch it")
+    print(f"clicks: {out / 'clicks.gpkg'}: {n_buildings} building clicks (one inside each) and {n_background} "
+          f"background clicks, spread out, in the image's CRS")
     write_json(out / ".done", {"wheel_sha256": digest, "settings": settings, "patches": len(ids),
                                "stats": stats})
     return 0

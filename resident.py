@@ -149,6 +149,8 @@ def cache_key(pairs, spec, annotation):
     files = []
     for image_id, *paths in pairs:
         for p in paths:
+            if p is None:  # images without labels (train.py --clicks)
+                continue
             st = Path(p).stat()
             files.append([str(image_id), str(Path(p).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns])
     text = json.dumps({"version": CACHE_VERSION, "files": files, "spec": spec.to_dict(),

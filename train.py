@@ -1,13 +1,18 @@
-"""Train a segmentation model from point annotations and validate it on dense labels.
+"""Train a segmentation model from point annotations (simulated, or a person's clicks) and validate it.
 
     python train.py --data archive/patches --points 20000 --class-weights points --decoder skip --epochs 100
     python train.py --data demo_data/patches --no-pretrained --epochs 5      # synthetic demo, random init
     python train.py --data archive/patches --points 1/object --affinity-weight 1 --consistency-weight 1   # clicks
     python train.py --data archive/patches --points 10 --rounds 3 --clicks-per-round 10   # model-chosen clicks
+    python train.py --images tiles/ --clicks clicks.gpkg --classes classes.json   # a person's clicks, no labels
 
 Per epoch: one log line (loss, OA and mIoU on the training points, val loss on the val points, val OA / mIoU
-on the dense val labels, lr, seconds). Keeps `<out>/best_model.pth` (best val mIoU) and `<out>/last.pth`
-(with optimizer state, for --resume), `<out>/history.json`, and draws `<out>/output.png` (curves) and
+on the dense val labels, lr, seconds). With --clicks (annotations.read_clicks: GIS layers, CSV, Label Studio,
+CVAT) a person's clicks replace the simulated points of the training images; without dense labels (--images
+alone) --val-clicks of them are held out, spatially blocked, and validation reports accuracy, per-class recall
+and mIoU over the held-out clicks with 95 % intervals (annotations.click_metrics), marked "held-out clicks" in
+the log, the history and the figures; the best model is then the best on them (see docs/clicks.md).
+Keeps `<out>/best_model.pth` (best val mIoU) and `<out>/last.pth` (with optimizer state, for --resume), `<out>/history.json`, and draws `<out>/output.png` (curves) and
 `<out>/results.png` (image | ground truth | points | prediction). A run never replaces another run's
 checkpoints: a folder that holds some needs --resume (same settings) or --overwrite; only a rerun with
 exactly the same settings replaces them by itself.
@@ -28,8 +33,10 @@ from tqdm.auto import tqdm
 
 import distributed
 import few_clicks
+from annotations import (POINT, ClickSet, ImageClicks, check_unclicked, click_metrics, open_image, read_clicks,
+                         split_clicks, write_clicks)
 from config import (RESUMABLE, TrainConfig, add_arguments, annotation_of, check_config, config_dict,  # noqa: F401
-                    config_from_args)
+                    config_from_args, dense_labels)
 from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from class_weights import compute_class_weights, load_class_weights, save_class_weights
 from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids,
@@ -49,6 +56,8 @@ from weak_losses import AffinityLoss, ConsistencyLoss, valid_pixels
 # --------------------------------------------------------------------------- checks
 
 MIN_GRID = 4  # processing pixels a side an image needs (the tiny network halves it twice)
+VAL_CLICKS = 0.2  # share of the clicks held out for validation when there are no dense labels (--val-clicks)
+CLICK_VAL = "held-out clicks"  # what validation is on without dense labels, in every log line, history entry, figure
 
 
 class TrainingError(RuntimeError):
@@ -137,16 +146,98 @@ def split_pairs(cfg):
     return train_pairs, val_pairs, how
 
 
-def build_datasets(cfg, spec=None):
+def read_run_clicks(cfg):
+    """The ClickSet of --clicks over the run's images (--images, or the patch folder's Images/), None without
+    --clicks. Read before anything is written: a bad file raises (ValueError / FileNotFoundError naming it), and
+    so does a class nobody clicked, unless --allow-unclicked."""
+    if not cfg.clicks:
+        return None
+    classes = load_class_file(cfg.classes) if cfg.classes else POTSDAM
+    images = cfg.images or sorted((Path(cfg.data) / "Images").glob("Image_*.tif"))
+    clicks = read_clicks(cfg.clicks, images, classes, class_field=cfg.class_field, line_width=cfg.line_width)
+    for note in clicks.notes:
+        print(f"note: {note}", flush=True)
+    if not cfg.allow_unclicked:
+        check_unclicked(clicks)
+    return clicks
+
+
+def build_datasets(cfg, spec=None, clicks=None):
     """(train dataset, val dataset, split description, spec). The spec is fitted on the training images
-    unless given (a resumed run reuses its checkpoint's)."""
+    unless given (a resumed run reuses its checkpoint's). With --clicks (`clicks`: their ClickSet, read here when
+    not given) the training images' clicks replace the drawn points; without dense labels see click_datasets."""
+    if cfg.clicks and clicks is None:
+        clicks = read_run_clicks(cfg)
+    if cfg.clicks and not dense_labels(cfg):
+        return click_datasets(cfg, spec, clicks)
     train_pairs, val_pairs, how = split_pairs(cfg)
     spec = spec or fit_spec(cfg, train_pairs)
     common = dict(spec=spec, points=cfg.points, strategy=cfg.strategy, seed=cfg.annotation_seed)
     train_ds = SegmentationDataset(train_pairs, resample_each_epoch=cfg.resample_each_epoch,
-                                   augment=cfg.augment, **common)
-    val_ds = SegmentationDataset(val_pairs, **common)
+                                   augment=cfg.augment, clicks=clicks.images if clicks else None, **common)
+    val_ds = SegmentationDataset(val_pairs, **common)  # dense labels score; val loss on drawn points as always
+    if clicks:
+        train_stems = {Path(p[1]).stem for p in train_pairs}
+        elsewhere = sum(len(c) for n, c in clicks.images.items() if n not in train_stems)
+        how += f"; clicks from {cfg.clicks}" + (f" ({elsewhere} on images outside the training set, unused)"
+                                                 if elsewhere else "")
     return train_ds, val_ds, how, spec
+
+
+def click_datasets(cfg, spec, clicks):
+    """Images without labels: (train dataset, val dataset, description, spec), both holding clicks only. A share
+    --val-clicks (default VAL_CLICKS) of the clicks is held out, spatially blocked (annotations.split_clicks: whole
+    images, or blocks of each image when few are clicked; seed --annotation-seed). The training dataset holds the
+    images with training clicks, the val dataset those with held-out clicks (as `clicks`, what click_validation
+    scores); their dense labels are all undefined, so nothing dense ever scores."""
+    fraction = cfg.val_clicks if cfg.val_clicks is not None else VAL_CLICKS
+    train_clicks, held = split_clicks(clicks, fraction, seed=cfg.annotation_seed)
+    train_pairs = [(n, c.image.path, None) for n, c in train_clicks.images.items() if len(c)]
+    val_pairs = [(n, c.image.path, None) for n, c in held.images.items() if len(c)]
+    how = f"validation on {CLICK_VAL}: {held.notes[-1]}"
+    if cfg.max_train or cfg.max_val:
+        train_pairs, val_pairs = train_pairs[: cfg.max_train], val_pairs[: cfg.max_val]
+        how += f", first {len(train_pairs)} / {len(val_pairs)} images used"
+    spec = spec or fit_spec(cfg, train_pairs)
+    train_ds = SegmentationDataset(train_pairs, spec=spec, points=cfg.points, seed=cfg.annotation_seed,
+                                   augment=cfg.augment, clicks=train_clicks.images)
+    val_ds = SegmentationDataset(val_pairs, spec=spec, points=cfg.points, seed=cfg.annotation_seed,
+                                 clicks={p[0]: held.images[p[0]] for p in val_pairs})
+    return train_ds, val_ds, how, spec
+
+
+def export_clicks(path, train_ds):
+    """Write the clicks the training images hold now (a person's or the drawn ones; native pixels, each with its
+    class) to `path` with annotations.write_clicks: .gpkg/.geojson in map coordinates where the images have them,
+    .csv in pixels. `train.py --clicks path` reads them back as the same clicks."""
+    images = {}
+    for i in range(len(train_ds)):
+        given = train_ds.given_clicks(i)
+        if given is not None:
+            images[given.image.name] = given
+            continue
+        flat = train_ds.click_pixels(i)
+        native = train_ds.native_label(i)
+        rows, cols = np.divmod(flat, native.shape[1])
+        ref = open_image(train_ds.pairs[i][1])
+        images[ref.name] = ImageClicks(ref, rows, cols, native.reshape(-1)[flat], POINT)
+    write_clicks(path, ClickSet(images, train_ds.classes, str(path)))
+    n = sum(len(c) for c in images.values())
+    print(f"clicks: wrote the {n} clicks of the {len(train_ds)} training images to {path}", flush=True)
+
+
+def click_validation(model, val_ds, device, exclude=(), batch_size=16):
+    """Accuracy, per-class recall and mIoU (with 95 % intervals) over the held-out clicks of a val dataset made by
+    click_datasets: the model predicts each val image at processing resolution (few_clicks.predict) and is
+    scored at the clicks (annotations.click_metrics)."""
+    held = ClickSet(dict(val_ds.clicks), val_ds.classes, CLICK_VAL)
+    predictions = {Path(val_ds.pairs[i][1]).stem: prob.argmax(0)
+                   for i, prob in few_clicks.predict(model, val_ds, device, batch_size)}
+    m = click_metrics(predictions, held, exclude=exclude)
+    return {"kind": CLICK_VAL, "oa": m["accuracy"], "oa_ci": list(m["accuracy_ci"]), "miou": m["miou"],
+            "miou_ci": list(m["miou_ci"]), "iou": m["iou"], "recall": m["recall"],
+            "recall_ci": {n: list(v) for n, v in m["recall_ci"].items()}, "clicks": m["clicks"],
+            "support": m["support"]}
 
 
 def check_data(cfg, train_ds, val_ds):
@@ -179,6 +270,10 @@ def check_data(cfg, train_ds, val_ds):
     if missing:
         hint = ""
         spec = train_ds.classes
+        if not train_ds.has_labels:
+            undefined = 0  # no labels: every label pixel is undefined, which says nothing
+            if not dense_labels(cfg):
+                hint = " Some classes may have clicks in the held-out images only (--val-clicks)."
         if undefined and spec.label_format == "index" and spec.ignore_value is not None:
             in_files = sum(int((read_label(p[2], spec) == IGNORE_INDEX).sum()) for p in train_ds.pairs)  # error path
             if in_files:
@@ -194,12 +289,17 @@ def check_data(cfg, train_ds, val_ds):
                   f"(labelled pixels per class: {counts}); training without them (--allow-unclicked): the model "
                   f"never predicts them", flush=True)
         else:
+            source = f"clicks {cfg.clicks}" if cfg.clicks else f"points {cfg.points}"
             raise ValueError(f"classes {missing} have no labelled point in the {len(train_ds)} training images "
-                             f"(points {cfg.points}; labelled pixels per class: {counts}); the model could never "
+                             f"({source}; labelled pixels per class: {counts}); the model could never "
                              f"learn them. Add clicks of those classes, fix the labels or the class file, or train "
                              f"without them with --allow-unclicked.{hint}")
-    if undefined > total / 2:
+    if undefined > total / 2 and train_ds.has_labels:
         print(f"warning: {100 * undefined / total:.0f} % of the training label pixels are undefined", flush=True)
+    if not val_ds.has_labels:  # validation on held-out clicks (click_datasets)
+        if not sum(len(c) for c in (val_ds.clicks or {}).values()):
+            raise ValueError(f"the {len(val_ds)} validation images hold no held-out click: nothing to measure on")
+        return
     labelled = sum(int((val_ds.dense_label(i) != IGNORE_INDEX).sum()) for i in range(len(val_ds)))
     if labelled == 0:
         raise ValueError(f"the {len(val_ds)} validation images have no labelled pixel: mIoU cannot be measured. "
@@ -319,6 +419,11 @@ def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progr
     return mean, cm_points, cm_dense, {name: float(v) / max(n, 1) for name, v in extra_sums.items()}
 
 
+def _ci(value, interval):
+    """'0.812 [0.741, 0.868]': a value with its 95 % interval."""
+    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
 def _check_finite(loss_value, desc, ids):
     if not math.isfinite(loss_value):
         raise TrainingError(f"{desc}: the loss is {loss_value} (images {ids[:4] if isinstance(ids, list) else ids}): "
@@ -334,12 +439,16 @@ def plot_history(history, path):
     import matplotlib.pyplot as plt
 
     ep = [h["epoch"] for h in history]
+    kind = history[-1].get("val_kind")  # "held-out clicks" without dense labels
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, title in zip(axes, ("loss", "oa", "miou"), ("partial CE loss (points)", "overall accuracy",
                                                              "mIoU")):
         ax.plot(ep, [h[f"train_{key}"] for h in history], "o-", label="train (points)")
         ax.plot(ep, [h[f"val_{key}"] for h in history], "o-",
-                label="val (points)" if key == "loss" else "val (dense labels)")
+                label=f"val ({kind})" if kind else "val (points)" if key == "loss" else "val (dense labels)")
+        if kind and key != "loss":
+            lo, hi = zip(*(h[f"val_{key}_ci"] for h in history))
+            ax.fill_between(ep, lo, hi, alpha=0.2, label=f"95 % interval ({kind})")
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -372,7 +481,8 @@ def plot_results(model, dataset, path, n=4, device="cpu", title=None):
         pts = dataset.point_grid(r)
         panels = (display_rgb(image), index_to_colour(label, palette), index_to_colour(pts, palette),
                   index_to_colour(pred, palette))
-        titles = (f"image {image_id}", "ground truth", f"points ({(pts != IGNORE_INDEX).mean():.1%} of pixels)",
+        titles = (f"image {image_id}", "ground truth" if dataset.has_labels else "no dense labels",
+                  f"{'points' if dataset.has_labels else CLICK_VAL} ({(pts != IGNORE_INDEX).mean():.1%} of pixels)",
                   "prediction (infer.py)")
         for ax, p, t in zip(axes[r], panels, titles):
             ax.imshow(p, interpolation="nearest")
@@ -475,10 +585,13 @@ def train(cfg):
     out_dir = Path(cfg.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file, not a folder; name a folder for this run's checkpoints")
-    claim = None  # the folder is claimed (run.lock) before anything is written; released when train ends
+    clicks = read_run_clicks(cfg)  # a bad click file stops here, before anything is written
+    fresh = not out_dir.exists()
+    claim, done = None, False  # the folder is claimed (run.lock) before anything is written; released at the end
     try:
         resumed = prepare_out(cfg, out_dir)
-        train_ds, val_ds, how, spec = build_datasets(cfg, resumed.spec if resumed else None)
+        train_ds, val_ds, how, spec = build_datasets(cfg, resumed.spec if resumed else None, clicks)
+        on_clicks = not val_ds.has_labels  # validation on held-out clicks
         split = {"train": [str(i) for i in train_ds.ids], "val": [str(i) for i in val_ds.ids]}
         if resumed and resumed.train_state.get("split", split) != split:
             old = resumed.train_state["split"]
@@ -505,17 +618,19 @@ def train(cfg):
             removed = clean_stale_temporaries(out_dir)  # no other run writes here now
             if removed:
                 print(f"removed {len(removed)} temporary files that killed runs left in {out_dir}")
+            if cfg.export_clicks:
+                export_clicks(cfg.export_clicks, train_ds)
         if ctx.is_main or cfg.class_weights not in ("points", "dense"):
             weights = class_weight_tensor(cfg, train_ds, out_dir)  # rank 0 writes class_weights.pt
         else:  # the same numbers, not written again
             weights = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting)[0]
         stats = train_ds.annotation_stats()
         labelled = stats["labelled_fraction"]
-        if cfg.points is None:
+        if cfg.points is None and not cfg.clicks:
             budget = "dense labels"
         else:
-            budget = f"{cfg.points} clicks" if clicks_per_object(cfg.points) else \
-                f"{cfg.points} {cfg.strategy} points per image"
+            budget = f"clicks from {cfg.clicks}" if cfg.clicks else f"{cfg.points} clicks" \
+                if clicks_per_object(cfg.points) else f"{cfg.points} {cfg.strategy} points per image"
             budget += (f" ({stats['clicks_per_image']:.1f} clicks per image, {stats['clicked_fraction']:.3%} of the "
                        f"pixels)")
         print(f"data: {len(train_ds)} train / {len(val_ds)} val images ({how}); {budget}"
@@ -577,17 +692,28 @@ def train(cfg):
             va_loss, _, va_cm, _ = run_epoch(model, val_loader, criterion, device, None, cfg.amp,
                                              cfg.progress and ctx.is_main, f"epoch {epoch} val", names=names)
             va_loss, va_cm, _ = distributed.reduce_epoch(val_loader, va_loss, va_cm, {})
-            tr, va = tr_cm.compute(cfg.exclude), va_cm.compute(cfg.exclude)
+            tr = tr_cm.compute(cfg.exclude)
+            if on_clicks:  # no dense labels: scored at the held-out clicks, with intervals
+                va = click_validation(model, val_ds, device, cfg.exclude, cfg.batch_size)
+                scores = {"val_kind": va["kind"], "val_oa": va["oa"], "val_oa_ci": va["oa_ci"], "val_miou": va["miou"],
+                          "val_miou_ci": va["miou_ci"], "val_iou": va["iou"], "val_recall": va["recall"],
+                          "val_recall_ci": va["recall_ci"], "val_clicks": va["clicks"]}
+                shown = (f"val ({CLICK_VAL}, {va['clicks']}) loss {va_loss:.4f} accuracy {_ci(va['oa'], va['oa_ci'])} "
+                         f"mIoU {_ci(va['miou'], va['miou_ci'])}")
+            else:
+                va = va_cm.compute(cfg.exclude)
+                scores = {"val_oa": va["oa"], "val_miou": va["miou"], "val_mf1": va["mf1"], "val_iou": va["iou"],
+                          "val_f1": va["f1"]}
+                shown = (f"val loss {va_loss:.4f} OA {va['oa']:.3f} mIoU {va['miou']:.3f} mF1 {va['mf1']:.3f} "
+                         f"(dense)")
             h = {"epoch": epoch, "train_loss": tr_loss, "train_oa": tr["oa"], "train_miou": tr["miou"],
-                 "val_loss": va_loss, "val_oa": va["oa"], "val_miou": va["miou"], "val_mf1": va["mf1"],
-                 "val_iou": va["iou"], "val_f1": va["f1"], "lr": lr, "seconds": time.time() - t0}
+                 "val_loss": va_loss, **scores, "lr": lr, "seconds": time.time() - t0}
             h.update({f"train_{name}": v for name, v in tr_extra.items()})  # only the enabled terms
             history.append(h)
             improved = va["miou"] > best
             terms = "".join(f" {name} {v:.4f}" for name, v in tr_extra.items())
             print(f"epoch {epoch:3d}/{cfg.epochs} | loss {tr_loss:.4f}{terms} OA {tr['oa']:.3f} mIoU {tr['miou']:.3f} "
-                  f"(train points) | val loss {va_loss:.4f} OA {va['oa']:.3f} mIoU {va['miou']:.3f} "
-                  f"mF1 {va['mf1']:.3f} (dense) | lr {lr:.2e} | {h['seconds']:.1f}s{' *' if improved else ''}",
+                  f"(train points) | {shown} | lr {lr:.2e} | {h['seconds']:.1f}s{' *' if improved else ''}",
                   flush=True)
             if few_clicks.end_of_epoch(cfg, epoch, model, train_ds, device):  # a round changed the annotation
                 labelled = train_ds.labelled_fraction()
@@ -616,12 +742,17 @@ def train(cfg):
             if best_path.is_file():
                 best_model, ck = load_model(best_path, device)
                 plot_results(best_model, val_ds, out_dir / "results.png", device=device,
-                             title=f"best epoch {ck.epoch}: val mIoU {ck.metrics['miou']:.3f}")
+                             title=f"best epoch {ck.epoch}: val mIoU {ck.metrics['miou']:.3f}"
+                                   f"{f' ({CLICK_VAL})' if on_clicks else ''}")
         distributed.barrier()
+        done = True
         return history
     finally:
         if claim is not None:
             claim.close()
+            if not done and fresh and [p.name for p in out_dir.iterdir()] == ["run.lock"]:  # failed before writing
+                (out_dir / "run.lock").unlink()
+                out_dir.rmdir()
 
 
 # --------------------------------------------------------------------------- CLI
@@ -637,7 +768,11 @@ def main(args):
     try:
         history = train(config_from_args(args))
         best = max(history, key=lambda h: h["val_miou"]) if history else None
-        if best:  # under torchrun rank 0 alone prints (distributed.init_from_env)
+        if best and "val_kind" in best:  # no dense labels: on held-out clicks, with the 95 % intervals
+            print(f"best val mIoU {_ci(best['val_miou'], best['val_miou_ci'])} (accuracy "
+                  f"{_ci(best['val_oa'], best['val_oa_ci'])}) on {best['val_clicks']} {best['val_kind']} at epoch "
+                  f"{best['epoch']}; no dense labels, so no dense mIoU")
+        elif best:  # under torchrun rank 0 alone prints (distributed.init_from_env)
             print(f"best val mIoU {best['val_miou']:.3f} (OA {best['val_oa']:.3f}) at epoch {best['epoch']}")
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -105,9 +105,10 @@ def test_experiment_keys_of_finished_runs_still_match(preset, ids, expected):
 
 def test_the_lists_are_read_off_the_declarations():
     assert set(config.NOT_IN_KEY) == {"out", "figures", "progress", "device", "workers", "resume", "overwrite",
-                                      "loader"}
+                                      "loader", "export_clicks"}
     assert set(config.RESUMABLE) == set(config.NOT_IN_KEY) | {"epochs", "amp"}
-    assert config.ANNOTATION_FIELDS == ("points", "strategy", "annotation_seed")
+    assert config.ANNOTATION_FIELDS == ("points", "strategy", "annotation_seed", "clicks", "class_field", "line_width",
+                                        "val_clicks")
     assert config.NEUTRAL["affinity_weight"] == 0.0 and config.NEUTRAL["click_strategy"] == "uncertain"
     assert all(config.NEUTRAL[k] == getattr(TrainConfig(), k) for k in config.NEUTRAL)
     assert E.NOT_IN_KEY is config.NOT_IN_KEY and E.NEUTRAL is config.NEUTRAL

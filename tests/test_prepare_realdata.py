@@ -252,3 +252,35 @@ def test_download_uses_old_pip(tmp_path, monkeypatch, pip_version, throwaway):
         assert download[0] == calls[1][0] != sys.executable
     else:
         assert len(calls) == 1 and download[0] == sys.executable
+
+
+def test_clicks_layer_has_one_click_inside_every_building_and_as_many_on_the_background(source, tmp_path):
+    from annotations import read_clicks
+    from spec import load_class_file
+    wheel, image, inst, mask = source
+    out = tmp_path / "out"
+    assert run(wheel, out) == 0
+    info = pyogrio_info(out / "clicks.gpkg")
+    assert "32616" in info["crs"] and info["geometry_type"] == "Point" and "class" in list(info["fields"])
+    clicks = read_clicks(out / "clicks.gpkg", out / "images", load_class_file(out / "classes.json"))
+    ids = np.zeros((H, W), np.uint16)
+    for k in range(inst.shape[2]):
+        ids[inst[:, :, k] > 0] = k + 1
+    hit, background = [], 0
+    for name, c in clicks.images.items():
+        r, col = (int(v) for v in name[1:].split("_c"))
+        rows, cols = c.rows + r * PATCH, c.cols + col * PATCH
+        for y, x, k in zip(rows, cols, c.classes):
+            if k == 1:  # building: inside its footprint, away from the edge (all 4 neighbours the same building)
+                assert mask[y, x] == 255 and ids[y, x] and (ids[y - 1:y + 2, x] == ids[y, x]).all() \
+                    and (ids[y, x - 1:x + 2] == ids[y, x]).all()
+                hit.append(int(ids[y, x]))
+            else:
+                assert mask[max(0, y - 3):y + 4, max(0, x - 3):x + 4].max() == 0  # clear of every building
+                background += 1
+    assert sorted(hit) == [1, 2, 3] and background == 3  # one per building, as many on the background
+
+
+def pyogrio_info(path):
+    import pyogrio
+    return pyogrio.read_info(path)
