@@ -58,8 +58,9 @@ MAX_PIXELS_PER_OP = 20_000  # pixels one add / remove may name; more: 413
 MAX_LINE_VERTICES = 1000
 WHOLE_READ_PIXELS = 100_000_000  # PNG/JPEG (and TIFFs GDAL cannot window) are read whole up to this many pixels
 PREDICT_GRID_PIXELS = 16_000_000  # processing-grid pixels of an image predicted here; larger: run infer.py
+# --allow-unclicked: mid-annotation, classes nobody has clicked yet must not stop the loop (train.py names them)
 DEFAULT_TRAIN_COMMAND = ("{python} train.py --images {images} --clicks {clicks} --classes {classes} --no-pretrained "
-                         "--arch resnet18 --out {out} --epochs {epochs} --overwrite")
+                         "--arch resnet18 --out {out} --epochs {epochs} --overwrite --allow-unclicked")
 EPOCH_LINE = re.compile(r"epoch\s+(\d+)\s*/\s*(\d+)")  # train.py's per-epoch line: "epoch   3/10 | loss ..."
 STATIC_NAME = re.compile(r"[A-Za-z0-9_-]+\.(html|js|css|png|svg)")
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -412,7 +413,9 @@ class Training:
             self.state.update(state="done", message="done", model=self.state["model"] + 1)
 
     def checkpoint_path(self):
-        for name in ("best_model.pth", "last.pth"):
+        """The model at the end of the training: it has learnt from every click. (best_model.pth is chosen on a
+        handful of held-out clicks: noisy, often an early epoch, so the overlay would lag behind the clicks.)"""
+        for name in ("last.pth", "best_model.pth"):
             if (self.out / name).is_file():
                 return self.out / name
         raise FileNotFoundError(f"the training wrote no checkpoint into {self.out}")
