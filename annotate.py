@@ -711,7 +711,7 @@ def main(args):
         server = make_server(args)
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     app = server.app
     if args.checkpoint:
         app.training.predict_all(args.checkpoint)

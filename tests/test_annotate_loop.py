@@ -1,0 +1,37 @@
+"""The simulated person of annotate_loop.py: where it clicks and what it compares with."""
+
+import numpy as np
+import pytest
+
+import annotate_loop as L
+from spec import IGNORE_INDEX
+
+
+def test_clicks_are_spread_and_only_where_asked():
+    rng = np.random.default_rng(0)
+    where = np.zeros((40, 40), bool)
+    where[5:30, 10:35] = True
+    rows, cols = L.pick(where, 6, rng, spacing=5)
+    assert len(rows) == 6 and where[rows, cols].all()
+    d = np.hypot(rows[:, None] - rows[None], cols[:, None] - cols[None]) + np.eye(6) * 99
+    assert d.min() >= 5
+    rows, cols = L.pick(np.eye(3, dtype=bool), 10, rng)  # fewer candidates than clicks: all of them
+    assert sorted(zip(rows.tolist(), cols.tolist())) == [(0, 0), (1, 1), (2, 2)]
+
+
+def test_the_all_background_baseline_is_the_training_majority_everywhere():
+    a = np.zeros((4, 4), np.uint8)
+    a[0] = 1  # class 0 is the majority of the training labels
+    b = np.ones((4, 4), np.uint8)
+    b[:, 0] = 0
+    b[0, 0] = IGNORE_INDEX
+    labels = {"t": a, "v": b}
+    miou = L.majority_miou([("t", None, None)], [("v", None, None)], labels, ["ground", "roof"])
+    # val: 3 pixels of class 0 (predicted right), 12 of class 1 (predicted 0): IoU 3/15 and 0
+    assert miou == pytest.approx((3 / 15 + 0) / 2)
+
+
+def test_missing_data_is_a_user_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(L.PRESETS, "atlanta", dict(L.PRESETS["atlanta"], images=str(tmp_path / "none")))
+    assert L.main(L.get_args_parser().parse_args(["--preset", "atlanta"])) == 2
+    assert capsys.readouterr().err.startswith("error: no folder")
