@@ -9,7 +9,7 @@ DEMO_EPOCHS ?= 6
 DEMO_TRAIN ?= 320
 DEMO_VAL ?= 80
 
-.PHONY: demo demo-data train-demo infer-demo readme-figures experiments realdata test clean-demo
+.PHONY: demo demo-data train-demo infer-demo readme-figures readme-results experiments realdata test clean-demo
 
 .venv/.installed: requirements.txt
 	$(PYTHON) -m venv .venv
@@ -23,6 +23,9 @@ train-demo: demo-data
 	$(PY) -m papermill train.ipynb checkpoints/train_demo.ipynb --log-output --progress-bar \
 		-p DATA demo_data/patches -p EPOCHS $(DEMO_EPOCHS) -p PRETRAINED False \
 		-p MAX_TRAIN $(DEMO_TRAIN) -p MAX_VAL $(DEMO_VAL)
+
+readme-results: .venv/.installed  # the numbers in README.md and docs/ from results/**/experiments.md
+	$(PY) make_readme_results.py
 
 readme-figures:  # the README's figures from the last demo run (training never writes into images/)
 	cp checkpoints/output.png checkpoints/results.png images/
