@@ -1,5 +1,5 @@
 # make demo: venv + synthetic demo data + notebook training (headless) + inference on the demo scenes.
-# make test: the test suite.
+# make test: the test suite (CI); make test-fast: without the tests marked slow.
 # make realdata: a small real labelled set (SpaceNet Atlanta buildings, 0.5 m) in realdata/atlanta.
 PYTHON ?= python3
 PY := .venv/bin/python
@@ -9,7 +9,7 @@ DEMO_EPOCHS ?= 6
 DEMO_TRAIN ?= 320
 DEMO_VAL ?= 80
 
-.PHONY: demo demo-data train-demo infer-demo readme-figures readme-results experiments realdata test clean-demo
+.PHONY: demo demo-data train-demo infer-demo readme-figures readme-results experiments realdata test test-fast clean-demo
 
 .venv/.installed: requirements.txt
 	$(PYTHON) -m venv .venv
@@ -44,6 +44,9 @@ realdata: .venv/.installed  # downloads the solaris 0.4.0 wheel once (17.8 MB); 
 
 test: .venv/.installed
 	$(PY) -m pytest -q
+
+test-fast: .venv/.installed
+	$(PY) -m pytest -q -m "not slow"
 
 clean-demo:
 	rm -rf demo_data checkpoints/*.pth checkpoints/*.pt checkpoints/*.png checkpoints/history.json \
