@@ -1,7 +1,7 @@
 """distributed.py under torchrun on the CPU (gloo): two processes count exactly the validation pixels one process
 counts, train like one, split a folder of inference between them, fail loudly together; experiments.py's workers
-share one csv. The torchrun tests start real
-launchers (`python -m torch.distributed.run --standalone`), a few seconds each."""
+share one csv. The torchrun tests start real launchers (`python -m torch.distributed.run --standalone`), a few
+seconds each."""
 
 import json
 import os
