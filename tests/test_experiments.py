@@ -480,6 +480,7 @@ def _append_many(csv_path, writer, n, start):
         E.append_row(csv_path, {"key": f"w{writer}-{i}", "run": "x" * 100})
 
 
+@pytest.mark.slow
 def test_concurrent_appends_keep_every_row(tmp_path):
     """Two processes append 50 rows each to one csv at once. Without the lock many such pairs lose a row or
     write the header twice; thirty pairs (a csv each, all at once) caught it in every one of 10 tries."""
