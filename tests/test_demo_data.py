@@ -39,6 +39,7 @@ def test_files_read_back_in_the_patch_layout(tmp_path):
     assert shares == pytest.approx(s["class_shares"])
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_other_seed_other_scene(tmp_path):
     a = make_demo_data(tmp_path / "a", patches=3, scenes=1, scene_size=300, seed=1)
     b = make_demo_data(tmp_path / "b", patches=2, scenes=1, scene_size=300, seed=1)  # fewer: the same first two

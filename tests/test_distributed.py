@@ -1,6 +1,7 @@
-"""distributed.py under torchrun on the CPU (gloo): two processes train like one, split a folder of inference
-between them, fail loudly together; experiments.py's workers share one csv. The torchrun tests start real
-launchers (`python -m torch.distributed.run --standalone`), a few seconds each."""
+"""distributed.py under torchrun on the CPU (gloo): two processes count exactly the validation pixels one process
+counts, train like one, split a folder of inference between them, fail loudly together; experiments.py's workers
+share one csv. The torchrun tests start real launchers (`python -m torch.distributed.run --standalone`), a few
+seconds each."""
 
 import json
 import os
@@ -68,6 +69,7 @@ def test_outside_torchrun_nothing_is_set_up(monkeypatch):
 
 # --------------------------------------------------------------------------- torchrun
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_resume(data, tmp_path):
     """One epoch on 2 ranks, then --resume to epoch 2 on 2 ranks, against 2 epochs in one process (same seed,
     global batch 4 = 2 + 2). Not bit-identical: BatchNorm sees 2 images per rank instead of 4 and the partial
@@ -105,6 +107,7 @@ def test_two_processes_train_like_one_and_resume(data, tmp_path):
     assert ck.model_args["arch"] == "tiny" and not any(k.startswith("module.") for k in ck.state_dict)
 
 
+@pytest.mark.slow
 def test_two_processes_split_a_folder_and_a_bad_file_fails_them_all(data, tmp_path):
     """Five good images and one unreadable one on two ranks: every good image is segmented once, the bad one is
     named, and torchrun's exit code is non-zero (every rank exits 1, also the one whose files were fine)."""
@@ -127,8 +130,89 @@ def test_two_processes_split_a_folder_and_a_bad_file_fails_them_all(data, tmp_pa
     assert distributed.shard(images, 1, 2) == [images[1], images[3], images[5]]
 
 
+# scores a fixed val set with a fixed model as train.py validates: sharded batches, one confusion matrix and the
+# image-weighted loss reduced over the ranks (distributed.shard_loader, reduce_epoch); writes <out>/rank<r>.json
+VALIDATE = """import json, sys
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import distributed
+from metrics import ConfusionMatrix
+
+out = sys.argv[1]
+ctx = distributed.init_from_env("cpu")
+g = torch.Generator().manual_seed(0)
+x = torch.rand(7, 3, 8, 8, generator=g)  # 7 images in batches of 4: the last batch [4, 5, 6] splits 2 + 1
+y = torch.randint(0, 6, (7, 8, 8), generator=g)
+y[torch.rand(7, 8, 8, generator=g) < 0.2] = 255  # undefined pixels: never counted
+ids = torch.arange(7)
+torch.manual_seed(0)
+model = torch.nn.Conv2d(3, 6, 3, padding=1)  # the same weights on every rank
+loader = DataLoader(TensorDataset(x, y, ids), batch_size=4, shuffle=False)
+if ctx.world > 1:
+    loader = distributed.shard_loader(loader, ctx)
+cm, total, seen = ConfusionMatrix(6), 0.0, []
+with torch.no_grad():
+    for xb, yb, ib in loader:
+        logits = model(xb)
+        cm.update(logits.argmax(1), yb)
+        per_image = F.cross_entropy(logits, yb, ignore_index=255, reduction="none").mean((1, 2))
+        total += float(per_image.sum())
+        seen += ib.tolist()
+local_counts = cm.counts.clone()
+n = len(seen)
+loss, cm, _ = distributed.reduce_epoch(loader, total / max(n, 1), cm, {})
+summed = distributed.all_reduce_sum(torch.tensor([n, total], dtype=torch.float64))
+json.dump({"seen": seen, "local": local_counts.tolist(), "reduced": cm.counts.tolist(), "loss": loss,
+           "total": total, "summed": summed.tolist(), "oa": cm.compute()["oa"]}, open(f"{out}/rank{ctx.rank}.json", "w"))
+"""
+
+
+def run_validate(tmp_path, nproc):
+    """VALIDATE in this interpreter (one process, no group) or under torchrun; {rank: what it wrote}."""
+    script, out = tmp_path / "validate.py", tmp_path / f"out{nproc}"
+    script.write_text(VALIDATE)
+    out.mkdir()
+    if nproc == 1:
+        run = subprocess.run([sys.executable, str(script), str(out)], cwd=REPO, capture_output=True, text=True,
+                             timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    else:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        env.pop("WORLD_SIZE", None)
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={nproc}", str(script), str(out)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)}
+
+
+@pytest.mark.slow
+def test_two_ranks_count_exactly_the_pixels_one_process_counts(tmp_path):
+    """Validation over 2 ranks: each image scored on exactly one rank, the reduced confusion matrix is the sum of
+    the ranks' own matrices and equals one process's count for count, and the reduced loss is the image-weighted
+    mean of the per-rank sums (uneven shares: 4 and 3 images)."""
+    (one,) = run_validate(tmp_path, 1).values()
+    two = run_validate(tmp_path, 2)
+    assert sorted(two[0]["seen"] + two[1]["seen"]) == one["seen"] == list(range(7))
+    assert not set(two[0]["seen"]) & set(two[1]["seen"]) and [len(two[r]["seen"]) for r in (0, 1)] == [4, 3]
+    local = np.array([two[r]["local"] for r in (0, 1)])
+    assert local[0].any() and local[1].any()  # both ranks scored something
+    for r in (0, 1):
+        assert two[r]["reduced"] == local.sum(0).tolist()  # the sum of the per-rank values, on every rank
+        assert two[r]["reduced"] == one["reduced"] == one["local"]  # = one process, every cell
+        assert two[r]["oa"] == one["oa"]
+        assert two[r]["summed"] == pytest.approx([7, two[0]["total"] + two[1]["total"]], rel=1e-12)
+        assert two[r]["loss"] == pytest.approx(one["loss"], rel=1e-6)  # float32 sums in another order
+    assert one["reduced"][-2] > 0 and one["reduced"][-1] == 0  # undefined pixels counted apart, none out of range
+    # image-weighted over all 7 images, not the mean of the two ranks' means (4 and 3 images)
+    assert two[0]["loss"] == pytest.approx((two[0]["total"] + two[1]["total"]) / 7, rel=1e-12)
+    assert two[0]["loss"] != pytest.approx((two[0]["total"] / 4 + two[1]["total"] / 3) / 2, rel=1e-9)
+
+
 # --------------------------------------------------------------------------- experiments.py workers
 
+@pytest.mark.slow
 def test_two_workers_share_the_runs_and_the_csv(tmp_path, capsys):
     """spread() starts two workers (GPU slots 0 and 1) that run execute on one plan and one csv with a fake
     runner: each run once, every row intact, each worker saw its own GPU."""
@@ -148,5 +232,8 @@ def test_two_workers_share_the_runs_and_the_csv(tmp_path, capsys):
                               (None, None), "data-id"), {5}, seeds=3)
     text = csv_path.read_text()
     assert text.count("key,config_key,") == 1 and len(text.splitlines()) == 1 + len(plan)
-    assert sorted(r["key"] for r in E.read_rows(csv_path)) == sorted(p.key for p in plan)
-    assert np.isfinite([r["miou"] for r in E.read_rows(csv_path)]).all()
+    rows = E.read_rows(csv_path)
+    assert sorted(r["key"] for r in rows) == sorted(p.key for p in plan)
+    # each row holds what FakeRunner returned for its seed (mIoU 0.5 + 0.1 x seed, OA 0.8): nothing mixed up
+    assert sorted((r["seed"], r["miou"], r["oa"]) for r in rows) == \
+        [(s, pytest.approx(0.5 + 0.1 * s), pytest.approx(0.8)) for s in (0, 0, 1, 1, 2, 2)]

@@ -5,6 +5,7 @@ import dataclasses
 import math
 import multiprocessing
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -385,17 +386,90 @@ def test_an_adhoc_report_leaves_the_tracked_results_alone(tmp_path, monkeypatch)
 
 # --------------------------------------------------------------------------- one tiny real run
 
+@pytest.mark.slow
 def test_one_real_run_end_to_end(tmp_path):
+    """One tiny real run: its csv row is the last epoch of the history it trained (best epoch apart), its mIoU is
+    the mean of its per-class IoUs, and the report's table row is that row formatted."""
     write_patches(tmp_path / "patches", n=6, size=(150, 150))
-    settings = dict(SETTINGS, data=str(tmp_path / "patches"), size=32, epochs=1, batch_size=4)
-    plan = E.plan_runs(E.Keys.read(settings), {1}, seeds=1)[:1]
+    settings = dict(SETTINGS, data=str(tmp_path / "patches"), size=32, epochs=2, batch_size=4)
+    keys = E.Keys.read(settings)
+    plan = E.plan_runs(keys, {1}, seeds=1)[:1]
     csv_path = tmp_path / "results" / "experiments.csv"
     E.execute(plan, settings, "demo", csv_path, device="cpu", runs_dir=tmp_path / "results" / "runs")
     (row,) = E.read_rows(csv_path)
-    assert row["key"] == plan[0].key and row["epochs"] == 1 and row["device"].startswith("cpu")
-    assert 0 <= row["miou"] <= 1 and 0 <= row["oa"] <= 1 and 0 < row["labelled_fraction"] <= 1
+    assert row["key"] == plan[0].key and row["epochs"] == 2 and row["device"].startswith("cpu")
     out = tmp_path / "results" / "runs" / plan[0].key
     assert (out / "history.json").is_file() and not list(out.glob("*.pth"))  # checkpoints removed
+    history = E.json.loads((out / "history.json").read_text())
+    last, best = history[-1], max(history, key=lambda h: h["val_miou"])
+    assert (row["oa"], row["miou"], row["mf1"]) == pytest.approx((last["val_oa"], last["val_miou"], last["val_mf1"]),
+                                                                 rel=1e-5)
+    assert (row["best_miou"], row["best_epoch"]) == (pytest.approx(best["val_miou"], rel=1e-5), best["epoch"])
+    assert row["labelled_fraction"] == pytest.approx(last["labelled_fraction"], rel=1e-5)
+    ious = [row[f"iou_{c}"] for c in CLASSES]
+    assert ious == pytest.approx([last["val_iou"][c] for c in CLASSES], rel=1e-5, nan_ok=True)
+    assert row["miou"] == pytest.approx(np.nanmean(ious), rel=1e-5)  # all classes in the means (no exclude)
+    assert min(ious) <= row["miou"] <= max(ious) and 0 < row["oa"] <= 1
+
+    table = E.experiment_table([row], E.EXPERIMENTS[0], keys)
+    label = next(label for label, run in E.EXPERIMENTS[0].rows if run == plan[0].run)
+    assert (f"| {label} | 20,000 | {100 * row['labelled_fraction']:.2f} | {100 * row['oa']:.1f} | "
+            f"{100 * row['miou']:.1f} | {100 * row['mf1']:.1f} | 1 | {row['seconds']:.0f} |") in table
+
+
+# --------------------------------------------------------------------------- the tracked reports
+
+def report_tables(text):
+    """{label: [cells]} of every experiment table of a report (| run | points / image | ... | s / run |)."""
+    out, header = {}, False
+    for line in text.splitlines():
+        if line.startswith("| run | points / image |"):
+            header = True
+        elif header and line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            out.setdefault(cells[0], []).append(cells[1:])
+        elif not line.startswith("|"):
+            header = False
+    return out
+
+
+@pytest.mark.parametrize("report, preset", [("results/experiments.md", "demo"),
+                                            ("results/atlanta/experiments.md", "atlanta")])
+def test_tracked_report_rows_are_the_mean_and_std_of_their_csv_rows(report, preset):
+    """Every row of a committed report is the mean ± sample std of the csv rows of one configuration of that run
+    (same run, the preset's settings): a hand-edited number, a csv row added or lost, or a report not rebuilt
+    after the csv changed fails here. A row the report shows as not run has no finished run under the key the
+    other rows share."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / report).read_text()
+    rows = E.read_rows(root / report.replace(".md", ".csv"), warn=False)
+    settings = E.json.dumps(dict(E.PRESETS[preset]), sort_keys=True)
+    rows = [r for r in rows if r["preset"] == preset and E.json.dumps(E.json.loads(r["settings"]),
+                                                                       sort_keys=True) == settings]
+    assert rows, f"no csv rows of preset {preset} with its settings"
+    tables = report_tables(text)
+    labels = {label: run for e in E.EXPERIMENTS for label, run in e.rows}
+    assert set(tables) <= set(labels) and len(tables) >= 10
+    shown_configs = {}  # config key -> seeds, over the rows shown
+    for label, shown in tables.items():
+        assert all(cells == shown[0] for cells in shown), f"'{label}' differs between two tables"
+        cells = shown[0]
+        if cells[-2] == "0":  # no finished run under the current keys
+            assert cells[1:5] == ["not run"] * 4 and cells[-1] == "not run"
+            continue
+        matches = []
+        for ckey in sorted({r["config_key"] for r in rows if r["run"] == labels[label].name}):
+            s = E.summarize(rows, ckey)
+            made = [E.fmt(s["labelled_fraction"], digits=2), E.fmt(s["oa"]), E.fmt(s["miou"]), E.fmt(s["mf1"]),
+                    str(s["miou"][2]), E.fmt(s["seconds"], False, 0)]
+            if made == cells[1:]:
+                matches.append((ckey, s["miou"][2]))
+        assert len(matches) == 1, f"{report}: the row '{label}' ({' | '.join(cells)}) is not one configuration's " \
+                                  f"mean ± std of its csv rows (matches: {matches})"
+        shown_configs.update(matches)
+    assert len(shown_configs) >= 10
+    # the header's run count is the csv rows of the configurations the tables show, each key once
+    assert int(re.search(r"\((\d+) runs of these settings", text).group(1)) == sum(shown_configs.values())
 
 
 # --------------------------------------------------------------------------- the csv under concurrent writers
@@ -407,6 +481,7 @@ def _append_many(csv_path, writer, n, start):
         E.append_row(csv_path, {"key": f"w{writer}-{i}", "run": "x" * 100})
 
 
+@pytest.mark.slow
 def test_concurrent_appends_keep_every_row(tmp_path):
     """Two processes append 50 rows each to one csv at once. Without the lock many such pairs lose a row or
     write the header twice; thirty pairs (a csv each, all at once) caught it in every one of 10 tries."""

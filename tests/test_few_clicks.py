@@ -242,6 +242,7 @@ def test_self_training_run_learns_and_keeps_its_pseudo_labels(data, tmp_path, ca
     assert st["pseudo"] and not st["clicks"]
 
 
+@pytest.mark.slow
 def test_click_rounds_run_learns_and_the_stats_count_the_new_clicks(data, tmp_path, capsys):
     history = train(cfg_for(data, tmp_path, rounds=2, clicks_per_round=5))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -256,6 +257,7 @@ def test_click_rounds_run_learns_and_the_stats_count_the_new_clicks(data, tmp_pa
     assert shares[-1] == pytest.approx(ds.labelled_fraction())
 
 
+@pytest.mark.slow
 def test_resume_restores_the_added_clicks(data, tmp_path, monkeypatch):
     cfg = cfg_for(data, tmp_path, epochs=4, rounds=1, self_training=1, pseudo_threshold=0.3)
     straight = train(replace(cfg, out=str(tmp_path / "s")))
@@ -380,6 +382,7 @@ def test_clicks_beat_grown_labels_and_grown_labels_beat_pseudo_labels(patches):
     assert ds.annotation_stats()["grown_fraction"] == pytest.approx(share) and share > 0
 
 
+@pytest.mark.slow
 def test_region_growing_run_grows_again_after_each_click_round(data, tmp_path, capsys):
     history = train(cfg_for(data, tmp_path, region_growing=True, rounds=1, clicks_per_round=4, epochs=4))
     assert history[-1]["train_loss"] < history[0]["train_loss"]

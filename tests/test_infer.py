@@ -271,6 +271,7 @@ def test_bad_files_are_named_the_rest_written_and_the_exit_code_is_not_zero(ckpt
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_exit_code_of_the_script(ckpt_path, tmp_path):
     inp = tmp_path / "in"
     inp.mkdir()
@@ -477,6 +478,7 @@ def outputs(folder):
     return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [0.5, 0.37, 1.0, 1.5])
 @pytest.mark.parametrize("size", [(203, 171), (301, 67)], ids=["wide", "tall"])  # tall: Pillow 13 resizes height first
 def test_grid_rows_equal_to_grid_to_the_byte(tmp_path, scale, size):
@@ -497,6 +499,7 @@ def test_grid_rows_equal_to_grid_to_the_byte(tmp_path, scale, size):
     assert grid.rows_read == size[0] and len(grid.src) <= 7 + 2 * math.ceil(1 / scale) + 2  # a window, no more
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [0.5, 1.0])
 def test_streamed_masks_are_the_in_memory_masks(ckpt_path, tmp_path, monkeypatch, scale):
     (tmp_path / "in").mkdir()
@@ -602,6 +605,7 @@ def rows_layouts():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(rows_layouts()))
 def test_rows_of_a_tiff_are_the_rows_of_the_whole_read(tmp_path, layout):
     data, kwargs = rows_layouts()[layout]
@@ -628,6 +632,7 @@ def test_tiffs_that_are_not_read_by_rows_are_read_whole(ckpt_path, tmp_path, mon
     assert mask_of(tmp_path / "out" / "pages_tif_mask.png").shape == (40, 50)
 
 
+@pytest.mark.slow
 def test_png_rows_write_the_same_file_however_the_rows_come(tmp_path):
     labels = np.random.default_rng(0).integers(0, 6, (70, 90), dtype=np.uint8)
     labels[:10] = 255
@@ -654,6 +659,7 @@ def test_png_rows_write_the_same_file_however_the_rows_come(tmp_path):
 
 # --------------------------------------------------------------------------- folders, pipelined
 
+@pytest.mark.slow
 def test_pipelined_masks_are_the_serial_masks_byte_for_byte(ckpt_path, tmp_path, monkeypatch):
     inp = tmp_path / "in"
     write_inputs(inp)

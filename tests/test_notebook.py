@@ -1,12 +1,14 @@
 from pathlib import Path
 
 import papermill as pm
+import pytest
 
 from tests.conftest import write_patches
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_notebook_runs_headless_on_tiny_data(tmp_path):
     write_patches(tmp_path / "patches", n=6, size=(48, 48))
     out_nb = tmp_path / "executed.ipynb"

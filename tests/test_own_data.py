@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import tifffile
 from PIL import Image
 
@@ -11,6 +12,7 @@ from checkpoint import read_checkpoint
 from train import TrainConfig, train
 
 
+@pytest.mark.slow
 def test_index_labels_four_bands_train_and_infer(tmp_path):
     rng = np.random.default_rng(0)
     (tmp_path / "images").mkdir()

@@ -190,6 +190,7 @@ def test_auto_chooses_resident_unless_points_are_redrawn_or_the_data_do_not_fit(
 
 # --------------------------------------------------------------------------- train() on this path
 
+@pytest.mark.slow
 def test_training_takes_the_resident_path_by_default_and_learns(data, tmp_path, capsys):
     history = train(cfg_for(data, tmp_path, epochs=4, points=None, lr=3e-3))
     out = capsys.readouterr().out
@@ -233,6 +234,7 @@ def test_the_weak_losses_run_on_the_resident_path(data, tmp_path):
     assert history[0]["train_affinity"] >= 0 and history[0]["train_consistency"] >= 0
 
 
+@pytest.mark.slow
 def test_resume_on_the_resident_path_continues(data, tmp_path):
     straight = train(cfg_for(data, tmp_path, out=str(tmp_path / "s"), epochs=3, loader="resident"))
     train(cfg_for(data, tmp_path, out=str(tmp_path / "r"), epochs=2, loader="resident"))
@@ -293,6 +295,7 @@ def test_a_hit_seeds_the_dataset_with_the_samples_it_would_decode(tmp_path):
         assert np.array_equal(seeded.click_pixels(1), decoded.click_pixels(1))
 
 
+@pytest.mark.slow
 def test_a_second_run_hits_the_cache_decodes_nothing_and_trains_alike(data, tmp_path, monkeypatch, capsys):
     from train import fit_spec, resolve_split
     first = run_logged(cfg_for(data, tmp_path, epochs=2, out=str(tmp_path / "a")), capsys)

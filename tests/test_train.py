@@ -18,6 +18,7 @@ def cfg_for(root, tmp_path, **kw):
     return TrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_history_checkpoints_and_figures(data, tmp_path):
     figures = tmp_path / "ck"  # figures go with the run's checkpoints
     history = train(cfg_for(data, tmp_path, figures=True))
@@ -33,11 +34,13 @@ def test_history_checkpoints_and_figures(data, tmp_path):
     assert json.loads((tmp_path / "ck" / "history.json").read_text())[-1]["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_loss_decreases_when_training_longer(data, tmp_path):
     history = train(cfg_for(data, tmp_path, epochs=6, points=None, augment=False, lr=3e-3))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
+@pytest.mark.slow
 def test_reproducible_on_cpu(data, tmp_path):
     a = train(cfg_for(data, tmp_path, out=str(tmp_path / "a")))
     b = train(cfg_for(data, tmp_path, out=str(tmp_path / "b")))
@@ -45,6 +48,7 @@ def test_reproducible_on_cpu(data, tmp_path):
     assert [h["val_miou"] for h in a] == [h["val_miou"] for h in b]
 
 
+@pytest.mark.slow
 def test_resume_continues_where_it_stopped(data, tmp_path):
     straight = train(cfg_for(data, tmp_path, out=str(tmp_path / "s"), epochs=2))
     train(cfg_for(data, tmp_path, out=str(tmp_path / "r"), epochs=1))
@@ -56,6 +60,7 @@ def test_resume_continues_where_it_stopped(data, tmp_path):
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-5) for k in sa)
 
 
+@pytest.mark.slow
 def test_resume_with_another_model_is_refused(data, tmp_path):
     train(cfg_for(data, tmp_path, epochs=1, arch="resnet18", size=32))
     with pytest.raises(ValueError, match="decoder: 'skip' -> 'plain'"):

@@ -1,0 +1,134 @@
+"""Fill the marked results blocks of README.md and docs/*.md from the generated reports (results/**/*.md).
+
+    python make_readme_results.py            # rewrite every block from results/experiments.md, results/atlanta/...
+    python make_readme_results.py --check    # exit 1 and name the files whose blocks differ (tests, CI)
+
+A block is two HTML comments, which Markdown does not show; everything between them is this script's:
+
+    <!-- results:synthetic 7 closing -->
+    ...generated...
+    <!-- /results -->
+
+`synthetic` or `atlanta` names the report (SOURCES); the words after it name its sections, in order: a number
+(`7` = "## 7. ..."), `closing` (the closing note) or `goals` (few clicks against the goals). Every block starts
+with a line saying which data the numbers come from (SYNTHETIC or REAL) and ends with the report's
+all-background (majority) baseline, or says that the report has none. Numbers are never typed into the docs by
+hand: change the experiments, run `python experiments.py --preset ... --report`, then this script.
+"""
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DOCS = ("README.md", "docs")  # files and folders whose .md files may hold blocks
+
+SOURCES = {  # name -> (report, what its numbers are, the command that writes it)
+    "synthetic": ("results/experiments.md", "**SYNTHETIC demo data** (procedural scenes from `demo_data.py`; "
+                  "says nothing about ISPRS Potsdam)", "python experiments.py --preset demo --report"),
+    "atlanta": ("results/atlanta/experiments.md", "**REAL data** (SpaceNet Atlanta buildings, `make realdata`; "
+                "2 classes)", "python experiments.py --preset atlanta --report"),
+}
+NAMED = {"closing": "Closing note", "goals": "Few clicks against the goals"}
+BLOCK = re.compile(r"(<!-- results:(\w+)((?: [\w-]+)*) -->\n)(.*?)(<!-- /results -->)", re.S)
+BASELINE = re.compile(r"\ball[- ]background\b|\bmajority\b", re.I)
+
+# --------------------------------------------------------------------------- reading a report
+
+
+def sections(text):
+    """{heading: body} of a report's '## ' sections, in order."""
+    out, head = {}, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            head = line[3:].strip()
+            out[head] = []
+        elif head is not None:
+            out[head].append(line)
+    return {h: "\n".join(body).strip() for h, body in out.items()}
+
+
+def find_section(secs, part, report):
+    """The (heading, body) that `part` names; a KeyError that names the report when there is none."""
+    for head, body in secs.items():
+        if (part.isdigit() and head.startswith(f"{part}. ")) or (part in NAMED and head.startswith(NAMED[part])):
+            return head, body
+    raise KeyError(f"{report} has no section '{part}' (headings: {', '.join(secs)}); rerun the report or fix the "
+                   f"block's marker")
+
+
+def baseline_lines(text):
+    """The report's lines about the all-background (majority) baseline: table rows or sentences."""
+    return [line for line in text.splitlines() if BASELINE.search(line)]
+
+
+# --------------------------------------------------------------------------- writing a block
+
+def block(source, parts, target):
+    """The generated text between the markers of one block in file `target`."""
+    if source not in SOURCES:
+        raise KeyError(f"{target}: unknown results source '{source}' (one of: {', '.join(SOURCES)})")
+    report, what, command = SOURCES[source]
+    text = (ROOT / report).read_text()
+    link = os.path.relpath(ROOT / report, (ROOT / target).parent)
+    lines = [f"{what}: from [`{report}`]({link}), written by `{command}`.", ""]
+    shown = []
+    for part in parts:
+        head, body = find_section(sections(text), part, report)
+        body = re.sub(r"!\[[^\]]*\]\([^)]*\)\n?", "", body).strip()  # figures: linked from the report itself
+        lines += [f"**{head}**", "", body, ""]
+        shown.append(body)
+    base = [b for b in baseline_lines(text) if not any(b in s for s in shown)]
+    if base:
+        lines += ["All-background (majority) baseline:", ""] + base + [""]
+    elif not any(baseline_lines(s) for s in shown):
+        lines += [f"`{report}` reports no all-background (majority) baseline.", ""]
+    return "\n".join(lines)
+
+
+def render(text, target):
+    """`text` (the file `target`, relative to the repo root) with every block regenerated."""
+    def fill(m):
+        return m.group(1) + block(m.group(2), m.group(3).split(), target) + "\n" + m.group(5)
+    return BLOCK.sub(fill, text)
+
+
+def targets():
+    """The Markdown files that may hold blocks, relative to the repo root."""
+    out = []
+    for name in DOCS:
+        p = ROOT / name
+        out += sorted(p.glob("*.md")) if p.is_dir() else [p] if p.is_file() else []
+    return [p.relative_to(ROOT) for p in out]
+
+
+# --------------------------------------------------------------------------- CLI
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Fill the results blocks of README.md and docs/*.md from results/.")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block differs from results/")
+    return p
+
+
+def main(args):
+    stale = []
+    for rel in targets():
+        path = ROOT / rel
+        old = path.read_text()
+        new = render(old, rel)
+        if new != old:
+            stale.append(str(rel))
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        print(f"results blocks out of date in: {', '.join(stale)}; run `python make_readme_results.py`",
+              file=sys.stderr)
+        return 1
+    print(("rewrote: " + ", ".join(stale)) if stale and not args.check else "results blocks up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,111 @@
+"""README.md and docs/: the results blocks are what make_readme_results.py writes from results/, the layout table
+names every top-level module, links resolve, and the text names no removed command."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+import make_readme_results as R
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def read(path):
+    return path.read_text()
+
+
+# --------------------------------------------------------------------------- the results blocks
+
+def test_results_blocks_are_what_the_script_generates():
+    """Fails when a number in a block was edited by hand or results/ changed without `make readme-results`."""
+    stale = [str(p.relative_to(ROOT)) for p in DOCS if R.render(read(p), p.relative_to(ROOT)) != read(p)]
+    assert not stale, f"results blocks out of date in {stale}: run `make readme-results`"
+    assert R.main(R.get_args_parser().parse_args(["--check"])) == 0
+
+
+def test_readme_shows_synthetic_and_real_results_each_labelled():
+    text = read(ROOT / "README.md")
+    blocks = R.BLOCK.findall(text)
+    assert {b[1] for b in blocks} == {"synthetic", "atlanta"}
+    for _, source, _, body, _ in blocks:
+        assert ("**SYNTHETIC" if source == "synthetic" else "**REAL") in body.splitlines()[0]
+        assert "baseline" in body  # the all-background baseline, or a line saying the report has none
+
+
+def test_a_hand_edited_number_is_found_and_put_back(tmp_path, monkeypatch):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "experiments.md").write_text(
+        "# Experiments\n\n## 7. Class weighting\n\n| run | mIoU % |\n|---|---:|\n| sqrt | 66.4 ± 1.0 |\n"
+        "| all background (majority class) | 12.3 |\n\n![fig](fig.png)\n\n## Closing note\n\n- a note.\n")
+    monkeypatch.setattr(R, "ROOT", tmp_path)
+    (tmp_path / "docs").mkdir()
+    doc = tmp_path / "docs" / "x.md"
+    fresh = "intro\n<!-- results:synthetic 7 closing -->\n<!-- /results -->\noutro\n"
+    doc.write_text(fresh)
+    assert R.main(R.get_args_parser().parse_args(["--check"])) == 1  # an empty block is stale
+    assert R.main(R.get_args_parser().parse_args([])) == 0
+    text = doc.read_text()
+    assert text.startswith("intro\n<!-- results:synthetic 7 closing -->\n**SYNTHETIC") and text.endswith("outro\n")
+    assert "| sqrt | 66.4 ± 1.0 |" in text and "- a note." in text and "fig.png" not in text
+    assert "](../results/experiments.md)" in text  # linked relative to the file that shows it
+    assert text.count("| all background (majority class) | 12.3 |") == 1  # the baseline row, once
+    assert "reports no all-background" not in text
+    assert R.main(R.get_args_parser().parse_args(["--check"])) == 0
+    doc.write_text(text.replace("66.4 ± 1.0", "67.0 ± 1.0"))  # a number typed in by hand
+    assert R.main(R.get_args_parser().parse_args(["--check"])) == 1
+    assert R.render(doc.read_text(), Path("docs/x.md")) == text
+
+
+def test_a_report_without_a_baseline_says_so_and_a_missing_section_is_named(tmp_path, monkeypatch):
+    (tmp_path / "results" / "atlanta").mkdir(parents=True)
+    (tmp_path / "results" / "atlanta" / "experiments.md").write_text("# E\n\n## Closing note\n\n- x.\n")
+    monkeypatch.setattr(R, "ROOT", tmp_path)
+    text = R.block("atlanta", ["closing"], Path("README.md"))
+    assert text.startswith("**REAL data**") and "reports no all-background (majority) baseline" in text
+    with pytest.raises(KeyError, match="results/atlanta/experiments.md has no section '7'"):
+        R.block("atlanta", ["7"], Path("README.md"))
+    with pytest.raises(KeyError, match="unknown results source 'potsdam'"):
+        R.block("potsdam", ["7"], Path("README.md"))
+
+
+# --------------------------------------------------------------------------- the text
+
+def test_readme_opens_with_the_two_commands_and_stays_short():
+    text = read(ROOT / "README.md")
+    assert len(text.splitlines()) <= 200
+    first_code = text.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    assert first_code[0].startswith("make demo ") and first_code[1].startswith("make test ")
+    makefile = read(ROOT / "Makefile")
+    assert re.search(r"^demo: ", makefile, re.M) and re.search(r"^test: ", makefile, re.M)
+    assert "make test" in read(ROOT / ".ci" / "run")
+
+
+def test_layout_table_names_every_top_level_module_and_only_those():
+    text = read(ROOT / "README.md")
+    listed = set(re.findall(r"^\| `([\w.]+\.(?:py|ipynb))` \|", text, re.M))
+    present = {p.name for p in ROOT.glob("*.py")} | {p.name for p in ROOT.glob("*.ipynb")}
+    assert listed == present, f"missing: {sorted(present - listed)}, not in the repo: {sorted(listed - present)}"
+
+
+REMOVED_CLIS = ("dataset", "class_weights", "resident", "few_clicks", "model", "partial_ce_loss", "spec", "raster",
+                "weak_losses")
+DEVELOPMENT_LOG = r"\b(this|first|last|previous|next) round\b|this round's|after this round|issue \d+ added"
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_docs_say_what_is_true_now_and_name_no_removed_command(path):
+    text = read(path)
+    assert not re.search(DEVELOPMENT_LOG, text, re.I), re.search(DEVELOPMENT_LOG, text, re.I).group(0)
+    for name in REMOVED_CLIS:
+        assert f"python {name}.py" not in text, f"{path.name} tells users to run python {name}.py"
+    assert "--class-weighting inverse` (default" not in text
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_relative_links_resolve(path):
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", read(path)):
+        if "://" in target:
+            continue
+        assert (path.parent / target).exists(), f"{path.name} links to {target}, which does not exist"
