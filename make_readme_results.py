@@ -60,8 +60,20 @@ def find_section(secs, part, report):
 
 
 def baseline_lines(text):
-    """The report's lines about the all-background (majority) baseline: table rows or sentences."""
-    return [line for line in text.splitlines() if BASELINE.search(line)]
+    """The report's lines about the all-background (majority) baseline, each once: sentences as they are, table
+    rows under the header (and its separator) of the first table that holds them."""
+    lines, out, header = text.splitlines(), [], None
+    for i, line in enumerate(lines):
+        if not BASELINE.search(line) or line in out:
+            continue
+        if line.startswith("|") and header is None:
+            top = i
+            while top > 0 and lines[top - 1].startswith("|"):
+                top -= 1
+            header = lines[top:top + 2]
+            out += header
+        out.append(line)
+    return out
 
 
 # --------------------------------------------------------------------------- writing a block
