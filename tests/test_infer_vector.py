@@ -181,6 +181,22 @@ def test_area_table_keeps_the_rows_of_other_images(ckpt_path, tmp_path):
     assert {r["image"] for r in rows} == {"a.tif", "b.tif", "TOTAL"}
 
 
+def test_ctrl_c_keeps_the_areas_of_the_images_done(ckpt_path, tmp_path, monkeypatch):
+    for i in range(3):
+        write_geotiff(tmp_path / "in" / f"t{i}.tif", geo_image(seed=i))
+    real, calls = infer._predict_file, []
+
+    def interrupted(model, job, **kwargs):
+        calls.append(job.path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the second image is predicted
+        return real(model, job, **kwargs)
+
+    monkeypatch.setattr(infer, "_predict_file", interrupted)
+    assert run(ckpt_path, tmp_path / "in", tmp_path / "out", "--vector", "gpkg", "--no-pipeline") == 130
+    assert {r["image"] for r in area_table(tmp_path / "out" / "areas.csv")} == {"t0.tif", "TOTAL"}
+
+
 def test_an_area_table_of_another_kind_is_refused_before_any_work(ckpt_path, tmp_path, capsys):
     write_geotiff(tmp_path / "in" / "a.tif", geo_image())
     (tmp_path / "out").mkdir()
