@@ -17,6 +17,14 @@ colour mask (written last) says it was made from that input (one made from anoth
 replaced). Nodata pixels get no class (255, black). All arguments and the output folder are checked before any
 work. Ctrl-C stops with one line, how many images were written, and exit code 130.
 
+Maps a GIS takes (docs/maps.md): `--vector gpkg|geojson` also writes `<stem>_<ext>_polygons.gpkg` (.geojson), the
+class polygons (vector.py: fields class_index, class, area) in the raster's CRS, or in pixel coordinates and no CRS
+for an image without one (logged); unsimplified they rasterise back to the mask exactly, `--min-area` drops small
+ones, `--simplify` smooths them (map units). `--vector` or `--areas` write the class areas (pixels; m^2 and ha for
+a CRS in metres) of every image into `<output>/areas.csv`, with TOTAL rows; rows of images not in this run stay.
+Both are made from the bands of rows the masks are written from, as they are written (`_Maps`); under
+--skip-existing an input is done only when its polygons file and its areas.csv rows exist too.
+
 An input that does not fit the model, 16-bit data under a model trained on 8-bit images, is segmented with a
 warning that names the choices (--bit-depth, or training on such files): logged, repeated after the run's summary
 and written into its masks' metadata (`Warning`). A whole image over --max-pixels (default raster.MAX_PIXELS,
@@ -35,6 +43,10 @@ the same functions training uses.
 A TIFF over STREAM_PIXELS (64 MP) is streamed (`StreamedInput`, `predict_streamed`): read in windows of rows
 through the same contract, resized window by window to the same bytes as the whole image, predicted, and its
 masks written band of rows by band of rows, so memory does not grow with the image; its overlay is skipped.
+Its polygons and areas come from the same bands: held are a block of VECTOR_ROWS (1024) mask rows and the
+per-class counts, but also every polygon found until the file is written, so memory grows with the number of
+polygon vertices (how fragmented the prediction is), not with the pixels; a class region that spans the image
+is one polygon, held whole (vector.py).
 
 A folder is pipelined (`segment_files`): a reader thread reads and decodes the next files, the model runs in the
 main thread, a writer thread encodes and writes the masks of the last ones, with at most PIPELINE_DEPTH (2)
@@ -44,6 +56,7 @@ for byte; `--no-pipeline` runs file after file. A streamed TIFF is predicted and
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import fnmatch
 import math
@@ -65,6 +78,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import distributed
+from annotations import open_image
 from checkpoint import load_model
 from dataset import index_to_colour
 from raster import (GDAL_NODATA, GEOTIFF_TAGS, IMAGE_SUFFIXES, MAX_PIXELS, TIFF_SUFFIXES, RasterError, Rows,
@@ -72,8 +86,13 @@ from raster import (GDAL_NODATA, GEOTIFF_TAGS, IMAGE_SUFFIXES, MAX_PIXELS, TIFF_
                     readable_by_rows, resize, scale_note, tiles_of_rows, write_index_tiff, write_jpeg)
 from spec import (IGNORE_INDEX, MAX_SCALE, check_scale, file_bands, grid_size, load_input, to_grid, valid_mask,
                   wide_input_warning)
+from vector import BLOCK_ROWS, class_areas, metres_per_unit, polygons_from_bands, write_area_table, write_polygons
 
 OUTPUT_PATTERN = "*_mask.*"  # the files this tool writes: never inputs
+VECTOR_FORMATS = ("gpkg", "geojson")  # --vector: <stem>_polygons.<format>
+POLYGON_NAMES = tuple(f"_polygons.{f}" for f in VECTOR_FORMATS)
+AREAS_NAME = "areas.csv"  # --vector / --areas: the per-class area table of the output folder
+VECTOR_ROWS = BLOCK_ROWS  # mask rows polygonised at once: the bands of a prediction are regrouped into these
 TTA_MODES = {  # (quarter turns, horizontal flip) applied to the input; the prediction is turned back
     "none": [(0, False)],
     "flip": [(0, False), (0, True), (2, False), (2, True)],  # identity, h-flip, h+v flip, v-flip
@@ -535,10 +554,13 @@ class Summary:
     written: list = field(default_factory=list)
     seconds: float = 0.0
     warnings: list = field(default_factory=list)  # (path, message): done, but the input does not fit the model
+    areas: dict = field(default_factory=dict)  # {input file name: vector.class_areas rows} of the images done
 
     def line(self):
         warned = f", {len(self.warnings)} with warnings" if self.warnings else ""
-        return (f"{self.done} images done, {len(self.skipped)} skipped, {len(self.failed)} failed{warned} "
+        polygons = sum(Path(p).name.endswith(POLYGON_NAMES) for p in self.written)
+        polygons = f", {polygons} polygons files written" if polygons else ""
+        return (f"{self.done} images done, {len(self.skipped)} skipped, {len(self.failed)} failed{warned}{polygons} "
                 f"in {self.seconds:.1f} s")
 
 
@@ -608,6 +630,52 @@ def output_stems(images):
     return stems
 
 
+AREA_COLUMNS = ["image", "class_index", "class", "pixels", "m2", "ha"]  # vector.write_area_table's
+
+
+def read_area_table(path):
+    """{input file name: vector.class_areas rows} of an areas.csv written by this tool, TOTAL rows left out; {}
+    when there is none. A file that is not such a table is a ValueError naming it."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    number = lambda v: float(v) if v else None  # noqa: E731
+    table = {}
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or rows[0] != AREA_COLUMNS:
+            raise ValueError(f"its columns are not {', '.join(AREA_COLUMNS)}")
+        for r in rows[1:]:
+            image, index, name, pixels, m2, ha = r
+            if image != "TOTAL":
+                table.setdefault(image, []).append({"class_index": int(index), "class": name, "pixels": int(pixels),
+                                                    "m2": number(m2), "ha": number(ha)})
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} exists but is not an area table of this tool ({e}); move it away or choose "
+                         f"another --output") from None
+    return table
+
+
+def check_area_table(path, names):
+    """An existing areas.csv is this tool's, with the classes `names`: checked before any work, as its rows are
+    kept and added to."""
+    for image, rows in read_area_table(path).items():
+        if [r["class"] for r in rows] != list(names):
+            raise ValueError(f"{path} holds the classes {[r['class'] for r in rows]} for {image}, not this "
+                             f"checkpoint's {list(names)}; move it away or choose another --output")
+
+
+def update_area_table(output, areas):
+    """Write {input file name: class_areas rows} into <output>/areas.csv: these images' rows replace theirs, the
+    rows of other images (earlier runs, inputs skipped with --skip-existing) stay, TOTAL rows sum them all.
+    Returns the table's path."""
+    path = Path(output) / AREAS_NAME
+    table = read_area_table(path)
+    table.update(areas)
+    return write_area_table(path, dict(sorted(table.items())))
+
+
 def run_spec(ckpt, scale=None, bands=None):
     """The checkpoint's preprocessing contract, with the user's --scale / --bands if given."""
     spec = ckpt.spec
@@ -623,13 +691,20 @@ def mask_path(output, stem):
     return Path(output) / f"{stem}_mask.png"
 
 
-def output_paths(output, stem, *, index=False, overlay=False, tiff=False):
-    """The paths written for an input, the colour mask last: index PNG, overlay JPEG, GeoTIFF (as asked / for a
-    georeferenced input), colour PNG."""
+def polygons_path(output, stem, vector):
+    """The class polygons of an input, `vector` a VECTOR_FORMATS entry: <stem>_polygons.gpkg / .geojson."""
+    return Path(output) / f"{stem}_polygons.{vector}"
+
+
+def output_paths(output, stem, *, index=False, overlay=False, tiff=False, vector=None):
+    """The paths written for an input, the colour mask last: index PNG, overlay JPEG, GeoTIFF, polygons (as asked
+    / for a georeferenced input), colour PNG."""
     output = Path(output)
     return [q for q, wanted in ((output / f"{stem}_mask.index.png", index),
                                 (output / f"{stem}_mask.overlay.jpg", overlay),
-                                (output / f"{stem}_mask.tif", tiff)) if wanted] + [mask_path(output, stem)]
+                                (output / f"{stem}_mask.tif", tiff),
+                                (vector and polygons_path(output, stem, vector), vector)) if wanted] + \
+        [mask_path(output, stem)]
 
 
 def _is_georeferenced(path):
@@ -672,11 +747,42 @@ class _Job:
     source: object = None
     notes: list = field(default_factory=list)
     warnings: list = field(default_factory=list)  # the input does not fit the model: also in the masks' metadata
+    polygons_path: Path = None  # --vector
+    areas: bool = False  # --vector / --areas: class_areas rows into `area_rows` as the masks are written
+    transform: object = None  # pixel -> map coordinates of the polygons and areas; None: pixel coordinates
+    crs: object = None
+    min_area: float = 0.0
+    simplify: float = 0.0
+    area_rows: list = None
+
+
+def _place(path, raster):
+    """(transform, crs, note) for an input's polygons and areas: a GeoTIFF's from rasterio, the same georeferencing
+    as its mask TIFF; (None, None, note) for any other image: pixel coordinates, no CRS."""
+    if not raster.is_georeferenced:
+        return None, None, ("not georeferenced: polygons in pixel coordinates (x = column, y = row, down), no CRS; "
+                            "areas in pixels")
+    try:
+        ref = open_image(path)
+    except Exception as e:  # rasterio's own errors: this file cannot be placed
+        raise RasterError(f"{path}: its GeoTIFF tags cannot be read as a transform and CRS ({e}); run without "
+                          f"--vector/--areas, or fix its georeferencing") from None
+    if ref.crs is not None and ref.transform == ref.transform.identity():
+        raise RasterError(f"{path}: has a CRS but no transform, so its polygons have no place; run without "
+                          f"--vector/--areas, or fix its georeferencing")
+    if ref.crs is None:
+        return ref.transform, None, "no CRS: polygons in its map coordinates without a CRS; areas in pixels"
+    if metres_per_unit(ref.crs) is None:
+        return ref.transform, ref.crs, (f"its CRS ({ref.crs}) is not projected: areas in pixels only, --min-area "
+                                        f"and --simplify in its units")
+    return ref.transform, ref.crs, None
 
 
 def _read_file(path, output, ckpt, *, stem=None, scale=None, bands=None, bit_depth=None, index=False,
-               overlay_preview=False, protect=(), max_pixels=MAX_PIXELS):
-    """Read and check one input (step 1 of segment_file): a _Job. Raises RasterError for a bad file."""
+               overlay_preview=False, protect=(), max_pixels=MAX_PIXELS, vector=None, areas=False, min_area=0.0,
+               simplify=0.0):
+    """Read and check one input (step 1 of segment_file): a _Job. Raises RasterError for a bad file. `vector`
+    (a VECTOR_FORMATS entry) asks for its polygons, `areas` for its class areas (vector.class_areas rows)."""
     spec = run_spec(ckpt, scale, bands)
     path, output = Path(path), Path(output)
     stem = stem or output_stems([path])[path]
@@ -695,7 +801,14 @@ def _read_file(path, output, ckpt, *, stem=None, scale=None, bands=None, bit_dep
         grid = _grid(inp.image, spec.scale)
         image = inp.image if overlay_preview else None
     written = output_paths(output, stem, index=index, overlay=overlay_preview and source is None,
-                           tiff=raster.is_georeferenced)  # the colour mask last
+                           tiff=raster.is_georeferenced, vector=vector)  # the colour mask last
+    transform = crs = None
+    if vector or areas:
+        transform, crs, note = _place(path, raster)
+        if crs is None and vector == "geojson":
+            note += ("; GeoJSON readers take coordinates without a CRS as WGS84 degrees: use --vector gpkg to keep "
+                     "them apart")
+        notes += [note] if note else []
     index_path, overlay_path, tiff_path = (next((q for q in written if q.name.endswith(end)), None)
                                            for end in ("_mask.index.png", "_mask.overlay.jpg", "_mask.tif"))
     protected = {Path(p).resolve() for p in protect} | {path.resolve()}
@@ -704,7 +817,9 @@ def _read_file(path, output, ckpt, *, stem=None, scale=None, bands=None, bit_dep
             raise RasterError(f"{path}: refusing to write {target}, it is an input")
     output.mkdir(parents=True, exist_ok=True)
     return _Job(path, output, stem, spec, (H, W), raster, masked, written, index_path, overlay_path, tiff_path,
-                grid, image, valid, source, notes, list(warnings))
+                grid, image, valid, source, notes, list(warnings),
+                polygons_path=vector and polygons_path(output, stem, vector), areas=bool(vector or areas),
+                transform=transform, crs=crs, min_area=min_area, simplify=simplify)
 
 
 def _predict_file(model, job, *, tile=512, overlap=64, batch_size=4, tta=False, device=None, progress=False):
@@ -725,9 +840,118 @@ def mask_text(job):
     return text
 
 
+# --------------------------------------------------------------------------- polygons and areas, as masks are written
+
+class _Abandoned(Exception):
+    """The masks' writing stopped: a _Consumer leaves its work."""
+
+
+class _Consumer(threading.Thread):
+    """Thread: `fn(bands)`, a function that pulls bands of rows (vector.polygons_from_bands, class_areas), fed by
+    `put` from the loop that writes the masks, at most PIPELINE_DEPTH bands waiting. `finish()` returns fn's
+    result (or raises its exception); `stop()` makes it leave its work."""
+
+    def __init__(self, fn, name):
+        super().__init__(name=name, daemon=True)
+        self.fn, self.queue, self.stopped = fn, queue.Queue(PIPELINE_DEPTH), threading.Event()
+        self.result = self.error = None
+
+    def _bands(self):
+        while (item := _get(self.queue, self.stopped)) is not _END:
+            if self.stopped.is_set():
+                raise _Abandoned
+            yield item
+        if self.stopped.is_set():
+            raise _Abandoned
+
+    def run(self):
+        try:
+            self.result = self.fn(self._bands())
+        except _Abandoned:
+            pass
+        except BaseException as e:  # handed to the thread that writes the masks
+            self.error = e
+
+    def put(self, item):
+        while self.is_alive():
+            with contextlib.suppress(queue.Full):
+                self.queue.put(item, timeout=0.05)
+                return
+        raise self.error or RuntimeError(f"{self.name} ended before the last band")
+
+    def finish(self):
+        self.put(_END)
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def stop(self):
+        self.stopped.set()
+        self.join()
+
+
+def _blocks(bands, rows):
+    """Bands of rows (y0, y1, rows) regrouped into blocks of `rows` rows top to bottom (the last one shorter):
+    the same blocks whether the mask comes whole or band by band, so the polygons are the same too."""
+    held, n, y = [], 0, 0  # pieces of the block being filled, its rows, its first row
+    for _, _, band in bands:
+        while len(band):
+            take = min(rows - n, len(band))
+            held.append(band[:take])
+            n, band = n + take, band[take:]
+            if n == rows:
+                yield y, y + n, held[0] if len(held) == 1 else np.concatenate(held)
+                held, n, y = [], 0, y + n
+    if n:
+        yield y, y + n, held[0] if len(held) == 1 else np.concatenate(held)
+
+
+class _Maps:
+    """A job's polygons (written to job.polygons_path) and class areas (job.area_rows), made from the bands of
+    rows its masks are written from while they are written: `feed(bands)` hands each band on to
+    vector.polygons_from_bands (in blocks of VECTOR_ROWS rows) and vector.class_areas, each pulling in its own
+    thread (infer-polygons, infer-areas). Neither holds the mask: one block of rows, the polygons found and the
+    per-class counts. A context: leaving it on an exception stops both threads."""
+
+    def __init__(self, job):
+        self.job, names, place = job, job.spec.classes.names, (job.transform, job.crs)
+        fns = {}
+        if job.polygons_path:
+            fns["polygons"] = lambda bands: polygons_from_bands(_blocks(bands, VECTOR_ROWS), names, *place,
+                                                                min_area=job.min_area, simplify=job.simplify)
+        if job.areas:
+            fns["areas"] = lambda bands: class_areas(bands, names, *place)
+        self.consumers = {k: _Consumer(fn, f"infer-{k}") for k, fn in fns.items()}
+
+    def __enter__(self):
+        for c in self.consumers.values():
+            c.start()
+        return self
+
+    def feed(self, bands):
+        for band in bands:
+            for c in self.consumers.values():
+                c.put(band)
+            yield band
+
+    def finish(self):
+        """Wait for the polygons and areas of every band fed; write the polygons."""
+        done = {k: c.finish() for k, c in self.consumers.items()}
+        if "polygons" in done:
+            write_polygons(self.job.polygons_path, done["polygons"])
+        self.job.area_rows = done.get("areas")
+
+    def __exit__(self, *exc):
+        for c in self.consumers.values():
+            c.stop()
+
+
 def _write_masks(job, bands, pred=None):
     """Write the masks of `job` from `bands` of rows (y0, y1, rows) top to bottom (step 3 of segment_file), each
-    atomically, the colour mask last; `pred`, the whole mask, for the overlay. Returns the paths written."""
+    atomically, the colour mask last; `pred`, the whole mask, for the overlay. The polygons and class areas, when
+    asked, are made from the same bands (_Maps): the polygons file is written before the colour mask, the area
+    rows go to job.area_rows. Returns the paths written."""
     H, W = job.size
     palette = job.spec.classes.palette
     text = mask_text(job)
@@ -735,7 +959,8 @@ def _write_masks(job, bands, pred=None):
         pngs = [stack.enter_context(png_rows(mask_path(job.output, job.stem), H, W, palette, text=text))]
         if job.index_path:
             pngs.append(stack.enter_context(png_rows(job.index_path, H, W, text=text)))
-        rows = _through(bands, pngs)
+        maps = stack.enter_context(_Maps(job)) if job.polygons_path or job.areas else None
+        rows = _through(maps.feed(bands) if maps else bands, pngs)
         if job.tiff_path:
             tags = dict(job.raster.geotags)
             if job.masked:
@@ -744,6 +969,8 @@ def _write_masks(job, bands, pred=None):
         else:
             for _ in rows:
                 pass
+        if maps:
+            maps.finish()
         if job.overlay_path:
             write_jpeg(job.overlay_path, overlay(display_rgb(job.image), pred, palette))
     return job.written
@@ -799,11 +1026,12 @@ def _report(job, summary, log):
             summary.warnings.append((job.path, warning))
 
 
-def _existing(path, output, stem, skip_existing, index=False, overlay_preview=False):
+def _existing(path, output, stem, skip_existing, index=False, overlay_preview=False, vector=None, tabled=None):
     """Why an input is skipped under --skip-existing, or None (segment it): skipped when every output asked
-    of it exists (a rerun that adds --index or --overlay writes them) and its colour mask, written last, records
-    that it was made from a file of this name. A colour mask made from another file is a RasterError: it is
-    neither taken as this input's nor replaced."""
+    of it exists (a rerun that adds --index, --overlay or --vector writes them; `tabled`, the input file names
+    with rows in areas.csv when areas are asked, else None) and its colour mask, written last, records that it
+    was made from a file of this name. A colour mask made from another file is a RasterError: it is neither
+    taken as this input's nor replaced."""
     colour = mask_path(output, stem)
     if not skip_existing or not colour.is_file():
         return None
@@ -813,10 +1041,11 @@ def _existing(path, output, stem, skip_existing, index=False, overlay_preview=Fa
         raise RasterError(f"{path}: {colour} exists but {made}; move it away, or run without --skip-existing "
                           f"to replace it")
     wanted = output_paths(output, stem, index=index, overlay=overlay_preview and not streams(path),
-                          tiff=_is_georeferenced(path))
-    if not all(q.is_file() for q in wanted):
+                          tiff=_is_georeferenced(path), vector=vector)
+    if not all(q.is_file() for q in wanted) or (tabled is not None and Path(path).name not in tabled):
         return None
-    return f"{', '.join(q.name for q in wanted)} exist{'s' if len(wanted) == 1 else ''} (--skip-existing)"
+    names = [q.name for q in wanted] + ([f"its {AREAS_NAME} rows"] if tabled is not None else [])
+    return f"{', '.join(names)} exist{'s' if len(names) == 1 else ''} (--skip-existing)"
 
 
 def _put(q, item, stop):
@@ -862,7 +1091,8 @@ def _writer(todo, results, stop):
             return
         job, pred = item
         try:
-            results.put((job.path, _write_masks(job, [(0, job.size[0], pred)], pred), None))
+            _write_masks(job, [(0, job.size[0], pred)], pred)
+            results.put((job.path, job, None))
         except BaseException as e:  # handed to the main thread: it reports a bad file, raises a bug
             results.put((job.path, None, e))
             if not isinstance(e, (RasterError, OSError)):
@@ -871,9 +1101,21 @@ def _writer(todo, results, stop):
 
 
 def _skip_or_read(p, output, stems, skip_existing, read_kwargs):
-    """segment_file's first step under --skip-existing: why `p` is skipped (a str), or its _Job."""
-    return (_existing(p, output, stems[p], skip_existing, read_kwargs.get("index"), read_kwargs.get("overlay_preview"))
+    """segment_file's first step under --skip-existing: why `p` is skipped (a str), or its _Job. read_kwargs:
+    _read_file's, and `tabled` (see _existing)."""
+    read_kwargs = dict(read_kwargs)
+    tabled = read_kwargs.pop("tabled", None)
+    return (_existing(p, output, stems[p], skip_existing, read_kwargs.get("index"), read_kwargs.get("overlay_preview"),
+                      read_kwargs.get("vector"), tabled)
             or _read_file(p, output, stem=stems[p], **read_kwargs))
+
+
+def _done(summary, job):
+    """Count a job whose outputs are written."""
+    summary.written += job.written
+    summary.done += 1
+    if job.area_rows is not None:
+        summary.areas[job.path.name] = job.area_rows
 
 
 def _segment_serial(files, stems, output, model, summary, log, skip_existing, read_kwargs, predict_kwargs):
@@ -886,11 +1128,11 @@ def _segment_serial(files, stems, output, model, summary, log, skip_existing, re
             else:
                 _report(job, summary, log)
                 if job.source is not None:
-                    summary.written += _segment_streamed(model, job, log, **predict_kwargs)
+                    _segment_streamed(model, job, log, **predict_kwargs)
                 else:
                     pred = _predict_file(model, job, **predict_kwargs)
-                    summary.written += _write_masks(job, [(0, job.size[0], pred)], pred)
-                summary.done += 1
+                    _write_masks(job, [(0, job.size[0], pred)], pred)
+                _done(summary, job)
         except (RasterError, OSError) as e:
             _fail(summary, p, e, log)
         yield
@@ -904,12 +1146,11 @@ def _segment_pipelined(files, stems, output, model, summary, log, skip_existing,
 
     def collect():  # what the writer has finished
         while not results.empty():
-            p, written, error = results.get()
+            p, job, error = results.get()
             if error is not None:
                 _fail(summary, p, error, log)
             else:
-                summary.written += written
-                summary.done += 1
+                _done(summary, job)
 
     jobs, todo, results = queue.Queue(PIPELINE_DEPTH), queue.Queue(PIPELINE_DEPTH), queue.SimpleQueue()
     stop = threading.Event()
@@ -930,8 +1171,8 @@ def _segment_pipelined(files, stems, output, model, summary, log, skip_existing,
                 _report(job, summary, log)
                 try:
                     if job.source is not None:  # streamed: predicted and written band by band, here
-                        summary.written += _segment_streamed(model, job, log, **predict_kwargs)
-                        summary.done += 1
+                        _segment_streamed(model, job, log, **predict_kwargs)
+                        _done(summary, job)
                     else:
                         pred = _predict_file(model, job, **predict_kwargs)
                         job.grid = job.valid = None  # what the writer does not need
@@ -955,10 +1196,9 @@ def _segment_pipelined(files, stems, output, model, summary, log, skip_existing,
             t.join()
         if not finished:  # count what the writer finished before it stopped; the exception goes on
             while not results.empty():
-                p, written, error = results.get()
+                p, job, error = results.get()
                 if error is None:
-                    summary.written += written
-                    summary.done += 1
+                    _done(summary, job)
                 elif isinstance(error, (RasterError, OSError)):
                     _fail(summary, p, error, log)
     collect()
@@ -978,14 +1218,17 @@ def segment_files(files, stems, output, model, ckpt, *, progress=True, log=None,
     the serial run. On an exception the queued files are dropped and both threads end before it propagates;
     masks already written stay, and --skip-existing continues from them. Ctrl-C comes out as Interrupted, which
     holds the summary of what was done. `pipeline=False` runs
-    segment_file file after file (for comparison; `infer.py --no-pipeline`)."""
+    segment_file file after file (for comparison; `infer.py --no-pipeline`). With `vector`/`areas` the class
+    areas of the images done are in summary.areas; the caller writes them (update_area_table)."""
     t0 = time.time()
     log = log or tqdm.write
     output = Path(output)
     summary = Summary()
     read_kwargs = {k: kwargs.pop(k) for k in ("scale", "bands", "bit_depth", "index", "overlay_preview",
-                                              "max_pixels") if k in kwargs}
+                                              "max_pixels", "vector", "areas", "min_area", "simplify") if k in kwargs}
     read_kwargs.update(ckpt=ckpt, protect=list(files) if protect is None else protect)
+    if skip_existing and (read_kwargs.get("vector") or read_kwargs.get("areas")):
+        read_kwargs["tabled"] = set(read_area_table(output / AREAS_NAME))
     steps = (_segment_pipelined if pipeline else _segment_serial)(
         files, stems, output, model, summary, log, skip_existing, read_kwargs, dict(kwargs, progress=progress))
     try:
@@ -1005,8 +1248,9 @@ def segment_folder(input, output, model, ckpt, *, progress=True, log=None, skip_
     """Segment every image of `input` (a folder or a file) into `output`; go on past bad files. Existing
     masks are replaced, unless `skip_existing`: then an input whose asked outputs all exist, its colour mask
     made from it, is skipped (an interrupted folder run continues where it stopped). `pipeline`: see
-    segment_files. Keyword arguments as segment_file and predict_image. Returns a Summary (bad files in
-    .failed, inputs that do not fit the model in .warnings)."""
+    segment_files. Keyword arguments as segment_file and predict_image. With `vector` or `areas` the class areas
+    of the images done go into <output>/areas.csv (update_area_table), also when Ctrl-C stops the run. Returns a
+    Summary (bad files in .failed, inputs that do not fit the model in .warnings)."""
     t0 = time.time()
     images, skipped = list_inputs(input)
     log = log or tqdm.write
@@ -1015,8 +1259,16 @@ def segment_folder(input, output, model, ckpt, *, progress=True, log=None, skip_
     removed = clean_stale_temporaries(output)
     if removed:
         log(f"removed {len(removed)} temporary files that killed runs left in {output}")
-    summary = segment_files(images, output_stems(images), output, model, ckpt, progress=progress, log=log,
-                            skip_existing=skip_existing, pipeline=pipeline, **kwargs)
+    areas = kwargs.get("vector") or kwargs.get("areas")
+    try:
+        summary = segment_files(images, output_stems(images), output, model, ckpt, progress=progress, log=log,
+                                skip_existing=skip_existing, pipeline=pipeline, **kwargs)
+    except Interrupted as e:
+        if areas:
+            update_area_table(output, e.summary.areas)
+        raise
+    if areas:
+        update_area_table(output, summary.areas)
     summary.skipped = skipped + summary.skipped
     summary.seconds = time.time() - t0
     return summary
@@ -1066,6 +1318,20 @@ def get_args_parser():
                         "(default: %(default)s)")
     p.add_argument("--index", action="store_true", help="also write <name>_mask.index.png (class indices)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_mask.overlay.jpg (a preview)")
+    p.add_argument("--vector", choices=VECTOR_FORMATS, default=None,
+                   help="also write the class polygons <name>_polygons.gpkg or .geojson (fields class_index, class, "
+                        "area) in the raster's CRS (pixel coordinates and no CRS for an image without one), and the "
+                        f"class areas into <output>/{AREAS_NAME}")
+    p.add_argument("--min-area", type=float, default=0.0,
+                   help="with --vector: drop polygons smaller than this, in square map units (m^2 for a metric "
+                        "CRS; pixels when not georeferenced); their pixels become holes (default: %(default)s)")
+    p.add_argument("--simplify", type=float, default=0.0,
+                   help="with --vector: simplify the polygons with this tolerance in map units (pixels when not "
+                        "georeferenced), shared edges moved together; 0: they follow the pixel edges and "
+                        "rasterise back to the mask exactly (default: %(default)s)")
+    p.add_argument("--areas", action="store_true",
+                   help=f"write the class areas into <output>/{AREAS_NAME} (pixels; m^2 and ha for a CRS in "
+                        "metres) without the polygons; --vector writes them too. Rows of other images stay")
     p.add_argument("--no-pipeline", dest="pipeline", action="store_false",
                    help="read, predict and write one file after the other; by default a reader and a writer "
                         "thread overlap the next file's reading and the last one's writing with the model (the "
@@ -1090,6 +1356,11 @@ def check_args(args):
         raise ValueError(f"--bands are 0-based indices >= 0, got {args.bands}")
     if args.max_pixels < 0:
         raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}")
+    for flag, value in (("--min-area", args.min_area), ("--simplify", args.simplify)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{flag} must be a finite number >= 0 (map units), got {value}")
+        if value and not args.vector:
+            raise ValueError(f"{flag} shapes the polygons of --vector; add --vector gpkg (or geojson)")
 
 
 def check_output(output):
@@ -1132,6 +1403,8 @@ def _main(args):
         model, ckpt = load_model(args.checkpoint, device)
         spec = run_spec(ckpt, args.scale, args.bands)
         check_output(args.output)
+        if args.vector or args.areas:
+            check_area_table(Path(args.output) / AREAS_NAME, spec.classes.names)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         distributed.cleanup()
@@ -1144,7 +1417,8 @@ def _main(args):
     kwargs = dict(scale=scale, bands=args.bands, bit_depth=args.bit_depth, max_pixels=args.max_pixels,
                   index=args.index, overlay_preview=args.overlay, tile=args.tile, overlap=args.overlap,
                   batch_size=args.batch_size, tta=args.tta, device=device, progress=args.progress and ctx.is_main,
-                  skip_existing=args.skip_existing, pipeline=args.pipeline)
+                  skip_existing=args.skip_existing, pipeline=args.pipeline, vector=args.vector, areas=args.areas,
+                  min_area=args.min_area, simplify=args.simplify)
     if ctx.world == 1:
         summary = segment_folder(args.input, args.output, model, ckpt, **kwargs)
     else:  # this rank's share of the files, named from the whole list: the names one process gives
@@ -1162,8 +1436,14 @@ def _main(args):
         parts = distributed.gather_objects(summary)  # every rank learns whether any file failed
         summary = Summary(done=sum(s.done for s in parts), skipped=[x for s in parts for x in s.skipped],
                           failed=[x for s in parts for x in s.failed], written=[x for s in parts for x in s.written],
-                          seconds=max(s.seconds for s in parts), warnings=[x for s in parts for x in s.warnings])
+                          seconds=max(s.seconds for s in parts), warnings=[x for s in parts for x in s.warnings],
+                          areas={k: v for s in parts for k, v in s.areas.items()})
+        if ctx.is_main and (args.vector or args.areas):
+            update_area_table(args.output, summary.areas)
     print(summary.line() + f" -> {args.output}")
+    if ctx.is_main and (args.vector or args.areas):
+        table = Path(args.output) / AREAS_NAME
+        print(f"class areas of {len(read_area_table(table))} images ({len(summary.areas)} from this run) -> {table}")
     for p, msg in summary.warnings if ctx.is_main else ():  # the run's last words: they may cost accuracy
         print(f"warning: {p}: {msg}", file=sys.stderr)
     for p, msg in summary.failed if ctx.is_main else ():  # gathered: every rank's failures, named
