@@ -513,11 +513,12 @@ def is_image_file(path):
 # --------------------------------------------------------------------------- writing
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, keep_suffix=False):
     """Yield a temporary path next to `path`; rename it onto `path` when the block succeeds, delete it when
-    it fails. Readers never see a half-written file."""
+    it fails. Readers never see a half-written file. `keep_suffix`: the temporary ends in `path`'s suffix too
+    (`.tmp.gpkg`), for writers that pick a format by it (GDAL)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix if keep_suffix else ''}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -526,7 +527,7 @@ def atomic_path(path):
             tmp.unlink()
 
 
-_TEMPORARY = re.compile(r"\.(.+)\.([1-9][0-9]*)\.tmp")  # atomic_path's `.{name}.{pid}.tmp`
+_TEMPORARY = re.compile(r"\.(.+)\.([1-9][0-9]*)\.tmp(\.gpkg|\.geojson)?")  # atomic_path's `.{name}.{pid}.tmp[.suffix]`
 
 
 def clean_stale_temporaries(folder):

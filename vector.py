@@ -150,9 +150,8 @@ def write_polygons(path, polygons):
     fields = ["class_index", "class", "area"]
     data = [polygons.classes.astype(np.int32), np.array([polygons.names[c] for c in polygons.classes], dtype=object),
             shapely.area(polygons.geometries).astype(np.float64)]
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    with atomic_path(path, keep_suffix=True) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "'crs' was not provided")  # pixel coordinates: no CRS, said so
-        warnings.filterwarnings("ignore", "The filename extension")  # the temporary's name, renamed after
         pyogrio.raw.write(tmp, shapely.to_wkb(polygons.geometries), data, fields, driver=driver,
                           geometry_type="Polygon", layer=path.stem,
                           crs=None if polygons.crs is None else polygons.crs.to_wkt())
@@ -194,7 +193,7 @@ def write_area_table(path, tables):
     summed over the images (m2 / ha blank unless every image has them). Atomic."""
     path = Path(path)
     cols = ["image", "class_index", "class", "pixels", "m2", "ha"]
-    fmt = lambda v: "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
+    fmt = lambda v: "" if v is None else (f"{v:.10g}" if isinstance(v, float) else v)  # exact for any area
     totals = {}
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
