@@ -46,8 +46,8 @@ test: .venv/.installed
 
 # the quick lane: without the tests marked slow, one torch thread (the tensors are tiny; two threads per
 # process on a busy 2-core CPU spin-wait: 110 s instead of 44 s, measured with one other job running)
-test-fast: .venv/.installed
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"
+test-fast: .venv/.installed  # one torch thread per process, one process per core (pytest-xdist)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" -n 2
 
 clean-demo:
 	rm -rf demo_data checkpoints/*.pth checkpoints/*.pt checkpoints/*.png checkpoints/history.json \

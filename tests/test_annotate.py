@@ -115,6 +115,7 @@ def test_tiles_are_windows_of_the_image_decimated_by_zoom(server, pngs):
     assert np.array_equal(png(data), full[:30:2, :32:2])
 
 
+@pytest.mark.slow
 def test_a_20000_pixel_geotiff_is_served_by_windows(tmp_path):
     folder = tmp_path / "big"
     folder.mkdir()
@@ -196,6 +197,7 @@ def test_georeferenced_clicks_go_to_geojson_in_map_coordinates(tmp_path):
     assert (got.cols.tolist(), got.rows.tolist(), got.classes.tolist()) == ([7], [9], [4])
 
 
+@pytest.mark.slow
 def test_two_servers_on_one_file_keep_each_others_clicks(pngs, tmp_path):
     a = Server(pngs, tmp_path / "clicks.csv", tmp_path / "runs_a")
     b = Server(pngs, tmp_path / "clicks.csv", tmp_path / "runs_b")

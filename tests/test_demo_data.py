@@ -87,6 +87,7 @@ def test_refuses_a_folder_it_did_not_write(tmp_path):
     assert not (tmp_path / "out" / MARKER).exists()
 
 
+@pytest.mark.slow
 def test_skips_when_done_redraws_when_settings_change(tmp_path):
     out = tmp_path / "demo"
     first = make_demo_data(out, patches=5, scenes=1, scene_size=300)
@@ -104,6 +105,7 @@ def test_skips_when_done_redraws_when_settings_change(tmp_path):
     assert record["settings"]["patches"] == 3 and record["complete"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_is_redrawn(tmp_path):
     out = tmp_path / "demo"
     s = make_demo_data(out, patches=2, scenes=0)

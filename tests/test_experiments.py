@@ -324,6 +324,7 @@ def test_aggregate_known_answers():
     assert E.fmt((float("nan"), float("nan"), 0)) == "not run"
 
 
+@pytest.mark.slow
 def test_report_tables_and_closing_note(tmp_path):
     none = replace(E.BASELINE, class_weights="none")
     dense = replace(E.BASELINE, points=None)

@@ -54,6 +54,7 @@ def test_rounds_split_the_epochs_evenly():
         few_clicks.round_epochs(3, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("H, W, h, w", [(48, 48, 24, 24), (300, 300, 75, 75), (37, 53, 12, 17), (10, 7, 20, 14)])
 def test_a_cell_centre_falls_in_its_own_cell(H, W, h, w):
     centres = few_clicks.cell_centres(H, W, h, w)

@@ -56,6 +56,7 @@ def test_features_have_the_documented_shape():
         forest.pixel_features(image, "hog")
 
 
+@pytest.mark.slow
 def test_the_forest_learns_only_from_the_clicks_and_scores_like_the_cnn():
     train, val = Toy(4), Toy(3, seed=1)
     x, y = forest.training_pixels(train, "bands")

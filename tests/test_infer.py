@@ -180,6 +180,7 @@ def test_class_indices_are_the_argmax_with_ties_and_nan():
         np.testing.assert_array_equal(infer.class_indices(p), p.argmax(0).numpy())
 
 
+@pytest.mark.slow
 def test_tta_makes_the_prediction_rotation_and_flip_invariant():
     torch.manual_seed(0)
     model = ResNet18Segmentation(decoder="skip").eval()
@@ -284,6 +285,7 @@ def test_exit_code_of_the_script(ckpt_path, tmp_path):
     assert (tmp_path / "out" / "good_png_mask.png").is_file()
 
 
+@pytest.mark.slow
 def test_inputs_are_never_overwritten_nor_read_back(ckpt_path, tmp_path):
     inp = tmp_path / "data"
     inp.mkdir()
@@ -323,6 +325,7 @@ def test_foreign_checkpoint_and_bad_input_folders_fail_before_any_work(ckpt_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_bands_flag_and_checkpoint_bands(ckpt_path, tmp_path):
     six = smooth_image(26, 28, bands=6)
     tifffile.imwrite(tmp_path / "six.tif", np.moveaxis(six, -1, 0), photometric="minisblack",
@@ -420,6 +423,7 @@ def test_own_images_named_like_outputs_are_listed_as_skipped(ckpt_path, tmp_path
     assert "1 images done, 1 skipped" in out.out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["--no-pipeline"]], ids=["pipelined", "serial"])
 def test_skip_existing_continues_an_interrupted_run(ckpt_path, tmp_path, capsys, mode):
     (tmp_path / "in").mkdir()
@@ -717,6 +721,7 @@ def test_a_file_that_fails_to_write_is_reported_and_the_others_written(ckpt_path
     assert pipeline_threads() == []
 
 
+@pytest.mark.slow
 def test_a_slow_writer_holds_the_reader_back(ckpt_path, tmp_path, monkeypatch):
     n = 2 * infer.PIPELINE_DEPTH + 6
     files = tiny_folder(tmp_path / "in", n)

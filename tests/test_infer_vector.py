@@ -101,6 +101,7 @@ def test_polygons_are_in_the_rasters_crs_and_rasterise_back_to_the_mask(ckpt_pat
     np.testing.assert_allclose(columns["area"], shapely.area(geoms))  # m^2: map units of UTM
 
 
+@pytest.mark.slow
 def test_min_area_drops_small_polygons(ckpt_path, tmp_path):
     write_geotiff(tmp_path / "in" / "scene.tif", geo_image(), nodata=0)
     assert run(ckpt_path, tmp_path / "in", tmp_path / "all", "--vector", "gpkg") == 0
@@ -112,6 +113,7 @@ def test_min_area_drops_small_polygons(ckpt_path, tmp_path):
     assert len(big) == (~small).sum() and (shapely.area(big) >= 1.5).all()
 
 
+@pytest.mark.slow
 def test_simplify_makes_fewer_vertices(ckpt_path, tmp_path):
     write_geotiff(tmp_path / "in" / "scene.tif", geo_image(), nodata=0)
     assert run(ckpt_path, tmp_path / "in", tmp_path / "plain", "--vector", "gpkg") == 0
@@ -210,6 +212,7 @@ def test_an_area_table_of_another_kind_is_refused_before_any_work(ckpt_path, tmp
 
 # --------------------------------------------------------------------------- streamed
 
+@pytest.mark.slow
 def test_a_streamed_run_gives_the_whole_image_polygons_and_areas(ckpt_path, tmp_path, monkeypatch):
     write_geotiff(tmp_path / "in" / "scene.tif", geo_image(70, 44), nodata=0)
     assert run(ckpt_path, tmp_path / "in", tmp_path / "whole", "--vector", "gpkg") == 0
@@ -262,6 +265,7 @@ def test_bad_vector_arguments_exit_2_before_any_work(ckpt_path, tmp_path, capsys
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_skip_existing_writes_the_polygons_not_asked_before(ckpt_path, tmp_path, capsys):
     write_geotiff(tmp_path / "in" / "a.tif", geo_image(), nodata=0)
     out = tmp_path / "out"

@@ -98,6 +98,7 @@ def test_val_tile_must_not_be_a_test_tile(tmp_path, raw):
     assert not (tmp_path / "patches").exists()
 
 
+@pytest.mark.slow
 def test_eroded_labels_read_back_as_ignored(tmp_path, raw):
     out = tmp_path / "patches"
     assert run(raw, out, "--size", str(SIZE), "--labels", "eroded") == 0

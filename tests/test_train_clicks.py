@@ -58,6 +58,7 @@ def no_labels(root, tmp_path, clicks, **kw):
                    **kw)
 
 
+@pytest.mark.slow
 def test_without_labels_it_validates_on_held_out_clicks_with_intervals(clicked, tmp_path, capsys):
     root, labels, clicks = clicked
     cfg = no_labels(root, tmp_path, clicks, figures=True)
