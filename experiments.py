@@ -858,7 +858,7 @@ def few_clicks_verdict(rows, keys):
         lines.append(f"- '{label}' vs partial CE at 10 points: {100 * d[0]:+.1f}"
                      f"{'' if d[2] < 2 else f' ± {100 * d[1]:.1f}'} mIoU points (paired, {d[2]} seeds): "
                      f"{'wins by more than 2 std' if wins else 'does NOT win by more than 2 std'}.")
-    for budget, _ in FEW_CLICK_GOALS:  # issue 19's goal: the best CNN row >= the forest + FOREST_MARGIN
+    for budget, _ in FEW_CLICK_GOALS:  # the goal: the best CNN row >= the forest + FOREST_MARGIN
         forest = Reference(replace(BASELINE, points=budget), "forest-multiscale")
         f = summarize(rows, key(forest))["miou"]
         done = [(summarize(rows, key(run))["miou"], label, run) for label, run in few

@@ -1,4 +1,4 @@
-"""Rounds inside one training run, for training from a few clicks (issue 9): self-training on the model's own
+"""Rounds inside one training run, for training from a few clicks: self-training on the model's own
 confident pixels, and new clicks the model chooses (active annotation, simulated with the dense labels).
 
     python train.py --data demo_data/patches --points 10 --self-training 3 --pseudo-threshold 0.9
