@@ -162,21 +162,24 @@ def test_folders_and_broken_links_in_the_input_are_listed_as_skipped(ckpt, tmp_p
 
 # --------------------------------------------------------------------------- Ctrl-C (19)
 
+def ctrl_c_on_second_image(monkeypatch):
+    """Make infer.py's prediction raise KeyboardInterrupt on the second image, as Ctrl-C would."""
+    real, calls = infer._predict_file, []
+
+    def interrupted(model, job, **kwargs):
+        calls.append(job.path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, job, **kwargs)
+    monkeypatch.setattr(infer, "_predict_file", interrupted)
+
 @pytest.mark.parametrize("mode", [[], ["--no-pipeline"]], ids=["pipelined", "serial"])
 def test_ctrl_c_says_how_far_it_got_in_one_line_and_exits_130(ckpt, tmp_path, capsys, monkeypatch, mode):
     inp = tmp_path / "in"
     inp.mkdir()
     for name in ("a", "b", "c"):
         Image.fromarray(image(20, 24)).save(inp / f"{name}.png")
-    real, calls = infer._predict_file, []
-
-    def interrupted(model, job, **kwargs):
-        calls.append(job.path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # Ctrl-C while the second image is predicted
-        return real(model, job, **kwargs)
-
-    monkeypatch.setattr(infer, "_predict_file", interrupted)
+    ctrl_c_on_second_image(monkeypatch)
     try:
         code = run(ckpt, inp, tmp_path / "out", *mode)
     except KeyboardInterrupt:  # the old behaviour: a traceback

@@ -21,6 +21,7 @@ from model import ResNet18Segmentation
 from raster import RasterError
 from spec import CLASSES, IGNORE_INDEX, DataSpec
 from test_infer import run, smooth_image
+from test_infer_robustness import ctrl_c_on_second_image
 
 UTM = "EPSG:32616"
 PIXEL = 0.5  # metres
@@ -186,15 +187,7 @@ def test_area_table_keeps_the_rows_of_other_images(ckpt_path, tmp_path):
 def test_ctrl_c_keeps_the_areas_of_the_images_done(ckpt_path, tmp_path, monkeypatch):
     for i in range(3):
         write_geotiff(tmp_path / "in" / f"t{i}.tif", geo_image(seed=i))
-    real, calls = infer._predict_file, []
-
-    def interrupted(model, job, **kwargs):
-        calls.append(job.path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # Ctrl-C while the second image is predicted
-        return real(model, job, **kwargs)
-
-    monkeypatch.setattr(infer, "_predict_file", interrupted)
+    ctrl_c_on_second_image(monkeypatch)
     assert run(ckpt_path, tmp_path / "in", tmp_path / "out", "--vector", "gpkg", "--no-pipeline") == 130
     assert {r["image"] for r in area_table(tmp_path / "out" / "areas.csv")} == {"t0.tif", "TOTAL"}
 
