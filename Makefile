@@ -8,6 +8,8 @@ PY := .venv/bin/python
 DEMO_EPOCHS ?= 6
 DEMO_TRAIN ?= 320
 DEMO_VAL ?= 80
+# the notebook's TrainConfig overrides (YAML for papermill -y)
+DEMO_SETTINGS = {data: demo_data/patches, epochs: $(DEMO_EPOCHS), pretrained: false, max_train: $(DEMO_TRAIN), max_val: $(DEMO_VAL)}
 
 .PHONY: demo demo-data train-demo infer-demo readme-figures readme-results experiments realdata test test-fast clean-demo
 
@@ -20,8 +22,7 @@ demo-data: .venv/.installed
 	$(PY) demo_data.py --out demo_data
 
 train-demo: demo-data
-	$(PY) -m papermill train.ipynb checkpoints/train_demo.ipynb --log-output --progress-bar -y "SETTINGS: \
-		{data: demo_data/patches, epochs: $(DEMO_EPOCHS), pretrained: false, max_train: $(DEMO_TRAIN), max_val: $(DEMO_VAL)}"
+	$(PY) -m papermill train.ipynb checkpoints/train_demo.ipynb --log-output --progress-bar -y "SETTINGS: $(DEMO_SETTINGS)"
 
 readme-results: .venv/.installed  # the numbers in README.md and docs/ from results/**/experiments.md
 	$(PY) make_readme_results.py

@@ -30,3 +30,22 @@ def test_committed_notebook_has_no_outputs():
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code)
     assert "parameters" in code[0].metadata.get("tags", [])
+
+
+def test_make_demo_passes_settings_the_notebook_accepts():
+    """`make demo`'s papermill -y YAML reaches the notebook as a dict of valid TrainConfig overrides (a tab from a
+    wrapped Makefile line once broke it)."""
+    import shlex
+    import subprocess
+
+    import yaml
+
+    from config import TrainConfig, check_config
+    dry = subprocess.run(["make", "-n", "-o", ".venv/.installed", "-o", "demo-data", "train-demo", "DEMO_EPOCHS=3"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in dry.splitlines() if "papermill" in line)
+    argv = shlex.split(line)
+    settings = yaml.safe_load(argv[argv.index("-y") + 1])["SETTINGS"]
+    cfg = TrainConfig(**settings)
+    check_config(cfg)
+    assert (cfg.data, cfg.epochs, cfg.pretrained, cfg.max_train) == ("demo_data/patches", 3, False, 320)
