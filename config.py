@@ -33,6 +33,7 @@ from partial_ce_loss import NORMALIZATIONS
 from resident import LOADERS
 from spec import MAX_SCALE, PROCESSING_SIZE, check_scale
 
+SCHEDULES = ("step", "cosine", "poly")
 GROUPS = ("data", "annotation and loss", "losses on the unlabelled pixels (weak_losses.py; weight 0 = off)",
           "rounds inside the run (few_clicks.py; 0 = off)", "model and optimisation", "run")
 DATA, LOSS, WEAK, ROUNDS, MODEL, RUN = GROUPS
@@ -211,6 +212,11 @@ class TrainConfig:
     batch_size: int = setting(16, "images per optimizer step", MODEL, check=whole(1), must="be >= 1")
     lr: float = setting(1e-3, "Adam learning rate", MODEL, check=positive, must="be a positive number")
     weight_decay: float = setting(0.0, "Adam weight decay", MODEL, check=at_least(0), must="be >= 0")
+    schedule: str = setting("step", "learning-rate schedule: step (x --lr-gamma every --step-size epochs, published); "
+                                    "cosine or poly (power 0.9): from --lr to 0 over the run, every optimizer step, "
+                                    "as mmseg and torchgeo do", MODEL, choices=SCHEDULES, neutral=True)
+    warmup: int = setting(0, "optimizer steps of linear warm-up to --lr (cosine and poly)", MODEL, check=whole(0),
+                          must="be >= 0", neutral=True)
     step_size: int = setting(30, "StepLR step (epochs)", MODEL, check=whole(1), must="be >= 1 epoch")
     lr_gamma: float = setting(0.1, "StepLR factor", MODEL, check=lambda v: positive(v) and v <= 1,
                               must="be in (0, 1]")
@@ -337,7 +343,12 @@ def _resident_needs_fixed_points(cfg):
         yield "--loader resident holds fixed points; points redrawn every epoch need --loader dataloader (or auto)"
 
 
-RULES = (_rounds_below_epochs, _rounds_need_fixed_points, _resident_needs_fixed_points, _clicks_rules)
+def _warmup_needs_a_decay(cfg):
+    if cfg.warmup and cfg.schedule == "step":
+        yield "--warmup works with --schedule cosine or poly (the step schedule has no per-step warm-up)"
+
+
+RULES = (_warmup_needs_a_decay, _rounds_below_epochs, _rounds_need_fixed_points, _resident_needs_fixed_points, _clicks_rules)
 
 
 def flag(name):

@@ -372,14 +372,36 @@ def make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx=None, cached=N
     return train_loader, val_loader
 
 
+def steps_per_epoch(n_train, batch_size):
+    """Optimizer steps in one epoch: whole batches (the last partial one dropped) when there is more than one."""
+    return n_train // batch_size if n_train > batch_size else 1
+
+
+def make_scheduler(cfg, optimizer, steps):
+    """(scheduler, per_step). `step`: StepLR, stepped once an epoch (the published schedule). `cosine` / `poly`:
+    a factor of --lr per optimizer step, `steps` a epoch for --epochs: a linear warm-up over --warmup steps, then
+    down to 0 at the last step (half a cosine, or (1 - t) ** 0.9)."""
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.lr_gamma), False
+    total = max(1, cfg.epochs * steps)
+
+    def factor(step):
+        if step < cfg.warmup:
+            return (step + 1) / (cfg.warmup + 1)
+        t = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
+        return 0.5 * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else (1 - t) ** 0.9
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
+
+
 def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progress=True, desc="", extra=None,
-              names=None):
+              names=None, scheduler=None):
     """Train (optimizer given) or evaluate over a loader (a DataLoader or a resident.ResidentLoader). Returns
     (mean loss, points confusion matrix, dense confusion matrix or None, {name: mean} of the `extra` terms).
     Dense labels are only looked at when evaluating. `extra` ({name: (weight, fn)}, see weak_terms) adds
     weight x fn(...) to the loss when training; the mean loss stays the partial CE alone. A non-finite loss
     (extras included) stops training (TrainingError) before the step that would spread it into the weights.
-    Sums and confusion matrices stay on the device: evaluating waits for it once, at the end."""
+    Sums and confusion matrices stay on the device: evaluating waits for it once, at the end. `scheduler`: a
+    per-step learning-rate schedule (make_scheduler), stepped after every optimizer step."""
     train = optimizer is not None
     model.train(train)
     k = model.num_classes
@@ -408,6 +430,8 @@ def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progr
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if scheduler is not None:  # a per-step schedule (make_scheduler)
+                    scheduler.step()
             pred = logits.argmax(1)
             cm_points.update(pred, y)
             if cm_dense is not None:
@@ -525,6 +549,10 @@ def prepare_out(cfg, out_dir, say=True):
             raise ValueError(f"{last_path} was trained with few-clicks rounds placed over {ck.config.get('epochs')} "
                              f"epochs; resume it with --epochs {ck.config.get('epochs')} (more epochs would move the "
                              f"rounds still ahead and change how many run), or train into a new --out")
+        if cfg.schedule != "step" and ck.config.get("epochs") != cfg.epochs:  # the decay ends at the last epoch
+            raise ValueError(f"{last_path} was trained with a {cfg.schedule} schedule ending after "
+                             f"{ck.config.get('epochs')} epochs; resume it with --epochs {ck.config.get('epochs')}, or "
+                             f"train into a new --out")
         return ck
     taken = [p.name for p in (out_dir / "best_model.pth", last_path) if p.is_file()]
     if taken and not cfg.overwrite and _same_run(cfg, last_path):
@@ -650,7 +678,7 @@ def train(cfg):
         extra = weak_terms(cfg)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=True if device.type == "cuda" else None)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.lr_gamma)
+        scheduler, per_step = make_scheduler(cfg, optimizer, steps_per_epoch(len(train_ds), cfg.batch_size))
         history, start, best = [], 1, -math.inf
         gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -685,9 +713,11 @@ def train(cfg):
                 torch.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, ctx.rank]).generate_state(1)[0]))
             lr = optimizer.param_groups[0]["lr"]
             tr_loss, tr_cm, _, tr_extra = run_epoch(net, train_loader, criterion, device, optimizer, cfg.amp,
-                                                    cfg.progress and ctx.is_main, f"epoch {epoch} train", extra, names)
+                                                    cfg.progress and ctx.is_main, f"epoch {epoch} train", extra, names,
+                                                    scheduler if per_step else None)
             tr_loss, tr_cm, tr_extra = distributed.reduce_epoch(train_loader, tr_loss, tr_cm, tr_extra)
-            scheduler.step()
+            if not per_step:
+                scheduler.step()
             distributed.sync_buffers(model)  # every rank validates rank 0's model, the one saved
             va_loss, _, va_cm, _ = run_epoch(model, val_loader, criterion, device, None, cfg.amp,
                                              cfg.progress and ctx.is_main, f"epoch {epoch} val", names=names)

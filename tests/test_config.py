@@ -145,17 +145,17 @@ def test_a_new_setting_is_one_declaration(monkeypatch):
     """What adding a setting costs: one field. The parser, the check, the run key and the resume rule follow."""
     import argparse
     fields = [(f.name, f.type, f) for f in dataclasses.fields(TrainConfig)]
-    fields.append(("warmup", int, config.setting(0, "warm-up steps", config.MODEL, check=config.whole(0),
+    fields.append(("grad_clip", int, config.setting(0, "gradient clipping norm", config.MODEL, check=config.whole(0),
                                                  must="be >= 0", neutral=True)))
     New = dataclasses.make_dataclass("TrainConfig", fields)
     monkeypatch.setattr(config, "TrainConfig", New)
-    assert "warmup" in {n for n, _, _ in config.settings()}
-    args = add_arguments(argparse.ArgumentParser()).parse_args(["--warmup", "5"])
-    assert config_from_args(args).warmup == 5
-    with pytest.raises(ValueError, match="--warmup must be >= 0"):
-        check_config(New(warmup=-1))
+    assert "grad_clip" in {n for n, _, _ in config.settings()}
+    args = add_arguments(argparse.ArgumentParser()).parse_args(["--grad-clip", "5"])
+    assert config_from_args(args).grad_clip == 5
+    with pytest.raises(ValueError, match="--grad-clip must be >= 0"):
+        check_config(New(grad_clip=-1))
     base = E.config_hash(New(), "d")  # neutral at its default: keys of finished runs do not move
-    assert base == E.config_hash(TrainConfig(), "d") and E.config_hash(New(warmup=5), "d") != base
+    assert base == E.config_hash(TrainConfig(), "d") and E.config_hash(New(grad_clip=5), "d") != base
 
 
 def test_one_rule_for_the_scale():

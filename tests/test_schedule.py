@@ -1,0 +1,53 @@
+"""Learning-rate schedules: the published StepLR per epoch, or warm-up then cosine / poly decay per step."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from checkpoint import read_checkpoint
+from config import TrainConfig, check_config
+from tests.test_train import cfg_for
+from train import make_scheduler, steps_per_epoch, train
+
+
+def lrs(cfg, steps, n):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    scheduler, per_step = make_scheduler(cfg, opt, steps)
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    return out, per_step
+
+
+def test_warm_up_then_decay_to_zero_at_the_last_step():
+    cfg = TrainConfig(lr=1.0, epochs=2, schedule="cosine", warmup=2)
+    got, per_step = lrs(cfg, 5, 11)  # 2 epochs x 5 steps
+    assert per_step and got[:2] == pytest.approx([1 / 3, 2 / 3])
+    assert got[2] == pytest.approx(1.0) and got[10] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(got[2:], got[3:]))  # decays monotonically after the warm-up
+    assert got[6] == pytest.approx(0.5)  # half way through the decay: cos(pi/2)
+    poly, _ = lrs(replace(cfg, schedule="poly", warmup=0), 5, 11)
+    assert poly[0] == 1.0 and poly[5] == pytest.approx(0.5 ** 0.9) and poly[10] == pytest.approx(0.0)
+    step, per_step = lrs(TrainConfig(lr=1.0, step_size=1, lr_gamma=0.5), 5, 3)
+    assert not per_step and step == [1.0, 0.5, 0.25]  # StepLR, stepped once an epoch
+    assert steps_per_epoch(10, 4) == 2 and steps_per_epoch(3, 4) == 1
+
+
+def test_a_run_ends_its_decay_at_the_last_epoch_and_keeps_it_on_resume(data, tmp_path):
+    cfg = cfg_for(data, tmp_path, epochs=2, schedule="cosine", warmup=1, lr=1e-2)  # 6 images, batch 4: 1 step
+    history = train(cfg)
+    assert history[0]["lr"] == pytest.approx(1e-2 / 2)  # the first step is warm-up
+    st = read_checkpoint(tmp_path / "ck" / "last.pth").train_state
+    assert st["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="cosine schedule ending after 2 epochs"):
+        train(replace(cfg, epochs=4, resume=True))
+
+
+def test_warm_up_without_a_decay_is_refused():
+    with pytest.raises(ValueError, match="--warmup works with --schedule cosine or poly"):
+        check_config(TrainConfig(warmup=10))
+    with pytest.raises(ValueError, match="--schedule must be one of step, cosine, poly"):
+        check_config(TrainConfig(schedule="linear"))
