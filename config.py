@@ -348,7 +348,8 @@ def _warmup_needs_a_decay(cfg):
         yield "--warmup works with --schedule cosine or poly (the step schedule has no per-step warm-up)"
 
 
-RULES = (_warmup_needs_a_decay, _rounds_below_epochs, _rounds_need_fixed_points, _resident_needs_fixed_points, _clicks_rules)
+RULES = (_warmup_needs_a_decay, _rounds_below_epochs, _rounds_need_fixed_points, _resident_needs_fixed_points,
+         _clicks_rules)
 
 
 def flag(name):

@@ -12,8 +12,9 @@ CVAT) a person's clicks replace the simulated points of the training images; wit
 alone) --val-clicks of them are held out, spatially blocked, and validation reports accuracy, per-class recall
 and mIoU over the held-out clicks with 95 % intervals (annotations.click_metrics), marked "held-out clicks" in
 the log, the history and the figures; the best model is then the best on them (see docs/clicks.md).
-Keeps `<out>/best_model.pth` (best val mIoU) and `<out>/last.pth` (with optimizer state, for --resume), `<out>/history.json`, and draws `<out>/output.png` (curves) and
-`<out>/results.png` (image | ground truth | points | prediction). A run never replaces another run's
+Keeps `<out>/best_model.pth` (best val mIoU) and `<out>/last.pth` (with optimizer state, for --resume),
+`<out>/history.json`, and draws `<out>/output.png` (curves) and `<out>/results.png` (image | ground truth |
+points | prediction). A run never replaces another run's
 checkpoints: a folder that holds some needs --resume (same settings) or --overwrite; only a rerun with
 exactly the same settings replaces them by itself.
 """
