@@ -1,7 +1,7 @@
 """Is the click-and-see loop worth it? A simulated person drives annotate.py's HTTP API, round after round.
 
-    python annotate_loop.py --preset atlanta --seeds 3       # REAL data (make realdata): results/annotate_loop_atlanta.md
-    python annotate_loop.py --preset demo --seeds 3          # SYNTHETIC demo data (make demo-data)
+    python annotate_loop.py --preset atlanta --seeds 3   # REAL data (make realdata): results/annotate_loop_atlanta.md
+    python annotate_loop.py --preset demo --seeds 3      # SYNTHETIC demo data (make demo-data)
 
 The images of the preset's split (training and val images) are put in one folder and annotate.py's server is
 started on it (in this process, on a free port of 127.0.0.1). Per seed and strategy: K0 random clicks on every

@@ -35,7 +35,7 @@ import json
 import re
 import warnings
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -494,7 +494,8 @@ def read_layer(path, refs, classes=POTSDAM, *, class_field="class", image_field=
         notes.append(f"{path}: {empty} lines or polygons cover no pixel centre (too small) and add no click")
     if not any(len(p[0]) for got in pieces.values() for p in got):
         lb = shapely.total_bounds(geoms)
-        where = "; ".join(f"{r.name}: {tuple(round(v, 3) for v in _reproject(shapely.box(*r.bounds()), _crs(r.crs), src).bounds)}"
+        extent = lambda r: tuple(round(v, 3) for v in _reproject(shapely.box(*r.bounds()), _crs(r.crs), src).bounds)
+        where = "; ".join(f"{r.name}: {extent(r)}"
                           for r in geo[:3]) if src is not None else ""
         raise ValueError(f"{path}: no click falls inside any image. The layer spans {tuple(round(v, 3) for v in lb)}"
                          + (f" in {src.to_string()}, the images {where}. Swapped lon/lat (x must be longitude) or "
@@ -871,7 +872,8 @@ def click_metrics(predictions, clicks, exclude=(), bootstrap=1000, seed=0):
     res = cm.compute(exclude=exclude)
     mat = cm.mat.numpy()
     tp, support = np.diag(mat), mat.sum(1)
-    out = {"clicks": int(true.size), "accuracy": res["oa"], "accuracy_ci": wilson_interval(int(tp.sum()), int(true.size)),
+    out = {"clicks": int(true.size), "accuracy": res["oa"],
+           "accuracy_ci": wilson_interval(int(tp.sum()), int(true.size)),
            "recall": {}, "recall_ci": {}, "support": dict(zip(names, support.tolist())),
            "miou": res["miou"], "iou": res["iou"]}
     for i, n in enumerate(names):

@@ -98,7 +98,8 @@ def load_class_weights(path, names):
     except Exception as e:  # not a torch file, or one holding code
         raise ValueError(f"{path} cannot be read as class weights ({type(e).__name__}); it must be {fmt}") from None
     if not isinstance(d, dict) or "weights" not in d or "classes" not in d:
-        raise ValueError(f"{path} holds a {type(d).__name__}{' without weights or classes' if isinstance(d, dict) else ''}"
+        what = f"{type(d).__name__}{' without weights or classes' if isinstance(d, dict) else ''}"
+        raise ValueError(f"{path} holds a {what}"
                          f"; class weights must be {fmt}")
     if list(d["classes"]) != list(names):
         raise ValueError(f"{path} holds weights for classes {list(d['classes'])}, not {list(names)}")

@@ -2,7 +2,8 @@
 
 A dataset sample holds the image, the point annotation (IGNORE_INDEX where nobody clicked) and the dense
 label (for evaluation only; all IGNORE_INDEX when the images come without labels, so nothing dense scores).
-What a file becomes before the model (bands, intensity, scale) is the contract in spec.py, which infer.py follows too; the class list and palette live there.
+What a file becomes before the model (bands, intensity, scale) is the contract in spec.py, which infer.py
+follows too; the class list and palette live there.
 """
 
 import json

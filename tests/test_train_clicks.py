@@ -93,7 +93,8 @@ def test_with_dense_labels_the_clicks_train_and_the_labels_validate(clicked, tmp
     given = read_clicks(shifted, sorted((root / "Images").glob("*.tif")), POTSDAM)
     for i in range(len(train_ds)):
         c = given.images[f"Image_{train_ds.ids[i]}"]
-        assert np.array_equal(train_ds.point_grid(i), c.grid(train_ds.spec.scale))  # the clicks' classes, not the label's
+        # the clicks' classes, not the label's
+        assert np.array_equal(train_ds.point_grid(i), c.grid(train_ds.spec.scale))
     assert val_ds.has_labels and val_ds.given_clicks(0) is None
     history = train(cfg)
     assert "val_mf1" in history[0] and "val_kind" not in history[0]  # dense metrics, as without clicks
