@@ -572,13 +572,10 @@ def read_label_studio(path, refs, classes=POTSDAM, *, line_width=1.0):
                 continue
             labels.append((v.get(kind) or [None])[0])
             names.append(ref.name)
-    if missing:
-        raise _missing_images(path, missing, refs)
-    if not geoms:
-        raise ValueError(f"{path}: no KeyPointLabels or PolygonLabels results in this Label Studio export "
-                         f"(result types found: {other or 'none'}); export the project as JSON")
-    notes = [f"{path}: {n} results of type {k!r} ignored" for k, n in other.items()]
-    return _pixel_shapes(path, refs, np.array(geoms, dtype=object), labels, names, classes, notes, line_width)
+    return _pixel_shapes(path, refs, geoms, labels, names, classes, line_width, missing,
+                         empty=f"no KeyPointLabels or PolygonLabels results in this Label Studio export (result "
+                               f"types found: {other or 'none'}); export the project as JSON",
+                         notes=[f"{path}: {n} results of type {k!r} ignored" for k, n in other.items()])
 
 
 def read_cvat(path, refs, classes=POTSDAM, *, class_field="class", line_width=1.0):
@@ -617,16 +614,21 @@ def read_cvat(path, refs, classes=POTSDAM, *, class_field="class", line_width=1.
             geoms += found
             labels += [label] * len(found)
             names += [ref.name] * len(found)
+    return _pixel_shapes(path, refs, geoms, labels, names, classes, line_width, missing,
+                         empty=f"no points, polylines, polygons or boxes in this CVAT XML (found {other or 'nothing'})"
+                               f"; export as 'CVAT for images 1.1'",
+                         notes=[f"{path}: {n} <{k}> shapes ignored" for k, n in other.items()])
+
+
+def _pixel_shapes(path, refs, geoms, labels, names, classes, line_width, missing, empty, notes):
+    """The ClickSet of shapes in pixel coordinates read from a tool's export (Label Studio, CVAT): `geoms` with
+    their `labels` on the images `names`. Images the export names but `refs` lacks (`missing`) are an error, and
+    so is an export without any shape (`empty` says what was looked for)."""
     if missing:
         raise _missing_images(path, missing, refs)
     if not geoms:
-        raise ValueError(f"{path}: no points, polylines, polygons or boxes in this CVAT XML "
-                         f"(found {other or 'nothing'}); export as 'CVAT for images 1.1'")
-    notes = [f"{path}: {n} <{k}> shapes ignored" for k, n in other.items()]
-    return _pixel_shapes(path, refs, np.array(geoms, dtype=object), labels, names, classes, notes, line_width)
-
-
-def _pixel_shapes(path, refs, geoms, labels, names, classes, notes, line_width):
+        raise ValueError(f"{path}: {empty}")
+    geoms = np.array(geoms, dtype=object)
     cls = class_indices(labels, classes, f"{path} labels")
     names = np.array(names, dtype=object)
     kinds = np.full(geoms.size, POINT, np.uint8)
