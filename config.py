@@ -187,6 +187,10 @@ class TrainConfig:
                                  neutral=True)
     pseudo_threshold: float = setting(0.9, "softmax max a pixel needs to become a pseudo-label", ROUNDS,
                                       check=lambda v: positive(v) and v <= 1, must="be in (0, 1]", neutral=True)
+    pseudo_share: float = setting(0.0, "self-training by a rule relative to each class: the surest share of each "
+                                       "class's predicted pixels become pseudo-labels (replaces --pseudo-threshold; "
+                                       "0 = off)", ROUNDS, check=lambda v: at_least(0)(v) and v <= 1,
+                                  must="be in [0, 1] (0 = off)", neutral=True)
     rounds: int = setting(0, "R rounds of new clicks the model chooses, revealed from the dense labels (simulated)",
                           ROUNDS, check=whole(0), must="be a whole number of rounds >= 0 (0 = off)", neutral=True)
     clicks_per_round: int = setting(10, "K new clicks per image and round", ROUNDS, check=whole(1), must="be >= 1",
@@ -197,6 +201,10 @@ class TrainConfig:
                                    ROUNDS, check=at_least(1), must="be >= 1 pixel", neutral=True)
     region_growing: bool = setting(False, "a click labels its SLIC superpixel (where that superpixel's clicks "
                                           "agree on a class)", ROUNDS, neutral=True)
+    forest_teacher: float = setting(0.0, "a random forest on filter features, fitted on the clicks, labels the surest "
+                                         "share of each class's pixels it predicts before training (pseudo-labels; "
+                                         "clicks win; 0 = off)", ROUNDS, check=lambda v: at_least(0)(v) and v <= 1,
+                                    must="be in [0, 1] (0 = off)", neutral=True)
     # model
     arch: str = setting("resnet18", "tiny: a 3-layer stand-in for smoke runs", MODEL, choices=ARCHS)
     decoder: str = setting("skip", "plain = the published decoder", MODEL, choices=DECODERS)
@@ -301,7 +309,7 @@ def _rounds_below_epochs(cfg):
 
 
 def _rounds_need_fixed_points(cfg):
-    for name in ("self_training", "rounds", "region_growing"):
+    for name in ("self_training", "rounds", "region_growing", "forest_teacher"):
         if getattr(cfg, name) and ((cfg.points is None and not cfg.clicks) or cfg.resample_each_epoch):
             yield f"{name.replace('_', '-')} needs a fixed point annotation (not dense labels, not redrawn every epoch)"
 
@@ -348,7 +356,12 @@ def _warmup_needs_a_decay(cfg):
         yield "--warmup works with --schedule cosine or poly (the step schedule has no per-step warm-up)"
 
 
-RULES = (_warmup_needs_a_decay, _rounds_below_epochs, _rounds_need_fixed_points, _resident_needs_fixed_points,
+def _share_needs_self_training(cfg):
+    if cfg.pseudo_share and not cfg.self_training:
+        yield "--pseudo-share chooses the pseudo-labels of --self-training rounds; add --self-training R (R >= 1)"
+
+
+RULES = (_warmup_needs_a_decay, _share_needs_self_training, _rounds_below_epochs, _rounds_need_fixed_points, _resident_needs_fixed_points,
          _clicks_rules)
 
 

@@ -96,6 +96,26 @@ def pseudo_labels(prob, threshold):
     return np.where(prob.max(0) >= threshold, prob.argmax(0), IGNORE_INDEX).astype(np.uint8)
 
 
+def surest_share(predictions, share):
+    """Pseudo-labels by a rule relative to each class: `predictions` is a list of (classes (h, w), confidence
+    (h, w), usable (h, w) bool), one per image. For each class, the `share` of its usable predicted pixels (over
+    all the images together) of highest confidence keep that class (pixels tied at the cut are all kept, so a
+    little more can be labelled); returns (h, w) uint8 grids, IGNORE_INDEX elsewhere. A rare or hard class gets as large a share of its pixels as a common one, where a fixed softmax
+    level (which the focal loss keeps low early on) labels almost nothing of it."""
+    classes = np.concatenate([c[u] for c, _, u in predictions]).astype(np.int64)
+    conf = np.concatenate([p[u] for _, p, u in predictions])
+    cut = np.full(int(max((c.max() for c, _, _ in predictions), default=0)) + 1, np.inf, np.float64)
+    for k in np.unique(classes):
+        cut[k] = np.quantile(conf[classes == k], 1.0 - share)
+    return [np.where(u & (p >= cut[c.astype(np.int64)]), c, IGNORE_INDEX).astype(np.uint8)
+            for c, p, u in predictions]
+
+
+def open_cells(dataset, i):
+    """(h, w) bool: the cells of sample i a pseudo-label may go to (no click on them, not undefined)."""
+    return ~dataset.clicked_cells(i) & dataset.defined(i)
+
+
 # --------------------------------------------------------------------------- model-chosen clicks
 
 def margin(prob):
@@ -198,6 +218,34 @@ def grow_regions(dataset, indices=None):
               f"{_right(right, grown, dataset)} | {time.time() - t0:.1f}s", flush=True)
 
 
+# --------------------------------------------------------------------------- the forest as a teacher
+
+def forest_teacher(dataset, share, seed=0):
+    """A random forest on multiscale filter features (forest.py, the baseline a person would use instead),
+    fitted on the dataset's clicks alone, predicts every training image; the `share` of each class's predicted
+    pixels it is surest of (surest_share, the share of trees voting) become pseudo-labels (set_pseudo: clicks
+    win, grown labels win, self-training rounds replace them). Prints how much it labelled and, with dense
+    labels, how much of it is right (a diagnostic)."""
+    import forest
+    t0 = time.time()
+    teacher = forest.fit_forest(dataset, seed=seed, clicks_only=True)
+    predictions = []
+    for i in range(len(dataset)):
+        prob = forest.probabilities(teacher, dataset.image(i), dataset.classes.num_classes)
+        predictions.append((prob.argmax(0).astype(np.uint8), prob.max(0), open_cells(dataset, i)))
+    labelled = right = usable = 0
+    for i, grid in enumerate(surest_share(predictions, share)):
+        dataset.set_pseudo(i, grid)
+        got = dataset.pseudo_grid(i) != IGNORE_INDEX
+        labelled += int(got.sum())
+        usable += int(predictions[i][2].sum())
+        if dataset.has_labels:
+            right += int((dataset.pseudo_grid(i)[got] == dataset.dense_label(i)[got]).sum())
+    print(f"forest teacher: a random forest fitted on the clicks labels {labelled / max(usable, 1):.1%} of the "
+          f"unclicked defined training pixels ({labelled}; the surest {share:.0%} of each class it predicts), "
+          f"{_right(right, labelled, dataset)} | {time.time() - t0:.1f}s", flush=True)
+
+
 def _right(right, n, dataset):
     """How many of n labels agree with the dense labels (a diagnostic), or that there are none to check."""
     if not dataset.has_labels:
@@ -208,7 +256,13 @@ def _right(right, n, dataset):
 # --------------------------------------------------------------------------- called by train.py
 
 def enabled(cfg):
-    return bool(cfg.self_training or cfg.rounds or cfg.region_growing)
+    """True when something changes the annotation during the run (its state goes into last.pth)."""
+    return bool(cfg.self_training or cfg.rounds or cfg.region_growing or cfg.forest_teacher)
+
+
+def placed_by_epochs(cfg):
+    """True when rounds run after epochs placed by --epochs (a resume must keep --epochs)."""
+    return bool(cfg.self_training or cfg.rounds)
 
 
 def start(cfg, dataset, train_state=None):
@@ -218,10 +272,11 @@ def start(cfg, dataset, train_state=None):
     if train_state is not None and "few_clicks" in train_state:
         restore(dataset, train_state["few_clicks"])
         return True
+    if cfg.forest_teacher:
+        forest_teacher(dataset, cfg.forest_teacher, cfg.seed)
     if cfg.region_growing:
         grow_regions(dataset)
-        return True
-    return False
+    return bool(cfg.forest_teacher or cfg.region_growing)
 
 
 def end_of_epoch(cfg, epoch, model, dataset, device):
@@ -233,6 +288,7 @@ def end_of_epoch(cfg, epoch, model, dataset, device):
         return False
     t0 = time.time()
     n_new = wrong = n_pseudo = n_correct = n_open = 0
+    shared = []  # (i, prediction) for --pseudo-share
     r = round_epochs(cfg.epochs, cfg.rounds).index(epoch) + 1 if clicks else None
     for i, prob in predict(model, dataset, device, cfg.batch_size):
         if clicks:
@@ -245,12 +301,20 @@ def end_of_epoch(cfg, epoch, model, dataset, device):
                 grow_regions(dataset, [i])
             n_new += cells.size
             wrong += int((prob.argmax(0).reshape(-1)[cells] != dataset.native_label(i).reshape(-1)[pixels]).sum())
-        if pseudo:
+        if pseudo and cfg.pseudo_share:  # relative to each class: over all images, after the loop
+            shared.append((i, (prob.argmax(0).astype(np.uint8), prob.max(0), open_cells(dataset, i))))
+        elif pseudo:
             dataset.set_pseudo(i, pseudo_labels(prob, cfg.pseudo_threshold))
-            grid, dense = dataset.pseudo_grid(i), dataset.dense_label(i)
+    if pseudo and cfg.pseudo_share:
+        for (i, _), grid in zip(shared, surest_share([p for _, p in shared], cfg.pseudo_share)):
+            dataset.set_pseudo(i, grid)
+    if pseudo:
+        for i in range(len(dataset)):
+            grid = dataset.pseudo_grid(i)
             n_pseudo += int((grid != IGNORE_INDEX).sum())
-            n_correct += int(((grid == dense) & (grid != IGNORE_INDEX)).sum())
-            n_open += int((~dataset.clicked_cells(i) & dataset.defined(i)).sum())
+            if dataset.has_labels:
+                n_correct += int(((grid == dataset.dense_label(i)) & (grid != IGNORE_INDEX)).sum())
+            n_open += int(open_cells(dataset, i).sum())
     seconds = time.time() - t0
     n = len(dataset)
     if clicks:
@@ -261,8 +325,9 @@ def end_of_epoch(cfg, epoch, model, dataset, device):
               f"{s['labelled_fraction']:.2%} of the training pixels | {seconds:.1f}s", flush=True)
     if pseudo:
         k = round_epochs(cfg.epochs, cfg.self_training).index(epoch) + 1
-        print(f"self-training round {k}/{cfg.self_training} after epoch {epoch}: pseudo-labels (softmax >= "
-              f"{cfg.pseudo_threshold:g}) on {n_pseudo / max(n_open, 1):.1%} of the unclicked defined training "
+        rule = (f"the surest {cfg.pseudo_share:.0%} of each class" if cfg.pseudo_share else
+                f"softmax >= {cfg.pseudo_threshold:g}")
+        print(f"self-training round {k}/{cfg.self_training} after epoch {epoch}: pseudo-labels ({rule}) on {n_pseudo / max(n_open, 1):.1%} of the unclicked defined training "
               f"pixels ({n_pseudo}), {_right(n_correct, n_pseudo, dataset)} | {seconds:.1f}s", flush=True)
     return True
 

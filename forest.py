@@ -51,12 +51,12 @@ def pixel_features(image, kind="multiscale"):
                                      sigma_max=SIGMA_MAX, channel_axis=-1).astype(np.float32)
 
 
-def training_pixels(dataset, kind="multiscale", seed=0):
-    """(features (N, F), classes (N,)) of every labelled pixel of the dataset's training targets, at most
-    MAX_SAMPLES of them (a seeded random subset)."""
+def training_pixels(dataset, kind="multiscale", seed=0, clicks_only=False):
+    """(features (N, F), classes (N,)) of every labelled pixel of the dataset's training targets (point_grid; its
+    clicks alone, click_grid, with clicks_only), at most MAX_SAMPLES of them (a seeded random subset)."""
     xs, ys = [], []
     for i in range(len(dataset)):
-        target = dataset.point_grid(i)
+        target = dataset.click_grid(i) if clicks_only else dataset.point_grid(i)
         at = target != IGNORE_INDEX
         if at.any():
             xs.append(pixel_features(dataset.image(i), kind)[at])
@@ -70,11 +70,21 @@ def training_pixels(dataset, kind="multiscale", seed=0):
     return x, y
 
 
-def fit_forest(dataset, kind="multiscale", seed=0):
-    """A RandomForestClassifier fitted on the dataset's training targets."""
-    x, y = training_pixels(dataset, kind, seed)
+def fit_forest(dataset, kind="multiscale", seed=0, clicks_only=False):
+    """A RandomForestClassifier fitted on the dataset's training targets (training_pixels)."""
+    x, y = training_pixels(dataset, kind, seed, clicks_only)
     forest = RandomForestClassifier(n_estimators=N_TREES, n_jobs=1, random_state=seed)
     return forest.fit(x, y)
+
+
+def probabilities(forest, image, num_classes, kind="multiscale"):
+    """(num_classes, h, w) float32 class probabilities (the share of trees voting) of an image (B, h, w) in
+    [0, 1]; 0 for a class no training pixel had."""
+    feats = pixel_features(image, kind)
+    h, w, f = feats.shape
+    prob = np.zeros((num_classes, h * w), np.float32)
+    prob[forest.classes_] = forest.predict_proba(feats.reshape(-1, f)).T
+    return prob.reshape(num_classes, h, w)
 
 
 def predict(forest, image, kind="multiscale"):

@@ -546,7 +546,7 @@ def prepare_out(cfg, out_dir, say=True):
                              f"settings (only {', '.join(RESUMABLE[:4])}, ... may change) or train into a new --out")
         if ck.train_state is None:
             raise ValueError(f"{last_path} holds no training state to resume from")
-        if few_clicks.enabled(cfg) and ck.config.get("epochs") != cfg.epochs:  # rounds are placed by --epochs
+        if few_clicks.placed_by_epochs(cfg) and ck.config.get("epochs") != cfg.epochs:  # rounds are placed by --epochs
             raise ValueError(f"{last_path} was trained with few-clicks rounds placed over {ck.config.get('epochs')} "
                              f"epochs; resume it with --epochs {ck.config.get('epochs')} (more epochs would move the "
                              f"rounds still ahead and change how many run), or train into a new --out")

@@ -326,7 +326,7 @@ def test_finished_runs_keep_their_keys_and_the_new_rows_get_new_ones():
     nine = next(e for e in E.EXPERIMENTS if e.number == 9)
     eight = next(e for e in E.EXPERIMENTS if e.number == 8)
     new = [run for _, run in nine.rows + eight.rows if run.rounds or run.self_training]
-    assert len(new) == 7
+    assert len(new) == 10  # 4 click-round rows, self-training by level and by per-class share at 3 budgets
     keys = {KEYS.config_key(run) for _, run in nine.rows + eight.rows}
     assert len(keys) == len(set(run for _, run in nine.rows + eight.rows))  # one key per distinct configuration
     cfg = KEYS.config(nine.rows[1][1], 0)
@@ -442,3 +442,89 @@ def test_both_batch_paths_train_on_the_grids_the_rounds_made(data, tmp_path, mon
                             augment=True))
     assert len(grids) == 1 and len(history) == 3
     assert seen == [True, True]  # epochs 2 and 3 trained on the grids of the round after epoch 1
+
+
+# --------------------------------------------------------------------------- relative pseudo-labels, forest teacher
+
+def test_the_surest_share_of_every_class_is_kept_however_rare_or_unsure_it_is():
+    """Class 0 is predicted on most pixels and surely, class 1 on a few and unsurely: a fixed level (0.9) would
+    label none of class 1; the per-class share labels the same share of both, always the surest ones."""
+    classes = np.zeros((10, 10), np.uint8)
+    classes[:, 8:] = 1  # 20 pixels of class 1
+    conf = np.where(classes == 1, 0.3, 0.95) + np.arange(100).reshape(10, 10) * 1e-4  # distinct within a class
+    usable = np.ones((10, 10), bool)
+    usable[0, :] = False  # e.g. clicked or undefined cells: never labelled, not counted
+    grid, = few_clicks.surest_share([(classes, conf, usable)], 0.25)
+    for c, n in ((0, 8 * 9), (1, 2 * 9)):
+        got = (grid == c)
+        assert got.sum() == pytest.approx(0.25 * n, abs=1)
+        assert conf[got].min() >= conf[(classes == c) & usable & ~got].max()  # the surest of the class
+    assert (grid[0] == IGNORE_INDEX).all()
+    # over several images together: the cut is one per class, not one per image
+    a, b = few_clicks.surest_share([(classes, conf, usable), (classes, conf - 0.2, usable)], 0.5)
+    assert (a != IGNORE_INDEX).sum() > 0.5 * usable.sum() > (b != IGNORE_INDEX).sum()
+
+
+def test_self_training_by_share_labels_what_a_fixed_level_would_not(patches):
+    root, _ = patches
+    ds = dataset(root)
+    logits = torch.zeros(6, 24, 24)
+    logits[2] = torch.linspace(0.1, 1, 24 * 24).reshape(24, 24)  # class 2 everywhere, softmax max 0.18 to 0.35
+    unsure = Fixed(logits)
+    few_clicks.end_of_epoch(config(self_training=3), 2, unsure, ds, "cpu")
+    assert all(ds.pseudo_grid(i).max() == IGNORE_INDEX for i in range(len(ds)))  # 0.9: nothing
+    few_clicks.end_of_epoch(config(self_training=3, pseudo_share=0.4), 4, unsure, ds, "cpu")
+    for i in range(len(ds)):
+        grid, open_ = ds.pseudo_grid(i), few_clicks.open_cells(ds, i)
+        assert set(np.unique(grid[open_])) == {2, IGNORE_INDEX}
+        assert (grid != IGNORE_INDEX).sum() == pytest.approx(0.4 * open_.sum(), rel=0.1)
+        assert (grid[:12] != IGNORE_INDEX).sum() < (grid[12:] != IGNORE_INDEX).sum()  # the surer bottom half
+
+
+def test_the_forest_teacher_labels_its_surest_pixels_from_the_clicks_alone(patches, capsys):
+    root, _ = patches
+    ds = dataset(root, points=20)
+    clicks = [ds.click_grid(i).copy() for i in range(len(ds))]
+    few_clicks.forest_teacher(ds, 0.4, seed=0)
+    out = capsys.readouterr().out
+    assert "forest teacher: a random forest fitted on the clicks labels" in out and "right by the dense" in out
+    labelled = right = usable = 0
+    for i in range(len(ds)):
+        grid, open_, dense = ds.point_grid(i), few_clicks.open_cells(ds, i), ds.dense_label(i)
+        clicked = ds.clicked_cells(i)
+        assert np.array_equal(grid[clicked], clicks[i][clicked])  # the clicks win
+        assert (grid[(dense == IGNORE_INDEX) & ~clicked] == IGNORE_INDEX).all()  # never on an undefined pixel
+        got = (ds.pseudo_grid(i) != IGNORE_INDEX)
+        labelled, usable = labelled + got.sum(), usable + open_.sum()
+        right += (grid[got] == dense[got]).sum()
+    assert 0.4 * usable <= labelled <= 0.5 * usable  # the share, and the pixels tied at its cut (votes of 100 trees)
+    assert right / labelled > 0.9  # the images are the label colours plus noise: the surest pixels are right
+    again = dataset(root, points=20)
+    few_clicks.forest_teacher(again, 0.4, seed=0)
+    assert all(np.array_equal(again.pseudo_grid(i), ds.pseudo_grid(i)) for i in range(len(ds)))  # repeatable
+
+
+def test_forest_teacher_run_keeps_its_labels_and_may_resume_with_more_epochs(data, tmp_path, capsys):
+    """The teacher labels once, before the first epoch: nothing is placed by --epochs, so a resume may train
+    longer; it gets the teacher's labels back from last.pth instead of fitting the forest again."""
+    cfg = cfg_for(data, tmp_path, epochs=2, forest_teacher=0.5)
+    train(cfg)
+    assert capsys.readouterr().out.count("forest teacher:") == 1
+    first = read_checkpoint(tmp_path / "ck" / "last.pth").train_state["few_clicks"]["pseudo"]
+    assert len(first) == 6
+    assert len(train(replace(cfg, epochs=3, resume=True))) == 3
+    assert "forest teacher:" not in capsys.readouterr().out
+    again = read_checkpoint(tmp_path / "ck" / "last.pth").train_state["few_clicks"]["pseudo"]
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_checks_of_the_share_settings():
+    args = get_args_parser().parse_args(["--forest-teacher", "0.3", "--self-training", "2", "--pseudo-share", "0.2"])
+    cfg = config_from_args(args)
+    assert (cfg.forest_teacher, cfg.self_training, cfg.pseudo_share) == (0.3, 2, 0.2)
+    for bad, match in ((dict(pseudo_share=0.3), "--pseudo-share chooses the pseudo-labels of --self-training"),
+                       (dict(self_training=2, pseudo_share=1.5), "--pseudo-share must be in"),
+                       (dict(forest_teacher=-0.1), "--forest-teacher must be in"),
+                       (dict(forest_teacher=0.3, points=None), "forest-teacher needs a fixed point annotation")):
+        with pytest.raises(ValueError, match=match):
+            check_config(TrainConfig(**{"epochs": 8, "points": 10, **bad}))
