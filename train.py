@@ -394,6 +394,20 @@ def make_scheduler(cfg, optimizer, steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
 
 
+PLATEAU_EPOCHS, PLATEAU_GAIN = 5, 0.005  # "stopped improving": no val mIoU gain of 0.005 in the last 5 epochs
+
+
+def plateau(history, epochs=PLATEAU_EPOCHS, gain=PLATEAU_GAIN):
+    """The epoch of the best val mIoU before the last `epochs` epochs of history, when none of those beat it by
+    `gain` or more (the validation curve has stopped improving); None while it still improves."""
+    if len(history) <= epochs:
+        return None
+    best = max(history[:-epochs], key=lambda h: h["val_miou"])
+    if max(h["val_miou"] for h in history[-epochs:]) >= best["val_miou"] + gain:
+        return None
+    return best["epoch"]
+
+
 def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progress=True, desc="", extra=None,
               names=None, scheduler=None):
     """Train (optimizer given) or evaluate over a loader (a DataLoader or a resident.ResidentLoader). Returns
@@ -707,6 +721,7 @@ def train(cfg):
         names = train_ds.classes.names
         net = distributed.wrap(model, ctx)  # DDP under torchrun: gradients averaged over the ranks
 
+        flat_before = plateau(history, PLATEAU_EPOCHS, PLATEAU_GAIN)  # said once when the curve flattens (again after it rose)
         for epoch in range(start, cfg.epochs + 1):
             t0 = time.time()
             train_ds.set_epoch(epoch)
@@ -746,6 +761,12 @@ def train(cfg):
             print(f"epoch {epoch:3d}/{cfg.epochs} | loss {tr_loss:.4f}{terms} OA {tr['oa']:.3f} mIoU {tr['miou']:.3f} "
                   f"(train points) | {shown} | lr {lr:.2e} | {h['seconds']:.1f}s{' *' if improved else ''}",
                   flush=True)
+            flat = plateau(history, PLATEAU_EPOCHS, PLATEAU_GAIN)
+            if flat and not flat_before and ctx.is_main:
+                print(f"the validation curve has stopped improving: the last {PLATEAU_EPOCHS} epochs gained less than "
+                      f"{PLATEAU_GAIN} val mIoU over epoch {flat}'s {history[flat - history[0]['epoch']]['val_miou']:.3f}; "
+                      f"more epochs at this learning rate are unlikely to help", flush=True)
+            flat_before = flat
             if few_clicks.end_of_epoch(cfg, epoch, model, train_ds, device):  # a round changed the annotation
                 labelled = train_ds.labelled_fraction()
             h["labelled_fraction"] = labelled  # share of training pixels clicked as the epoch ends (rounds add some)

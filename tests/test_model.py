@@ -63,3 +63,37 @@ def test_build_model_rebuilds_from_model_args():
         again.load_state_dict(m.state_dict())  # same parameter names and shapes
     with pytest.raises(ValueError, match="unknown arch"):
         build_model(arch="vgg")
+
+
+def weights_file(tmp_path, monkeypatch, seed=0):
+    """A torch home in tmp_path holding a resnet18 state dict under torchvision's ImageNet file name, and no
+    network: the pretrained path must read that file. The weights are a seeded random init, not ImageNet's (no
+    package ships those): the test proves where the encoder's weights come from, never what they are worth."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # get_dir follows TORCH_HOME
+
+    def offline(*args, **kwargs):
+        raise OSError("no network in this test")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    torch.manual_seed(seed)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / "torch" / "hub" / "checkpoints" / RESNET18_WEIGHTS_FILE
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    return path, state
+
+
+def test_pretrained_encoder_is_read_from_the_weights_file_offline(tmp_path, monkeypatch):
+    path, state = weights_file(tmp_path, monkeypatch)
+    m = ResNet18Segmentation(pretrained=True, decoder="skip")
+    assert torch.equal(m.stem[0].weight, state["conv1.weight"])
+    assert torch.equal(m.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+    assert torch.equal(m.stem[1].running_mean, state["bn1.running_mean"])
+    assert not torch.equal(ResNet18Segmentation(pretrained=False).stem[0].weight, state["conv1.weight"])
+    four = ResNet18Segmentation(pretrained=True, in_channels=4)  # a 4th band: the mean of the RGB filters
+    assert torch.equal(four.stem[0].weight[:, :3], state["conv1.weight"])
+    assert torch.allclose(four.stem[0].weight[:, 3], state["conv1.weight"].mean(1))
+    path.write_bytes(path.read_bytes()[:1000])  # a broken download: refused, naming the file and the way out
+    with pytest.raises(RuntimeError, match=f"could not load the ImageNet weights {RESNET18_WEIGHTS_FILE}.*"
+                                           f"pretrained=False"):
+        ResNet18Segmentation(pretrained=True)

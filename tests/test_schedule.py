@@ -8,6 +8,7 @@ import torch
 from checkpoint import read_checkpoint
 from config import TrainConfig, check_config
 from tests.test_train import cfg_for
+import train as train_module
 from train import make_scheduler, steps_per_epoch, train
 
 
@@ -51,3 +52,22 @@ def test_warm_up_without_a_decay_is_refused():
         check_config(TrainConfig(warmup=10))
     with pytest.raises(ValueError, match="--schedule must be one of step, cosine, poly"):
         check_config(TrainConfig(schedule="linear"))
+
+
+def test_the_plateau_is_the_best_epoch_the_last_ones_did_not_beat():
+    def hist(*mious):
+        return [{"epoch": e, "val_miou": m} for e, m in enumerate(mious, 1)]
+    assert train_module.plateau(hist(0.1, 0.2, 0.3), epochs=2) is None  # still rising
+    assert train_module.plateau(hist(0.1, 0.4, 0.402, 0.39), epochs=2) == 2  # +0.002: flat
+    assert train_module.plateau(hist(0.1, 0.4, 0.39, 0.41), epochs=2) is None  # +0.01: still improving
+    assert train_module.plateau(hist(0.5, 0.5), epochs=2) is None  # too short to tell
+
+
+def test_the_log_says_once_when_the_validation_curve_stops_improving(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_module, "PLATEAU_EPOCHS", 3)
+    monkeypatch.setattr(train_module, "PLATEAU_GAIN", 0.05)
+    train(cfg_for(data, tmp_path, epochs=6, lr=1e-9))  # learns next to nothing: flat from the start
+    out = capsys.readouterr().out
+    assert out.count("the validation curve has stopped improving: the last 3 epochs gained less than 0.05") == 1
+    line = next(x for x in out.splitlines() if "stopped improving" in x)
+    assert "over epoch 1's" in line
