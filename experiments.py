@@ -67,6 +67,7 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -430,11 +431,13 @@ class PlannedRun:
     config: object  # train.TrainConfig, as hashed into the key
 
 
-def plan_runs(keys, experiments=None, seeds=3):
+def plan_runs(keys, experiments=None, seeds=3, rows=None):
     """The distinct runs the chosen experiments need, seed-major (every configuration gets its first seed
-    before any gets its second), each configuration once however many experiments show it."""
+    before any gets its second), each configuration once however many experiments show it. `rows`: a regular
+    expression; only the rows whose label it finds (re.search) are planned."""
     chosen = [e for e in EXPERIMENTS if experiments is None or e.number in experiments]
-    configs = list(dict.fromkeys(run for e in chosen for _, run in e.rows))
+    configs = list(dict.fromkeys(run for e in chosen for label, run in e.rows
+                                 if rows is None or re.search(rows, label)))
     return [PlannedRun(keys.run_key(r, s), keys.config_key(r), r, s, keys.config(r, s)) for s in range(seeds)
             for r in configs]
 
@@ -1133,7 +1136,10 @@ def get_args_parser():
     p.add_argument("--split", help="split JSON {'train': [...], 'val': [...]} (default: the published split "
                                    "when ids 0-2399 exist, else the last 12.5 %% of ids as val)")
     p.add_argument("--size", type=int, help="processing size (default: the preset's)")
-    p.add_argument("--epochs", type=int, help="epochs (default: the preset's)")
+    p.add_argument("--epochs", type=int, help="epochs (default: the preset's); the learning-rate step scales with "
+                                              "them (demo: 8 epochs, step 6; --epochs 24: step 18)")
+    p.add_argument("--rows", help="only the rows whose label this regular expression finds, e.g. "
+                                  "'^10 points, (\\+ forest teacher|random forest)'")
     p.add_argument("--n-train", type=int, help="evenly spaced training patches from the split (default: preset)")
     p.add_argument("--n-val", type=int, help="evenly spaced val patches from the split (default: preset)")
     p.add_argument("--no-pretrained", action="store_true", help="random encoder init (offline)")
@@ -1163,6 +1169,8 @@ def settings_from_args(args):
     for name in ("data", "split", "size", "epochs", "n_train", "n_val"):
         if getattr(args, name) is not None:
             s[name] = getattr(args, name)
+    if s["epochs"] != PRESETS[args.preset]["epochs"]:  # the same schedule shape: the step falls as far into the run
+        s["step_size"] = max(1, round(s["step_size"] * s["epochs"] / PRESETS[args.preset]["epochs"]))
     if args.no_pretrained:
         s["pretrained"] = False
     if args.exclude is not None:
@@ -1202,17 +1210,32 @@ def ensure_demo_data(settings):
         print(f"drew the synthetic demo data into {DEMO_DATA['out']} in {s['seconds']:.0f} s", flush=True)
 
 
+def usage_error(message):
+    """A user error: `error: ...` on stderr, exit status 2, before any work."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(args):
     settings = settings_from_args(args)
     only = None if not args.only else {int(x) for x in args.only.split(",") if x.strip()}
     if only and not only <= {e.number for e in EXPERIMENTS}:
-        raise SystemExit(f"--only {args.only}: experiments are {[e.number for e in EXPERIMENTS]}")
+        usage_error(f"--only {args.only}: experiments are {[e.number for e in EXPERIMENTS]}")
+    if args.rows is not None:
+        try:
+            matched = [label for e in EXPERIMENTS if not only or e.number in only for label, _ in e.rows
+                       if re.search(args.rows, label)]
+        except re.error as e:
+            usage_error(f"--rows {args.rows!r} is no regular expression ({e})")
+        if not matched:
+            usage_error(f"--rows {args.rows!r} matches no row label of the chosen experiments (the tables of "
+                        f"results/experiments.md show them)")
     results = results_folder(args, settings)
     csv_path, md_path = results / "experiments.csv", results / "experiments.md"
     if args.preset == "demo" and not (args.dry_run or args.report):
         ensure_demo_data(settings)
     keys = Keys.read(settings)  # the run keys need the data folder: its subset ids and identity
-    plan = plan_runs(keys, only, args.seeds)
+    plan = plan_runs(keys, only, args.seeds, args.rows)
     if args.references_only:
         plan = [p for p in plan if isinstance(p.run, Reference)]
     if args.dry_run:
@@ -1230,8 +1253,8 @@ def main(args):
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus and not args.worker else []
     workers = (len(gpus) or 1) * args.parallel if not args.worker else 1
     if args.parallel < 1 or (gpus and args.device not in ("auto", "cuda")):
-        raise SystemExit(f"--parallel must be >= 1 (got {args.parallel}); with --gpus, --device is auto or cuda "
-                         f"(each worker sees its GPU alone), got {args.device}")
+        usage_error(f"--parallel must be >= 1 (got {args.parallel}); with --gpus, --device is auto or cuda (each "
+                    f"worker sees its GPU alone), got {args.device}")
     failed = []
     if not args.report and workers > 1:  # workers are this script again; they share the runs through claims
         threads = {} if args.threads or gpus else {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}

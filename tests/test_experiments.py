@@ -376,6 +376,27 @@ def test_settings_other_than_a_preset_go_to_their_own_folder(capsys):
     assert results_folder("--preset", "demo", "--epochs", "2", "--results", "results") == Path("results")
 
 
+def test_more_epochs_keep_the_shape_of_the_schedule():
+    def step(*argv):
+        args = E.get_args_parser().parse_args(list(argv))
+        return E.settings_from_args(args)["step_size"]
+    assert step("--preset", "demo") == 6 and step("--preset", "demo", "--epochs", "24") == 18
+    assert step("--preset", "atlanta", "--epochs", "60") == 45 and step("--preset", "demo", "--epochs", "1") == 1
+
+
+def test_rows_choose_the_runs_by_their_labels(capsys):
+    every = E.plan_runs(KEYS, {8}, seeds=1)
+    some = E.plan_runs(KEYS, {8}, seeds=1, rows=r"^10 points, (\+ forest teacher|random forest, multiscale)")
+    assert [p.run for p in some] == [E.replace(E.BASELINE, points=10, forest_teacher=E.SHARE),
+                                     E.Reference(E.replace(E.BASELINE, points=10), "forest-multiscale")]
+    assert {p.key for p in some} < {p.key for p in every}  # the same keys as in the full plan
+    for bad, says in (("(", "is no regular expression"), ("no such row", "matches no row")):
+        with pytest.raises(SystemExit) as exit_:
+            E.main(E.get_args_parser().parse_args(["--preset", "demo", "--only", "8", "--rows", bad,
+                                                   "--dry-run", "--data", "nowhere"]))
+        assert exit_.value.code == 2 and f"error: --rows {bad!r} {says}" in capsys.readouterr().err
+
+
 def test_an_adhoc_report_leaves_the_tracked_results_alone(tmp_path, monkeypatch):
     write_patches(tmp_path / "patches", n=6, size=(16, 16))
     monkeypatch.chdir(tmp_path)
