@@ -10,8 +10,9 @@ Each field is `setting(default, help, ...)`: its help text, its choices or check
   to change on --resume;
 - `resumable`: a "what" setting that may still change on --resume (epochs: train longer; amp);
 - `annotation`: part of the drawn annotation, and so of the resident cache's key (resident.py);
-- `neutral`: added after finished experiment runs were keyed; at its default it stays out of the key, so a
-  feature that is off by default keeps those runs valid (experiments.py).
+- `neutral`: added after finished experiment runs were keyed; at its default (or at `neutral_at`, for a
+  feature that is on by default and which experiments.py turns off) it stays out of the key, so those runs stay
+  valid (experiments.py).
 RESUMABLE, NOT_IN_KEY, NEUTRAL and ANNOTATION_FIELDS are read off these declarations; `add_arguments` builds
 argparse from them (flag `--field-name`; a bool that defaults to True gets `--no-field-name`) and `check_config`
 applies every field's check, then the rules between fields (RULES). Adding a setting is one `setting(...)` here
@@ -27,7 +28,7 @@ from typing import Optional, Union
 from annotations import parse_fraction
 from class_weights import SCHEMES
 from dataset import parse_points
-from few_clicks import CLICK_STRATEGIES
+from few_clicks import CLICK_STRATEGIES, SPARSE
 from model import ARCHS, DECODERS
 from partial_ce_loss import NORMALIZATIONS
 from resident import LOADERS
@@ -54,6 +55,7 @@ class Setting:
     resumable: bool = False
     annotation: bool = False
     neutral: bool = False
+    neutral_at: object = None  # with neutral: the value that stays out of the key, when not the default
 
 
 def setting(default, help, group, **meta):
@@ -201,6 +203,10 @@ class TrainConfig:
                                    ROUNDS, check=at_least(1), must="be >= 1 pixel", neutral=True)
     region_growing: bool = setting(False, "a click labels its SLIC superpixel (where that superpixel's clicks "
                                           "agree on a class)", ROUNDS, neutral=True)
+    sparse: str = setting("auto", "auto: when the clicks label under 0.25 %% of the training pixels, region growing "
+                                  "is on (experiment 8: it helps at 10 clicks per image on the synthetic and the real "
+                                  "set, and not at 100 or one per object); off: only what is asked for", ROUNDS,
+                          choices=SPARSE, neutral=True, neutral_at="off")
     forest_teacher: float = setting(0.0, "a random forest on filter features, fitted on the clicks, labels the surest "
                                          "share of each class's pixels it predicts before training (pseudo-labels; "
                                          "clicks win; 0 = off)", ROUNDS, check=lambda v: at_least(0)(v) and v <= 1,
@@ -257,7 +263,12 @@ def settings():
 
 RESUMABLE = tuple(n for n, _, s in settings() if s.role == "how" or s.resumable)
 NOT_IN_KEY = tuple(n for n, _, s in settings() if s.role == "how")
-NEUTRAL = {n: d for n, d, s in settings() if s.neutral}
+def neutral_value(default, s):
+    """The value at which a neutral setting stays out of the keys: `neutral_at`, else its default."""
+    return default if s.neutral_at is None else s.neutral_at
+
+
+NEUTRAL = {n: neutral_value(d, s) for n, d, s in settings() if s.neutral}
 ANNOTATION_FIELDS = tuple(n for n, _, s in settings() if s.annotation)
 
 
@@ -267,7 +278,7 @@ def key_settings(cfg):
     out = {}
     for f in dataclasses.fields(cfg):
         s, v = f.metadata["setting"], getattr(cfg, f.name)
-        if s.role != "how" and not (s.neutral and v == f.default):
+        if s.role != "how" and not (s.neutral and v == neutral_value(f.default, s)):
             out[f.name] = v
     return out
 
@@ -279,7 +290,7 @@ def annotation_of(cfg):
     out = {}
     for f in dataclasses.fields(cfg):
         s, v = f.metadata["setting"], getattr(cfg, f.name)
-        if s.annotation and not (s.neutral and v == f.default):
+        if s.annotation and not (s.neutral and v == neutral_value(f.default, s)):
             out[f.name] = v
     if cfg.clicks:
         out["clicks_sha256"] = content_digest(cfg.clicks)

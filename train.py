@@ -25,6 +25,7 @@ import math
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -669,6 +670,13 @@ def train(cfg):
             weights = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting)[0]
         stats = train_ds.annotation_stats()
         labelled = stats["labelled_fraction"]
+        asked = cfg  # what the checkpoints record and a resume compares: --sparse auto decides again from the data
+        added = few_clicks.sparse_additions(cfg, labelled)
+        if added:
+            cfg = replace(cfg, **added)
+            print(f"sparse clicks: they label {labelled:.3%} of the training pixels (under "
+                  f"{few_clicks.SPARSE_SHARE:.2%}), so region growing is on (--sparse off: the clicks alone)",
+                  flush=True)
         if cfg.points is None and not cfg.clicks:
             budget = "dense labels"
         else:
@@ -697,7 +705,7 @@ def train(cfg):
         history, start, best = [], 1, -math.inf
         gen = torch.Generator().manual_seed(cfg.seed)
 
-        config = config_dict(cfg)
+        config = config_dict(asked)
         last_path, best_path = out_dir / "last.pth", out_dir / "best_model.pth"
         if resumed:
             if resumed.model_args != model.model_args:

@@ -112,7 +112,11 @@ def test_the_lists_are_read_off_the_declarations():
     assert config.ANNOTATION_FIELDS == ("points", "strategy", "annotation_seed", "clicks", "class_field", "line_width",
                                         "val_clicks")
     assert config.NEUTRAL["affinity_weight"] == 0.0 and config.NEUTRAL["click_strategy"] == "uncertain"
-    assert all(config.NEUTRAL[k] == getattr(TrainConfig(), k) for k in config.NEUTRAL)
+    # neutral at the default, but for --sparse: on ("auto") by default, out of the key where experiments turn it off
+    assert config.NEUTRAL["sparse"] == "off" != TrainConfig().sparse
+    assert all(config.NEUTRAL[k] == getattr(TrainConfig(), k) for k in config.NEUTRAL if k != "sparse")
+    assert "sparse" not in config.key_settings(TrainConfig(sparse="off"))
+    assert config.key_settings(TrainConfig())["sparse"] == "auto"
     assert E.NOT_IN_KEY is config.NOT_IN_KEY and E.NEUTRAL is config.NEUTRAL
 
 
