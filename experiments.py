@@ -945,6 +945,27 @@ def closing_note(rows, keys):
     return "\n".join(lines)
 
 
+def report_command(preset, settings, folder):
+    """The experiments.py command that rewrites this report: the preset, the options that changed its settings,
+    and --results where the folder is not the one those settings choose by themselves."""
+    own = dict(PRESETS[preset])
+    words = ["python experiments.py", f"--preset {preset}"]
+    for name in ("data", "split", "size", "epochs", "n_train", "n_val"):
+        value, base = settings.get(name), own.get(name)
+        if name == "data" and value and base:
+            value, base = os.path.normpath(value), os.path.normpath(base)
+        if value != base:
+            words.append(f"--{name.replace('_', '-')} {value}")
+    if own["pretrained"] and not settings.get("pretrained"):
+        words.append("--no-pretrained")
+    if list(settings.get("exclude", [])) != list(own["exclude"]):
+        words.append(f"--exclude {','.join(settings['exclude'])}")
+    folder = Path(folder)
+    if folder not in (Path("results"), Path("results") / preset) and not folder.name.startswith("adhoc-"):
+        words.append(f"--results {folder}")
+    return " ".join(words + ["--report"])
+
+
 def write_report(rows, keys, preset, path, figures_dir):
     """results/experiments.md: the settings, one table per experiment, the closing note; plus the figures."""
     path, settings = Path(path), keys.settings
@@ -961,7 +982,7 @@ def write_report(rows, keys, preset, path, figures_dir):
     else:
         head += [f"**REAL data** (`{settings.get('images') or settings['data']}`). Never mix these numbers with the "
                  "synthetic demo's.", ""]
-    head += [f"Written by `python experiments.py --preset {preset} --report` from `{Path(path).parent}/"
+    head += [f"Written by `{report_command(preset, settings, path.parent)}` from `{Path(path).parent}/"
              f"experiments.csv` ({len(ours)} runs of these settings on this data, {total / 3600:.2f} h of training on "
              f"{', '.join(devices) or 'no device yet'}).", "",
              "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()) + ".", "",
