@@ -263,6 +263,8 @@ def settings():
 
 RESUMABLE = tuple(n for n, _, s in settings() if s.role == "how" or s.resumable)
 NOT_IN_KEY = tuple(n for n, _, s in settings() if s.role == "how")
+
+
 def neutral_value(default, s):
     """The value at which a neutral setting stays out of the keys: `neutral_at`, else its default."""
     return default if s.neutral_at is None else s.neutral_at
@@ -372,8 +374,8 @@ def _share_needs_self_training(cfg):
         yield "--pseudo-share chooses the pseudo-labels of --self-training rounds; add --self-training R (R >= 1)"
 
 
-RULES = (_warmup_needs_a_decay, _share_needs_self_training, _rounds_below_epochs, _rounds_need_fixed_points, _resident_needs_fixed_points,
-         _clicks_rules)
+RULES = (_warmup_needs_a_decay, _share_needs_self_training, _rounds_below_epochs, _rounds_need_fixed_points,
+         _resident_needs_fixed_points, _clicks_rules)
 
 
 def flag(name):

@@ -102,8 +102,9 @@ def surest_share(predictions, share):
     """Pseudo-labels by a rule relative to each class: `predictions` is a list of (classes (h, w), confidence
     (h, w), usable (h, w) bool), one per image. For each class, the `share` of its usable predicted pixels (over
     all the images together) of highest confidence keep that class (pixels tied at the cut are all kept, so a
-    little more can be labelled); returns (h, w) uint8 grids, IGNORE_INDEX elsewhere. A rare or hard class gets as large a share of its pixels as a common one, where a fixed softmax
-    level (which the focal loss keeps low early on) labels almost nothing of it."""
+    little more can be labelled); returns (h, w) uint8 grids, IGNORE_INDEX elsewhere. A rare or hard class gets
+    as large a share of its pixels as a common one, where a fixed softmax level (which the focal loss keeps low
+    early on) labels almost nothing of it."""
     classes = np.concatenate([c[u] for c, _, u in predictions]).astype(np.int64)
     conf = np.concatenate([p[u] for _, p, u in predictions])
     cut = np.full(int(max((c.max() for c, _, _ in predictions), default=0)) + 1, np.inf, np.float64)
@@ -341,8 +342,9 @@ def end_of_epoch(cfg, epoch, model, dataset, device):
         k = round_epochs(cfg.epochs, cfg.self_training).index(epoch) + 1
         rule = (f"the surest {cfg.pseudo_share:.0%} of each class" if cfg.pseudo_share else
                 f"softmax >= {cfg.pseudo_threshold:g}")
-        print(f"self-training round {k}/{cfg.self_training} after epoch {epoch}: pseudo-labels ({rule}) on {n_pseudo / max(n_open, 1):.1%} of the unclicked defined training "
-              f"pixels ({n_pseudo}), {_right(n_correct, n_pseudo, dataset)} | {seconds:.1f}s", flush=True)
+        print(f"self-training round {k}/{cfg.self_training} after epoch {epoch}: pseudo-labels ({rule}) on "
+              f"{n_pseudo / max(n_open, 1):.1%} of the unclicked defined training pixels ({n_pseudo}), "
+              f"{_right(n_correct, n_pseudo, dataset)} | {seconds:.1f}s", flush=True)
     return True
 
 

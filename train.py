@@ -561,7 +561,7 @@ def prepare_out(cfg, out_dir, say=True):
                              f"settings (only {', '.join(RESUMABLE[:4])}, ... may change) or train into a new --out")
         if ck.train_state is None:
             raise ValueError(f"{last_path} holds no training state to resume from")
-        if few_clicks.placed_by_epochs(cfg) and ck.config.get("epochs") != cfg.epochs:  # rounds are placed by --epochs
+        if few_clicks.placed_by_epochs(cfg) and ck.config.get("epochs") != cfg.epochs:  # rounds placed by --epochs
             raise ValueError(f"{last_path} was trained with few-clicks rounds placed over {ck.config.get('epochs')} "
                              f"epochs; resume it with --epochs {ck.config.get('epochs')} (more epochs would move the "
                              f"rounds still ahead and change how many run), or train into a new --out")
@@ -729,7 +729,7 @@ def train(cfg):
         names = train_ds.classes.names
         net = distributed.wrap(model, ctx)  # DDP under torchrun: gradients averaged over the ranks
 
-        flat_before = plateau(history, PLATEAU_EPOCHS, PLATEAU_GAIN)  # said once when the curve flattens (again after it rose)
+        flat_before = plateau(history, PLATEAU_EPOCHS, PLATEAU_GAIN)  # said once as it flattens (again after a rise)
         for epoch in range(start, cfg.epochs + 1):
             t0 = time.time()
             train_ds.set_epoch(epoch)
@@ -771,9 +771,10 @@ def train(cfg):
                   flush=True)
             flat = plateau(history, PLATEAU_EPOCHS, PLATEAU_GAIN)
             if flat and not flat_before and ctx.is_main:
+                level = next(x["val_miou"] for x in history if x["epoch"] == flat)
                 print(f"the validation curve has stopped improving: the last {PLATEAU_EPOCHS} epochs gained less than "
-                      f"{PLATEAU_GAIN} val mIoU over epoch {flat}'s {history[flat - history[0]['epoch']]['val_miou']:.3f}; "
-                      f"more epochs at this learning rate are unlikely to help", flush=True)
+                      f"{PLATEAU_GAIN} val mIoU over epoch {flat}'s {level:.3f}; more epochs at this learning rate are "
+                      f"unlikely to help", flush=True)
             flat_before = flat
             if few_clicks.end_of_epoch(cfg, epoch, model, train_ds, device):  # a round changed the annotation
                 labelled = train_ds.labelled_fraction()

@@ -530,7 +530,7 @@ def test_checks_of_the_share_settings():
             check_config(TrainConfig(**{"epochs": 8, "points": 10, **bad}))
 
 
-# --------------------------------------------------------------------------- --sparse auto: the default follows experiment 8
+# --------------------------------------------------------------------------- --sparse auto (experiment 8's evidence)
 
 def test_sparse_auto_adds_region_growing_only_to_sparse_fixed_clicks():
     cfg = TrainConfig(points=10)
@@ -554,7 +554,8 @@ def test_a_sparse_run_grows_its_clicks_as_if_asked_and_resumes(data, tmp_path, c
     ck = read_checkpoint(tmp_path / "auto" / "last.pth")
     assert ck.config["region_growing"] is False and ck.config["sparse"] == "auto"
     assert ck.train_state["few_clicks"]["grown"]  # the grown labels are kept for a resume
-    assert len(train(cfg_for(data, tmp_path, points=2, allow_unclicked=True, epochs=3, out=str(tmp_path / "auto"), resume=True))) == 3
+    resumed = cfg_for(data, tmp_path, points=2, allow_unclicked=True, epochs=3, out=str(tmp_path / "auto"), resume=True)
+    assert len(train(resumed)) == 3
     assert "so region growing is on" in capsys.readouterr().out  # decided again, the same way
     train(cfg_for(data, tmp_path, points=20, epochs=1, out=str(tmp_path / "dense")))  # 2 %: nothing added
     assert "sparse clicks" not in capsys.readouterr().out
