@@ -950,7 +950,7 @@ def report_command(preset, settings, folder):
     and --results where the folder is not the one those settings choose by themselves."""
     own = dict(PRESETS[preset])
     words = ["python experiments.py", f"--preset {preset}"]
-    for name in ("data", "split", "size", "epochs", "n_train", "n_val"):
+    for name in SETTING_OPTIONS:
         value, base = settings.get(name), own.get(name)
         if name == "data" and value and base:
             value, base = os.path.normpath(value), os.path.normpath(base)
@@ -961,7 +961,7 @@ def report_command(preset, settings, folder):
     if list(settings.get("exclude", [])) != list(own["exclude"]):
         words.append(f"--exclude {','.join(settings['exclude'])}")
     folder = Path(folder)
-    if folder not in (Path("results"), Path("results") / preset) and not folder.name.startswith("adhoc-"):
+    if folder != own_folder(preset) and not folder.name.startswith("adhoc-"):
         words.append(f"--results {folder}")
     return " ".join(words + ["--report"])
 
@@ -1187,9 +1187,17 @@ def get_args_parser():
     return p
 
 
+SETTING_OPTIONS = ("data", "split", "size", "epochs", "n_train", "n_val")  # options that change a preset's settings
+
+
+def own_folder(preset):
+    """Where a preset's own settings keep their results: results/ for demo, results/<preset>/ for the others."""
+    return Path("results") if preset == "demo" else Path("results") / preset
+
+
 def settings_from_args(args):
     s = dict(PRESETS[args.preset])
-    for name in ("data", "split", "size", "epochs", "n_train", "n_val"):
+    for name in SETTING_OPTIONS:
         if getattr(args, name) is not None:
             s[name] = getattr(args, name)
     if s["epochs"] != PRESETS[args.preset]["epochs"]:  # the same schedule shape: the step falls as far into the run
@@ -1214,7 +1222,7 @@ def results_folder(args, settings):
     if preset["data"]:
         preset["data"] = os.path.normpath(preset["data"])
     if settings == preset:
-        return Path("results") if args.preset == "demo" else Path("results") / args.preset
+        return own_folder(args.preset)
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     folder = Path("results") / f"adhoc-{digest}"
     changed = ", ".join(f"{k} {settings[k]!r} (preset {preset[k]!r})" for k in settings if settings[k] != preset[k])

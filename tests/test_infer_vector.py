@@ -102,13 +102,17 @@ def test_polygons_are_in_the_rasters_crs_and_rasterise_back_to_the_mask(ckpt_pat
     np.testing.assert_allclose(columns["area"], shapely.area(geoms))  # m^2: map units of UTM
 
 
+def polygons_without_and_with(ckpt_path, tmp_path, *option):
+    """The polygons infer.py --vector gpkg writes for one GeoTIFF scene, plain and with `option`."""
+    write_geotiff(tmp_path / "in" / "scene.tif", geo_image(), nodata=0)
+    assert run(ckpt_path, tmp_path / "in", tmp_path / "plain", "--vector", "gpkg") == 0
+    assert run(ckpt_path, tmp_path / "in", tmp_path / "option", "--vector", "gpkg", *option) == 0
+    return tuple(read_polygons(tmp_path / out / "scene_tif_polygons.gpkg")[1] for out in ("plain", "option"))
+
+
 @pytest.mark.slow
 def test_min_area_drops_small_polygons(ckpt_path, tmp_path):
-    write_geotiff(tmp_path / "in" / "scene.tif", geo_image(), nodata=0)
-    assert run(ckpt_path, tmp_path / "in", tmp_path / "all", "--vector", "gpkg") == 0
-    assert run(ckpt_path, tmp_path / "in", tmp_path / "big", "--vector", "gpkg", "--min-area", "1.5") == 0
-    _, every, _ = read_polygons(tmp_path / "all" / "scene_tif_polygons.gpkg")
-    _, big, _ = read_polygons(tmp_path / "big" / "scene_tif_polygons.gpkg")
+    every, big = polygons_without_and_with(ckpt_path, tmp_path, "--min-area", "1.5")
     small = shapely.area(every) < 1.5  # 1.5 m^2 = 6 pixels of 0.5 m
     assert small.any() and (~small).any()
     assert len(big) == (~small).sum() and (shapely.area(big) >= 1.5).all()
@@ -116,11 +120,7 @@ def test_min_area_drops_small_polygons(ckpt_path, tmp_path):
 
 @pytest.mark.slow
 def test_simplify_makes_fewer_vertices(ckpt_path, tmp_path):
-    write_geotiff(tmp_path / "in" / "scene.tif", geo_image(), nodata=0)
-    assert run(ckpt_path, tmp_path / "in", tmp_path / "plain", "--vector", "gpkg") == 0
-    assert run(ckpt_path, tmp_path / "in", tmp_path / "simple", "--vector", "gpkg", "--simplify", "0.6") == 0
-    _, plain, _ = read_polygons(tmp_path / "plain" / "scene_tif_polygons.gpkg")
-    _, simple, _ = read_polygons(tmp_path / "simple" / "scene_tif_polygons.gpkg")
+    plain, simple = polygons_without_and_with(ckpt_path, tmp_path, "--simplify", "0.6")
     assert shapely.get_num_coordinates(simple).sum() < shapely.get_num_coordinates(plain).sum()
 
 
