@@ -35,6 +35,9 @@ from resident import LOADERS
 from spec import MAX_SCALE, PROCESSING_SIZE, check_scale
 
 SCHEDULES = ("step", "cosine", "poly")
+MIN_CROP = 8  # processing pixels a side of a --crop window
+STEP_PASSES, MIN_STEPS = 30, 300  # --steps auto (train.step_budget): 30 passes over the training pixels, >= 300 steps
+MAX_VALIDATIONS = 50  # a --steps run validates every pass, or less often so that it validates at most this often
 GROUPS = ("data", "annotation and loss", "losses on the unlabelled pixels (weak_losses.py; weight 0 = off)",
           "rounds inside the run (few_clicks.py; 0 = off)", "model and optimisation", "run")
 DATA, LOSS, WEAK, ROUNDS, MODEL, RUN = GROUPS
@@ -93,6 +96,15 @@ def parse_names(text):
 
 def parse_optional_int(text):
     return None if str(text).lower() in ("", "none", "all") else int(text)
+
+
+def parse_steps(text):
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--steps takes a whole number of optimizer steps or auto; got {text!r}") from None
 
 
 def points_valid(v):
@@ -221,8 +233,21 @@ class TrainConfig:
     scale: Optional[float] = setting(None, "processing pixels per image pixel, e.g. 0.5 (overrides --size; for "
                                            "mixed image sizes)", MODEL, check=lambda v: v is None or check_scale(v),
                                      must=f"be in (0, {MAX_SCALE}]")
+    crop: int = setting(0, "train on random CROP x CROP windows (processing pixels) of the training images, drawn "
+                           "with replacement by area, so whole tiles train without being cut first; an epoch is then "
+                           "as many batches as cover the training pixels once (0 = whole images)", MODEL,
+                        check=lambda v: v == 0 or whole(MIN_CROP)(v), must=f"be 0 or >= {MIN_CROP} pixels",
+                        neutral=True)
     # optimisation (published: Adam + StepLR)
     epochs: int = setting(100, "training epochs", MODEL, check=whole(1), must="be >= 1", resumable=True)
+    steps: Optional[int] = setting(
+        None, f"size training in optimizer steps instead of --epochs: N, or auto ({STEP_PASSES} passes over the "
+              f"training pixels, at least {MIN_STEPS} steps; docs/training.md); batches are drawn with replacement, "
+              f"validation runs every --val-every steps (needs --schedule cosine or poly)",
+        MODEL, parse=parse_steps, check=lambda v: v is None or v == "auto"
+        or whole(1)(v), must="be a whole number of steps >= 1 or auto", neutral=True)
+    val_every: int = setting(0, "with --steps: optimizer steps between validations (0 = one pass over the training "
+                                f"pixels, at most {MAX_VALIDATIONS} validations in a run)", MODEL, check=whole(0), must="be >= 0", neutral=True)
     batch_size: int = setting(16, "images per optimizer step", MODEL, check=whole(1), must="be >= 1")
     lr: float = setting(1e-3, "Adam learning rate", MODEL, check=positive, must="be a positive number")
     weight_decay: float = setting(0.0, "Adam weight decay", MODEL, check=at_least(0), must="be >= 0")
@@ -313,12 +338,18 @@ def content_digest(path):
 
 # --------------------------------------------------------------------------- rules between settings
 
-def _rounds_below_epochs(cfg):
+def rounds_problems(cfg, epochs):
+    """What is wrong with the rounds of a run of `epochs` epochs (validations, with --steps): one per setting."""
     for name in ("self_training", "rounds"):
         v = getattr(cfg, name)
-        if v >= cfg.epochs:
-            yield (f"{name.replace('_', '-')} must be a whole number of rounds below the epochs ({cfg.epochs}; "
+        if v >= epochs:
+            yield (f"{name.replace('_', '-')} must be a whole number of rounds below the epochs ({epochs}; "
                    f"0 = off), got {v}")
+
+
+def _rounds_below_epochs(cfg):
+    if cfg.steps is None:  # with --steps the number of validations follows from the data: train.py checks it
+        yield from rounds_problems(cfg, cfg.epochs)
 
 
 def _rounds_need_fixed_points(cfg):
@@ -369,12 +400,26 @@ def _warmup_needs_a_decay(cfg):
         yield "--warmup works with --schedule cosine or poly (the step schedule has no per-step warm-up)"
 
 
+def _steps_rules(cfg):
+    if cfg.steps is not None:
+        if cfg.schedule == "step":
+            yield ("--steps sizes training in optimizer steps; use --schedule cosine or poly (the step schedule "
+                   "counts epochs)")
+        if cfg.epochs != TrainConfig.epochs:
+            yield "give --epochs or --steps, not both (--steps decides how long the run is)"
+    elif cfg.val_every:
+        yield "--val-every spaces the validations of a --steps run; add --steps N (or auto)"
+    if (cfg.steps is not None or cfg.crop) and (cfg.loader == "dataloader" or cfg.resample_each_epoch):
+        yield ("--crop and --steps draw batches from the resident tensors (resident.py); they do not work with "
+               "--loader dataloader or --resample-each-epoch")
+
+
 def _share_needs_self_training(cfg):
     if cfg.pseudo_share and not cfg.self_training:
         yield "--pseudo-share chooses the pseudo-labels of --self-training rounds; add --self-training R (R >= 1)"
 
 
-RULES = (_warmup_needs_a_decay, _share_needs_self_training, _rounds_below_epochs, _rounds_need_fixed_points,
+RULES = (_warmup_needs_a_decay, _steps_rules, _share_needs_self_training, _rounds_below_epochs, _rounds_need_fixed_points,
          _resident_needs_fixed_points, _clicks_rules)
 
 

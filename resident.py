@@ -236,10 +236,49 @@ def batch_order(n, batch_size, generator=None, shuffle=True, drop_last=False, ra
     return [b[rank::world_size] for b in batches]
 
 
+def draw_windows(sizes, batch_size, crop, generator=None):
+    """One batch of random windows (torchgeo's random sampler idea): `batch_size` images drawn with replacement,
+    each with probability proportional to its area (sizes (N, 2): h, w on the processing grid), so a large tile
+    is drawn as often as the crops it holds, and in each a window of at most crop x crop at a random place inside
+    the image. Returns (idx, top, left) CPU int64 tensors (B,). crop 0: whole images (top = left = 0)."""
+    area = (sizes[:, 0] * sizes[:, 1]).double()
+    idx = torch.multinomial(area, batch_size, replacement=True, generator=generator)
+    if not crop:
+        zero = torch.zeros(batch_size, dtype=torch.int64)
+        return idx, zero, zero.clone()
+    room = (sizes[idx] - crop).clamp(min=0) + 1  # (B, 2): the places a window can start
+    u = torch.rand(batch_size, 2, generator=generator, dtype=torch.float64)
+    start = (u * room).long().clamp(max=room - 1)
+    return idx, start[:, 0], start[:, 1]
+
+
+def gather_windows(tensors, idx, top, left, height, width):
+    """The windows (top, left, height x width) of samples idx from each (N, ..., H, W) tensor, as (B, ..., height,
+    width). Windows stay inside the padded tensors (draw_windows keeps them inside each image where it fits;
+    a smaller image gives its padding, which is never a target)."""
+    dev = tensors[0].device
+    rows = (top.view(-1, 1) + torch.arange(height)).to(dev)  # (B, height)
+    cols = (left.view(-1, 1) + torch.arange(width)).to(dev)  # (B, width)
+    at = idx.to(dev)
+    out = []
+    for t in tensors:
+        picked = t.index_select(0, at)  # (B, ..., H, W)
+        r = rows.view(rows.shape[0], *([1] * (picked.dim() - 3)), height, 1).expand(*picked.shape[:-2], height,
+                                                                                    picked.shape[-1])
+        picked = picked.gather(-2, r)
+        c = cols.view(cols.shape[0], *([1] * (picked.dim() - 3)), 1, width).expand(*picked.shape[:-1], width)
+        out.append(picked.gather(-1, c))
+    return out
+
+
 class ResidentLoader:
     """Batches of a ResidentData that lives on `device`, as train.run_epoch takes them: dicts with image
     (B, C, h, w) float in [0, 1], points and label (B, h, w) long, id. Order from batch_order (shuffled with
     `generator`); augmentation is dataset.augment_batch, the one the per-item path uses.
+
+    `draws` > 0 (train.py --crop / --steps): a pass is `draws` batches of random windows instead (draw_windows:
+    images with replacement, by area; windows of `crop` processing pixels a side, 0 = whole images), the same
+    global batch on every rank, each rank taking its share.
 
     `follow`: the SegmentationDataset the tensors were built from. Its annotation may change during training
     (few-clicks rounds: added clicks, grown labels, pseudo-labels; it counts the changes in
@@ -247,8 +286,9 @@ class ResidentLoader:
     no other module writes into these tensors."""
 
     def __init__(self, data, batch_size, shuffle=False, drop_last=False, generator=None, augment=False,
-                 channels_last=False, rank=0, world_size=1, follow=None):
+                 channels_last=False, rank=0, world_size=1, follow=None, draws=0, crop=0):
         self.data, self.batch_size, self.shuffle, self.drop_last = data, batch_size, shuffle, drop_last
+        self.draws, self.crop = draws, crop
         self.generator, self.augment, self.channels_last = generator, augment, channels_last
         self.rank, self.world_size = rank, world_size
         self.count = 0  # images handed out in the last pass (this rank's share)
@@ -269,21 +309,42 @@ class ResidentLoader:
         self.version = version
 
     def __len__(self):
+        if self.draws:
+            return self.draws
         n = len(self.data)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self):
-        device = self.data.images.device
-        self.count = 0
-        if self.follow is not None:
-            self._read_points()
+    def _windows(self):
+        """`draws` batches of random windows: (idx, tensors) per batch, this rank's share."""
+        tensors = (self.data.images, self.data.points, self.data.labels)
+        height, width = tensors[0].shape[-2:]
+        if self.crop:
+            height, width = min(self.crop, height), min(self.crop, width)
+        for _ in range(self.draws):
+            idx, top, left = draw_windows(self.data.sizes, self.batch_size, self.crop, self.generator)
+            share = slice(self.rank, None, self.world_size)
+            idx, top, left = idx[share], top[share], left[share]
+            if len(idx):
+                yield idx, gather_windows(tensors, idx, top, left, height, width)
+
+    def _passes(self):
+        """(idx, [images, points, labels]) per batch of one pass."""
+        if self.draws:
+            yield from self._windows()
+            return
         for idx in batch_order(len(self.data), self.batch_size, self.generator, self.shuffle, self.drop_last,
                                self.rank, self.world_size):
             if not len(idx):  # a last batch smaller than the number of ranks: this rank has no share
                 continue
+            at = idx.to(self.data.images.device, non_blocking=True)
+            yield idx, [t.index_select(0, at) for t in (self.data.images, self.data.points, self.data.labels)]
+
+    def __iter__(self):
+        self.count = 0
+        if self.follow is not None:
+            self._read_points()
+        for idx, batch in self._passes():
             self.count += len(idx)
-            at = idx.to(device, non_blocking=True)
-            batch = [t.index_select(0, at) for t in (self.data.images, self.data.points, self.data.labels)]
             if self.augment:
                 batch = augment_batch(*batch)
             x = batch[0].float().div_(255)

@@ -38,7 +38,7 @@ import few_clicks
 from annotations import (POINT, ClickSet, ImageClicks, check_unclicked, click_metrics, open_image, read_clicks,
                          split_clicks, write_clicks)
 from config import (RESUMABLE, TrainConfig, add_arguments, annotation_of, check_config, config_dict,  # noqa: F401
-                    config_from_args, dense_labels)
+                    config_from_args, dense_labels, rounds_problems, MAX_VALIDATIONS, MIN_STEPS, STEP_PASSES)
 from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from class_weights import compute_class_weights, load_class_weights, save_class_weights
 from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids,
@@ -339,18 +339,22 @@ def weak_terms(cfg):
     return terms
 
 
-def make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx=None, cached=None):
+def make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx=None, cached=None, draws=0):
     """(train loader, val loader). Batches gathered on the device from cached uint8 tensors (resident.py) when
     the points are fixed and the data fit (--loader auto), else the per-item DataLoader; one line says which.
     `cached`: what train() found of the two caches, ((data, where) or None, (data, where) or None); None: not
     looked for yet. The memory the tensors need is a hit's own size, else resident.estimate_bytes (every
     sample's size, from the samples check_data decoded). Under torchrun (`ctx`, distributed.Context) each
-    loader yields this rank's share of every global batch: the one place the data are sharded."""
+    loader yields this rank's share of every global batch: the one place the data are sharded. `draws` > 0
+    (plan_steps): each training pass is that many batches drawn with replacement, of --crop windows."""
     rank, world = (ctx.rank, ctx.world) if ctx is not None else (0, 1)
     hits = cached if cached is not None else (None, None)
     need = sum(hit[0].nbytes if hit else estimate_bytes(ds) for ds, hit in zip((train_ds, val_ds), hits)) \
         if cfg.loader != "dataloader" else 0
     path, why = choose_path(cfg.loader, cfg.resample_each_epoch, need, memory_budget(device))
+    if draws and path != "resident":
+        raise ValueError(f"--crop and --steps draw batches from tensors held in memory, and the data do not fit "
+                         f"({why}); train on fewer or smaller images (--max-train, --scale)")
     drop_last = len(train_ds) > cfg.batch_size
     if path == "resident":
         annotation = annotation_of(cfg)
@@ -359,7 +363,8 @@ def make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx=None, cached=N
         fast = device.type == "cuda"  # channels_last pays on GPUs only
         train_loader = ResidentLoader(tr.to(device), cfg.batch_size, shuffle=True, drop_last=drop_last,
                                       generator=gen, augment=cfg.augment, channels_last=fast, rank=rank,
-                                      world_size=world, follow=train_ds)  # rounds change train_ds's annotation
+                                      world_size=world, follow=train_ds,  # rounds change train_ds's annotation
+                                      draws=draws, crop=cfg.crop)
         val_loader = ResidentLoader(va.to(device), cfg.batch_size, channels_last=fast, rank=rank, world_size=world)
         print(f"data path: resident batches on {device} ({why}); train {tr_where}; val {va_where}", flush=True)
         return train_loader, val_loader
@@ -377,6 +382,41 @@ def make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx=None, cached=N
 def steps_per_epoch(n_train, batch_size):
     """Optimizer steps in one epoch: whole batches (the last partial one dropped) when there is more than one."""
     return n_train // batch_size if n_train > batch_size else 1
+
+
+
+
+def step_budget(pass_steps, passes=STEP_PASSES, least=MIN_STEPS):
+    """--steps auto: `passes` passes over the training pixels (`pass_steps` optimizer steps each), and at least
+    `least` steps, so a small set (24 patches: 3 steps a pass) still trains long enough to settle."""
+    return max(least, passes * pass_steps)
+
+
+def plan_steps(cfg, sizes):
+    """How a run is sized: {"epochs", "per_epoch" (optimizer steps between validations), "draws" (batches of a
+    pass drawn with replacement, 0 = each image once), "total", "text" (for the log; None for plain epochs)}.
+    `sizes`: (h, w) of every training image on the processing grid. Plain --epochs: every image once an epoch.
+    --crop: a pass is as many batches of crop x crop windows as cover the training pixels once. --steps N / auto
+    (step_budget): validation every --val-every steps (default: one pass, but at most MAX_VALIDATIONS in the run),
+    the run rounded up to whole validations."""
+    h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    window = min(cfg.crop, h) * min(cfg.crop, w) if cfg.crop else h * w
+    if cfg.crop:
+        pass_steps = max(1, math.ceil(sum(a * b for a, b in sizes) / (window * cfg.batch_size)))
+    else:
+        pass_steps = steps_per_epoch(len(sizes), cfg.batch_size)
+    what = f"random {min(cfg.crop, h)}x{min(cfg.crop, w)} windows" if cfg.crop else "whole images"
+    if cfg.steps is None:
+        text = f"{cfg.epochs} epochs of {pass_steps} batches of {what} ({cfg.epochs * pass_steps} steps)"             if cfg.crop else None
+        return {"epochs": cfg.epochs, "per_epoch": pass_steps, "draws": pass_steps if cfg.crop else 0,
+                "total": cfg.epochs * pass_steps, "text": text}
+    steps = step_budget(pass_steps) if cfg.steps == "auto" else cfg.steps
+    per = min(cfg.val_every or max(pass_steps, math.ceil(steps / MAX_VALIDATIONS)), steps)
+    epochs = math.ceil(steps / per)
+    how = f"auto: {STEP_PASSES} passes of {pass_steps} steps, at least {MIN_STEPS}; " if cfg.steps == "auto" else ""
+    text = (f"{epochs * per} optimizer steps ({how}batches of {what} drawn with replacement), validation every {per} "
+            f"steps")
+    return {"epochs": epochs, "per_epoch": per, "draws": per, "total": epochs * per, "text": text}
 
 
 def make_scheduler(cfg, optimizer, steps):
@@ -561,6 +601,8 @@ def prepare_out(cfg, out_dir, say=True):
                              f"settings (only {', '.join(RESUMABLE[:4])}, ... may change) or train into a new --out")
         if ck.train_state is None:
             raise ValueError(f"{last_path} holds no training state to resume from")
+        if cfg.steps is not None:  # the same --steps and data give the same epochs (steps is compared above)
+            return ck
         if few_clicks.placed_by_epochs(cfg) and ck.config.get("epochs") != cfg.epochs:  # rounds placed by --epochs
             raise ValueError(f"{last_path} was trained with few-clicks rounds placed over {ck.config.get('epochs')} "
                              f"epochs; resume it with --epochs {ck.config.get('epochs')} (more epochs would move the "
@@ -668,6 +710,11 @@ def train(cfg):
             weights = class_weight_tensor(cfg, train_ds, out_dir)  # rank 0 writes class_weights.pt
         else:  # the same numbers, not written again
             weights = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting)[0]
+        plan = plan_steps(cfg, [train_ds.dense_label(i).shape for i in range(len(train_ds))])
+        if cfg.steps is not None:  # an "epoch" is now the steps between two validations
+            cfg = replace(cfg, epochs=plan["epochs"])
+            for problem in rounds_problems(cfg, plan["epochs"]):
+                raise ValueError(f"{problem} (with --steps: the validations, every {plan['per_epoch']} steps)")
         stats = train_ds.annotation_stats()
         labelled = stats["labelled_fraction"]
         asked = cfg  # what the checkpoints record and a resume compares: --sparse auto decides again from the data
@@ -701,7 +748,9 @@ def train(cfg):
         extra = weak_terms(cfg)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=True if device.type == "cuda" else None)
-        scheduler, per_step = make_scheduler(cfg, optimizer, steps_per_epoch(len(train_ds), cfg.batch_size))
+        scheduler, per_step = make_scheduler(cfg, optimizer, plan["per_epoch"])
+        if plan["text"]:
+            print(f"budget: {plan['text']}", flush=True)
         history, start, best = [], 1, -math.inf
         gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -721,7 +770,8 @@ def train(cfg):
             start = resumed.epoch + 1
             print(f"resumed from {last_path} at epoch {resumed.epoch}")
 
-        train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx, cached)
+        train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx, cached,
+                                                plan["draws"])
         # after the loaders (a resident cache holds the drawn annotation only): grown labels, or a resumed run's rounds
         few_clicks.start(cfg, train_ds, resumed.train_state if resumed else None)  # the loaders follow the changes
         if device.type == "cuda":
@@ -760,20 +810,22 @@ def train(cfg):
                           "val_f1": va["f1"]}
                 shown = (f"val loss {va_loss:.4f} OA {va['oa']:.3f} mIoU {va['miou']:.3f} mF1 {va['mf1']:.3f} "
                          f"(dense)")
-            h = {"epoch": epoch, "train_loss": tr_loss, "train_oa": tr["oa"], "train_miou": tr["miou"],
+            h = {"epoch": epoch, "step": epoch * plan["per_epoch"], "train_loss": tr_loss, "train_oa": tr["oa"], "train_miou": tr["miou"],
                  "val_loss": va_loss, **scores, "lr": lr, "seconds": time.time() - t0}
             h.update({f"train_{name}": v for name, v in tr_extra.items()})  # only the enabled terms
             history.append(h)
             improved = va["miou"] > best
             terms = "".join(f" {name} {v:.4f}" for name, v in tr_extra.items())
-            print(f"epoch {epoch:3d}/{cfg.epochs} | loss {tr_loss:.4f}{terms} OA {tr['oa']:.3f} mIoU {tr['miou']:.3f} "
+            when = f"step {h['step']:5d}/{plan['total']}" if cfg.steps is not None else f"epoch {epoch:3d}/{cfg.epochs}"
+            print(f"{when} | loss {tr_loss:.4f}{terms} OA {tr['oa']:.3f} mIoU {tr['miou']:.3f} "
                   f"(train points) | {shown} | lr {lr:.2e} | {h['seconds']:.1f}s{' *' if improved else ''}",
                   flush=True)
             flat = plateau(history, PLATEAU_EPOCHS, PLATEAU_GAIN)
             if flat and not flat_before and ctx.is_main:
                 level = next(x["val_miou"] for x in history if x["epoch"] == flat)
-                print(f"the validation curve has stopped improving: the last {PLATEAU_EPOCHS} epochs gained less than "
-                      f"{PLATEAU_GAIN} val mIoU over epoch {flat}'s {level:.3f}; more epochs at this learning rate are "
+                at = f"step {flat * plan['per_epoch']}" if cfg.steps is not None else f"epoch {flat}"
+                print(f"the validation curve has stopped improving: the last {PLATEAU_EPOCHS} validations gained less "
+                      f"than {PLATEAU_GAIN} val mIoU over {at}'s {level:.3f}; more training at this learning rate is "
                       f"unlikely to help", flush=True)
             flat_before = flat
             if few_clicks.end_of_epoch(cfg, epoch, model, train_ds, device):  # a round changed the annotation

@@ -68,6 +68,6 @@ def test_the_log_says_once_when_the_validation_curve_stops_improving(data, tmp_p
     monkeypatch.setattr(train_module, "PLATEAU_GAIN", 0.05)
     train(cfg_for(data, tmp_path, epochs=6, lr=1e-9))  # learns next to nothing: flat from the start
     out = capsys.readouterr().out
-    assert out.count("the validation curve has stopped improving: the last 3 epochs gained less than 0.05") == 1
+    assert out.count("the validation curve has stopped improving: the last 3 validations gained less than 0.05") == 1
     line = next(x for x in out.splitlines() if "stopped improving" in x)
     assert "over epoch 1's" in line
