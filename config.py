@@ -36,7 +36,7 @@ from spec import MAX_SCALE, PROCESSING_SIZE, check_scale
 
 SCHEDULES = ("step", "cosine", "poly")
 MIN_CROP = 8  # processing pixels a side of a --crop window
-STEP_PASSES, MIN_STEPS = 30, 300  # --steps auto (train.step_budget): 30 passes over the training pixels, >= 300 steps
+STEP_PASSES, MIN_STEPS = 60, 300  # --steps auto (train.step_budget): 60 passes over the training pixels, >= 300 steps
 MAX_VALIDATIONS = 50  # a --steps run validates every pass, or less often so that it validates at most this often
 GROUPS = ("data", "annotation and loss", "losses on the unlabelled pixels (weak_losses.py; weight 0 = off)",
           "rounds inside the run (few_clicks.py; 0 = off)", "model and optimisation", "run")
@@ -228,6 +228,10 @@ class TrainConfig:
     decoder: str = setting("skip", "plain = the published decoder", MODEL, choices=DECODERS)
     pretrained: bool = setting(True, "ImageNet encoder through torchvision (needs the weights file or internet); "
                                      "--no-pretrained: random init (offline)", MODEL)
+    encoder: Optional[str] = setting(
+        None, "start from an encoder pretrained by pretrain.py (masked image modelling on your images, labelled or "
+              "not; the output layer stays random); with --no-pretrained", MODEL,
+        check=lambda v: v is None or Path(v).is_file(), must="be an encoder file written by pretrain.py", neutral=True)
     size: int = setting(PROCESSING_SIZE, "processing size of the first training image's longer side (300 -> 150)",
                         MODEL, check=whole(8), must="be >= 8 pixels")
     scale: Optional[float] = setting(None, "processing pixels per image pixel, e.g. 0.5 (overrides --size; for "
@@ -414,12 +418,17 @@ def _steps_rules(cfg):
                "--loader dataloader or --resample-each-epoch")
 
 
+def _one_encoder(cfg):
+    if cfg.encoder and cfg.pretrained and cfg.arch == "resnet18":
+        yield "--encoder replaces the ImageNet encoder; add --no-pretrained to start from the pretrained file alone"
+
+
 def _share_needs_self_training(cfg):
     if cfg.pseudo_share and not cfg.self_training:
         yield "--pseudo-share chooses the pseudo-labels of --self-training rounds; add --self-training R (R >= 1)"
 
 
-RULES = (_warmup_needs_a_decay, _steps_rules, _share_needs_self_training, _rounds_below_epochs, _rounds_need_fixed_points,
+RULES = (_warmup_needs_a_decay, _steps_rules, _one_encoder, _share_needs_self_training, _rounds_below_epochs, _rounds_need_fixed_points,
          _resident_needs_fixed_points, _clicks_rules)
 
 

@@ -100,6 +100,12 @@ class ResNet18Segmentation(nn.Module):
         return {"arch": "resnet18", "num_classes": self.num_classes, "decoder": self.decoder_kind,
                 "in_channels": self.in_channels}
 
+    @property
+    def output_layer(self):
+        """Name prefix of the final 1x1 convolution in the state dict: the one part whose shape depends on
+        num_classes (pretrain.py keeps everything else)."""
+        return "head"
+
     def forward(self, x):
         H, W = x.shape[-2:]
         x = (x - self.mean) / self.std
@@ -136,6 +142,10 @@ class TinySegmentation(nn.Module):
     @property
     def model_args(self):
         return {"arch": "tiny", "num_classes": self.num_classes, "in_channels": self.in_channels}
+
+    @property
+    def output_layer(self):
+        return "net.2"
 
     def forward(self, x):
         return self.net(x * 2 - 1)

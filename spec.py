@@ -275,6 +275,18 @@ class DataSpec:
                    scale=float(d["scale"]))
 
 
+def fit_spec(paths, classes=POTSDAM, bands=None, scale=None, size=PROCESSING_SIZE):
+    """The contract fitted on training images (train.py) or on the images an encoder pretrains on (pretrain.py):
+    every band but alpha unless `bands` (the rule load_input(strict) applies), the intensity rule over all of
+    `paths` (uint8 for 8-bit data, else per-band percentiles), and `scale`, or `size` over the first image's longer
+    side."""
+    first = read_raster(paths[0])
+    channels = file_bands(first, bands, None, first.path)[0].shape[2]
+    scale = scale if scale is not None else size / max(first.array.shape[:2])
+    return DataSpec(classes=classes, bands=bands, channels=channels, intensity=fit_intensity(paths, bands),
+                    scale=scale)
+
+
 def file_bands(raster, bands, channels, path):
     """Training (`channels` None): the file's bands as they are (raster.keep_bands). Inference: what a model
     of `channels` bands takes (raster.select_bands: gray replicated, extra bands dropped, with notes)."""

@@ -47,11 +47,12 @@ from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset
 from metrics import ConfusionMatrix
 from model import build_model, resolve_device
 from partial_ce_loss import PartialCrossEntropyLoss
-from raster import clean_stale_temporaries, read_raster
+from pretrain import apply_encoder, read_encoder
+from raster import clean_stale_temporaries
 from resident import (ResidentLoader, choose_path, estimate_bytes, find_cache, load_or_build, memory_budget,
                       seed_dataset)
-from spec import (IGNORE_INDEX, POTSDAM, DataSpec, file_bands, fit_intensity, load_class_file,
-                  load_input)
+from spec import IGNORE_INDEX, POTSDAM, load_class_file, load_input
+from spec import fit_spec as spec_fitted
 from weak_losses import AffinityLoss, ConsistencyLoss, valid_pixels
 
 
@@ -130,13 +131,8 @@ def fit_spec(cfg, train_pairs):
     """The preprocessing contract of this run, fitted on the training images: classes, bands (every band
     but alpha unless --bands), the intensity rule (uint8 for 8-bit data, else per-band percentiles) and the
     scale (--scale, or --size over the first image's longer side)."""
-    classes = load_class_file(cfg.classes) if cfg.classes else POTSDAM
-    first = read_raster(train_pairs[0][1])
-    bands = tuple(cfg.bands) if cfg.bands is not None else None
-    channels = file_bands(first, bands, None, first.path)[0].shape[2]  # the rule load_input(strict) applies
-    scale = cfg.scale if cfg.scale is not None else cfg.size / max(first.array.shape[:2])
-    intensity = fit_intensity([p[1] for p in train_pairs], bands)
-    return DataSpec(classes=classes, bands=bands, channels=channels, intensity=intensity, scale=scale)
+    return spec_fitted([p[1] for p in train_pairs], load_class_file(cfg.classes) if cfg.classes else POTSDAM,
+                       tuple(cfg.bands) if cfg.bands is not None else None, cfg.scale, cfg.size)
 
 
 def split_pairs(cfg):
@@ -698,6 +694,12 @@ def train(cfg):
             raise ValueError(f"{len(train_ds)} training images cannot feed {ctx.world} processes; use fewer processes")
         model = build_model(cfg.arch, train_ds.classes.num_classes, spec.channels, cfg.decoder,
                             pretrained=cfg.pretrained).to(device)  # before anything is written: weights may be missing
+        if cfg.encoder:  # pretrain.py's file: every weight but the output layer
+            print(apply_encoder(model, cfg.encoder, spec.channels), flush=True)
+            trained_at = read_encoder(cfg.encoder)["spec"]["scale"]
+            if not 2 / 3 <= trained_at / spec.scale <= 3 / 2:
+                print(f"warning: {cfg.encoder} was pretrained at scale {trained_at:g}, this run processes at "
+                      f"{spec.scale:g}: objects appear at another size than the encoder learnt them", flush=True)
         if ctx.is_main:
             claim = claim_out(out_dir)  # a run started into the same folder meanwhile stops here ...
             prepare_out(cfg, out_dir, say=False)  # ... and one that finished meanwhile left checkpoints: again
@@ -731,11 +733,13 @@ def train(cfg):
                 if clicks_per_object(cfg.points) else f"{cfg.points} {cfg.strategy} points per image"
             budget += (f" ({stats['clicks_per_image']:.1f} clicks per image, {stats['clicked_fraction']:.3%} of the "
                        f"pixels)")
+        init = "ImageNet" if cfg.pretrained and cfg.arch == "resnet18" else "pretrained encoder" if cfg.encoder \
+            else "random init"
         print(f"data: {len(train_ds)} train / {len(val_ds)} val images ({how}); {budget}"
               f"{' redrawn every epoch (published code, comparison only)' if cfg.resample_each_epoch else ''}; "
               f"labelled {stats['labelled_fraction']:.2%} of the training pixels; scale {spec.scale:g}; "
               f"{spec.channels} bands, intensity {spec.intensity.kind}; device {device}; "
-              f"{cfg.arch}{' ImageNet' if cfg.pretrained and cfg.arch == 'resnet18' else ' random init'}", flush=True)
+              f"{cfg.arch} {init}", flush=True)
         if ctx.world > 1:
             print(f"distributed: {ctx.world} processes ({torch.distributed.get_backend()}), "
                   f"{cfg.batch_size // ctx.world} "

@@ -246,13 +246,11 @@ def test_resume_on_the_resident_path_continues(data, tmp_path):
 
 def count_reads(monkeypatch):
     """Record every file read as (what, file name): dataset decoding (load_input, read_label) and the raster
-    reads fit_spec makes (train.read_raster, spec.read_raster inside fit_intensity and load_input)."""
+    reads spec.fit_spec makes (spec.read_raster, also inside fit_intensity and load_input)."""
     import dataset
     import spec
-    import train as train_module
     reads = []
-    for module, name in ((dataset, "load_input"), (dataset, "read_label"), (spec, "read_raster"),
-                         (train_module, "read_raster")):
+    for module, name in ((dataset, "load_input"), (dataset, "read_label"), (spec, "read_raster")):
         original = getattr(module, name)
 
         def counted(path, *a, _original=original, _name=name, **kw):

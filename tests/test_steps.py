@@ -8,7 +8,7 @@ import torch
 
 import train as train_module
 from checkpoint import read_checkpoint
-from config import MIN_STEPS, STEP_PASSES, TrainConfig, check_config, config_from_args
+from config import MAX_VALIDATIONS, MIN_STEPS, STEP_PASSES, TrainConfig, check_config, config_from_args
 from resident import ResidentData, ResidentLoader, draw_windows, gather_windows
 from tests.test_train import cfg_for
 from train import get_args_parser, plan_steps, step_budget, train
@@ -76,7 +76,9 @@ def test_the_plan_covers_the_pixels_once_a_pass_and_the_auto_budget_follows_the_
     plain = plan_steps(TrainConfig(batch_size=4, epochs=3), sizes)
     assert plain["per_epoch"] == 1 and plain["draws"] == 0 and plain["text"] is None  # every image once an epoch
     auto = plan_steps(TrainConfig(crop=16, batch_size=4, steps="auto", schedule="cosine"), sizes)
-    assert auto["total"] == step_budget(14) == max(MIN_STEPS, STEP_PASSES * 14) and auto["per_epoch"] == 14
+    assert step_budget(14) == max(MIN_STEPS, STEP_PASSES * 14)
+    assert 0 <= auto["total"] - step_budget(14) < auto["per_epoch"]  # rounded up to whole validations
+    assert auto["epochs"] <= MAX_VALIDATIONS and auto["per_epoch"] >= 14  # every pass, or less often
     spaced = plan_steps(TrainConfig(crop=16, batch_size=4, steps=250, val_every=100, schedule="cosine"), sizes)
     assert (spaced["epochs"], spaced["total"]) == (3, 300)  # rounded up to whole validations
     many = plan_steps(TrainConfig(batch_size=4, steps=1000, schedule="cosine"), sizes)
