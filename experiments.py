@@ -294,6 +294,12 @@ PRESETS = {
                     classes="realdata/atlanta/classes.json", split="realdata/atlanta/split.json", n_train=None,
                     n_val=None, size=150, epochs=20, batch_size=8, lr=1e-3, step_size=15, lr_gamma=0.1,
                     pretrained=False, exclude=[]),
+    # the Atlanta set sized in optimizer steps (train.py --steps auto: 60 passes, at least 300 steps; cosine decay
+    # after 30 warm-up steps) instead of the 60 steps of 20 epochs
+    "atlanta-steps": dict(data=None, images="realdata/atlanta/images", labels="realdata/atlanta/labels",
+                          classes="realdata/atlanta/classes.json", split="realdata/atlanta/split.json", n_train=None,
+                          n_val=None, size=150, epochs=100, batch_size=8, lr=1e-3, step_size=15, lr_gamma=0.1,
+                          pretrained=False, exclude=[], steps="auto", schedule="cosine", warmup=30),
     # the published settings: 300 -> 150, 100 epochs, Adam 1e-3 + StepLR(30, 0.1), split 2,100 / 300.
     "potsdam": dict(data="archive/patches", split=None, n_train=None, n_val=None, size=150, epochs=100,
                     batch_size=16, lr=1e-3, step_size=30, lr_gamma=0.1, pretrained=True, exclude=[]),
@@ -375,6 +381,7 @@ def subset_ids(settings):
 # preset settings that are TrainConfig settings (the rest, n_train / n_val, choose the ids)
 PRESET_TRAIN_FIELDS = ("data", "images", "labels", "classes", "pretrained", "size", "epochs", "batch_size", "lr",
                        "step_size", "lr_gamma")
+BUDGET_FIELDS = ("steps", "schedule", "warmup", "crop")  # only in the presets sized in optimizer steps
 
 
 def make_config(run, settings, seed, ids):
@@ -382,7 +389,8 @@ def make_config(run, settings, seed, ids):
     execute() fills in the NOT_IN_KEY fields (out, device, resume)."""
     from train import TrainConfig
     train_ids, val_ids = ids
-    return TrainConfig(**{k: settings.get(k) for k in PRESET_TRAIN_FIELDS}, **run.settings,
+    return TrainConfig(**{k: settings.get(k) for k in PRESET_TRAIN_FIELDS},
+                       **{k: settings[k] for k in BUDGET_FIELDS if k in settings}, **run.settings,
                        split=settings["split"] if train_ids is None else None, train_ids=train_ids, val_ids=val_ids,
                        exclude=tuple(settings["exclude"]), seed=seed, annotation_seed=seed, figures=False,
                        progress=False)
@@ -1144,7 +1152,47 @@ def write_figures(rows, keys, preset, folder):
                       "grey: the starting budget)", fontsize=8)
         written.append(_finish_miou_figure(fig, ax, "Few clicks: mIoU vs labelled share" + tag,
                                            folder / "low_budget.png", dict(fontsize=7, loc="best"), title_size=10))
-    return written
+    curve = learning_curve(keys, folder, tag)
+    return written + ([curve] if curve else [])
+
+
+def learning_curve(keys, folder, tag):
+    """learning_curve.png: the dense ceiling's validation curves against optimizer steps, one line per seed (its
+    runs' history.json under <folder>/runs), with where train.plateau says each stopped improving and the seconds
+    the run took. Only for runs that log their steps (train.py writes "step" into the history); None otherwise."""
+    import matplotlib.pyplot as plt
+
+    from train import plateau
+    key = keys.config_key(replace(BASELINE, points=None))
+    histories = []
+    for path in sorted((folder / "runs").glob(f"{key}-s*/history.json")):
+        h = json.loads(path.read_text())
+        if h and "step" in h[0]:
+            histories.append((path.parent.name.rsplit("-s", 1)[1], h))
+    if not histories:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for seed, h in histories:
+        steps = [x["step"] for x in h]
+        flat = plateau(h)
+        seconds = sum(x["seconds"] for x in h)
+        line, = axes[0].plot(steps, [100 * x["val_miou"] for x in h], lw=1,
+                             label=f"seed {seed}: {seconds:.0f} s" + (f", flat after step {h[flat - 1]['step']}"
+                                                                       if flat else ""))
+        for name in h[0]["val_iou"]:
+            axes[1].plot(steps, [100 * x["val_iou"][name] for x in h], lw=1, color=line.get_color(),
+                         ls="-" if name == list(h[0]["val_iou"])[-1] else ":")
+    axes[0].set_ylabel("val mIoU % (dense labels)")
+    axes[1].set_ylabel("val IoU % per class (solid: the last class)")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Dense labels: learning curve" + tag, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(folder / "learning_curve.png", dpi=110)
+    plt.close(fig)
+    return folder / "learning_curve.png"
 
 
 # --------------------------------------------------------------------------- CLI

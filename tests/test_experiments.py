@@ -384,6 +384,18 @@ def test_more_epochs_keep_the_shape_of_the_schedule():
     assert step("--preset", "atlanta", "--epochs", "60") == 45 and step("--preset", "demo", "--epochs", "1") == 1
 
 
+def test_a_preset_sized_in_steps_trains_in_steps_and_leaves_the_other_keys_alone():
+    steps = E.Keys(dict(E.PRESETS["atlanta-steps"]), (["0"], ["1"]), "d" * 16)
+    epochs = E.Keys(dict(E.PRESETS["atlanta"]), (["0"], ["1"]), "d" * 16)
+    cfg = steps.config(E.BASELINE, 0)
+    assert (cfg.steps, cfg.schedule, cfg.warmup, cfg.crop) == ("auto", "cosine", 30, 0)
+    config.check_config(cfg)  # a valid run: --steps with a decaying schedule and the default epochs
+    plain = epochs.config(E.BASELINE, 0)
+    assert (plain.steps, plain.schedule) == (None, "step")  # presets without the fields keep the defaults
+    assert steps.config_key(E.BASELINE) != epochs.config_key(E.BASELINE)
+    assert E.own_folder("atlanta-steps") == Path("results") / "atlanta-steps"
+
+
 def test_rows_choose_the_runs_by_their_labels(capsys):
     every = E.plan_runs(KEYS, {8}, seeds=1)
     some = E.plan_runs(KEYS, {8}, seeds=1, rows=r"^10 points, (\+ forest teacher|random forest, multiscale)")
@@ -593,3 +605,17 @@ def test_few_clicks_verdict_measures_the_goals_and_the_two_std_rule():
     assert "'10 points, + affinity' vs partial CE at 10 points: +3.3" in text
     assert "+ affinity' vs partial CE at 10 points: +3.3 ± 6.1 mIoU points (paired, 3 seeds): does NOT win" in text
     assert "model-chosen minus random +5.0 ± 0.0 mIoU points (paired, 2 seeds)" in text
+
+
+def test_the_learning_curve_is_drawn_from_the_dense_runs_that_log_their_steps(tmp_path):
+    key = KEYS.config_key(E.replace(E.BASELINE, points=None))
+    iou = {c: 0.5 for c in CLASSES}
+    assert E.learning_curve(KEYS, tmp_path, "") is None  # no run yet
+    run = tmp_path / "runs" / f"{key}-s0"
+    run.mkdir(parents=True)
+    epochs = [{"epoch": e, "val_miou": 0.5, "val_iou": iou, "seconds": 2.0} for e in (1, 2)]
+    (run / "history.json").write_text(E.json.dumps(epochs))
+    assert E.learning_curve(KEYS, tmp_path, "") is None  # an epoch-sized run logs no steps
+    (run / "history.json").write_text(E.json.dumps([dict(h, step=6 * h["epoch"]) for h in epochs]))
+    path = E.learning_curve(KEYS, tmp_path, "")
+    assert path == tmp_path / "learning_curve.png" and path.stat().st_size > 1000
