@@ -318,6 +318,8 @@ def _model_alone(args, root, n_train, device, use_amp):
 def bench_train(args):
     from demo_data import make_demo_data
     from dataset import patch_pairs
+    if config_from_args(args).steps is not None or config_from_args(args).crop:
+        raise ValueError("benchmark.py train counts images of whole-image epochs; leave out --steps and --crop")
     check_config(config_from_args(args))
     args.points = config_from_args(args).points  # parsed ('dense', '1%', ...) as train.py parses it
     device = resolve_device(args.device)
@@ -395,8 +397,14 @@ def get_args_parser():
 
 
 def main(args):
-    args.func(args)
+    """Returns the exit code: 0 measured, 2 a user error (nothing measured)."""
+    try:
+        args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    sys.exit(main(get_args_parser().parse_args()))

@@ -80,3 +80,10 @@ def test_train_benchmark_reports_consistent_numbers(capsys):
     for name, rate in (("a", a), ("b", b), ("c", c)):  # 100 epochs of 2,100 + 300 patches at that rate
         minutes = number(rf"\({name}\) ([\d,]+) min", out)
         assert agrees(minutes, 0, lambda r: 100 * 2400 / r / 60, (rate, 1))
+
+
+def test_a_train_benchmark_sized_in_steps_or_windows_is_refused_with_a_message(capsys):
+    for extra in (["--crop", "32"], ["--steps", "10", "--schedule", "cosine"]):
+        args = benchmark.get_args_parser().parse_args(["train", "--patches", "4", *extra])
+        assert benchmark.main(args) == 2
+        assert capsys.readouterr().err.startswith("error: benchmark.py train counts images of whole-image epochs")
