@@ -251,7 +251,8 @@ class TrainConfig:
         MODEL, parse=parse_steps, check=lambda v: v is None or v == "auto"
         or whole(1)(v), must="be a whole number of steps >= 1 or auto", neutral=True)
     val_every: int = setting(0, "with --steps: optimizer steps between validations (0 = one pass over the training "
-                                f"pixels, at most {MAX_VALIDATIONS} validations in a run)", MODEL, check=whole(0), must="be >= 0", neutral=True)
+                                f"pixels, at most {MAX_VALIDATIONS} validations in a run)", MODEL, check=whole(0),
+                          must="be >= 0", neutral=True)
     batch_size: int = setting(16, "images per optimizer step", MODEL, check=whole(1), must="be >= 1")
     lr: float = setting(1e-3, "Adam learning rate", MODEL, check=positive, must="be a positive number")
     weight_decay: float = setting(0.0, "Adam weight decay", MODEL, check=at_least(0), must="be >= 0")
@@ -428,8 +429,8 @@ def _share_needs_self_training(cfg):
         yield "--pseudo-share chooses the pseudo-labels of --self-training rounds; add --self-training R (R >= 1)"
 
 
-RULES = (_warmup_needs_a_decay, _steps_rules, _one_encoder, _share_needs_self_training, _rounds_below_epochs, _rounds_need_fixed_points,
-         _resident_needs_fixed_points, _clicks_rules)
+RULES = (_warmup_needs_a_decay, _steps_rules, _one_encoder, _share_needs_self_training, _rounds_below_epochs,
+         _rounds_need_fixed_points, _resident_needs_fixed_points, _clicks_rules)
 
 
 def flag(name):

@@ -9,11 +9,11 @@ A block is two HTML comments, which Markdown does not show; everything between t
     ...generated...
     <!-- /results -->
 
-`synthetic` or `atlanta` names the report (SOURCES); the words after it name its sections, in order: a number
-(`7` = "## 7. ..."), `closing` (the closing note) or `goals` (few clicks against the goals). Every block starts
-with a line saying which data the numbers come from (SYNTHETIC or REAL) and ends with the report's
-all-background (majority) baseline, or says that the report has none. Numbers are never typed into the docs by
-hand: change the experiments, run `python experiments.py --preset ... --report`, then this script.
+`synthetic`, `atlanta` or `atlanta_steps` names the report (SOURCES); the words after it name its sections, in
+order: a number (`7` = "## 7. ..."), `closing` (the closing note) or `goals` (few clicks against the goals). Every
+block starts with a line saying which data the numbers come from (SYNTHETIC or REAL) and ends with the report's
+all-background (majority) baseline, or says that the report has none. Numbers are never typed into the docs by hand:
+change the experiments, run `python experiments.py --preset ... --report`, then this script.
 """
 
 import argparse
@@ -30,6 +30,9 @@ SOURCES = {  # name -> (report, what its numbers are, the command that writes it
                   "says nothing about ISPRS Potsdam)", "python experiments.py --preset demo --report"),
     "atlanta": ("results/atlanta/experiments.md", "**REAL data** (SpaceNet Atlanta buildings, `make realdata`; "
                 "2 classes)", "python experiments.py --preset atlanta --report"),
+    "atlanta_steps": ("results/atlanta-steps/experiments.md", "**REAL data** (SpaceNet Atlanta buildings, `make "
+                      "realdata`; 2 classes; sized in optimizer steps, `--steps auto`)",
+                      "python experiments.py --preset atlanta-steps --report"),
 }
 NAMED = {"closing": "Closing note", "goals": "Few clicks against the goals"}
 BLOCK = re.compile(r"(<!-- results:(\w+)((?: [\w-]+)*) -->\n)(.*?)(<!-- /results -->)", re.S)

@@ -380,8 +380,6 @@ def steps_per_epoch(n_train, batch_size):
     return n_train // batch_size if n_train > batch_size else 1
 
 
-
-
 def step_budget(pass_steps, passes=STEP_PASSES, least=MIN_STEPS):
     """--steps auto: `passes` passes over the training pixels (`pass_steps` optimizer steps each), and at least
     `least` steps, so a small set (24 patches: 3 steps a pass) still trains long enough to settle."""
@@ -403,7 +401,8 @@ def plan_steps(cfg, sizes):
         pass_steps = steps_per_epoch(len(sizes), cfg.batch_size)
     what = f"random {min(cfg.crop, h)}x{min(cfg.crop, w)} windows" if cfg.crop else "whole images"
     if cfg.steps is None:
-        text = f"{cfg.epochs} epochs of {pass_steps} batches of {what} ({cfg.epochs * pass_steps} steps)"             if cfg.crop else None
+        text = f"{cfg.epochs} epochs of {pass_steps} batches of {what} ({cfg.epochs * pass_steps} steps)" \
+            if cfg.crop else None
         return {"epochs": cfg.epochs, "per_epoch": pass_steps, "draws": pass_steps if cfg.crop else 0,
                 "total": cfg.epochs * pass_steps, "text": text}
     steps = step_budget(pass_steps) if cfg.steps == "auto" else cfg.steps
@@ -814,13 +813,14 @@ def train(cfg):
                           "val_f1": va["f1"]}
                 shown = (f"val loss {va_loss:.4f} OA {va['oa']:.3f} mIoU {va['miou']:.3f} mF1 {va['mf1']:.3f} "
                          f"(dense)")
-            h = {"epoch": epoch, "step": epoch * plan["per_epoch"], "train_loss": tr_loss, "train_oa": tr["oa"], "train_miou": tr["miou"],
-                 "val_loss": va_loss, **scores, "lr": lr, "seconds": time.time() - t0}
+            h = {"epoch": epoch, "step": epoch * plan["per_epoch"], "train_loss": tr_loss, "train_oa": tr["oa"],
+                 "train_miou": tr["miou"], "val_loss": va_loss, **scores, "lr": lr, "seconds": time.time() - t0}
             h.update({f"train_{name}": v for name, v in tr_extra.items()})  # only the enabled terms
             history.append(h)
             improved = va["miou"] > best
             terms = "".join(f" {name} {v:.4f}" for name, v in tr_extra.items())
-            when = f"step {h['step']:5d}/{plan['total']}" if cfg.steps is not None else f"epoch {epoch:3d}/{cfg.epochs}"
+            when = f"step {h['step']:5d}/{plan['total']}" if cfg.steps is not None else \
+                f"epoch {epoch:3d}/{cfg.epochs}"
             print(f"{when} | loss {tr_loss:.4f}{terms} OA {tr['oa']:.3f} mIoU {tr['miou']:.3f} "
                   f"(train points) | {shown} | lr {lr:.2e} | {h['seconds']:.1f}s{' *' if improved else ''}",
                   flush=True)
