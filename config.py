@@ -98,6 +98,18 @@ def parse_optional_int(text):
     return None if str(text).lower() in ("", "none", "all") else int(text)
 
 
+def schedule_factor(kind, warmup, total):
+    """The factor of the peak learning rate at each optimizer step of a `cosine` or `poly` (power 0.9) schedule
+    over `total` steps: a linear warm-up over `warmup` steps, then down to 0 at the last step. train.py
+    (--schedule) and pretrain.py use it."""
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * t)) if kind == "cosine" else (1 - t) ** 0.9
+    return factor
+
+
 def parse_steps(text):
     if str(text).strip().lower() == "auto":
         return "auto"

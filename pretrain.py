@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from checkpoint import FORMAT as CHECKPOINT, non_finite_tensors
-from config import parse_bands
+from config import parse_bands, schedule_factor
 from dataset import augment_batch
 from model import ARCHS, build_model, resolve_device
 from raster import TIFF_SUFFIXES, atomic_path
@@ -127,8 +127,7 @@ def pretrain(images, arch="resnet18", steps=1000, batch_size=16, crop=64, mask_r
     warmup = min(warmup, steps // 2)
     model = reconstruction_model(arch, images[0].shape[0]).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else
-                                                 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor("cosine", warmup, steps))
     every, total, count, start = max(1, steps // 10), 0.0, 0, time.time()
     for step in tqdm(range(1, steps + 1), desc="pretraining", leave=False, disable=not progress):
         x, valid = draw_batch(images, batch_size, crop)
@@ -196,10 +195,11 @@ def read_encoder(path):
     return d
 
 
-def apply_encoder(model, path, channels):
+def apply_encoder(model, path, channels, scale=None):
     """Load the pretrained weights of `path` into `model` (every tensor but its output layer, which stays as
     initialised), for a model fed `channels` bands. Returns a one-line description for the log. ValueError naming
-    the file when the architecture, decoder or band count differ."""
+    the file when the architecture, decoder or band count differ. `scale`: the run's processing scale; a warning
+    is printed when the file was pretrained at more than 1.5 times another scale."""
     d = read_encoder(path)
     have, want = d["model_args"], {k: v for k, v in model.model_args.items() if k != "num_classes"}
     if d["spec"]["channels"] != channels:
@@ -215,6 +215,10 @@ def apply_encoder(model, path, channels):
         raise ValueError(f"{path}: its weights do not fit this model ({len(wrong)} names or shapes differ, e.g. "
                          f"{wrong[0]}); pretrain again with this code")
     model.load_state_dict({**own, **pre}, strict=True)
+    trained_at = d["spec"]["scale"]
+    if scale is not None and not 2 / 3 <= trained_at / scale <= 3 / 2:
+        print(f"warning: {path} was pretrained at scale {trained_at:g}, this run processes at {scale:g}: objects "
+              f"appear at another size than the encoder learnt them", flush=True)
     p = d["pretraining"]
     return (f"encoder from {path}: {p['method']}, {p['steps']} steps on {p['images']} images (crop {p['crop']}, "
             f"{p['mask_ratio']:g} of {p['block']}-pixel blocks hidden), final loss {p['final_loss']:.4f}, "

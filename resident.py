@@ -254,21 +254,11 @@ def draw_windows(sizes, batch_size, crop, generator=None):
 
 def gather_windows(tensors, idx, top, left, height, width):
     """The windows (top, left, height x width) of samples idx from each (N, ..., H, W) tensor, as (B, ..., height,
-    width). Windows stay inside the padded tensors (draw_windows keeps them inside each image where it fits;
-    a smaller image gives its padding, which is never a target)."""
-    dev = tensors[0].device
-    rows = (top.view(-1, 1) + torch.arange(height)).to(dev)  # (B, height)
-    cols = (left.view(-1, 1) + torch.arange(width)).to(dev)  # (B, width)
-    at = idx.to(dev)
-    out = []
-    for t in tensors:
-        picked = t.index_select(0, at)  # (B, ..., H, W)
-        r = rows.view(rows.shape[0], *([1] * (picked.dim() - 3)), height, 1).expand(*picked.shape[:-2], height,
-                                                                                    picked.shape[-1])
-        picked = picked.gather(-2, r)
-        c = cols.view(cols.shape[0], *([1] * (picked.dim() - 3)), 1, width).expand(*picked.shape[:-1], width)
-        out.append(picked.gather(-1, c))
-    return out
+    width): one slice per sample, so a large tile is never copied whole. Windows stay inside the padded tensors
+    (draw_windows keeps them inside each image where it fits; a smaller image gives its padding, which is never a
+    target)."""
+    places = list(zip(idx.tolist(), top.tolist(), left.tolist()))
+    return [torch.stack([t[i, ..., y:y + height, x:x + width] for i, y, x in places]) for t in tensors]
 
 
 class ResidentLoader:

@@ -38,7 +38,8 @@ import few_clicks
 from annotations import (POINT, ClickSet, ImageClicks, check_unclicked, click_metrics, open_image, read_clicks,
                          split_clicks, write_clicks)
 from config import (RESUMABLE, TrainConfig, add_arguments, annotation_of, check_config, config_dict,  # noqa: F401
-                    config_from_args, dense_labels, rounds_problems, MAX_VALIDATIONS, MIN_STEPS, STEP_PASSES)
+                    config_from_args, dense_labels, rounds_problems, schedule_factor, MAX_VALIDATIONS, MIN_STEPS,
+                    STEP_PASSES)
 from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from class_weights import compute_class_weights, load_class_weights, save_class_weights
 from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids,
@@ -47,7 +48,7 @@ from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset
 from metrics import ConfusionMatrix
 from model import build_model, resolve_device
 from partial_ce_loss import PartialCrossEntropyLoss
-from pretrain import apply_encoder, read_encoder
+from pretrain import apply_encoder
 from raster import clean_stale_temporaries
 from resident import (ResidentLoader, choose_path, estimate_bytes, find_cache, load_or_build, memory_budget,
                       seed_dataset)
@@ -420,13 +421,7 @@ def make_scheduler(cfg, optimizer, steps):
     down to 0 at the last step (half a cosine, or (1 - t) ** 0.9)."""
     if cfg.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.lr_gamma), False
-    total = max(1, cfg.epochs * steps)
-
-    def factor(step):
-        if step < cfg.warmup:
-            return (step + 1) / (cfg.warmup + 1)
-        t = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
-        return 0.5 * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else (1 - t) ** 0.9
+    factor = schedule_factor(cfg.schedule, cfg.warmup, max(1, cfg.epochs * steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
 
 
@@ -694,11 +689,7 @@ def train(cfg):
         model = build_model(cfg.arch, train_ds.classes.num_classes, spec.channels, cfg.decoder,
                             pretrained=cfg.pretrained).to(device)  # before anything is written: weights may be missing
         if cfg.encoder:  # pretrain.py's file: every weight but the output layer
-            print(apply_encoder(model, cfg.encoder, spec.channels), flush=True)
-            trained_at = read_encoder(cfg.encoder)["spec"]["scale"]
-            if not 2 / 3 <= trained_at / spec.scale <= 3 / 2:
-                print(f"warning: {cfg.encoder} was pretrained at scale {trained_at:g}, this run processes at "
-                      f"{spec.scale:g}: objects appear at another size than the encoder learnt them", flush=True)
+            print(apply_encoder(model, cfg.encoder, spec.channels, spec.scale), flush=True)
         if ctx.is_main:
             claim = claim_out(out_dir)  # a run started into the same folder meanwhile stops here ...
             prepare_out(cfg, out_dir, say=False)  # ... and one that finished meanwhile left checkpoints: again
