@@ -1,6 +1,8 @@
-"""Class weights from the point labels (default) or the dense labels (published choice).
+"""Class weights from the point labels (default), from the pixel shares the clicks imply, or from the dense labels
+(published choice).
 
     python train.py --class-weights points --class-weighting sqrt      # the default: sqrt of the points' counts
+    python train.py --points 1/object --class-weights pixels           # clicks that are not a random sample
     python train.py --class-weights checkpoints/class_weights.pt       # the weights an earlier run wrote
 
 With f_c the share of class c among the labelled pixels at processing resolution, the schemes are
@@ -18,6 +20,16 @@ none) and on the real Atlanta set (59.5 vs 57.7 % inverse, 53.6 % none) without 
 overall accuracy to the majority class (config.py declares that default; the functions here take the scheme
 as an argument and have no default of their own). Points are what an annotator actually has;
 dense labels are what the published description used (information a point-supervised user does not have).
+
+`pixels` is for clicks that are not a random sample of the pixels: one click per object puts a 5 % class at 60 % of
+the clicks (Atlanta's buildings), and weights from those counts tell the model the class is common. It estimates
+each class's share of the training pixels from the clicks alone: a random forest fitted on the clicks
+(forest.click_probabilities) gives class probabilities at pixels drawn over the training images; those were
+learnt under the clicks' class shares, and the EM of Saerens, Latinne & Decaestecker (2002, "Adjusting the outputs of
+a classifier to new a priori probabilities") re-estimates the shares they imply (estimate_pixel_shares). Each class
+keeps at least the share its clicked pixels have. The weights then make each class's clicks count as its pixels
+would under the scheme (weights_from_shares). With `inverse` the shares cancel out (inverse frequency makes each
+class count the same whatever its share): the source matters for the other schemes.
 """
 
 import warnings
@@ -28,15 +40,16 @@ import torch
 
 from spec import IGNORE_INDEX
 
-SOURCES = ("points", "dense")
+SOURCES = ("points", "pixels", "dense")
 SCHEMES = ("inverse", "sqrt", "median", "effective", "capped")
 MAX_RATIO = 10.0  # the `capped` scheme's largest / smallest weight
+EM_ITERATIONS, EM_TOLERANCE = 2000, 1e-7  # estimate_pixel_shares: at most this many rounds; stop below this change
 
 
 def count_classes(dataset, source="points"):
     """Pixels per class over a SegmentationDataset, from its point maps or its dense labels."""
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if source not in ("points", "dense"):
+        raise ValueError(f"source must be points or dense, got {source!r}")
     counts = np.zeros(dataset.classes.num_classes, dtype=np.int64)
     for i in range(len(dataset)):
         m = dataset.point_grid(i) if source == "points" else dataset.dense_label(i)
@@ -75,7 +88,72 @@ def weights_from_counts(counts, names, scheme):
     return torch.tensor(w, dtype=torch.float32)
 
 
-def compute_class_weights(dataset, source, scheme):
+def estimate_pixel_shares(probabilities, prior, iterations=EM_ITERATIONS, tolerance=EM_TOLERANCE):
+    """The class shares of the pixels behind (C, N) class probabilities that a classifier learnt under class
+    shares `prior` (C,): the EM of Saerens et al. (2002). Each round re-weights every pixel's probabilities by
+    (estimate / prior) and takes their mean as the next estimate, until it changes by less than `tolerance`.
+    A class the prior lacks stays at 0."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    prior = np.asarray(prior, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] != len(prior) or p.shape[1] == 0:
+        raise ValueError(f"probabilities must be (classes, pixels) for {len(prior)} classes, got {p.shape}")
+    if not np.isclose(prior.sum(), 1) or (prior < 0).any():
+        raise ValueError(f"prior must be shares >= 0 summing to 1, got {prior.tolist()}")
+    seen = prior > 0
+    shares = prior.copy()
+    for _ in range(iterations):
+        ratio = np.zeros_like(shares)
+        ratio[seen] = shares[seen] / prior[seen]
+        q = p * ratio[:, None]
+        total = q.sum(0, keepdims=True)
+        q = np.divide(q, total, out=np.zeros_like(q), where=total > 0)
+        new = q.mean(1)
+        new = new / new.sum() if new.sum() > 0 else prior
+        done = np.abs(new - shares).max() < tolerance
+        shares = new
+        if done:
+            break
+    return shares
+
+
+def weights_from_shares(shares, clicks, names, scheme):
+    """Class weights for clicks counted `clicks` (C,) that stand for pixels of class shares `shares` (C,): the
+    scheme's weights for those shares times each class's shares / click share, so that a class's clicks weigh in the
+    loss as its pixels would under the scheme. Normalised to sum to C; a class without clicks is handled as in
+    weights_from_counts."""
+    clicks = np.asarray(clicks, dtype=np.float64)
+    shares = np.asarray(shares, dtype=np.float64)
+    base = weights_from_counts(shares * clicks.sum(), names, scheme).double().numpy()
+    seen = clicks > 0
+    w = np.zeros_like(base)
+    w[seen] = base[seen] * shares[seen] / (clicks[seen] / clicks.sum())
+    w[~seen] = w[seen].max() if seen.any() else 1.0
+    return torch.tensor(w / w.sum() * len(w), dtype=torch.float32)
+
+
+def pixel_shares(dataset, seed=0):
+    """(shares (C,), click counts (C,)): each class's estimated share of the training pixels from the clicks
+    alone (the module docstring), never below the share its clicked pixels make of all training pixels."""
+    import forest  # scikit-learn, needed by this source only
+    clicks = count_classes(dataset, "points")
+    if clicks.sum() == 0:
+        raise ValueError("no labelled pixel at all: cannot estimate the classes' pixel shares")
+    probabilities, total = forest.click_probabilities(dataset, seed=seed)
+    shares = estimate_pixel_shares(probabilities, clicks / clicks.sum())
+    shares = np.maximum(shares, clicks / total)
+    return shares / shares.sum(), clicks
+
+
+def compute_class_weights(dataset, source, scheme, seed=0):
+    """(weights, counts) from `source` (SOURCES) by `scheme`; with `pixels`, `counts` are the clicks and the
+    weights follow the estimated pixel shares (seeded forest)."""
+    if source == "pixels":
+        shares, clicks = pixel_shares(dataset, seed)
+        names = dataset.classes.names
+        print("estimated pixel shares from the clicks: " + ", ".join(f"{n} {s:.1%}" for n, s in zip(names, shares))
+              + " (clicks: " + ", ".join(f"{n} {c / clicks.sum():.1%}" for n, c in zip(names, clicks)) + ")",
+              flush=True)
+        return weights_from_shares(shares, clicks, names, scheme), clicks
     counts = count_classes(dataset, source)
     return weights_from_counts(counts, dataset.classes.names, scheme), counts
 

@@ -129,7 +129,7 @@ def share_valid(v):
 
 
 def class_weights_valid(v):
-    return v in ("points", "dense", "none") or Path(v).is_file()
+    return v in ("points", "pixels", "dense", "none") or Path(v).is_file()
 
 
 # --------------------------------------------------------------------------- the settings
@@ -183,8 +183,10 @@ class TrainConfig:
         None, "--clicks without dense labels: hold out this share of the clicks for validation, spatially blocked "
               "(whole images, or blocks of few images), e.g. 20%% (default then: 20%%)", LOSS, parse=parse_fraction,
         check=optional(share_valid), must="be a share in (0, 1) like 20% or 0.2", annotation=True, neutral=True)
-    class_weights: str = setting("points", "points, dense, none, or a .pt file (a run writes <out>/class_weights.pt)",
-                                 LOSS, check=class_weights_valid, must="be points, dense, none or an existing .pt file")
+    class_weights: str = setting(
+        "points", "points (the clicks' counts), pixels (the pixel shares the clicks imply: for clicks that are not a "
+                  "random sample, like 1/object), dense, none, or a .pt file (a run writes <out>/class_weights.pt)",
+        LOSS, check=class_weights_valid, must="be points, pixels, dense, none or an existing .pt file")
     class_weighting: str = setting(
         "sqrt", "how class counts become weights (class_weights.py; sqrt won experiment 7 on the synthetic and the "
                 "real set; inverse = published)", LOSS, choices=SCHEMES)

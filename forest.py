@@ -30,6 +30,7 @@ FEATURES = ("multiscale", "bands")
 SIGMA_MIN, SIGMA_MAX = 0.5, 16.0
 N_TREES = 100
 MAX_SAMPLES = 50_000
+MAX_IMAGES = 200  # click_probabilities: images it draws pixels from
 
 
 def settings_id():
@@ -85,6 +86,32 @@ def probabilities(forest, image, num_classes, kind="multiscale"):
     prob = np.zeros((num_classes, h * w), np.float32)
     prob[forest.classes_] = forest.predict_proba(feats.reshape(-1, f)).T
     return prob.reshape(num_classes, h, w)
+
+
+def click_probabilities(dataset, kind="multiscale", seed=0, max_pixels=MAX_SAMPLES, max_images=MAX_IMAGES):
+    """((C, N) class probabilities, training pixel count): a forest fitted on the dataset's clicks alone, applied
+    at N <= max_pixels defined pixels (dataset.defined) drawn at random (seeded) from at most max_images evenly
+    spaced training images, as many from each. The count is of every defined pixel of every training image. class_weights.pixel_shares
+    re-estimates the classes' pixel shares from these."""
+    forest = fit_forest(dataset, kind, seed, clicks_only=True)
+    rng = np.random.default_rng(seed)
+    n = len(dataset)
+    picked = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(int))
+    per_image = max(1, max_pixels // len(picked))
+    num_classes = dataset.classes.num_classes
+    total = sum(int(dataset.defined(i).sum()) for i in range(n))
+    out = []
+    for i in picked:
+        feats = pixel_features(dataset.image(i), kind)[dataset.defined(i)]
+        if not len(feats):
+            continue
+        feats = feats[rng.choice(len(feats), min(per_image, len(feats)), replace=False)]
+        prob = np.zeros((num_classes, len(feats)), np.float32)
+        prob[forest.classes_] = forest.predict_proba(feats).T
+        out.append(prob)
+    if not out:
+        raise ValueError("the training images have no defined pixel: no class share can be estimated")
+    return np.concatenate(out, 1), total
 
 
 def predict(forest, image, kind="multiscale"):

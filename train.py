@@ -41,6 +41,7 @@ from config import (RESUMABLE, TrainConfig, add_arguments, annotation_of, check_
                     config_from_args, dense_labels, rounds_problems, schedule_factor, MAX_VALIDATIONS, MIN_STEPS,
                     STEP_PASSES)
 from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from class_weights import SOURCES as CLASS_WEIGHT_SOURCES
 from class_weights import compute_class_weights, load_class_weights, save_class_weights
 from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids,
                      clicks_per_object, folder_pairs, index_to_colour, load_split, pad_collate, patch_pairs,
@@ -308,8 +309,8 @@ def check_data(cfg, train_ds, val_ds):
 def class_weight_tensor(cfg, train_ds, out_dir):
     if cfg.class_weights == "none":
         return None
-    if cfg.class_weights in ("points", "dense"):
-        w, counts = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting)
+    if cfg.class_weights in CLASS_WEIGHT_SOURCES:
+        w, counts = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting, cfg.seed)
         save_class_weights(out_dir / "class_weights.pt", w, counts, cfg.class_weights, train_ds.classes.names,
                            cfg.class_weighting)
         return w
@@ -698,10 +699,10 @@ def train(cfg):
                 print(f"removed {len(removed)} temporary files that killed runs left in {out_dir}")
             if cfg.export_clicks:
                 export_clicks(cfg.export_clicks, train_ds)
-        if ctx.is_main or cfg.class_weights not in ("points", "dense"):
+        if ctx.is_main or cfg.class_weights not in CLASS_WEIGHT_SOURCES:
             weights = class_weight_tensor(cfg, train_ds, out_dir)  # rank 0 writes class_weights.pt
-        else:  # the same numbers, not written again
-            weights = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting)[0]
+        else:  # the same numbers (a seeded forest with `pixels`), not written again
+            weights = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting, cfg.seed)[0]
         plan = plan_steps(cfg, [train_ds.dense_label(i).shape for i in range(len(train_ds))])
         if cfg.steps is not None:  # an "epoch" is now the steps between two validations
             cfg = replace(cfg, epochs=plan["epochs"])

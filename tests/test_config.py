@@ -142,7 +142,7 @@ def test_every_check_names_the_flag_before_any_work():
     for change, match in ((dict(lr=0.0), "--lr must be a positive number"), (dict(gamma=-1), "--gamma must be >= 0"),
                           (dict(arch="vit"), "--arch must be one of resnet18, tiny"),
                           (dict(scale=32.0), r"--scale must be in \(0, 16\]"), (dict(workers=-1), "--workers"),
-                          (dict(class_weights="nowhere.pt"), "--class-weights must be points, dense, none")):
+                          (dict(class_weights="nowhere.pt"), "--class-weights must be points, pixels, dense, none")):
         with pytest.raises(ValueError, match=match):
             check_config(TrainConfig(**change))
 

@@ -7,7 +7,8 @@ import torch
 
 from checkpoint import load_model, read_checkpoint
 from tests.conftest import write_patches
-from train import TrainConfig, config_from_args, get_args_parser, train
+from class_weights import compute_class_weights
+from train import TrainConfig, build_datasets, config_from_args, get_args_parser, train
 
 
 def cfg_for(root, tmp_path, **kw):
@@ -74,6 +75,14 @@ def test_class_weights_options_and_saved_weights(data, tmp_path):
     history = train(cfg_for(data, tmp_path, epochs=1, class_weights=str(tmp_path / "ck" / "class_weights.pt"),
                             out=str(tmp_path / "ck2")))
     assert len(history) == 1
+    # clicks that are not a random sample: the weights follow the pixel shares the clicks imply (class_weights.py)
+    cfg = cfg_for(data, tmp_path, epochs=1, points="1/object", class_weights="pixels", out=str(tmp_path / "ck3"))
+    train(cfg)
+    w = torch.load(tmp_path / "ck3" / "class_weights.pt", weights_only=True)
+    expected, clicks = compute_class_weights(build_datasets(cfg)[0], "pixels", cfg.class_weighting, cfg.seed)
+    assert w["source"] == "pixels" and torch.equal(w["weights"], expected) and torch.equal(w["counts"],
+                                                                                         torch.as_tensor(clicks))
+    assert not torch.allclose(expected, compute_class_weights(build_datasets(cfg)[0], "points", "sqrt")[0])
 
 
 def test_cli_maps_to_config():
