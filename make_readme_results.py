@@ -64,17 +64,21 @@ def find_section(secs, part, report):
 
 def baseline_lines(text):
     """The report's lines about the all-background (majority) baseline, each once: sentences as they are, table
-    rows under the header (and its separator) of the first table that holds them."""
+    rows under the header (and its separator) of the first table that holds them; rows of tables with other
+    columns (the per-class IoU tables) are left out, as they would not fit under that header."""
     lines, out, header = text.splitlines(), [], None
     for i, line in enumerate(lines):
         if not BASELINE.search(line) or line in out:
             continue
-        if line.startswith("|") and header is None:
-            top = i
-            while top > 0 and lines[top - 1].startswith("|"):
-                top -= 1
-            header = lines[top:top + 2]
-            out += header
+        if line.startswith("|"):
+            if header is None:
+                top = i
+                while top > 0 and lines[top - 1].startswith("|"):
+                    top -= 1
+                header = lines[top:top + 2]
+                out += header
+            elif line.count("|") != header[0].count("|"):
+                continue
         out.append(line)
     return out
 

@@ -38,7 +38,8 @@ def test_a_hand_edited_number_is_found_and_put_back(tmp_path, monkeypatch):
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "experiments.md").write_text(
         "# Experiments\n\n## 7. Class weighting\n\n| run | mIoU % |\n|---|---:|\n| sqrt | 66.4 ± 1.0 |\n"
-        "| all background (majority class) | 12.3 |\n\n![fig](fig.png)\n\n## Closing note\n\n- a note.\n")
+        "| all background (majority class) | 12.3 |\n\n![fig](fig.png)\n\n## Closing note\n\n- a note.\n\n"
+        "## 10. Per class\n\n| run | a | b |\n|---|---:|---:|\n| all background (majority class) | 1.0 | 0.0 |\n")
     monkeypatch.setattr(R, "ROOT", tmp_path)
     (tmp_path / "docs").mkdir()
     doc = tmp_path / "docs" / "x.md"
@@ -51,6 +52,7 @@ def test_a_hand_edited_number_is_found_and_put_back(tmp_path, monkeypatch):
     assert "| sqrt | 66.4 ± 1.0 |" in text and "- a note." in text and "fig.png" not in text
     assert "](../results/experiments.md)" in text  # linked relative to the file that shows it
     assert text.count("| all background (majority class) | 12.3 |") == 1  # the baseline row, once
+    assert "| 1.0 | 0.0 |" not in text  # not a per-class row under the other table's header
     assert "reports no all-background" not in text
     assert R.main(R.get_args_parser().parse_args(["--check"])) == 0
     doc.write_text(text.replace("66.4 ± 1.0", "67.0 ± 1.0"))  # a number typed in by hand
