@@ -91,8 +91,8 @@ def probabilities(forest, image, num_classes, kind="multiscale"):
 def click_probabilities(dataset, kind="multiscale", seed=0, max_pixels=MAX_SAMPLES, max_images=MAX_IMAGES):
     """((C, N) class probabilities, training pixel count): a forest fitted on the dataset's clicks alone, applied
     at N <= max_pixels defined pixels (dataset.defined) drawn at random (seeded) from at most max_images evenly
-    spaced training images, as many from each. The count is of every defined pixel of every training image. class_weights.pixel_shares
-    re-estimates the classes' pixel shares from these."""
+    spaced training images, as many from each. The count is of every defined pixel of every training image.
+    class_weights.pixel_shares re-estimates the classes' pixel shares from these."""
     forest = fit_forest(dataset, kind, seed, clicks_only=True)
     rng = np.random.default_rng(seed)
     n = len(dataset)
