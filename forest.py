@@ -83,9 +83,14 @@ def probabilities(forest, image, num_classes, kind="multiscale"):
     [0, 1]; 0 for a class no training pixel had."""
     feats = pixel_features(image, kind)
     h, w, f = feats.shape
-    prob = np.zeros((num_classes, h * w), np.float32)
-    prob[forest.classes_] = forest.predict_proba(feats.reshape(-1, f)).T
-    return prob.reshape(num_classes, h, w)
+    return _class_columns(forest, feats.reshape(-1, f), num_classes).reshape(num_classes, h, w)
+
+
+def _class_columns(forest, feats, num_classes):
+    """(num_classes, N) probabilities of N feature rows; 0 for a class no training pixel had."""
+    prob = np.zeros((num_classes, len(feats)), np.float32)
+    prob[forest.classes_] = forest.predict_proba(feats).T
+    return prob
 
 
 def click_probabilities(dataset, kind="multiscale", seed=0, max_pixels=MAX_SAMPLES, max_images=MAX_IMAGES):
@@ -98,17 +103,18 @@ def click_probabilities(dataset, kind="multiscale", seed=0, max_pixels=MAX_SAMPL
     n = len(dataset)
     picked = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(int))
     per_image = max(1, max_pixels // len(picked))
-    num_classes = dataset.classes.num_classes
-    total = sum(int(dataset.defined(i).sum()) for i in range(n))
+    defined, total = {}, 0  # each image's defined pixels are read once; the picked ones are kept
+    for i in range(n):
+        mask = dataset.defined(i)
+        total += int(mask.sum())
+        if i in picked:
+            defined[i] = mask
     out = []
     for i in picked:
-        feats = pixel_features(dataset.image(i), kind)[dataset.defined(i)]
-        if not len(feats):
-            continue
-        feats = feats[rng.choice(len(feats), min(per_image, len(feats)), replace=False)]
-        prob = np.zeros((num_classes, len(feats)), np.float32)
-        prob[forest.classes_] = forest.predict_proba(feats).T
-        out.append(prob)
+        feats = pixel_features(dataset.image(i), kind)[defined[i]]
+        if len(feats):
+            feats = feats[rng.choice(len(feats), min(per_image, len(feats)), replace=False)]
+            out.append(_class_columns(forest, feats, dataset.classes.num_classes))
     if not out:
         raise ValueError("the training images have no defined pixel: no class share can be estimated")
     return np.concatenate(out, 1), total

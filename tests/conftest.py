@@ -9,7 +9,33 @@ import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spec import PALETTE  # noqa: E402
+from spec import IGNORE_INDEX, PALETTE  # noqa: E402
+
+
+class ToyClicks:
+    """What forest.py and class_weights.py read of a SegmentationDataset, held in lists: `images` ((B, h, w)
+    tensors in [0, 1]), `labels` (dense (h, w) class maps) and `targets` (the clicks, IGNORE_INDEX elsewhere).
+    Subclasses draw them."""
+
+    def __len__(self):
+        return len(self.images)
+
+    def image(self, i):
+        return self.images[i]
+
+    def point_grid(self, i):
+        return self.targets[i]
+
+    click_grid = point_grid
+
+    def dense_label(self, i):
+        return self.labels[i]
+
+    def defined(self, i):
+        return self.labels[i] != IGNORE_INDEX
+
+    def labelled_fraction(self):
+        return float(np.mean([(t != IGNORE_INDEX).mean() for t in self.targets]))
 
 
 def make_label(rng, size, undefined=0.05):

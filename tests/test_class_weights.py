@@ -6,6 +6,7 @@ from class_weights import (compute_class_weights, estimate_pixel_shares, load_cl
                            save_class_weights, weights_from_counts, weights_from_shares)
 from dataset import PotsdamDataset
 from spec import CLASSES, IGNORE_INDEX, DataSpec
+from tests.conftest import ToyClicks
 
 
 def test_inverse_frequency_sums_to_num_classes():
@@ -111,7 +112,7 @@ def test_weights_from_shares_make_clicks_count_as_their_pixels():
                           weights_from_counts(clicks, names, "inverse"))
 
 
-class ObjectClicks:
+class ObjectClicks(ToyClicks):
     """Dark images with small bright objects (6x6 pixels, about 5 % of the pixels), each clicked once at a random
     pixel of it, and two background clicks per image: the clicks say the objects are the common class."""
 
@@ -119,7 +120,7 @@ class ObjectClicks:
         from spec import ClassSpec
         rng = np.random.default_rng(seed)
         self.classes = ClassSpec(names=("background", "object"), palette=((0, 0, 0), (255, 255, 255)))
-        self.images, self.labels, self.clicks = [], [], []
+        self.images, self.labels, self.targets = [], [], []
         for _ in range(n):
             label = np.zeros((60, 60), np.uint8)
             target = np.full((60, 60), IGNORE_INDEX, np.uint8)
@@ -133,31 +134,14 @@ class ObjectClicks:
             image = np.where(label, 0.8, 0.2)[None] + rng.normal(0, 0.05, (1, 60, 60))
             self.images.append(torch.from_numpy(image.astype(np.float32)))
             self.labels.append(label)
-            self.clicks.append(target)
-
-    def __len__(self):
-        return len(self.images)
-
-    def image(self, i):
-        return self.images[i]
-
-    def point_grid(self, i):
-        return self.clicks[i]
-
-    click_grid = point_grid
-
-    def dense_label(self, i):
-        return self.labels[i]
-
-    def defined(self, i):
-        return self.labels[i] != IGNORE_INDEX
+            self.targets.append(target)
 
 
 @pytest.mark.slow
 def test_pixels_source_estimates_the_shares_from_the_clicks_alone():
     ds = ObjectClicks()
     truth = np.mean([lab.mean() for lab in ds.labels])
-    clicked = sum((t == 1).sum() for t in ds.clicks) / sum((t != IGNORE_INDEX).sum() for t in ds.clicks)
+    clicked = sum((t == 1).sum() for t in ds.targets) / sum((t != IGNORE_INDEX).sum() for t in ds.targets)
     shares, counts = pixel_shares(ds, seed=0)
     assert clicked > 0.7 and truth < 0.1
     assert abs(shares[1] - truth) < 0.03  # the forest separates the classes: the EM finds the share

@@ -7,9 +7,10 @@ import torch
 import forest
 from metrics import ConfusionMatrix
 from spec import IGNORE_INDEX
+from tests.conftest import ToyClicks
 
 
-class Toy:
+class Toy(ToyClicks):
     """A two-class dataset: class 1 where the image is bright, 0 where dark; clicks on a few pixels only."""
 
     def __init__(self, n, clicks=4, seed=0, num_classes=2):
@@ -30,21 +31,6 @@ class Toy:
             self.images.append(torch.from_numpy(image.astype(np.float32)))
             self.labels.append(label)
             self.targets.append(target)
-
-    def __len__(self):
-        return len(self.images)
-
-    def image(self, i):
-        return self.images[i]
-
-    def point_grid(self, i):
-        return self.targets[i]
-
-    def dense_label(self, i):
-        return self.labels[i]
-
-    def labelled_fraction(self):
-        return float(np.mean([(t != IGNORE_INDEX).mean() for t in self.targets]))
 
 
 def test_features_have_the_documented_shape():
