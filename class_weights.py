@@ -144,23 +144,29 @@ def pixel_shares(dataset, seed=0):
     return shares / shares.sum(), clicks
 
 
-def compute_class_weights(dataset, source, scheme, seed=0):
-    """(weights, counts) from `source` (SOURCES) by `scheme`; with `pixels`, `counts` are the clicks and the
-    weights follow the estimated pixel shares (seeded forest)."""
+def compute_class_weights(dataset, source, scheme, seed=0, say=True):
+    """(weights, counts, shares) from `source` (SOURCES) by `scheme`; with `pixels`, `counts` are the clicks, the
+    weights follow the estimated pixel shares (seeded forest) and `shares` are those (else None); `say`: print
+    the estimate."""
     if source == "pixels":
         shares, clicks = pixel_shares(dataset, seed)
         names = dataset.classes.names
-        print("estimated pixel shares from the clicks: " + ", ".join(f"{n} {s:.1%}" for n, s in zip(names, shares))
-              + " (clicks: " + ", ".join(f"{n} {c / clicks.sum():.1%}" for n, c in zip(names, clicks)) + ")",
-              flush=True)
-        return weights_from_shares(shares, clicks, names, scheme), clicks
+        if say:
+            print("estimated pixel shares from the clicks: " + ", ".join(f"{n} {s:.1%}" for n, s in zip(names, shares))
+                  + " (clicks: " + ", ".join(f"{n} {c / clicks.sum():.1%}" for n, c in zip(names, clicks)) + ")",
+                  flush=True)
+        return weights_from_shares(shares, clicks, names, scheme), clicks, shares
     counts = count_classes(dataset, source)
-    return weights_from_counts(counts, dataset.classes.names, scheme), counts
+    return weights_from_counts(counts, dataset.classes.names, scheme), counts, None
 
 
-def save_class_weights(path, weights, counts, source, names, scheme):
-    torch.save({"weights": weights, "counts": torch.as_tensor(counts), "source": source, "scheme": scheme,
-                "classes": list(names)}, path)
+def save_class_weights(path, weights, counts, source, names, scheme, shares=None):
+    """`shares`: the estimated pixel shares the weights follow (source `pixels`), kept beside them."""
+    d = {"weights": weights, "counts": torch.as_tensor(counts), "source": source, "scheme": scheme,
+         "classes": list(names)}
+    if shares is not None:
+        d["shares"] = torch.as_tensor(shares, dtype=torch.float64)
+    torch.save(d, path)
 
 
 def load_class_weights(path, names):

@@ -310,9 +310,9 @@ def class_weight_tensor(cfg, train_ds, out_dir):
     if cfg.class_weights == "none":
         return None
     if cfg.class_weights in CLASS_WEIGHT_SOURCES:
-        w, counts = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting, cfg.seed)
+        w, counts, shares = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting, cfg.seed)
         save_class_weights(out_dir / "class_weights.pt", w, counts, cfg.class_weights, train_ds.classes.names,
-                           cfg.class_weighting)
+                           cfg.class_weighting, shares)
         return w
     return load_class_weights(cfg.class_weights, train_ds.classes.names)
 
@@ -702,7 +702,7 @@ def train(cfg):
         if ctx.is_main or cfg.class_weights not in CLASS_WEIGHT_SOURCES:
             weights = class_weight_tensor(cfg, train_ds, out_dir)  # rank 0 writes class_weights.pt
         else:  # the same numbers (a seeded forest with `pixels`), not written again
-            weights = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting, cfg.seed)[0]
+            weights = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting, cfg.seed, say=False)[0]
         plan = plan_steps(cfg, [train_ds.dense_label(i).shape for i in range(len(train_ds))])
         if cfg.steps is not None:  # an "epoch" is now the steps between two validations
             cfg = replace(cfg, epochs=plan["epochs"])

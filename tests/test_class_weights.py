@@ -26,8 +26,9 @@ def test_unseen_class_gets_finite_weight_and_warning():
 def test_points_vs_dense(patches):
     root, _ = patches
     ds = PotsdamDataset(root, points=30, spec=DataSpec(scale=1.0))
-    wp, cp = compute_class_weights(ds, "points", "inverse")
-    wd, cd = compute_class_weights(ds, "dense", "inverse")
+    wp, cp, no_shares = compute_class_weights(ds, "points", "inverse")
+    wd, cd, _ = compute_class_weights(ds, "dense", "inverse")
+    assert no_shares is None  # only the pixels source estimates shares
     # points count only the annotated pixels; dense counts every defined pixel
     assert cp.sum() <= 30 * len(ds) < cd.sum()
     assert cd.sum() == sum(int((ds.dense_label(i) != 255).sum()) for i in range(len(ds)))
@@ -138,15 +139,20 @@ class ObjectClicks(ToyClicks):
 
 
 @pytest.mark.slow
-def test_pixels_source_estimates_the_shares_from_the_clicks_alone():
+def test_pixels_source_estimates_the_shares_from_the_clicks_alone(capsys):
     ds = ObjectClicks()
     truth = np.mean([lab.mean() for lab in ds.labels])
     clicked = sum((t == 1).sum() for t in ds.targets) / sum((t != IGNORE_INDEX).sum() for t in ds.targets)
     shares, counts = pixel_shares(ds, seed=0)
     assert clicked > 0.7 and truth < 0.1
     assert abs(shares[1] - truth) < 0.03  # the forest separates the classes: the EM finds the share
-    w, c = compute_class_weights(ds, "pixels", "sqrt", seed=0)
-    assert np.array_equal(c, counts) and torch.equal(w, weights_from_shares(shares, counts, ds.classes.names, "sqrt"))
+    w, c, s = compute_class_weights(ds, "pixels", "sqrt", seed=0)
+    assert "estimated pixel shares from the clicks" in capsys.readouterr().out
+    quiet = compute_class_weights(ds, "pixels", "sqrt", seed=0, say=False)[0]  # what torchrun's other ranks do
+    assert torch.equal(quiet, w)
+    assert capsys.readouterr().out == ""
+    assert np.array_equal(c, counts) and np.array_equal(s, shares)
+    assert torch.equal(w, weights_from_shares(shares, counts, ds.classes.names, "sqrt"))
     assert w[1] < w[0] < compute_class_weights(ds, "points", "sqrt")[0][0] + 1  # objects weigh less than the clicks say
     ds.labels = [lab * 0 + IGNORE_INDEX for lab in ds.labels]  # nothing defined: nothing to estimate from
     with pytest.raises(ValueError, match="no defined pixel"):

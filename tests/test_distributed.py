@@ -165,7 +165,8 @@ n = len(seen)
 loss, cm, _ = distributed.reduce_epoch(loader, total / max(n, 1), cm, {})
 summed = distributed.all_reduce_sum(torch.tensor([n, total], dtype=torch.float64))
 json.dump({"seen": seen, "local": local_counts.tolist(), "reduced": cm.counts.tolist(), "loss": loss,
-           "total": total, "summed": summed.tolist(), "oa": cm.compute()["oa"]}, open(f"{out}/rank{ctx.rank}.json", "w"))
+           "total": total, "summed": summed.tolist(), "oa": cm.compute()["oa"]},
+          open(f"{out}/rank{ctx.rank}.json", "w"))
 distributed.barrier()  # no rank leaves while another still talks to it
 distributed.cleanup()
 """

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torchvision
 
-from model import IMAGENET_MEAN, IMAGENET_STD, RESNET18_WEIGHTS_FILE, ResNet18Segmentation, TinySegmentation, build_model
+from model import (IMAGENET_MEAN, IMAGENET_STD, RESNET18_WEIGHTS_FILE, ResNet18Segmentation, TinySegmentation,
+                   build_model)
 
 
 @pytest.mark.parametrize("decoder", ["plain", "skip"])

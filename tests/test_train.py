@@ -79,9 +79,11 @@ def test_class_weights_options_and_saved_weights(data, tmp_path):
     cfg = cfg_for(data, tmp_path, epochs=1, points="1/object", class_weights="pixels", out=str(tmp_path / "ck3"))
     train(cfg)
     w = torch.load(tmp_path / "ck3" / "class_weights.pt", weights_only=True)
-    expected, clicks = compute_class_weights(build_datasets(cfg)[0], "pixels", cfg.class_weighting, cfg.seed)
+    expected, clicks, shares = compute_class_weights(build_datasets(cfg)[0], "pixels", cfg.class_weighting,
+                                                     cfg.seed)
     assert w["source"] == "pixels" and torch.equal(w["weights"], expected) and torch.equal(w["counts"],
                                                                                          torch.as_tensor(clicks))
+    assert torch.allclose(w["shares"], torch.as_tensor(shares)) and w["shares"].sum().item() == pytest.approx(1)
     assert not torch.allclose(expected, compute_class_weights(build_datasets(cfg)[0], "points", "sqrt")[0])
 
 
