@@ -318,6 +318,10 @@ PRESETS = {
                           classes="realdata/atlanta/classes.json", split="realdata/atlanta/split.json", n_train=None,
                           n_val=None, size=150, epochs=100, batch_size=8, lr=1e-3, step_size=15, lr_gamma=0.1,
                           pretrained=False, exclude=[], steps="auto", schedule="cosine", warmup=30),
+    # the synthetic demo sized the same way: 60 passes of 10 steps = 600 steps instead of the 80 of 8 epochs
+    "demo-steps": dict(data="demo_data/patches", split=None, n_train=160, n_val=48, size=75, epochs=100,
+                       batch_size=16, lr=1e-3, step_size=6, lr_gamma=0.1, pretrained=False, exclude=[],
+                       steps="auto", schedule="cosine", warmup=30),
     # the published settings: 300 -> 150, 100 epochs, Adam 1e-3 + StepLR(30, 0.1), split 2,100 / 300.
     "potsdam": dict(data="archive/patches", split=None, n_train=None, n_val=None, size=150, epochs=100,
                     batch_size=16, lr=1e-3, step_size=30, lr_gamma=0.1, pretrained=True, exclude=[]),
@@ -338,7 +342,7 @@ def class_names(settings):
 
 
 def is_synthetic(preset, settings):
-    return preset == "demo" or "demo_data" in str(settings.get("data"))
+    return preset in ("demo", "demo-steps") or "demo_data" in str(settings.get("data"))
 
 
 # --------------------------------------------------------------------------- run keys

@@ -9,11 +9,11 @@ A block is two HTML comments, which Markdown does not show; everything between t
     ...generated...
     <!-- /results -->
 
-`synthetic`, `atlanta` or `atlanta_steps` names the report (SOURCES); the words after it name its sections, in
-order: a number (`7` = "## 7. ..."), `closing` (the closing note) or `goals` (few clicks against the goals). Every
-block starts with a line saying which data the numbers come from (SYNTHETIC or REAL) and ends with the report's
-all-background (majority) baseline, or says that the report has none. Numbers are never typed into the docs by hand:
-change the experiments, run `python experiments.py --preset ... --report`, then this script.
+`synthetic`, `atlanta`, `atlanta_steps` or `synthetic_steps` names the report (SOURCES); the words after it name
+its sections, in order: a number (`7` = "## 7. ..."), `closing` (the closing note) or `goals` (few clicks against
+the goals). Every block starts with a line saying which data the numbers come from (SYNTHETIC or REAL) and ends
+with the report's all-background (majority) baseline, or says that the report has none. Numbers are never typed
+into the docs by hand: change the experiments, run `python experiments.py --preset ... --report`, then this script.
 """
 
 import argparse
@@ -33,6 +33,9 @@ SOURCES = {  # name -> (report, what its numbers are, the command that writes it
     "atlanta_steps": ("results/atlanta-steps/experiments.md", "**REAL data** (SpaceNet Atlanta buildings, `make "
                       "realdata`; 2 classes; sized in optimizer steps, `--steps auto`)",
                       "python experiments.py --preset atlanta-steps --report"),
+    "synthetic_steps": ("results/demo-steps/experiments.md", "**SYNTHETIC demo data** (procedural scenes from "
+                        "`demo_data.py`; says nothing about ISPRS Potsdam; sized in optimizer steps, `--steps auto`)",
+                        "python experiments.py --preset demo-steps --report"),
 }
 NAMED = {"closing": "Closing note", "goals": "Few clicks against the goals"}
 BLOCK = re.compile(r"(<!-- results:(\w+)((?: [\w-]+)*) -->\n)(.*?)(<!-- /results -->)", re.S)

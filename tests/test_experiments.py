@@ -384,16 +384,21 @@ def test_more_epochs_keep_the_shape_of_the_schedule():
     assert step("--preset", "atlanta", "--epochs", "60") == 45 and step("--preset", "demo", "--epochs", "1") == 1
 
 
-def test_a_preset_sized_in_steps_trains_in_steps_and_leaves_the_other_keys_alone():
-    steps = E.Keys(dict(E.PRESETS["atlanta-steps"]), (["0"], ["1"]), "d" * 16)
-    epochs = E.Keys(dict(E.PRESETS["atlanta"]), (["0"], ["1"]), "d" * 16)
+@pytest.mark.parametrize("in_steps, in_epochs", [("atlanta-steps", "atlanta"), ("demo-steps", "demo")])
+def test_a_preset_sized_in_steps_trains_in_steps_and_leaves_the_other_keys_alone(in_steps, in_epochs):
+    steps = E.Keys(dict(E.PRESETS[in_steps]), (["0"], ["1"]), "d" * 16)
+    epochs = E.Keys(dict(E.PRESETS[in_epochs]), (["0"], ["1"]), "d" * 16)
     cfg = steps.config(E.BASELINE, 0)
     assert (cfg.steps, cfg.schedule, cfg.warmup, cfg.crop) == ("auto", "cosine", 30, 0)
     config.check_config(cfg)  # a valid run: --steps with a decaying schedule and the default epochs
     plain = epochs.config(E.BASELINE, 0)
     assert (plain.steps, plain.schedule) == (None, "step")  # presets without the fields keep the defaults
     assert steps.config_key(E.BASELINE) != epochs.config_key(E.BASELINE)
-    assert E.own_folder("atlanta-steps") == Path("results") / "atlanta-steps"
+    assert E.own_folder(in_steps) == Path("results") / in_steps
+    # the same data as its epochs preset, so synthetic numbers stay labelled synthetic
+    assert E.is_synthetic(in_steps, E.PRESETS[in_steps]) == E.is_synthetic(in_epochs, E.PRESETS[in_epochs])
+    assert {k: v for k, v in E.PRESETS[in_steps].items() if k not in ("epochs", "steps", "schedule", "warmup")} \
+        == {k: v for k, v in E.PRESETS[in_epochs].items() if k not in ("epochs", "steps", "schedule", "warmup")}
 
 
 def test_rows_choose_the_runs_by_their_labels(capsys):
