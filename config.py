@@ -229,9 +229,10 @@ class TrainConfig:
                                    ROUNDS, check=at_least(1), must="be >= 1 pixel", neutral=True)
     region_growing: bool = setting(False, "a click labels its SLIC superpixel (where that superpixel's clicks "
                                           "agree on a class)", ROUNDS, neutral=True)
-    sparse: str = setting("auto", "auto: when the clicks label under 0.25 %% of the training pixels, region growing "
-                                  "is on (experiment 8: it helps at 10 clicks per image on the synthetic and the real "
-                                  "set, and not at 100 or one per object); off: only what is asked for", ROUNDS,
+    sparse: str = setting("auto", "auto: when the clicks label under 0.1 %% of the training pixels, region growing "
+                                  "is on (experiment 8: it helps or ties on the real set at 10 clicks per image and "
+                                  "one per object, 0.04 %% and 0.01 %%, and loses on the synthetic set at 0.18 %% and "
+                                  "above); off: only what is asked for", ROUNDS,
                           choices=SPARSE, neutral=True, neutral_at="off")
     forest_teacher: float = setting(0.0, "a random forest on filter features, fitted on the clicks, labels the surest "
                                          "share of each class's pixels it predicts before training (pseudo-labels; "

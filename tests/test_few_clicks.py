@@ -536,26 +536,28 @@ def test_sparse_auto_adds_region_growing_only_to_sparse_fixed_clicks():
     cfg = TrainConfig(points=10)
     assert cfg.sparse == "auto"  # the default
     assert few_clicks.sparse_additions(cfg, 0.0004) == {"region_growing": True}  # 10 clicks on a real tile
+    assert few_clicks.sparse_additions(cfg, 0.0001) == {"region_growing": True}  # 1 per object on the real tile
+    assert few_clicks.sparse_additions(cfg, 0.0018) == {}  # 10 per image on the synthetic patches: it lost there
     assert few_clicks.sparse_additions(cfg, 0.0176) == {}  # 100 per image on the synthetic patches
     for other in (dict(sparse="off"), dict(points=None), dict(resample_each_epoch=True), dict(region_growing=True)):
         assert few_clicks.sparse_additions(replace(cfg, **other), 0.0004) == {}
 
 
 def test_a_sparse_run_grows_its_clicks_as_if_asked_and_resumes(data, tmp_path, capsys):
-    """2 clicks per 48 x 48 image label 0.2 % of the 32 x 32 grid: the default run is the run that asks for region
+    """1 click per 48 x 48 image labels 0.098 % of the 32 x 32 grid: the default run is the run that asks for region
     growing, epoch for epoch; the checkpoint records what was asked, so a resume decides the same again."""
-    auto = train(cfg_for(data, tmp_path, points=2, allow_unclicked=True, epochs=2, out=str(tmp_path / "auto")))
-    assert "sparse clicks: they label 0.195% of the training pixels (under 0.25%), so region growing is on" in \
+    auto = train(cfg_for(data, tmp_path, points=1, allow_unclicked=True, epochs=2, out=str(tmp_path / "auto")))
+    assert "sparse clicks: they label 0.098% of the training pixels (under 0.10%), so region growing is on" in \
         capsys.readouterr().out
-    asked = train(cfg_for(data, tmp_path, points=2, allow_unclicked=True, epochs=2, region_growing=True, sparse="off",
+    asked = train(cfg_for(data, tmp_path, points=1, allow_unclicked=True, epochs=2, region_growing=True, sparse="off",
                           out=str(tmp_path / "asked")))
     assert [h["train_loss"] for h in auto] == pytest.approx([h["train_loss"] for h in asked], rel=1e-6)
     assert [h["val_miou"] for h in auto] == [h["val_miou"] for h in asked]
     ck = read_checkpoint(tmp_path / "auto" / "last.pth")
     assert ck.config["region_growing"] is False and ck.config["sparse"] == "auto"
     assert ck.train_state["few_clicks"]["grown"]  # the grown labels are kept for a resume
-    resumed = cfg_for(data, tmp_path, points=2, allow_unclicked=True, epochs=3, out=str(tmp_path / "auto"), resume=True)
+    resumed = cfg_for(data, tmp_path, points=1, allow_unclicked=True, epochs=3, out=str(tmp_path / "auto"), resume=True)
     assert len(train(resumed)) == 3
     assert "so region growing is on" in capsys.readouterr().out  # decided again, the same way
-    train(cfg_for(data, tmp_path, points=20, epochs=1, out=str(tmp_path / "dense")))  # 2 %: nothing added
+    train(cfg_for(data, tmp_path, points=2, allow_unclicked=True, epochs=1, out=str(tmp_path / "denser")))  # 0.2 %
     assert "sparse clicks" not in capsys.readouterr().out
