@@ -829,6 +829,11 @@ def summarize(rows, ckey, fields=None):
     return {f: aggregate([r.get(f) for r in sel]) for f in fields}
 
 
+def n_seeds(n):
+    """'1 seed', '3 seeds'."""
+    return f"{n} seed{'s' * (n != 1)}"
+
+
 def fmt(stat, percent=True, digits=1):
     mean, std, n = stat
     if n == 0:
@@ -887,7 +892,7 @@ def few_clicks_verdict(rows, keys):
             if done:
                 m, label = max(done, key=lambda d: d[0][0])
                 ratio = m[0] / dense[0]
-                lines.append(f"- {budget}: best is '{label}', {fmt(m)} % ({m[2]} seed{'s' * (m[2] > 1)}) = "
+                lines.append(f"- {budget}: best is '{label}', {fmt(m)} % ({n_seeds(m[2])}) = "
                              f"**{ratio:.2f}** of dense ({fmt(dense)} %); goal >= {goal:.2f}: "
                              f"{'met' if ratio >= goal else 'NOT met'}.")
     base = replace(BASELINE, points=10)
@@ -901,7 +906,7 @@ def few_clicks_verdict(rows, keys):
         d = paired_difference(rows, key(run), key(base))
         wins = d[2] >= 2 and d[0] > 2 * d[1]
         lines.append(f"- '{label}' vs partial CE at 10 points: {100 * d[0]:+.1f}"
-                     f"{'' if d[2] < 2 else f' ± {100 * d[1]:.1f}'} mIoU points (paired, {d[2]} seeds): "
+                     f"{'' if d[2] < 2 else f' ± {100 * d[1]:.1f}'} mIoU points (paired, {n_seeds(d[2])}): "
                      f"{'wins by more than 2 std' if wins else 'does NOT win by more than 2 std'}.")
     for budget, _ in FEW_CLICK_GOALS:  # the goal: the best CNN row >= the forest + FOREST_MARGIN
         forest = Reference(replace(BASELINE, points=budget), "forest-multiscale")
@@ -914,7 +919,7 @@ def few_clicks_verdict(rows, keys):
             d = paired_difference(rows, key(run), key(forest))
             lines.append(f"- {budget}: best CNN '{label}' minus the random forest on multiscale features (same "
                          f"clicks): {100 * d[0]:+.1f}{'' if d[2] < 2 else f' ± {100 * d[1]:.1f}'} mIoU points "
-                         f"(paired, {d[2]} seeds; forest {fmt(f)} %); goal >= +{100 * FOREST_MARGIN:.0f}: "
+                         f"(paired, {n_seeds(d[2])}; forest {fmt(f)} %); goal >= +{100 * FOREST_MARGIN:.0f}: "
                          + ("met." if d[0] >= FOREST_MARGIN else
                             f"NOT met, short by {100 * (FOREST_MARGIN - d[0]):.1f}."))
     for start in (10, "1/object"):
@@ -924,7 +929,7 @@ def few_clicks_verdict(rows, keys):
         if d[2]:
             lines.append(f"- {start} then {ROUNDS} x {CLICKS_PER_ROUND} clicks: model-chosen minus random "
                          f"{100 * d[0]:+.1f}{'' if d[2] < 2 else f' ± {100 * d[1]:.1f}'} mIoU points (paired, "
-                         f"{d[2]} seeds).")
+                         f"{n_seeds(d[2])}).")
     return "\n".join(lines)
 
 

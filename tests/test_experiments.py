@@ -476,7 +476,9 @@ def report_tables(text):
 
 
 @pytest.mark.parametrize("report, preset", [("results/experiments.md", "demo"),
-                                            ("results/atlanta/experiments.md", "atlanta")])
+                                            ("results/atlanta/experiments.md", "atlanta"),
+                                            ("results/atlanta-steps/experiments.md", "atlanta-steps"),
+                                            ("results/demo-steps/experiments.md", "demo-steps")])
 def test_tracked_report_rows_are_the_mean_and_std_of_their_csv_rows(report, preset):
     """Every row of a committed report is the mean ± sample std of the csv rows of one configuration of that run
     (same run, the preset's settings): a hand-edited number, a csv row added or lost, or a report not rebuilt
