@@ -28,7 +28,7 @@ from typing import Optional, Union
 from annotations import parse_fraction
 from class_weights import SCHEMES
 from dataset import parse_points
-from few_clicks import CLICK_STRATEGIES, SPARSE
+from few_clicks import CLICK_STRATEGIES, SPARSE, SPARSE_SHARE
 from model import ARCHS, DECODERS
 from partial_ce_loss import NORMALIZATIONS
 from resident import LOADERS
@@ -229,8 +229,9 @@ class TrainConfig:
                                    ROUNDS, check=at_least(1), must="be >= 1 pixel", neutral=True)
     region_growing: bool = setting(False, "a click labels its SLIC superpixel (where that superpixel's clicks "
                                           "agree on a class)", ROUNDS, neutral=True)
-    sparse: str = setting("auto", "auto: when the clicks label under 0.1 %% of the training pixels, region growing "
-                                  "is on (experiment 8: it helps or ties on the real set at 10 clicks per image and "
+    sparse: str = setting("auto", f"auto: when the clicks label under {100 * SPARSE_SHARE:g} %% of the training "
+                                  "pixels, region growing is on (experiment 8: it helps or ties on the real set at "
+                                  "10 clicks per image and "
                                   "one per object, 0.04 %% and 0.01 %%, and loses on the synthetic set at 0.18 %% and "
                                   "above); off: only what is asked for", ROUNDS,
                           choices=SPARSE, neutral=True, neutral_at="off")

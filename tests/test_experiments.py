@@ -397,8 +397,9 @@ def test_a_preset_sized_in_steps_trains_in_steps_and_leaves_the_other_keys_alone
     assert E.own_folder(in_steps) == Path("results") / in_steps
     # the same data as its epochs preset, so synthetic numbers stay labelled synthetic
     assert E.is_synthetic(in_steps, E.PRESETS[in_steps]) == E.is_synthetic(in_epochs, E.PRESETS[in_epochs])
-    assert {k: v for k, v in E.PRESETS[in_steps].items() if k not in ("epochs", "steps", "schedule", "warmup")} \
-        == {k: v for k, v in E.PRESETS[in_epochs].items() if k not in ("epochs", "steps", "schedule", "warmup")}
+    sizing = ("epochs", "steps", "schedule", "warmup")
+    assert {k: v for k, v in E.PRESETS[in_steps].items() if k not in sizing} \
+        == {k: v for k, v in E.PRESETS[in_epochs].items() if k not in sizing}
 
 
 def test_rows_choose_the_runs_by_their_labels(capsys):
