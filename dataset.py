@@ -669,9 +669,15 @@ def folder_pairs(image_dir, label_dir):
     return [(p.stem, p, labels[p.stem]) for p in images]
 
 
+_NOTED = set()  # (folder, names) already said in this process: a run lists its ids more than once
+
+
 def note_orphans(names, folder):
-    """Say which labels have no image (a deleted or renamed image): they are left out, never silently."""
-    if names:
+    """Say which labels have no image (a deleted or renamed image): they are left out, never silently; once per
+    folder and set of names in a process."""
+    seen = (str(folder), tuple(sorted(names)))
+    if names and seen not in _NOTED:
+        _NOTED.add(seen)
         print(f"note: {len(names)} labels in {folder} have no image and are left out: {sorted(names)[:5]}"
               f"{' ...' if len(names) > 5 else ''}", flush=True)
 
