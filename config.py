@@ -28,7 +28,7 @@ from typing import Optional, Union
 from annotations import parse_fraction
 from class_weights import SCHEMES
 from dataset import parse_points
-from few_clicks import CLICK_STRATEGIES, SPARSE, SPARSE_SHARE
+from few_clicks import AFFINITY_SHARE, CLICK_STRATEGIES, SPARSE, SPARSE_SHARE
 from model import ARCHS, DECODERS
 from partial_ce_loss import NORMALIZATIONS
 from resident import LOADERS
@@ -231,9 +231,10 @@ class TrainConfig:
                                           "agree on a class)", ROUNDS, neutral=True)
     sparse: str = setting("auto", f"auto: when the clicks label under {100 * SPARSE_SHARE:g} %% of the training "
                                   "pixels, region growing is on (experiment 8: it helps or ties on the real set at "
-                                  "10 clicks per image and "
-                                  "one per object, 0.04 %% and 0.01 %%, and loses on the synthetic set at 0.18 %% and "
-                                  "above); off: only what is asked for", ROUNDS,
+                                  "10 clicks per image and one per object, 0.04 %% and 0.01 %%, and loses on the "
+                                  f"synthetic set at 0.18 %%); from there up to {100 * AFFINITY_SHARE:g} %% the "
+                                  "affinity loss is on (--affinity-weight 1: it wins at 10 clicks per image on both "
+                                  "sets); off: only what is asked for", ROUNDS,
                           choices=SPARSE, neutral=True, neutral_at="off")
     forest_teacher: float = setting(0.0, "a random forest on filter features, fitted on the clicks, labels the surest "
                                          "share of each class's pixels it predicts before training (pseudo-labels; "

@@ -60,6 +60,7 @@ SUPERPIXEL_AREA = 64  # processing pixels per SLIC superpixel (about 8 x 8)
 ROUND_SEED = 9  # random clicks: a stream of their own, apart from the annotation's
 SPARSE = ("auto", "off")  # --sparse
 SPARSE_SHARE = 0.001  # --sparse auto: region growing when the clicks label under 0.1 % of the training pixels
+AFFINITY_SHARE = 0.0025  # --sparse auto: the affinity loss from SPARSE_SHARE up to 0.25 %
 
 
 # --------------------------------------------------------------------------- schedule and prediction
@@ -259,16 +260,30 @@ def _right(right, n, dataset):
 # --------------------------------------------------------------------------- called by train.py
 
 def sparse_additions(cfg, labelled):
-    """What --sparse auto adds to a run whose clicks label the share `labelled` of the training pixels (at
-    processing resolution): region growing under SPARSE_SHARE, on a fixed annotation, when not asked for already.
-    Experiment 8 with training sized in steps (presets atlanta-steps, demo-steps): on the real tile (10 clicks per
-    image = 0.04 %, one per object = 0.01 %) region growing tied or beat partial CE; on the synthetic patches at 10
-    clicks per image (0.18 %) it lost about 9 mIoU points (short 8-epoch runs had it 2 points ahead); at 100 per
-    image (1.76 %, 0.44 %) it lost or tied. Returns the settings to change ({} for none)."""
+    """What --sparse auto adds to a run on a fixed annotation whose clicks label the share `labelled` of the
+    training pixels (at processing resolution), when the run asks for neither itself: region growing under
+    SPARSE_SHARE, the affinity loss (weight 1) from there up to AFFINITY_SHARE. Experiment 8 with training sized in
+    steps (presets atlanta-steps, demo-steps, 3 seeds): on the real tile (10 clicks per image = 0.04 %, one per
+    object = 0.01 %) region growing tied or beat partial CE; on the synthetic patches at 10 clicks per image (0.18 %)
+    it lost about 9 mIoU points, where the affinity loss won (+1.6; on the real tile at 10 clicks +2.0, tying region
+    growing); at 100 per image (1.76 %, 0.44 %) region growing lost or tied and the affinity loss tied in the short
+    presets. Returns the settings to change ({} for none)."""
     fixed = (cfg.points is not None or cfg.clicks) and not cfg.resample_each_epoch
-    if cfg.sparse == "auto" and fixed and not cfg.region_growing and labelled < SPARSE_SHARE:
+    if cfg.sparse != "auto" or not fixed or cfg.region_growing:
+        return {}
+    if labelled < SPARSE_SHARE:
         return {"region_growing": True}
+    if labelled < AFFINITY_SHARE and not cfg.affinity_weight:
+        return {"affinity_weight": 1.0}
     return {}
+
+
+def sparse_note(added, labelled):
+    """The log line that says what sparse_additions turned on, and why."""
+    what, under = ("region growing", SPARSE_SHARE) if "region_growing" in added else \
+        (f"the affinity loss (--affinity-weight {added['affinity_weight']:g})", AFFINITY_SHARE)
+    return (f"sparse clicks: they label {labelled:.3%} of the training pixels (under {under:.2%}), so {what} is on "
+            f"(--sparse off: the clicks alone)")
 
 
 def enabled(cfg):

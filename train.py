@@ -714,9 +714,7 @@ def train(cfg):
         added = few_clicks.sparse_additions(cfg, labelled)
         if added:
             cfg = replace(cfg, **added)
-            print(f"sparse clicks: they label {labelled:.3%} of the training pixels (under "
-                  f"{few_clicks.SPARSE_SHARE:.2%}), so region growing is on (--sparse off: the clicks alone)",
-                  flush=True)
+            print(few_clicks.sparse_note(added, labelled), flush=True)
         if cfg.points is None and not cfg.clicks:
             budget = "dense labels"
         else:

@@ -532,15 +532,19 @@ def test_checks_of_the_share_settings():
 
 # --------------------------------------------------------------------------- --sparse auto (experiment 8's evidence)
 
-def test_sparse_auto_adds_region_growing_only_to_sparse_fixed_clicks():
+def test_sparse_auto_adds_region_growing_or_the_affinity_loss_only_to_sparse_fixed_clicks():
     cfg = TrainConfig(points=10)
     assert cfg.sparse == "auto"  # the default
     assert few_clicks.sparse_additions(cfg, 0.0004) == {"region_growing": True}  # 10 clicks on a real tile
     assert few_clicks.sparse_additions(cfg, 0.0001) == {"region_growing": True}  # 1 per object on the real tile
-    assert few_clicks.sparse_additions(cfg, 0.0018) == {}  # 10 per image on the synthetic patches: it lost there
+    assert few_clicks.sparse_additions(cfg, 0.0018) == {"affinity_weight": 1.0}  # 10 per image, synthetic patches
+    assert few_clicks.sparse_additions(cfg, 0.0044) == {}  # 100 per image on the real tile: it tied there
     assert few_clicks.sparse_additions(cfg, 0.0176) == {}  # 100 per image on the synthetic patches
     for other in (dict(sparse="off"), dict(points=None), dict(resample_each_epoch=True), dict(region_growing=True)):
-        assert few_clicks.sparse_additions(replace(cfg, **other), 0.0004) == {}
+        for share in (0.0004, 0.0018):
+            assert few_clicks.sparse_additions(replace(cfg, **other), share) == {}
+    assert few_clicks.sparse_additions(replace(cfg, affinity_weight=0.5), 0.0018) == {}  # the user's weight stays
+    assert few_clicks.sparse_additions(replace(cfg, affinity_weight=0.5), 0.0004) == {"region_growing": True}
 
 
 def test_a_sparse_run_grows_its_clicks_as_if_asked_and_resumes(data, tmp_path, capsys):
@@ -559,5 +563,21 @@ def test_a_sparse_run_grows_its_clicks_as_if_asked_and_resumes(data, tmp_path, c
     resumed = cfg_for(data, tmp_path, points=1, allow_unclicked=True, epochs=3, out=str(tmp_path / "auto"), resume=True)
     assert len(train(resumed)) == 3
     assert "so region growing is on" in capsys.readouterr().out  # decided again, the same way
-    train(cfg_for(data, tmp_path, points=2, allow_unclicked=True, epochs=1, out=str(tmp_path / "denser")))  # 0.2 %
+    train(cfg_for(data, tmp_path, points=3, allow_unclicked=True, epochs=1, out=str(tmp_path / "denser")))  # 0.29 %
     assert "sparse clicks" not in capsys.readouterr().out
+
+
+def test_a_run_between_the_thresholds_trains_with_the_affinity_loss_as_if_asked(data, tmp_path, capsys):
+    """2 clicks per 48 x 48 image label 0.195 % of the 32 x 32 grid: over 0.1 %, under 0.25 %, so the default run is
+    the run that asks for --affinity-weight 1, epoch for epoch, and the checkpoint keeps what was asked."""
+    auto = train(cfg_for(data, tmp_path, points=2, allow_unclicked=True, epochs=2, out=str(tmp_path / "auto")))
+    assert "they label 0.195% of the training pixels (under 0.25%), so the affinity loss (--affinity-weight 1) " \
+           "is on" in capsys.readouterr().out
+    asked = train(cfg_for(data, tmp_path, points=2, allow_unclicked=True, epochs=2, affinity_weight=1.0, sparse="off",
+                          out=str(tmp_path / "asked")))
+    assert [h["train_loss"] for h in auto] == pytest.approx([h["train_loss"] for h in asked], rel=1e-6)
+    assert [h["val_miou"] for h in auto] == [h["val_miou"] for h in asked]
+    assert read_checkpoint(tmp_path / "auto" / "last.pth").config["affinity_weight"] == 0.0
+    off = train(cfg_for(data, tmp_path, points=2, allow_unclicked=True, epochs=2, sparse="off",
+                        out=str(tmp_path / "off")))
+    assert [h["train_loss"] for h in off] != pytest.approx([h["train_loss"] for h in auto], rel=1e-6)
