@@ -265,9 +265,9 @@ def sparse_additions(cfg, labelled):
     SPARSE_SHARE, the affinity loss (weight 1) from there up to AFFINITY_SHARE. Experiment 8 with training sized in
     steps (presets atlanta-steps, demo-steps, 3 seeds): on the real tile (10 clicks per image = 0.04 %, one per
     object = 0.01 %) region growing tied or beat partial CE; on the synthetic patches at 10 clicks per image (0.18 %)
-    it lost about 9 mIoU points, where the affinity loss won (+1.6; on the real tile at 10 clicks +2.0, tying region
-    growing); at 100 per image (1.76 %, 0.44 %) region growing lost or tied and the affinity loss tied in the short
-    presets. Returns the settings to change ({} for none)."""
+    it lost about 9 mIoU points, where the affinity loss won (+1.6; on the real tile it tied region growing at 10
+    clicks and one per object); at 100 per image (1.76 %, 0.44 %) region growing lost or tied and the affinity loss
+    tied in the short presets. Returns the settings to change ({} for none)."""
     fixed = (cfg.points is not None or cfg.clicks) and not cfg.resample_each_epoch
     if cfg.sparse != "auto" or not fixed or cfg.region_growing:
         return {}
