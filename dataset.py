@@ -669,7 +669,7 @@ def folder_pairs(image_dir, label_dir):
     return [(p.stem, p, labels[p.stem]) for p in images]
 
 
-_NOTED = set()  # (folder, names) already said in this process: a run lists its ids more than once
+_NOTED = set()  # (folder, names) already said in this process: experiments.py lists a folder for every run
 
 
 def note_orphans(names, folder):

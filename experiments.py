@@ -968,7 +968,7 @@ def closing_note(rows, keys):
         lines.append(f"- Class weights (from points) change mIoU by **{100 * w[0]:+.1f}"
                      f"{'' if w[2] < 2 else f' ± {100 * w[1]:.1f}'} points** and OA by "
                      f"{100 * wo[0]:+.1f}{'' if wo[2] < 2 else f' ± {100 * wo[1]:.1f}'} points (weights minus no "
-                     f"weights, paired by seed, mean ± std over {w[2]} seeds).")
+                     f"weights, paired by seed, mean ± std over {n_seeds(w[2])}).")
     else:
         lines.append("- Effect of class weights: not run yet.")
     if c["smallest_within_5"]:

@@ -97,7 +97,7 @@ def test_labels_without_an_image_are_listed(tmp_path, capsys):
     (root / "Images" / "Image_1.tif").unlink()
     assert available_ids(root) == [0, 2]
     assert "1 labels in" in capsys.readouterr().out
-    assert available_ids(root) == [0, 2] and "labels in" not in capsys.readouterr().out  # said once per run
+    assert available_ids(root) == [0, 2] and "labels in" not in capsys.readouterr().out  # once per process
     (root / "Images" / "Image_2.tif").unlink()  # another image gone: said again, with both labels
     assert available_ids(root) == [0] and "2 labels in" in capsys.readouterr().out
     (tmp_path / "img").mkdir()
