@@ -324,10 +324,10 @@ def _nodata_pixels(ref, rows, cols, block=256):
     return bad
 
 
-def _assemble(source, refs, pieces, classes, notes):
+def _assemble(source, refs, pieces, classes, notes, allow_empty=False):
     """ClickSet from per-image pieces [(rows, cols, classes, kinds)]: nodata clicks and pixels with two classes
     left out and reported, one click per pixel (a point wins over a line over a polygon). No click at all: an
-    error that suggests why."""
+    error that suggests why, or with `allow_empty` a ClickSet without clicks that says so in its notes."""
     images, nodata, conflicts, conflict_images = {}, 0, 0, []
     for ref in refs:
         got = pieces.get(ref.name, [])
@@ -358,9 +358,11 @@ def _assemble(source, refs, pieces, classes, notes):
                      f"(images {conflict_images[:5]}); fix those clicks")
     result = ClickSet(images, classes, str(source), notes)
     if len(result) == 0:
-        raise ValueError(f"{source}: no click falls on a valid pixel of any of the {len(refs)} images "
-                         f"({', '.join(r.name for r in refs[:5])}{', ...' if len(refs) > 5 else ''}). "
-                         + "; ".join(notes))
+        why = (f"{source}: no click falls on a valid pixel of any of the {len(refs)} images "
+               f"({', '.join(r.name for r in refs[:5])}{', ...' if len(refs) > 5 else ''})")
+        if not allow_empty:
+            raise ValueError(f"{why}. " + "; ".join(notes))
+        notes.append(why)
     return result
 
 
@@ -407,7 +409,7 @@ def _reproject(geoms, src, dst):
 
 
 def read_layer(path, refs, classes=POTSDAM, *, class_field="class", image_field="image", layer=None,
-               line_width=1.0):
+               line_width=1.0, allow_empty=False):
     """A vector layer (anything pyogrio opens) -> ClickSet. See the module docstring for the rules."""
     path = Path(path)
     try:
@@ -500,10 +502,10 @@ def read_layer(path, refs, classes=POTSDAM, *, class_field="class", image_field=
         raise ValueError(f"{path}: no click falls inside any image. The layer spans {tuple(round(v, 3) for v in lb)}"
                          + (f" in {src.to_string()}, the images {where}. Swapped lon/lat (x must be longitude) or "
                             f"a wrong CRS on the layer?" if src is not None else "; check the coordinates"))
-    return _assemble(path, refs, pieces, classes, notes)
+    return _assemble(path, refs, pieces, classes, notes, allow_empty)
 
 
-def read_csv(path, refs, classes=POTSDAM, *, class_field="class", image_field="image"):
+def read_csv(path, refs, classes=POTSDAM, *, class_field="class", image_field="image", allow_empty=False):
     """A CSV of clicks in pixel coordinates, `image,x,y,class` (x = column, y = row) -> ClickSet. An optional
     `kind` column (point/line/polygon/raster, as write_clicks writes it) is kept."""
     path = Path(path)
@@ -537,10 +539,10 @@ def read_csv(path, refs, classes=POTSDAM, *, class_field="class", image_field="i
             pieces[ref.name] = got
     if outside:
         notes.append(f"{path}: {outside} clicks lie outside their image and were left out")
-    return _assemble(path, refs, pieces, classes, notes)
+    return _assemble(path, refs, pieces, classes, notes, allow_empty)
 
 
-def read_label_studio(path, refs, classes=POTSDAM, *, line_width=1.0):
+def read_label_studio(path, refs, classes=POTSDAM, *, line_width=1.0, allow_empty=False):
     """A Label Studio JSON export (list of tasks) -> ClickSet: KeyPointLabels (x, y in percent of the image
     width / height) as clicks, PolygonLabels filled; other result types are counted in the notes. Cancelled
     annotations are skipped. The task's image is matched by file name (Label Studio's upload prefix removed)."""
@@ -575,10 +577,11 @@ def read_label_studio(path, refs, classes=POTSDAM, *, line_width=1.0):
     return _pixel_shapes(path, refs, geoms, labels, names, classes, line_width, missing,
                          empty=f"no KeyPointLabels or PolygonLabels results in this Label Studio export (result "
                                f"types found: {other or 'none'}); export the project as JSON",
-                         notes=[f"{path}: {n} results of type {k!r} ignored" for k, n in other.items()])
+                         notes=[f"{path}: {n} results of type {k!r} ignored" for k, n in other.items()],
+                         allow_empty=allow_empty)
 
 
-def read_cvat(path, refs, classes=POTSDAM, *, class_field="class", line_width=1.0):
+def read_cvat(path, refs, classes=POTSDAM, *, class_field="class", line_width=1.0, allow_empty=False):
     """A CVAT for images 1.1 XML export -> ClickSet: `<points>` (every point a click), `<polyline>` (a line),
     `<polygon>` and `<box>` (filled), in pixels. The class: the shape's `<attribute name=class_field>` when it has
     one, else its label. An image whose size differs from the file's is an error."""
@@ -617,10 +620,11 @@ def read_cvat(path, refs, classes=POTSDAM, *, class_field="class", line_width=1.
     return _pixel_shapes(path, refs, geoms, labels, names, classes, line_width, missing,
                          empty=f"no points, polylines, polygons or boxes in this CVAT XML (found {other or 'nothing'})"
                                f"; export as 'CVAT for images 1.1'",
-                         notes=[f"{path}: {n} <{k}> shapes ignored" for k, n in other.items()])
+                         notes=[f"{path}: {n} <{k}> shapes ignored" for k, n in other.items()],
+                         allow_empty=allow_empty)
 
 
-def _pixel_shapes(path, refs, geoms, labels, names, classes, line_width, missing, empty, notes):
+def _pixel_shapes(path, refs, geoms, labels, names, classes, line_width, missing, empty, notes, allow_empty=False):
     """The ClickSet of shapes in pixel coordinates read from a tool's export (Label Studio, CVAT): `geoms` with
     their `labels` on the images `names`. Images the export names but `refs` lacks (`missing`) are an error, and
     so is an export without any shape (`empty` says what was looked for)."""
@@ -641,10 +645,10 @@ def _pixel_shapes(path, refs, geoms, labels, names, classes, line_width, missing
             outside += out
     if outside:
         notes.append(f"{path}: {outside} points lie outside their image and were left out")
-    return _assemble(path, refs, pieces, classes, notes)
+    return _assemble(path, refs, pieces, classes, notes, allow_empty)
 
 
-def read_sparse_labels(folder, images, classes=POTSDAM):
+def read_sparse_labels(folder, images, classes=POTSDAM, *, allow_empty=False):
     """Sparse label rasters -> ClickSet: in `folder`, one label per image with the image's stem (TIF/PNG), the
     ignore value (or colour) except at clicks, read like any label (dataset.read_label, per `classes`). An image
     without a label holds no click; a label without its image is an error."""
@@ -662,35 +666,39 @@ def read_sparse_labels(folder, images, classes=POTSDAM):
         if r.name in labels:
             c = clicks_from_label(read_label(labels[r.name], classes), r)
             pieces[r.name] = [(c.rows, c.cols, c.classes, c.kinds)]
-    return _assemble(folder, refs, pieces, classes, [])
+    return _assemble(folder, refs, pieces, classes, [], allow_empty)
 
 
 def read_clicks(path, images, classes=POTSDAM, *, class_field="class", image_field="image", layer=None,
-                line_width=1.0):
+                line_width=1.0, allow_empty=False):
     """Read clicks for `images` (a folder or a list of image paths) from `path`: a vector layer (.gpkg, .geojson,
     .shp, ...), a CSV (.csv), a Label Studio export or GeoJSON (.json, told apart by content), a CVAT XML (.xml),
     or a folder of sparse label rasters. `class_field`: the attribute / column with the class (names or indices
-    of `classes`); `line_width`: lines' width in pixels. Returns a ClickSet; see the module docstring."""
+    of `classes`); `line_width`: lines' width in pixels. Returns a ClickSet; see the module docstring. When every
+    click is left out (on nodata, or two classes on one pixel): an error, or with `allow_empty` (the annotation
+    page) a ClickSet without clicks whose notes say why."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"annotation file {path} not found")
     if path.is_dir() and path.suffix.lower() != ".gdb":
-        return read_sparse_labels(path, images, classes)
+        return read_sparse_labels(path, images, classes, allow_empty=allow_empty)
     refs = image_refs(images)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return read_csv(path, refs, classes, class_field=class_field, image_field=image_field)
+        return read_csv(path, refs, classes, class_field=class_field, image_field=image_field,
+                        allow_empty=allow_empty)
     if suffix == ".xml":
-        return read_cvat(path, refs, classes, class_field=class_field, line_width=line_width)
+        return read_cvat(path, refs, classes, class_field=class_field, line_width=line_width,
+                         allow_empty=allow_empty)
     if suffix == ".json":
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not (isinstance(doc, dict) and doc.get("type") in ("FeatureCollection", "Feature")):
-            return read_label_studio(path, refs, classes, line_width=line_width)
+            return read_label_studio(path, refs, classes, line_width=line_width, allow_empty=allow_empty)
     return read_layer(path, refs, classes, class_field=class_field, image_field=image_field, layer=layer,
-                      line_width=line_width)
+                      line_width=line_width, allow_empty=allow_empty)
 
 
 # --------------------------------------------------------------------------- writing
