@@ -23,7 +23,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Union, get_args, get_origin
 
 from annotations import parse_fraction
 from class_weights import SCHEMES
@@ -32,7 +32,7 @@ from few_clicks import AFFINITY_SHARE, CLICK_STRATEGIES, SPARSE, SPARSE_SHARE
 from model import ARCHS, DECODERS
 from partial_ce_loss import NORMALIZATIONS
 from resident import LOADERS
-from spec import MAX_SCALE, PROCESSING_SIZE, check_scale
+from spec import MAX_SCALE, PROCESSING_SIZE, check_scale, parse_bands, tokens
 
 SCHEDULES = ("step", "cosine", "poly")
 MIN_CROP = 8  # processing pixels a side of a --crop window
@@ -83,19 +83,17 @@ def optional(check):
     return lambda v: v is None or check(v)
 
 
-def parse_bands(text):
-    try:
-        return tuple(int(b) for b in str(text).split(",") if b.strip())
-    except ValueError:
-        raise ValueError(f"--bands takes comma-separated band indices like 0,1,2,3; got {text!r}") from None
-
-
 def parse_names(text):
-    return tuple(c.strip() for c in str(text).split(",") if c.strip())
+    return tuple(tokens(text))
 
 
 def parse_optional_int(text):
-    return None if str(text).lower() in ("", "none", "all") else int(text)
+    if str(text).strip().lower() in ("", "none", "all"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"a whole number (or all) expected, got {text!r}") from None
 
 
 def schedule_factor(kind, warmup, total):
@@ -145,8 +143,9 @@ class TrainConfig:
               "published split when ids 0-2399 exist, else the last --val-fraction of the sorted ids)", DATA)
     train_ids: Optional[tuple] = setting(None, "training image ids (Python only; with val_ids)", DATA, flag="")
     val_ids: Optional[tuple] = setting(None, "validation image ids (Python only; with train_ids)", DATA, flag="")
-    val_fraction: float = setting(0.125, "without a split: the last share of the sorted ids validates (300/2400)",
-                                  DATA, check=lambda v: positive(v) and v < 1, must="be in (0, 1)")
+    val_fraction: float = setting(0.125, "without a split: the last share of the sorted ids validates, e.g. 12.5%% "
+                                         "or 0.125 (300/2400)", DATA, parse=parse_fraction,
+                                  check=lambda v: positive(v) and v < 1, must="be in (0, 1)")
     max_train: Optional[int] = setting(None, "use only the first N training images (quick runs)", DATA,
                                        check=optional(whole(1)), must="be >= 1 (leave it out for all)",
                                        parse=parse_optional_int)
@@ -154,7 +153,7 @@ class TrainConfig:
                                      check=optional(whole(1)), must="be >= 1 (leave it out for all)",
                                      parse=parse_optional_int)
     classes: Optional[str] = setting(None, "class file JSON (default: ISPRS Potsdam classes and colours)", DATA)
-    bands: Optional[tuple] = setting(None, "image bands to use, e.g. 0,1,2,3 (default: every band but alpha)", DATA,
+    bands: Optional[tuple[int, ...]] = setting(None, "image bands to use, e.g. 0,1,2,3 (default: every band but alpha)", DATA,
                                      check=lambda v: v is None or (len(v) > 0 and min(v) >= 0),
                                      must="be band indices >= 0", parse=parse_bands)
     # annotation
@@ -297,7 +296,7 @@ class TrainConfig:
               "(points in map coordinates where the images have them) or .csv (pixels); --clicks reads them back",
         RUN, role="how")
     figures: bool = setting(True, "output.png (curves) and results.png in --out", RUN, role="how")
-    exclude: tuple = setting((), "classes left out of the means, e.g. clutter", RUN, parse=parse_names)
+    exclude: tuple[str, ...] = setting((), "classes left out of the means, e.g. clutter", RUN, parse=parse_names)
     resume: bool = setting(False, "continue from <out>/last.pth (same settings)", RUN, role="how")
     overwrite: bool = setting(False, "replace the checkpoints --out holds (another run's)", RUN, role="how")
     progress: bool = setting(True, "progress bars", RUN, role="how")
@@ -470,6 +469,22 @@ def check_config(cfg):
 
 # --------------------------------------------------------------------------- command line
 
+def value_types(field):
+    """The types a field's value takes, read off its annotation: `Optional[float]` -> [float] (never the default's
+    type: a None default says nothing), `tuple[int, ...]` -> [tuple]."""
+    kinds = [t for t in get_args(field.type) if t is not type(None)] if get_origin(field.type) is Union \
+        else [field.type]
+    return [get_origin(t) or t for t in kinds]
+
+
+def value_type(field):
+    """The one type of a field's value (value_types); a Union of several needs a `parse` function."""
+    kinds = value_types(field)
+    if len(kinds) != 1:
+        raise TypeError(f"setting {field.name}: a value of {field.type} needs a parse= function")
+    return kinds[0]
+
+
 def add_arguments(parser):
     """One argparse option per TrainConfig field that has a flag, in groups, defaults from the fields."""
     groups = {g: parser.add_argument_group(g) for g in GROUPS}
@@ -482,9 +497,10 @@ def add_arguments(parser):
             name = s.flag or (f"--no-{f.name.replace('_', '-')}" if default else flag(f.name))
             g.add_argument(name, dest=f.name, action="store_false" if default else "store_true", help=s.help)
             continue
-        kind = str if s.parse else {int: int, float: float}.get(type(default), str)  # parsed by config_from_args
+        kind = str if s.parse else value_type(f)  # text of a field with `parse` is parsed by config_from_args
         shown = default if default is None or isinstance(default, (int, float, str)) else ",".join(map(str, default))
-        g.add_argument(s.flag or flag(f.name), dest=f.name, type=kind, default=default, choices=s.choices,
+        many = {"nargs": "+"} if tuple in value_types(f) else {}  # --bands 0 1 2 or --bands 0,1,2
+        g.add_argument(s.flag or flag(f.name), dest=f.name, type=kind, default=default, choices=s.choices, **many,
                        help=f"{s.help} (default: {shown})".replace("%", "%%").replace("%%%%", "%%"))
     return parser
 
@@ -496,7 +512,10 @@ def config_from_args(args, **overrides):
     for name, _, s in settings():
         if hasattr(args, name):
             v = getattr(args, name)
-            kw[name] = s.parse(v) if s.parse and isinstance(v, str) else v
+            try:
+                kw[name] = s.parse(v) if s.parse and isinstance(v, (str, list)) else v
+            except ValueError as e:  # every value error names its flag
+                raise ValueError(str(e) if flag(name) in str(e) else f"{flag(name)}: {e}") from None
     return TrainConfig(**{**kw, **overrides})
 
 

@@ -84,7 +84,7 @@ from dataset import index_to_colour
 from raster import (GDAL_NODATA, GEOTIFF_TAGS, IMAGE_SUFFIXES, MAX_PIXELS, TIFF_SUFFIXES, RasterError, Rows,
                     bit_depth_of, clean_stale_temporaries, is_image_file, png_rows, png_text, read_raster,
                     readable_by_rows, resize, scale_note, tiles_of_rows, write_index_tiff, write_jpeg)
-from spec import (IGNORE_INDEX, MAX_SCALE, check_scale, file_bands, grid_size, load_input, to_grid, valid_mask,
+from spec import (IGNORE_INDEX, MAX_SCALE, check_scale, file_bands, parse_bands, grid_size, load_input, to_grid, valid_mask,
                   wide_input_warning)
 from vector import BLOCK_ROWS, class_areas, metres_per_unit, polygons_from_bands, write_area_table, write_polygons
 
@@ -1302,8 +1302,8 @@ def get_args_parser():
     p.add_argument("--tta", nargs="?", const="d4", default="none", choices=list(TTA_MODES),
                    help="test-time augmentation averaged in probability space: 'flip' (4 flips, 4x the time) or "
                         "'d4' (flips and 90-degree rotations, 8x); --tta alone means d4 (default: %(default)s)")
-    p.add_argument("--bands", type=int, nargs="+", default=None,
-                   help="0-based band indices to feed the model, e.g. --bands 3 0 1 (default: the checkpoint's "
+    p.add_argument("--bands", nargs="+", default=None,
+                   help="0-based band indices to feed the model, e.g. --bands 3,0,1 or --bands 3 0 1 (default: the checkpoint's "
                         "bands, else the image's: alpha dropped, gray replicated, the first ones of more)")
     p.add_argument("--bit-depth", type=int, default=None,
                    help="bit depth b of >8-bit images, scaled from [0, 2^b-1] to [0, 255] (default: per image, "
@@ -1342,6 +1342,8 @@ def get_args_parser():
 
 def check_args(args):
     """Every argument checked before any work (ValueError naming the flag)."""
+    if args.bands is not None:  # the tokens of --bands 3 0 1 or --bands 3,0,1
+        args.bands = parse_bands(args.bands)
     if args.scale is not None and not check_scale(args.scale):
         raise ValueError(f"--scale must be in (0, {MAX_SCALE}], got {args.scale}")
     if args.tile < 32:

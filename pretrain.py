@@ -26,12 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from checkpoint import FORMAT as CHECKPOINT, non_finite_tensors
-from config import parse_bands, schedule_factor
+from config import schedule_factor
 from dataset import augment_batch
 from model import ARCHS, build_model, resolve_device
 from raster import TIFF_SUFFIXES, atomic_path
 from resident import draw_windows
-from spec import MAX_SCALE, PROCESSING_SIZE, check_scale, fit_spec, load_input, to_grid
+from spec import MAX_SCALE, PROCESSING_SIZE, check_scale, fit_spec, load_input, parse_bands, to_grid
 
 FORMAT = "pretrained-encoder"
 VERSION = 1
@@ -235,7 +235,8 @@ def get_args_parser():
     p.add_argument("--size", type=int, default=PROCESSING_SIZE, help="processing size of the first image's longer "
                                                                      "side (as train.py)")
     p.add_argument("--scale", type=float, help="processing pixels per image pixel (overrides --size)")
-    p.add_argument("--bands", type=parse_bands, help="0-based bands to use, e.g. 0,1,2 (default: every band but alpha)")
+    p.add_argument("--bands", nargs="+", help="0-based bands to use, e.g. 0,1,2 or 0 1 2 (default: every "
+                                                             "band but alpha)")
     p.add_argument("--max-images", type=int, help="use at most this many images (a seeded random choice)")
     p.add_argument("--arch", choices=ARCHS, default="resnet18")
     p.add_argument("--steps", type=int, default=1000)
@@ -256,6 +257,8 @@ def get_args_parser():
 def check_args(args):
     """The user errors found before any image is read (ValueError)."""
     cells = math.ceil(args.crop / args.block) ** 2 if args.block >= 1 else 0
+    if args.bands is not None:  # the tokens of --bands 0 1 2 or --bands 0,1,2
+        args.bands = parse_bands(args.bands)
     problems = [
         (Path(args.out).exists() and not args.overwrite, f"{args.out} exists; pass --overwrite to replace it"),
         (not 0 < args.mask_ratio < 1, f"--mask-ratio must be in (0, 1), got {args.mask_ratio}"),

@@ -19,6 +19,7 @@ processing grid (bilinear with antialiasing for images, nearest for labels). `Se
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,21 @@ def check_scale(scale):
     training, the contract and inference apply."""
     return isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) \
         and 0 < scale <= MAX_SCALE
+
+
+def tokens(text):
+    """Command-line text or tokens (a flag given several values) -> the items, split at commas and spaces."""
+    return [t for t in re.split(r"[,\s]+", " ".join(map(str, text)) if isinstance(text, (list, tuple)) else str(text))
+            if t]
+
+
+def parse_bands(text):
+    """'0,1,2', '0 1 2' or the tokens of `--bands 0 1 2` -> (0, 1, 2): one form for every command."""
+    try:
+        return tuple(int(b) for b in tokens(text))
+    except ValueError:
+        shown = " ".join(map(str, text)) if isinstance(text, (list, tuple)) else text
+        raise ValueError(f"--bands takes band indices like 0,1,2,3 or 0 1 2 3; got {shown!r}") from None
 
 
 @dataclass(frozen=True)

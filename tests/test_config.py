@@ -1,6 +1,7 @@
 """The settings are declared once (config.py): everything else is derived from the declarations."""
 
 import dataclasses
+import typing
 
 import pytest
 
@@ -173,3 +174,66 @@ def test_one_rule_for_the_scale():
         with pytest.raises(ValueError):
             DataSpec(scale=bad)
     assert check_scale(16) and check_scale(0.25)
+
+
+def ordinary(field, s):
+    """One ordinary value of a field and the command-line tokens that say it, made from its annotation and choices
+    (never from the default's type: a None default says nothing about the value)."""
+    default = field.default
+    if s.choices:
+        v = next(c for c in s.choices if c != default)
+        return v, [str(v)]
+    kind = config.value_types(field)[0]
+    if kind is bool:
+        return not default, []
+    if kind is int:
+        v = 7 if default is None else default + 2  # odd stays odd (--affinity-kernel)
+        return v, [str(v)]
+    if kind is float:
+        v = 0.5 if default is None else default / 2
+        return v, [repr(v)]
+    if kind is tuple:
+        element = next(typing.get_args(a)[0] for a in (field.type, *typing.get_args(field.type))
+                       if typing.get_origin(a) is tuple)  # tuple[int, ...] or Optional[tuple[int, ...]]
+        v = (0, 2) if element is int else ("car", "tree")
+        return v, [str(x) for x in v]
+    return "some/where", ["some/where"]
+
+
+def test_every_field_parses_from_the_command_line_to_its_python_value():
+    """The `--scale 0.5` failure: a flag whose default is None was parsed as text. Every field with a flag, given one
+    ordinary value on the command line, must equal the same value set in Python, type included."""
+    import argparse
+    parser = add_arguments(argparse.ArgumentParser())
+    seen = 0
+    for f in dataclasses.fields(TrainConfig):
+        s = f.metadata["setting"]
+        if s.flag == "":
+            continue
+        value, text = ordinary(f, s)
+        name = s.flag or (f"--no-{f.name.replace('_', '-')}" if f.default is True else config.flag(f.name))
+        parsed = getattr(config_from_args(parser.parse_args([name, *text])), f.name)
+        assert parsed == value and type(parsed) is type(value), (name, text, parsed, value)
+        if s.check is not None:
+            assert s.check(parsed) == s.check(value), name
+        seen += 1
+    assert seen > 60
+    cfg = config_from_args(parser.parse_args(["--scale", "0.5"]))
+    check_config(cfg)  # the documented Atlanta flag passes its own check
+    assert cfg.scale == 0.5
+
+
+def test_value_errors_name_their_flag_and_shares_have_one_form():
+    import argparse
+    parser = add_arguments(argparse.ArgumentParser())
+    with pytest.raises(ValueError, match=r"^--max-train: a whole number \(or all\) expected, got 'x'"):
+        config_from_args(parser.parse_args(["--max-train", "x"]))
+    for text in ("20%", "0.2"):  # --val-fraction reads shares as --val-clicks does
+        assert config_from_args(parser.parse_args(["--val-fraction", text])).val_fraction == pytest.approx(0.2)
+        assert config_from_args(parser.parse_args(["--val-clicks", text])).val_clicks == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="^--val-fraction: a held-out share must be in"):
+        config_from_args(parser.parse_args(["--val-fraction", "120%"]))
+    for tokens in (["0,1,3"], ["0", "1", "3"], ["0,1", "3"]):  # --bands: commas or spaces, as in infer.py
+        assert config_from_args(parser.parse_args(["--bands", *tokens])).bands == (0, 1, 3)
+    with pytest.raises(ValueError, match="--bands takes band indices"):
+        config_from_args(parser.parse_args(["--bands", "0,red"]))
