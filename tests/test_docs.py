@@ -111,3 +111,82 @@ def test_relative_links_resolve(path):
         if "://" in target:
             continue
         assert (path.parent / target).exists(), f"{path.name} links to {target}, which does not exist"
+
+
+# --------------------------------------------------------------------------- the commands they show
+
+SCRIPTS = ("train.py", "infer.py", "pretrain.py", "annotate.py")
+COMMAND = re.compile(r"(?:python3?\b|\$\(PY\)|torchrun\b)[^`\n]*?\b(?:" + "|".join(map(re.escape, SCRIPTS)) + r")\b[^`\n]*")
+
+
+def documented_commands(paths):
+    """(where, script, argv) of every `python train.py|infer.py|pretrain.py|annotate.py ...` (or torchrun, or the
+    Makefile's $(PY)) in `paths`, in code blocks and inline code alike: lines joined at a trailing backslash; a
+    literal `...` (options left out) and a comment are dropped; a template ({python} train.py {images}) is not a
+    command."""
+    import shlex
+    out = []
+    for path in paths:
+        for m in COMMAND.finditer(re.sub(r"\\\n\s*", " ", read(path))):
+            if "{" in m.group(0):
+                continue
+            words = [w for w in shlex.split(m.group(0), comments=True) if w != "..."]
+            script = next(w for w in words if w in SCRIPTS)
+            out.append((f"{path.name}: {m.group(0).strip()}", script, words[words.index(script) + 1:]))
+    return out
+
+
+def refused(commands):
+    """What each command's script says against it: its parser, and for train.py the checks and rules of the
+    settings (files they name need not exist here), for infer.py its argument checks. [] when all pass."""
+    import annotate
+    import config
+    import infer
+    import pretrain
+    import train
+    modules = {"train.py": train, "infer.py": infer, "pretrain.py": pretrain, "annotate.py": annotate}
+    problems = []
+    for where, script, argv in commands:
+        if argv in (["--help"], ["-h"]):
+            continue
+        try:
+            args = modules[script].get_args_parser().parse_args(argv)
+            if script == "train.py":
+                cfg = config.config_from_args(args)
+                for name, _, s in config.settings():
+                    v = getattr(cfg, name)
+                    if name not in ("class_weights", "encoder") and not (  # those two check that a file exists
+                            (s.choices is None or v in s.choices) and (s.check is None or s.check(v))):
+                        raise ValueError(f"{config.flag(name)} {v!r}")
+                for rule in config.RULES:
+                    for problem in rule(cfg):
+                        raise ValueError(problem)
+            elif script == "infer.py":
+                infer.check_args(args)
+        except SystemExit:
+            problems.append(f"{where}: refused by {script}'s parser")
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+    return problems
+
+
+def test_every_documented_command_parses_with_the_real_parser(tmp_path, monkeypatch):
+    """A documented command can never be refused (the `--scale 1` commands of docs/data.md were)."""
+    commands = documented_commands([*DOCS, ROOT / "Makefile"])
+    assert {s for _, s, _ in commands} == set(SCRIPTS) and len(commands) > 30
+    monkeypatch.chdir(tmp_path)  # --export-clicks must not find a file of this checkout
+    assert refused(commands) == []
+
+
+def test_a_refused_documented_command_is_found(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    doc = tmp_path / "x.md"
+    doc.write_text("```bash\npython train.py --images a --clicks c.csv \\\n   --scale 1 --steps auto  # sized\n```\n"
+                   "and `python infer.py --input in/ ... --tile 8` inline, `python pretrain.py --images a --out e.pth`\n")
+    commands = documented_commands([doc])
+    assert [(s, a) for _, s, a in commands] == [
+        ("train.py", ["--images", "a", "--clicks", "c.csv", "--scale", "1", "--steps", "auto"]),
+        ("infer.py", ["--input", "in/", "--tile", "8"]), ("pretrain.py", ["--images", "a", "--out", "e.pth"])]
+    problems = refused(commands)
+    assert len(problems) == 2
+    assert "--steps sizes training in optimizer steps" in problems[0] and "--tile must be >= 32" in problems[1]
