@@ -15,23 +15,28 @@ Formats `read_clicks` takes (by the file's extension, then its content):
   Without a CRS over georeferenced images the layer is refused; over non-georeferenced images it is pixel
   coordinates (x = column, y = row, y down) and needs `image_field` unless there is one image. A GeoJSON
   without a "crs" member is WGS 84 (RFC 7946) over georeferenced images, pixel coordinates over plain ones.
-- CSV in pixel coordinates: columns `image,x,y,class` (x = column, y = row of the image as viewers show it;
+- CSV in pixel coordinates, UTF-8: columns `image,x,y,class` (x = column, y = row of the image as viewers show it;
   a fractional coordinate is the pixel it falls in); for PNG/JPEG/non-georeferenced images.
 - Label Studio JSON export (a list of tasks): KeyPointLabels results (x, y in percent of the image) and
   PolygonLabels results (filled).
-- CVAT for images 1.1 XML: `<points>` (each point a click), `<polyline>` (a line), `<polygon>` and `<box>`
-  (filled). The class is the shape's label, or its `<attribute name=class_field>` when it has one.
+- CVAT for images 1.1 XML: `<points>` (each point a click), `<polyline>` (a line; of one vertex: a click),
+  `<polygon>` and `<box>` (filled). The class is the shape's label, or its `<attribute name=class_field>` when it
+  has one.
 - a folder of sparse label rasters (`read_sparse_labels`): label files named like the images, the ignore value
   (or colour) except at clicks, read exactly like dense labels (dataset.read_label). `clicks_from_label`
   turns one such array into clicks.
 
 Every pixel a click or shape covers is one click. Pixels on nodata (GDAL_NODATA, NaN) are left out and counted;
 a pixel given two different classes is left out (every click on it) and counted; the same class twice counts
-once. Both are reported in `ClickSet.notes`. Bad input raises before any work, naming the file and what to do.
+once. Both are reported in `ClickSet.notes`. Bad input raises before any work, in one line: the file, the place
+(line, task, image and shape, feature) and what to do. An image name matches as written (`a%20b.png` is not
+`a b.png`); only a path or URL (Label Studio's) that does not is URL-decoded.
 """
 
 import csv
+import io
 import json
+import math
 import re
 import warnings
 import xml.etree.ElementTree as ET
@@ -378,15 +383,21 @@ def _image_lookup(refs):
 
 
 def _match(name, lookup):
-    """The ref an annotation tool's image name means: a path, a URL (Label Studio's `/data/local-files/?d=...`),
-    or a file name with Label Studio's 8-hex-digit upload prefix (`1a2b3c4d-tile.png`). None when none does."""
-    text = unquote(str(name))
-    q = parse_qs(urlparse(text).query).get("d")
-    base = Path(q[0] if q else urlparse(text).path or text).name
-    for cand in (text, base, Path(base).stem, re.sub(r"^[0-9a-f]{8}-", "", base),
-                 Path(re.sub(r"^[0-9a-f]{8}-", "", base)).stem):
-        if cand in lookup:
-            return lookup[cand]
+    """The ref an annotation tool's image name means, first as written (a file name, a stem or a path's last part,
+    also without Label Studio's 8-hex-digit upload prefix `1a2b3c4d-tile.png`); only a path or URL (it holds a
+    `/`) that does not match so is URL-decoded (Label Studio's `/data/upload/...`, `/data/local-files/?d=...`),
+    so that `a%20b.png` stays itself beside `a b.png`. None when nothing matches."""
+    text = str(name)
+    bases = [Path(text).name]
+    if "/" in text:
+        url = urlparse(text, allow_fragments=False)
+        d = parse_qs(url.query).get("d")
+        bases.append(Path(d[0] if d else unquote(url.path)).name)
+    for base in bases:
+        bare = re.sub(r"^[0-9a-f]{8}-", "", base)
+        for cand in (base, Path(base).stem, bare, Path(bare).stem):
+            if cand in lookup:
+                return lookup[cand]
     return None
 
 
@@ -395,6 +406,62 @@ def _missing_images(source, missing, refs):
     return FileNotFoundError(f"{source} names images that are not among the {len(refs)} images given (in {folder}): "
                              f"{sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}; put them there or fix "
                              f"the image names")
+
+
+def _text(path):
+    """The file's text: UTF-8 (a byte-order mark allowed). Another encoding is refused, naming the line: guessing
+    it (Latin-1? Windows-1252?) could turn an image or class name into another."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8 "
+                         f"(Excel: CSV UTF-8; iconv -f latin1 -t utf-8)") from None
+
+
+def _json(path):
+    try:
+        return json.loads(_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _number(value, where, what, text=False):
+    """`value` as a finite float: a number, or with `text` (CSV cells, XML attributes) text that reads as one.
+    Anything else (missing, NaN, a string in JSON) raises '<where>: <what> must be a number, got ...'."""
+    if (isinstance(value, (int, float)) and not isinstance(value, bool)) or (text and isinstance(value, str)):
+        try:
+            f = float(value)
+        except (ValueError, OverflowError):
+            f = math.nan
+        if math.isfinite(f):
+            return f
+    got = ("nothing" if value is None else f"the text {value!r} (write it without quotes)"
+           if isinstance(value, str) and not text else repr(value))
+    raise ValueError(f"{where}: {what} must be a number, got {got}; correct it there")
+
+
+def _vertices(pairs, where, text=False):
+    """[(x, y), ...] from a list of pairs of numbers (`text`: of text, as CVAT writes them); else an error."""
+    if not isinstance(pairs, list):
+        raise ValueError(f"{where}: points must be a list of [x, y], got {pairs!r:.40}; correct it there")
+    bad = next((p for p in pairs if not (isinstance(p, (list, tuple)) and len(p) == 2)), None)
+    if bad is not None:
+        raise ValueError(f"{where}: a vertex must be a pair x, y, got {bad!r:.40}; correct it there")
+    return [(_number(x, where, "x", text), _number(y, where, "y", text)) for x, y in pairs]
+
+
+def _shape(kind, pts, where):
+    """The geometries of a tool's shape of `kind` from its pixel vertices [(x, y), ...]: 'points' -> a point each;
+    'polyline' -> a line (of one vertex: a point, the pixel it lies on); 'polygon' -> a polygon (3 vertices or
+    more). Fewer vertices are an error at `where`."""
+    need = 3 if kind == "polygon" else 1
+    if len(pts) < need:
+        raise ValueError(f"{where}: a {kind} needs {need} or more vertices, has {len(pts)}; correct or delete it")
+    if kind == "points" or len(pts) == 1:
+        return [shapely.Point(p) for p in pts]
+    return [shapely.LineString(pts) if kind == "polyline" else shapely.Polygon(pts)]
 
 
 def _crs(value):
@@ -422,7 +489,12 @@ def read_layer(path, refs, classes=POTSDAM, *, class_field="class", image_field=
     if class_field not in fields:
         raise ValueError(f"{path}: no class field {class_field!r}; its fields are {fields}; pass the field "
                          f"that holds the class (--class-field)")
-    geoms = shapely.from_wkb(np.asarray(wkb, dtype=object))
+    geoms = shapely.from_wkb(np.asarray(wkb, dtype=object), on_invalid="ignore")
+    broken = np.flatnonzero(shapely.is_missing(geoms) & np.array([b is not None for b in wkb]))
+    if broken.size:
+        raise ValueError(f"{path}: features {(broken + 1).tolist()[:5]} (counted from 1) hold geometries that cannot "
+                         f"be read (a line of one point, a ring that does not close, ...); fix them (QGIS: Check "
+                         f"Geometries) or delete them")
     notes = []
     keep = ~shapely.is_missing(geoms) & ~shapely.is_empty(geoms)
     if not keep.all():
@@ -434,16 +506,17 @@ def read_layer(path, refs, classes=POTSDAM, *, class_field="class", image_field=
         kinds = np.array([KINDS.index(k) if k in KINDS else POINT for k in values[fields.index("kind")][keep]],
                          np.uint8)
     lookup = _image_lookup(refs)
-    named = None
+    named, unknown = None, set()
     if image_field in fields:
         names = values[fields.index(image_field)][keep]
         found = [_match(n, lookup) for n in names]
-        if all(f is not None for f in found):
+        unknown = {str(n) for n, f in zip(names, found) if f is None}
+        if not unknown:
             named = np.array([f.name for f in found], dtype=object)
     src = _crs(meta.get("crs"))
     geo = [r for r in refs if r.georeferenced]
     if src is not None and not geo and path.suffix.lower() in (".geojson", ".json") \
-            and "crs" not in json.loads(path.read_text(encoding="utf-8")):
+            and "crs" not in _json(path):
         src = None  # GDAL calls every GeoJSON without a "crs" member WGS 84; over plain images it is pixels
     pieces, outside, empty = {}, 0, 0
     if src is None:
@@ -451,12 +524,11 @@ def read_layer(path, refs, classes=POTSDAM, *, class_field="class", image_field=
             raise ValueError(f"{path}: the layer has no CRS but images such as {geo[0].path} are georeferenced; "
                              f"set the layer's CRS (QGIS: Layer > Set CRS; ogr2ogr -a_srs EPSG:<code>), "
                              f"never guessed here")
+        if unknown:
+            raise _missing_images(path, unknown, refs)
         if named is None and len(refs) > 1:
             raise ValueError(f"{path}: a layer without CRS is pixel coordinates, and then needs an {image_field!r} "
                              f"field naming each feature's image (fields: {fields})")
-        if named is None and image_field in fields and len(refs) > 1:
-            raise _missing_images(path, {str(v) for v in values[fields.index(image_field)][keep]
-                                         if _match(v, lookup) is None}, refs)
         targets, sel = [], {}
         for r in refs:
             mine = shapely.intersects(geoms, shapely.box(0, 0, r.shape[1], r.shape[0]))
@@ -506,27 +578,32 @@ def read_layer(path, refs, classes=POTSDAM, *, class_field="class", image_field=
 
 
 def read_csv(path, refs, classes=POTSDAM, *, class_field="class", image_field="image", allow_empty=False):
-    """A CSV of clicks in pixel coordinates, `image,x,y,class` (x = column, y = row) -> ClickSet. An optional
-    `kind` column (point/line/polygon/raster, as write_clicks writes it) is kept."""
+    """A CSV of clicks in pixel coordinates, `image,x,y,class` (x = column, y = row) -> ClickSet, UTF-8. An optional
+    `kind` column (point/line/polygon/raster, as write_clicks writes it) is kept. Blank lines are skipped."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        need = [image_field, "x", "y", class_field]
-        if any(c not in cols for c in need):
-            raise ValueError(f"{path}: needs the columns {need} (x = column, y = row in pixels), found {cols}")
-        rows = list(reader)
+    lines = csv.reader(io.StringIO(_text(path), newline=""))
+    cols = next(lines, [])
+    need = [image_field, "x", "y", class_field]
+    if any(c not in cols for c in need):
+        raise ValueError(f"{path}: needs the columns {need} (x = column, y = row in pixels), found {cols}")
+    rows, where = [], []
+    for fields in lines:
+        if not any(f.strip() for f in fields):
+            continue
+        r = dict(zip(cols, fields))
+        if any(c not in r for c in need) or any(f.strip() for f in fields[len(cols):]):
+            raise ValueError(f"{path}: line {lines.line_num} has {len(fields)} fields, the header {len(cols)} "
+                             f"({','.join(cols)}); give {','.join(need)} on every line (quote a value with a comma)")
+        rows.append(r)
+        where.append(f"{path}: line {lines.line_num}")
     if not rows:
         raise ValueError(f"{path}: no clicks (only a header); add rows image,x,y,class")
     lookup = _image_lookup(refs)
     missing = {r[image_field] for r in rows if _match(r[image_field], lookup) is None}
     if missing:
         raise _missing_images(path, missing, refs)
-    try:
-        x = np.array([float(r["x"]) for r in rows])
-        y = np.array([float(r["y"]) for r in rows])
-    except ValueError as e:
-        raise ValueError(f"{path}: x and y must be numbers (pixels) ({e})") from None
+    x = np.array([_number(r["x"], w, "x (pixels)", text=True) for r, w in zip(rows, where)])
+    y = np.array([_number(r["y"], w, "y (pixels)", text=True) for r, w in zip(rows, where)])
     cls = class_indices([r[class_field] for r in rows], classes, f"{path} column {class_field!r}")
     kinds = np.array([KINDS.index(r["kind"]) if r.get("kind") in KINDS else POINT for r in rows], np.uint8)
     names = np.array([_match(r[image_field], lookup).name for r in rows], dtype=object)
@@ -547,33 +624,44 @@ def read_label_studio(path, refs, classes=POTSDAM, *, line_width=1.0, allow_empt
     width / height) as clicks, PolygonLabels filled; other result types are counted in the notes. Cancelled
     annotations are skipped. The task's image is matched by file name (Label Studio's upload prefix removed)."""
     path = Path(path)
-    tasks = json.loads(path.read_text(encoding="utf-8"))
+    tasks = _json(path)
     if isinstance(tasks, dict):
         tasks = [tasks]
+    if not isinstance(tasks, list):
+        raise ValueError(f"{path}: holds {tasks!r:.40}, not a list of tasks; export the Label Studio project as JSON")
     lookup = _image_lookup(refs)
     geoms, labels, names, missing, other = [], [], [], set(), {}
-    for task in tasks:
-        data = task.get("data", {})
-        image = data.get("image") or next((v for v in data.values() if isinstance(v, str)), None)
-        ref = _match(image, lookup) if image else None
-        results = [r for a in task.get("annotations", task.get("completions", []))
-                   if not a.get("was_cancelled") for r in a.get("result", [])]
-        if ref is None:
-            if results:
-                missing.add(str(image))
-            continue
-        H, W = ref.shape
-        for r in results:
-            v, kind = r.get("value", {}), r.get("type", "")
-            if kind == "keypointlabels":
-                geoms.append(shapely.Point(v["x"] / 100 * W, v["y"] / 100 * H))
-            elif kind == "polygonlabels":
-                geoms.append(shapely.Polygon([(px / 100 * W, py / 100 * H) for px, py in v["points"]]))
-            else:
-                other[kind] = other.get(kind, 0) + 1
+    for i, task in enumerate(tasks, 1):
+        where = f"{path}: task {i}" + (f" (id {task['id']})" if isinstance(task, dict) and "id" in task else "")
+        try:  # a task laid out otherwise (a string, a list where an object belongs) fails here, named below
+            data = task.get("data", {})
+            image = data.get("image") or next((v for v in data.values() if isinstance(v, str)), None)
+            ref = _match(image, lookup) if image else None
+            results = [r for a in task.get("annotations", task.get("completions", []))
+                       if not a.get("was_cancelled") for r in a.get("result", [])]
+            if ref is None:
+                if results:
+                    missing.add(str(image))
                 continue
-            labels.append((v.get(kind) or [None])[0])
-            names.append(ref.name)
+            H, W = ref.shape
+            for j, r in enumerate(results, 1):
+                v, kind, at = r.get("value", {}), r.get("type", ""), f"{where} result {j}"
+                if kind == "keypointlabels":
+                    found = _shape("points", [(_number(v.get("x"), at, "x (percent)") / 100 * W,
+                                               _number(v.get("y"), at, "y (percent)") / 100 * H)], at)
+                elif kind == "polygonlabels":
+                    found = _shape("polygon", [(x / 100 * W, y / 100 * H) for x, y in _vertices(v.get("points"), at)],
+                                   at)
+                else:
+                    other[kind] = other.get(kind, 0) + 1
+                    continue
+                geoms += found
+                lab = v.get(kind)
+                labels.append(lab[0] if isinstance(lab, list) and lab else lab)
+                names.append(ref.name)
+        except (AttributeError, TypeError) as e:
+            raise ValueError(f"{where} is not laid out as Label Studio exports a task ({e}); export the project as "
+                             f"JSON") from None
     return _pixel_shapes(path, refs, geoms, labels, names, classes, line_width, missing,
                          empty=f"no KeyPointLabels or PolygonLabels results in this Label Studio export (result "
                                f"types found: {other or 'none'}); export the project as JSON",
@@ -598,19 +686,21 @@ def read_cvat(path, refs, classes=POTSDAM, *, class_field="class", line_width=1.
             if len(im):
                 missing.add(im.get("name"))
             continue
-        if (int(im.get("height", ref.shape[0])), int(im.get("width", ref.shape[1]))) != ref.shape:
-            raise ValueError(f"{path}: image {im.get('name')} is {im.get('width')}x{im.get('height')} there but "
-                             f"{ref.path} is {ref.shape[1]}x{ref.shape[0]}; annotate the same images")
-        for shape in im:
+        where = f"{path}: image {im.get('name')}"
+        size = tuple(_number(im.get(k, n), where, k, text=True) for k, n in zip(("height", "width"), ref.shape))
+        if size != ref.shape:
+            raise ValueError(f"{where} is {im.get('width')}x{im.get('height')} there but {ref.path} is "
+                             f"{ref.shape[1]}x{ref.shape[0]}; annotate the same images")
+        for j, shape in enumerate(im, 1):
+            at = f"{where} shape {j} <{shape.tag}>"
             attr = {a.get("name"): (a.text or "").strip() for a in shape.findall("attribute")}
             label = attr.get(class_field, shape.get("label"))
             if shape.tag == "box":
-                x0, y0, x1, y1 = (float(shape.get(k)) for k in ("xtl", "ytl", "xbr", "ybr"))
+                x0, y0, x1, y1 = (_number(shape.get(k), at, k, text=True) for k in ("xtl", "ytl", "xbr", "ybr"))
                 found = [shapely.box(x0, y0, x1, y1)]
             elif shape.tag in ("points", "polyline", "polygon"):
-                pts = [tuple(float(v) for v in p.split(",")) for p in shape.get("points", "").split(";") if p]
-                found = ([shapely.Point(p) for p in pts] if shape.tag == "points" else
-                         [shapely.LineString(pts) if shape.tag == "polyline" else shapely.Polygon(pts)])
+                pairs = [p.split(",") for p in shape.get("points", "").split(";") if p.strip()]
+                found = _shape(shape.tag, _vertices(pairs, at, text=True), at)
             else:
                 other[shape.tag] = other.get(shape.tag, 0) + 1
                 continue
@@ -636,15 +726,18 @@ def _pixel_shapes(path, refs, geoms, labels, names, classes, line_width, missing
     cls = class_indices(labels, classes, f"{path} labels")
     names = np.array(names, dtype=object)
     kinds = np.full(geoms.size, POINT, np.uint8)
-    pieces, outside = {}, 0
+    pieces, outside, small = {}, 0, 0
     for ref in refs:
         s = names == ref.name
         if s.any():
-            pieces[ref.name], out, _ = _pixels_of(geoms[s], cls[s], kinds[s], Affine.identity(), ref.shape,
-                                                  line_width)
-            outside += out
+            pieces[ref.name], out, emp = _pixels_of(geoms[s], cls[s], kinds[s], Affine.identity(), ref.shape,
+                                                    line_width)
+            outside, small = outside + out, small + emp
     if outside:
         notes.append(f"{path}: {outside} points lie outside their image and were left out")
+    if small:
+        notes.append(f"{path}: {small} lines or polygons cover no pixel centre of their image (too small or outside "
+                     f"it) and add no click")
     return _assemble(path, refs, pieces, classes, notes, allow_empty)
 
 
@@ -691,10 +784,7 @@ def read_clicks(path, images, classes=POTSDAM, *, class_field="class", image_fie
         return read_cvat(path, refs, classes, class_field=class_field, line_width=line_width,
                          allow_empty=allow_empty)
     if suffix == ".json":
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        doc = _json(path)
         if not (isinstance(doc, dict) and doc.get("type") in ("FeatureCollection", "Feature")):
             return read_label_studio(path, refs, classes, line_width=line_width, allow_empty=allow_empty)
     return read_layer(path, refs, classes, class_field=class_field, image_field=image_field, layer=layer,
