@@ -263,7 +263,7 @@ def _project_loop(args, root, n_train, device):
 
     from train import train
     cfg = config_from_args(args, data=str(root), train_ids=list(range(n_train)),
-                           val_ids=list(range(n_train, args.patches)), device=str(device), out=str(root.parent / "run"),
+                           val_ids=list(range(n_train, args.patches)), device=str(device), out=str(run_folder(root)),
                            figures=False, progress=False, overwrite=True)
     log = io.StringIO()
     t0 = time.perf_counter()
@@ -278,13 +278,18 @@ def _project_loop(args, root, n_train, device):
     return n / epochs, wall - epochs, wall, path
 
 
+def run_folder(root):
+    """The project run's folder (b) beside the patch folder `root`; its resident caches are read by (c)."""
+    return root.parent / "run"
+
+
 def _model_alone(args, root, n_train, device, use_amp):
     """(c): the same train steps and val forwards on float tensors already on the device (the resident cache
     the project run built), nothing else: the limit of (b)."""
     model, criterion, opt = _train_setup(args, device)
-    caches = sorted((root / ".resident-cache").glob("resident-*.pt"), key=lambda p: p.stat().st_size)
-    if len(caches) >= 2:
-        va, tr = (torch.load(p, weights_only=True) for p in caches[:2])  # val is the smaller one
+    caches = [sorted((run_folder(root) / ".resident-cache").glob(f"resident-{part}-*.pt")) for part in ("train", "val")]
+    if all(caches):
+        tr, va = (torch.load(found[0], weights_only=True) for found in caches)
         x_tr, y_tr = tr["images"].to(device).float().div_(255), tr["points"].to(device).long()
         x_va, y_va = va["images"].to(device).float().div_(255), va["points"].to(device).long()
     else:  # (b) took the DataLoader path, no cache: random tensors of the same shapes (speed is alike)

@@ -153,7 +153,8 @@ class TrainConfig:
                                      check=optional(whole(1)), must="be >= 1 (leave it out for all)",
                                      parse=parse_optional_int)
     classes: Optional[str] = setting(None, "class file JSON (default: ISPRS Potsdam classes and colours)", DATA)
-    bands: Optional[tuple[int, ...]] = setting(None, "image bands to use, e.g. 0,1,2,3 (default: every band but alpha)", DATA,
+    bands: Optional[tuple[int, ...]] = setting(None, "image bands to use, e.g. 0,1,2,3 or 0 1 2 3 (default: every band "
+                                                     "but alpha)", DATA,
                                      check=lambda v: v is None or (len(v) > 0 and min(v) >= 0),
                                      must="be band indices >= 0", parse=parse_bands)
     # annotation
@@ -291,6 +292,10 @@ class TrainConfig:
                                   "are redrawn every epoch or the data do not fit; dataloader: the per-item "
                                   "DataLoader", RUN, choices=LOADERS, role="how")
     out: str = setting("checkpoints", "folder for checkpoints, history and figures of this run", RUN, role="how")
+    cache_dir: Optional[str] = setting(
+        None, "folder of the decoded-data cache (resident.py), to share it between runs on the same data (default: "
+              "<out>/.resident-cache, this run's own folder; nothing is written beside your data unless you name it)",
+        RUN, role="how")
     export_clicks: Optional[str] = setting(
         None, "write the clicks the run trains on (read or simulated) before training, by extension: .gpkg/.geojson "
               "(points in map coordinates where the images have them) or .csv (pixels); --clicks reads them back",

@@ -677,7 +677,8 @@ def execute(plan, settings, preset, csv_path, runner=train_and_measure, device="
                 print(f"[{i}/{len(todo)}] {p.key}: finished by another process meanwhile", flush=True)
                 continue
             print(f"\n[{i}/{len(todo)}] {p.key} {p.run.name} seed {p.seed}", flush=True)
-            cfg = replace(p.config, out=str(out), device=device, **restart(out, p.config))
+            cfg = replace(p.config, out=str(out), device=device, cache_dir=str(Path(runs_dir) / ".resident-cache"),
+                          **restart(out, p.config))  # the runs of a preset share their decoded data
             t0 = time.time()
             result = measure_reference(cfg, p.run.method) if isinstance(p.run, Reference) else runner(cfg)
             seconds = time.time() - t0

@@ -9,11 +9,12 @@ dataset.pad_collate pads a batch: image 0, points and labels IGNORE_INDEX. Each 
 counts are kept too, so that a cache hit gives the dataset its samples back (seed_dataset) and train.py's
 checks, class weights and annotation statistics read no file.
 
-The cache lives in `<data>/.resident-cache/resident-<key>.pt`, next to Images/ (in the run's folder when the
-data folder is not writable). The key is a digest of every file's path, size and modification time, the
-DataSpec and the annotation settings (config.ANNOTATION_FIELDS); the file's inode and ctime too, so a rewrite
-with its mtime restored is seen: a changed file or setting builds a
-new cache; an unreadable or partial cache file is rebuilt with a warning. Files are written atomically
+The cache lives in `<folder>/resident-<key>.pt`, the folder train.py gives (`--cache-dir`, by default the run's
+own `<out>/.resident-cache`: never beside a person's data unasked). The key is a digest of every file's path, size
+and modification time, the DataSpec, the annotation settings (config.ANNOTATION_FIELDS) and the part of the split
+the data set is (train or val: with few clicked images both hold the same images, with other clicks); the file's
+inode and ctime too, so a rewrite with its mtime restored is seen: a changed file or setting builds a new cache;
+an unreadable or partial cache file is rebuilt with a warning. Files are written atomically
 (raster.atomic_path). Old cache files are not deleted: remove the folder to reclaim the space.
 """
 
@@ -142,10 +143,11 @@ def choose_path(requested, resample_each_epoch, need, budget):
 
 # --------------------------------------------------------------------------- the cache on disk
 
-def cache_key(pairs, spec, annotation):
-    """Digest of every file's path, size, modification time, inode and status-change time (ctime), the DataSpec
-    and the annotation settings. ctime cannot be set back by a user: a file rewritten with the same size and its
-    modification time restored (`touch -r`, copies that keep times) still gets a new key."""
+def cache_key(pairs, spec, annotation, part):
+    """Digest of every file's path, size, modification time, inode and status-change time (ctime), the DataSpec,
+    the annotation settings and the part of the split (`part`: "train" or "val"). ctime cannot be set back by a
+    user: a file rewritten with the same size and its modification time restored (`touch -r`, copies that keep
+    times) still gets a new key."""
     files = []
     for image_id, *paths in pairs:
         for p in paths:
@@ -154,14 +156,8 @@ def cache_key(pairs, spec, annotation):
             st = Path(p).stat()
             files.append([str(image_id), str(Path(p).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns])
     text = json.dumps({"version": CACHE_VERSION, "files": files, "spec": spec.to_dict(),
-                       "annotation": annotation}, sort_keys=True)
+                       "annotation": annotation, "part": part}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def cache_folder(pairs):
-    """The data's own cache folder: `.resident-cache/` next to the folder of the first image (`<data>/` for
-    the patch layout). Not inside the images folder: experiments.data_identity hashes every file under it."""
-    return Path(pairs[0][1]).absolute().parent.parent / ".resident-cache"
 
 
 def _read_cache(path, key):
@@ -181,43 +177,42 @@ def _read_cache(path, key):
         return None
 
 
-def _cache_files(ds, annotation, fallback_dir):
-    """(key, file name, folders to look in: the data's own, then the run's)."""
-    key = cache_key(ds.pairs, ds.spec, annotation)
-    return key, f"resident-{key[:24]}.pt", [cache_folder(ds.pairs), Path(fallback_dir) / ".resident-cache"]
+def _cache_file(ds, annotation, folder, part):
+    """(key, the cache file of a data set in `folder`)."""
+    key = cache_key(ds.pairs, ds.spec, annotation, part)
+    return key, Path(folder) / f"resident-{part}-{key[:24]}.pt"
 
 
-def find_cache(ds, annotation, fallback_dir):
-    """(ResidentData, a line saying where it came from) from the cache file of a SegmentationDataset, or None
-    when there is none (nothing decoded)."""
-    key, name, folders = _cache_files(ds, annotation, fallback_dir)
-    for folder in folders:
-        data = _read_cache(folder / name, key)
-        if data is not None:
-            return data, f"cache {folder / name} reused"
-    return None
+def find_cache(ds, annotation, folder, part):
+    """(ResidentData, a line saying where it came from) from the cache file of a SegmentationDataset (`part` of
+    the split: "train" or "val") in `folder`, or None when there is none (nothing decoded)."""
+    key, path = _cache_file(ds, annotation, folder, part)
+    data = _read_cache(path, key)
+    return None if data is None else (data, f"cache {path} reused")
 
 
-def load_or_build(ds, annotation, fallback_dir, look=True):
+def load_or_build(ds, annotation, folder, part, look=True, prune=False):
     """The ResidentData of a SegmentationDataset, from its cache file when the key matches, else built and
-    written (look=False: the caller found none already). Returns (data, a line saying where it came from)."""
-    found = find_cache(ds, annotation, fallback_dir) if look else None
+    written (look=False: the caller found none already). `prune`: the folder is one run's own, so a new file
+    replaces the part's older ones (each Train of the annotation page has new clicks, so a new key). Returns
+    (data, a line saying where it came from)."""
+    found = find_cache(ds, annotation, folder, part) if look else None
     if found is not None:
         return found
-    key, name, folders = _cache_files(ds, annotation, fallback_dir)
+    key, path = _cache_file(ds, annotation, folder, part)
     data = build_tensors(ds)
     blob = {"key": key, "images": data.images, "points": data.points, "labels": data.labels, "ids": data.ids,
             "sizes": data.sizes, "clicks": data.clicks}
-    note = ""
-    for folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with atomic_path(folder / name) as tmp:
-                torch.save(blob, tmp)
-            return data, f"cache {folder / name} built{note}"
-        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-            note = f" (the data folder {folder} is not writable: {getattr(e, 'strerror', None) or e})"
-    return data, f"cache not written{note}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save(blob, tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        return data, f"cache not written ({path.parent} is not writable: {getattr(e, 'strerror', None) or e})"
+    for old in path.parent.glob(f"resident-{part}-*.pt") if prune else ():
+        if old != path:
+            old.unlink(missing_ok=True)
+    return data, f"cache {path} built"
 
 
 # --------------------------------------------------------------------------- batches on the device

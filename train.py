@@ -337,7 +337,12 @@ def weak_terms(cfg):
     return terms
 
 
-def make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx=None, cached=None, draws=0):
+def cache_folder(cfg):
+    """Where the resident caches of a run live: --cache-dir, else the run's own folder (never the data's)."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / ".resident-cache"
+
+
+def make_loaders(cfg, train_ds, val_ds, device, gen, ctx=None, cached=None, draws=0):
     """(train loader, val loader). Batches gathered on the device from cached uint8 tensors (resident.py) when
     the points are fixed and the data fit (--loader auto), else the per-item DataLoader; one line says which.
     `cached`: what train() found of the two caches, ((data, where) or None, (data, where) or None); None: not
@@ -356,8 +361,9 @@ def make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx=None, cached=N
     drop_last = len(train_ds) > cfg.batch_size
     if path == "resident":
         annotation = annotation_of(cfg)
-        (tr, tr_where), (va, va_where) = (hit or load_or_build(ds, annotation, out_dir, look=cached is None)
-                                          for ds, hit in zip((train_ds, val_ds), hits))
+        (tr, tr_where), (va, va_where) = (hit or load_or_build(ds, annotation, cache_folder(cfg), part,
+                                                               look=cached is None, prune=not cfg.cache_dir)
+                                          for ds, hit, part in zip((train_ds, val_ds), hits, ("train", "val")))
         fast = device.type == "cuda"  # channels_last pays on GPUs only
         train_loader = ResidentLoader(tr.to(device), cfg.batch_size, shuffle=True, drop_last=drop_last,
                                       generator=gen, augment=cfg.augment, channels_last=fast, rank=rank,
@@ -680,7 +686,8 @@ def train(cfg):
         cached = None  # the resident caches, looked for first: a hit seeds the datasets, so nothing below decodes
         if cfg.loader != "dataloader" and not cfg.resample_each_epoch:  # choose_path's first rules; it decides the rest
             annotation = annotation_of(cfg)
-            cached = tuple(find_cache(ds, annotation, out_dir) for ds in (train_ds, val_ds))
+            cached = tuple(find_cache(ds, annotation, cache_folder(cfg), part)
+                           for ds, part in zip((train_ds, val_ds), ("train", "val")))
             for ds, hit in zip((train_ds, val_ds), cached):
                 if hit:
                     seed_dataset(ds, hit[0])
@@ -763,7 +770,7 @@ def train(cfg):
             start = resumed.epoch + 1
             print(f"resumed from {last_path} at epoch {resumed.epoch}")
 
-        train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, device, gen, out_dir, ctx, cached,
+        train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, device, gen, ctx, cached,
                                                 plan["draws"])
         # after the loaders (a resident cache holds the drawn annotation only): grown labels, or a resumed run's rounds
         few_clicks.start(cfg, train_ds, resumed.train_state if resumed else None)  # the loaders follow the changes

@@ -17,7 +17,7 @@ from resident import (ResidentLoader, batch_order, build_tensors, choose_path,
 from spec import IGNORE_INDEX
 from tests.conftest import write_patches
 from tests.test_train import cfg_for
-from train import build_datasets, train
+from train import TrainConfig, build_datasets, train
 
 
 def datasets(root, tmp_path, **kw):
@@ -62,15 +62,16 @@ def test_loader_without_augmentation_gives_the_dataset_batches(data, tmp_path):
 
 def test_cache_is_reused_and_rebuilt_when_a_file_or_a_setting_changes(data, tmp_path):
     train_ds, _ = datasets(data, tmp_path)
-    first, where = load_or_build(train_ds, annotation(), tmp_path / "out")
-    assert where.endswith("built") and str(data / ".resident-cache") in where
-    again, where = load_or_build(datasets(data, tmp_path)[0], annotation(), tmp_path / "out")
+    cache = tmp_path / "cache"
+    first, where = load_or_build(train_ds, annotation(), cache, "train")
+    assert where.endswith("built") and str(cache / "resident-train-") in where
+    again, where = load_or_build(datasets(data, tmp_path)[0], annotation(), cache, "train")
     assert where.endswith("reused") and torch.equal(again.images, first.images)
-    _, where = load_or_build(datasets(data, tmp_path, points=50)[0], annotation(points=50), tmp_path / "out")
+    _, where = load_or_build(datasets(data, tmp_path, points=50)[0], annotation(points=50), cache, "train")
     assert where.endswith("built")  # another annotation: other points, another cache
     image = tifffile.imread(data / "Images" / "Image_2.tif")
     tifffile.imwrite(data / "Images" / "Image_2.tif", 255 - image, compression="lzw")
-    changed, where = load_or_build(datasets(data, tmp_path)[0], annotation(), tmp_path / "out")
+    changed, where = load_or_build(datasets(data, tmp_path)[0], annotation(), cache, "train")
     assert where.endswith("built") and not torch.equal(changed.images[2], first.images[2])
     assert torch.equal(changed.images[1], first.images[1])
 
@@ -81,50 +82,74 @@ def test_a_label_rewritten_with_its_size_and_mtime_kept_is_not_served_stale(data
     label = tifffile.imread(path)
     tifffile.imwrite(path, label)  # uncompressed: a rewrite keeps the size
     train_ds, _ = datasets(data, tmp_path)
-    first, _ = load_or_build(train_ds, annotation(), tmp_path / "out")
+    first, _ = load_or_build(train_ds, annotation(), tmp_path / "cache", "train")
     st = path.stat()
     tifffile.imwrite(path, np.roll(label, 7, axis=1))  # other classes, same size and format
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # as touch -r / rsync -t leave it
     assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
-    again, where = load_or_build(datasets(data, tmp_path)[0], annotation(), tmp_path / "out")
+    again, where = load_or_build(datasets(data, tmp_path)[0], annotation(), tmp_path / "cache", "train")
     assert where.endswith("built") and not torch.equal(again.labels[1], first.labels[1])
 
 
-def test_the_cache_leaves_the_data_identity_of_experiments_alone(data, tmp_path):
+def test_a_run_writes_its_cache_in_its_own_folder_never_beside_the_data(data, tmp_path):
+    """The cache landed in a person's data folder (realdata/atlanta/.resident-cache): it lives in the run's
+    folder, or where --cache-dir says; the data folder is left as it was."""
     from experiments import data_identity
-    before = data_identity({"data": str(data), "split": None})
-    load_or_build(datasets(data, tmp_path)[0], annotation(), tmp_path / "out")
-    assert any((data / ".resident-cache").iterdir())
-    assert data_identity({"data": str(data), "split": None}) == before  # finished runs keep their keys
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    identity = data_identity({"data": str(data), "split": None})
+    cfg = dict(data=str(data), train_ids=[0, 1, 2, 3], val_ids=[4, 5], arch="tiny", pretrained=False, epochs=1,
+               batch_size=2, size=16, points=5, figures=False, progress=False, loader="resident",
+               allow_unclicked=True)
+    train(TrainConfig(**cfg, out=str(tmp_path / "run")))
+    assert sorted(p.name.split("-")[1] for p in (tmp_path / "run" / ".resident-cache").iterdir()) == ["train", "val"]
+    train(TrainConfig(**cfg, out=str(tmp_path / "run2"), cache_dir=str(tmp_path / "shared")))
+    assert len(list((tmp_path / "shared").glob("resident-*.pt"))) == 2
+    assert not (tmp_path / "run2" / ".resident-cache").exists()
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # nothing written beside the data
+    assert data_identity({"data": str(data), "split": None}) == identity  # finished runs keep their keys
 
 
-def test_every_annotation_field_is_in_the_key(data, tmp_path):
+def test_every_annotation_field_and_the_part_are_in_the_key(data, tmp_path):
     train_ds, _ = datasets(data, tmp_path)
-    keys = {resident.cache_key(train_ds.pairs, train_ds.spec, annotation())}
+    keys = {resident.cache_key(train_ds.pairs, train_ds.spec, annotation(), "train")}
     for name in ANNOTATION_FIELDS:
-        keys.add(resident.cache_key(train_ds.pairs, train_ds.spec, annotation() | {name: "other"}))
-    assert len(keys) == 1 + len(ANNOTATION_FIELDS)
+        keys.add(resident.cache_key(train_ds.pairs, train_ds.spec, annotation() | {name: "other"}, "train"))
+    keys.add(resident.cache_key(train_ds.pairs, train_ds.spec, annotation(), "val"))  # the same images, held out
+    assert len(keys) == 2 + len(ANNOTATION_FIELDS)
 
 
 def test_a_corrupt_cache_file_is_rebuilt_with_a_warning(data, tmp_path, capsys):
     train_ds, _ = datasets(data, tmp_path)
-    first, _ = load_or_build(train_ds, annotation(), tmp_path / "out")
-    (cache,) = (data / ".resident-cache").glob("resident-*.pt")
+    first, _ = load_or_build(train_ds, annotation(), tmp_path / "cache", "train")
+    (cache,) = (tmp_path / "cache").glob("resident-*.pt")
     cache.write_bytes(cache.read_bytes()[:100])  # a partial file
-    again, where = load_or_build(train_ds, annotation(), tmp_path / "out")
+    again, where = load_or_build(train_ds, annotation(), tmp_path / "cache", "train")
     assert "unreadable" in capsys.readouterr().out and where.endswith("built")
     assert torch.equal(again.points, first.points)
-    assert load_or_build(train_ds, annotation(), tmp_path / "out")[1].endswith("reused")
+    assert load_or_build(train_ds, annotation(), tmp_path / "cache", "train")[1].endswith("reused")
 
 
-def test_a_read_only_data_folder_caches_in_the_run_folder(data, tmp_path, monkeypatch):
+def test_an_unwritable_cache_folder_trains_without_a_cache(data, tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("x")
-    monkeypatch.setattr(resident, "cache_folder", lambda pairs: blocker / ".cache")  # mkdir fails
     train_ds, _ = datasets(data, tmp_path)
-    _, where = load_or_build(train_ds, annotation(), tmp_path / "out")
-    assert "not writable" in where and str(tmp_path / "out" / ".resident-cache") in where
-    assert load_or_build(train_ds, annotation(), tmp_path / "out")[1].endswith("reused")
+    got, where = load_or_build(train_ds, annotation(), blocker / ".cache", "train")  # mkdir fails
+    assert where.startswith("cache not written") and "not writable" in where
+    assert torch.equal(got.images, build_tensors(train_ds).images)
+
+
+def test_a_run_folder_keeps_only_the_newest_cache_of_each_part(data, tmp_path):
+    """The annotation page retrains into one folder with new clicks each time: a new key each time, and the
+    older files of that part are removed when the folder is the run's own (prune)."""
+    train_ds, val_ds = datasets(data, tmp_path)
+    load_or_build(val_ds, annotation(), tmp_path / "c", "val", prune=True)
+    for points in (5, 6, 7):
+        load_or_build(datasets(data, tmp_path, points=points)[0], annotation(points=points), tmp_path / "c", "train",
+                      prune=True)
+    assert sorted(p.name.split("-")[1] for p in (tmp_path / "c").iterdir()) == ["train", "val"]
+    load_or_build(train_ds, annotation(), tmp_path / "shared", "train")
+    load_or_build(datasets(data, tmp_path, points=5)[0], annotation(points=5), tmp_path / "shared", "train")
+    assert len(list((tmp_path / "shared").iterdir())) == 2  # a shared --cache-dir keeps every run's
 
 
 # --------------------------------------------------------------------------- batches on the device
@@ -192,11 +217,12 @@ def test_auto_chooses_resident_unless_points_are_redrawn_or_the_data_do_not_fit(
 
 @pytest.mark.slow
 def test_training_takes_the_resident_path_by_default_and_learns(data, tmp_path, capsys):
-    history = train(cfg_for(data, tmp_path, epochs=4, points=None, lr=3e-3))
+    shared = dict(epochs=4, points=None, lr=3e-3, cache_dir=str(tmp_path / "cache"))
+    history = train(cfg_for(data, tmp_path, **shared))
     out = capsys.readouterr().out
     assert "data path: resident" in out and "cache" in out
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    again = train(cfg_for(data, tmp_path, epochs=4, points=None, lr=3e-3, out=str(tmp_path / "again")))
+    again = train(cfg_for(data, tmp_path, **shared, out=str(tmp_path / "again")))
     assert "reused" in capsys.readouterr().out
     assert [h["train_loss"] for h in again] == [h["train_loss"] for h in history]  # same seed, same run
 
@@ -278,9 +304,9 @@ def test_a_hit_seeds_the_dataset_with_the_samples_it_would_decode(tmp_path):
     for points in (100, "1/object"):
         kw = dict(scale=0.5, train_ids=[0, 3, 1, 4], val_ids=[2, 5], points=points)
         decoded, _ = datasets(tmp_path / "p", tmp_path, **kw)
-        load_or_build(decoded, annotation(points=points), tmp_path / "out")
+        load_or_build(decoded, annotation(points=points), tmp_path / "cache", "train")
         seeded, _ = datasets(tmp_path / "p", tmp_path, **kw)
-        data, where = resident.find_cache(seeded, annotation(points=points), tmp_path / "out")
+        data, where = resident.find_cache(seeded, annotation(points=points), tmp_path / "cache", "train")
         resident.seed_dataset(seeded, data)
         assert where.endswith("reused") and all(seeded._cache[i][1] is None for i in range(4))  # native unread
         for i in range(4):
@@ -296,10 +322,11 @@ def test_a_hit_seeds_the_dataset_with_the_samples_it_would_decode(tmp_path):
 @pytest.mark.slow
 def test_a_second_run_hits_the_cache_decodes_nothing_and_trains_alike(data, tmp_path, monkeypatch, capsys):
     from train import fit_spec, resolve_split
-    first = run_logged(cfg_for(data, tmp_path, epochs=2, out=str(tmp_path / "a")), capsys)
+    shared = str(tmp_path / "cache")  # --cache-dir: runs on the same data share it
+    first = run_logged(cfg_for(data, tmp_path, epochs=2, out=str(tmp_path / "a"), cache_dir=shared), capsys)
     assert "cache" in first[3] and first[3].count("built") == 2
     reads = count_reads(monkeypatch)
-    cfg = cfg_for(data, tmp_path, epochs=2, out=str(tmp_path / "b"))
+    cfg = cfg_for(data, tmp_path, epochs=2, out=str(tmp_path / "b"), cache_dir=shared)
     second = run_logged(cfg, capsys)
     assert second[3].count("reused") == 2
     assert not [r for r in reads if r[0] in ("load_input", "read_label")]  # no image or label decoded
@@ -326,8 +353,8 @@ def test_check_data_refuses_a_class_without_points_on_a_hit(data, tmp_path, monk
     train_ds, val_ds, _, _ = build_datasets(cfg)
     with pytest.raises(ValueError, match=r"classes \['clutter'\] have no labelled point") as miss:
         check_data(cfg, train_ds, val_ds)  # the decoding path refuses it ...
-    for ds in (train_ds, val_ds):  # ... and a cache of these data exists
-        load_or_build(ds, annotation(), tmp_path / "ck")
+    for ds, part in zip((train_ds, val_ds), ("train", "val")):  # ... and a cache of these data exists
+        load_or_build(ds, annotation(), tmp_path / "ck" / ".resident-cache", part)
     reads = count_reads(monkeypatch)
     with pytest.raises(ValueError, match=r"classes \['clutter'\] have no labelled point") as hit:
         train(cfg)
@@ -339,19 +366,20 @@ def test_an_old_cache_is_built_again(data, tmp_path, monkeypatch, capsys):
     train_ds, _ = datasets(data, tmp_path)
     with monkeypatch.context() as mp:  # a cache file of version 1: another key, never found
         mp.setattr(resident, "CACHE_VERSION", 1)
-        assert load_or_build(train_ds, annotation(), tmp_path / "out")[1].endswith("built")
-    assert load_or_build(train_ds, annotation(), tmp_path / "out")[1].endswith("built")
-    (path,) = [p for p in (data / ".resident-cache").glob("resident-*.pt")
-               if resident.cache_key(train_ds.pairs, train_ds.spec, annotation())[:24] in p.name]
+        assert load_or_build(train_ds, annotation(), tmp_path / "cache", "train")[1].endswith("built")
+    assert load_or_build(train_ds, annotation(), tmp_path / "cache", "train")[1].endswith("built")
+    (path,) = [p for p in (tmp_path / "cache").glob("resident-*.pt")
+               if resident.cache_key(train_ds.pairs, train_ds.spec, annotation(), "train")[:24] in p.name]
     blob = torch.load(path, weights_only=True)
     torch.save({k: v for k, v in blob.items() if k not in ("sizes", "clicks")}, path)  # version 1's fields only
-    assert resident.find_cache(datasets(data, tmp_path)[0], annotation(), tmp_path / "out") is None
+    assert resident.find_cache(datasets(data, tmp_path)[0], annotation(), tmp_path / "cache", "train") is None
     assert "unreadable (KeyError" in capsys.readouterr().out
-    assert load_or_build(train_ds, annotation(), tmp_path / "out")[1].endswith("built")
+    assert load_or_build(train_ds, annotation(), tmp_path / "cache", "train")[1].endswith("built")
 
 
 def test_rounds_on_a_hit_read_native_labels_when_asked_and_train_alike(data, tmp_path, monkeypatch, capsys):
     cfg = dict(epochs=3, rounds=1, self_training=1, pseudo_threshold=0.3, clicks_per_round=5)
+    cfg["cache_dir"] = str(tmp_path / "cache")
     first = run_logged(cfg_for(data, tmp_path, out=str(tmp_path / "a"), **cfg), capsys)
     reads = count_reads(monkeypatch)
     second = run_logged(cfg_for(data, tmp_path, out=str(tmp_path / "b"), **cfg), capsys)

@@ -217,3 +217,25 @@ def test_export_never_overwrites_the_click_file_or_an_earlier_export(tmp_path):
         check_config(TrainConfig(export_clicks=str(earlier)))
     check_config(TrainConfig(export_clicks=str(earlier), overwrite=True))
     assert earlier.read_text() == "kept"  # nothing was written by a check
+
+
+@pytest.mark.slow
+def test_a_rerun_trains_on_the_same_clicks_not_the_held_out_ones(clicked, tmp_path, capsys):
+    """With fewer than 5 clicked images the held-out clicks come from the training images themselves: the two
+    caches then held the same images, got one key, and the validation cache replaced the training one, so the
+    next identical run trained on the held-out clicks (the page's second Train too)."""
+    import re
+    root, labels, _ = clicked
+    rows = click_rows(labels[:2], per_class=6)  # two clicked images: blocks of each image are held out
+    clicks = write_csv(tmp_path / "two.csv", rows)
+    cfg = no_labels(root, tmp_path, clicks, epochs=1, loader="resident")
+    train_ds, val_ds, how, _ = build_datasets(cfg)
+    assert set(train_ds.ids) == set(val_ds.ids) and "held-out clicks" in how
+    counts = []
+    for _ in range(2):  # the same command twice, into the same run folder
+        history = train(cfg)
+        out = capsys.readouterr().out
+        counts.append(float(re.search(r"\(([\d.]+) clicks per image", out).group(1)))
+        assert history[-1]["val_clicks"] < len(rows) / 2  # validated on the held-out share only
+    assert counts[0] == counts[1] == pytest.approx(train_ds.annotation_stats()["clicks_per_image"])
+    assert "reused" in out  # the rerun read its caches back: the right one for each part
