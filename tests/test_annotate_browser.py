@@ -2,9 +2,12 @@
 does what a person does: pick a class, click points on two images, remove and undo, reload, train, see the
 overlay, answer a suggestion; then the click file holds exactly the pixels clicked.
 
-Set ANNOTATE_SCREENSHOT=images/annotate.png to save the page with its overlay (the README's picture)."""
+Set ANNOTATE_SCREENSHOT=images/annotate.png to save the page with its overlay (the README's picture). Without
+Chromium, its driver or selenium, or when the browser does not start, the test is skipped with the reason (under
+CI=true, where .ci/run installs them, it fails instead); once the browser runs, every failure is a failure."""
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -15,27 +18,76 @@ from annotations import read_clicks
 from test_annotate import Server, colour_image, train_command
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.exists() and not os.environ.get("CI"),
-                       reason="no /usr/bin/chromium (apt-get install chromium chromium-driver); under CI=true it runs"),
-]
+INSTALL = "apt-get install chromium chromium-driver"
 
 
-@pytest.fixture
-def browser(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+def start_chromium(profile):
+    """Headless Chromium driven by Selenium, or a skip that says why not (no Chromium, no driver, no selenium, a
+    browser that does not start); under CI=true the same reasons fail. Only the start is guarded."""
+    def cannot(why):
+        if os.environ.get("CI"):
+            pytest.fail(f"{why} (CI=true: .ci/run installs them)", pytrace=False)
+        pytest.skip(f"{why}; under CI=true the test runs")
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
+    if missing:
+        cannot(f"no {' and no '.join(missing)} ({INSTALL})")
+    try:
+        from selenium import webdriver
+        from selenium.common.exceptions import WebDriverException
+        from selenium.webdriver.chrome.service import Service
+    except ImportError as e:
+        cannot(f"selenium is not installed ({e}): pip install -r requirements.txt")
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1100,950", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+                 "--window-size=1100,950", f"--user-data-dir={profile}"):
         opts.add_argument(flag)
-    driver = webdriver.Chrome(options=opts, service=Service(executable_path=str(CHROMEDRIVER)))
+    try:
+        return webdriver.Chrome(options=opts, service=Service(executable_path=str(CHROMEDRIVER)))
+    except (WebDriverException, OSError) as e:
+        first = (getattr(e, "msg", None) or str(e) or type(e).__name__).strip().splitlines()[0]
+        cannot(f"{CHROMIUM} does not start through {CHROMEDRIVER}: {first}")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    driver = start_chromium(tmp_path / "chromium-profile")
     yield driver
     driver.quit()
+
+
+# --------------------------------------------------------------------------- when there is no browser
+
+def fake(path, script="#!/bin/sh\nexit 1\n"):
+    path.write_text(script)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("missing", ["CHROMIUM", "CHROMEDRIVER"])
+def test_a_missing_browser_or_driver_is_a_skip_with_the_reason(missing, tmp_path, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", fake(tmp_path / "chromium"))
+    monkeypatch.setattr(sys.modules[__name__], "CHROMEDRIVER", fake(tmp_path / "chromedriver"))
+    monkeypatch.setattr(sys.modules[__name__], missing, tmp_path / "nothing")
+    with pytest.raises(pytest.skip.Exception, match=f"no {tmp_path / 'nothing'} .*chromium-driver"):
+        start_chromium(tmp_path / "profile")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        start_chromium(tmp_path / "profile")
+
+
+def test_a_browser_that_does_not_start_is_a_skip_with_the_reason(tmp_path, monkeypatch):
+    pytest.importorskip("selenium")
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", fake(tmp_path / "chromium"))
+    monkeypatch.setattr(sys.modules[__name__], "CHROMEDRIVER", fake(tmp_path / "chromedriver"))
+    with pytest.raises(pytest.skip.Exception, match="does not start through"):
+        start_chromium(tmp_path / "profile")
+
+
+# --------------------------------------------------------------------------- the page in Chromium
 
 
 def wait(driver, script, timeout=30, what=None):
@@ -84,6 +136,7 @@ def drawn_colour(driver, x, y):
         "return Array.from(app.viewer.ctx.getImageData(Math.round(sx), Math.round(sy), 1, 1).data.slice(0, 3));", x, y)
 
 
+@pytest.mark.slow
 def test_click_reload_train_overlay_suggest_in_chromium(browser, tmp_path):
     from selenium.webdriver.common.keys import Keys
     folder = tmp_path / "images"
