@@ -21,6 +21,8 @@ import math
 import os
 import re
 import shlex
+import shutil
+import string
 import subprocess
 import sys
 import threading
@@ -43,8 +45,8 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from annotations import (KINDS, LINE, POINT, ClickSet, ImageClicks, open_image, rasterise_shape, read_clicks,
-                         write_clicks)
+from annotations import (KINDS, LINE, POINT, ClickSet, ImageClicks, _nodata_pixels, open_image, rasterise_shape,
+                         read_clicks, write_clicks)
 from raster import IMAGE_SUFFIXES, TIFF_SUFFIXES, read_raster
 from spec import POTSDAM, load_class_file
 
@@ -56,12 +58,16 @@ MAX_ZOOM = 20  # a tile at zoom z shows 2**z image pixels per tile pixel
 MAX_BODY = 256 << 10  # bytes of a request body; larger: 413
 MAX_PIXELS_PER_OP = 20_000  # pixels one add / remove may name; more: 413
 MAX_LINE_VERTICES = 1000
+MAX_EPOCHS = 1000  # of a training started from the page; more: 400
+MAX_SUGGESTIONS = 200
+REQUEST_QUEUE = 64  # connections waiting to be accepted (socketserver's 5 reset some of 16 busy clients)
 WHOLE_READ_PIXELS = 100_000_000  # PNG/JPEG (and TIFFs GDAL cannot window) are read whole up to this many pixels
 PREDICT_GRID_PIXELS = 16_000_000  # processing-grid pixels of an image predicted here; larger: run infer.py
 # --allow-unclicked: mid-annotation, classes nobody has clicked yet must not stop the loop (train.py names them)
 DEFAULT_TRAIN_COMMAND = ("{python} train.py --images {images} --clicks {clicks} --classes {classes} --no-pretrained "
                          "--arch resnet18 --out {out} --epochs {epochs} --overwrite --allow-unclicked")
-EPOCH_LINE = re.compile(r"epoch\s+(\d+)\s*/\s*(\d+)")  # train.py's per-epoch line: "epoch   3/10 | loss ..."
+TRAIN_FIELDS = ("python", "images", "clicks", "classes", "out", "epochs")  # the {...} a train command may name
+PROGRESS_FILE = "progress.jsonl"  # train.py's progress, one JSON object a line, in its run folder (read_progress)
 STATIC_NAME = re.compile(r"[A-Za-z0-9_-]+\.(html|js|css|png|svg)")
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
@@ -219,6 +225,7 @@ class ClickFile:
         self.images, self.classes = images, classes
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._lock = threading.Lock()
+        self.notes = []  # what the last read left out and why (read_clicks' notes)
         suffix = self.path.suffix.lower()
         if suffix not in (".csv", ".geojson", ".json", ".gpkg"):
             raise ValueError(f"{path}: the click file must be .csv, .geojson or .gpkg")
@@ -255,11 +262,15 @@ class ClickFile:
         return pyogrio.read_info(self.path)["features"] == 0
 
     def read(self):
-        """{image name: {(row, col): (class, kind)}} as the file holds it now."""
+        """{image name: {(row, col): (class, kind)}} as the file holds it now. Clicks read_clicks leaves out (on
+        nodata, edited in elsewhere) are not there and `self.notes` says so; a file of such clicks only reads as no
+        clicks (allow_empty), so the page still opens on it."""
         out = {n: {} for n in self.images.refs}
         if self._empty():
+            self.notes = []
             return out
-        cs = read_clicks(self.path, list(self.images.refs.values()), self.classes)
+        cs = read_clicks(self.path, list(self.images.refs.values()), self.classes, allow_empty=True)
+        self.notes = list(cs.notes)
         for n, c in cs.images.items():
             out[n] = {(int(r), int(k)): (int(cl), int(kd)) for r, k, cl, kd in zip(c.rows, c.cols, c.classes, c.kinds)}
         return out
@@ -275,8 +286,11 @@ class ClickFile:
 
     def apply(self, op):
         """Apply {"op": "add"|"remove", "image", "points": [[x, y], ...], "class", "kind": "point"|"line"} to the
-        file as it is now. A line's points are its vertices, rasterised as read_clicks rasterises lines. Returns
-        {"changed": [[x, y, old class or None, new class or None], ...], "count": clicks in the file}."""
+        file as it is now. A line's points are its vertices, rasterised as read_clicks rasterises lines. Nodata
+        pixels (annotations' rule) take no click: an add with a point on one is refused (400, nothing saved); a
+        line leaves its nodata pixels out and counts them (400 when that is every pixel). Returns
+        {"changed": [[x, y, old class or None, new class or None], ...], "count": clicks in the file,
+        "nodata": pixels left out, "version"}."""
         kind_name = op.get("kind", "point")
         if op.get("op") not in ("add", "remove") or kind_name not in ("point", "line"):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "op must be 'add' or 'remove', kind 'point' or 'line'")
@@ -287,10 +301,9 @@ class ClickFile:
         if len(pts) > (MAX_LINE_VERTICES if kind_name == "line" else MAX_PIXELS_PER_OP):
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"at most {MAX_PIXELS_PER_OP} points (a line: "
                                                                  f"{MAX_LINE_VERTICES} vertices) per operation")
-        try:
-            xy = np.array(pts, np.float64).reshape(-1, 2)
-        except (TypeError, ValueError):
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "points: a list of [x, y] pixel coordinates") from None
+        if not all(isinstance(p, list) and len(p) == 2 and all(is_number(v) for v in p) for p in pts):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "points: a list of [x, y] pixel coordinates (two numbers each)")
+        xy = np.array(pts, np.float64)
         if not np.isfinite(xy).all():
             raise HTTPError(HTTPStatus.BAD_REQUEST, "points must be finite numbers")
         H, W = ref.shape
@@ -304,12 +317,14 @@ class ClickFile:
         pixels = list(dict.fromkeys(zip(rows[inside].tolist(), cols[inside].tolist())))
         if len(pixels) > MAX_PIXELS_PER_OP:
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"a line of more than {MAX_PIXELS_PER_OP} pixels")
-        new = None
+        new, nodata = None, 0
         if op["op"] == "add":
             cls = op.get("class")
-            if not isinstance(cls, int) or not 0 <= cls < self.classes.num_classes:
-                raise HTTPError(HTTPStatus.BAD_REQUEST, f"class must be 0..{self.classes.num_classes - 1}")
+            if not isinstance(cls, int) or isinstance(cls, bool) or not 0 <= cls < self.classes.num_classes:
+                raise HTTPError(HTTPStatus.BAD_REQUEST,
+                                f"class must be a whole number 0..{self.classes.num_classes - 1}, got {cls!r}")
             new = (cls, LINE if kind_name == "line" else POINT)
+            pixels, nodata = self._valid(ref, pixels, kind_name)
         with self.locked():
             clicks = self.read()
             mine = clicks[ref.name]
@@ -325,47 +340,160 @@ class ClickFile:
                 changed.append([p[1], p[0], None if old is None else old[0], None if new is None else new[0]])
             if changed:
                 self.write(clicks)
-            return {"changed": changed, "count": sum(len(v) for v in clicks.values()), "version": self.version()}
+            return {"changed": changed, "count": sum(len(v) for v in clicks.values()), "nodata": nodata,
+                    "version": self.version()}
+
+    def _valid(self, ref, pixels, kind_name):
+        """(pixels not on nodata, how many were): a point on nodata refuses the whole add (400), a line's nodata
+        pixels are left out and counted, a line on nodata only is refused."""
+        rc = np.array(pixels, np.int64).reshape(-1, 2)
+        bad = _nodata_pixels(ref, rc[:, 0], rc[:, 1])
+        if not bad.any():
+            return pixels, 0
+        where = ", ".join(f"({c}, {r})" for r, c in rc[bad][:5]) + (", ..." if bad.sum() > 5 else "")
+        if kind_name == "point" or bad.all():
+            what = f"{int(bad.sum())} of the {len(pixels)} points lie" if kind_name == "point" else "the line lies"
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"{what} on nodata in {ref.path.name} (x, y: {where}): no click "
+                                                    f"can go there (train.py leaves such clicks out); nothing saved")
+        return [p for p, b in zip(pixels, bad) if not b], int(bad.sum())
 
     def points(self, name=None):
-        """{image name: [[x, y, class, kind], ...]} of one image or all."""
+        """({image name: [[x, y, class, kind], ...]} of one image or all, the read's notes)."""
         with self.locked():
             clicks = self.read()
+            notes = list(self.notes)
         names = [self.images.get(name).name] if name is not None else list(clicks)
-        return {n: [[c, r, cl, KINDS[kd]] for (r, c), (cl, kd) in sorted(clicks[n].items())] for n in names}
+        return {n: [[c, r, cl, KINDS[kd]] for (r, c), (cl, kd) in sorted(clicks[n].items())] for n in names}, notes
+
+
+def is_number(v):
+    """A JSON number (int or float), not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 # --------------------------------------------------------------------------- training and prediction
 
+def check_train_command(command, source="--train-command"):
+    """Refuse (ValueError "--train-command ...: what") a train command whose {...} fields are not TRAIN_FIELDS or whose
+    program cannot be found (on PATH, or a path from the repository folder, where it runs): found at start, not at
+    the first Train."""
+    try:
+        tokens = shlex.split(command)
+    except ValueError as e:
+        raise ValueError(f"{source} {command!r}: {e}") from None
+    if not tokens:
+        raise ValueError(f"{source} is empty: give the training command")
+    known = ", ".join("{" + f + "}" for f in TRAIN_FIELDS)
+    for tok in tokens:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(tok) if f is not None]
+            unknown = [f for f in fields if f not in TRAIN_FIELDS]
+            if unknown:
+                raise ValueError(f"unknown field {{{unknown[0]}}}")
+            tok.format(**{f: "x" for f in TRAIN_FIELDS})
+        except (ValueError, KeyError, IndexError, AttributeError) as e:
+            raise ValueError(f"{source} {command!r}: {tok!r}: {e}; the fields are {known} (write {{{{ and }}}} for a "
+                             f"literal brace)") from None
+    program = tokens[0].format(python=sys.executable, **{f: "" for f in TRAIN_FIELDS if f != "python"})
+    path = HERE / program  # an absolute path stays itself
+    if not (shutil.which(program) if "/" not in program else path.is_file() and os.access(path, os.X_OK)):
+        raise ValueError(f"{source} {command!r}: the program {program!r} is not found "
+                         + ("on PATH" if "/" not in program else f"(or not executable) from {HERE}"))
+
+
+def read_progress(path):
+    """The latest run in train.py's progress file (`<out>/progress.jsonl`: one JSON object a line, "start", then
+    "validation" per validation, "end"; a rerun starts afresh, --resume appends a new "start"), or None while it has
+    no "start" line. {"unit": "epoch"|"step", "epoch", "epochs", "step", "steps", "loss", "val" (the last
+    validation's val_* numbers), "elapsed", "status": "running"|"done"|"failed"}. A last line not yet ended by a newline
+    is being written and waits for the next read; any other line that is not a JSON object raises ValueError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    lines = text.split("\n")[:-1]  # the part after the last newline is unfinished
+    run = None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            ev = None
+        if not isinstance(ev, dict):
+            raise ValueError(f"{path}, line {i}: not a JSON object: {line[:80]!r}")
+        kind = ev.get("event")
+        if kind == "start":
+            run = {"unit": ev.get("unit", "epoch"), "epoch": 0, "epochs": ev.get("epochs"), "step": 0,
+                   "steps": ev.get("steps"), "loss": None, "val": {}, "elapsed": 0.0, "status": "running"}
+        elif run is None:
+            continue  # lines of a run whose start is not in the file
+        elif kind == "validation":
+            run.update({k: ev[k] for k in ("epoch", "epochs", "step", "steps", "loss", "elapsed") if k in ev},
+                       val=ev.get("val") or {})
+        elif kind == "end":
+            run.update(status=ev.get("status", "done"), elapsed=ev.get("elapsed", run["elapsed"]))
+    return run
+
+
 class Training:
     """One training at a time in a background process (the train command), then the prediction of every image
-    (class map and margin on the processing grid) for the overlay and for suggestions."""
+    (class map and margin on the processing grid) for the overlay and for suggestions. The command trains on the
+    images the page serves: `<runs>/images` holds a link to each (remade at each Train), so a file the page lists
+    as not served (unreadable, a link out of the folder) never reaches train.py. Progress comes from the run's
+    progress file (read_progress)."""
 
     def __init__(self, command, images, click_file, classes, classes_path, runs, epochs, device="cpu"):
         self.command, self.images, self.click_file = command, images, click_file
         self.classes, self.classes_path, self.runs = classes, classes_path, Path(runs).resolve()
         self.epochs, self.device = epochs, device
         self.out = self.runs / "run"
+        self.served = self.runs / "images"
         self.log_path = self.runs / "train.log"
-        self.state = {"state": "idle", "epoch": 0, "epochs": epochs, "message": "", "log": [], "metrics": {},
-                      "model": 0, "predicted": [], "skipped": {}}
+        self.state = {"state": "idle", "epoch": 0, "epochs": epochs, "step": 0, "steps": None, "unit": None,
+                      "loss": None, "val": {}, "message": "", "log": [], "metrics": {}, "model": 0, "predicted": [],
+                      "skipped": {}}
         self.predictions = {}  # name -> {"classes": (h, w) uint8, "margin": (h, w) float32, "prob": (C, h, w)}
         self._lock = threading.Lock()
         self._proc = None
 
     def argv(self, epochs):
-        subs = {"python": sys.executable, "images": str(self.images.folder), "clicks": str(self.click_file.path),
+        subs = {"python": sys.executable, "images": str(self.served), "clicks": str(self.click_file.path),
                 "classes": str(self.classes_path), "out": str(self.out), "epochs": str(epochs)}
         return [tok.format(**subs) for tok in shlex.split(self.command)]
 
+    def link_served_images(self):
+        """Make `<runs>/images` hold one link per served image, nothing else (links left from before removed)."""
+        self.served.mkdir(parents=True, exist_ok=True)
+        for p in self.served.iterdir():
+            if not p.is_symlink():
+                raise HTTPError(HTTPStatus.CONFLICT, f"{p}: not a link; {self.served} is annotate's own folder of "
+                                                     f"links to the served images: move that file away")
+            p.unlink()
+        for ref in self.images.refs.values():
+            (self.served / ref.path.name).symlink_to(ref.path)
+
     def status(self):
         with self._lock:
+            if self.state["state"] == "running":
+                self._progress()
             return json.loads(json.dumps(self.state))
 
+    def _progress(self):
+        """Fold the progress file into the state (under the lock)."""
+        try:
+            run = read_progress(self.out / PROGRESS_FILE)
+        except (OSError, ValueError) as e:
+            self.state["message"] = f"progress unreadable: {e}"
+            return
+        if run:
+            self.state.update({k: run[k] for k in ("unit", "epoch", "epochs", "step", "steps", "loss", "val")})
+
     def start(self, epochs=None):
-        epochs = int(epochs or self.epochs)
-        if not 1 <= epochs <= 1000:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "epochs must be 1..1000")
+        if epochs is None:
+            epochs = self.epochs
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= MAX_EPOCHS:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"epochs must be a whole number 1..{MAX_EPOCHS}, got {epochs!r}")
         with self._lock:
             if self.state["state"] in ("running", "predicting"):
                 raise HTTPError(HTTPStatus.CONFLICT, "a training is already running; wait for it to finish")
@@ -374,13 +502,16 @@ class Training:
             self.runs.mkdir(parents=True, exist_ok=True)
             if not Path(self.classes_path).exists():
                 Path(self.classes_path).write_text(json.dumps(self.classes.to_dict(), indent=1))
+            self.link_served_images()
+            (self.out / PROGRESS_FILE).unlink(missing_ok=True)  # no progress of the last run shown as this one's
             argv = self.argv(epochs)
             log = open(self.log_path, "w")
             log.write("$ " + shlex.join(argv) + "\n")
             log.flush()
             self._proc = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                           text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            self.state.update(state="running", epoch=0, epochs=epochs, message="training", log=[], metrics={})
+            self.state.update(state="running", epoch=0, epochs=epochs, step=0, steps=None, unit=None, loss=None,
+                              val={}, message="training", log=[], metrics={})
         threading.Thread(target=self._watch, args=(self._proc, log), daemon=True).start()
         return self.status()
 
@@ -390,13 +521,12 @@ class Training:
             log.write(line)
             log.flush()
             tail = (tail + [line.rstrip()])[-15:]
-            m = EPOCH_LINE.search(line)
             with self._lock:
                 self.state["log"] = tail
-                if m:
-                    self.state["epoch"], self.state["epochs"] = int(m.group(1)), int(m.group(2))
         rc = proc.wait()
         log.close()
+        with self._lock:
+            self._progress()
         if rc != 0:
             with self._lock:
                 self.state.update(state="failed", message=f"training stopped with exit code {rc}; see {self.log_path}")
@@ -428,6 +558,7 @@ class Training:
         from spec import grid_size, load_input, to_grid
         checkpoint = Path(checkpoint or self.checkpoint_path())
         model, ck = load_model(checkpoint, self.device)
+        check_classes(checkpoint, ck.spec.classes, self.classes)
         metrics = held_out_metrics(checkpoint.parent / "history.json", ck.epoch)
         preds, skipped = {}, {}
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -448,6 +579,15 @@ class Training:
             self.predictions = preds
             self.state.update(metrics=metrics, predicted=sorted(preds), skipped=skipped,
                               checkpoint=checkpoint.name)
+
+
+def check_classes(checkpoint, model_classes, classes):
+    """Refuse (ValueError naming both lists) a model whose classes are not the page's: its suggestions would name
+    the wrong classes and its class indices would run past the page's palette."""
+    if tuple(model_classes.names) != tuple(classes.names):
+        raise ValueError(f"{checkpoint}: the model's {model_classes.num_classes} classes {list(model_classes.names)} "
+                         f"are not the page's {classes.num_classes} classes {list(classes.names)}; pass the class "
+                         f"file the model was trained with (--classes), or another checkpoint")
 
 
 def held_out_metrics(path, epoch=None):
@@ -518,6 +658,8 @@ class App:
         runs = Path(args.runs)
         classes_path = Path(args.classes).resolve() if args.classes else runs.resolve() / "classes.json"
         command = args.train_command or os.environ.get("ANNOTATE_TRAIN_COMMAND") or DEFAULT_TRAIN_COMMAND
+        from_env = not args.train_command and os.environ.get("ANNOTATE_TRAIN_COMMAND")
+        check_train_command(command, "--train-command ($ANNOTATE_TRAIN_COMMAND)" if from_env else "--train-command")
         self.training = Training(command, self.images, self.click_file, self.classes, classes_path, runs,
                                  args.epochs, args.device)
         self.hosts = set()
@@ -525,8 +667,10 @@ class App:
     def config(self):
         return {"images": self.images.listing(), "errors": self.images.errors,
                 "classes": {"names": list(self.classes.names), "palette": [list(c) for c in self.classes.palette]},
-                "clicks_file": self.click_file.path.name, "max_tile": MAX_TILE, "max_body": MAX_BODY,
-                "epochs": self.training.epochs}
+                "clicks_file": self.click_file.path.name, "epochs": self.training.epochs,
+                "bounds": {"max_tile": MAX_TILE, "max_zoom": MAX_ZOOM, "max_body": MAX_BODY, "max_epochs": MAX_EPOCHS,
+                           "max_suggestions": MAX_SUGGESTIONS, "max_line_vertices": MAX_LINE_VERTICES,
+                           "max_pixels_per_op": MAX_PIXELS_PER_OP}}
 
 
 def default_click_file(images):
@@ -575,7 +719,12 @@ class Handler(BaseHTTPRequestHandler):
             host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
             if self.app.hosts and host not in self.app.hosts:  # DNS rebinding: only our own name
                 raise HTTPError(HTTPStatus.FORBIDDEN, "unknown Host header")
-            length = int(self.headers.get("Content-Length") or 0)
+            length = self.headers.get("Content-Length") or "0"
+            if not length.isascii() or not length.isdigit():
+                self.close_connection = True  # where this body ends is unknown: the connection cannot go on
+                raise HTTPError(HTTPStatus.BAD_REQUEST, f"Content-Length must be a whole number of bytes, got "
+                                                        f"{length[:40]!r}")
+            length = int(length)
             if length > MAX_BODY:
                 self.close_connection = True
                 raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY} bytes")
@@ -612,7 +761,8 @@ def route(h, method, path, q, body):
             return h._json(app.config())
         if path == "/api/clicks":
             name = q.get("image", [None])[0]
-            return h._json({"clicks": app.click_file.points(name), "version": app.click_file.version()})
+            clicks, notes = app.click_file.points(name)
+            return h._json({"clicks": clicks, "notes": notes, "version": app.click_file.version()})
         if path == "/api/version":
             return h._json({"version": app.click_file.version(), "model": app.training.status()["model"]})
         if path in ("/api/tile", "/api/overlay"):
@@ -621,8 +771,8 @@ def route(h, method, path, q, body):
             return h._json(app.training.status())
         if path == "/api/suggest":
             n = _int(q, "n", 10)
-            if not 1 <= n <= 200:
-                raise HTTPError(HTTPStatus.BAD_REQUEST, "n must be 1..200")
+            if not 1 <= n <= MAX_SUGGESTIONS:
+                raise HTTPError(HTTPStatus.BAD_REQUEST, f"n must be 1..{MAX_SUGGESTIONS}")
             if not app.training.predictions:
                 raise HTTPError(HTTPStatus.CONFLICT, "no prediction yet: train first")
             return h._json({"suggestions": suggest(app.training, app.click_file, n)})
@@ -630,7 +780,7 @@ def route(h, method, path, q, body):
     if method == "POST":
         if path not in ("/api/clicks", "/api/train"):
             raise not_found()
-        if not (h.headers.get("Content-Type") or "").startswith("application/json"):
+        if (h.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
             raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send JSON (Content-Type: application/json)")
         try:
             data = json.loads(body or b"{}")
@@ -671,11 +821,15 @@ def tile(h, path, q):
     h._send(HTTPStatus.OK, png_bytes(arr), "image/png")
 
 
+class Server(ThreadingHTTPServer):
+    request_queue_size = REQUEST_QUEUE
+
+
 def make_server(args):
     """A ThreadingHTTPServer for `args` (not started); its address is server.server_address."""
     app = App(args)
     handler = type("BoundHandler", (Handler,), {"app": app})
-    server = ThreadingHTTPServer((args.host, args.port), handler)
+    server = Server((args.host, args.port), handler)
     server.daemon_threads = True
     if args.host in ("127.0.0.1", "localhost", "::1"):
         app.hosts = {"127.0.0.1", "localhost", "::1"}
@@ -714,8 +868,15 @@ def main(args):
         return 2
     app = server.app
     if args.checkpoint:
-        app.training.predict_all(args.checkpoint)
+        try:
+            app.training.predict_all(args.checkpoint)
+        except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
+            print(f"error: {e}", file=sys.stderr)
+            server.server_close()
+            return 2
         app.training.state.update(state="done", model=1, message=f"showing {args.checkpoint}")
+    for note in app.click_file.notes:
+        print(f"note: {note}", flush=True)
     host, port = server.server_address[:2]
     print(f"{len(app.images.refs)} images ({len(app.images.errors)} unreadable), clicks in {app.click_file.path}")
     print(f"annotate: open http://{'[' + host + ']' if ':' in host else host}:{port}/  (Ctrl-C stops)", flush=True)

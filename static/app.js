@@ -13,6 +13,8 @@ class App {
     this.viewer.onDraw.push((ctx, v) => this.training.draw(ctx, v));
     document.getElementById("clicks-file").textContent = config.clicks_file;
     document.getElementById("epochs").value = config.epochs;
+    document.getElementById("epochs").max = config.bounds.max_epochs; // the server's bounds (400 past them)
+    document.getElementById("suggest-n").max = config.bounds.max_suggestions;
     this.images();
     this.legend();
     this.mouse();
@@ -123,17 +125,28 @@ class App {
       if (!down) return;
       const p = pos(e), wasLine = line, moved = down.moved;
       down = line = null;
-      if (wasLine && moved) {
-        this.clicks.add(this.viewer.image.name, wasLine.slice(0, 1000), this.cls, "line").catch((err) => this.message(err.message));
-      } else if (!moved) {
-        this.clickAt(...p);
-      }
+      if (wasLine && moved) this.scribble(wasLine);
+      else if (!moved) this.clickAt(...p);
     });
     c.addEventListener("wheel", (e) => {
       e.preventDefault();
       const [sx, sy] = pos(e);
       this.viewer.zoomAt(sx, sy, e.deltaY < 0 ? 1.25 : 0.8);
     }, { passive: false });
+  }
+
+  // Send a scribble: at most the server's vertices (the rest dropped, and said), its nodata pixels left out (said).
+  async scribble(line) {
+    const most = this.config.bounds.max_line_vertices;
+    try {
+      const r = await this.clicks.add(this.viewer.image.name, line.slice(0, most), this.cls, "line");
+      const said = [];
+      if (line.length > most) said.push(`the scribble was cut to its first ${most} of ${line.length} points`);
+      if (r.nodata) said.push(`${r.nodata} of its pixels lie on nodata and were left out`);
+      this.message(said.join("; "));
+    } catch (e) {
+      this.message(e.message);
+    }
   }
 
   keys() {
@@ -146,6 +159,11 @@ class App {
       else if (e.key === "+") this.viewer.zoomAt(this.viewer.canvas.width / 2, this.viewer.canvas.height / 2, 1.25);
       else if (e.key === "-") this.viewer.zoomAt(this.viewer.canvas.width / 2, this.viewer.canvas.height / 2, 0.8);
     });
+  }
+
+  // What the server's read of the click file left out (clicks on nodata written by another program).
+  notes(notes) {
+    if (notes.length) this.message(notes.join("; "));
   }
 
   undo() { this.clicks.undo().catch((e) => this.message(e.message)); }
@@ -166,7 +184,7 @@ class App {
     setInterval(async () => {
       const v = await api.get("/api/version").catch(() => null);
       if (!v) return;
-      if (v.version !== this.clicks.version) this.clicks.load().catch(() => {});
+      if (v.version !== this.clicks.version) this.clicks.load().then((notes) => this.notes(notes), () => {});
       if (v.model !== this.training.model) this.training.poll();
     }, 2000);
   }
@@ -176,7 +194,7 @@ window.addEventListener("DOMContentLoaded", async () => {
   const config = await api.get("/api/config");
   const app = new App(config);
   window.app = app;
-  await app.clicks.load();
+  app.notes(await app.clicks.load());
   if (config.images.length) app.select(config.images[0].name);
   app.training.poll();
   app.watch();

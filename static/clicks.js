@@ -11,6 +11,7 @@ class Clicks {
     this.onChange = onChange;
   }
 
+  // Read the file's clicks; returns what the server's read left out and why (clicks on nodata edited in elsewhere).
   async load(name) {
     const r = await api.get(name ? `/api/clicks?image=${encodeURIComponent(name)}` : "/api/clicks");
     for (const [img, pts] of Object.entries(r.clicks)) {
@@ -18,6 +19,7 @@ class Clicks {
     }
     this.version = r.version;
     this.onChange();
+    return r.notes || [];
   }
 
   of(name) { return this.byImage.get(name) || new Map(); }
@@ -48,9 +50,11 @@ class Clicks {
     return r;
   }
 
+  // Returns the server's account: r.nodata pixels of a line were left out (on nodata).
   async add(image, points, cls, kind = "point") {
     const r = await this.send({ op: "add", image, points, class: cls, kind });
     this.record({ image, kind, changed: r.changed });
+    return r;
   }
 
   async remove(image, points) {

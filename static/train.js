@@ -1,5 +1,6 @@
-// The model: start a short training, follow its progress, show its prediction, its accuracy on held-out clicks
-// and the places it is least sure of (suggestions, answered by ordinary clicks).
+// The model: start a short training, follow its progress (the server reads train.py's progress file: step of
+// steps), show its prediction, its accuracy on held-out clicks and the places it is least sure of (suggestions,
+// answered by ordinary clicks).
 "use strict";
 
 class Training {
@@ -13,7 +14,8 @@ class Training {
 
   async start() {
     try {
-      const s = await api.post("/api/train", { epochs: Number(this.el("epochs").value) });
+      const v = this.el("epochs").value.trim(); // empty: the server's default; anything else it checks (400)
+      const s = await api.post("/api/train", v === "" ? {} : { epochs: Number(v) });
       this.show(s);
       this.poll();
     } catch (e) {
@@ -32,12 +34,15 @@ class Training {
 
   show(s) {
     const bar = this.el("progress");
-    bar.max = s.epochs || 1;
-    bar.value = s.state === "done" ? bar.max : s.epoch;
+    bar.max = s.steps || 1;
+    bar.value = s.state === "done" ? bar.max : Math.min(s.step || 0, bar.max);
+    const at = !s.steps ? "starting"
+      : s.unit === "step" ? `step ${s.step} of ${s.steps}`
+      : `epoch ${s.epoch} of ${s.epochs} (step ${s.step} of ${s.steps})`;
     const text = {
       idle: "no model yet",
-      running: `training: epoch ${s.epoch} of ${s.epochs}`,
-      predicting: `predicting the images (trained ${s.epochs} epochs)`,
+      running: `training: ${at}`,
+      predicting: "predicting the images" + (s.steps ? ` (trained ${s.step} of ${s.steps} steps)` : ""),
       done: `model ${s.model} shown`,
       failed: s.message + (s.log && s.log.length ? `: ${s.log[s.log.length - 1]}` : ""),
     }[s.state];

@@ -3,6 +3,7 @@ the bounds and the paths it refuses, and (slow) a training started from the API 
 
 import http.client
 import json
+import socket
 import threading
 import time
 from io import BytesIO
@@ -16,6 +17,7 @@ from rasterio.transform import from_origin
 
 import annotate
 from annotations import read_clicks
+from spec import ClassSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -235,6 +237,118 @@ def test_bad_operations_are_refused_and_leave_the_file_alone(server, tmp_path):
     assert server.request("POST", "/api/clicks", b"{}", {"Content-Type": "text/plain"})[0] == 415
 
 
+def nodata_tif(folder, name="nd"):
+    """A 16 x 16 GeoTIFF whose left 4 columns are nodata (0 in every band, GDAL_NODATA 0)."""
+    folder.mkdir(exist_ok=True)
+    img = np.moveaxis(colour_image(16, 16), -1, 0).clip(1, 255)
+    img[:, :, :4] = 0
+    with rasterio.open(folder / f"{name}.tif", "w", driver="GTiff", width=16, height=16, count=3, dtype="uint8",
+                       nodata=0, crs="EPSG:32616", transform=from_origin(500000, 3700000, 0.5, 0.5)) as ds:
+        ds.write(img)
+    return folder
+
+
+def test_a_click_on_nodata_is_refused_and_the_page_goes_on(tmp_path):
+    folder = nodata_tif(tmp_path / "images")
+    clicks = tmp_path / "clicks.geojson"
+    s = Server(folder, clicks, tmp_path / "runs")
+    try:
+        code, _, body = s.request("POST", "/api/clicks", {"op": "add", "image": "nd", "points": [[1, 5]], "class": 1})
+        assert code == 400 and "nodata" in json.loads(body)["error"] and not clicks.exists()
+        assert s.json("GET", "/api/clicks")["clicks"] == {"nd": []}  # the page still reads its file
+        s.json("POST", "/api/clicks", {"op": "add", "image": "nd", "points": [[8, 5]], "class": 1})
+        before = clicks.read_bytes()
+        # one point of an add on nodata: the whole add refused, nothing saved
+        code, _, body = s.request("POST", "/api/clicks", {"op": "add", "image": "nd", "points": [[9, 9], [2, 9]],
+                                                          "class": 2})
+        assert code == 400 and "1 of the 2 points" in json.loads(body)["error"]
+        assert clicks.read_bytes() == before
+        # a line across the nodata edge: its nodata pixels left out and counted; a line on nodata only: refused
+        r = s.json("POST", "/api/clicks", {"op": "add", "image": "nd", "points": [[0.5, 12.5], [10.5, 12.5]],
+                                           "class": 3, "kind": "line"})
+        assert r["nodata"] == 4 and sorted(x for x, _, _, _ in r["changed"]) == list(range(4, 11))
+        code, _, body = s.request("POST", "/api/clicks", {"op": "add", "image": "nd", "points": [[0.5, 2.5], [3.5, 2.5]],
+                                                          "class": 3, "kind": "line"})
+        assert code == 400 and "nodata" in json.loads(body)["error"]
+        got = read_clicks(clicks, folder).images["nd"]
+        assert got.cols.min() >= 4 and len(got) == 8 and not read_clicks(clicks, folder).notes
+    finally:
+        s.close()
+    s = Server(folder, clicks, tmp_path / "runs")  # a restart opens the same file
+    s.close()
+
+
+def test_a_click_file_of_nodata_clicks_only_opens_as_no_clicks(tmp_path):
+    folder = nodata_tif(tmp_path / "images")
+    clicks = tmp_path / "clicks.csv"
+    clicks.write_text("image,x,y,class\nnd,1,5,1\nnd,2,7,2\n")  # edited elsewhere: both on nodata
+    s = Server(folder, clicks, tmp_path / "runs")
+    try:
+        r = s.json("GET", "/api/clicks")
+        assert r["clicks"] == {"nd": []} and any("nodata" in n for n in r["notes"])
+        assert s.json("GET", "/api/config")["images"][0]["name"] == "nd"
+        s.json("POST", "/api/clicks", {"op": "add", "image": "nd", "points": [[8, 5]], "class": 1})
+        assert s.json("GET", "/api/clicks")["clicks"] == {"nd": [[8, 5, 1, "point"]]}
+    finally:
+        s.close()
+
+
+# --------------------------------------------------------------------------- checks at start
+
+def start(argv, monkeypatch):
+    """annotate.main(argv) that returns instead of serving: (exit code, stderr lines come through capsys)."""
+    monkeypatch.setattr(annotate.ThreadingHTTPServer, "serve_forever", lambda self, *a, **k: None)
+    return annotate.main(annotate.get_args_parser().parse_args(argv + ["--port", "0"]))
+
+
+def test_a_checkpoint_of_other_classes_is_refused_at_start(pngs, tmp_path, monkeypatch, capsys):
+    from checkpoint import save_checkpoint
+    from model import TinySegmentation
+    from spec import DataSpec
+    save_checkpoint(tmp_path / "six.pth", TinySegmentation(6), DataSpec())  # the Potsdam classes
+    three = ClassSpec(names=("ground", "roof", "tree"), palette=((0, 0, 0), (255, 0, 0), (0, 255, 0)))
+    (tmp_path / "three.json").write_text(json.dumps(three.to_dict()))
+    base = ["--images", str(pngs), "--clicks", str(tmp_path / "c.csv"), "--runs", str(tmp_path / "runs")]
+    code = start(base + ["--classes", str(tmp_path / "three.json"), "--checkpoint", str(tmp_path / "six.pth")],
+                 monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {tmp_path / 'six.pth'}: ")
+    assert "['ground', 'roof', 'tree']" in err and "'impervious_surfaces'" in err and "clutter" in err
+    assert start(base + ["--checkpoint", str(tmp_path / "six.pth")], monkeypatch) == 0  # the same classes: shown
+    assert start(base + ["--checkpoint", str(tmp_path / "none.pth")], monkeypatch) == 2
+    assert "none.pth" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, says", [
+    ("{python} train.py --images {images} --epochs {epoch}", "{epoch}"),
+    ("{python} train.py --images {1}", "{1}"),
+    ("{python} train.py --images {}", "{}"),
+    ("{python} train.py --images {images[0]}", "{images[0]}"),
+    ("{python} train.py --images {images", "{images"),
+    ("no-such-program-here {images}", "not found"),
+    ("./no-such-script.py {images}", "not found"),
+    ("{python} 'train.py", "quotation"),
+    ("  ", "empty"),
+])
+def test_train_command_mistakes_stop_the_start(pngs, tmp_path, monkeypatch, capsys, command, says):
+    argv = ["--images", str(pngs), "--clicks", str(tmp_path / "c.csv"), "--runs", str(tmp_path / "runs"),
+            "--train-command", command]
+    assert start(argv, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --train-command") and says in err, err
+
+
+def test_a_good_train_command_starts(pngs, tmp_path, monkeypatch, capsys):
+    for command in ("{python} train.py --images {images} --clicks {clicks} --classes {classes} --out {out} "
+                    "--epochs {epochs}", "env python -c pass", f"{annotate.sys.executable} -c 'print({{{{}}}})'"):
+        argv = ["--images", str(pngs), "--clicks", str(tmp_path / "c.csv"), "--runs", str(tmp_path / "runs"),
+                "--train-command", command]
+        assert start(argv, monkeypatch) == 0, capsys.readouterr().err
+    monkeypatch.setenv("ANNOTATE_TRAIN_COMMAND", "{python} train.py {epoch}")
+    assert start(["--images", str(pngs)], monkeypatch) == 2
+    assert capsys.readouterr().err.startswith("error: --train-command ($ANNOTATE_TRAIN_COMMAND)")
+
+
 # --------------------------------------------------------------------------- security and bounds
 
 def test_paths_outside_what_the_server_owns_are_404(pngs, tmp_path):
@@ -271,6 +385,66 @@ def test_bounds_body_size_and_tile_size(server):
     assert server.request("GET", "/api/config", headers={"Host": "evil.example:8765"})[0] == 403
 
 
+def raw(port, head, body=b""):
+    """Send a hand-written request; the status code of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head.encode() + b"\r\n\r\n" + body)
+        return int(sock.makefile("rb").readline().split()[1])
+
+
+def test_malformed_requests_are_400_or_415_not_500(server):
+    head = "POST /api/clicks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: "
+    assert raw(server.port, head + "abc", b"{}") == 400
+    assert raw(server.port, head + "-2", b"{}") == 400
+    add = {"op": "add", "image": "im0", "points": [[1, 1]], "class": 1}
+    for bad in ({**add, "class": True}, {**add, "class": 1.0}, {**add, "points": [[[1, 2]]]},
+                {**add, "points": [[1, 2, 3]]}, {**add, "points": [[1, True]]}, {**add, "points": [1, 2]}):
+        code, _, body = server.request("POST", "/api/clicks", bad)
+        assert code == 400, (bad, body)
+    assert not (server.app.click_file.path.exists())
+    for ctype in ("application/jsonp", "application/json-seq", "text/plain"):
+        assert server.request("POST", "/api/clicks", add, {"Content-Type": ctype})[0] == 415, ctype
+    assert server.request("POST", "/api/clicks", add, {"Content-Type": "application/json; charset=utf-8"})[0] == 200
+    assert server.request("POST", "/api/clicks", add, {"Content-Type": "Application/JSON"})[0] == 200
+    for epochs in ("abc", [1], 0, -1, True, 2.5, annotate.MAX_EPOCHS + 1, "5"):
+        code, _, body = server.request("POST", "/api/train", {"epochs": epochs})
+        assert code == 400 and "epochs must be a whole number" in json.loads(body)["error"], (epochs, body)
+    assert server.app.training.status()["state"] == "idle"
+    cfg = server.json("GET", "/api/config")
+    assert cfg["bounds"]["max_epochs"] == annotate.MAX_EPOCHS and cfg["epochs"] == 10
+
+
+def test_a_missing_epochs_keeps_the_default(server):
+    server.json("POST", "/api/clicks", {"op": "add", "image": "im0", "points": [[1, 1]], "class": 1})
+    server.app.training.command = "{python} -c pass {epochs}"  # ends at once (no model: the state turns failed)
+    st = server.json("POST", "/api/train", {})
+    assert st["state"] == "running" and st["epochs"] == 10
+    wait_trained(server)
+    assert server.json("POST", "/api/train", {"epochs": 3})["epochs"] == 3
+    wait_trained(server)
+
+
+def test_16_concurrent_clients_are_all_answered(server):
+    assert server.server.request_queue_size >= 16
+    failures, go = [], threading.Barrier(16)
+
+    def client():
+        go.wait()
+        for _ in range(10):
+            try:
+                code, _, _ = server.request("GET", "/api/config")
+                if code != 200:
+                    failures.append(code)
+            except OSError as e:
+                failures.append(repr(e))
+    threads = [threading.Thread(target=client) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
 def test_held_out_metrics_are_the_checkpoints_epoch(tmp_path):
     (tmp_path / "history.json").write_text(json.dumps([
         {"epoch": 1, "train_loss": 1.0, "val_accuracy": 0.5, "val_accuracy_ci": [0.4, 0.6]},
@@ -283,6 +457,53 @@ def test_held_out_metrics_are_the_checkpoints_epoch(tmp_path):
 
 # --------------------------------------------------------------------------- training
 
+def test_read_progress_is_the_latest_run(tmp_path):
+    path = tmp_path / "progress.jsonl"
+    assert annotate.read_progress(path) is None
+    old = [{"event": "start", "unit": "epoch", "epochs": 3, "steps": 30, "per_epoch": 10, "time": 1.0},
+           {"event": "validation", "epoch": 3, "epochs": 3, "step": 30, "steps": 30, "loss": 0.5,
+            "val": {"val_miou": 0.1}, "elapsed": 9.0},
+           {"event": "end", "status": "done", "elapsed": 9.5}]
+    new = [{"event": "start", "unit": "step", "epochs": 4, "steps": 200, "per_epoch": 50, "time": 2.0},
+           {"event": "validation", "epoch": 1, "epochs": 4, "step": 50, "steps": 200, "loss": 0.9,
+            "val": {"val_miou": 0.3, "val_kind": "held-out clicks"}, "elapsed": 4.0}]
+    path.write_text("".join(json.dumps(e) + "\n" for e in old + new) + '{"event": "valid')  # a line half written
+    run = annotate.read_progress(path)
+    assert run == {"unit": "step", "epoch": 1, "epochs": 4, "step": 50, "steps": 200, "loss": 0.9,
+                   "val": {"val_miou": 0.3, "val_kind": "held-out clicks"}, "elapsed": 4.0, "status": "running"}
+    path.write_text("".join(json.dumps(e) + "\n" for e in old))
+    assert annotate.read_progress(path)["status"] == "done" and annotate.read_progress(path)["step"] == 30
+    path.write_text(json.dumps(old[0]) + "\nnot json\n")
+    with pytest.raises(ValueError, match="line 2"):
+        annotate.read_progress(path)
+
+
+STAND_IN = """
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
+lines = [{"event": "start", "unit": "step", "epochs": 2, "steps": 20, "per_epoch": 10, "time": 0}]
+lines += [{"event": "validation", "epoch": e, "epochs": 2, "step": 10 * e, "steps": 20, "loss": 1 / e,
+           "val": {"val_oa": 0.5}, "elapsed": e} for e in (1, 2)]
+(out / "progress.jsonl").write_text("".join(json.dumps(x) + "\\n" for x in lines))
+print("epoch 7/9 (the log's wording is not read)")
+"""
+
+
+def test_the_status_follows_the_progress_file_not_the_log(server, tmp_path):
+    (tmp_path / "stand_in.py").write_text(STAND_IN)
+    server.json("POST", "/api/clicks", {"op": "add", "image": "im0", "points": [[1, 1]], "class": 1})
+    server.app.training.out.mkdir(parents=True)
+    (server.app.training.out / "progress.jsonl").write_text(  # the last run's: not shown as this one's
+        json.dumps({"event": "start", "unit": "epoch", "epochs": 5, "steps": 5, "per_epoch": 1, "time": 0}) + "\n")
+    server.app.training.command = f"{{python}} {tmp_path / 'stand_in.py'} {{out}}"
+    st = server.json("POST", "/api/train", {"epochs": 2})
+    assert st["steps"] is None and st["step"] == 0
+    st = wait_trained(server)  # no checkpoint written: the prediction fails, the progress stays
+    assert (st["unit"], st["step"], st["steps"], st["epoch"], st["epochs"]) == ("step", 20, 20, 2, 2)
+    assert st["val"] == {"val_oa": 0.5} and st["loss"] == 0.5
+
+
+
 def wait_trained(s, timeout=120):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -291,6 +512,29 @@ def wait_trained(s, timeout=120):
             return st
         time.sleep(0.2)
     raise AssertionError(f"training did not finish in {timeout} s: {st}")
+
+
+@pytest.mark.slow
+def test_train_reads_only_the_images_the_page_serves(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(colour_image(30, 40)).save(folder / "good.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG garbage, not an image")
+    s = Server(folder, tmp_path / "clicks.csv", tmp_path / "runs", train_command=None)
+    s.app.training.command = train_command(tmp_path)  # the page's own command, the tiny network
+    try:
+        assert [e["file"] for e in s.json("GET", "/api/config")["errors"]] == ["broken.png"]
+        for cls, xs in ((5, (2, 6, 10)), (1, (29, 33, 37))):
+            s.json("POST", "/api/clicks", {"op": "add", "image": "good", "class": cls,
+                                           "points": [[x, y] for x in xs for y in (3, 10, 18, 26)]})
+        s.json("POST", "/api/train", {"epochs": 2})
+        st = wait_trained(s)
+        assert st["state"] == "done", (st, (tmp_path / "runs" / "train.log").read_text()[-2000:])
+        assert st["predicted"] == ["good"]
+        assert sorted(p.name for p in (tmp_path / "runs" / "images").iterdir()) == ["good.png"]
+    finally:
+        s.close()
+    assert (folder / "broken.png").exists() and read_clicks(tmp_path / "clicks.csv", [folder / "good.png"])
 
 
 @pytest.mark.slow
@@ -309,7 +553,7 @@ def test_train_from_the_api_then_overlay_and_suggestions(pngs, tmp_path):
         assert s.request("POST", "/api/train", {"epochs": 30})[0] == 409  # not started twice
         st = wait_trained(s)
         assert st["state"] == "done", st
-        assert st["epoch"] == 30 and st["predicted"] == ["im0", "im1"]
+        assert st["predicted"] == ["im0", "im1"]
         assert any(k.startswith("val_") for k in st["metrics"])
         over = png(s.request("GET", "/api/overlay?image=im0&z=0&x=0&y=0&size=64")[2])
         assert over.shape == (30, 40, 4) and (over[..., 3] == 255).all()
