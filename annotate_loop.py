@@ -105,13 +105,14 @@ class Client:
         return json.loads(data) if r.headers.get("Content-Type", "").startswith("application/json") else data
 
     def train(self):
+        """Train through the page and wait; the run's progress (finished_run)."""
         self.call("POST", "/api/train", {})
         while True:
             st = self.call("GET", "/api/train")
             if st["state"] in ("done", "failed"):
                 if st["state"] == "failed":
                     raise RuntimeError(f"training failed: {st['message']}")
-                return st
+                return finished_run(self.server.app.training.out, "the page's training")
             time.sleep(1)
 
     def prediction(self, name, shape, palette):
@@ -135,6 +136,15 @@ class Client:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+def finished_run(out, what):
+    """The progress of the run in `out` (annotate.read_progress of train.py's progress file), checked: a run that
+    did not end "done" at its last step raises (RuntimeError naming `what`)."""
+    run = annotate.read_progress(Path(out) / annotate.PROGRESS_FILE)
+    if run is None or run["status"] != "done" or run["step"] != run["steps"]:
+        raise RuntimeError(f"{what}: the run in {out} did not finish its steps (progress: {run})")
+    return run
 
 
 # --------------------------------------------------------------------------- the person
@@ -171,11 +181,12 @@ def run_loop(client, train, val, labels, names, palette, strategy, k0, k, rounds
         clicked[name][r, c] = True
     curve = []
     for rnd in range(rounds + 1):
-        client.train()
+        run = client.train()
         miou = score(client, val, labels, names, palette)
         per_image = float(np.mean([m.sum() for m in clicked.values()]))
         curve.append((per_image, miou))
-        log(f"  {strategy} seed {seed} round {rnd}: {per_image:.0f} clicks per image, val mIoU {miou:.3f}")
+        log(f"  {strategy} seed {seed} round {rnd}: {per_image:.0f} clicks per image, {run['steps']} steps in "
+            f"{run['elapsed']:.0f} s, val mIoU {miou:.3f}")
         if rnd == rounds:
             break
         for name, _, _ in train:
@@ -206,7 +217,8 @@ def dense_reference(images, labels_dir, classes, split, size, epochs, out, seed,
     done = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"dense reference failed: {done.stderr[-2000:]}")
-    log(f"  dense reference trained ({out / 'last.pth'})")
+    run = finished_run(out, "the dense reference")
+    log(f"  dense reference trained: {run['steps']} steps in {run['elapsed']:.0f} s ({out / 'last.pth'})")
     return out / "last.pth"
 
 

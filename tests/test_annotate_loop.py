@@ -1,5 +1,7 @@
 """The simulated person of annotate_loop.py: where it clicks and what it compares with."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -35,3 +37,23 @@ def test_missing_data_is_a_user_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(L.PRESETS, "atlanta", dict(L.PRESETS["atlanta"], images=str(tmp_path / "none")))
     assert L.main(L.get_args_parser().parse_args(["--preset", "atlanta"])) == 2
     assert capsys.readouterr().err.startswith("error: no folder")
+
+
+def test_a_run_is_finished_when_its_progress_file_says_so(tmp_path):
+    start = {"event": "start", "unit": "step", "epochs": 2, "steps": 40, "per_epoch": 20, "time": 0}
+    val = {"event": "validation", "epoch": 2, "epochs": 2, "step": 40, "steps": 40, "loss": 0.3, "val": {},
+           "elapsed": 7.0}
+    write = lambda *lines: (tmp_path / "progress.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    write(start, val, {"event": "end", "status": "done", "elapsed": 7.5})
+    run = L.finished_run(tmp_path, "test")
+    assert (run["steps"], run["elapsed"]) == (40, 7.5)
+    for lines in [(start, dict(val, step=20, epoch=1), {"event": "end", "status": "done", "elapsed": 4}),  # short
+                  (start, val, {"event": "end", "status": "failed", "elapsed": 8}),
+                  (start, val),  # no end: still running
+                  (start, val, {"event": "end", "status": "done", "elapsed": 8}, start)]:  # a newer run started
+        write(*lines)
+        with pytest.raises(RuntimeError, match="did not finish"):
+            L.finished_run(tmp_path, "test")
+    (tmp_path / "progress.jsonl").unlink()
+    with pytest.raises(RuntimeError, match="did not finish"):
+        L.finished_run(tmp_path, "test")
