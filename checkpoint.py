@@ -51,11 +51,12 @@ def non_finite_tensors(state_dict):
             and not torch.isfinite(v).all()]
 
 
-def save_checkpoint(path, model, spec, *, config=None, metrics=None, epoch=None, train_state=None):
-    """Write a checkpoint atomically. Refuses (ValueError) a model with non-finite weights."""
+def save_checkpoint(path, model, spec, *, config=None, metrics=None, epoch=None, train_state=None, state_dict=None):
+    """Write a checkpoint atomically. Refuses (ValueError) a model with non-finite weights. `state_dict`: weights
+    held since (train.LastCheckpoint), instead of the model's current ones."""
     if not isinstance(spec, DataSpec):
         raise TypeError(f"spec must be a DataSpec, got {type(spec).__name__}")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
     bad = non_finite_tensors(state)
     if bad:
         raise ValueError(f"refusing to save {path}: {len(bad)} weight tensors hold NaN or infinity "

@@ -84,8 +84,8 @@ from dataset import index_to_colour
 from raster import (GDAL_NODATA, GEOTIFF_TAGS, IMAGE_SUFFIXES, MAX_PIXELS, TIFF_SUFFIXES, RasterError, Rows,
                     bit_depth_of, clean_stale_temporaries, is_image_file, png_rows, png_text, read_raster,
                     readable_by_rows, resize, scale_note, tiles_of_rows, write_index_tiff, write_jpeg)
-from spec import (IGNORE_INDEX, MAX_SCALE, check_scale, file_bands, parse_bands, grid_size, load_input, to_grid, valid_mask,
-                  wide_input_warning)
+from spec import (IGNORE_INDEX, MAX_SCALE, check_scale, file_bands, grid_size, load_input, parse_bands, to_grid,
+                  valid_mask, wide_input_warning)
 from vector import BLOCK_ROWS, class_areas, metres_per_unit, polygons_from_bands, write_area_table, write_polygons
 
 OUTPUT_PATTERN = "*_mask.*"  # the files this tool writes: never inputs
@@ -1303,8 +1303,8 @@ def get_args_parser():
                    help="test-time augmentation averaged in probability space: 'flip' (4 flips, 4x the time) or "
                         "'d4' (flips and 90-degree rotations, 8x); --tta alone means d4 (default: %(default)s)")
     p.add_argument("--bands", nargs="+", default=None,
-                   help="0-based band indices to feed the model, e.g. --bands 3,0,1 or --bands 3 0 1 (default: the checkpoint's "
-                        "bands, else the image's: alpha dropped, gray replicated, the first ones of more)")
+                   help="0-based band indices to feed the model, e.g. --bands 3,0,1 or --bands 3 0 1 (default: the "
+                        "checkpoint's bands, else the image's: alpha dropped, gray replicated, the first ones of more)")
     p.add_argument("--bit-depth", type=int, default=None,
                    help="bit depth b of >8-bit images, scaled from [0, 2^b-1] to [0, 255] (default: per image, "
                         "the smallest of 8..16 bits that holds its largest value)")

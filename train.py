@@ -20,6 +20,7 @@ exactly the same settings replaces them by itself.
 """
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -40,7 +41,7 @@ from annotations import (POINT, ClickSet, ImageClicks, check_unclicked, click_me
 from config import (RESUMABLE, TrainConfig, add_arguments, annotation_of, check_config, config_dict,  # noqa: F401
                     config_from_args, dense_labels, rounds_problems, schedule_factor, MAX_VALIDATIONS, MIN_STEPS,
                     STEP_PASSES)
-from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, load_model, non_finite_tensors, read_checkpoint, save_checkpoint
 from class_weights import SOURCES as CLASS_WEIGHT_SOURCES
 from class_weights import compute_class_weights, load_class_weights, save_class_weights
 from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids,
@@ -240,6 +241,16 @@ def click_validation(model, val_ds, device, exclude=(), batch_size=16):
             "support": m["support"]}
 
 
+def percent(share):
+    """A share as '97 %', with the digits it takes not to read as all or none when it is neither: 0.9996 is
+    '99.96 %', never '100 %'."""
+    for digits in range(5):
+        text = f"{100 * share:.{digits}f}"
+        if not (0 < share < 1 and float(text) in (0.0, 100.0)):
+            return f"{text} %"
+    return f"{100 * share:g} %"
+
+
 def check_data(cfg, train_ds, val_ds):
     """Read every label and annotation before the first epoch, so bad files and empty classes fail now, not
     after an epoch: every class needs a training point; val needs labelled pixels. The share of undefined
@@ -281,7 +292,7 @@ def check_data(cfg, train_ds, val_ds):
                         f"if that value is a class (a 0/255 mask), map it with "
                         f'"value_map": {{"0": 0, "{spec.ignore_value}": 1}} in the class file.')
         if undefined and not hint:
-            hint = (f" {100 * undefined / total:.1f} % of the training pixels are undefined: nodata, NaN or infinite "
+            hint = (f" {percent(undefined / total)} of the training pixels are undefined: nodata, NaN or infinite "
                     f"in the images, or undefined in the labels; none of them is ever a target.")
         counts = ", ".join(f"{n} {c}" for n, c in zip(names, seen.tolist()))
         if cfg.allow_unclicked:
@@ -295,7 +306,7 @@ def check_data(cfg, train_ds, val_ds):
                              f"learn them. Add clicks of those classes, fix the labels or the class file, or train "
                              f"without them with --allow-unclicked.{hint}")
     if undefined > total / 2 and train_ds.has_labels:
-        print(f"warning: {100 * undefined / total:.0f} % of the training label pixels are undefined", flush=True)
+        print(f"warning: {percent(undefined / total)} of the training label pixels are undefined", flush=True)
     if not val_ds.has_labels:  # validation on held-out clicks (click_datasets)
         if not sum(len(c) for c in (val_ds.clicks or {}).values()):
             raise ValueError(f"the {len(val_ds)} validation images hold no held-out click: nothing to measure on")
@@ -416,9 +427,11 @@ def plan_steps(cfg, sizes):
     steps = step_budget(pass_steps) if cfg.steps == "auto" else cfg.steps
     per = min(cfg.val_every or max(pass_steps, math.ceil(steps / MAX_VALIDATIONS)), steps)
     epochs = math.ceil(steps / per)
-    how = f"auto: {STEP_PASSES} passes of {pass_steps} steps, at least {MIN_STEPS}; " if cfg.steps == "auto" else ""
-    text = (f"{epochs * per} optimizer steps ({how}batches of {what} drawn with replacement), validation every {per} "
-            f"steps")
+    seen = epochs * per * cfg.batch_size * (window if cfg.crop else 1)  # pixels (or images) the batches hold
+    passes = seen / (sum(a * b for a, b in sizes) if cfg.crop else len(sizes))
+    how = f"auto: {STEP_PASSES} passes, at least {MIN_STEPS} steps; " if cfg.steps == "auto" else ""
+    text = (f"{epochs * per} optimizer steps ({how}batches of {what} drawn with replacement: about {passes:.0f} "
+            f"passes over the training {'pixels' if cfg.crop else 'images'}), validation every {per} steps")
     return {"epochs": epochs, "per_epoch": per, "draws": per, "total": epochs * per, "text": text}
 
 
@@ -435,9 +448,12 @@ def make_scheduler(cfg, optimizer, steps):
 PLATEAU_EPOCHS, PLATEAU_GAIN = 5, 0.005  # "stopped improving": no val mIoU gain of 0.005 in the last 5 epochs
 
 
-def plateau(history, epochs=PLATEAU_EPOCHS, gain=PLATEAU_GAIN):
+def plateau(history, epochs=PLATEAU_EPOCHS, gain=PLATEAU_GAIN, warmup=0):
     """The epoch of the best val mIoU before the last `epochs` epochs of history, when none of those beat it by
-    `gain` or more (the validation curve has stopped improving); None while it still improves."""
+    `gain` or more (the validation curve has stopped improving); None while it still improves. Validations at
+    or before optimizer step `warmup` are not judged: an untrained model's score (all-background, often high) is
+    no level to beat."""
+    history = [h for h in history if h.get("step", h["epoch"]) > warmup]
     if len(history) <= epochs:
         return None
     best = max(history[:-epochs], key=lambda h: h["val_miou"])
@@ -655,6 +671,91 @@ def _same_run(cfg, last_path):
     return comparable_config(old) == comparable_config(config_dict(cfg))
 
 
+# --------------------------------------------------------------------------- what a run writes as it goes
+
+LAST_EVERY = 300  # seconds: last.pth (188 MB with Adam's state) at most this often, plus at the end and on Ctrl-C
+
+
+def _cpu_copy(state):
+    """A copy of a (nested) state with every tensor on the CPU, to be written later."""
+    if torch.is_tensor(state):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cpu_copy(v) for v in state)
+    return copy.deepcopy(state)
+
+
+class LastCheckpoint:
+    """`<out>/last.pth`, what --resume continues from, written at a bounded rate: the state after each validation
+    is held in memory (`hold`, which refuses non-finite weights at once) and written when `every` seconds have
+    passed since the last write, at the last epoch, and on Ctrl-C (`flush`). (Written at every validation, a run
+    on the real tile wrote 10 GB.)"""
+
+    def __init__(self, path, model, spec, config, every=None):
+        self.path, self.model, self.spec, self.config = path, model, spec, config
+        self.every = LAST_EVERY if every is None else every
+        self.held, self.epoch, self.written = None, None, time.monotonic()
+
+    def hold(self, epoch, metrics, train_state, final=False):
+        state = _cpu_copy(self.model.state_dict())
+        bad = non_finite_tensors(state)
+        if bad:
+            raise ValueError(f"refusing to save {self.path}: {len(bad)} weight tensors hold NaN or infinity "
+                             f"({', '.join(bad[:3])})")
+        self.held = dict(state_dict=state, metrics=metrics, epoch=epoch, train_state=_cpu_copy(train_state))
+        if final or time.monotonic() - self.written >= self.every:
+            self.flush()
+
+    def flush(self):
+        """Write the held state, if any; True when last.pth holds the last validated epoch."""
+        if self.held is not None:
+            save_checkpoint(self.path, self.model, self.spec, config=self.config, **self.held)
+            self.epoch, self.held, self.written = self.held["epoch"], None, time.monotonic()
+        return self.epoch is not None
+
+
+def _json_ready(value):
+    """JSON without NaN or infinity (null instead), which browsers and strict readers refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+class Progress:
+    """`<out>/progress.jsonl`: how far a run is, one JSON object per line, flushed at once, for the annotation
+    page, annotate_loop.py or any watcher (never the log's wording). A run starts the file afresh (--resume
+    appends):
+        {"event": "start", "unit": "epoch"|"step", "epochs", "steps", "per_epoch", "start_epoch", "time"}
+        {"event": "validation", "epoch", "epochs", "step", "steps", "loss", "val": {the history's val_*}, "elapsed"}
+        {"event": "end", "status": "done"|"failed"|"interrupted", "elapsed"}
+    An "epoch" is a validation (with --steps, `per_epoch` optimizer steps)."""
+
+    def __init__(self, path, append=False, **start):
+        self.t0 = time.time()
+        self.f = open(path, "a" if append else "w")
+        self.write("start", **start, time=self.t0)
+
+    def write(self, event, **fields):
+        self.f.write(json.dumps(_json_ready({"event": event, **fields})) + "\n")
+        self.f.flush()
+
+    def close(self, status):
+        if not self.f.closed:
+            self.write("end", status=status, elapsed=time.time() - self.t0)
+            self.f.close()
+
+
+def unit_at(cfg, plan, epoch):
+    """'step N' in a --steps run (an epoch is then a validation), else 'epoch N'."""
+    return f"step {epoch * plan['per_epoch']}" if cfg.steps is not None else f"epoch {epoch}"
+
+
 def train(cfg):
     """Train as configured; returns the history (one dict per epoch)."""
     check_config(cfg)
@@ -671,6 +772,7 @@ def train(cfg):
     clicks = read_run_clicks(cfg)  # a bad click file stops here, before anything is written
     fresh = not out_dir.exists()
     claim, done = None, False  # the folder is claimed (run.lock) before anything is written; released at the end
+    last = progress = None  # <out>/last.pth at a bounded rate, <out>/progress.jsonl
     try:
         resumed = prepare_out(cfg, out_dir)
         train_ds, val_ds, how, spec = build_datasets(cfg, resumed.spec if resumed else None, clicks)
@@ -756,6 +858,7 @@ def train(cfg):
 
         config = config_dict(asked)
         last_path, best_path = out_dir / "last.pth", out_dir / "best_model.pth"
+        last = LastCheckpoint(last_path, model, spec, config)
         if resumed:
             if resumed.model_args != model.model_args:
                 raise ValueError(f"{last_path} holds a {resumed.model_args} model; this run asks for "
@@ -778,8 +881,11 @@ def train(cfg):
             model.to(memory_format=torch.channels_last)
         names = train_ds.classes.names
         net = distributed.wrap(model, ctx)  # DDP under torchrun: gradients averaged over the ranks
+        if ctx.is_main:
+            progress = Progress(out_dir / "progress.jsonl", append=resumed is not None, unit="step" if cfg.steps
+                                is not None else "epoch", epochs=cfg.epochs, steps=plan["total"],
+                                per_epoch=plan["per_epoch"], start_epoch=start)
 
-        flat_before = plateau(history, PLATEAU_EPOCHS, PLATEAU_GAIN)  # said once as it flattens (again after a rise)
         for epoch in range(start, cfg.epochs + 1):
             t0 = time.time()
             train_ds.set_epoch(epoch)
@@ -821,14 +927,6 @@ def train(cfg):
             print(f"{when} | loss {tr_loss:.4f}{terms} OA {tr['oa']:.3f} mIoU {tr['miou']:.3f} "
                   f"(train points) | {shown} | lr {lr:.2e} | {h['seconds']:.1f}s{' *' if improved else ''}",
                   flush=True)
-            flat = plateau(history, PLATEAU_EPOCHS, PLATEAU_GAIN)
-            if flat and not flat_before and ctx.is_main:
-                level = next(x["val_miou"] for x in history if x["epoch"] == flat)
-                at = f"step {flat * plan['per_epoch']}" if cfg.steps is not None else f"epoch {flat}"
-                print(f"the validation curve has stopped improving: the last {PLATEAU_EPOCHS} validations gained less "
-                      f"than {PLATEAU_GAIN} val mIoU over {at}'s {level:.3f}; more training at this learning rate is "
-                      f"unlikely to help", flush=True)
-            flat_before = flat
             if few_clicks.end_of_epoch(cfg, epoch, model, train_ds, device):  # a round changed the annotation
                 labelled = train_ds.labelled_fraction()
             h["labelled_fraction"] = labelled  # share of training pixels clicked as the epoch ends (rounds add some)
@@ -838,18 +936,27 @@ def train(cfg):
                     if ctx.is_main:  # only rank 0 writes; the others hold the same weights
                         save_checkpoint(best_path, model, spec, config=config, metrics=va, epoch=epoch)
                 if ctx.is_main:
-                    save_checkpoint(last_path, model, spec, config=config, metrics=va, epoch=epoch, train_state={
+                    last.hold(epoch, va, final=epoch == cfg.epochs, train_state={
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "rng": torch.get_rng_state(), "loader_rng": gen.get_state(), "history": history,
                         "best_miou": best,
                         "split": split,
                         **({"few_clicks": few_clicks.state(train_ds)} if few_clicks.enabled(cfg) else {})})
+                    progress.write("validation", epoch=epoch, epochs=cfg.epochs, step=h["step"], steps=plan["total"],
+                                   loss=tr_loss, val={k: v for k, v in h.items() if k.startswith("val_")},
+                                   elapsed=time.time() - progress.t0)
             except ValueError as e:  # non-finite weights: never saved
                 raise TrainingError(f"epoch {epoch}: {e}. Training diverged; lower --lr and start again") from None
 
         if not ctx.is_main:
             distributed.barrier()  # rank 0 writes the history and figures
             return history
+        flat = plateau(history, PLATEAU_EPOCHS, PLATEAU_GAIN, cfg.warmup)  # judged once, on the whole curve
+        if flat:
+            level = next(x["val_miou"] for x in history if x["epoch"] == flat)
+            print(f"the validation curve has stopped improving: the last {PLATEAU_EPOCHS} validations gained less "
+                  f"than {PLATEAU_GAIN} val mIoU over {unit_at(cfg, plan, flat)}'s {level:.3f}; a longer run is "
+                  f"unlikely to help", flush=True)
         (out_dir / "history.json").write_text(json.dumps(history, indent=1))
         if cfg.figures and history:
             plot_history(history, out_dir / "output.png")
@@ -861,7 +968,14 @@ def train(cfg):
         distributed.barrier()
         done = True
         return history
+    except KeyboardInterrupt:  # Ctrl-C: the last validated state is kept, so --resume loses nothing more
+        if last is not None and last.flush():
+            print(f"\ninterrupted: {last_path} holds epoch {last.epoch}; continue with --resume", flush=True)
+        raise
     finally:
+        if progress is not None:
+            progress.close("done" if done else "interrupted" if isinstance(sys.exc_info()[1], KeyboardInterrupt)
+                           else "failed")
         if claim is not None:
             claim.close()
             if not done and fresh and [p.name for p in out_dir.iterdir()] == ["run.lock"]:  # failed before writing
@@ -878,22 +992,27 @@ def get_args_parser():
 
 
 def main(args):
-    """Returns the exit code: 0 trained, 1 training failed (diverged), 2 a user error (nothing trained)."""
+    """Returns the exit code: 0 trained, 1 training failed (diverged), 2 a user error (nothing trained), 130
+    interrupted (Ctrl-C; last.pth holds the last validated epoch)."""
     try:
-        history = train(config_from_args(args))
+        cfg = config_from_args(args)
+        history = train(cfg)
         best = max(history, key=lambda h: h["val_miou"]) if history else None
+        at = (f"step {best['step']}" if cfg.steps is not None else f"epoch {best['epoch']}") if best else ""
         if best and "val_kind" in best:  # no dense labels: on held-out clicks, with the 95 % intervals
             print(f"best val mIoU {_ci(best['val_miou'], best['val_miou_ci'])} (accuracy "
-                  f"{_ci(best['val_oa'], best['val_oa_ci'])}) on {best['val_clicks']} {best['val_kind']} at epoch "
-                  f"{best['epoch']}; no dense labels, so no dense mIoU")
+                  f"{_ci(best['val_oa'], best['val_oa_ci'])}) on {best['val_clicks']} {best['val_kind']} at {at}; "
+                  f"no dense labels, so no dense mIoU")
         elif best:  # under torchrun rank 0 alone prints (distributed.init_from_env)
-            print(f"best val mIoU {best['val_miou']:.3f} (OA {best['val_oa']:.3f}) at epoch {best['epoch']}")
+            print(f"best val mIoU {best['val_miou']:.3f} (OA {best['val_oa']:.3f}) at {at}")
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, CheckpointError, OSError, RuntimeError) as e:  # RuntimeError: weights
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     finally:
         distributed.cleanup()  # under torchrun: leave the process group (no-op in one process)
     return 0

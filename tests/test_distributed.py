@@ -92,8 +92,10 @@ def test_two_processes_train_like_one_and_resume(data, tmp_path):
     for run, epoch in ((first, "1/1"), (again, "2/2")):  # rank 0 alone logs: one line per epoch
         assert [line.split()[1] for line in run.stdout.splitlines() if line.startswith("epoch ")] == [epoch]
     out = tmp_path / "two"
-    assert sorted(p.name for p in out.iterdir()) == ["best_model.pth", "class_weights.pt", "history.json", "last.pth",
-                                                    "run.lock"]
+    assert sorted(p.name for p in out.iterdir()) == [".resident-cache", "best_model.pth", "class_weights.pt",
+                                                    "history.json", "last.pth", "progress.jsonl", "run.lock"]
+    assert [json.loads(line)["event"] for line in (out / "progress.jsonl").read_text().splitlines()] == \
+        ["start", "validation", "end", "start", "validation", "end"]  # rank 0 alone writes it; --resume appends
     two = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in two] == [1, 2]
     for a, b in zip(one, two):

@@ -116,7 +116,8 @@ def test_relative_links_resolve(path):
 # --------------------------------------------------------------------------- the commands they show
 
 SCRIPTS = ("train.py", "infer.py", "pretrain.py", "annotate.py")
-COMMAND = re.compile(r"(?:python3?\b|\$\(PY\)|torchrun\b)[^`\n]*?\b(?:" + "|".join(map(re.escape, SCRIPTS)) + r")\b[^`\n]*")
+COMMAND = re.compile(r"(?:python3?\b|\$\(PY\)|torchrun\b)[^`\n]*?\b(?:" + "|".join(map(re.escape, SCRIPTS))
+                     + r")\b[^`\n]*")
 
 
 def documented_commands(paths):
@@ -182,7 +183,8 @@ def test_a_refused_documented_command_is_found(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     doc = tmp_path / "x.md"
     doc.write_text("```bash\npython train.py --images a --clicks c.csv \\\n   --scale 1 --steps auto  # sized\n```\n"
-                   "and `python infer.py --input in/ ... --tile 8` inline, `python pretrain.py --images a --out e.pth`\n")
+                   "and `python infer.py --input in/ ... --tile 8` inline, "
+                   "`python pretrain.py --images a --out e.pth`\n")
     commands = documented_commands([doc])
     assert [(s, a) for _, s, a in commands] == [
         ("train.py", ["--images", "a", "--clicks", "c.csv", "--scale", "1", "--steps", "auto"]),

@@ -70,4 +70,17 @@ def test_the_log_says_once_when_the_validation_curve_stops_improving(data, tmp_p
     out = capsys.readouterr().out
     assert out.count("the validation curve has stopped improving: the last 3 validations gained less than 0.05") == 1
     line = next(x for x in out.splitlines() if "stopped improving" in x)
-    assert "over epoch 1's" in line
+    assert "over epoch 3's" in line  # judged once, on the whole curve: the best before the last 3 validations
+    assert out.index("stopped improving") > out.index("epoch   6/6")  # at the end, not as it happens
+
+
+def test_the_plateau_is_judged_after_warm_up_on_the_whole_curve():
+    """The dense Atlanta run (300 steps, validation every 6, warm-up 30): the untrained model's all-background
+    0.485 at step 6 is no level to beat, and a pause in the climb (steps 102-132) is not the end of it."""
+    curve = [0.485, 0.30, 0.278, 0.29, 0.31, 0.35] + [0.35 + 0.01 * k for k in range(11)] + [0.45] * 6 + \
+        [0.46 + 0.014 * k for k in range(12)] + [0.634] + [0.63] * 7 + [0.632] * 7
+    history = [{"epoch": e, "step": 6 * e, "val_miou": m} for e, m in enumerate(curve, 1)]
+    assert len(history) == 50 and history[35]["step"] == 216 and history[35]["val_miou"] == 0.634
+    assert train_module.plateau(history[:6], warmup=30) is None  # step 36: only one validation after warm-up
+    assert train_module.plateau(history[:6], warmup=0) == 1  # the old false alarm: "over step 6's 0.485"
+    assert train_module.plateau(history, warmup=30) == 36  # step 216

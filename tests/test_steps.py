@@ -1,6 +1,7 @@
 """Training sized in optimizer steps (--steps N / auto, --val-every) and random windows (--crop): the sampler,
 the plan, the rules and a run that uses them."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -11,7 +12,7 @@ from checkpoint import read_checkpoint
 from config import MAX_VALIDATIONS, MIN_STEPS, STEP_PASSES, TrainConfig, check_config, config_from_args
 from resident import ResidentData, ResidentLoader, draw_windows, gather_windows
 from tests.test_train import cfg_for
-from train import get_args_parser, plan_steps, step_budget, train
+from train import get_args_parser, main, plan_steps, step_budget, train
 
 
 def resident(n=3, h=12, w=10, sizes=None):
@@ -79,6 +80,9 @@ def test_the_plan_covers_the_pixels_once_a_pass_and_the_auto_budget_follows_the_
     assert step_budget(14) == max(MIN_STEPS, STEP_PASSES * 14)
     assert 0 <= auto["total"] - step_budget(14) < auto["per_epoch"]  # rounded up to whole validations
     assert auto["epochs"] <= MAX_VALIDATIONS and auto["per_epoch"] >= 14  # every pass, or less often
+    small = plan_steps(TrainConfig(crop=16, batch_size=4, steps="auto", schedule="cosine"), [(40, 40)])
+    assert small["total"] == MIN_STEPS  # one image: a pass is 2 steps, so the floor decides, and the log says the
+    assert f"about {MIN_STEPS * 4 * 16 * 16 / 1600:.0f} passes over the training pixels" in small["text"]  # passes
     spaced = plan_steps(TrainConfig(crop=16, batch_size=4, steps=250, val_every=100, schedule="cosine"), sizes)
     assert (spaced["epochs"], spaced["total"]) == (3, 300)  # rounded up to whole validations
     many = plan_steps(TrainConfig(batch_size=4, steps=1000, schedule="cosine"), sizes)
@@ -115,7 +119,8 @@ def test_a_steps_run_validates_every_k_steps_and_ends_its_decay_at_the_last_step
     history = train(steps_cfg(data, tmp_path, steps=20, val_every=7, crop=16, lr=1e-2))
     out = capsys.readouterr().out
     assert [h["step"] for h in history] == [7, 14, 21]  # 20 rounded up to whole validations
-    assert "budget: 21 optimizer steps (batches of random 16x16 windows drawn with replacement)" in out
+    assert ("budget: 21 optimizer steps (batches of random 16x16 windows drawn with replacement: about 4 passes over "
+            "the training pixels), validation every 7 steps") in out  # 21 x 4 x 16 x 16 / (6 x 32 x 32) = 3.5
     assert "step    21/21 |" in out
     st = read_checkpoint(tmp_path / "ck" / "last.pth").train_state
     assert st["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
@@ -148,3 +153,61 @@ def test_windows_train_a_model_that_segments_the_whole_val_images(data, tmp_path
     history = train(steps_cfg(data, tmp_path, steps=60, val_every=20, crop=16, lr=1e-2, points=None))
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     assert history[-1]["val_miou"] > 0.8  # 16x16 windows taught the whole 32x32 val images (all-background: < 0.1)
+
+
+# --------------------------------------------------------------------------- what a run writes as it goes
+
+def read_progress(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_progress_is_written_as_json_lines_in_steps_and_the_best_is_named_by_its_step(data, tmp_path, capsys):
+    """The page's bar parsed 'epoch N/M' from the log and never moved under --steps: the run writes its progress
+    as JSON lines in its folder, and the closing line names the best validation by its step."""
+    argv = ["--data", str(data), "--arch", "tiny", "--no-pretrained", "--size", "32", "--batch-size", "4",
+            "--points", "100", "--out", str(tmp_path / "ck"), "--no-figures", "--no-progress", "--steps", "10",
+            "--val-every", "5", "--schedule", "cosine", "--max-train", "6", "--max-val", "2"]
+    assert main(get_args_parser().parse_args(argv)) == 0
+    rows = read_progress(tmp_path / "ck" / "progress.jsonl")
+    assert [r["event"] for r in rows] == ["start", "validation", "validation", "end"]
+    assert rows[0]["unit"] == "step" and rows[0]["steps"] == 10 and rows[0]["epochs"] == 2
+    assert [(r["step"], r["steps"]) for r in rows[1:3]] == [(5, 10), (10, 10)]
+    history = json.loads((tmp_path / "ck" / "history.json").read_text())
+    assert [r["val"]["val_miou"] for r in rows[1:3]] == [h["val_miou"] for h in history]
+    assert rows[-1]["status"] == "done" and rows[-1]["elapsed"] >= rows[2]["elapsed"] >= 0
+    best = max(history, key=lambda h: h["val_miou"])
+    assert capsys.readouterr().out.rstrip().endswith(f"at step {best['step']}")
+
+
+def test_last_pth_is_written_at_a_bounded_rate_at_the_end_and_on_ctrl_c(data, tmp_path, monkeypatch):
+    """A run on the real tile rewrote its 188 MB last.pth at every validation (10 GB). It is written at most every
+    LAST_EVERY seconds and at the end; Ctrl-C writes the last validated state, and --resume from it trains on to
+    the same model as a run that was never stopped."""
+    writes = []
+    save = train_module.save_checkpoint
+    monkeypatch.setattr(train_module, "save_checkpoint", lambda path, *a, **kw: (writes.append(
+        (path.name, kw["epoch"])), save(path, *a, **kw))[1])
+    monkeypatch.setattr(train_module, "LAST_EVERY", 3600)
+    straight = train(cfg_for(data, tmp_path, epochs=4, out=str(tmp_path / "s")))
+    assert [e for name, e in writes if name == "last.pth"] == [4]  # once, at the end
+    writes.clear()
+    monkeypatch.setattr(train_module, "LAST_EVERY", 0)
+    train(cfg_for(data, tmp_path, epochs=2, out=str(tmp_path / "every")))
+    assert [e for name, e in writes if name == "last.pth"] == [1, 2]
+    monkeypatch.setattr(train_module, "LAST_EVERY", 3600)
+    run_epoch, calls = train_module.run_epoch, []
+
+    def stop_in_epoch_3(model, loader, criterion, device, optimizer=None, *a, **kw):
+        calls.append(optimizer is not None)
+        if sum(calls) == 3:
+            raise KeyboardInterrupt
+        return run_epoch(model, loader, criterion, device, optimizer, *a, **kw)
+    monkeypatch.setattr(train_module, "run_epoch", stop_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(data, tmp_path, epochs=4, out=str(tmp_path / "r")))
+    assert read_checkpoint(tmp_path / "r" / "last.pth").epoch == 2  # the last validated epoch, not a half one
+    assert read_progress(tmp_path / "r" / "progress.jsonl")[-1]["status"] == "interrupted"
+    monkeypatch.setattr(train_module, "run_epoch", run_epoch)
+    resumed = train(cfg_for(data, tmp_path, epochs=4, out=str(tmp_path / "r"), resume=True))
+    assert resumed[-1]["train_loss"] == pytest.approx(straight[-1]["train_loss"], rel=1e-5)
+    assert [r["event"] for r in read_progress(tmp_path / "r" / "progress.jsonl")].count("start") == 2  # appended

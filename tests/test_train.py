@@ -231,3 +231,10 @@ def test_a_checkpoint_from_before_a_new_setting_still_resumes(data, tmp_path):
     del ck["config"]["class_weighting"]  # a field added after this checkpoint was written
     torch.save(ck, tmp_path / "ck" / "last.pth")
     assert len(train(cfg_for(data, tmp_path, epochs=2, resume=True))) == 2
+
+
+def test_a_share_that_is_not_all_never_reads_as_all():
+    """Sparse label files (0.04 % labelled) warned that '100 % of the training label pixels are undefined'."""
+    from train import percent
+    assert [percent(x) for x in (0.9996, 0.97, 0.0004, 1.0, 0.0, 0.123)] == \
+        ["99.96 %", "97 %", "0.04 %", "100 %", "0 %", "12 %"]
