@@ -554,6 +554,7 @@ def test_train_from_the_api_then_overlay_and_suggestions(pngs, tmp_path):
         st = wait_trained(s)
         assert st["state"] == "done", st
         assert st["predicted"] == ["im0", "im1"]
+        assert st["epoch"] == st["epochs"] == 30 and st["step"] == st["steps"] > 0, st  # from progress.jsonl
         assert any(k.startswith("val_") for k in st["metrics"])
         over = png(s.request("GET", "/api/overlay?image=im0&z=0&x=0&y=0&size=64")[2])
         assert over.shape == (30, 40, 4) and (over[..., 3] == 255).all()
