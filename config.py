@@ -281,7 +281,8 @@ class TrainConfig:
     step_size: int = setting(30, "StepLR step (epochs)", MODEL, check=whole(1), must="be >= 1 epoch")
     lr_gamma: float = setting(0.1, "StepLR factor", MODEL, check=lambda v: positive(v) and v <= 1,
                               must="be in (0, 1]")
-    augment: bool = setting(True, "flips and 90-degree rotations of the training patches", MODEL)
+    augment: bool = setting(True, "--no-augment: train without the flips and 90-degree rotations of the training "
+                                  "patches (on by default)", MODEL)
     # run
     seed: int = setting(0, "seed of the model init, shuffling and augmentation", RUN)
     device: str = setting("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...", RUN, role="how")

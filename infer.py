@@ -1306,8 +1306,10 @@ def get_args_parser():
                    help="0-based band indices to feed the model, e.g. --bands 3,0,1 or --bands 3 0 1 (default: the "
                         "checkpoint's bands, else the image's: alpha dropped, gray replicated, the first ones of more)")
     p.add_argument("--bit-depth", type=int, default=None,
-                   help="bit depth b of >8-bit images, scaled from [0, 2^b-1] to [0, 255] (default: per image, "
-                        "the smallest of 8..16 bits that holds its largest value)")
+                   help="for a model trained on 8-bit images (intensity uint8) fed wider ones: their bit depth b, "
+                        "scaled from [0, 2^b-1] to [0, 255] (default: per image, the smallest of 8..16 bits that holds "
+                        "its largest value). A model trained on wider data scales every image by the range stored in "
+                        "its checkpoint and refuses --bit-depth")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip inputs whose asked outputs all exist, their <stem>_<ext>_mask.png made from them "
                         "(continue an interrupted folder run); by default a rerun replaces the masks of the same "
@@ -1404,6 +1406,9 @@ def _main(args):
             raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu or auto")
         model, ckpt = load_model(args.checkpoint, device)
         spec = run_spec(ckpt, args.scale, args.bands)
+        if args.bit_depth is not None and spec.intensity.kind != "uint8":
+            raise ValueError(f"--bit-depth applies to models trained on 8-bit images; {args.checkpoint} scales every "
+                             f"image by the intensity range stored in it ({spec.intensity.kind}): leave --bit-depth out")
         check_output(args.output)
         if args.vector or args.areas:
             check_area_table(Path(args.output) / AREAS_NAME, spec.classes.names)

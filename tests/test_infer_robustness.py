@@ -210,6 +210,20 @@ def test_16_bit_input_under_an_8_bit_model_is_a_warning_in_the_summary_and_the_m
     assert "Warning" not in text(tmp_path / "out2" / "atl_tif_mask.png")
 
 
+def test_bit_depth_is_refused_for_a_model_that_scales_by_its_own_range(tmp_path, capsys):
+    """--bit-depth is the 8-bit model's rule; a model trained on wider data applies the range in its checkpoint."""
+    from spec import Intensity
+    wide = tmp_path / "wide.pth"
+    save_checkpoint(wide, TinySegmentation(), DataSpec(scale=1.0, intensity=Intensity("range", (0.0,) * 3,
+                                                                                      (2047.0,) * 3)))
+    tifffile.imwrite(tmp_path / "atl.tif", np.zeros((24, 24, 3), np.uint16), photometric="rgb")
+    assert run(wide, tmp_path / "atl.tif", tmp_path / "out", "--bit-depth", "11") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --bit-depth applies to models trained on 8-bit images") and "range" in err
+    assert not (tmp_path / "out").exists()
+    assert run(wide, tmp_path / "atl.tif", tmp_path / "out") == 0
+
+
 def test_nodata_is_left_out_of_every_range_check(tmp_path):
     nodata = [(42113, "s", 0, "-99999", True)]
     values = np.random.default_rng(0).uniform(0, 255, (20, 20, 3)).astype(np.float32)
