@@ -476,7 +476,7 @@ def _reproject(geoms, src, dst):
 
 
 def read_layer(path, refs, classes=POTSDAM, *, class_field="class", image_field="image", layer=None,
-               line_width=1.0, allow_empty=False):
+               line_width=1.0, allow_empty=False, unlabelled=False):
     """A vector layer (anything pyogrio opens) -> ClickSet. See the module docstring for the rules."""
     path = Path(path)
     try:
@@ -499,6 +499,10 @@ def read_layer(path, refs, classes=POTSDAM, *, class_field="class", image_field=
     keep = ~shapely.is_missing(geoms) & ~shapely.is_empty(geoms)
     if not keep.all():
         notes.append(f"{path}: {int((~keep).sum())} features without geometry were skipped")
+    if unlabelled:
+        keep &= _labelled(values[fields.index(class_field)], path, notes)
+        if not keep.any():
+            return _assemble(path, refs, {}, classes, notes, allow_empty)
     cls = class_indices(values[fields.index(class_field)][keep], classes, f"{path} field {class_field!r}")
     geoms = geoms[keep]
     kinds = np.full(geoms.size, POINT, np.uint8)
@@ -577,7 +581,8 @@ def read_layer(path, refs, classes=POTSDAM, *, class_field="class", image_field=
     return _assemble(path, refs, pieces, classes, notes, allow_empty)
 
 
-def read_csv(path, refs, classes=POTSDAM, *, class_field="class", image_field="image", allow_empty=False):
+def read_csv(path, refs, classes=POTSDAM, *, class_field="class", image_field="image", allow_empty=False,
+             unlabelled=False):
     """A CSV of clicks in pixel coordinates, `image,x,y,class` (x = column, y = row) -> ClickSet, UTF-8. An optional
     `kind` column (point/line/polygon/raster, as write_clicks writes it) is kept. Blank lines are skipped."""
     path = Path(path)
@@ -598,6 +603,12 @@ def read_csv(path, refs, classes=POTSDAM, *, class_field="class", image_field="i
         where.append(f"{path}: line {lines.line_num}")
     if not rows:
         raise ValueError(f"{path}: no clicks (only a header); add rows image,x,y,class")
+    if unlabelled:
+        notes = []
+        labelled = _labelled([r[class_field] for r in rows], path, notes)
+        rows, where = [r for r, k in zip(rows, labelled) if k], [w for w, k in zip(where, labelled) if k]
+        if not rows:
+            return _assemble(path, refs, {}, classes, notes, allow_empty)
     lookup = _image_lookup(refs)
     missing = {r[image_field] for r in rows if _match(r[image_field], lookup) is None}
     if missing:
@@ -607,7 +618,7 @@ def read_csv(path, refs, classes=POTSDAM, *, class_field="class", image_field="i
     cls = class_indices([r[class_field] for r in rows], classes, f"{path} column {class_field!r}")
     kinds = np.array([KINDS.index(r["kind"]) if r.get("kind") in KINDS else POINT for r in rows], np.uint8)
     names = np.array([_match(r[image_field], lookup).name for r in rows], dtype=object)
-    pieces, notes, outside = {}, [], 0
+    pieces, notes, outside = {}, notes if unlabelled else [], 0
     for ref in refs:
         s = names == ref.name
         if s.any():
@@ -617,6 +628,16 @@ def read_csv(path, refs, classes=POTSDAM, *, class_field="class", image_field="i
     if outside:
         notes.append(f"{path}: {outside} clicks lie outside their image and were left out")
     return _assemble(path, refs, pieces, classes, notes, allow_empty)
+
+
+def _labelled(values, path, notes):
+    """Boolean per value: True where a class is given. The points of an assessment sample not yet labelled have an
+    empty class: counted in `notes`, left out (read_clicks(unlabelled=True))."""
+    given = np.array([v is not None and str(v).strip() != "" for v in values], bool)
+    if not given.all():
+        notes.append(f"{path}: {int((~given).sum())} of {given.size} points have no class yet (not labelled) and "
+                     f"were left out")
+    return given
 
 
 def read_label_studio(path, refs, classes=POTSDAM, *, line_width=1.0, allow_empty=False):
@@ -763,13 +784,14 @@ def read_sparse_labels(folder, images, classes=POTSDAM, *, allow_empty=False):
 
 
 def read_clicks(path, images, classes=POTSDAM, *, class_field="class", image_field="image", layer=None,
-                line_width=1.0, allow_empty=False):
+                line_width=1.0, allow_empty=False, unlabelled=False):
     """Read clicks for `images` (a folder or a list of image paths) from `path`: a vector layer (.gpkg, .geojson,
     .shp, ...), a CSV (.csv), a Label Studio export or GeoJSON (.json, told apart by content), a CVAT XML (.xml),
     or a folder of sparse label rasters. `class_field`: the attribute / column with the class (names or indices
     of `classes`); `line_width`: lines' width in pixels. Returns a ClickSet; see the module docstring. When every
     click is left out (on nodata, or two classes on one pixel): an error, or with `allow_empty` (the annotation
-    page) a ClickSet without clicks whose notes say why."""
+    page) a ClickSet without clicks whose notes say why. `unlabelled` (CSV and layers: an assessment sample being
+    labelled): points whose class is still empty are left out and counted in the notes."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"annotation file {path} not found")
@@ -779,7 +801,7 @@ def read_clicks(path, images, classes=POTSDAM, *, class_field="class", image_fie
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return read_csv(path, refs, classes, class_field=class_field, image_field=image_field,
-                        allow_empty=allow_empty)
+                        allow_empty=allow_empty, unlabelled=unlabelled)
     if suffix == ".xml":
         return read_cvat(path, refs, classes, class_field=class_field, line_width=line_width,
                          allow_empty=allow_empty)
@@ -788,55 +810,65 @@ def read_clicks(path, images, classes=POTSDAM, *, class_field="class", image_fie
         if not (isinstance(doc, dict) and doc.get("type") in ("FeatureCollection", "Feature")):
             return read_label_studio(path, refs, classes, line_width=line_width, allow_empty=allow_empty)
     return read_layer(path, refs, classes, class_field=class_field, image_field=image_field, layer=layer,
-                      line_width=line_width, allow_empty=allow_empty)
+                      line_width=line_width, allow_empty=allow_empty, unlabelled=unlabelled)
 
 
 # --------------------------------------------------------------------------- writing
 
 def write_clicks(path, clicks):
     """Write a ClickSet so that read_clicks gives the same clicks back, one feature / row per clicked pixel, by
-    the file's extension: `.csv` -> image,x,y,class,kind in pixels (x = column, y = row); `.geojson`/`.json`/
-    `.gpkg` -> points at pixel centres in map coordinates with the CRS (all images reprojected to the first
-    georeferenced image's CRS) and properties image, class (name), class_index, kind; when no image is
-    georeferenced, pixel coordinates (x = column + 0.5, y = row + 0.5, y down) without CRS. Written atomically."""
-    path = Path(path)
-    suffix = path.suffix.lower()
+    the file's extension (write_points): `.csv` -> image,x,y,class,kind in pixels (x = column, y = row);
+    `.geojson`/`.json`/`.gpkg` -> points at pixel centres in map coordinates with the CRS and properties image,
+    class (name), class_index, kind, or pixel coordinates without CRS when no image is georeferenced."""
     names = clicks.classes.names
     items = [c for c in clicks.images.values() if len(c)]
+    columns = {"class": [names[k] for c in items for k in c.classes],
+               "class_index": np.concatenate([c.classes for c in items] or [np.zeros(0, np.uint8)]).astype(np.int32),
+               "kind": [KINDS[k] for c in items for k in c.kinds]}
+    return write_points(path, [(c.image, c.rows, c.cols) for c in items], columns, csv_leaves=("class_index",))
+
+
+def write_points(path, pieces, columns, csv_leaves=()):
+    """Write pixels as points, one feature / row each, atomically. `pieces`: [(ImageRef, rows, cols)]; `columns`:
+    {name: one value per point, in the order of `pieces`}. By the file's extension: `.csv` -> image,x,y,<columns>
+    in pixels (x = column, y = row; `csv_leaves`: columns not written there); `.geojson`/`.json`/`.gpkg` -> points
+    at pixel centres in map coordinates with the CRS (every image reprojected to the first georeferenced image's
+    CRS), fields image and `columns`; when no image is georeferenced, pixel coordinates (x = column + 0.5,
+    y = row + 0.5, y down) without CRS. read_clicks reads either back."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    images = [ref.path.name for ref, rows, _ in pieces for _ in range(len(rows))]
     if suffix == ".csv":
+        kept = [k for k in columns if k not in csv_leaves]
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["image", "x", "y", "class", "kind"])
-            for c in items:
-                for r, col, k, kd in zip(c.rows, c.cols, c.classes, c.kinds):
-                    w.writerow([c.image.path.name, int(col), int(r), names[k], KINDS[kd]])
+            w.writerow(["image", "x", "y", *kept])
+            cols = np.concatenate([c for _, _, c in pieces] or [[]]).astype(np.int64)
+            rows = np.concatenate([r for _, r, _ in pieces] or [[]]).astype(np.int64)
+            for j, (name, col, r) in enumerate(zip(images, cols, rows)):
+                w.writerow([name, int(col), int(r), *(columns[k][j] for k in kept)])
         return path
     if suffix not in VECTOR_SUFFIXES:
-        raise ValueError(f"{path}: write clicks as .csv, .geojson or .gpkg")
-    geo = [c.image.georeferenced for c in items]
+        raise ValueError(f"{path}: write points as .csv, .geojson or .gpkg")
+    geo = [ref.georeferenced for ref, _, _ in pieces]
     if any(geo) and not all(geo):
         raise ValueError(f"{path}: some images are georeferenced, some not; one layer cannot hold map and pixel "
                          f"coordinates: write a .csv (pixels) instead")
-    dst = next((_crs(c.image.crs) for c in items if c.image.georeferenced), None)
-    geoms, fields = [], {"image": [], "class": [], "class_index": [], "kind": []}
-    for c in items:
-        if c.image.georeferenced:
-            x, y = xy(c.image.transform, c.rows, c.cols, offset="center")
-            g = _reproject(shapely.points(np.asarray(x), np.asarray(y)), _crs(c.image.crs), dst)
+    dst = next((_crs(ref.crs) for ref, _, _ in pieces if ref.georeferenced), None)
+    geoms = []
+    for ref, rows, cols in pieces:
+        if ref.georeferenced:
+            x, y = xy(ref.transform, rows, cols, offset="center")
+            geoms.append(_reproject(shapely.points(np.asarray(x), np.asarray(y)), _crs(ref.crs), dst))
         else:
-            g = shapely.points(c.cols + 0.5, c.rows + 0.5)
-        geoms.append(g)
-        fields["image"] += [c.image.path.name] * len(c)
-        fields["class"] += [names[k] for k in c.classes]
-        fields["class_index"] += c.classes.tolist()
-        fields["kind"] += [KINDS[k] for k in c.kinds]
+            geoms.append(shapely.points(np.asarray(cols) + 0.5, np.asarray(rows) + 0.5))
     geoms = np.concatenate(geoms) if geoms else np.zeros(0, object)
-    data = [np.array(fields["image"], dtype=object), np.array(fields["class"], dtype=object),
-            np.array(fields["class_index"], np.int32), np.array(fields["kind"], dtype=object)]
+    data = [np.array(images, dtype=object)] + [v if isinstance(v, np.ndarray) else np.array(v, dtype=object)
+                                               for v in columns.values()]
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "'crs' was not provided")  # pixel coordinates: no CRS, said so
         warnings.filterwarnings("ignore", "The filename extension")  # the temporary's name, renamed after
-        pyogrio.raw.write(tmp, shapely.to_wkb(geoms), data, list(fields), driver=VECTOR_SUFFIXES[suffix],
+        pyogrio.raw.write(tmp, shapely.to_wkb(geoms), data, ["image", *columns], driver=VECTOR_SUFFIXES[suffix],
                           geometry_type="Point", crs=None if dst is None else dst.to_wkt(), layer=path.stem)
     return path
 

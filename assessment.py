@@ -396,7 +396,7 @@ def _pm(est, se, decimals=None):
     return f"{est:,.{decimals}f} ± " + (f"{half:,.{decimals}f}" if np.isfinite(half) else "n/a")
 
 
-def _markdown(result, class_names, pixel_area_m2):
+def _markdown(result, class_names, pixel_area_m2, mapped_pixels=None, labelled=None):
     names = [_name(class_names, c) for c in result.classes]
     stratum = {h: _name(class_names, h) if h in result.classes else str(h) for h in result.n_per_stratum}
     if result.design == "simple":
@@ -410,14 +410,22 @@ def _markdown(result, class_names, pixel_area_m2):
              "half-width of its 95 % confidence interval (1.96 standard errors). Areas are error-adjusted estimates "
              "of the area of each reference class, not pixel counts of the map. None of these is a score on "
              "training or held-out clicks (Olofsson et al. 2014, Remote Sens. Environ. 148; Stehman 2014, "
-             "Int. J. Remote Sens. 35(13)).", "", f"Overall accuracy: {_pm(result.oa, result.oa_se, 3)}", ""]
+             "Int. J. Remote Sens. 35(13)).", ""]
+    if labelled is not None:
+        lines += [f"{labelled[0]} of the {labelled[1]} points drawn are labelled; the estimates use those.", ""]
+    lines += [f"Overall accuracy: {_pm(result.oa, result.oa_se, 3)}", ""]
     pixels, pixels_se = result.area_in()
-    head = ["class", "user's accuracy", "producer's accuracy", "area proportion", "area (pixels)"]
+    mapped_total = sum(mapped_pixels.values()) if mapped_pixels else 0
+    head = ["class", "user's accuracy", "producer's accuracy"]
+    head += ["share of the map (pixel count)"] if mapped_total else []
+    head += ["area proportion (estimated)", "area (pixels)"]
     head += ["area (m²)", "area (ha)"] if pixel_area_m2 is not None else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for j, name in enumerate(names):
-        cells = [name, _pm(result.ua[j], result.ua_se[j], 3), _pm(result.pa[j], result.pa_se[j], 3),
-                 _pm(result.area[j], result.area_se[j], 4), _pm(pixels[j], pixels_se[j])]
+        cells = [name, _pm(result.ua[j], result.ua_se[j], 3), _pm(result.pa[j], result.pa_se[j], 3)]
+        if mapped_total:
+            cells.append(f"{mapped_pixels.get(result.classes[j], 0) / mapped_total:.4f}")
+        cells += [_pm(result.area[j], result.area_se[j], 4), _pm(pixels[j], pixels_se[j])]
         if pixel_area_m2 is not None:
             cells += [_pm(pixels[j] * f, pixels_se[j] * f) for f in (pixel_area_m2, pixel_area_m2 / 1e4)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -431,17 +439,19 @@ def _markdown(result, class_names, pixel_area_m2):
     return "\n".join(lines) + "\n"
 
 
-def write_tables(result, out_prefix, class_names, pixel_area_m2=None, overwrite=False):
+def write_tables(result, out_prefix, class_names, pixel_area_m2=None, overwrite=False, mapped_pixels=None,
+                 labelled=None):
     """Write `<out_prefix>.csv` (`table_rows`) and `<out_prefix>.md` (the design, OA, UA / PA / area per class with
     95 % intervals, the error matrix). class_names: a sequence or dict by class id; strata with a class's id are
-    named like it (draw_sample's strata are map classes). An existing file is an error unless `overwrite`.
-    Returns (csv_path, md_path)."""
+    named like it (draw_sample's strata are map classes). `mapped_pixels` {class: pixels of the map}: the share of
+    the map each class covers, shown beside the estimated one; `labelled` (labelled, drawn): said in the text. An
+    existing file is an error unless `overwrite`. Returns (csv_path, md_path)."""
     paths = Path(f"{out_prefix}.csv"), Path(f"{out_prefix}.md")
     for path in paths:
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists: pass overwrite=True to replace it, or choose another prefix")
     rows = table_rows(result, class_names, pixel_area_m2)
-    markdown = _markdown(result, class_names, pixel_area_m2)
+    markdown = _markdown(result, class_names, pixel_area_m2, mapped_pixels, labelled)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     with open(paths[0], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

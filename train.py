@@ -38,6 +38,7 @@ import distributed
 import few_clicks
 from annotations import (POINT, ClickSet, ImageClicks, check_unclicked, click_metrics, open_image, read_clicks,
                          split_clicks, write_clicks)
+from assess import design_path
 from config import (RESUMABLE, TrainConfig, add_arguments, annotation_of, check_config, config_dict,  # noqa: F401
                     config_from_args, dense_labels, rounds_problems, schedule_factor, MAX_VALIDATIONS, MIN_STEPS,
                     STEP_PASSES)
@@ -153,6 +154,9 @@ def read_run_clicks(cfg):
     so does a class nobody clicked, unless --allow-unclicked."""
     if not cfg.clicks:
         return None
+    if design_path(cfg.clicks).is_file():
+        raise ValueError(f"{cfg.clicks} is an assessment sample ({design_path(cfg.clicks).name} beside it): its points "
+                         f"measure the map and never train a model; train on your clicks, assess with the sample")
     classes = load_class_file(cfg.classes) if cfg.classes else POTSDAM
     images = cfg.images or sorted((Path(cfg.data) / "Images").glob("Image_*.tif"))
     clicks = read_clicks(cfg.clicks, images, classes, class_field=cfg.class_field, line_width=cfg.line_width)
