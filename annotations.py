@@ -953,6 +953,23 @@ def split_clicks(clicks, fraction, seed=0, *, min_images=5, blocks=4):
     return train, test
 
 
+def split_clicks_by_images(clicks, train, val, source):
+    """(train, held-out) ClickSets by a split's image names (`source`: the split, for the note): the clicks on the
+    `val` images are held out, the clicks on the `train` images train; clicks on images in neither are left out
+    and counted in the note."""
+    train, val = {str(i) for i in train}, {str(i) for i in val}
+    held = sum(len(c) for n, c in clicks.images.items() if n in val)
+    unused = sum(len(c) for n, c in clicks.images.items() if n not in val | train)
+    if not held:
+        raise ValueError(f"{clicks.source}: none of the {len(clicks)} clicks lies on the {len(val)} val images of "
+                         f"{source}; click on them too, or leave out --split to hold out a share of the clicks")
+    note = (f"held out the {held} clicks on the {len(val)} val images of {source}"
+            + (f"; {unused} clicks on images in neither part left out" if unused else ""))
+    part = lambda names: ClickSet({n: c for n, c in clicks.images.items() if n in names}, clicks.classes,  # noqa
+                                  clicks.source, clicks.notes + [note])
+    return part(train), part(val)
+
+
 def wilson_interval(k, n, z=Z95):
     """Wilson score interval (low, high) for k successes in n trials (95 % by default); (nan, nan) for n = 0."""
     if n == 0:

@@ -35,6 +35,7 @@ from resident import LOADERS
 from spec import MAX_SCALE, PROCESSING_SIZE, check_scale, parse_bands, tokens
 
 SCHEDULES = ("step", "cosine", "poly")
+SELECT = ("auto", "best", "last")  # --select: which model best_model.pth holds
 MIN_CROP = 8  # processing pixels a side of a --crop window
 STEP_PASSES, MIN_STEPS = 60, 300  # --steps auto (train.step_budget): 60 passes over the training pixels, >= 300 steps
 MAX_VALIDATIONS = 50  # a --steps run validates every pass, or less often so that it validates at most this often
@@ -140,7 +141,8 @@ class TrainConfig:
     labels: Optional[str] = setting(None, "own data: folder of labels", DATA)
     split: Optional[str] = setting(
         None, "split JSON {'train': [ids], 'val': [ids]} (default: <data>/split.json when it exists, else the "
-              "published split when ids 0-2399 exist, else the last --val-fraction of the sorted ids)", DATA)
+              "published split when ids 0-2399 exist, else the last --val-fraction of the sorted ids); with --clicks "
+              "and no labels: the clicks on its val images are held out", DATA)
     train_ids: Optional[tuple] = setting(None, "training image ids (Python only; with val_ids)", DATA, flag="")
     val_ids: Optional[tuple] = setting(None, "validation image ids (Python only; with train_ids)", DATA, flag="")
     val_fraction: float = setting(0.125, "without a split: the last share of the sorted ids validates, e.g. 12.5%% "
@@ -303,6 +305,10 @@ class TrainConfig:
         RUN, role="how")
     figures: bool = setting(True, "output.png (curves) and results.png in --out", RUN, role="how")
     exclude: tuple[str, ...] = setting((), "classes left out of the means, e.g. clutter", RUN, parse=parse_names)
+    select: str = setting(
+        "auto", "the model best_model.pth holds: best (the best val mIoU), last (the end of the run), or auto: best "
+                "with dense labels, last when validating on held-out clicks (not a probability sample of the map: "
+                "the epoch that scores best on them need not be the best map)", RUN, choices=SELECT, role="how")
     resume: bool = setting(False, "continue from <out>/last.pth (same settings)", RUN, role="how")
     overwrite: bool = setting(False, "replace the checkpoints --out holds (another run's)", RUN, role="how")
     progress: bool = setting(True, "progress bars", RUN, role="how")
@@ -412,9 +418,11 @@ def _clicks_rules(cfg):
                "(--images without --labels); click those pixels yourself and add them to --clicks, or give --labels")
     if cfg.class_weights == "dense":
         yield "--class-weights dense counts the dense labels, and this run has none; use points (the clicks) or none"
-    if cfg.split or cfg.train_ids is not None or cfg.val_ids is not None:
-        yield ("without dense labels the run validates on held-out clicks chosen by --val-clicks; --split, "
-               "train_ids and val_ids apply to dense labels only")
+    if cfg.train_ids is not None or cfg.val_ids is not None:
+        yield ("without dense labels the run validates on held-out clicks: those of --split's val images, or a "
+               "share --val-clicks; train_ids and val_ids apply to dense labels only")
+    if cfg.split and cfg.val_clicks is not None:
+        yield "--split holds out the clicks on its val images; --val-clicks would hold out a share instead: give one"
 
 
 def _resident_needs_fixed_points(cfg):

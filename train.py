@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 import distributed
 import few_clicks
 from annotations import (POINT, ClickSet, ImageClicks, check_unclicked, click_metrics, open_image, read_clicks,
-                         split_clicks, write_clicks)
+                         split_clicks, split_clicks_by_images, write_clicks)
 from assess import design_path
 from config import (RESUMABLE, TrainConfig, add_arguments, annotation_of, check_config, config_dict,  # noqa: F401
                     config_from_args, dense_labels, rounds_problems, schedule_factor, MAX_VALIDATIONS, MIN_STEPS,
@@ -65,6 +65,10 @@ from weak_losses import AffinityLoss, ConsistencyLoss, valid_pixels
 MIN_GRID = 4  # processing pixels a side an image needs (the tiny network halves it twice)
 VAL_CLICKS = 0.2  # share of the clicks held out for validation when there are no dense labels (--val-clicks)
 CLICK_VAL = "held-out clicks"  # what validation is on without dense labels, in every log line, history entry, figure
+CLICK_SCOPE = "the kind of pixels that were clicked, not the map"  # what a held-out-click score covers
+NOT_A_SAMPLE = ("a person's clicks are not a probability sample of the map: scores on held-out clicks cover {scope}, "
+                "and no estimate from them can say how good the map is or how large each class is. Assess the map "
+                "with a sample drawn from it: python assess.py sample (docs/assessment.md)")
 
 
 class TrainingError(RuntimeError):
@@ -195,8 +199,16 @@ def click_datasets(cfg, spec, clicks):
     images, or blocks of each image when few are clicked; seed --annotation-seed). The training dataset holds the
     images with training clicks, the val dataset those with held-out clicks (as `clicks`, what click_validation
     scores); their dense labels are all undefined, so nothing dense ever scores."""
-    fraction = cfg.val_clicks if cfg.val_clicks is not None else VAL_CLICKS
-    train_clicks, held = split_clicks(clicks, fraction, seed=cfg.annotation_seed)
+    if cfg.split:  # the data set's own split: the clicks on its val images are held out
+        s = load_split(cfg.split)
+        train_clicks, held = split_clicks_by_images(clicks, s["train"], s["val"], cfg.split)
+    else:
+        fraction = cfg.val_clicks if cfg.val_clicks is not None else VAL_CLICKS
+        train_clicks, held = split_clicks(clicks, fraction, seed=cfg.annotation_seed)
+        beside = Path(cfg.images).parent / "split.json"
+        if beside.is_file():
+            print(f"note: {beside} is not used: the held-out clicks are drawn from every image, its val images "
+                  f"among them; pass --split {beside} to hold out the clicks on its val images instead", flush=True)
     train_pairs = [(n, c.image.path, None) for n, c in train_clicks.images.items() if len(c)]
     val_pairs = [(n, c.image.path, None) for n, c in held.images.items() if len(c)]
     how = f"validation on {CLICK_VAL}: {held.notes[-1]}"
@@ -781,6 +793,7 @@ def train(cfg):
         resumed = prepare_out(cfg, out_dir)
         train_ds, val_ds, how, spec = build_datasets(cfg, resumed.spec if resumed else None, clicks)
         on_clicks = not val_ds.has_labels  # validation on held-out clicks
+        by_last = cfg.select == "last" or cfg.select == "auto" and on_clicks  # best_model.pth: the run's last model
         split = {"train": [str(i) for i in train_ds.ids], "val": [str(i) for i in val_ds.ids]}
         if resumed and resumed.train_state.get("split", split) != split:
             old = resumed.train_state["split"]
@@ -828,6 +841,10 @@ def train(cfg):
         if added:
             cfg = replace(cfg, **added)
             print(few_clicks.sparse_note(added, labelled), flush=True)
+        if cfg.clicks or clicks_per_object(cfg.points):  # chosen by a person (or as one would): not a sample
+            print(f"note: {NOT_A_SAMPLE.format(scope=CLICK_SCOPE)}"
+                  + (f". best_model.pth is the run's last model (--select {cfg.select})" if by_last else ""),
+                  flush=True)
         if cfg.points is None and not cfg.clicks:
             budget = "dense labels"
         else:
@@ -909,11 +926,12 @@ def train(cfg):
             tr = tr_cm.compute(cfg.exclude)
             if on_clicks:  # no dense labels: scored at the held-out clicks, with intervals
                 va = click_validation(model, val_ds, device, cfg.exclude, cfg.batch_size)
-                scores = {"val_kind": va["kind"], "val_oa": va["oa"], "val_oa_ci": va["oa_ci"], "val_miou": va["miou"],
-                          "val_miou_ci": va["miou_ci"], "val_iou": va["iou"], "val_recall": va["recall"],
-                          "val_recall_ci": va["recall_ci"], "val_clicks": va["clicks"]}
-                shown = (f"val ({CLICK_VAL}, {va['clicks']}) loss {va_loss:.4f} accuracy {_ci(va['oa'], va['oa_ci'])} "
-                         f"mIoU {_ci(va['miou'], va['miou_ci'])}")
+                scores = {"val_kind": va["kind"], "val_scope": CLICK_SCOPE, "val_oa": va["oa"],
+                          "val_oa_ci": va["oa_ci"], "val_miou": va["miou"], "val_miou_ci": va["miou_ci"],
+                          "val_iou": va["iou"], "val_recall": va["recall"], "val_recall_ci": va["recall_ci"],
+                          "val_clicks": va["clicks"]}
+                shown = (f"val ({va['clicks']} {CLICK_VAL}: clicked pixels, not the map) loss {va_loss:.4f} accuracy "
+                         f"{_ci(va['oa'], va['oa_ci'])} mIoU {_ci(va['miou'], va['miou_ci'])}")
             else:
                 va = va_cm.compute(cfg.exclude)
                 scores = {"val_oa": va["oa"], "val_miou": va["miou"], "val_mf1": va["mf1"], "val_iou": va["iou"],
@@ -925,11 +943,12 @@ def train(cfg):
             h.update({f"train_{name}": v for name, v in tr_extra.items()})  # only the enabled terms
             history.append(h)
             improved = va["miou"] > best
+            star = " *" if improved and not by_last else ""  # a new best_model.pth
             terms = "".join(f" {name} {v:.4f}" for name, v in tr_extra.items())
             when = f"step {h['step']:5d}/{plan['total']}" if cfg.steps is not None else \
                 f"epoch {epoch:3d}/{cfg.epochs}"
             print(f"{when} | loss {tr_loss:.4f}{terms} OA {tr['oa']:.3f} mIoU {tr['miou']:.3f} "
-                  f"(train points) | {shown} | lr {lr:.2e} | {h['seconds']:.1f}s{' *' if improved else ''}",
+                  f"(train points) | {shown} | lr {lr:.2e} | {h['seconds']:.1f}s{star}",
                   flush=True)
             if few_clicks.end_of_epoch(cfg, epoch, model, train_ds, device):  # a round changed the annotation
                 labelled = train_ds.labelled_fraction()
@@ -937,8 +956,8 @@ def train(cfg):
             try:
                 if improved:
                     best = va["miou"]
-                    if ctx.is_main:  # only rank 0 writes; the others hold the same weights
-                        save_checkpoint(best_path, model, spec, config=config, metrics=va, epoch=epoch)
+                if (improved and not by_last or by_last and epoch == cfg.epochs) and ctx.is_main:
+                    save_checkpoint(best_path, model, spec, config=config, metrics=va, epoch=epoch)  # rank 0 writes
                 if ctx.is_main:
                     last.hold(epoch, va, final=epoch == cfg.epochs, train_state={
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -1002,13 +1021,17 @@ def main(args):
         cfg = config_from_args(args)
         history = train(cfg)
         best = max(history, key=lambda h: h["val_miou"]) if history else None
-        at = (f"step {best['step']}" if cfg.steps is not None else f"epoch {best['epoch']}") if best else ""
+        at = lambda h: f"step {h['step']}" if cfg.steps is not None else f"epoch {h['epoch']}"  # noqa: E731
         if best and "val_kind" in best:  # no dense labels: on held-out clicks, with the 95 % intervals
-            print(f"best val mIoU {_ci(best['val_miou'], best['val_miou_ci'])} (accuracy "
-                  f"{_ci(best['val_oa'], best['val_oa_ci'])}) on {best['val_clicks']} {best['val_kind']} at {at}; "
-                  f"no dense labels, so no dense mIoU")
+            kept = history[-1] if cfg.select != "best" else best
+            print(f"on {kept['val_clicks']} {kept['val_kind']} ({CLICK_SCOPE}): val mIoU "
+                  f"{_ci(kept['val_miou'], kept['val_miou_ci'])}, accuracy {_ci(kept['val_oa'], kept['val_oa_ci'])} "
+                  f"at {at(kept)} (best_model.pth; the best there: {best['val_miou']:.3f} at {at(best)}). How good "
+                  f"the map is: python assess.py sample (docs/assessment.md)")
         elif best:  # under torchrun rank 0 alone prints (distributed.init_from_env)
-            print(f"best val mIoU {best['val_miou']:.3f} (OA {best['val_oa']:.3f}) at {at}")
+            kept = history[-1] if cfg.select == "last" else best
+            print(f"{'best' if kept is best else 'last'} val mIoU {kept['val_miou']:.3f} (OA {kept['val_oa']:.3f}) at "
+                  f"{at(kept)} (best_model.pth)")
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -176,7 +176,7 @@ def test_progress_is_written_as_json_lines_in_steps_and_the_best_is_named_by_its
     assert [r["val"]["val_miou"] for r in rows[1:3]] == [h["val_miou"] for h in history]
     assert rows[-1]["status"] == "done" and rows[-1]["elapsed"] >= rows[2]["elapsed"] >= 0
     best = max(history, key=lambda h: h["val_miou"])
-    assert capsys.readouterr().out.rstrip().endswith(f"at step {best['step']}")
+    assert capsys.readouterr().out.rstrip().endswith(f"at step {best['step']} (best_model.pth)")
 
 
 def test_last_pth_is_written_at_a_bounded_rate_at_the_end_and_on_ctrl_c(data, tmp_path, monkeypatch):

@@ -239,3 +239,46 @@ def test_a_rerun_trains_on_the_same_clicks_not_the_held_out_ones(clicked, tmp_pa
         assert history[-1]["val_clicks"] < len(rows) / 2  # validated on the held-out share only
     assert counts[0] == counts[1] == pytest.approx(train_ds.annotation_stats()["clicks_per_image"])
     assert "reused" in out  # the rerun read its caches back: the right one for each part
+
+
+@pytest.mark.slow
+def test_a_clicks_run_says_what_its_scores_cover_and_keeps_the_last_model(clicked, tmp_path, capsys):
+    """Clicks are not a probability sample of the map: every held-out-click score says it covers the clicked kind of
+    pixels, the run points to the assessment, and best_model.pth is the last model (--select auto), not the epoch
+    that scored best on a handful of clicks."""
+    root, labels, clicks = clicked
+    history = train(no_labels(root, tmp_path, clicks, epochs=3))
+    out = capsys.readouterr().out
+    assert "not a probability sample of the map" in out and "python assess.py sample" in out
+    lines = [line for line in out.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 3 and all("held-out clicks: clicked pixels, not the map" in line for line in lines)
+    assert all(h["val_scope"] == "the kind of pixels that were clicked, not the map" for h in history)
+    assert read_checkpoint(tmp_path / "ck" / "best_model.pth").epoch == 3
+    train(no_labels(root, tmp_path, clicks, epochs=3, select="best", out=str(tmp_path / "best")))
+    best = max(history, key=lambda h: h["val_miou"])["epoch"]
+    assert read_checkpoint(tmp_path / "best" / "best_model.pth").epoch == best
+    capsys.readouterr()
+    train(cfg_for(root, tmp_path, epochs=2, out=str(tmp_path / "dense")))  # dense labels: the best, as always
+    dense = json.loads((tmp_path / "dense" / "history.json").read_text())
+    assert read_checkpoint(tmp_path / "dense" / "best_model.pth").epoch == \
+        max(dense, key=lambda h: h["val_miou"])["epoch"]
+    assert "not a probability sample" not in capsys.readouterr().out
+
+
+def test_with_a_split_the_clicks_on_its_val_images_are_held_out(clicked, tmp_path, capsys):
+    """A clicks-only run trained on the split's val images without a word; with --split they are held out."""
+    root, labels, clicks = clicked
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": [f"Image_{i}" for i in range(5)], "val": ["Image_6", "Image_7"]}))
+    cfg = no_labels(root, tmp_path, clicks, split=str(split))
+    check_config(cfg)
+    train_ds, val_ds, how, _ = build_datasets(cfg)
+    assert sorted(train_ds.ids) == [f"Image_{i}" for i in range(5)] and sorted(val_ds.ids) == ["Image_6", "Image_7"]
+    rows = list(csv.reader(open(clicks)))[1:]
+    assert sum(len(c) for c in val_ds.clicks.values()) == sum(r[0] in ("Image_6.tif", "Image_7.tif") for r in rows)
+    assert "held out the" in how and "Image_5" not in train_ds.ids and "left out" in how  # Image_5: in neither
+    with pytest.raises(ValueError, match="--split holds out the clicks on its val images; --val-clicks"):
+        check_config(no_labels(root, tmp_path, clicks, split=str(split), val_clicks=0.2))
+    (root / "split.json").write_text(split.read_text())  # beside the images folder, not given: said, not used
+    build_datasets(no_labels(root, tmp_path, clicks))
+    assert f"note: {root / 'split.json'} is not used" in capsys.readouterr().out
