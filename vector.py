@@ -1,9 +1,11 @@
 """GIS maps out: a class mask as class polygons (GeoPackage or GeoJSON, in the raster's CRS, with the class index
-and name) and a per-class area table (pixels, m^2 and ha where the CRS is in metres) as CSV.
+and name), one layer of a folder's polygons merged across image seams, and a per-class table of the map's pixel
+counts (pixels, m^2 and ha where the CRS is in metres) as CSV.
 
-    from vector import polygons_for_image, write_polygons, class_areas, write_area_table
+    from vector import polygons_for_image, write_polygons, write_folder_layer, class_areas, write_area_table
     polys = polygons_for_image(mask, "images/tile_03.tif", classes.names, min_area=2.0, simplify=0.5)
-    write_polygons("output/tile_03.gpkg", polys)
+    write_polygons("output/tile_03_tif_polygons.gpkg", polys, image="tile_03.tif")
+    write_folder_layer("output/polygons.gpkg", sorted(Path("output").glob("*_polygons.gpkg")))
     write_area_table("output/areas.csv", {"tile_03": class_areas(mask, classes.names, polys.transform, polys.crs)})
 
 Polygons are the 4-connected regions of one class (rasterio.features.shapes), IGNORE_INDEX (nodata) left out.
@@ -14,9 +16,16 @@ Large rasters go by bands of rows: each band is polygonised alone, then, per cla
 between bands are unioned (shapely) and split into their parts again, which gives the polygons of the whole mask.
 Memory: one band of the mask plus every polygon found (the output) and, per class, the pieces on seams; a class
 that covers most of a huge raster is one huge polygon, and that polygon is held whole.
+
+The folder layer (write_folder_layer) is made from per-image files the same way: polygons of one class that touch or
+overlap across two images (tiles cut from one raster: their edges meet exactly) are unioned into one, the others
+copied. One file is read at a time; held are its polygons and those near another image's polygons.
+
+The background class (background_classes: the one rule) gets no polygons unless asked; areas count every class.
 """
 
 import csv
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +43,7 @@ from spec import IGNORE_INDEX
 
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 BLOCK_ROWS = 1024  # rows per band when vectorising a whole mask
+BACKGROUND = re.compile(r"[\W_]*(background|bg)[\W_]*", re.IGNORECASE)  # class names taken as the background
 
 
 @dataclass
@@ -70,8 +80,22 @@ def _bands(mask, block_rows):
         yield y0, min(y0 + step, mask.shape[0]), mask[y0:y0 + step]
 
 
+def background_classes(names, background="auto"):
+    """The class indices that get no polygons, the one rule: `background` "auto" leaves out the first class named
+    like background ("background", "Background", "_background_", "bg"; the Potsdam classes have none), "none" no
+    class, a class name that class. Another name is a ValueError listing the classes."""
+    if background == "none":
+        return ()
+    if background == "auto":
+        return next(((i,) for i, n in enumerate(names) if BACKGROUND.fullmatch(n)), ())
+    if background not in names:
+        raise ValueError(f"--background {background!r} is no class of the checkpoint ({', '.join(names)}); name one "
+                         f"of them, or none (every class gets polygons), or auto")
+    return (list(names).index(background),)
+
+
 def polygons_from_bands(bands, names, transform=None, crs=None, *, min_area=0.0, simplify=0.0,
-                        ignore=IGNORE_INDEX):
+                        ignore=IGNORE_INDEX, skip=()):
     """Class polygons of a mask given as bands of rows `(y0, y1, rows)` top to bottom (rows: (y1 - y0, W) uint8
     class indices; infer.py's streamed prediction gives them so), merged across the seams between bands.
 
@@ -79,7 +103,8 @@ def polygons_from_bands(bands, names, transform=None, crs=None, *, min_area=0.0,
     (square CRS units, m^2 for UTM; pixels when not georeferenced) are dropped, leaving holes. `simplify`:
     tolerance in CRS units (pixels when not georeferenced) for shapely.coverage_simplify, which moves shared
     edges together (no gaps or overlaps between neighbours); simplified polygons no longer rasterise back
-    exactly. Class values outside `names` (other than `ignore`) are an error."""
+    exactly. `skip`: class indices that get no polygons (background_classes). Class values outside `names` (other
+    than `ignore`) are an error."""
     transform = Affine.identity() if transform is None else transform
     k = len(names)
     pieces, cls, top, bottom, seams, height = [], [], [], [], set(), 0
@@ -92,7 +117,8 @@ def polygons_from_bands(bands, names, transform=None, crs=None, *, min_area=0.0,
         if y0 > 0:
             seams.add(y0)
         height = y1
-        for geom, value in rasterio.features.shapes(rows, mask=rows != ignore, connectivity=4,
+        wanted = (rows != ignore) & ~np.isin(rows, skip) if len(skip) else rows != ignore
+        for geom, value in rasterio.features.shapes(rows, mask=wanted, connectivity=4,
                                                     transform=Affine.translation(0, y0)):
             g = shapely.geometry.shape(geom)
             pieces.append(g)
@@ -123,11 +149,11 @@ def polygons_from_bands(bands, names, transform=None, crs=None, *, min_area=0.0,
 
 
 def mask_to_polygons(mask, names, transform=None, crs=None, *, min_area=0.0, simplify=0.0, block_rows=BLOCK_ROWS,
-                     ignore=IGNORE_INDEX):
+                     ignore=IGNORE_INDEX, skip=()):
     """Class polygons of an (H, W) class-index mask (numpy, or a memmap), by bands of `block_rows` rows (None: in
     one go). See polygons_from_bands for the options."""
     return polygons_from_bands(_bands(np.asarray(mask), block_rows), names, transform, crs, min_area=min_area,
-                               simplify=simplify, ignore=ignore)
+                               simplify=simplify, ignore=ignore, skip=skip)
 
 
 def polygons_for_image(mask, image, names, **kwargs):
@@ -140,22 +166,150 @@ def polygons_for_image(mask, image, names, **kwargs):
     return mask_to_polygons(mask, names, ref.transform if ref.georeferenced else None, ref.crs, **kwargs)
 
 
-def write_polygons(path, polygons):
-    """Write Polygons as GeoPackage (.gpkg) or GeoJSON (.geojson/.json) by the extension, atomically: fields
-    class_index, class (name), area (square CRS units; pixels when there is no CRS), the CRS with them."""
-    path = Path(path)
-    driver = DRIVERS.get(path.suffix.lower())
+def _driver(path):
+    driver = DRIVERS.get(Path(path).suffix.lower())
     if driver is None:
         raise ValueError(f"{path}: write polygons as .gpkg (default) or .geojson")
-    fields = ["class_index", "class", "area"]
-    data = [polygons.classes.astype(np.int32), np.array([polygons.names[c] for c in polygons.classes], dtype=object),
-            shapely.area(polygons.geometries).astype(np.float64)]
-    with atomic_path(path, keep_suffix=True) as tmp, warnings.catch_warnings():
+    return driver
+
+
+def _write(tmp, path, geoms, columns, crs, append=False):
+    """Write Polygons `geoms` with `columns` {field: values} into the file `tmp` (a temporary of `path`, whose
+    suffix and stem give the format and the layer name), or append them."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "'crs' was not provided")  # pixel coordinates: no CRS, said so
-        pyogrio.raw.write(tmp, shapely.to_wkb(polygons.geometries), data, fields, driver=driver,
-                          geometry_type="Polygon", layer=path.stem,
-                          crs=None if polygons.crs is None else polygons.crs.to_wkt())
+        pyogrio.raw.write(tmp, shapely.to_wkb(geoms), list(columns.values()), list(columns), driver=_driver(path),
+                          geometry_type="Polygon", layer=Path(path).stem, crs=None if crs is None else crs.to_wkt(),
+                          append=append)
+
+
+def write_polygons(path, polygons, image=None):
+    """Write Polygons as GeoPackage (.gpkg) or GeoJSON (.geojson/.json) by the extension, atomically: fields
+    class_index, class (name), area (square CRS units; pixels when there is no CRS), and `image` (the input's file
+    name, which write_folder_layer reads) when given; the CRS with them."""
+    path = Path(path)
+    _driver(path)
+    columns = {"class_index": polygons.classes.astype(np.int32),
+               "class": np.array([polygons.names[c] for c in polygons.classes], dtype=object),
+               "area": shapely.area(polygons.geometries).astype(np.float64)}
+    if image is not None:
+        columns["image"] = np.full(len(polygons), image, dtype=object)
+    with atomic_path(path, keep_suffix=True) as tmp:
+        _write(tmp, path, polygons.geometries, columns, polygons.crs)
     return path
+
+
+# --------------------------------------------------------------------------- the folder layer
+
+def _crs_name(crs):
+    auth = crs.to_authority()
+    return f"{auth[0]}:{auth[1]}" if auth else crs.name
+
+
+def one_crs(named):
+    """The one CRS of `named`, [(file name, CRS or None)], the Nones left out (None when all are). Several CRSs are
+    a ValueError naming each with its files: one layer holds one CRS."""
+    groups = []  # [(pyproj CRS, [file names])]
+    for name, crs in named:
+        crs = _crs(crs)
+        if crs is None:
+            continue
+        names = next((names for c, names in groups if c == crs), None)
+        if names is None:
+            names = []
+            groups.append((crs, names))
+        names.append(name)
+    if len(groups) > 1:
+        listed = "; ".join(f"{_crs_name(c)}: {', '.join(n[:3])}{f' and {len(n) - 3} more' if len(n) > 3 else ''}"
+                           for c, n in groups)
+        raise ValueError(f"the images are in {len(groups)} CRSs ({listed}), and one polygons layer holds one CRS: "
+                         f"segment the images of each CRS into their own --output folder, or reproject them first")
+    return groups[0][0] if groups else None
+
+
+def layer_crs(path):
+    """The CRS (pyproj) of a polygons file; None when it has none."""
+    return _crs(pyogrio.read_info(path)["crs"])
+
+
+def _read_image_polygons(path):
+    """(geometries, class_index, class, image name) of a per-image file of write_polygons; the image name falls
+    back on the file's name (`a_tif` of a_tif_polygons.gpkg) for a file without the `image` field."""
+    meta, _, wkb, values = pyogrio.raw.read(path)
+    columns = dict(zip(meta["fields"].tolist(), values))
+    if not {"class_index", "class"} <= set(columns):
+        raise ValueError(f"{path} has no class_index and class fields: not polygons of infer.py")
+    image = columns["image"][0] if "image" in columns and len(wkb) else Path(path).stem.removesuffix("_polygons")
+    return shapely.from_wkb(wkb), columns["class_index"].astype(np.int64), columns["class"].astype(object), image
+
+
+def _merge(geoms, classes, names, images):
+    """Union the polygons of each class (those near another image), split into parts: (parts, class index, class
+    name, the images whose polygons each part holds joined by ', '), and how many parts hold several images."""
+    out, merged = [[], [], [], []], 0
+    for c in np.unique(classes):
+        pieces, owner = geoms[classes == c], images[classes == c]
+        parts = shapely.get_parts(shapely.union_all(pieces))
+        piece, part = shapely.STRtree(parts).query(shapely.point_on_surface(pieces), predicate="intersects")
+        out[0] += list(parts)
+        out[1] += [c] * len(parts)
+        out[2] += [names[classes == c][0]] * len(parts)
+        covered = [sorted(set(owner[piece[part == j]])) for j in range(len(parts))]
+        out[3] += [", ".join(inputs) for inputs in covered]
+        merged += sum(len(inputs) > 1 for inputs in covered)
+    return (np.array(out[0], dtype=object), np.array(out[1], np.int32), np.array(out[2], dtype=object),
+            np.array(out[3], dtype=object)), merged
+
+
+def write_folder_layer(path, sources):
+    """Write the polygons of per-image files `sources` (write_polygons's) as one layer at `path` (.gpkg/.geojson,
+    the layer named by its stem), atomically: fields class_index, class, area (square CRS units, counted once where
+    images overlap) and images (the input names a polygon covers, joined by ', '). Polygons of one class that touch
+    or overlap across images are unioned into one; the others are copied. Files without a CRS (pixel coordinates)
+    are left out, and a file that cannot be read; several CRSs are a ValueError (one_crs).
+
+    One file is read at a time: held are its polygons and those that reach another image's polygons (their bounding
+    box), which alone a merge can need. Returns (polygons written, of them merged across images, {file: why left
+    out}); when no source has a CRS no file is written and the count is None."""
+    path, infos, left_out = Path(path), [], {}
+    for p in sources:
+        try:
+            infos.append((p, pyogrio.read_info(p, force_total_bounds=True)))
+        except Exception as e:  # GDAL's own errors: this file is reported and left out
+            left_out[p] = f"cannot be read ({e})"
+    left_out.update({p: "no CRS: its polygons are in pixel coordinates" for p, i in infos if not i["crs"]})
+    placed = [(p, i) for p, i in infos if i["crs"]]
+    crs = one_crs([(Path(p).name, i["crs"]) for p, i in placed])
+    if crs is None:
+        return None, 0, left_out
+    placed = [(p, i) for p, i in placed if i["features"]]
+    tree = shapely.STRtree(shapely.box(*np.array([i["total_bounds"] for _, i in placed], float).reshape(-1, 4).T))
+    held, written, started = [], 0, False
+    with atomic_path(path, keep_suffix=True) as tmp:
+        def put(geoms, classes, names, images, last=False):
+            """Append polygons; the first ones make the file (a GeoJSON made empty keeps no fields), or the end."""
+            nonlocal written, started
+            if len(geoms) or (last and not started):
+                _write(tmp, path, geoms, {"class_index": classes.astype(np.int32), "class": names,
+                                          "area": shapely.area(geoms).astype(np.float64), "images": images}, crs,
+                       append=started)
+                written, started = written + len(geoms), True
+
+        for k, (p, _) in enumerate(placed):
+            try:
+                geoms, classes, names, image = _read_image_polygons(p)
+            except (ValueError, RuntimeError) as e:  # pyogrio's errors are RuntimeErrors
+                left_out[p] = str(e)
+                continue
+            g, box = tree.query(geoms, predicate="intersects")
+            near = np.zeros(len(geoms), bool)
+            near[g[box != k]] = True
+            put(geoms[~near], classes[~near], names[~near], np.full((~near).sum(), image, dtype=object))
+            held.append((geoms[near], classes[near], names[near], np.full(near.sum(), image, dtype=object)))
+        merged, n_merged = _merge(*(np.concatenate([h[i] for h in held]) if held else np.zeros(0, object)
+                                    for i in range(4)))
+        put(*merged, last=True)
+    return written, n_merged, left_out
 
 
 # --------------------------------------------------------------------------- areas
@@ -209,3 +363,29 @@ def write_area_table(path, tables):
         for t in totals.values():
             w.writerow(["TOTAL"] + [fmt(t[c]) for c in cols[1:]])
     return path
+
+
+AREA_NOTES = """# What {table} is
+
+`{table}` counts the pixels of the map: for every image, and in the TOTAL rows for them all, how many pixels
+infer.py put in each class (`pixels`) and what they cover (`m2`, `ha`, where the CRS is in metres). That is the
+mapped area, not an estimate of how much of each class there is: the map's errors (a building missed, a roof called
+a road) are in it, uncorrected.
+
+Class areas adjusted for the map's errors, with 95 % intervals, come from an accuracy assessment: a sample drawn
+from the map (`python assess.py sample ...`) and labelled blind, then `python assess.py estimate ...`
+(docs/assessment.md in the repository).
+
+{estimates}
+"""
+
+
+def write_area_notes(path, table, estimates=()):
+    """Write `path` (areas.md beside the table): the table is the map's pixel counts, not area estimates, and where
+    the error-adjusted areas are: `estimates`, the assessment estimate files in the folder, else how to make them."""
+    estimates = [Path(e).name for e in estimates]
+    said = (f"Error-adjusted areas of this map: {', '.join(f'`{e}`' for e in estimates)} (in this folder)."
+            if estimates else "No assessment estimates (`<sample>_estimates.csv`) are in this folder yet.")
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(AREA_NOTES.format(table=Path(table).name, estimates=said))
+    return Path(path)

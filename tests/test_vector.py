@@ -1,4 +1,5 @@
-"""GIS maps out: class polygons that rasterise back to the mask, block-wise = whole, area tables."""
+"""GIS maps out: class polygons that rasterise back to the mask, block-wise = whole, the folder layer merged across
+image seams, the background rule, area tables and their notes."""
 
 import csv
 
@@ -11,8 +12,9 @@ import shapely
 from PIL import Image
 from rasterio.transform import Affine
 
-from spec import IGNORE_INDEX
-from vector import class_areas, mask_to_polygons, polygons_for_image, write_area_table, write_polygons
+from spec import CLASSES, IGNORE_INDEX
+from vector import (background_classes, class_areas, mask_to_polygons, polygons_for_image, write_area_notes,
+                    write_area_table, write_folder_layer, write_polygons)
 
 NAMES = ("road", "building", "tree")
 UTM = "EPSG:32616"
@@ -133,3 +135,110 @@ def test_area_table_on_a_hand_made_mask(tmp_path):
 def test_values_outside_the_classes_are_refused():
     with pytest.raises(ValueError, match=r"values \[7\], not classes 0..2"):
         mask_to_polygons(np.full((3, 3), 7, np.uint8), NAMES)
+
+
+# --------------------------------------------------------------------------- the folder layer
+
+def per_image_files(folder, masks, suffix=".gpkg", crs=UTM, skip=()):
+    """Write {name: (mask, transform)} as write_polygons's per-image files; returns their paths."""
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for name, (mask, transform) in masks.items():
+        polys = mask_to_polygons(mask, NAMES, transform, crs, skip=skip)
+        paths.append(write_polygons(folder / f"{name.replace('.', '_')}_polygons{suffix}", polys, image=name))
+    return paths
+
+
+def read_layer(path):
+    meta, _, wkb, values = pyogrio.raw.read(path)
+    return meta, shapely.from_wkb(np.asarray(wkb, dtype=object)), dict(zip(meta["fields"].tolist(), values))
+
+
+def seam_masks():
+    """Two 10 x 12 tiles side by side (b's left edge is a's right edge): a building (1) across the seam, one in a
+    alone, road (0) elsewhere, a tree (2) in b, a few nodata pixels."""
+    a, b = np.zeros((10, 12), np.uint8), np.zeros((10, 12), np.uint8)
+    a[2:6, 8:12] = 1  # 16 pixels, to a's right edge ...
+    b[3:7, 0:5] = 1  # ... and 20 in b from its left edge: one building of 36 pixels, 9 m^2
+    a[7:9, 1:3] = 1  # 4 pixels, off the seam
+    b[6:9, 8:11] = 2
+    a[0, 0] = b[9, 11] = IGNORE_INDEX
+    return {"a.tif": (a, T), "b.tif": (b, T @ Affine.translation(12, 0))}
+
+
+@pytest.mark.parametrize("suffix", [".gpkg", ".geojson"])
+def test_folder_layer_merges_a_building_across_the_seam_and_rasterises_back_to_each_mask(tmp_path, suffix):
+    masks = seam_masks()
+    sources = per_image_files(tmp_path, masks, suffix)
+    written, merged, left_out = write_folder_layer(tmp_path / f"polygons{suffix}", sources)
+    meta, geoms, columns = read_layer(tmp_path / f"polygons{suffix}")
+    assert pyproj.CRS(meta["crs"]) == pyproj.CRS(UTM) and left_out == {}
+    assert list(meta["fields"]) == ["class_index", "class", "area", "images"]
+    buildings = columns["class_index"] == 1
+    assert sorted(columns["images"][buildings]) == ["a.tif", "a.tif, b.tif"]
+    across = geoms[buildings & (columns["images"] == "a.tif, b.tif")]
+    assert len(across) == 1 and across[0].area == 36 * 0.25 and across[0].geom_type == "Polygon"
+    np.testing.assert_allclose(columns["area"], shapely.area(geoms))
+    assert merged >= 2  # the building and the road that wraps around it
+    assert written == len(geoms) < sum(len(read_layer(p)[1]) for p in sources)
+    for mask, transform in masks.values():  # each image's mask, exactly
+        assert np.array_equal(burn_layer(geoms, columns, mask.shape, transform), mask)
+
+
+def burn_layer(geoms, columns, shape, transform):
+    return rasterio.features.rasterize(list(zip(geoms, columns["class_index"].tolist())), out_shape=shape,
+                                       transform=transform, fill=IGNORE_INDEX, dtype="uint8")
+
+
+def test_images_apart_are_not_merged_and_overlapping_ones_count_a_class_once(tmp_path):
+    masks = seam_masks()
+    apart = {"a.tif": masks["a.tif"], "b.tif": (masks["b.tif"][0], T @ Affine.translation(13, 0))}  # a 1-pixel gap
+    _, merged, _ = write_folder_layer(tmp_path / "apart.gpkg", per_image_files(tmp_path / "apart", apart))
+    _, _, columns = read_layer(tmp_path / "apart.gpkg")
+    assert merged == 0 and set(columns["images"]) == {"a.tif", "b.tif"}
+    a = np.full((4, 6), 0, np.uint8)
+    a[1:3, 2:6] = 1  # 8 building pixels
+    over = {"a.tif": (a, T), "b.tif": (a.copy(), T @ Affine.translation(2, 0))}  # b shifted by 2 columns
+    write_folder_layer(tmp_path / "over.gpkg", per_image_files(tmp_path / "over", over))
+    _, geoms, columns = read_layer(tmp_path / "over.gpkg")
+    building = geoms[columns["class_index"] == 1]
+    assert len(building) == 1 and building[0].area == (8 + 8 - 4) * 0.25  # the 4 pixels both hold, once
+
+
+def test_files_without_crs_are_left_out_of_the_layer_and_several_crs_are_refused(tmp_path):
+    masks = seam_masks()
+    plain = per_image_files(tmp_path / "plain", masks, crs=None)
+    geo = per_image_files(tmp_path / "geo", masks)
+    written, _, left_out = write_folder_layer(tmp_path / "layer.gpkg", plain + geo[:1])
+    assert written == len(read_layer(geo[0])[1]) and set(left_out) == set(plain)
+    assert all("pixel coordinates" in why for why in left_out.values())
+    assert write_folder_layer(tmp_path / "none.gpkg", plain)[0] is None and not (tmp_path / "none.gpkg").exists()
+    other = per_image_files(tmp_path / "other", {"c.tif": masks["b.tif"]}, crs="EPSG:32617")
+    with pytest.raises(ValueError, match=r"2 CRSs \(EPSG:32616: a_tif_polygons.gpkg.*EPSG:32617: c_tif_polygons"):
+        write_folder_layer(tmp_path / "mixed.gpkg", geo + other)
+    assert not (tmp_path / "mixed.gpkg").exists()
+
+
+def test_the_background_rule_and_polygons_without_it():
+    assert background_classes(("background", "building")) == (0,)
+    assert background_classes(("building", "_Background_", "background")) == (1,)  # the first one
+    assert background_classes(CLASSES) == ()  # Potsdam: six classes, no background
+    assert background_classes(("background", "building"), "none") == ()
+    assert background_classes(CLASSES, "clutter") == (5,)
+    with pytest.raises(ValueError, match="'sky' is no class"):
+        background_classes(CLASSES, "sky")
+    mask = blob_mask()
+    every, without = mask_to_polygons(mask, NAMES, T, UTM), mask_to_polygons(mask, NAMES, T, UTM, skip=(0,))
+    assert 0 not in without.classes.tolist()
+    kept = every.classes != 0
+    assert len(without) == kept.sum() and all(a.equals(b) for a, b in zip(
+        sorted(every.geometries[kept], key=lambda g: g.bounds), sorted(without.geometries, key=lambda g: g.bounds)))
+
+
+def test_area_notes_say_pixel_counts_and_point_to_the_estimates(tmp_path):
+    notes = write_area_notes(tmp_path / "areas.md", tmp_path / "areas.csv").read_text()
+    assert "counts the pixels of the map" in notes and "not an estimate" in notes
+    assert "python assess.py" in notes and "docs/assessment.md" in notes and "No assessment estimates" in notes
+    notes = write_area_notes(tmp_path / "areas.md", tmp_path / "areas.csv",
+                             [tmp_path / "assessment_estimates.csv"]).read_text()
+    assert "`assessment_estimates.csv`" in notes and "No assessment" not in notes
