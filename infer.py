@@ -17,13 +17,18 @@ colour mask (written last) says it was made from that input (one made from anoth
 replaced). Nodata pixels get no class (255, black). All arguments and the output folder are checked before any
 work. Ctrl-C stops with one line, how many images were written, and exit code 130.
 
-Maps a GIS takes (docs/maps.md): `--vector gpkg|geojson` also writes `<stem>_<ext>_polygons.gpkg` (.geojson), the
-class polygons (vector.py: fields class_index, class, area) in the raster's CRS, or in pixel coordinates and no CRS
-for an image without one (logged); unsimplified they rasterise back to the mask exactly, `--min-area` drops small
-ones, `--simplify` smooths them (map units). `--vector` or `--areas` write the class areas (pixels; m^2 and ha for
-a CRS in metres) of every image into `<output>/areas.csv`, with TOTAL rows; rows of images not in this run stay.
-Both are made from the bands of rows the masks are written from, as they are written (`_Maps`); under
---skip-existing an input is done only when its polygons file and its areas.csv rows exist too.
+Maps a GIS takes (docs/maps.md): `--vector gpkg|geojson` writes `<output>/polygons.gpkg` (.geojson), one layer of
+the class polygons of every image of the folder with a CRS (vector.write_folder_layer: fields class_index, class,
+area, images), polygons of one class merged where they touch across the seam of adjacent images; it is built at the
+end of the run from `<stem>_<ext>_polygons.gpkg`, each image's polygons in its raster's CRS (pixel coordinates and
+no CRS for an image without one, which stays out of the layer; logged). Inputs in several CRSs are refused before
+any work. Unsimplified they rasterise back to the mask exactly, `--min-area` drops small ones, `--simplify` smooths
+them (map units), the background class gets none unless `--background` says so (vector.background_classes).
+`--vector` or `--areas` write the class pixel counts (pixels; m^2 and ha for a CRS in metres) of every image into
+`<output>/areas.csv`, with TOTAL rows, and `areas.md` beside it: these are the map's pixels, not area estimates,
+which come from an assessment (assess.py). Rows of images not in this run stay, and so do their polygons. Both are
+made from the bands of rows the masks are written from, as they are written (`_Maps`); under --skip-existing an
+input is done only when its polygons file and its areas.csv rows exist too.
 
 An input that does not fit the model, 16-bit data under a model trained on 8-bit images, is segmented with a
 warning that names the choices (--bit-depth, or training on such files): logged, repeated after the run's summary
@@ -86,12 +91,16 @@ from raster import (GDAL_NODATA, GEOTIFF_TAGS, IMAGE_SUFFIXES, MAX_PIXELS, TIFF_
                     readable_by_rows, resize, scale_note, tiles_of_rows, write_index_tiff, write_jpeg)
 from spec import (IGNORE_INDEX, MAX_SCALE, check_scale, file_bands, grid_size, load_input, parse_bands, to_grid,
                   valid_mask, wide_input_warning)
-from vector import BLOCK_ROWS, class_areas, metres_per_unit, polygons_from_bands, write_area_table, write_polygons
+from vector import (BLOCK_ROWS, background_classes, class_areas, layer_crs, metres_per_unit, one_crs,
+                    polygons_from_bands, write_area_notes, write_area_table, write_folder_layer, write_polygons)
 
 OUTPUT_PATTERN = "*_mask.*"  # the files this tool writes: never inputs
 VECTOR_FORMATS = ("gpkg", "geojson")  # --vector: <stem>_polygons.<format>
 POLYGON_NAMES = tuple(f"_polygons.{f}" for f in VECTOR_FORMATS)
-AREAS_NAME = "areas.csv"  # --vector / --areas: the per-class area table of the output folder
+FOLDER_LAYER = "polygons"  # --vector: <output>/polygons.<format>, layer polygons: every image's, merged at seams
+AREAS_NAME = "areas.csv"  # --vector / --areas: the per-class pixel counts of the output folder's masks
+AREA_NOTES_NAME = "areas.md"  # beside it: what the table is (pixel counts, not estimates), where estimates are
+ESTIMATES_PATTERN = "*_estimates.csv"  # assess.py's error-adjusted areas, when written into the output folder
 VECTOR_ROWS = BLOCK_ROWS  # mask rows polygonised at once: the bands of a prediction are regrouped into these
 TTA_MODES = {  # (quarter turns, horizontal flip) applied to the input; the prediction is turned back
     "none": [(0, False)],
@@ -673,7 +682,64 @@ def update_area_table(output, areas):
     path = Path(output) / AREAS_NAME
     table = read_area_table(path)
     table.update(areas)
-    return write_area_table(path, dict(sorted(table.items())))
+    write_area_table(path, dict(sorted(table.items())))
+    write_area_notes(path.with_name(AREA_NOTES_NAME), path, sorted(path.parent.glob(ESTIMATES_PATTERN)))
+    return path
+
+
+def area_line(output, done):
+    """The run's last word on the area table: how many images it holds, that it counts the map's pixels, and where
+    the error-adjusted areas are (an assessment's estimates in the folder, or how to make them)."""
+    path = Path(output) / AREAS_NAME
+    estimates = sorted(path.parent.glob(ESTIMATES_PATTERN))
+    where = (f"error-adjusted areas: {', '.join(str(e) for e in estimates)}" if estimates else
+             "error-adjusted areas come from an accuracy assessment: python assess.py (docs/assessment.md)")
+    return (f"class areas of {len(read_area_table(path))} images ({done} from this run) -> {path}: pixel counts of "
+            f"the map, not area estimates ({AREA_NOTES_NAME}); {where}")
+
+
+def polygon_files(output, vector):
+    """The per-image polygons files in `output` of the format `vector`: <stem>_polygons.<format>."""
+    return sorted(p for p in Path(output).glob(f"*_polygons.{vector}") if not p.name.startswith("."))
+
+
+def check_layer_crs(images, output, vector):
+    """--vector, before any work: the georeferenced inputs and the per-image polygons of other images already in
+    `output` are in one CRS, as the folder layer holds one (vector.one_crs: a ValueError naming them). A file
+    that cannot be read is left to fail where it is read."""
+    def crs(path, read):
+        try:
+            return read(path)
+        except Exception:  # reported, by name, where the file is read
+            return None
+    mine = {polygons_path(output, stem, vector) for stem in output_stems(images).values()}
+    one_crs([(p.name, crs(p, lambda q: open_image(q).crs)) for p in images if p.suffix.lower() in TIFF_SUFFIXES] +
+            [(p.name, crs(p, layer_crs)) for p in polygon_files(output, vector) if p not in mine])
+
+
+def finish_layer(output, vector, summary, log):
+    """update_polygon_layer at the end of a run; a layer that cannot be written fails the run (summary.failed)."""
+    try:
+        update_polygon_layer(output, vector, log)
+    except (ValueError, OSError, RuntimeError) as e:  # pyogrio's errors are RuntimeErrors
+        _fail(summary, Path(output) / f"{FOLDER_LAYER}.{vector}", RasterError(str(e)), log)
+
+
+def update_polygon_layer(output, vector, log):
+    """Write <output>/polygons.<vector> from every per-image polygons file in `output` (vector.write_folder_layer):
+    images of earlier runs and inputs skipped stay in it, like their areas.csv rows. Logs what it wrote and left
+    out. Returns its path, or None where no image has a CRS (no layer)."""
+    path = Path(output) / f"{FOLDER_LAYER}.{vector}"
+    sources = polygon_files(output, vector)
+    written, merged, left_out = write_folder_layer(path, sources)
+    for p, why in left_out.items():
+        log(f"{p}: left out of {path.name}: {why}")
+    if written is None:
+        log(f"no {path.name}: no image has a CRS; each one's polygons are in pixel coordinates in its own file")
+        return None
+    log(f"{written} polygons of {len(sources) - len(left_out)} images in one layer, {merged} of them merged across "
+        f"image seams -> {path} (layer {FOLDER_LAYER})")
+    return path
 
 
 def run_spec(ckpt, scale=None, bands=None):
@@ -753,6 +819,7 @@ class _Job:
     crs: object = None
     min_area: float = 0.0
     simplify: float = 0.0
+    background: str = "auto"  # --background: which class gets no polygons (vector.background_classes)
     area_rows: list = None
 
 
@@ -780,7 +847,7 @@ def _place(path, raster):
 
 def _read_file(path, output, ckpt, *, stem=None, scale=None, bands=None, bit_depth=None, index=False,
                overlay_preview=False, protect=(), max_pixels=MAX_PIXELS, vector=None, areas=False, min_area=0.0,
-               simplify=0.0):
+               simplify=0.0, background="auto"):
     """Read and check one input (step 1 of segment_file): a _Job. Raises RasterError for a bad file. `vector`
     (a VECTOR_FORMATS entry) asks for its polygons, `areas` for its class areas (vector.class_areas rows)."""
     spec = run_spec(ckpt, scale, bands)
@@ -819,7 +886,7 @@ def _read_file(path, output, ckpt, *, stem=None, scale=None, bands=None, bit_dep
     return _Job(path, output, stem, spec, (H, W), raster, masked, written, index_path, overlay_path, tiff_path,
                 grid, image, valid, source, notes, list(warnings),
                 polygons_path=vector and polygons_path(output, stem, vector), areas=bool(vector or areas),
-                transform=transform, crs=crs, min_area=min_area, simplify=simplify)
+                transform=transform, crs=crs, min_area=min_area, simplify=simplify, background=background)
 
 
 def _predict_file(model, job, *, tile=512, overlap=64, batch_size=4, tta=False, device=None, progress=False):
@@ -916,10 +983,12 @@ class _Maps:
 
     def __init__(self, job):
         self.job, names, place = job, job.spec.classes.names, (job.transform, job.crs)
+        skip = background_classes(names, job.background)
         fns = {}
         if job.polygons_path:
             fns["polygons"] = lambda bands: polygons_from_bands(_blocks(bands, VECTOR_ROWS), names, *place,
-                                                                min_area=job.min_area, simplify=job.simplify)
+                                                                min_area=job.min_area, simplify=job.simplify,
+                                                                skip=skip)
         if job.areas:
             fns["areas"] = lambda bands: class_areas(bands, names, *place)
         self.consumers = {k: _Consumer(fn, f"infer-{k}") for k, fn in fns.items()}
@@ -939,7 +1008,7 @@ class _Maps:
         """Wait for the polygons and areas of every band fed; write the polygons."""
         done = {k: c.finish() for k, c in self.consumers.items()}
         if "polygons" in done:
-            write_polygons(self.job.polygons_path, done["polygons"])
+            write_polygons(self.job.polygons_path, done["polygons"], image=self.job.path.name)
         self.job.area_rows = done.get("areas")
 
     def __exit__(self, *exc):
@@ -1225,7 +1294,8 @@ def segment_files(files, stems, output, model, ckpt, *, progress=True, log=None,
     output = Path(output)
     summary = Summary()
     read_kwargs = {k: kwargs.pop(k) for k in ("scale", "bands", "bit_depth", "index", "overlay_preview",
-                                              "max_pixels", "vector", "areas", "min_area", "simplify") if k in kwargs}
+                                              "max_pixels", "vector", "areas", "min_area", "simplify", "background")
+                   if k in kwargs}
     read_kwargs.update(ckpt=ckpt, protect=list(files) if protect is None else protect)
     if skip_existing and (read_kwargs.get("vector") or read_kwargs.get("areas")):
         read_kwargs["tabled"] = set(read_area_table(output / AREAS_NAME))
@@ -1249,8 +1319,9 @@ def segment_folder(input, output, model, ckpt, *, progress=True, log=None, skip_
     masks are replaced, unless `skip_existing`: then an input whose asked outputs all exist, its colour mask
     made from it, is skipped (an interrupted folder run continues where it stopped). `pipeline`: see
     segment_files. Keyword arguments as segment_file and predict_image. With `vector` or `areas` the class areas
-    of the images done go into <output>/areas.csv (update_area_table), also when Ctrl-C stops the run. Returns a
-    Summary (bad files in .failed, inputs that do not fit the model in .warnings)."""
+    of the images done go into <output>/areas.csv (update_area_table), also when Ctrl-C stops the run; with
+    `vector` the folder layer is written at the end (finish_layer; not after Ctrl-C). Returns a Summary (bad files
+    in .failed, inputs that do not fit the model in .warnings)."""
     t0 = time.time()
     images, skipped = list_inputs(input)
     log = log or tqdm.write
@@ -1269,6 +1340,8 @@ def segment_folder(input, output, model, ckpt, *, progress=True, log=None, skip_
         raise
     if areas:
         update_area_table(output, summary.areas)
+    if kwargs.get("vector"):
+        finish_layer(output, kwargs["vector"], summary, log)
     summary.skipped = skipped + summary.skipped
     summary.seconds = time.time() - t0
     return summary
@@ -1321,9 +1394,15 @@ def get_args_parser():
     p.add_argument("--index", action="store_true", help="also write <name>_mask.index.png (class indices)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_mask.overlay.jpg (a preview)")
     p.add_argument("--vector", choices=VECTOR_FORMATS, default=None,
-                   help="also write the class polygons <name>_polygons.gpkg or .geojson (fields class_index, class, "
-                        "area) in the raster's CRS (pixel coordinates and no CRS for an image without one), and the "
-                        f"class areas into <output>/{AREAS_NAME}")
+                   help=f"also write the class polygons: <output>/{FOLDER_LAYER}.gpkg (or .geojson), one layer of "
+                        "every image with a CRS, polygons of one class merged across the seams of adjacent images "
+                        "(fields class_index, class, area, images), built from <name>_polygons.gpkg per image (in "
+                        "the raster's CRS; pixel coordinates for an image without one); and the class pixel counts "
+                        f"into <output>/{AREAS_NAME}. All georeferenced inputs must share one CRS")
+    p.add_argument("--background", default="auto",
+                   help="with --vector: the class that gets no polygons: auto (the class named background, if any; "
+                        "the Potsdam classes have none), a class name, or none (every class gets polygons). The "
+                        "areas count every class (default: %(default)s)")
     p.add_argument("--min-area", type=float, default=0.0,
                    help="with --vector: drop polygons smaller than this, in square map units (m^2 for a metric "
                         "CRS; pixels when not georeferenced); their pixels become holes (default: %(default)s)")
@@ -1365,6 +1444,8 @@ def check_args(args):
             raise ValueError(f"{flag} must be a finite number >= 0 (map units), got {value}")
         if value and not args.vector:
             raise ValueError(f"{flag} shapes the polygons of --vector; add --vector gpkg (or geojson)")
+    if args.background != "auto" and not args.vector:
+        raise ValueError("--background chooses the classes of the --vector polygons; add --vector gpkg (or geojson)")
 
 
 def check_output(output):
@@ -1412,6 +1493,9 @@ def _main(args):
         check_output(args.output)
         if args.vector or args.areas:
             check_area_table(Path(args.output) / AREAS_NAME, spec.classes.names)
+        background = background_classes(spec.classes.names, args.background) if args.vector else ()
+        if args.vector:
+            check_layer_crs(images, args.output, args.vector)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         distributed.cleanup()
@@ -1421,11 +1505,14 @@ def _main(args):
           f"{spec.classes.num_classes} classes, scale {scale:g}, intensity {spec.intensity.kind}, tile {args.tile}, "
           f"overlap {args.overlap}, TTA {args.tta}, on {device}"
           f"{f' ({ctx.world} processes, each its share of the images)' if ctx.world > 1 else ''}")
+    if args.vector and background:
+        print(f"polygons: the background class {spec.classes.names[background[0]]!r} gets none (--background none "
+              f"writes it); areas count every class")
     kwargs = dict(scale=scale, bands=args.bands, bit_depth=args.bit_depth, max_pixels=args.max_pixels,
                   index=args.index, overlay_preview=args.overlay, tile=args.tile, overlap=args.overlap,
                   batch_size=args.batch_size, tta=args.tta, device=device, progress=args.progress and ctx.is_main,
                   skip_existing=args.skip_existing, pipeline=args.pipeline, vector=args.vector, areas=args.areas,
-                  min_area=args.min_area, simplify=args.simplify)
+                  min_area=args.min_area, simplify=args.simplify, background=args.background)
     if ctx.world == 1:
         summary = segment_folder(args.input, args.output, model, ckpt, **kwargs)
     else:  # this rank's share of the files, named from the whole list: the names one process gives
@@ -1447,10 +1534,11 @@ def _main(args):
                           areas={k: v for s in parts for k, v in s.areas.items()})
         if ctx.is_main and (args.vector or args.areas):
             update_area_table(args.output, summary.areas)
+        if ctx.is_main and args.vector:
+            finish_layer(args.output, args.vector, summary, log)
     print(summary.line() + f" -> {args.output}")
     if ctx.is_main and (args.vector or args.areas):
-        table = Path(args.output) / AREAS_NAME
-        print(f"class areas of {len(read_area_table(table))} images ({len(summary.areas)} from this run) -> {table}")
+        print(area_line(args.output, len(summary.areas)))
     for p, msg in summary.warnings if ctx.is_main else ():  # the run's last words: they may cost accuracy
         print(f"warning: {p}: {msg}", file=sys.stderr)
     for p, msg in summary.failed if ctx.is_main else ():  # gathered: every rank's failures, named

@@ -1,6 +1,6 @@
-"""infer.py --vector / --areas: class polygons in the raster's CRS that rasterise back to the written mask, the area
-table, the streamed path giving the whole-image answer, pixel coordinates for a plain PNG, the argument and
---skip-existing rules."""
+"""infer.py --vector / --areas: class polygons in the raster's CRS that rasterise back to the written mask, the folder
+layer merged across the seam of adjacent GeoTIFFs, the background rule, the area table and its notes, the streamed
+path giving the whole-image answer, pixel coordinates for a plain PNG, the argument and --skip-existing rules."""
 
 import csv
 
@@ -19,7 +19,7 @@ import infer
 from checkpoint import load_model, save_checkpoint
 from model import ResNet18Segmentation
 from raster import RasterError
-from spec import CLASSES, IGNORE_INDEX, DataSpec
+from spec import CLASSES, IGNORE_INDEX, PALETTE, ClassSpec, DataSpec
 from test_infer import run, smooth_image
 from test_infer_robustness import ctrl_c_on_second_image
 
@@ -27,26 +27,30 @@ UTM = "EPSG:32616"
 PIXEL = 0.5  # metres
 
 
-@pytest.fixture(scope="module")
-def ckpt_path(tmp_path_factory):
+def steep_checkpoint(path, classes=None):
     """test_infer's tiny checkpoint with its head made 50x steeper: the untrained network then predicts every
     class in blobs (the plain one predicts one class everywhere, which makes one rectangle per image)."""
-    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
     torch.manual_seed(0)
     model = ResNet18Segmentation(decoder="plain")
     with torch.no_grad():
         model.head.weight.mul_(50)
         model.head.bias.zero_()
-    save_checkpoint(path, model, DataSpec(scale=0.5))
+    save_checkpoint(path, model, DataSpec(scale=0.5) if classes is None else DataSpec(classes=classes, scale=0.5))
     return path
 
 
-def write_geotiff(path, image, nodata=None):
-    """An RGB GeoTIFF in UTM 16N at 0.5 m, in strips of 8 rows (so it can be streamed by rows)."""
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory):
+    return steep_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pth")
+
+
+def write_geotiff(path, image, nodata=None, x0=500000.0, crs=UTM):
+    """An RGB GeoTIFF in UTM 16N (or `crs`) at 0.5 m, its left edge at `x0`, in strips of 8 rows (so it can be
+    streamed by rows)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w, _ = image.shape
-    with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=3, dtype="uint8", crs=UTM,
-                       transform=Affine(PIXEL, 0, 500000.0, 0, -PIXEL, 4000000.0), nodata=nodata, tiled=False,
+    with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=3, dtype="uint8", crs=crs,
+                       transform=Affine(PIXEL, 0, x0, 0, -PIXEL, 4000000.0), nodata=nodata, tiled=False,
                        blockysize=8) as ds:
         ds.write(np.moveaxis(image, -1, 0))
     return path
@@ -150,6 +154,86 @@ def test_geojson_without_crs_is_said_to_be_read_as_degrees(ckpt_path, tmp_path, 
     assert '"crs"' not in (tmp_path / "out" / "photo_png_polygons.geojson").read_text()
 
 
+# --------------------------------------------------------------------------- the folder layer
+
+def two_tiles(folder):
+    """One scene cut into two GeoTIFFs side by side: right.tif's left edge is left.tif's right edge."""
+    image = geo_image(48, 80)
+    write_geotiff(folder / "left.tif", image[:, :40], nodata=0)
+    write_geotiff(folder / "right.tif", image[:, 40:], nodata=0, x0=500000.0 + 40 * PIXEL)
+
+
+def test_adjacent_geotiffs_make_one_layer_merged_across_the_seam(ckpt_path, tmp_path, capsys):
+    two_tiles(tmp_path / "in")
+    out = tmp_path / "out"
+    assert run(ckpt_path, tmp_path / "in", out, "--vector", "gpkg", "--index") == 0
+    log = capsys.readouterr().out
+    assert pyogrio.list_layers(out / "polygons.gpkg")[:, 0].tolist() == ["polygons"]
+    meta, geoms, columns = read_polygons(out / "polygons.gpkg")
+    assert pyproj.CRS.from_user_input(meta["crs"]) == pyproj.CRS.from_user_input(UTM)
+    assert meta["fields"].tolist() == ["class_index", "class", "area", "images"]
+    across = columns["images"] == "left.tif, right.tif"
+    assert across.any() and set(columns["images"]) == {"left.tif", "right.tif", "left.tif, right.tif"}
+    assert f"{len(geoms)} polygons of 2 images in one layer, {across.sum()} of them merged across image seams" in log
+    pieces = [read_polygons(out / f"{n}_tif_polygons.gpkg")[1] for n in ("left", "right")]
+    assert len(geoms) <= sum(map(len, pieces)) - across.sum()  # each merged polygon was two pieces or more
+    assert shapely.area(geoms).sum() == pytest.approx(sum(shapely.area(p).sum() for p in pieces))
+    for name in ("left", "right"):  # the layer over each image gives its mask, exactly
+        mask = index_mask(out / f"{name}_tif_mask.index.png")
+        with rasterio.open(tmp_path / "in" / f"{name}.tif") as ds:
+            assert np.array_equal(burn(geoms, columns["class_index"].tolist(), mask.shape, ds.transform), mask)
+
+
+def canonical(geoms, columns):
+    return sorted((c, i, g.bounds, g.area) for c, i, g in zip(columns["class_index"].tolist(),
+                                                               columns["images"].tolist(), geoms))
+
+
+def test_the_layer_holds_the_images_of_earlier_runs(ckpt_path, tmp_path):
+    two_tiles(tmp_path / "in")
+    assert run(ckpt_path, tmp_path / "in", tmp_path / "together", "--vector", "gpkg") == 0
+    for name in ("left.tif", "right.tif"):  # one image per run into one folder
+        assert run(ckpt_path, tmp_path / "in" / name, tmp_path / "apart", "--vector", "gpkg") == 0
+    together = canonical(*read_polygons(tmp_path / "together" / "polygons.gpkg")[1:])
+    assert canonical(*read_polygons(tmp_path / "apart" / "polygons.gpkg")[1:]) == together
+
+
+def test_images_in_two_crs_are_refused_before_any_work(ckpt_path, tmp_path, capsys):
+    write_geotiff(tmp_path / "in" / "a.tif", geo_image())
+    write_geotiff(tmp_path / "in" / "b.tif", geo_image(), crs="EPSG:32617")
+    assert run(ckpt_path, tmp_path / "in", tmp_path / "out", "--vector", "gpkg") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the images are in 2 CRSs (EPSG:32616: a.tif; EPSG:32617: b.tif)")
+    assert "--output" in err and not list((tmp_path / "out").iterdir())
+
+
+def test_an_image_without_crs_stays_out_of_the_layer(ckpt_path, tmp_path, capsys):
+    write_geotiff(tmp_path / "in" / "scene.tif", geo_image())
+    Image.fromarray(smooth_image(30, 26, seed=3)).save(tmp_path / "in" / "photo.png")
+    assert run(ckpt_path, tmp_path / "in", tmp_path / "out", "--vector", "gpkg") == 0
+    assert "photo_png_polygons.gpkg: left out of polygons.gpkg: no CRS" in capsys.readouterr().out
+    assert set(read_polygons(tmp_path / "out" / "polygons.gpkg")[2]["images"]) == {"scene.tif"}
+    assert read_polygons(tmp_path / "out" / "photo_png_polygons.gpkg")[0]["crs"] is None  # its own, in pixels
+
+
+def test_background_gets_no_polygons_unless_asked(tmp_path, capsys):
+    names = ("background",) + CLASSES[1:]
+    ckpt = steep_checkpoint(tmp_path / "bg.pth", ClassSpec(names=names, palette=PALETTE))
+    write_geotiff(tmp_path / "in" / "scene.tif", geo_image())
+    assert run(ckpt, tmp_path / "in", tmp_path / "auto", "--vector", "gpkg", "--index") == 0
+    assert "the background class 'background' gets none (--background none writes it)" in capsys.readouterr().out
+    mask = index_mask(tmp_path / "auto" / "scene_tif_mask.index.png")
+    assert (mask == 0).any()
+    for layer in ("scene_tif_polygons.gpkg", "polygons.gpkg"):
+        assert 0 not in read_polygons(tmp_path / "auto" / layer)[2]["class_index"].tolist()
+    background = [r for r in area_table(tmp_path / "auto" / "areas.csv") if r["class"] == "background"]
+    assert int(background[0]["pixels"]) == (mask == 0).sum()  # the areas count every class
+    assert run(ckpt, tmp_path / "in", tmp_path / "none", "--vector", "gpkg", "--background", "none") == 0
+    _, geoms, columns = read_polygons(tmp_path / "none" / "polygons.gpkg")
+    with rasterio.open(tmp_path / "in" / "scene.tif") as ds:
+        assert np.array_equal(burn(geoms, columns["class_index"].tolist(), mask.shape, ds.transform), mask)
+
+
 # --------------------------------------------------------------------------- areas
 
 def test_area_table_counts_the_mask_in_pixels_m2_and_ha(ckpt_path, tmp_path):
@@ -190,6 +274,21 @@ def test_ctrl_c_keeps_the_areas_of_the_images_done(ckpt_path, tmp_path, monkeypa
     ctrl_c_on_second_image(monkeypatch)
     assert run(ckpt_path, tmp_path / "in", tmp_path / "out", "--vector", "gpkg", "--no-pipeline") == 130
     assert {r["image"] for r in area_table(tmp_path / "out" / "areas.csv")} == {"t0.tif", "TOTAL"}
+    assert not (tmp_path / "out" / "polygons.gpkg").exists()  # the folder layer waits for a run that ends
+
+
+def test_areas_md_says_pixel_counts_and_points_to_the_estimates(ckpt_path, tmp_path, capsys):
+    write_geotiff(tmp_path / "in" / "a.tif", geo_image())
+    out = tmp_path / "out"
+    assert run(ckpt_path, tmp_path / "in", out, "--areas") == 0
+    log = capsys.readouterr().out
+    assert "pixel counts of the map, not area estimates (areas.md)" in log and "python assess.py" in log
+    notes = (out / "areas.md").read_text()
+    assert "counts the pixels of the map" in notes and "docs/assessment.md" in notes
+    (out / "assessment_estimates.csv").write_text("class,area_ha\n")  # as assess.py estimate writes it here
+    assert run(ckpt_path, tmp_path / "in", out, "--areas", "--skip-existing") == 0
+    assert f"error-adjusted areas: {out / 'assessment_estimates.csv'}" in capsys.readouterr().out
+    assert "`assessment_estimates.csv`" in (out / "areas.md").read_text()
 
 
 def test_an_area_table_of_another_kind_is_refused_before_any_work(ckpt_path, tmp_path, capsys):
@@ -245,6 +344,8 @@ def test_blocks_regroup_bands_whatever_their_size():
     (["--vector", "gpkg", "--min-area", "-1"], "--min-area"),
     (["--vector", "gpkg", "--simplify", "nan"], "--simplify"),
     (["--min-area", "2"], "add --vector"),
+    (["--background", "none"], "add --vector"),
+    (["--vector", "gpkg", "--background", "sky"], "'sky' is no class"),
 ])
 def test_bad_vector_arguments_exit_2_before_any_work(ckpt_path, tmp_path, capsys, extra, match):
     write_geotiff(tmp_path / "in" / "a.tif", geo_image())
