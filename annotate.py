@@ -1,17 +1,26 @@
 """Click in the browser, see the map learn: a local web page to click points (and short scribbles) of a class on
 the images of a folder, train a short model on them, see its prediction over the image and click where it is
-least sure.
+least sure; and, in its Assess mode, label the points of a blind accuracy assessment sample one at a time.
 
     python annotate.py --images input_images --clicks clicks.csv          # then open the address it prints
     python annotate.py --images tiles/ --clicks clicks.geojson --classes classes.json
+    python annotate.py --images tiles/ --assess assessment.gpkg --classes classes.json   # assess.py sample wrote it
 
 Every click is saved at once, atomically, to the click file (`annotations.write_clicks`: GeoJSON in map
 coordinates for georeferenced images, CSV image,x,y,class otherwise), so the same file trains with
 `python train.py --images DIR --clicks FILE`. Several tabs (or people) on one file do not lose each other's
 clicks: a page sends each change as an operation (add / remove pixels) and the server applies it to the file as
-it is on disk, under a file lock. The server reads and writes only the images folder, the click file (and its
-`.lock` beside it), its static files and its run folder (`--runs`); it binds to 127.0.0.1 unless told
-otherwise. The HTTP API and its bounds are in docs/annotate.md.
+it is on disk, under a file lock.
+
+`--assess SAMPLE` adds the Assess mode: the page shows the points of a sample drawn by `assess.py sample` one at a
+time, zoomed in, without the prediction, the clicks or the suggestions, and saves each label at once in the sample
+layer (assess.Assessment.set_reference). The page never learns a point's map class (it stays in
+`<sample>.design.json`), and the sample never trains a model: it may not be the click file, and no click file
+with a `.design.json` beside it opens. The estimates (assess.Assessment.estimates) come with their 95 % intervals.
+
+The server reads and writes only the images folder, the click file (and its `.lock` beside it), the assessment
+sample (its `.lock`, its design, its `_estimates.csv`/`.md`), its static files and its run folder (`--runs`); it
+binds to 127.0.0.1 unless told otherwise. The HTTP API and its bounds are in docs/annotate.md.
 """
 
 import argparse
@@ -45,6 +54,8 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
+import assess
+import assessment
 from annotations import (KINDS, LINE, POINT, ClickSet, ImageClicks, _nodata_pixels, open_image, rasterise_shape,
                          read_clicks, write_clicks)
 from raster import IMAGE_SUFFIXES, TIFF_SUFFIXES, read_raster
@@ -214,6 +225,27 @@ def png_bytes(arr):
 
 # --------------------------------------------------------------------------- the click file
 
+@contextmanager
+def file_lock(thread_lock, lock_path):
+    """One writer at a time: `thread_lock` for this server's threads, `fcntl.flock` on `lock_path` for other
+    processes (a second server on the same file)."""
+    with thread_lock, open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def file_version(path):
+    """Changes whenever the file is replaced: (mtime ns, size, inode) as text; '' while there is none."""
+    try:
+        st = Path(path).stat()
+    except FileNotFoundError:
+        return ""
+    return f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}"
+
+
 class ClickFile:
     """The click file, changed one operation at a time: under a lock (threads here, `fcntl.flock` on
     `<file>.lock` for other processes) the file is read as it is now, the operation applied and the result
@@ -236,22 +268,11 @@ class ClickFile:
         if self.path.exists():
             self.read()  # a file that is not a click file of these images stops here, before any page opens
 
-    @contextmanager
     def locked(self):
-        with self._lock, open(self.lock_path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return file_lock(self._lock, self.lock_path)
 
     def version(self):
-        """Changes whenever the file is replaced: (mtime ns, size, inode) as text; '' while there is none."""
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return ""
-        return f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}"
+        return file_version(self.path)
 
     def _empty(self):
         if not self.path.exists():
@@ -369,6 +390,181 @@ class ClickFile:
 def is_number(v):
     """A JSON number (int or float), not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# --------------------------------------------------------------------------- the assessment sample (--assess)
+
+BLIND_FIELDS = ("id", "image", "row", "col")  # all the page learns of a sample point: never its map class or stratum
+
+
+def check_not_a_sample(clicks, sample=None):
+    """Assessment points never train a model: refuse (ValueError) a click file that is the --assess sample, or that
+    is any assessment sample (its .design.json beside it), before the page or a training could write or read it."""
+    clicks = Path(clicks).resolve()
+    if sample is not None and clicks == Path(sample).resolve():
+        raise ValueError(f"--clicks {clicks} is the --assess sample: assessment points measure the map and never "
+                         f"train a model; give another click file")
+    design = assess.design_path(clicks)
+    if design.is_file():
+        raise ValueError(f"--clicks {clicks} is an assessment sample ({design.name} beside it): its points measure "
+                         f"the map and never train a model; label it with --assess {clicks}, click into another file")
+
+
+def check_sample_images(sample, images):
+    """The images a sample was drawn over must be served here, at the size they had (a point is a row and column of
+    one of them): FileNotFoundError / ValueError naming the design file and the images folder. A design that cannot
+    be read is left to assess.Assessment.open, which says what is wrong with it."""
+    design = assess.design_path(sample)
+    try:
+        drawn = {im["name"]: (im["file"], im["height"], im["width"]) for im in json.loads(design.read_text())["images"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    lost = [file for name, (file, _, _) in drawn.items() if name not in images.refs]
+    if lost:
+        raise FileNotFoundError(f"{design}: {Path(sample).name} was drawn over images that {images.folder} does not "
+                                f"serve: {lost[:5]}; start with the --images folder the sample was drawn from")
+    resized = [f"{file} ({w} x {h} when drawn, {images.refs[name].shape[1]} x {images.refs[name].shape[0]} now)"
+               for name, (file, h, w) in drawn.items() if tuple(images.refs[name].shape) != (h, w)]
+    if resized:
+        raise ValueError(f"{design}: {Path(sample).name} was drawn over other images of the same names: "
+                         f"{resized[:5]}; draw a new sample over these images")
+
+
+class AssessSample:
+    """The assessment sample of --assess (a layer `assess.py sample` wrote, `<sample>.design.json` beside it),
+    labelled blind on the page: its points one at a time (BLIND_FIELDS, never the map class), each label saved at
+    once in the layer (assess.Assessment.set_reference: atomic), the design-based estimates. Under a lock (threads,
+    and `fcntl.flock` on `<sample>.lock` for other processes) the labels are read again whenever the layer changed
+    on disk, so two pages or servers on one sample keep each other's labels."""
+
+    def __init__(self, sample, images, classes):
+        self.path = Path(sample).resolve()
+        check_sample_images(self.path, images)
+        self.a = assess.Assessment.open(self.path, list(images.refs.values()), classes)
+        self.ids = [p["id"] for p in self.a.design["points"]]  # the labelling order
+        self.at = {pid: k for k, pid in enumerate(self.ids)}
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock = threading.Lock()
+        self._seen = file_version(self.path)
+
+    @contextmanager
+    def locked(self):
+        with file_lock(self._lock, self.lock_path):
+            if file_version(self.path) != self._seen:  # labelled elsewhere meanwhile (another server, QGIS)
+                self.a.reference = assess.read_references(self.path, self.a.design, self.a.images, self.a.classes)
+                self._seen = file_version(self.path)
+            yield
+
+    def point_id(self, value, what="id", query=False):
+        """The id of a sample point from a request: a whole number in a JSON body, its digits in a `query`
+        parameter; 400 for anything else."""
+        if query and isinstance(value, str) and value.isascii() and value.isdigit():
+            value = int(value)
+        if value is None:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"missing {what}: the id of a sample point")
+        if not isinstance(value, int) or isinstance(value, bool) or value not in self.at:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"{what} must be the id of one of the {len(self.ids)} sample "
+                                                    f"points, got {value!r}")
+        return value
+
+    def _point(self, k):
+        p = self.a.design["points"][k]
+        return {f: p[f] for f in BLIND_FIELDS}
+
+    def _summary(self, after=None):
+        """Counts and the first unlabelled point in labelling order after the point `after` (wrapping round; from
+        the start without one), or None when every point is labelled."""
+        n = len(self.ids)
+        start = 0 if after is None else self.at[after] + 1
+        unlabelled = [k % n for k in range(start, start + n) if self.ids[k % n] not in self.a.reference]
+        return {"sample": self.path.name, "points": n, "labelled": len(self.a.reference),
+                "next": self._point(unlabelled[0]) if unlabelled else None, "classes": list(self.a.classes.names)}
+
+    def summary(self, after=None):
+        with self.locked():
+            return self._summary(after)
+
+    def point(self, pid):
+        """One point: BLIND_FIELDS, its place in the labelling order (`index` 1..N, the ids before and after it)
+        and its label so far (`reference`: class index or None)."""
+        k = self.at[pid]
+        with self.locked():
+            reference = self.a.reference.get(pid)
+        return {**self._point(k), "index": k + 1, "reference": reference,
+                "previous": self.ids[k - 1] if k > 0 else None,
+                "following": self.ids[k + 1] if k + 1 < len(self.ids) else None}
+
+    def label(self, data):
+        """{"id", "reference": class index, or null to clear it}: saved at once; answers the new counts and the
+        next unlabelled point after this one."""
+        pid = self.point_id(data.get("id"))
+        if "reference" not in data:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "missing reference: a class index, or null to clear the label")
+        cls, k = data["reference"], self.a.classes.num_classes
+        if cls is not None and (not isinstance(cls, int) or isinstance(cls, bool) or not 0 <= cls < k):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"reference must be a whole number 0..{k - 1} or null, got {cls!r}")
+        with self.locked():
+            self.a.set_reference(pid, cls)
+            self._seen = file_version(self.path)
+            return {"id": pid, "reference": cls, **self._summary(after=pid)}
+
+    def estimates(self):
+        """estimates_json of the labels so far; 409 with assess's message while a stratum has < 2 labelled points."""
+        with self.locked():
+            try:
+                result = self.a.estimates()
+            except ValueError as e:
+                raise HTTPError(HTTPStatus.CONFLICT, str(e)) from None
+            return estimates_json(result, self.a.design, self.a.classes.names, len(self.a.reference))
+
+    def write(self, overwrite=False):
+        """`<sample>_estimates.csv` / `.md` (assess.Assessment.write); 409 when they exist and not `overwrite`, or
+        while too few points are labelled."""
+        if not isinstance(overwrite, bool):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"overwrite must be true or false, got {overwrite!r}")
+        with self.locked():
+            try:
+                paths = self.a.write(overwrite=overwrite)
+            except ValueError as e:
+                raise HTTPError(HTTPStatus.CONFLICT, str(e)) from None
+            except FileExistsError:
+                prefix = assess.estimates_prefix(self.path).name
+                raise HTTPError(HTTPStatus.CONFLICT, f"{prefix}.csv / .md exist beside {self.path.name}: send "
+                                                     f"{{\"overwrite\": true}} to replace them") from None
+            return {"csv": paths[0].name, "markdown": paths[1].name, "labelled": len(self.a.reference),
+                    "points": len(self.ids)}
+
+
+def estimates_json(result, design, names, labelled):
+    """assessment.Estimates as JSON for the page. Each figure is {estimate, se, low, high}: the 95 % interval
+    estimate ± 1.96 SE (assessment.Z95, as the written tables), null where undefined (a class never seen). Beside
+    the estimated area of each class: its share of the map, a pixel count of the map (never an area estimate)."""
+    def figure(est, se, unit=1.0):
+        est, se = float(est) * unit, float(se) * unit
+        if not math.isfinite(est):
+            return {"estimate": None, "se": None, "low": None, "high": None}
+        if not math.isfinite(se):
+            return {"estimate": est, "se": None, "low": None, "high": None}
+        return {"estimate": est, "se": se, "low": est - assessment.Z95 * se, "high": est + assessment.Z95 * se}
+
+    m2 = design.get("pixel_area_m2")
+    mapped = {int(c): int(v) for c, v in design["mapped_pixels"].items()}
+    pixels, pixels_se = result.area_in()
+    classes = [{"class": c, "name": names[c],
+                "users_accuracy": figure(result.ua[j], result.ua_se[j]),
+                "producers_accuracy": figure(result.pa[j], result.pa_se[j]),
+                "area_proportion": figure(result.area[j], result.area_se[j]),
+                "area_pixels": figure(pixels[j], pixels_se[j]),
+                "area_ha": None if m2 is None else figure(pixels[j], pixels_se[j], m2 / 1e4),
+                "map_pixels": mapped.get(c, 0), "map_share": mapped.get(c, 0) / max(1, sum(mapped.values()))}
+               for j, c in enumerate(result.classes)]
+    return {"basis": f"Design-based estimates from the blind assessment sample ({result.design} random sampling, "
+                     f"{result.method} estimators, {labelled} of {len(design['points'])} points labelled): they "
+                     f"measure the map; they are not scores on clicks",
+            "design": result.design, "method": result.method, "labelled": labelled, "points": len(design["points"]),
+            "population_pixels": result.total_pixels, "pixel_area_m2": m2,
+            "overall_accuracy": figure(result.oa, result.oa_se), "classes": classes,
+            "matrix": [[float(v) if math.isfinite(v) else None for v in row] for row in result.matrix.tolist()]}
 
 
 # --------------------------------------------------------------------------- training and prediction
@@ -648,12 +844,15 @@ def suggest(training, click_file, n, spacing=5.0):
 # --------------------------------------------------------------------------- HTTP
 
 class App:
-    """What the request handler needs: images, click file, training, classes, the allowed Host names."""
+    """What the request handler needs: images, click file, training, classes, the assessment sample (None without
+    --assess), the allowed Host names."""
 
     def __init__(self, args):
         self.images = Images(args.images)
         self.classes = load_class_file(args.classes) if args.classes else POTSDAM
         clicks = args.clicks or default_click_file(self.images)
+        check_not_a_sample(clicks, args.assess)
+        self.assessment = AssessSample(args.assess, self.images, self.classes) if args.assess else None
         self.click_file = ClickFile(clicks, self.images, self.classes)
         runs = Path(args.runs)
         classes_path = Path(args.classes).resolve() if args.classes else runs.resolve() / "classes.json"
@@ -668,6 +867,9 @@ class App:
         return {"images": self.images.listing(), "errors": self.images.errors,
                 "classes": {"names": list(self.classes.names), "palette": [list(c) for c in self.classes.palette]},
                 "clicks_file": self.click_file.path.name, "epochs": self.training.epochs,
+                "assess": None if self.assessment is None else {"sample": self.assessment.path.name,
+                                                                "points": len(self.assessment.ids),
+                                                                "first": self.assessment.ids[0]},
                 "bounds": {"max_tile": MAX_TILE, "max_zoom": MAX_ZOOM, "max_body": MAX_BODY, "max_epochs": MAX_EPOCHS,
                            "max_suggestions": MAX_SUGGESTIONS, "max_line_vertices": MAX_LINE_VERTICES,
                            "max_pixels_per_op": MAX_PIXELS_PER_OP}}
@@ -769,6 +971,15 @@ def route(h, method, path, q, body):
             return tile(h, path, q)
         if path == "/api/train":
             return h._json(app.training.status())
+        if path == "/api/assess":
+            after = q.get("after", [None])[0]
+            sample = assessment_of(app)
+            return h._json(sample.summary(None if after is None else sample.point_id(after, "after", query=True)))
+        if path == "/api/assess/point":
+            sample = assessment_of(app)
+            return h._json(sample.point(sample.point_id(q.get("id", [None])[0], query=True)))
+        if path == "/api/assess/estimates":
+            return h._json(assessment_of(app).estimates())
         if path == "/api/suggest":
             n = _int(q, "n", 10)
             if not 1 <= n <= MAX_SUGGESTIONS:
@@ -778,7 +989,7 @@ def route(h, method, path, q, body):
             return h._json({"suggestions": suggest(app.training, app.click_file, n)})
         raise not_found()
     if method == "POST":
-        if path not in ("/api/clicks", "/api/train"):
+        if path not in ("/api/clicks", "/api/train", "/api/assess", "/api/assess/write"):
             raise not_found()
         if (h.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
             raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send JSON (Content-Type: application/json)")
@@ -790,8 +1001,18 @@ def route(h, method, path, q, body):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
         if path == "/api/clicks":
             return h._json(app.click_file.apply(data))
+        if path == "/api/assess":
+            return h._json(assessment_of(app).label(data))
+        if path == "/api/assess/write":
+            return h._json(assessment_of(app).write(data.get("overwrite", False)))
         return h._json(app.training.start(data.get("epochs")))
     raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "GET or POST")
+
+
+def assessment_of(app):
+    if app.assessment is None:
+        raise not_found("no assessment sample: start annotate.py with --assess SAMPLE")
+    return app.assessment
 
 
 def static_file(h, name):
@@ -848,6 +1069,9 @@ def get_args_parser():
                                                   "is georeferenced, else clicks.csv")
     p.add_argument("--classes", default=None,
                    help="JSON class file (spec.load_class_file); default the Potsdam classes")
+    p.add_argument("--assess", default=None,
+                   help="an assessment sample to label blind in the page's Assess mode: the layer `python assess.py "
+                        "sample` wrote, its .design.json beside it; never a click file, never trained on")
     p.add_argument("--checkpoint", default=None, help="a model to show and suggest from before any training here")
     p.add_argument("--runs", default="checkpoints/annotate", help="run folder: the training's checkpoints and log")
     p.add_argument("--epochs", type=int, default=10, help="epochs of a training started from the page")
@@ -879,6 +1103,10 @@ def main(args):
         print(f"note: {note}", flush=True)
     host, port = server.server_address[:2]
     print(f"{len(app.images.refs)} images ({len(app.images.errors)} unreadable), clicks in {app.click_file.path}")
+    if app.assessment:
+        a = app.assessment.summary()
+        print(f"assessment sample {app.assessment.path}: {a['labelled']} of {a['points']} points labelled (the page's "
+              f"Assess mode; blind: the map classes stay in {assess.design_path(app.assessment.path).name})")
     print(f"annotate: open http://{'[' + host + ']' if ':' in host else host}:{port}/  (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()

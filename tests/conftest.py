@@ -82,3 +82,40 @@ def data(tmp_path):
     root = tmp_path / "patches"
     write_patches(root, n=8, size=(48, 48))
     return root
+
+
+def write_assessment_scene(root):
+    """A map to assess, as tests of annotate.py's Assess mode need it: two 40x40 GeoTIFFs (EPSG:32616, 0.5 m) in
+    <root>/images, a building block in each (the truth), infer.py-style masks in <root>/maps of a map that paints
+    buildings over a halo around each (palette PNG, `Source` naming the input, 255 nodata in a corner) and
+    <root>/classes.json (background, building). Returns (images, masks, classes file, {image name: truth})."""
+    import json
+
+    import rasterio
+    from PIL import Image, PngImagePlugin
+    from rasterio.transform import Affine
+
+    from spec import ClassSpec, default_palette
+    root = Path(root)
+    images, masks = root / "images", root / "maps"
+    images.mkdir(parents=True)
+    masks.mkdir()
+    truth = {}
+    for k, left in enumerate((500000.0, 500020.0)):
+        t = np.zeros((40, 40), np.uint8)
+        t[10:20, 10 + 5 * k:22 + 5 * k] = 1
+        m = t.copy()
+        m[5:28, 5:30] = 1
+        m[20:25, 12:14] = 0
+        if k == 0:
+            m[:4, :4] = IGNORE_INDEX
+        with rasterio.open(images / f"tile{k}.tif", "w", driver="GTiff", height=40, width=40, count=3, dtype="uint8",
+                           crs="EPSG:32616", transform=Affine(0.5, 0, left, 0, -0.5, 4000000.0)) as ds:
+            ds.write(np.stack([np.where(t, 200, 90)] * 3).astype(np.uint8))
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Source", f"tile{k}.tif")
+        Image.fromarray(m).save(masks / f"tile{k}_tif_mask.png", pnginfo=info)
+        truth[f"tile{k}"] = t
+    classes = ClassSpec(names=("background", "building"), palette=default_palette(2), label_format="index")
+    (root / "classes.json").write_text(json.dumps(classes.to_dict()))
+    return images, masks, root / "classes.json", truth

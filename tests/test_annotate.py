@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import rasterio
 from PIL import Image
-from rasterio.transform import from_origin
+from rasterio.transform import Affine, from_origin
 
 import annotate
+import assess
 from annotations import read_clicks
-from spec import ClassSpec
+from conftest import write_assessment_scene
+from spec import ClassSpec, load_class_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -568,3 +570,190 @@ def test_train_from_the_api_then_overlay_and_suggestions(pngs, tmp_path):
         assert (tmp_path / "runs" / "train.log").read_text().count("epoch") >= 2
     finally:
         s.close()
+
+
+# --------------------------------------------------------------------------- Assess mode (--assess)
+
+def draw_sample(tmp_path, n=12, floor=4, out="sample.gpkg"):
+    """The scene of conftest.write_assessment_scene and a blind sample of it drawn by assess.py (seed 0)."""
+    images, masks, classes, truth = write_assessment_scene(tmp_path / "scene")
+    sample = tmp_path / out
+    argv = ["sample", "--images", images, "--masks", masks, "--classes", classes, "--n", n, "--floor", floor,
+            "--out", sample]
+    assert assess.main(assess.get_args_parser().parse_args([str(a) for a in argv])) == 0
+    return images, classes, sample, truth
+
+
+@pytest.fixture
+def assessing(tmp_path):
+    """(server with --assess, sample, images, classes file, truth)."""
+    images, classes, sample, truth = draw_sample(tmp_path)
+    s = Server(images, tmp_path / "clicks.csv", tmp_path / "runs", assess=str(sample), classes=str(classes))
+    yield s, sample, images, classes, truth
+    s.close()
+
+
+def truth_of(truth, p):
+    return int(truth[p["image"]][p["row"], p["col"]])
+
+
+def test_assess_points_never_reveal_the_map_class(assessing):
+    s, sample, images, classes, truth = assessing
+    design = json.loads(assess.design_path(sample).read_text())
+    assert s.json("GET", "/api/config")["assess"] == {"sample": "sample.gpkg", "points": 12,
+                                                      "first": design["points"][0]["id"]}
+    summary = s.json("GET", "/api/assess")
+    assert summary == {"sample": "sample.gpkg", "points": 12, "labelled": 0, "classes": ["background", "building"],
+                       "next": {k: design["points"][0][k] for k in ("id", "image", "row", "col")}}
+    bodies = [s.request("GET", "/api/assess")[2], s.request("GET", "/api/config")[2]]
+    for k, p in enumerate(design["points"]):
+        code, _, body = s.request("GET", f"/api/assess/point?id={p['id']}")
+        got = json.loads(body)
+        assert code == 200 and got == {"id": p["id"], "image": p["image"], "row": p["row"], "col": p["col"],
+                                       "index": k + 1, "reference": None,
+                                       "previous": design["points"][k - 1]["id"] if k else None,
+                                       "following": design["points"][k + 1]["id"] if k < 11 else None}
+        bodies.append(body)
+    bodies.append(s.request("POST", "/api/assess", {"id": 1, "reference": 0})[2])
+    for body in bodies:  # neither the map's class nor the stratum (the map class too) is ever sent
+        assert b"map_class" not in body and b"stratum" not in body and b"mapped" not in body, body
+
+
+def test_labels_through_the_api_give_the_estimates_assess_gives(assessing):
+    s, sample, images, classes, truth = assessing
+    spec = load_class_file(classes)
+    order = assess.Assessment.open(sample, images, spec).points()
+    first = order[0]
+    r = s.json("POST", "/api/assess", {"id": first["id"], "reference": truth_of(truth, first)})
+    assert (r["labelled"], r["points"], r["next"]["id"]) == (1, 12, order[1]["id"])
+    # saved at once: the layer read back by assess holds the label
+    assert assess.Assessment.open(sample, images, spec).reference == {first["id"]: truth_of(truth, first)}
+    code, _, body = s.request("GET", "/api/assess/estimates")
+    with pytest.raises(ValueError) as too_few:
+        assess.Assessment.open(sample, images, spec).estimates()
+    assert code == 409 and json.loads(body)["error"] == str(too_few.value) and "label more" in str(too_few.value)
+    assert s.request("POST", "/api/assess/write", {})[0] == 409
+    # skipping the second point: the next after the third is the fourth, and the second comes round again
+    for p in order[2:]:
+        r = s.json("POST", "/api/assess", {"id": p["id"], "reference": truth_of(truth, p)})
+    assert r["next"]["id"] == order[1]["id"] and r["labelled"] == 11
+    r = s.json("POST", "/api/assess", {"id": order[1]["id"], "reference": truth_of(truth, order[1])})
+    assert r["labelled"] == 12 and r["next"] is None
+    got = s.json("GET", "/api/assess/estimates")
+    want = assess.Assessment.open(sample, images, spec).estimates()
+    z = 1.96
+    assert (got["labelled"], got["points"], got["design"]) == (12, 12, "stratified")
+    assert "not scores on clicks" in got["basis"]
+    assert got["overall_accuracy"]["estimate"] == pytest.approx(want.oa)
+    assert got["overall_accuracy"]["low"] == pytest.approx(want.oa - z * want.oa_se)
+    pixels, pixels_se = want.area_in()
+    design = json.loads(assess.design_path(sample).read_text())
+    mapped = {int(c): v for c, v in design["mapped_pixels"].items()}
+    for j, c in enumerate(got["classes"]):
+        assert c["name"] == spec.names[j]
+        for key, est, se in (("users_accuracy", want.ua, want.ua_se), ("producers_accuracy", want.pa, want.pa_se),
+                             ("area_proportion", want.area, want.area_se), ("area_pixels", pixels, pixels_se),
+                             ("area_ha", pixels * 0.25 / 1e4, pixels_se * 0.25 / 1e4)):
+            for field, value in (("estimate", est[j]), ("se", se[j]), ("high", est[j] + z * se[j])):
+                assert (c[key][field] is None) if np.isnan(value) else c[key][field] == pytest.approx(value), key
+        assert c["map_share"] == pytest.approx(mapped[j] / sum(mapped.values()))  # the map's own share, beside
+    assert got["classes"][1]["map_share"] > 2 * got["classes"][1]["area_proportion"]["estimate"]  # it overstates
+    # the tables, as assess.py estimate writes them; never replaced unasked
+    r = s.json("POST", "/api/assess/write", {})
+    assert r == {"csv": "sample_estimates.csv", "markdown": "sample_estimates.md", "labelled": 12, "points": 12}
+    md = (sample.parent / "sample_estimates.md").read_text()
+    assert "12 of the 12 points drawn are labelled" in md
+    code, _, body = s.request("POST", "/api/assess/write", {})
+    assert code == 409 and "overwrite" in json.loads(body)["error"]
+    assert s.json("POST", "/api/assess/write", {"overwrite": True})["csv"] == "sample_estimates.csv"
+    # a label cleared (null) is unlabelled again
+    r = s.json("POST", "/api/assess", {"id": first["id"], "reference": None})
+    assert r["labelled"] == 11 and r["next"]["id"] == first["id"]
+    assert first["id"] not in assess.Assessment.open(sample, images, spec).reference
+
+
+def test_two_servers_on_one_sample_keep_each_others_labels(assessing, tmp_path):
+    s, sample, images, classes, truth = assessing
+    other = Server(images, tmp_path / "clicks2.csv", tmp_path / "runs2", assess=str(sample), classes=str(classes))
+    try:
+        s.json("POST", "/api/assess", {"id": 1, "reference": 1})
+        r = other.json("POST", "/api/assess", {"id": 2, "reference": 0})
+        assert r["labelled"] == 2 and s.json("GET", "/api/assess")["labelled"] == 2
+        assert s.json("GET", "/api/assess/point?id=2")["reference"] == 0
+    finally:
+        other.close()
+    assert assess.Assessment.open(sample, images, load_class_file(classes)).reference == {1: 1, 2: 0}
+
+
+def test_bad_assess_requests_are_400_and_change_nothing(assessing, server):
+    s, sample, images, classes, truth = assessing
+    before = sample.read_bytes()
+    for body in ({"id": 0, "reference": 1}, {"id": 13, "reference": 1}, {"id": "1", "reference": 1},
+                 {"id": True, "reference": 1}, {"id": 1.0, "reference": 1}, {"reference": 1},
+                 {"id": 1, "reference": 2}, {"id": 1, "reference": -1}, {"id": 1, "reference": True},
+                 {"id": 1, "reference": "building"}, {"id": 1, "reference": 1.0}, {"id": 1}):
+        code, _, data = s.request("POST", "/api/assess", body)
+        assert code == 400, (body, data)
+    for path in ("/api/assess/point", "/api/assess/point?id=", "/api/assess/point?id=abc",
+                 "/api/assess/point?id=0", "/api/assess/point?id=13", "/api/assess/point?id=-1",
+                 "/api/assess/point?id=%C2%B2", "/api/assess?after=99", "/api/assess?after=x"):
+        assert s.request("GET", path)[0] == 400, path
+    assert s.request("POST", "/api/assess/write", {"overwrite": "yes"})[0] == 400
+    assert s.request("POST", "/api/assess", b"{}", {"Content-Type": "text/plain"})[0] == 415
+    assert sample.read_bytes() == before
+    # a page without --assess has no Assess mode
+    assert server.json("GET", "/api/config")["assess"] is None
+    for method, path in (("GET", "/api/assess"), ("GET", "/api/assess/point?id=1"),
+                         ("GET", "/api/assess/estimates"), ("POST", "/api/assess"), ("POST", "/api/assess/write")):
+        assert server.request(method, path, {} if method == "POST" else None)[0] == 404, path
+
+
+def test_assess_refusals_at_start(tmp_path, monkeypatch, capsys):
+    images, classes, sample, truth = draw_sample(tmp_path)
+    base = ["--images", str(images), "--classes", str(classes), "--runs", str(tmp_path / "runs")]
+
+    def refused(argv, *says):
+        assert start(argv, monkeypatch) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and all(s in err for s in says), err
+
+    assert start(base + ["--assess", str(sample), "--clicks", str(tmp_path / "c.csv")], monkeypatch) == 0
+    assert "0 of 12 points labelled" in capsys.readouterr().out
+    # the sample is never the click file, nor is any sample
+    refused(base + ["--assess", str(sample), "--clicks", str(sample)], "is the --assess sample")
+    refused(base + ["--clicks", str(sample)], "is an assessment sample (sample.design.json beside it)")
+    # a sample without its design
+    lone = tmp_path / "lone.gpkg"
+    lone.write_bytes(sample.read_bytes())
+    refused(base + ["--assess", str(lone)], str(tmp_path / "lone.design.json"))
+    # drawn over other classes
+    three = ClassSpec(names=("ground", "roof", "tree"), palette=((0, 0, 0), (255, 0, 0), (0, 255, 0)))
+    (tmp_path / "three.json").write_text(json.dumps(three.to_dict()))
+    refused(["--images", str(images), "--classes", str(tmp_path / "three.json"), "--assess", str(sample)],
+            str(assess.design_path(sample)), "['background', 'building']")
+    # drawn over other images: one missing, one of another size
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    (fewer / "tile0.tif").write_bytes((images / "tile0.tif").read_bytes())
+    refused(base[2:] + ["--images", str(fewer), "--assess", str(sample)], str(assess.design_path(sample)),
+            "tile1.tif", str(fewer))
+    with rasterio.open(fewer / "tile1.tif", "w", driver="GTiff", width=30, height=40, count=3, dtype="uint8",
+                       crs="EPSG:32616", transform=Affine(0.5, 0, 500020, 0, -0.5, 4000000)) as ds:
+        ds.write(np.zeros((3, 40, 30), np.uint8))
+    refused(base[2:] + ["--images", str(fewer), "--assess", str(sample)], "tile1.tif (40 x 40 when drawn, 30 x 40 now)")
+    assert not (tmp_path / "c.csv").exists()
+
+
+def test_train_from_the_page_never_reads_the_sample(assessing):
+    """The argv the page builds for train.py names the click file, never the sample; and train.py refuses the
+    sample as clicks anyway."""
+    import train
+    from config import config_from_args
+    s, sample, images, classes, truth = assessing
+    argv = s.app.training.argv(2)
+    assert not any(str(sample) in a or sample.stem in Path(a).name for a in argv), argv
+    assert argv[argv.index("--clicks") + 1] == str(s.app.click_file.path)
+    args = train.get_args_parser().parse_args(argv[2:])  # after {python} train.py: train's own parser
+    args.clicks = str(sample)
+    with pytest.raises(ValueError, match="is an assessment sample"):
+        train.read_run_clicks(config_from_args(args))
