@@ -1,4 +1,5 @@
-// The page: image list, class legend and keys, mouse actions on the map, and keeping up with other tabs.
+// The page: image list, class legend and keys, mouse actions on the map, and keeping up with other tabs; with an
+// assessment sample (--assess), the Assess mode (assess.js), in which nothing of the annotation is shown.
 "use strict";
 
 class App {
@@ -6,11 +7,14 @@ class App {
     this.config = config;
     this.palette = config.classes.palette;
     this.cls = 0;
+    this.mode = "annotate"; // or "assess"
     this.viewer = new Viewer(document.getElementById("canvas"));
     this.clicks = new Clicks(() => { this.count(); this.viewer.redraw(); });
     this.training = new Training(this);
-    this.viewer.onDraw.push((ctx, v) => this.clicks.draw(ctx, v, this.palette));
-    this.viewer.onDraw.push((ctx, v) => this.training.draw(ctx, v));
+    this.assess = config.assess ? new Assess(this) : null;
+    this.viewer.onDraw.push((ctx, v) => { if (this.mode === "annotate") this.clicks.draw(ctx, v, this.palette); });
+    this.viewer.onDraw.push((ctx, v) => { if (this.mode === "annotate") this.training.draw(ctx, v); });
+    this.viewer.onDraw.push((ctx, v) => { if (this.mode === "assess") this.assess.draw(ctx, v); });
     document.getElementById("clicks-file").textContent = config.clicks_file;
     document.getElementById("epochs").value = config.epochs;
     document.getElementById("epochs").max = config.bounds.max_epochs; // the server's bounds (400 past them)
@@ -20,6 +24,30 @@ class App {
     this.mouse();
     this.keys();
     this.buttons();
+    this.modes();
+  }
+
+  // The Assess tab, only with an assessment sample.
+  modes() {
+    if (!this.assess) return;
+    document.getElementById("modes").hidden = false;
+    document.getElementById("assess-file").textContent = this.config.assess.sample;
+    document.getElementById("mode-annotate").onclick = () => this.setMode("annotate");
+    document.getElementById("mode-assess").onclick = () => this.setMode("assess");
+  }
+
+  // Assess mode is blind: no prediction overlay (nor its controls), no clicks, no suggestions; a click adds nothing.
+  setMode(mode) {
+    if (mode === this.mode) return;
+    this.mode = mode;
+    document.body.classList.toggle("assess", mode === "assess");
+    for (const m of ["annotate", "assess"]) {
+      document.getElementById(`mode-${m}`).classList.toggle("current", m === mode);
+    }
+    this.viewer.showOverlay = mode === "annotate";
+    this.message("");
+    if (mode === "assess") this.assess.enter();
+    else this.viewer.fit();
   }
 
   message(text) {
@@ -76,6 +104,7 @@ class App {
 
   // A click adds a point (or answers a suggestion), a click on a point removes it; drag pans, shift+drag scribbles.
   async clickAt(sx, sy) {
+    if (this.mode !== "annotate") return;
     const v = this.viewer;
     const name = v.image.name;
     try {
@@ -104,7 +133,7 @@ class App {
       if (!this.viewer.image || e.button !== 0) return;
       down = pos(e);
       down.moved = false;
-      line = e.shiftKey ? [this.viewer.screenToImage(...down)] : null;
+      line = e.shiftKey && this.mode === "annotate" ? [this.viewer.screenToImage(...down)] : null;
     });
     c.addEventListener("mousemove", (e) => {
       if (!down) return;
@@ -152,6 +181,7 @@ class App {
   keys() {
     window.addEventListener("keydown", (e) => {
       if (e.target.tagName === "INPUT") return;
+      if (this.mode === "assess" && (this.assess.key(e) || /^[0-9]$/.test(e.key) || e.ctrlKey)) return;
       if (e.ctrlKey && (e.key === "z" || e.key === "Z")) { e.preventDefault(); e.shiftKey ? this.redo() : this.undo(); }
       else if (e.ctrlKey && e.key === "y") { e.preventDefault(); this.redo(); }
       else if (/^[1-9]$/.test(e.key)) this.setClass(Number(e.key) - 1);

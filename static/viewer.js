@@ -17,6 +17,7 @@ class Viewer {
     this.layer = "classes"; // or "unsure"
     this.opacity = 0.5;
     this.predicted = new Set(); // images the model has a prediction of
+    this.showOverlay = true; // false in Assess mode: the labeller never sees a prediction
     this.overlayTilesShown = 0;
     this.onDraw = []; // functions (ctx, viewer) drawn after the tiles
     this.pending = false;
@@ -47,7 +48,8 @@ class Viewer {
   imageToScreen(x, y) { return [this.ox + x * this.scale, this.oy + y * this.scale]; }
   screenToImage(sx, sy) { return [(sx - this.ox) / this.scale, (sy - this.oy) / this.scale]; }
 
-  centreOn(x, y) {
+  centreOn(x, y, scale) {
+    if (scale) this.scale = scale;
     this.ox = this.canvas.width / 2 - x * this.scale;
     this.oy = this.canvas.height / 2 - y * this.scale;
     this.redraw();
@@ -130,7 +132,7 @@ class Viewer {
     ctx.imageSmoothingEnabled = this.scale < 1;
     this.drawLayer("tile");
     this.overlayTilesShown = 0;
-    if (this.model && this.opacity > 0 && this.predicted.has(this.image.name)) {
+    if (this.showOverlay && this.model && this.opacity > 0 && this.predicted.has(this.image.name)) {
       ctx.globalAlpha = this.opacity;
       this.overlayTilesShown = this.drawLayer("overlay", { layer: this.layer, model: this.model });
       ctx.globalAlpha = 1;

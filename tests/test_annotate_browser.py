@@ -1,6 +1,7 @@
 """annotate.py in a real browser: headless system Chromium (Debian's chromium + chromium-driver) driven by Selenium
 does what a person does: pick a class, click points on two images, remove and undo, reload, train, see the
-overlay, answer a suggestion; then the click file holds exactly the pixels clicked.
+overlay, answer a suggestion; then the click file holds exactly the pixels clicked. In the Assess mode, it labels
+the points of a blind sample with the number keys and reads the estimates table.
 
 Set ANNOTATE_SCREENSHOT=images/annotate.png to save the page with its overlay (the README's picture). Without
 Chromium, its driver or selenium, or when the browser does not start, the test is skipped with the reason (under
@@ -14,7 +15,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import assess
 from annotations import read_clicks
+from conftest import write_assessment_scene
+from spec import load_class_file
 from test_annotate import Server, colour_image, train_command
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -220,3 +224,53 @@ def test_click_reload_train_overlay_suggest_in_chromium(browser, tmp_path):
     got = read_clicks(tmp_path / "clicks.csv", sorted(folder.iterdir()))
     saved = {(n, int(x), int(y)): int(k) for n, c in got.images.items() for x, y, k in zip(c.cols, c.rows, c.classes)}
     assert saved == expected
+
+
+@pytest.mark.slow
+def test_assess_mode_labels_a_blind_sample_and_shows_the_estimates_in_chromium(browser, tmp_path):
+    images, masks, classes, truth = write_assessment_scene(tmp_path / "scene")
+    sample = tmp_path / "sample.gpkg"
+    argv = ["sample", "--images", images, "--masks", masks, "--classes", classes, "--n", 8, "--floor", 2,
+            "--out", sample]
+    assert assess.main(assess.get_args_parser().parse_args([str(a) for a in argv])) == 0
+    s = Server(images, tmp_path / "clicks.csv", tmp_path / "runs", assess=str(sample), classes=str(classes))
+    labels = {}
+    try:
+        browser.get(f"http://127.0.0.1:{s.port}/")
+        wait(browser, "return document.body.dataset.ready", what="the page")
+        assert not browser.find_element("id", "assess").is_displayed()
+        browser.find_element("id", "mode-assess").click()
+        point = wait(browser, "return app.assess.point", what="the first sample point")
+        # blind: no overlay, no overlay controls, no clicks; the view centred on the point at 4x
+        assert not browser.find_element("id", "model").is_displayed()
+        assert browser.execute_script("return app.viewer.showOverlay") is False
+        dx, dy, scale = browser.execute_script(
+            "const v = app.viewer, p = app.assess.point; const [x, y] = v.imageToScreen(p.col + 0.5, p.row + 0.5);"
+            "return [x - v.canvas.width / 2, y - v.canvas.height / 2, v.scale]")
+        assert abs(dx) < 1 and abs(dy) < 1 and scale == 4
+        click_pixel(browser, point["col"], point["row"])  # a click on the map adds nothing in this mode
+        for k in range(1, 9):
+            point = browser.execute_script("return app.assess.point")
+            cls = int(truth[point["image"]][point["row"], point["col"]])
+            press(browser, str(cls + 1))
+            labels[point["id"]] = cls
+            wait(browser, f"return document.getElementById('assess-progress').textContent === '{k} of 8 labelled'",
+                 what=f"{k} labelled")
+            if k < 8:
+                wait(browser, f"return app.assess.point.id !== {point['id']}", what="the next point")
+            if k == 1:
+                wait(browser, "return document.getElementById('estimates-note').textContent.includes('label more')",
+                     what="the too-few-labels message")
+                assert not browser.find_element("id", "estimates").is_displayed()
+        wait(browser, "return !document.getElementById('estimates').hidden", what="the estimates table")
+        want = assess.Assessment.open(sample, images, load_class_file(classes)).estimates()
+        oa = browser.find_element("id", "estimates-oa").text
+        assert oa == f"Overall accuracy: {100 * want.oa:.1f} ± {100 * 1.96 * want.oa_se:.1f} %", oa
+        rows = browser.find_elements("css selector", "#estimates tr")
+        assert [r.find_elements("css selector", "td, th")[0].text for r in rows] == ["class", "background",
+                                                                                   "building"]
+        assert "not scores on clicks" in browser.find_element("id", "estimates-note").text
+    finally:
+        s.close()
+    assert assess.Assessment.open(sample, images, load_class_file(classes)).reference == labels
+    assert not (tmp_path / "clicks.csv").exists()
