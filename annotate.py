@@ -410,26 +410,6 @@ def check_not_a_sample(clicks, sample=None):
                          f"the map and never train a model; label it with --assess {clicks}, click into another file")
 
 
-def check_sample_images(sample, images):
-    """The images a sample was drawn over must be served here, at the size they had (a point is a row and column of
-    one of them): FileNotFoundError / ValueError naming the design file and the images folder. A design that cannot
-    be read is left to assess.Assessment.open, which says what is wrong with it."""
-    design = assess.design_path(sample)
-    try:
-        drawn = {im["name"]: (im["file"], im["height"], im["width"]) for im in json.loads(design.read_text())["images"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    lost = [file for name, (file, _, _) in drawn.items() if name not in images.refs]
-    if lost:
-        raise FileNotFoundError(f"{design}: {Path(sample).name} was drawn over images that {images.folder} does not "
-                                f"serve: {lost[:5]}; start with the --images folder the sample was drawn from")
-    resized = [f"{file} ({w} x {h} when drawn, {images.refs[name].shape[1]} x {images.refs[name].shape[0]} now)"
-               for name, (file, h, w) in drawn.items() if tuple(images.refs[name].shape) != (h, w)]
-    if resized:
-        raise ValueError(f"{design}: {Path(sample).name} was drawn over other images of the same names: "
-                         f"{resized[:5]}; draw a new sample over these images")
-
-
 class AssessSample:
     """The assessment sample of --assess (a layer `assess.py sample` wrote, `<sample>.design.json` beside it),
     labelled blind on the page: its points one at a time (BLIND_FIELDS, never the map class), each label saved at
@@ -439,8 +419,7 @@ class AssessSample:
 
     def __init__(self, sample, images, classes):
         self.path = Path(sample).resolve()
-        check_sample_images(self.path, images)
-        self.a = assess.Assessment.open(self.path, list(images.refs.values()), classes)
+        self.a = assess.Assessment.open(self.path, [r.path for r in images.refs.values()], classes)
         self.ids = [p["id"] for p in self.a.design["points"]]  # the labelling order
         self.at = {pid: k for k, pid in enumerate(self.ids)}
         self.lock_path = self.path.with_name(self.path.name + ".lock")
@@ -451,7 +430,7 @@ class AssessSample:
     def locked(self):
         with file_lock(self._lock, self.lock_path):
             if file_version(self.path) != self._seen:  # labelled elsewhere meanwhile (another server, QGIS)
-                self.a.reference = assess.read_references(self.path, self.a.design, self.a.images, self.a.classes)
+                self.a.reload()
                 self._seen = file_version(self.path)
             yield
 

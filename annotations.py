@@ -865,9 +865,8 @@ def write_points(path, pieces, columns, csv_leaves=()):
     geoms = np.concatenate(geoms) if geoms else np.zeros(0, object)
     data = [np.array(images, dtype=object)] + [v if isinstance(v, np.ndarray) else np.array(v, dtype=object)
                                                for v in columns.values()]
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    with atomic_path(path, keep_suffix=True) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "'crs' was not provided")  # pixel coordinates: no CRS, said so
-        warnings.filterwarnings("ignore", "The filename extension")  # the temporary's name, renamed after
         pyogrio.raw.write(tmp, shapely.to_wkb(geoms), data, ["image", *columns], driver=VECTOR_SUFFIXES[suffix],
                           geometry_type="Point", crs=None if dst is None else dst.to_wkt(), layer=path.stem)
     return path

@@ -181,10 +181,23 @@ class Assessment:
                              f"{list(classes.names)}; pass the class file of the map (--classes)")
         by_name = {r.name: r for r in refs}
         lost = [im["file"] for im in design["images"] if im["name"] not in by_name]
+        folders = {r.path.parent for r in refs}
+        where = folders.pop() if len(folders) == 1 else f"the {len(refs)} images given"
         if lost:
-            raise FileNotFoundError(f"{sample} was drawn over images that are not in {images}: {lost[:5]}")
+            raise FileNotFoundError(f"{design_path(sample)}: {sample.name} was drawn over images that are not in "
+                                    f"{where}: {lost[:5]}; give the images the sample was drawn from")
+        resized = [f"{im['file']} ({im['width']} x {im['height']} when drawn, {by_name[im['name']].shape[1]} x "
+                   f"{by_name[im['name']].shape[0]} now)" for im in design["images"]
+                   if tuple(by_name[im["name"]].shape) != (im["height"], im["width"])]
+        if resized:  # a point is a row and column of its image
+            raise ValueError(f"{design_path(sample)}: {sample.name} was drawn over other images of the same names: "
+                             f"{resized[:5]}; draw a new sample over these images")
         refs = [by_name[im["name"]] for im in design["images"]]
         return cls(sample, design, refs, classes, read_references(sample, design, refs, classes))
+
+    def reload(self):
+        """Read the labels in the layer again (labelled elsewhere meanwhile: another page, QGIS)."""
+        self.reference = read_references(self.path, self.design, self.images, self.classes)
 
     def points(self):
         """The sample points, in labelling order, with their reference class index (None: not yet)."""
