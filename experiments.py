@@ -291,6 +291,9 @@ EXPERIMENTS = (
         ("1 click / object, sqrt weights from the pixel shares", replace(BASELINE, points="1/object",
                                                                         class_weighting="sqrt",
                                                                         class_weights="pixels")),
+        *((f"{n} points, sqrt weights from the {what}", replace(BASELINE, points=n, class_weighting="sqrt",
+                                                                  class_weights=source))
+          for n in (10, 100) for what, source in (("clicks", "points"), ("pixel shares", "pixels"))),
         ("all-background: the majority class everywhere (no model)", Reference(replace(BASELINE, points=None),
                                                                                 "majority"))),
         "Cross-entropy is the partial CE with --gamma 0. 'From the pixel shares' is --class-weights pixels: a "
