@@ -55,6 +55,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine, rowcol, xy
 from rasterio.windows import Window
 
+from config import parse_fraction
 from raster import IMAGE_SUFFIXES, TIFF_SUFFIXES, atomic_path, exif_orientation, no_pixel_limit
 from spec import IGNORE_INDEX, POTSDAM, grid_size
 
@@ -898,18 +899,6 @@ def check_unclicked(clicks, allow_unclicked=False):
 
 
 # --------------------------------------------------------------------------- click-based validation
-
-def parse_fraction(value):
-    """'20%' or '0.2' -> 0.2; must be in (0, 1)."""
-    text = str(value).strip()
-    try:
-        f = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise ValueError(f"a held-out share must be like 20% or 0.2, got {value!r}") from None
-    if not 0 < f < 1:
-        raise ValueError(f"a held-out share must be in (0, 1) (0 % .. 100 %, exclusive), got {value!r}")
-    return f
-
 
 def split_clicks(clicks, fraction, seed=0, *, min_images=5, blocks=4):
     """Split a ClickSet into (train, held_out) ClickSets, spatially blocked so that held-out clicks are not the

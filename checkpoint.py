@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from model import ARCHS, DECODERS, build_model
+from config import ARCHS, DECODERS
+from model import build_model
 from raster import atomic_path
 from spec import DataSpec
 

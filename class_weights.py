@@ -38,10 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from config import SCHEMES  # the choices are declared with the settings
 from spec import IGNORE_INDEX
 
-SOURCES = ("points", "pixels", "dense")
-SCHEMES = ("inverse", "sqrt", "median", "effective", "capped")
 MAX_RATIO = 10.0  # the `capped` scheme's largest / smallest weight
 EM_ITERATIONS, EM_TOLERANCE = 2000, 1e-7  # estimate_pixel_shares: at most this many rounds; stop below this change
 
@@ -145,7 +144,7 @@ def pixel_shares(dataset, seed=0):
 
 
 def compute_class_weights(dataset, source, scheme, seed=0, say=True):
-    """(weights, counts, shares) from `source` (SOURCES) by `scheme`; with `pixels`, `counts` are the clicks, the
+    """(weights, counts, shares) from `source` (config.WEIGHT_SOURCES) by `scheme`; with `pixels`, `counts` are the clicks, the
     weights follow the estimated pixel shares (seeded forest) and `shares` are those (else None); `say`: print
     the estimate."""
     if source == "pixels":

@@ -21,19 +21,26 @@ plus its use.
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union, get_args, get_origin
 
-from annotations import parse_fraction
-from class_weights import SCHEMES
-from dataset import parse_points
-from few_clicks import AFFINITY_SHARE, CLICK_STRATEGIES, SPARSE, SPARSE_SHARE
-from model import ARCHS, DECODERS
-from partial_ce_loss import NORMALIZATIONS
-from resident import LOADERS
 from spec import MAX_SCALE, PROCESSING_SIZE, check_scale, parse_bands, tokens
 
+# --------------------------------------------------------------------------- the choices, declared with the settings
+# (the modules that implement them import them from here)
+
+ARCHS = ("resnet18", "tiny")  # model.build_model
+DECODERS = ("plain", "skip")  # model.ResNet18Segmentation
+SCHEMES = ("inverse", "sqrt", "median", "effective", "capped")  # class_weights.weights_from_counts
+WEIGHT_SOURCES = ("points", "pixels", "dense")  # class_weights.compute_class_weights
+NORMALIZATIONS = ("weighted", "points")  # partial_ce_loss
+LOADERS = ("auto", "resident", "dataloader")  # train.make_loaders, resident.choose_path
+CLICK_STRATEGIES = ("uncertain", "random")  # few_clicks: model-chosen click rounds
+SPARSE = ("auto", "off")  # --sparse (few_clicks.sparse_additions)
+SPARSE_SHARE = 0.001  # --sparse auto: region growing when the clicks label under 0.1 % of the training pixels
+AFFINITY_SHARE = 0.0025  # --sparse auto: the affinity loss from SPARSE_SHARE up to 0.25 %
 SCHEDULES = ("step", "cosine", "poly")
 SELECT = ("auto", "best", "last")  # --select: which model best_model.pth holds
 MIN_CROP = 8  # processing pixels a side of a --crop window
@@ -66,6 +73,42 @@ def setting(default, help, group, **meta):
     if isinstance(default, (list, dict, set)):
         raise TypeError("a setting's default must be immutable (use a tuple)")
     return dataclasses.field(default=default, metadata={"setting": Setting(help, group, **meta)})
+
+
+def parse_points(value):
+    """A point budget from the command line: 'dense' -> None, '100' -> 100 points per image, '1%' -> '1%'
+    (that share of each image's pixels), '2/object' -> '2/object' (2 clicks in every object, see
+    object_clicks). Errors say what is accepted."""
+    text = str(value).strip().lower()
+    if text in ("dense", "none"):
+        return None
+    m = re.fullmatch(r"(\d+)\s*/\s*obj(?:ect)?s?", text)
+    if m:
+        if int(m.group(1)) < 1:
+            raise ValueError(f"clicks per object must be >= 1, got {value!r}")
+        return f"{int(m.group(1))}/object"
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*%", text)
+    if m:
+        share = float(m.group(1))
+        if not 0 < share <= 100:
+            raise ValueError(f"a point share must be in (0, 100] %, got {value!r}")
+        return f"{share:g}%"
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"points must be a whole number >= 1, a share like 1%, clicks per object like 1/object, "
+                         f"or 'dense'; got {value!r}")
+    return int(text)
+
+
+def parse_fraction(value):
+    """'20%' or '0.2' -> 0.2; must be in (0, 1)."""
+    text = str(value).strip()
+    try:
+        f = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError(f"a held-out share must be like 20% or 0.2, got {value!r}") from None
+    if not 0 < f < 1:
+        raise ValueError(f"a held-out share must be in (0, 1) (0 % .. 100 %, exclusive), got {value!r}")
+    return f
 
 
 def positive(v):
@@ -190,8 +233,8 @@ class TrainConfig:
                   "random sample, like 1/object), dense, none, or a .pt file (a run writes <out>/class_weights.pt)",
         LOSS, check=class_weights_valid, must="be points, pixels, dense, none or an existing .pt file")
     class_weighting: str = setting(
-        "sqrt", "how class counts become weights (class_weights.py; sqrt won experiment 7 on the synthetic and the "
-                "real set; inverse = published)", LOSS, choices=SCHEMES)
+        "sqrt", "how class counts become weights (class_weights.py; inverse = published; the evidence for sqrt: "
+                "experiment 7, docs/training.md#loss-and-class-weighting)", LOSS, choices=SCHEMES)
     gamma: float = setting(2.0, "focal exponent (0 = cross-entropy)", LOSS, check=at_least(0), must="be >= 0")
     normalization: str = setting("weighted", "how the partial CE averages over the labelled pixels", LOSS,
                                  choices=NORMALIZATIONS)
@@ -232,11 +275,10 @@ class TrainConfig:
     region_growing: bool = setting(False, "a click labels its SLIC superpixel (where that superpixel's clicks "
                                           "agree on a class)", ROUNDS, neutral=True)
     sparse: str = setting("auto", f"auto: when the clicks label under {100 * SPARSE_SHARE:g} %% of the training "
-                                  "pixels, region growing is on (experiment 8: it helps or ties on the real set at "
-                                  "10 clicks per image and one per object, 0.04 %% and 0.01 %%, and loses on the "
-                                  f"synthetic set at 0.18 %%); from there up to {100 * AFFINITY_SHARE:g} %% the "
-                                  "affinity loss is on (--affinity-weight 1: it wins at 10 clicks per image on both "
-                                  "sets); off: only what is asked for", ROUNDS,
+                                  "pixels, region growing is on; from there up to "
+                                  f"{100 * AFFINITY_SHARE:g} %% the affinity loss (--affinity-weight 1); the evidence "
+                                  "for both thresholds: experiment 8 (docs/training.md#few-clicks). off: only what is "
+                                  "asked for", ROUNDS,
                           choices=SPARSE, neutral=True, neutral_at="off")
     forest_teacher: float = setting(0.0, "a random forest on filter features, fitted on the clicks, labels the surest "
                                          "share of each class's pixels it predicts before training (pseudo-labels; "

@@ -7,7 +7,6 @@ follows too; the class list and palette live there.
 """
 
 import json
-import re
 import zlib
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from PIL import Image
 from scipy import ndimage
 from torch.utils.data import Dataset
 
+from config import parse_points
 from raster import IMAGE_SUFFIXES, exif_orientation, no_pixel_limit, orient
 from spec import (IGNORE_INDEX, PALETTE, POTSDAM, DataSpec, grid_size, load_input,
                   to_grid)
@@ -213,30 +213,6 @@ def points_to_grid(label, flat_points, out_hw):
 
 
 # --------------------------------------------------------------------------- datasets
-
-def parse_points(value):
-    """A point budget from the command line: 'dense' -> None, '100' -> 100 points per image, '1%' -> '1%'
-    (that share of each image's pixels), '2/object' -> '2/object' (2 clicks in every object, see
-    object_clicks). Errors say what is accepted."""
-    text = str(value).strip().lower()
-    if text in ("dense", "none"):
-        return None
-    m = re.fullmatch(r"(\d+)\s*/\s*obj(?:ect)?s?", text)
-    if m:
-        if int(m.group(1)) < 1:
-            raise ValueError(f"clicks per object must be >= 1, got {value!r}")
-        return f"{int(m.group(1))}/object"
-    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*%", text)
-    if m:
-        share = float(m.group(1))
-        if not 0 < share <= 100:
-            raise ValueError(f"a point share must be in (0, 100] %, got {value!r}")
-        return f"{share:g}%"
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"points must be a whole number >= 1, a share like 1%, clicks per object like 1/object, "
-                         f"or 'dense'; got {value!r}")
-    return int(text)
-
 
 def clicks_per_object(points):
     """k for a budget of k clicks per object ('k/object'), else None."""

@@ -104,7 +104,7 @@ class Run:
     changes: tuple = ()  # sorted (name, value) pairs that differ from the baseline
 
     def __init__(self, changes=(), **overrides):
-        from train import TrainConfig
+        from config import TrainConfig
         base = {**dataclasses.asdict(TrainConfig()), **EXPERIMENT_BASE}
         merged = {**dict(changes), **overrides}
         unknown = sorted(set(merged) - set(base))
@@ -391,7 +391,8 @@ def subset_ids(settings):
     train.py use the whole split."""
     if settings["n_train"] is None and settings["n_val"] is None:
         return None, None
-    from train import TrainConfig, resolve_split
+    from config import TrainConfig
+    from train import resolve_split
     tr, va, _ = resolve_split(TrainConfig(data=settings["data"], images=settings.get("images"),
                                           labels=settings.get("labels"), split=settings["split"]))
 
@@ -412,7 +413,7 @@ BUDGET_FIELDS = ("steps", "schedule", "warmup", "crop")  # only in the presets s
 def make_config(run, settings, seed, ids):
     """The TrainConfig of one run: the preset's settings, the run's (Run.settings), the seed and the ids;
     execute() fills in the NOT_IN_KEY fields (out, device, resume)."""
-    from train import TrainConfig
+    from config import TrainConfig
     train_ids, val_ids = ids
     return TrainConfig(**{k: settings.get(k) for k in PRESET_TRAIN_FIELDS},
                        **{k: settings[k] for k in BUDGET_FIELDS if k in settings}, **run.settings,

@@ -52,15 +52,12 @@ import numpy as np
 import torch
 from skimage.segmentation import slic
 
+from config import AFFINITY_SHARE, CLICK_STRATEGIES, SPARSE_SHARE  # declared with the settings
 from dataset import _image_seed
 from spec import IGNORE_INDEX, grid_size
 
-CLICK_STRATEGIES = ("uncertain", "random")
 SUPERPIXEL_AREA = 64  # processing pixels per SLIC superpixel (about 8 x 8)
 ROUND_SEED = 9  # random clicks: a stream of their own, apart from the annotation's
-SPARSE = ("auto", "off")  # --sparse
-SPARSE_SHARE = 0.001  # --sparse auto: region growing when the clicks label under 0.1 % of the training pixels
-AFFINITY_SHARE = 0.0025  # --sparse auto: the affinity loss from SPARSE_SHARE up to 0.25 %
 
 
 # --------------------------------------------------------------------------- schedule and prediction

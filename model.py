@@ -15,12 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from config import ARCHS, DECODERS  # the choices are declared with the settings
+
 # --------------------------------------------------------------------------- constants
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESNET18_WEIGHTS_FILE = "resnet18-f37072fd.pth"  # what torchvision's IMAGENET1K_V1 downloads
-DECODERS = ("plain", "skip")
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -149,9 +150,6 @@ class TinySegmentation(nn.Module):
 
     def forward(self, x):
         return self.net(x * 2 - 1)
-
-
-ARCHS = ("resnet18", "tiny")
 
 
 def build_model(arch="resnet18", num_classes=6, in_channels=3, decoder="skip", pretrained=False):

@@ -17,9 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import NORMALIZATIONS  # the choices are declared with the settings
 from spec import IGNORE_INDEX
-
-NORMALIZATIONS = ("weighted", "points")
 
 
 def partial_cross_entropy(logits, target, weight=None, gamma=2.0, ignore_index=IGNORE_INDEX,

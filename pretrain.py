@@ -26,9 +26,9 @@ import torch
 from tqdm.auto import tqdm
 
 from checkpoint import FORMAT as CHECKPOINT, non_finite_tensors
-from config import schedule_factor
+from config import ARCHS, schedule_factor
 from dataset import augment_batch
-from model import ARCHS, build_model, resolve_device
+from model import build_model, resolve_device
 from raster import TIFF_SUFFIXES, atomic_path
 from resident import draw_windows
 from spec import MAX_SCALE, PROCESSING_SIZE, check_scale, fit_spec, load_input, parse_bands, to_grid

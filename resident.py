@@ -31,7 +31,6 @@ from dataset import augment_batch
 from raster import atomic_path
 from spec import IGNORE_INDEX
 
-LOADERS = ("auto", "resident", "dataloader")  # train.py --loader
 CACHE_VERSION = 2  # 2: per-sample sizes and click counts (seed_dataset); files of version 1 are built again
 # the resident tensors may take this share of the memory available where they live (GPU memory on CUDA, RAM)
 MEMORY_FRACTION = 0.25

@@ -39,11 +39,10 @@ import few_clicks
 from annotations import (POINT, ClickSet, ImageClicks, check_unclicked, click_metrics, open_image, read_clicks,
                          split_clicks, split_clicks_by_images, write_clicks)
 from assess import design_path
-from config import (RESUMABLE, TrainConfig, add_arguments, annotation_of, check_config, config_dict,  # noqa: F401
-                    config_from_args, dense_labels, rounds_problems, schedule_factor, MAX_VALIDATIONS, MIN_STEPS,
-                    STEP_PASSES)
+from config import (MAX_VALIDATIONS, MIN_STEPS, RESUMABLE, STEP_PASSES, TrainConfig, add_arguments, annotation_of,
+                    check_config, config_dict, config_from_args, dense_labels, rounds_problems, schedule_factor)
+from config import WEIGHT_SOURCES as CLASS_WEIGHT_SOURCES
 from checkpoint import CheckpointError, load_model, non_finite_tensors, read_checkpoint, save_checkpoint
-from class_weights import SOURCES as CLASS_WEIGHT_SOURCES
 from class_weights import compute_class_weights, load_class_weights, save_class_weights
 from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids,
                      clicks_per_object, folder_pairs, index_to_colour, load_split, pad_collate, patch_pairs,

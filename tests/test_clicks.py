@@ -6,7 +6,8 @@ import torch
 from scipy import ndimage
 
 from checkpoint import read_checkpoint
-from dataset import (PotsdamDataset, _image_seed, clicks_per_object, object_clicks, parse_points, point_count)
+from config import parse_points
+from dataset import PotsdamDataset, _image_seed, clicks_per_object, object_clicks, point_count
 from spec import IGNORE_INDEX, DataSpec
 from tests.conftest import make_label, write_patches
 from tests.test_train import cfg_for

@@ -194,7 +194,8 @@ def load_class_file_from(folder, text):
 
 
 def test_point_budgets_as_counts_shares_and_dense(patches):
-    from dataset import parse_points, point_count
+    from config import parse_points
+    from dataset import point_count
     assert parse_points("dense") is None and parse_points("100") == 100 and parse_points("1%") == "1%"
     assert parse_points(" 2.5 % ") == "2.5%"
     for bad in ("abc", "0", "-3", "0%", "150%", "1e3"):

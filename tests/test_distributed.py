@@ -17,7 +17,8 @@ from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 import distributed
 import experiments as E
 from checkpoint import load_model, read_checkpoint
-from train import TrainConfig, train
+from config import TrainConfig
+from train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

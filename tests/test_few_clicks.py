@@ -12,7 +12,8 @@ import few_clicks
 from checkpoint import read_checkpoint
 from dataset import SegmentationDataset, patch_pairs, points_to_grid
 from spec import IGNORE_INDEX, DataSpec
-from train import TrainConfig, check_config, config_from_args, get_args_parser, train
+from config import TrainConfig, check_config, config_from_args
+from train import get_args_parser, train
 
 
 def dataset(root, ids=range(4), points=10, scale=0.5, seed=0):

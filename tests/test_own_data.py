@@ -9,7 +9,8 @@ from PIL import Image
 
 import infer
 from checkpoint import read_checkpoint
-from train import TrainConfig, train
+from config import TrainConfig
+from train import train
 
 
 @pytest.mark.slow

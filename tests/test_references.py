@@ -8,7 +8,8 @@ import pytest
 import experiments as E
 from tests.conftest import write_patches
 from tests.test_experiments import KEYS, fake_row
-from train import TrainConfig, build_datasets
+from config import TrainConfig
+from train import build_datasets
 
 
 def test_a_reference_row_keys_off_its_cnn_run_and_leaves_cnn_keys_alone():

@@ -10,14 +10,14 @@ import tifffile
 import torch
 
 import resident
-from config import ANNOTATION_FIELDS
+from config import ANNOTATION_FIELDS, TrainConfig
 from dataset import augment_batch, augment_sample, pad_collate
 from resident import (ResidentLoader, batch_order, build_tensors, choose_path,
                       estimate_bytes, load_or_build)
 from spec import IGNORE_INDEX
 from tests.conftest import write_patches
 from tests.test_train import cfg_for
-from train import TrainConfig, build_datasets, train
+from train import build_datasets, train
 
 
 def datasets(root, tmp_path, **kw):

@@ -13,7 +13,8 @@ import infer
 from dataset import SegmentationDataset, read_label
 from spec import (IGNORE_INDEX, PERCENTILES, ClassSpec, DataSpec, Intensity, default_palette, fit_intensity,
                   grid_size, load_class_file, load_input, to_grid)
-from train import TrainConfig, build_datasets
+from config import TrainConfig
+from train import build_datasets
 
 
 class Recorder(nn.Module):

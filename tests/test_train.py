@@ -8,7 +8,8 @@ import torch
 from checkpoint import load_model, read_checkpoint
 from tests.conftest import write_patches
 from class_weights import compute_class_weights
-from train import TrainConfig, build_datasets, config_from_args, get_args_parser, train
+from config import TrainConfig, config_from_args
+from train import build_datasets, get_args_parser, train
 
 
 def cfg_for(root, tmp_path, **kw):

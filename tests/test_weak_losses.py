@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from checkpoint import read_checkpoint
 from tests.test_train import cfg_for
-from train import TrainConfig, config_from_args, get_args_parser, train
+from config import TrainConfig, config_from_args
+from train import get_args_parser, train
 from weak_losses import (AffinityLoss, ConsistencyLoss, affinity_loss, consistency_loss, geometric,
                          geometric_inverse, photometric, valid_pixels)
 
