@@ -56,9 +56,9 @@ from rasterio.windows import Window
 
 import assess
 import assessment
-from annotations import (KINDS, LINE, POINT, ClickSet, ImageClicks, _nodata_pixels, open_image, rasterise_shape,
-                         read_clicks, write_clicks)
-from raster import IMAGE_SUFFIXES, TIFF_SUFFIXES, read_raster
+from annotations import (KINDS, LINE, POINT, ClickSet, ImageClicks, _nodata_pixels, rasterise_shape, read_clicks,
+                         write_clicks)
+from raster import IMAGE_SUFFIXES, TIFF_SUFFIXES, open_image, read_raster
 from spec import POTSDAM, load_class_file
 
 HERE = Path(__file__).resolve().parent
@@ -729,7 +729,7 @@ class Training:
         import torch  # the server starts without it; only a prediction needs it
         from checkpoint import load_model
         from few_clicks import margin
-        from infer import predict_probabilities
+        from predict import predict_probabilities
         from spec import grid_size, load_input, to_grid
         checkpoint = Path(checkpoint or self.checkpoint_path())
         model, ck = load_model(checkpoint, self.device)

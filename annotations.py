@@ -50,84 +50,17 @@ import pyproj
 import rasterio
 import rasterio.features
 import shapely
-from PIL import Image
-from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine, rowcol, xy
 from rasterio.windows import Window
 
 from config import parse_fraction
-from raster import IMAGE_SUFFIXES, TIFF_SUFFIXES, atomic_path, exif_orientation, no_pixel_limit
+from raster import IMAGE_SUFFIXES, TIFF_SUFFIXES, ImageRef, atomic_path, image_refs, open_image
 from spec import IGNORE_INDEX, POTSDAM, grid_size
 
 KINDS = ("point", "line", "polygon", "raster")  # where a click came from; its code is its index here
 POINT, LINE, POLYGON, RASTER = range(4)
 VECTOR_SUFFIXES = {".geojson": "GeoJSON", ".json": "GeoJSON", ".gpkg": "GPKG"}  # what write_clicks writes
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
-
-
-# --------------------------------------------------------------------------- images
-
-@dataclass(frozen=True)
-class ImageRef:
-    """An image as annotations see it: `shape` (H, W) as viewers show it (EXIF orientation applied), its affine
-    `transform` (pixel -> map; identity when not georeferenced) and `crs` (rasterio CRS, None when none),
-    `nodata` (the GDAL_NODATA value, None when none). `name` (the file's stem) keys it everywhere."""
-
-    path: Path
-    shape: tuple
-    transform: Affine = Affine.identity()
-    crs: object = None
-    nodata: float = None
-    georeferenced: bool = False
-
-    @property
-    def name(self):
-        return self.path.stem
-
-    def bounds(self):
-        """(left, bottom, right, top) in map coordinates (pixels when not georeferenced)."""
-        H, W = self.shape
-        xs, ys = self.transform @ (np.array([0, W, 0, W]), np.array([0, 0, H, H]))
-        return float(np.min(xs)), float(np.min(ys)), float(np.max(xs)), float(np.max(ys))
-
-
-def open_image(path):
-    """An ImageRef from the file's header (no pixels read): GeoTIFFs through rasterio (transform, CRS, nodata),
-    PNG/JPEG through Pillow (size after EXIF orientation, never georeferenced)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} not found")
-    if path.suffix.lower() in TIFF_SUFFIXES:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as ds:
-                geo = ds.crs is not None or ds.transform != Affine.identity()
-                return ImageRef(path, (ds.height, ds.width), ds.transform if geo else Affine.identity(),
-                                ds.crs, ds.nodata, geo)
-    with no_pixel_limit(), Image.open(path) as im:
-        w, h = im.size
-        if exif_orientation(im) in (5, 6, 7, 8):  # turned a quarter: viewers show it h x w
-            w, h = h, w
-    return ImageRef(path, (h, w))
-
-
-def image_refs(images):
-    """ImageRefs of a folder's images (TIF/PNG/JPG) or of a list of paths, in order. None found: an error."""
-    if isinstance(images, (str, Path)) and Path(images).is_dir():
-        folder = Path(images)
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                        and not p.name.startswith("."))
-        if not images:
-            raise FileNotFoundError(f"no images (.tif/.png/.jpg) found in {folder}")
-    elif isinstance(images, (str, Path)):
-        images = [images]
-    refs = [im if isinstance(im, ImageRef) else open_image(im) for im in images]
-    if not refs:
-        raise FileNotFoundError("no images given for the clicks")
-    names = [r.name for r in refs]
-    if len(set(names)) < len(names):
-        raise ValueError(f"two images share a name (file stem): {sorted({n for n in names if names.count(n) > 1})}")
-    return refs
 
 
 # --------------------------------------------------------------------------- clicks

@@ -32,8 +32,8 @@ import numpy as np
 from PIL import Image
 
 import assessment
-from annotations import image_refs, read_clicks, write_points
-from raster import png_text
+from annotations import read_clicks, write_points
+from raster import image_refs, png_text
 from spec import IGNORE_INDEX, POTSDAM, load_class_file
 from vector import metres_per_unit
 
@@ -80,7 +80,7 @@ def masks_map(images, masks):
 def predicted_map(images, checkpoint, device="cpu"):
     """{image name: (class map, valid)}: the prediction of a checkpoint over the images, as infer.py makes it."""
     from checkpoint import load_model
-    from infer import predict_image
+    from predict import predict_image
     from spec import load_input
     model, ck = load_model(checkpoint, device)
     out = {}

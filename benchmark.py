@@ -36,6 +36,7 @@ from PIL import Image
 import raster
 import spec
 import infer
+import predict
 from checkpoint import load_model, save_checkpoint
 from config import add_arguments, check_config, config_from_args
 from model import ResNet18Segmentation, build_model, resolve_device
@@ -99,9 +100,9 @@ def _end_to_end(opts, ckpt_path, inp, out, pipeline, queue):
     rss_before = peak_rss_mb()
     sync(device)
     t0 = time.perf_counter()
-    summary = infer.segment_folder(inp, out, model, ckpt, tile=opts["tile"], overlap=opts["overlap"],
-                                   batch_size=opts["batch_size"], tta=opts["tta"], device=device,
-                                   progress=opts["progress"], pipeline=pipeline)
+    summary = infer.segment_folder(inp, out, model, ckpt, infer.InferOptions(
+        tile=opts["tile"], overlap=opts["overlap"], batch_size=opts["batch_size"], tta=opts["tta"], device=device,
+        progress=opts["progress"], pipeline=pipeline))
     sync(device)
     seconds = time.perf_counter() - t0
     if summary.done != opts["files"] or summary.failed:
@@ -133,8 +134,8 @@ def bench_infer(args):
         H = W = args.size
         streamed = H * W > args.stream_pixels
         h, w = spec.grid_size(H, W, args.scale)
-        ys, th = infer.tile_starts(h, args.tile, args.overlap)
-        xs, tw = infer.tile_starts(w, args.tile, args.overlap)
+        ys, th = predict.tile_starts(h, args.tile, args.overlap)
+        xs, tw = predict.tile_starts(w, args.tile, args.overlap)
         print(f"device {device}: {device_name(device)} ({torch.get_num_threads()} torch CPU threads), {args.decoder} "
               f"decoder, {args.files} x {W}x{H} input ({args.layout} TIFF, "
               f"{'streamed by rows' if streamed else 'read whole'}), scale {args.scale:g} -> model input {w}x{h} = "
@@ -166,7 +167,7 @@ def bench_infer(args):
         bs = min(args.batch_size, len(ys) * len(xs))  # the batches infer.py runs
         x = torch.rand(bs, 3, th, tw, device=device)
         n_batches = max(1, math.ceil(args.files * h * w / (bs * th * tw)))
-        passes = len(infer.TTA_MODES[infer._tta_mode(args.tta)])
+        passes = len(predict.TTA_MODES[predict._tta_mode(args.tta)])
         with torch.inference_mode():
             model(x)  # warm-up (cuDNN autotuning, allocator)
             sync(device)
@@ -371,7 +372,7 @@ def get_args_parser():
     q.add_argument("--tile", type=int, default=512, help="as infer.py --tile (default: %(default)s)")
     q.add_argument("--overlap", type=int, default=64, help="as infer.py --overlap (default: %(default)s)")
     q.add_argument("--batch-size", type=int, default=4, help="as infer.py --batch-size (default: %(default)s)")
-    q.add_argument("--tta", default="none", choices=list(infer.TTA_MODES), help="as infer.py --tta (default: none)")
+    q.add_argument("--tta", default="none", choices=list(predict.TTA_MODES), help="as infer.py --tta (default: none)")
     q.add_argument("--files", type=int, default=1,
                    help="synthetic tiles in the folder, each --size square; several show the pipeline's overlap of "
                         "reading, the model and writing (default: %(default)s)")

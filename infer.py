@@ -36,22 +36,17 @@ and written into its masks' metadata (`Warning`). A whole image over --max-pixel
 180 MP) is refused before it is decoded, and so is a header that claims more pixels than the file can hold
 (decompression bombs); TIFFs read by windows (below) are not bounded.
 
-How an image is predicted (`predict_image`): it is resized by the checkpoint's scale (processing size /
-native size, e.g. 300 -> 150 = 0.5) so objects have the size the model learned; the resized image is cut
-into overlapping tiles (`--tile`, `--overlap`, in resized pixels) run in batches; class probabilities are
-blended with weights that fade to ~0 at tile edges (no seams), optionally averaged over flips and 90-degree
-rotations (`--tta`), and bilinearly upsampled back to the input size before the argmax. Rows are finished
-and upsampled as the tiles move down the image, so memory stays bounded for 6000x6000 tiles and beyond.
-What a file becomes before the model (bands, intensity, scale) is the checkpoint's contract: spec.py,
-the same functions training uses.
+How an image is predicted (`predict.predict_image`: resized by the checkpoint's scale, cut into overlapping tiles
+of `--tile` with `--overlap`, blended, `--tta`, upsampled back to the input size) is predict.py's. What a file
+becomes before the model (bands, intensity, scale) is the checkpoint's contract: spec.py, the same functions
+training uses.
 
-A TIFF over STREAM_PIXELS (64 MP) is streamed (`StreamedInput`, `predict_streamed`): read in windows of rows
-through the same contract, resized window by window to the same bytes as the whole image, predicted, and its
-masks written band of rows by band of rows, so memory does not grow with the image; its overlay is skipped.
-Its polygons and areas come from the same bands: held are a block of VECTOR_ROWS (1024) mask rows and the
-per-class counts, but also every polygon found until the file is written, so memory grows with the number of
-polygon vertices (how fragmented the prediction is), not with the pixels; a class region that spans the image
-is one polygon, held whole (vector.py).
+A TIFF over STREAM_PIXELS (64 MP) is streamed (`predict.StreamedInput`, `predict.predict_streamed`): read in
+windows of rows, predicted, and its masks written band of rows by band of rows, so memory does not grow with the
+image; its overlay is skipped. Its polygons and areas come from the same bands: held are a block of VECTOR_ROWS
+(1024) mask rows and the per-class counts, but also every polygon found until the file is written, so memory grows
+with the number of polygon vertices (how fragmented the prediction is), not with the pixels; a class region that
+spans the image is one polygon, held whole (vector.py).
 
 A folder is pipelined (`segment_files`): a reader thread reads and decodes the next files, the model runs in the
 main thread, a writer thread encodes and writes the masks of the last ones, with at most PIPELINE_DEPTH (2)
@@ -67,7 +62,6 @@ import fnmatch
 import math
 import os
 import queue
-import re
 import sys
 import tempfile
 import threading
@@ -76,21 +70,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import PIL
 import tifffile
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import distributed
-from annotations import open_image
 from checkpoint import load_model
-from dataset import index_to_colour
-from raster import (GDAL_NODATA, GEOTIFF_TAGS, IMAGE_SUFFIXES, MAX_PIXELS, TIFF_SUFFIXES, RasterError, Rows,
-                    bit_depth_of, clean_stale_temporaries, is_image_file, png_rows, png_text, read_raster,
-                    readable_by_rows, resize, scale_note, tiles_of_rows, write_index_tiff, write_jpeg)
-from spec import (IGNORE_INDEX, MAX_SCALE, check_scale, file_bands, grid_size, load_input, parse_bands, to_grid,
-                  valid_mask, wide_input_warning)
+from predict import TTA_MODES, StreamedInput, _grid, _predict_indices, display_rgb, overlay, predict_streamed
+from raster import (GDAL_NODATA, GEOTIFF_TAGS, IMAGE_SUFFIXES, MAX_PIXELS, TIFF_SUFFIXES, RasterError,
+                    clean_stale_temporaries, is_image_file, open_image, png_rows, png_text, readable_by_rows,
+                    tiles_of_rows, write_index_tiff, write_jpeg)
+from spec import IGNORE_INDEX, MAX_SCALE, check_scale, load_input, parse_bands
 from vector import (BLOCK_ROWS, background_classes, class_areas, layer_crs, metres_per_unit, one_crs,
                     polygons_from_bands, write_area_notes, write_area_table, write_folder_layer, write_polygons)
 
@@ -102,455 +92,42 @@ AREAS_NAME = "areas.csv"  # --vector / --areas: the per-class pixel counts of th
 AREA_NOTES_NAME = "areas.md"  # beside it: what the table is (pixel counts, not estimates), where estimates are
 ESTIMATES_PATTERN = "*_estimates.csv"  # assess.py's error-adjusted areas, when written into the output folder
 VECTOR_ROWS = BLOCK_ROWS  # mask rows polygonised at once: the bands of a prediction are regrouped into these
-TTA_MODES = {  # (quarter turns, horizontal flip) applied to the input; the prediction is turned back
-    "none": [(0, False)],
-    "flip": [(0, False), (0, True), (2, False), (2, True)],  # identity, h-flip, h+v flip, v-flip
-    "d4": [(k, f) for k in range(4) for f in (False, True)],  # all flips and 90-degree rotations
-}
-OVERLAY_ALPHA = 0.5
-
-# --------------------------------------------------------------------------- tiles
-
-
-def tile_starts(length, tile, overlap):
-    """Tile starts along one axis and the tile length. A side that fits one tile is one tile. Otherwise n
-    tiles, evenly spaced, overlapping by at least `overlap`, of length <= tile rounded up to a multiple of 32
-    (the model pads to 32 anyway, so the rounding buys overlap for free)."""
-    if length <= tile:
-        return [0], length
-    if not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
-    n = math.ceil((length - overlap) / (tile - overlap))
-    size = min(tile, 32 * math.ceil(math.ceil((length + (n - 1) * overlap) / n) / 32))
-    return [round(i * (length - size) / (n - 1)) for i in range(n)], size
-
-
-def blend_window(height, width, overlap):
-    """(height, width) weights: 1 inside, a smoothstep from ~0 to 1 over `overlap` pixels at each edge, never 0."""
-    def ramp(n):
-        i = torch.arange(n, dtype=torch.float32)
-        d = torch.minimum(i, n - 1 - i) + 0.5  # distance to the nearest edge
-        r = (d / max(overlap, 1)).clamp(max=1)
-        return r * r * (3 - 2 * r)
-    return ramp(height)[:, None] * ramp(width)[None, :]
-
-
-@torch.inference_mode()
-def _forward(model, x, tta):
-    """Class probabilities (N, C, h, w) averaged over the TTA transforms, in float32. Inference mode is kept to
-    the model: the rest of the pipeline runs in generators, which must not leave it switched on between yields."""
-    out = None
-    for k, flip in TTA_MODES[tta]:
-        t = torch.flip(x, (-1,)) if flip else x
-        t = torch.rot90(t, k, (-2, -1)).contiguous() if k else t
-        p = torch.softmax(model(t).float(), dim=1)
-        p = torch.rot90(p, -k, (-2, -1)) if k else p
-        p = torch.flip(p, (-1,)) if flip else p
-        out = p if out is None else out.add_(p)
-    return out.div_(len(TTA_MODES[tta]))
-
-
-def _tta_mode(tta):
-    if tta is True:
-        return "d4"
-    if not tta:
-        return "none"
-    if tta not in TTA_MODES:
-        raise ValueError(f"unknown TTA mode {tta!r}; use one of {list(TTA_MODES)}")
-    return tta
-
-
-def _probability_rows(model, small, tile, overlap, batch_size, tta, device, progress, desc):
-    """Blend tile predictions over a (h, w, B) uint8 image; yield finished rows in order as (C, n, w) float32
-    tensors on `device`, normalised. Only one band of tile rows is held at a time."""
-    h, w, _ = small.shape
-    ys, th = tile_starts(h, tile, overlap)
-    xs, tw = tile_starts(w, tile, overlap)
-    window = blend_window(th, tw, overlap).to(device)
-    positions = [(y, x) for y in ys for x in xs]
-    acc = wsum = None  # rows [a0, a0 + th) of the blended probabilities and weights
-    a0 = 0
-    bar = tqdm(total=len(positions), desc=desc, unit="tile", leave=False,
-               disable=not progress or len(positions) <= batch_size)
-    for b in range(0, len(positions), batch_size):
-        batch = positions[b:b + batch_size]
-        x = torch.from_numpy(np.stack([small[y:y + th, x:x + tw] for y, x in batch]))
-        x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        probs = _forward(model, x, tta)
-        for (y, x0), p in zip(batch, probs):
-            if acc is None:
-                acc, wsum = torch.zeros(p.shape[0], th, w, device=device), torch.zeros(th, w, device=device)
-            if y > a0:  # a new tile row: rows above it get no more tiles
-                yield acc[:, : y - a0].div_(wsum[: y - a0])  # in place: these rows get no more tiles
-                keep = a0 + th - y
-                new_acc, new_wsum = torch.zeros_like(acc), torch.zeros_like(wsum)
-                new_acc[:, :keep], new_wsum[:keep] = acc[:, y - a0:], wsum[y - a0:]
-                acc, wsum, a0 = new_acc, new_wsum, y
-            acc[:, y - a0: y - a0 + th, x0:x0 + tw].addcmul_(p, window)
-            wsum[y - a0: y - a0 + th, x0:x0 + tw] += window
-        bar.update(len(batch))
-    bar.close()
-    yield acc.div_(wsum)
-
-
-class _Upsampler:
-    """Take model-resolution probability rows in order, emit (C, n, W) rows at the output size (H, W):
-    bilinear, align_corners=False, the same numbers as F.interpolate on the whole map, a few rows at a time."""
-
-    def __init__(self, h, w, H, W, sink, chunk_bytes=16 << 20, device="cpu"):
-        src = np.maximum((np.arange(H) + 0.5) * (h / H) - 0.5, 0)
-        self.i0 = np.floor(src).astype(np.int64)
-        self.i1 = np.minimum(self.i0 + 1, h - 1)
-        self.wy = torch.from_numpy((src - self.i0).astype(np.float32)).to(device)
-        self.device = device
-        self.same_height = h == H
-        self.w, self.W, self.sink, self.chunk_bytes = w, W, sink, chunk_bytes
-        self.buf, self.b0, self.y = None, 0, 0  # buffer holds model rows [b0, b0 + len); next output row y
-
-    def push(self, rows):
-        self.buf = rows if self.buf is None else torch.cat([self.buf, rows], 1)
-        end = self.b0 + self.buf.shape[1]  # model rows available: [b0, end)
-        y_end = int(np.searchsorted(self.i1, end - 1, side="right"))  # output rows computable now
-        step = max(1, self.chunk_bytes // (4 * self.buf.shape[0] * self.W))
-        for y0 in range(self.y, y_end, step):
-            y1 = min(y0 + step, y_end)
-            if self.same_height:
-                rows = self.buf[:, y0 - self.b0: y1 - self.b0]
-            else:
-                top = self.buf[:, torch.from_numpy(self.i0[y0:y1] - self.b0).to(self.device)]
-                bottom = self.buf[:, torch.from_numpy(self.i1[y0:y1] - self.b0).to(self.device)]
-                rows = torch.lerp(top, bottom, self.wy[y0:y1, None])
-            if self.W != self.w:
-                rows = F.interpolate(rows[None], size=(y1 - y0, self.W), mode="bilinear", align_corners=False)[0]
-            self.sink(y0, y1, rows)
-        self.y = y_end
-        if y_end < len(self.i0):
-            drop = int(self.i0[y_end]) - self.b0
-            self.buf, self.b0 = self.buf[:, drop:].clone(), self.b0 + drop  # a copy: the band's memory goes
-
-
-def class_indices(probs):
-    """The argmax over classes of (C, n, W) probabilities as (n, W) uint8 numpy. torch.max(dim).indices is
-    argmax (the first of equal maxima, NaN the largest) computed 3-4x faster on CPU over the class axis."""
-    return torch.max(probs, 0).indices.to(torch.uint8).cpu().numpy()
-
-
-def _grid(image, scale):
-    """An (H, W, B) or (H, W) uint8 image on the processing grid (spec.to_grid), checked."""
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.dtype != np.uint8 or image.ndim != 3:
-        raise ValueError(f"expected an (H, W, bands) uint8 image, got {image.dtype} {image.shape}")
-    return to_grid(image, scale)
-
-
-def _predict(model, small, size, sink, tile, overlap, batch_size, tta, device, progress, desc):
-    """Predict the processing-grid image `small` ((h, w, B) uint8, or a StreamedInput) and hand the
-    probabilities, upsampled to `size` (H, W), to `sink(y0, y1, rows)` in order, a few rows at a time. A
-    generator: it yields whenever a band of rows has reached the sink, so the caller can write them out before
-    the next band is predicted; run it to the end (`for _ in _predict(...): pass`) to predict everything."""
-    if model.training:
-        raise ValueError("the model is in training mode; call model.eval() before predicting")
-    if tile < 32:
-        raise ValueError(f"tile must be >= 32 pixels, got {tile}")
-    tta = _tta_mode(tta)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    H, W = size
-    h, w = small.shape[:2]
-    up = _Upsampler(h, w, H, W, sink, device=device)
-    for rows in _probability_rows(model, small, tile, overlap, batch_size, tta, device, progress, desc):
-        up.push(rows)
-        yield
-    assert up.y == H, (up.y, H)
-
-
-def predict_image(model, image, scale, *, tile=512, overlap=64, batch_size=4, tta=False, device=None,
-                  progress=False, desc=None):
-    """Class indices (H, W) uint8 for an (H, W, bands) uint8 image of any size.
-
-    Args:
-        model: a segmentation model in eval mode, (N, B, h, w) in [0, 1] -> logits (N, C, h, w).
-        image: (H, W, B) uint8 with B = the model's input bands (spec.load_input makes it from a file).
-        scale: the checkpoint's processing scale (processing size / native size), e.g. 0.5.
-        tile, overlap: tile side and minimum overlap in model-input (rescaled) pixels.
-        batch_size: tiles per forward pass.
-        tta: False/"none", "flip" (4 flips), True/"d4" (flips and 90-degree rotations, 8 passes).
-        device: where the model runs (default: where its parameters are).
-    """
-    return _predict_indices(model, _grid(image, scale), image.shape[:2], tile, overlap, batch_size, tta, device,
-                            progress, desc)
-
-
-def _predict_indices(model, small, size, tile, overlap, batch_size, tta, device, progress, desc):
-    """predict_image of the processing-grid image `small` (_grid's) at the input size `size` (H, W)."""
-    out = np.empty(size, np.uint8)
-
-    def sink(y0, y1, rows):
-        out[y0:y1] = class_indices(rows)
-
-    for _ in _predict(model, small, size, sink, tile, overlap, batch_size, tta, device, progress, desc):
-        pass
-    return out
-
-
-def predict_probabilities(model, image, scale, *, tile=512, overlap=64, batch_size=4, tta=False, device=None,
-                          progress=False, desc=None):
-    """Class probabilities (C, H, W) float32 at the image's size; arguments as predict_image. Holds the
-    whole map (C x H x W x 4 bytes): for small images (figures, tests); predict_image streams."""
-    parts = []
-
-    def sink(y0, y1, rows):
-        parts.append(rows.cpu().clone())
-
-    for _ in _predict(model, _grid(image, scale), image.shape[:2], sink, tile, overlap, batch_size, tta, device,
-                      progress, desc):
-        pass
-    return torch.cat(parts, 1).numpy()
-
-
-def display_rgb(image):
-    """What a person is shown of a model input (H, W, B) uint8: one band as gray, two as the first one's
-    gray, three or more: bands 0, 1, 2 of the model input as red, green, blue (for RGBIR, the RGB; choose
-    the order with --bands / the class file's bands to show another composite)."""
-    if image.shape[2] >= 3:
-        return image[:, :, :3]
-    return np.repeat(image[:, :, :1], 3, axis=2)
-
-
-def overlay(image, indices, palette, alpha=OVERLAY_ALPHA):
-    """Blend an (H, W, 3) uint8 image with the colour mask, row chunk by row chunk."""
-    out = np.empty(image.shape[:2] + (3,), np.uint8)
-    for r in range(0, image.shape[0], 512):
-        colours = index_to_colour(indices[r:r + 512], palette).astype(np.float32)
-        out[r:r + 512] = np.round((1 - alpha) * image[r:r + 512, :, :3] + alpha * colours)
-    return out
-
-
-# --------------------------------------------------------------------------- large TIFFs, streamed by rows
-
 STREAM_PIXELS = 64_000_000  # TIFFs above this many pixels (8000 x 8000) are streamed, if they can be read by rows
-STREAM_CHUNK_BYTES = 16 << 20  # file pixels decoded per window of rows
-GRID_BLOCK_BYTES = 16 << 20  # int32 rows of the vertical resize pass computed at once
-PRECISION_BITS = 22  # Pillow's fixed-point weights of 8-bit resampling (Resample.c: 32 - 8 - 2)
 
+# --------------------------------------------------------------------------- the run's options
 
-def streams(path):
-    """Whether segment_file streams this file: a TIFF above STREAM_PIXELS that raster.readable_by_rows reads."""
-    layout = readable_by_rows(path)
-    return layout is not None and layout[0] * layout[1] > STREAM_PIXELS
+@dataclass(frozen=True)
+class InferOptions:
+    """One run's options, one field per command-line flag of the same name (`--batch-size` -> batch_size), with
+    the CLI's defaults: main builds it once (`from_args`) and hands it down. Every file of the run is read (scale ..
+    max_pixels), predicted (tile .. device), written (index .. areas) and skipped or not (skip_existing) under it;
+    pipeline and progress say how the run goes. The input, the output and the checkpoint are not in it."""
 
+    scale: float = None  # None: the checkpoint's (run_spec)
+    bands: tuple = None  # None: the checkpoint's
+    bit_depth: int = None
+    max_pixels: int = MAX_PIXELS
+    tile: int = 512
+    overlap: int = 64
+    batch_size: int = 4
+    tta: str = "none"
+    device: object = None  # where the model runs; None: where its parameters are (main: --device resolved)
+    index: bool = False
+    overlay: bool = False
+    vector: str = None
+    background: str = "auto"
+    min_area: float = 0.0
+    simplify: float = 0.0
+    areas: bool = False
+    skip_existing: bool = False
+    pipeline: bool = True
+    progress: bool = True
 
-def _width_first(H, W, h, w):
-    """Whether Pillow resizes (H, W) to (h, w) with the horizontal pass first. Both passes round to 8 bits, so
-    the order shows in the pixels, and it changed: Pillow < 12.2 always goes width first; 12.2 goes height
-    first for images over 100 times taller than wide (Image.resize); 13 when the height loses more than twice
-    as many pixels as the width (Resample.c, ImagingResampleInner)."""
-    version = tuple(int(v) for v in PIL.__version__.split(".")[:2])
-    if version >= (13, 0):
-        return not (H - h > 0 and H - h > 2 * (W - w))
-    if version >= (12, 2):
-        return not (H > 100 * W and h < H)
-    return True
-
-
-def _vertical_weights(H, h):
-    """Pillow's bilinear (antialiased) weights from H rows to h, computed as Resample.c does (precompute_coeffs
-    with the box (0, H), normalize_coeffs_8bpc), so the vertical pass of any band of rows equals the whole
-    image's. Returns the first input row of each output row, the number of input rows it uses, and (h, k)
-    int32 weights in units of 2^-PRECISION_BITS (0 past a row's count)."""
-    scale = H / h
-    filterscale = max(scale, 1.0)
-    support = 1.0 * filterscale  # the bilinear filter's support, stretched when shrinking
-    center = (np.arange(h) + 0.5) * scale
-    first = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
-    count = np.minimum(np.trunc(center + support + 0.5), H).astype(np.int64) - first
-    k = int(math.ceil(support)) * 2 + 1
-    weights, total = np.zeros((h, k)), np.zeros(h)
-    for j in range(k):  # in Pillow's order: the sums round alike
-        x = np.abs(((first + j) - center + 0.5) * (1.0 / filterscale))
-        weights[:, j] = np.where((j < count) & (x < 1.0), 1.0 - x, 0.0)
-        total = total + weights[:, j]
-    weights /= np.where(total == 0, 1.0, total)[:, None]
-    return first, count, np.trunc(0.5 + weights * (1 << PRECISION_BITS)).astype(np.int32)
-
-
-def _resize_width(rows, w):
-    """(n, W, B) uint8 -> (n, w, B): Pillow's horizontal pass alone (raster.resize with the height kept)."""
-    return resize(rows, (rows.shape[0], w))
-
-
-def _resize_height(src, src0, first, weights):
-    """Pillow's vertical pass (ImagingResampleVertical_8bpc) for output rows that start at input rows `first`
-    with `weights`; `src` holds input rows from src0 on. (n, width, B) uint8, the whole image's numbers."""
-    n = len(first)
-    acc = np.full((n,) + src.shape[1:], 1 << (PRECISION_BITS - 1), np.int32)
-    for j in range(weights.shape[1]):
-        rows = np.minimum(first + j - src0, len(src) - 1)  # past a row's count the weight is 0
-        acc += src[rows] * weights[:, j, None, None]
-    return np.clip(acc >> PRECISION_BITS, 0, 255).astype(np.uint8)
-
-
-def _merge_notes(notes, pixels):
-    """The notes of every window of rows as one image's: a repeated note once; a note that counts pixels
-    ("12 nodata pixels (0.1 %): ...") with the counts summed and their share of the `pixels` recomputed."""
-    merged = {}
-    for note in notes:
-        m = re.fullmatch(r"(\d+) (.*)", note)
-        if m is None:
-            merged.setdefault(note, None)
-        else:
-            key = re.sub(r"\(\d+\.\d %\)", "({share} %)", m.group(2))
-            merged[key] = (merged.get(key) or 0) + int(m.group(1))
-    return [key if n is None else f"{n} " + key.format(share=f"{100 * (n / pixels):.1f}")
-            for key, n in merged.items()]
-
-
-class StreamedInput:
-    """A large TIFF as the model eats it, made top to bottom in windows of rows, never whole.
-
-    The file is read in windows through the contract itself, `spec.load_input(raster.Rows(path, a, b))`, so
-    bands, nodata and intensity are the whole file's (the bit-depth rule of `uint8` intensity needs the image's
-    largest value, and a float image's nodata mask its NaN: one streamed pass over the file first finds them).
-    `grid[y0:y1, x0:x1]` gives rows of the processing-grid image, `spec.to_grid(load_input(path).image, scale)`
-    to the byte: Pillow's two resize passes in Pillow's order, the vertical one with the whole image's
-    weights; y0 never goes back. `valid_rows(y0, y1)` gives the nodata of input rows already read. Holds one
-    window of input rows, the grid rows of a tile row or two and the nodata of the rows in between.
-
-    Known at once: `size` (H, W), `shape` (h, w, bands) of the grid, `raster` (tags), `masked` (whether there
-    is nodata to mark, as load_input's `valid is not None`); `notes` once every row is read.
-    """
-
-    def __init__(self, path, spec, bit_depth=None, chunk_bytes=None):
-        self.path, self.spec = Path(path), spec
-        H, W, segment_rows = readable_by_rows(path)
-        first = read_raster(Rows(path, 0, 1))
-        rows = max(1, (chunk_bytes or STREAM_CHUNK_BYTES) // first.array.nbytes)
-        self.chunk_rows = -(-rows // segment_rows) * segment_rows  # whole strips or tiles: none decoded twice
-        self.bit_depth, nonfinite = self._first_pass(first.array.dtype, bit_depth, H)
-        self.warnings = []  # load_input's, for the whole image: its windows get the bit depth found here
-        if bit_depth is None and self.bit_depth is not None:
-            self.warnings.append(wide_input_warning(self._dtype, self.bit_depth))
-        self.raster, first.array = first, None
-        self.masked = first.nodata is not None or nonfinite
-        h, w = grid_size(H, W, spec.scale)
-        self.size, self.shape = (H, W), (h, w, spec.channels)
-        self.resize_h, self.resize_w = h != H, w != W
-        self.width_first = _width_first(H, W, h, w)
-        if self.resize_h:
-            self.first, count, self.weights = _vertical_weights(H, h)
-            self.needs = self.first + count  # input rows [0, needs[r]) make grid row r
-        else:
-            self.needs = np.arange(1, H + 1)
-        self._notes, self.valid, self.rows_read = [], [], 0  # valid: (a, b, (b - a, W) bool) windows with nodata
-        self.src, self.src0 = np.zeros((0, w if self.width_first else W, spec.channels), np.uint8), 0
-        self.grid, self.grid0 = np.zeros((0, w, spec.channels), np.uint8), 0
-
-    def _windows(self, H):
-        for a in range(0, H, self.chunk_rows):
-            yield Rows(self.path, a, min(H, a + self.chunk_rows))
-
-    def _first_pass(self, dtype, bit_depth, H):
-        """(bit depth, whether a pixel is NaN or infinite) where load_input's rules need the whole image: the
-        largest value of a wide integer image under `uint8` intensity without --bit-depth, the NaN of a float
-        image under `uint8` intensity. (bit_depth, False) without a pass where neither applies."""
-        wide = np.issubdtype(dtype, np.integer) and dtype.itemsize > 1 and bit_depth is None
-        floating = np.issubdtype(dtype, np.floating)
-        if self.spec.intensity.kind != "uint8" or not (wide or floating):
-            return bit_depth, False
-        maxima, nonfinite = [], False
-        for rows in self._windows(H):
-            raster = read_raster(rows)
-            arr, _ = file_bands(raster, self.spec.bands, self.spec.channels, self.path)
-            self._dtype = arr.dtype
-            if wide:  # nodata left out, as load_input leaves it out
-                maxima.append(arr.max() if raster.nodata is None else np.max(arr[valid_mask(raster, arr)], initial=0))
-            else:
-                nonfinite = nonfinite or not np.isfinite(arr).all()
-        return (bit_depth_of(np.asarray(maxima, arr.dtype)) if wide else bit_depth), nonfinite
-
-    @property
-    def notes(self):
-        notes = _merge_notes(self._notes, self.size[0] * self.size[1])
-        if self.warnings:  # the warning says it: no note besides
-            notes = [n for n in notes if n != scale_note(self._dtype, self.bit_depth)]
-        return notes
-
-    def _read(self):
-        """The next window of input rows onto `src` (already resized in width when that pass comes first)."""
-        a, b = self.rows_read, min(self.size[0], self.rows_read + self.chunk_rows)
-        inp = load_input(Rows(self.path, a, b), self.spec, bit_depth=self.bit_depth)
-        self.rows_read = b
-        self._notes += inp.notes
-        if inp.valid is not None and not inp.valid.all():
-            self.valid.append((a, b, inp.valid))
-        rows = _resize_width(inp.image, self.shape[1]) if self.resize_w and self.width_first else inp.image
-        self.src = np.concatenate([self.src, rows])
-
-    def _make(self, stop):
-        """Grid rows up to `stop` onto `grid`."""
-        end = self.grid0 + len(self.grid)
-        while end < stop:
-            while self.rows_read < self.needs[end]:
-                self._read()
-            r1 = min(stop, int(np.searchsorted(self.needs, self.rows_read, side="right")))
-            step = max(1, GRID_BLOCK_BYTES // (4 * self.src.shape[1] * self.shape[2]))
-            parts = [self.grid]
-            for r0 in range(end, r1, step):
-                r = slice(r0, min(r1, r0 + step))
-                if self.resize_h:
-                    rows = _resize_height(self.src, self.src0, self.first[r], self.weights[r])
-                else:
-                    rows = self.src[r.start - self.src0:r.stop - self.src0]
-                if self.resize_w and not self.width_first:
-                    rows = _resize_width(rows, self.shape[1])
-                parts.append(rows)
-            self.grid = np.concatenate(parts)
-            end = r1
-            if end < self.shape[0]:  # drop the input rows no grid row still needs
-                keep = int(self.first[end]) if self.resize_h else end
-            else:
-                keep = self.rows_read
-            self.src, self.src0 = self.src[keep - self.src0:], keep
-
-    def __getitem__(self, key):
-        rows, cols = key
-        if rows.start < self.grid0:
-            raise IndexError(f"grid rows are made top to bottom: row {rows.start} is gone (rows from {self.grid0})")
-        self._make(min(rows.stop, self.shape[0]))
-        self.grid, self.grid0 = self.grid[rows.start - self.grid0:], rows.start  # rows above are done with
-        return self.grid[:rows.stop - rows.start, cols]
-
-    def valid_rows(self, y0, y1):
-        """(y1 - y0, W) bool, False at nodata, of input rows already read; None when they hold no nodata. The
-        nodata of rows above y0 is forgotten."""
-        if y1 > self.rows_read:
-            raise IndexError(f"rows {y0}..{y1} asked for, {self.rows_read} read")
-        self.valid = [(a, b, v) for a, b, v in self.valid if b > y0]
-        out = None
-        for a, b, v in self.valid:
-            if a < y1:
-                out = np.ones((y1 - y0, self.size[1]), bool) if out is None else out
-                out[max(a, y0) - y0:min(b, y1) - y0] = v[max(a, y0) - a:min(b, y1) - a]
-        return out
-
-
-def predict_streamed(model, source, *, tile=512, overlap=64, batch_size=4, tta=False, device=None, progress=False,
-                     desc=None):
-    """Class indices of a StreamedInput, top to bottom: yields (y0, y1, (y1 - y0, W) uint8 rows), nodata
-    IGNORE_INDEX. Concatenated, the mask predict_image makes of load_input's image (with the nodata set);
-    nothing of the image's size is held. Arguments as predict_image."""
-    done = []
-
-    def sink(y0, y1, rows):
-        pred = class_indices(rows)
-        valid = source.valid_rows(y0, y1)
-        if valid is not None:
-            pred[~valid] = IGNORE_INDEX
-        done.append((y0, y1, pred))
-
-    for _ in _predict(model, source, source.size, sink, tile, overlap, batch_size, tta, device, progress, desc):
-        yield from done
-        done.clear()
+    @classmethod
+    def from_args(cls, args):
+        """The options of a parsed and checked command line (get_args_parser, check_args): each field from the
+        flag of its name."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 # --------------------------------------------------------------------------- files and folders
@@ -773,6 +350,12 @@ def output_paths(output, stem, *, index=False, overlay=False, tiff=False, vector
         [mask_path(output, stem)]
 
 
+def streams(path):
+    """Whether segment_file streams this file: a TIFF above STREAM_PIXELS that raster.readable_by_rows reads."""
+    layout = readable_by_rows(path)
+    return layout is not None and layout[0] * layout[1] > STREAM_PIXELS
+
+
 def _is_georeferenced(path):
     """Whether a TIFF carries GeoTIFF tags (its mask TIFF is written); reads the header only."""
     if Path(path).suffix.lower() not in TIFF_SUFFIXES:
@@ -845,12 +428,11 @@ def _place(path, raster):
     return ref.transform, ref.crs, None
 
 
-def _read_file(path, output, ckpt, *, stem=None, scale=None, bands=None, bit_depth=None, index=False,
-               overlay_preview=False, protect=(), max_pixels=MAX_PIXELS, vector=None, areas=False, min_area=0.0,
-               simplify=0.0, background="auto"):
-    """Read and check one input (step 1 of segment_file): a _Job. Raises RasterError for a bad file. `vector`
-    (a VECTOR_FORMATS entry) asks for its polygons, `areas` for its class areas (vector.class_areas rows)."""
-    spec = run_spec(ckpt, scale, bands)
+def _read_file(path, output, spec, options, *, stem=None, protect=()):
+    """Read and check one input (step 1 of segment_file) under the run's `spec` (run_spec) and `options` (an
+    InferOptions): a _Job. Raises RasterError for a bad file. options.vector (a VECTOR_FORMATS entry) asks for its
+    polygons, options.areas for its class areas (vector.class_areas rows)."""
+    bit_depth, overlay_preview, vector, areas = options.bit_depth, options.overlay, options.vector, options.areas
     path, output = Path(path), Path(output)
     stem = stem or output_stems([path])[path]
     notes, grid, image, valid, source = [], None, None, None, None
@@ -861,13 +443,13 @@ def _read_file(path, output, ckpt, *, stem=None, scale=None, bands=None, bit_dep
             notes.append(f"no overlay for a streamed image (over {STREAM_PIXELS / 1e6:g} MP): it would hold the "
                          f"whole image")
     else:
-        inp = load_input(path, spec, bit_depth=bit_depth, max_pixels=max_pixels)
+        inp = load_input(path, spec, bit_depth=bit_depth, max_pixels=options.max_pixels)
         notes += inp.notes
         (H, W), raster, masked, valid, warnings = (inp.image.shape[:2], inp.raster, inp.valid is not None, inp.valid,
                                                    inp.warnings)
         grid = _grid(inp.image, spec.scale)
         image = inp.image if overlay_preview else None
-    written = output_paths(output, stem, index=index, overlay=overlay_preview and source is None,
+    written = output_paths(output, stem, index=options.index, overlay=overlay_preview and source is None,
                            tiff=raster.is_georeferenced, vector=vector)  # the colour mask last
     transform = crs = None
     if vector or areas:
@@ -886,13 +468,14 @@ def _read_file(path, output, ckpt, *, stem=None, scale=None, bands=None, bit_dep
     return _Job(path, output, stem, spec, (H, W), raster, masked, written, index_path, overlay_path, tiff_path,
                 grid, image, valid, source, notes, list(warnings),
                 polygons_path=vector and polygons_path(output, stem, vector), areas=bool(vector or areas),
-                transform=transform, crs=crs, min_area=min_area, simplify=simplify, background=background)
+                transform=transform, crs=crs, min_area=options.min_area, simplify=options.simplify,
+                background=options.background)
 
 
-def _predict_file(model, job, *, tile=512, overlap=64, batch_size=4, tta=False, device=None, progress=False):
+def _predict_file(model, job, options):
     """The class mask (H, W) uint8 of a job read whole, nodata IGNORE_INDEX (step 2 of segment_file)."""
-    pred = _predict_indices(model, job.grid, job.size, tile, overlap, batch_size, tta, device, progress,
-                            job.path.name)
+    pred = _predict_indices(model, job.grid, job.size, options.tile, options.overlap, options.batch_size, options.tta,
+                            options.device, options.progress, job.path.name)
     if job.valid is not None:
         pred[~job.valid] = IGNORE_INDEX
     return pred
@@ -1045,28 +628,31 @@ def _write_masks(job, bands, pred=None):
     return job.written
 
 
-def _segment_streamed(model, job, log, **predict_kwargs):
+def _segment_streamed(model, job, options, log):
     """Predict and write a streamed job band of rows by band of rows; its notes once every row is read."""
-    written = _write_masks(job, predict_streamed(model, job.source, desc=job.path.name, **predict_kwargs))
+    bands = predict_streamed(model, job.source, tile=options.tile, overlap=options.overlap,
+                             batch_size=options.batch_size, tta=options.tta, device=options.device,
+                             progress=options.progress, desc=job.path.name)
+    written = _write_masks(job, bands)
     for note in job.source.notes:
         log(f"{job.path}: {note}")
     return written
 
 
-def segment_file(path, output, model, ckpt, *, stem=None, scale=None, bands=None, bit_depth=None, index=False,
-                 overlay_preview=False, protect=(), max_pixels=MAX_PIXELS, log=print, **predict_kwargs):
-    """Segment one file into `output`. Returns the paths written. Raises RasterError for a bad file.
-    `scale`/`bands` default to the checkpoint's; `protect` lists paths never to write (the inputs).
+def segment_file(path, output, model, ckpt, options=None, *, stem=None, protect=(), log=print):
+    """Segment one file into `output` under `options` (an InferOptions; default: the CLI's defaults). Returns the
+    paths written. Raises RasterError for a bad file. options.scale/bands default to the checkpoint's (run_spec);
+    `protect` lists paths never to write (the inputs).
     Nodata pixels (GeoTIFF GDAL_NODATA, NaN) get no class: IGNORE_INDEX (black in the colour mask).
     A TIFF over STREAM_PIXELS is streamed: read, predicted and written band of rows by band of rows.
     Three steps, read (_read_file), predict (_predict_file), write (_write_masks): segment_files runs them
     in series with this function, or overlapped in threads."""
-    job = _read_file(path, output, ckpt, stem=stem, scale=scale, bands=bands, bit_depth=bit_depth, index=index,
-                     overlay_preview=overlay_preview, protect=protect, max_pixels=max_pixels)
+    options = options or InferOptions()
+    job = _read_file(path, output, run_spec(ckpt, options.scale, options.bands), options, stem=stem, protect=protect)
     _report(job, None, log)
     if job.source is not None:
-        return _segment_streamed(model, job, log, **predict_kwargs)
-    pred = _predict_file(model, job, **predict_kwargs)
+        return _segment_streamed(model, job, options, log)
+    pred = _predict_file(model, job, options)
     return _write_masks(job, [(0, job.size[0], pred)], pred)
 
 
@@ -1095,22 +681,22 @@ def _report(job, summary, log):
             summary.warnings.append((job.path, warning))
 
 
-def _existing(path, output, stem, skip_existing, index=False, overlay_preview=False, vector=None, tabled=None):
-    """Why an input is skipped under --skip-existing, or None (segment it): skipped when every output asked
+def _existing(path, output, stem, options, tabled=None):
+    """Why an input is skipped under options.skip_existing, or None (segment it): skipped when every output asked
     of it exists (a rerun that adds --index, --overlay or --vector writes them; `tabled`, the input file names
     with rows in areas.csv when areas are asked, else None) and its colour mask, written last, records that it
     was made from a file of this name. A colour mask made from another file is a RasterError: it is neither
     taken as this input's nor replaced."""
     colour = mask_path(output, stem)
-    if not skip_existing or not colour.is_file():
+    if not options.skip_existing or not colour.is_file():
         return None
     source = png_text(colour).get("Source")
     if source != Path(path).name:
         made = f"it was made from {source}" if source else "it does not say which input it was made from"
         raise RasterError(f"{path}: {colour} exists but {made}; move it away, or run without --skip-existing "
                           f"to replace it")
-    wanted = output_paths(output, stem, index=index, overlay=overlay_preview and not streams(path),
-                          tiff=_is_georeferenced(path), vector=vector)
+    wanted = output_paths(output, stem, index=options.index, overlay=options.overlay and not streams(path),
+                          tiff=_is_georeferenced(path), vector=options.vector)
     if not all(q.is_file() for q in wanted) or (tabled is not None and Path(path).name not in tabled):
         return None
     names = [q.name for q in wanted] + ([f"its {AREAS_NAME} rows"] if tabled is not None else [])
@@ -1169,16 +755,6 @@ def _writer(todo, results, stop):
                 return
 
 
-def _skip_or_read(p, output, stems, skip_existing, read_kwargs):
-    """segment_file's first step under --skip-existing: why `p` is skipped (a str), or its _Job. read_kwargs:
-    _read_file's, and `tabled` (see _existing)."""
-    read_kwargs = dict(read_kwargs)
-    tabled = read_kwargs.pop("tabled", None)
-    return (_existing(p, output, stems[p], skip_existing, read_kwargs.get("index"), read_kwargs.get("overlay_preview"),
-                      read_kwargs.get("vector"), tabled)
-            or _read_file(p, output, stem=stems[p], **read_kwargs))
-
-
 def _done(summary, job):
     """Count a job whose outputs are written."""
     summary.written += job.written
@@ -1187,19 +763,20 @@ def _done(summary, job):
         summary.areas[job.path.name] = job.area_rows
 
 
-def _segment_serial(files, stems, output, model, summary, log, skip_existing, read_kwargs, predict_kwargs):
-    """segment_file's steps file after file. Yields once per file."""
+def _segment_serial(files, read, model, options, summary, log):
+    """segment_file's steps file after file; `read(path)`: why it is skipped (a str), or its _Job. Yields once per
+    file."""
     for p in files:
         try:
-            job = _skip_or_read(p, output, stems, skip_existing, read_kwargs)
+            job = read(p)
             if isinstance(job, str):
                 summary.skipped.append((p, job))
             else:
                 _report(job, summary, log)
                 if job.source is not None:
-                    _segment_streamed(model, job, log, **predict_kwargs)
+                    _segment_streamed(model, job, options, log)
                 else:
-                    pred = _predict_file(model, job, **predict_kwargs)
+                    pred = _predict_file(model, job, options)
                     _write_masks(job, [(0, job.size[0], pred)], pred)
                 _done(summary, job)
         except (RasterError, OSError) as e:
@@ -1207,12 +784,10 @@ def _segment_serial(files, stems, output, model, summary, log, skip_existing, re
         yield
 
 
-def _segment_pipelined(files, stems, output, model, summary, log, skip_existing, read_kwargs, predict_kwargs):
-    """segment_file's steps overlapped: a reader thread -> queue (PIPELINE_DEPTH) -> the model in this thread ->
-    queue (PIPELINE_DEPTH) -> a writer thread. Yields once per file that left the model."""
-    def read(p):
-        return _skip_or_read(p, output, stems, skip_existing, read_kwargs)
-
+def _segment_pipelined(files, read, model, options, summary, log):
+    """segment_file's steps overlapped: a reader thread (`read`, as _segment_serial's) -> queue (PIPELINE_DEPTH) ->
+    the model in this thread -> queue (PIPELINE_DEPTH) -> a writer thread. Yields once per file that left the
+    model."""
     def collect():  # what the writer has finished
         while not results.empty():
             p, job, error = results.get()
@@ -1240,10 +815,10 @@ def _segment_pipelined(files, stems, output, model, summary, log, skip_existing,
                 _report(job, summary, log)
                 try:
                     if job.source is not None:  # streamed: predicted and written band by band, here
-                        _segment_streamed(model, job, log, **predict_kwargs)
+                        _segment_streamed(model, job, options, log)
                         _done(summary, job)
                     else:
-                        pred = _predict_file(model, job, **predict_kwargs)
+                        pred = _predict_file(model, job, options)
                         job.grid = job.valid = None  # what the writer does not need
                         if not _put(todo, (job, pred), stop):
                             break
@@ -1273,37 +848,40 @@ def _segment_pipelined(files, stems, output, model, summary, log, skip_existing,
     collect()
 
 
-def segment_files(files, stems, output, model, ckpt, *, progress=True, log=None, skip_existing=False,
-                  pipeline=True, protect=None, **kwargs):
+def segment_files(files, stems, output, model, ckpt, options=None, *, log=None, protect=None):
     """Segment the image files `files` into `output`, `stems[path]` naming each one's masks; go on past bad
     files. Returns a Summary (bad files in .failed, their order as in `files`). `protect` (default: `files`)
-    lists paths never written; skip_existing and the other keyword arguments as segment_folder's.
+    lists paths never written; `options` as segment_folder's. Every file is read under one spec, the checkpoint's
+    with options.scale/bands (run_spec), resolved here once.
 
-    With `pipeline` (the default) reading and decoding, the model and writing the masks overlap: a reader
+    With options.pipeline (the default) reading and decoding, the model and writing the masks overlap: a reader
     thread reads file k+1.. while the model (in this thread) predicts file k and a writer thread encodes file
     k-1.., with at most PIPELINE_DEPTH files waiting in each of the two queues, so memory stays bounded. The
     masks are byte for byte the serial run's (the same three functions, only in threads). A TIFF over
     STREAM_PIXELS is read ahead like any file but predicted and written band by band in this thread, as in
     the serial run. On an exception the queued files are dropped and both threads end before it propagates;
     masks already written stay, and --skip-existing continues from them. Ctrl-C comes out as Interrupted, which
-    holds the summary of what was done. `pipeline=False` runs
-    segment_file file after file (for comparison; `infer.py --no-pipeline`). With `vector`/`areas` the class
+    holds the summary of what was done. options.pipeline False runs
+    segment_file file after file (for comparison; `infer.py --no-pipeline`). With options.vector/areas the class
     areas of the images done are in summary.areas; the caller writes them (update_area_table)."""
+    options = options or InferOptions()
     t0 = time.time()
     log = log or tqdm.write
     output = Path(output)
     summary = Summary()
-    read_kwargs = {k: kwargs.pop(k) for k in ("scale", "bands", "bit_depth", "index", "overlay_preview",
-                                              "max_pixels", "vector", "areas", "min_area", "simplify", "background")
-                   if k in kwargs}
-    read_kwargs.update(ckpt=ckpt, protect=list(files) if protect is None else protect)
-    if skip_existing and (read_kwargs.get("vector") or read_kwargs.get("areas")):
-        read_kwargs["tabled"] = set(read_area_table(output / AREAS_NAME))
-    steps = (_segment_pipelined if pipeline else _segment_serial)(
-        files, stems, output, model, summary, log, skip_existing, read_kwargs, dict(kwargs, progress=progress))
+    spec = run_spec(ckpt, options.scale, options.bands)
+    protect = list(files) if protect is None else protect
+    tabled = (set(read_area_table(output / AREAS_NAME)) if options.skip_existing and (options.vector or options.areas)
+              else None)
+
+    def read(p):  # segment_file's first step: why `p` is skipped (a str, --skip-existing), or its _Job
+        return (_existing(p, output, stems[p], options, tabled)
+                or _read_file(p, output, spec, options, stem=stems[p], protect=protect))
+
+    steps = (_segment_pipelined if options.pipeline else _segment_serial)(files, read, model, options, summary, log)
     try:
         with contextlib.closing(steps):  # on an exception the pipeline's threads end here, not when it is collected
-            for _ in tqdm(steps, total=len(files), desc="images", unit="image", disable=not progress):
+            for _ in tqdm(steps, total=len(files), desc="images", unit="image", disable=not options.progress):
                 pass
     except KeyboardInterrupt:  # Ctrl-C: what was written until now stays, and the caller learns how much
         raise Interrupted(summary, len(files)) from None
@@ -1313,15 +891,15 @@ def segment_files(files, stems, output, model, ckpt, *, progress=True, log=None,
     return summary
 
 
-def segment_folder(input, output, model, ckpt, *, progress=True, log=None, skip_existing=False, pipeline=True,
-                   **kwargs):
-    """Segment every image of `input` (a folder or a file) into `output`; go on past bad files. Existing
-    masks are replaced, unless `skip_existing`: then an input whose asked outputs all exist, its colour mask
-    made from it, is skipped (an interrupted folder run continues where it stopped). `pipeline`: see
-    segment_files. Keyword arguments as segment_file and predict_image. With `vector` or `areas` the class areas
-    of the images done go into <output>/areas.csv (update_area_table), also when Ctrl-C stops the run; with
-    `vector` the folder layer is written at the end (finish_layer; not after Ctrl-C). Returns a Summary (bad files
-    in .failed, inputs that do not fit the model in .warnings)."""
+def segment_folder(input, output, model, ckpt, options=None, *, log=None):
+    """Segment every image of `input` (a folder or a file) into `output` under `options` (an InferOptions;
+    default: the CLI's defaults); go on past bad files. Existing masks are replaced, unless options.skip_existing:
+    then an input whose asked outputs all exist, its colour mask made from it, is skipped (an interrupted folder
+    run continues where it stopped). options.pipeline: see segment_files. With options.vector or areas the class
+    areas of the images done go into <output>/areas.csv (update_area_table), also when Ctrl-C stops the run; with
+    options.vector the folder layer is written at the end (finish_layer; not after Ctrl-C). Returns a Summary (bad
+    files in .failed, inputs that do not fit the model in .warnings)."""
+    options = options or InferOptions()
     t0 = time.time()
     images, skipped = list_inputs(input)
     log = log or tqdm.write
@@ -1330,18 +908,17 @@ def segment_folder(input, output, model, ckpt, *, progress=True, log=None, skip_
     removed = clean_stale_temporaries(output)
     if removed:
         log(f"removed {len(removed)} temporary files that killed runs left in {output}")
-    areas = kwargs.get("vector") or kwargs.get("areas")
+    areas = options.vector or options.areas
     try:
-        summary = segment_files(images, output_stems(images), output, model, ckpt, progress=progress, log=log,
-                                skip_existing=skip_existing, pipeline=pipeline, **kwargs)
+        summary = segment_files(images, output_stems(images), output, model, ckpt, options, log=log)
     except Interrupted as e:
         if areas:
             update_area_table(output, e.summary.areas)
         raise
     if areas:
         update_area_table(output, summary.areas)
-    if kwargs.get("vector"):
-        finish_layer(output, kwargs["vector"], summary, log)
+    if options.vector:
+        finish_layer(output, options.vector, summary, log)
     summary.skipped = skipped + summary.skipped
     summary.seconds = time.time() - t0
     return summary
@@ -1500,21 +1077,16 @@ def _main(args):
         print(f"error: {e}", file=sys.stderr)
         distributed.cleanup()
         return 2
-    scale = spec.scale
     print(f"{len(images)} images from {args.input} -> {args.output}; model {ckpt.model_args}, "
-          f"{spec.classes.num_classes} classes, scale {scale:g}, intensity {spec.intensity.kind}, tile {args.tile}, "
+          f"{spec.classes.num_classes} classes, scale {spec.scale:g}, intensity {spec.intensity.kind}, tile {args.tile}, "
           f"overlap {args.overlap}, TTA {args.tta}, on {device}"
           f"{f' ({ctx.world} processes, each its share of the images)' if ctx.world > 1 else ''}")
     if args.vector and background:
         print(f"polygons: the background class {spec.classes.names[background[0]]!r} gets none (--background none "
               f"writes it); areas count every class")
-    kwargs = dict(scale=scale, bands=args.bands, bit_depth=args.bit_depth, max_pixels=args.max_pixels,
-                  index=args.index, overlay_preview=args.overlay, tile=args.tile, overlap=args.overlap,
-                  batch_size=args.batch_size, tta=args.tta, device=device, progress=args.progress and ctx.is_main,
-                  skip_existing=args.skip_existing, pipeline=args.pipeline, vector=args.vector, areas=args.areas,
-                  min_area=args.min_area, simplify=args.simplify, background=args.background)
+    options = dataclasses.replace(InferOptions.from_args(args), device=device, progress=args.progress and ctx.is_main)
     if ctx.world == 1:
-        summary = segment_folder(args.input, args.output, model, ckpt, **kwargs)
+        summary = segment_folder(args.input, args.output, model, ckpt, options)
     else:  # this rank's share of the files, named from the whole list: the names one process gives
         log = tqdm.write if ctx.is_main else (lambda m: print(m, file=sys.stderr))
         for p, why in skipped if ctx.is_main else ():
@@ -1524,7 +1096,7 @@ def _main(args):
             log(f"removed {len(removed)} temporary files that killed runs left in {args.output}")
         distributed.barrier()  # nobody writes before rank 0 has cleaned up
         summary = segment_files(distributed.shard(images, ctx.rank, ctx.world), output_stems(images), args.output,
-                                model, ckpt, log=log, protect=images, **kwargs)
+                                model, ckpt, options, log=log, protect=images)
         if ctx.is_main:
             summary.skipped = list(skipped) + summary.skipped
         parts = distributed.gather_objects(summary)  # every rank learns whether any file failed

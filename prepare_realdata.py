@@ -42,8 +42,8 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 
-from annotations import ClickSet, ImageClicks, open_image, write_clicks
-from raster import RasterError, atomic_path, read_raster
+from annotations import ClickSet, ImageClicks, write_clicks
+from raster import RasterError, atomic_path, open_image, read_raster
 from spec import ClassSpec
 
 # --------------------------------------------------------------------------- the source

@@ -2,7 +2,8 @@
 (any codec imagecodecs knows, tiled, BigTIFF, planar or interleaved), GeoTIFF georeferencing, 16-bit and
 multi-band data, atomic writes and the clean-up of what a killed run left (`clean_stale_temporaries`). Images too
 large to hold go by bands of rows: `Rows` reads a window of a TIFF, `png_rows` and `tiles_of_rows` +
-`write_index_tiff` write a mask.
+`write_index_tiff` write a mask. `open_image` reads a header alone: an `ImageRef`, the size as viewers show it and
+the place (transform, CRS, nodata) that clicks, polygons and areas are mapped through.
 
     python infer.py --input folder_of_images --checkpoint checkpoints/best_model.pth    # reads through here
 
@@ -25,14 +26,18 @@ import json
 import os
 import re
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import imagecodecs
 import numpy as np
+import rasterio
 import tifffile
 from PIL import Image
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.transform import Affine
 
 
 # --------------------------------------------------------------------------- GeoTIFF tags
@@ -371,6 +376,71 @@ def read_raster(path, max_pixels=MAX_PIXELS):
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise RasterError(f"{path}: unsupported layout {arr.shape}; expected (H, W) or (H, W, bands)")
     return Raster(path, arr, alpha, geotags, nodata)
+
+
+# --------------------------------------------------------------------------- image headers: size and place
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image's header as clicks, polygons and areas see it: `shape` (H, W) as viewers show it (EXIF orientation applied), its affine
+    `transform` (pixel -> map; identity when not georeferenced) and `crs` (rasterio CRS, None when none),
+    `nodata` (the GDAL_NODATA value, None when none). `name` (the file's stem) keys it everywhere."""
+
+    path: Path
+    shape: tuple
+    transform: Affine = Affine.identity()
+    crs: object = None
+    nodata: float = None
+    georeferenced: bool = False
+
+    @property
+    def name(self):
+        return self.path.stem
+
+    def bounds(self):
+        """(left, bottom, right, top) in map coordinates (pixels when not georeferenced)."""
+        H, W = self.shape
+        xs, ys = self.transform @ (np.array([0, W, 0, W]), np.array([0, 0, H, H]))
+        return float(np.min(xs)), float(np.min(ys)), float(np.max(xs)), float(np.max(ys))
+
+
+def open_image(path):
+    """An ImageRef from the file's header (no pixels read): GeoTIFFs through rasterio (transform, CRS, nodata),
+    PNG/JPEG through Pillow (size after EXIF orientation, never georeferenced)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} not found")
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                geo = ds.crs is not None or ds.transform != Affine.identity()
+                return ImageRef(path, (ds.height, ds.width), ds.transform if geo else Affine.identity(),
+                                ds.crs, ds.nodata, geo)
+    with no_pixel_limit(), Image.open(path) as im:
+        w, h = im.size
+        if exif_orientation(im) in (5, 6, 7, 8):  # turned a quarter: viewers show it h x w
+            w, h = h, w
+    return ImageRef(path, (h, w))
+
+
+def image_refs(images):
+    """ImageRefs of a folder's images (TIF/PNG/JPG) or of a list of paths, in order. None found: an error."""
+    if isinstance(images, (str, Path)) and Path(images).is_dir():
+        folder = Path(images)
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                        and not p.name.startswith("."))
+        if not images:
+            raise FileNotFoundError(f"no images (.tif/.png/.jpg) found in {folder}")
+    elif isinstance(images, (str, Path)):
+        images = [images]
+    refs = [im if isinstance(im, ImageRef) else open_image(im) for im in images]
+    if not refs:
+        raise FileNotFoundError("no images given for the clicks")
+    names = [r.name for r in refs]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two images share a name (file stem): {sorted({n for n in names if names.count(n) > 1})}")
+    return refs
 
 
 # --------------------------------------------------------------------------- bands and bit depth

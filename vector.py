@@ -37,8 +37,7 @@ import rasterio.features
 import shapely
 from rasterio.transform import Affine
 
-from annotations import open_image
-from raster import atomic_path
+from raster import atomic_path, open_image
 from spec import IGNORE_INDEX
 
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}

@@ -12,8 +12,9 @@ import shapely
 from PIL import Image
 from rasterio.transform import Affine
 
-from annotations import (ImageClicks, check_unclicked, class_counts, click_metrics, clicks_from_label, image_refs,
-                         read_clicks, split_clicks, wilson_interval, write_clicks)
+from annotations import (ImageClicks, check_unclicked, class_counts, click_metrics, clicks_from_label, read_clicks,
+                         split_clicks, wilson_interval, write_clicks)
+from raster import image_refs
 from spec import IGNORE_INDEX, ClassSpec, default_palette
 
 FIXTURES = Path(__file__).parent / "fixtures" / "annotations"

@@ -7,7 +7,7 @@ import re
 import pytest
 
 import benchmark
-import infer
+import predict
 
 
 def number(pattern, text):
@@ -34,8 +34,8 @@ def test_infer_benchmark_reports_consistent_numbers(capsys):
     out = capsys.readouterr().out
 
     h = w = 128  # 256 x the default scale 0.5
-    ys, th = infer.tile_starts(h, 64, 8)
-    xs, tw = infer.tile_starts(w, 64, 8)
+    ys, th = predict.tile_starts(h, 64, 8)
+    xs, tw = predict.tile_starts(w, 64, 8)
     assert f"2 x 256x256 input (strip TIFF, read whole), scale 0.5 -> model input {w}x{h}" in out
     assert f"{len(ys) * len(xs)} tiles of {tw}x{th} (overlap >= 8), batch 4, TTA none" in out
     megapixels = 2 * 256 * 256 / 1e6

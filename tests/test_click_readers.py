@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import shapely
 
-from annotations import POINT, ClickSet, ImageClicks, image_refs, read_clicks, write_clicks
+from annotations import POINT, ClickSet, ImageClicks, read_clicks, write_clicks
+from raster import image_refs
 from tests.conftest import write_patches
 from tests.test_annotations import CLASSES, geotiff, pixels, pngs, write_layer
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import infer
+import predict
 import raster
 from checkpoint import load_model, save_checkpoint
 from model import ResNet18Segmentation
@@ -113,7 +114,7 @@ def write_inputs(folder):
 @pytest.mark.parametrize("length, tile, overlap", [(100, 512, 64), (513, 512, 64), (3000, 512, 64), (1000, 100, 30),
                                                    (77, 32, 0)])
 def test_tiles_cover_the_side_with_the_overlap(length, tile, overlap):
-    starts, size = infer.tile_starts(length, tile, overlap)
+    starts, size = predict.tile_starts(length, tile, overlap)
     assert starts[0] == 0 and starts[-1] + size == length
     if length > tile:
         assert all(b - a <= size - overlap for a, b in zip(starts, starts[1:]))
@@ -126,9 +127,9 @@ def test_tiles_cover_the_side_with_the_overlap(length, tile, overlap):
 def test_tiled_probabilities_equal_the_whole_image_for_a_pixelwise_model(scale, size):
     image = smooth_image(*size)
     model = PixelModel().eval()
-    whole = infer.predict_probabilities(model, image, scale, tile=1024)
+    whole = predict.predict_probabilities(model, image, scale, tile=1024)
     assert len(model.shapes) == 1
-    tiled = infer.predict_probabilities(model, image, scale, tile=32, overlap=8, batch_size=3)
+    tiled = predict.predict_probabilities(model, image, scale, tile=32, overlap=8, batch_size=3)
     assert len(model.shapes) > 4  # it really tiled
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
     assert whole.shape == (6,) + size
@@ -143,15 +144,15 @@ def test_tiled_probabilities_equal_the_whole_image_for_a_pixelwise_model(scale, 
 def test_tiled_prediction_agrees_with_whole_image():
     image = smooth_image(130, 157, seed=1)
     model = LocalModel().eval()
-    whole = infer.predict_image(model, image, 1.0, tile=1024)
+    whole = predict.predict_image(model, image, 1.0, tile=1024)
     assert len(np.unique(whole)) >= 3  # a prediction with something to disagree about
-    tiled = infer.predict_image(model, image, 1.0, tile=48, overlap=16, batch_size=5)
+    tiled = predict.predict_image(model, image, 1.0, tile=48, overlap=16, batch_size=5)
     assert (tiled == whole).mean() >= 0.99
 
 
 def test_model_sees_the_training_scale_and_mask_has_the_input_size():
     model = PixelModel().eval()
-    pred = infer.predict_image(model, smooth_image(37, 53), 0.5)
+    pred = predict.predict_image(model, smooth_image(37, 53), 0.5)
     assert model.shapes == [(1, 3, 19, 27)]  # round(37 * 0.5), round(53 * 0.5)
     assert pred.shape == (37, 53) and pred.dtype == np.uint8
 
@@ -165,7 +166,7 @@ def test_upsampler_streams_the_same_numbers_as_interpolate():
     def sink(y0, y1, rows):
         out[:, y0:y1] = rows
 
-    up = infer._Upsampler(23, 31, 67, 50, sink, chunk_bytes=1)  # one output row at a time
+    up = predict._Upsampler(23, 31, 67, 50, sink, chunk_bytes=1)  # one output row at a time
     for a, b in [(0, 1), (1, 9), (9, 10), (10, 23)]:  # rows arrive in uneven bands
         up.push(probs[:, a:b])
     assert up.y == 67
@@ -177,7 +178,7 @@ def test_class_indices_are_the_argmax_with_ties_and_nan():
     probs = torch.randint(0, 3, (6, 40, 77), generator=g).float()  # many equal maxima: the first one wins
     probs[2, ::7, ::5] = float("nan")
     for p in (probs, probs[:, :, ::2], probs.permute(0, 2, 1)):
-        np.testing.assert_array_equal(infer.class_indices(p), p.argmax(0).numpy())
+        np.testing.assert_array_equal(predict.class_indices(p), p.argmax(0).numpy())
 
 
 @pytest.mark.slow
@@ -185,15 +186,15 @@ def test_tta_makes_the_prediction_rotation_and_flip_invariant():
     torch.manual_seed(0)
     model = ResNet18Segmentation(decoder="skip").eval()
     image = smooth_image(32, 32)  # a multiple of 32: the model's own padding does not break the symmetry
-    p = infer.predict_probabilities(model, image, 1.0, tta=True)
+    p = predict.predict_probabilities(model, image, 1.0, tta=True)
     turned = np.rot90(image[:, ::-1], 1).copy()  # flip, then a quarter turn
-    q = infer.predict_probabilities(model, turned, 1.0, tta=True)
+    q = predict.predict_probabilities(model, turned, 1.0, tta=True)
     np.testing.assert_allclose(np.rot90(q, -1, axes=(1, 2))[:, :, ::-1], p, atol=1e-5)
-    plain = infer.predict_probabilities(model, image, 1.0)
-    flipped = infer.predict_probabilities(model, image[:, ::-1].copy(), 1.0)[:, :, ::-1]
+    plain = predict.predict_probabilities(model, image, 1.0)
+    flipped = predict.predict_probabilities(model, image[:, ::-1].copy(), 1.0)[:, :, ::-1]
     assert not np.allclose(plain, flipped, atol=1e-5)  # without TTA the model is not invariant
-    hv = infer.predict_probabilities(model, image[::-1, ::-1].copy(), 1.0, tta="flip")[:, ::-1, ::-1]
-    np.testing.assert_allclose(hv, infer.predict_probabilities(model, image, 1.0, tta="flip"), atol=1e-5)
+    hv = predict.predict_probabilities(model, image[::-1, ::-1].copy(), 1.0, tta="flip")[:, ::-1, ::-1]
+    np.testing.assert_allclose(hv, predict.predict_probabilities(model, image, 1.0, tta="flip"), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- the CLI on files
@@ -393,7 +394,7 @@ def test_unwritable_output_is_found_before_any_prediction(ckpt_path, tmp_path, c
     Image.fromarray(smooth_image(40, 40)).save(tmp_path / "a.png")
     (tmp_path / "file").write_text("in the way")
     called = []
-    monkeypatch.setattr(infer, "predict_image", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(predict, "predict_image", lambda *a, **k: called.append(1))
     assert run(ckpt_path, tmp_path / "a.png", tmp_path / "file") == 2
     assert "is a file" in capsys.readouterr().err and not called
 
@@ -456,8 +457,8 @@ def test_nodata_gets_no_class_and_the_tag_is_carried(ckpt_path, tmp_path):
 
 def test_single_band_overlay_is_gray_not_false_colour(ckpt_path, tmp_path):
     gray = smooth_image(30, 30)[:, :, 0]
-    assert infer.display_rgb(gray[:, :, None]).shape == (30, 30, 3)
-    np.testing.assert_array_equal(infer.display_rgb(gray[:, :, None])[:, :, 2], gray)
+    assert predict.display_rgb(gray[:, :, None]).shape == (30, 30, 3)
+    np.testing.assert_array_equal(predict.display_rgb(gray[:, :, None])[:, :, 2], gray)
 
 
 # --------------------------------------------------------------------------- large TIFFs, streamed by rows
@@ -466,7 +467,7 @@ def stream_everything(monkeypatch, chunk_bytes=2000):
     """Stream every TIFF (the threshold of 64 MP lowered to 0) in windows of a few rows; returns the list of
     (start, stop) windows raster decodes."""
     monkeypatch.setattr(infer, "STREAM_PIXELS", 0)
-    monkeypatch.setattr(infer, "STREAM_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(predict, "STREAM_CHUNK_BYTES", chunk_bytes)
     windows = []
     read_rows = raster._tiff_rows
 
@@ -491,7 +492,7 @@ def test_grid_rows_equal_to_grid_to_the_byte(tmp_path, scale, size):
     tifffile.imwrite(tmp_path / "a.tif", image, photometric="rgb")
     spec = DataSpec(scale=scale)
     whole = to_grid(image, scale)
-    grid = infer.StreamedInput(tmp_path / "a.tif", spec, chunk_bytes=7 * size[1] * 3)  # windows of 7 rows
+    grid = predict.StreamedInput(tmp_path / "a.tif", spec, chunk_bytes=7 * size[1] * 3)  # windows of 7 rows
     assert grid.shape == whole.shape and grid.chunk_rows == 7
     rows, y = [], 0
     for step in itertools.cycle([1, 5, 13]):  # rows asked for in uneven bands, as tiles do
@@ -513,13 +514,13 @@ def test_streamed_masks_are_the_in_memory_masks(ckpt_path, tmp_path, monkeypatch
                      extratags=GEOTAGS + [(42113, "s", 0, "0", True)])
     _, ckpt = load_model(ckpt_path)
     model = LocalModel().eval()  # a mask of several classes: something to disagree about
-    kwargs = dict(scale=scale, index=True, tile=96, overlap=16, progress=False, log=print)
-    assert infer.segment_folder(tmp_path / "in", tmp_path / "whole", model, ckpt, **kwargs).done == 1
+    options = infer.InferOptions(scale=scale, index=True, tile=96, overlap=16, progress=False)
+    assert infer.segment_folder(tmp_path / "in", tmp_path / "whole", model, ckpt, options, log=print).done == 1
     calls = []
     real = infer.predict_streamed
     monkeypatch.setattr(infer, "predict_streamed", lambda *a, **k: calls.append(1) or real(*a, **k))
     windows = stream_everything(monkeypatch)
-    assert infer.segment_folder(tmp_path / "in", tmp_path / "streamed", model, ckpt, **kwargs).done == 1
+    assert infer.segment_folder(tmp_path / "in", tmp_path / "streamed", model, ckpt, options, log=print).done == 1
     assert calls == [1] and len(windows) > 5  # it streamed, in windows of rows
     whole, streamed = outputs(tmp_path / "whole"), outputs(tmp_path / "streamed")
     assert set(whole) == {"geo_tif_mask.png", "geo_tif_mask.index.png", "geo_tif_mask.tif"}
@@ -538,7 +539,7 @@ def test_streamed_path_never_decodes_the_whole_image(ckpt_path, tmp_path, monkey
 
     monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", whole)
     monkeypatch.setattr(tifffile.TiffPage, "asarray", whole)
-    monkeypatch.setattr(infer, "predict_image", whole)
+    monkeypatch.setattr(predict, "predict_image", whole)
     assert run(ckpt_path, tmp_path / "a.tif", tmp_path / "out", "--overlay") == 0
     rows = 2000 // (400 * 3)  # STREAM_CHUNK_BYTES // bytes per row, rounded up to whole tile rows (32)
     assert max(b - a for a, b in windows) <= 32 and rows < 32
@@ -562,10 +563,10 @@ def test_streamed_16_bit_image_under_the_intensity_rule(tmp_path, monkeypatch, i
     for scale in (0.5, 1.0):
         spec = DataSpec(scale=scale, bands=(0, 2, 4), intensity=rule)
         inp = load_input(tmp_path / "a.tif", spec)
-        expected = infer.predict_image(model, inp.image, scale, tile=64, overlap=16)
+        expected = predict.predict_image(model, inp.image, scale, tile=64, overlap=16)
         expected[~inp.valid] = 255
-        source = infer.StreamedInput(tmp_path / "a.tif", spec, chunk_bytes=5000)
-        bands = list(infer.predict_streamed(model, source, tile=64, overlap=16))
+        source = predict.StreamedInput(tmp_path / "a.tif", spec, chunk_bytes=5000)
+        bands = list(predict.predict_streamed(model, source, tile=64, overlap=16))
         assert [y0 for y0, _, _ in bands] == sorted({y0 for y0, _, _ in bands}) and len(bands) > 1  # in order
         mask = np.concatenate([rows for _, _, rows in bands])
         np.testing.assert_array_equal(mask, expected)
@@ -582,7 +583,7 @@ def test_notes_of_windows_are_merged_into_the_image_notes():
     notes = ["single-band (grayscale) image: its band is replicated to 3 bands", "10 nodata pixels (1.0 %): x",
              "single-band (grayscale) image: its band is replicated to 3 bands", "5 nodata pixels (0.5 %): x",
              "3 pixels hold negative int16 values: clipped to 0"]
-    assert infer._merge_notes(notes, 1000) == [
+    assert predict._merge_notes(notes, 1000) == [
         "single-band (grayscale) image: its band is replicated to 3 bands", "15 nodata pixels (1.5 %): x",
         "3 pixels hold negative int16 values: clipped to 0"]
 
@@ -694,8 +695,8 @@ def tiny_folder(folder, n, size=(20, 24)):
 def segment(files, out, ckpt_path, model=None, **kwargs):
     _, ckpt = load_model(ckpt_path, "cpu")
     model = model or PixelModel().eval()
-    return infer.segment_files(files, infer.output_stems(files), out, model, ckpt, progress=False, log=lambda m: None,
-                               **kwargs)
+    return infer.segment_files(files, infer.output_stems(files), out, model, ckpt,
+                               infer.InferOptions(progress=False, **kwargs), log=lambda m: None)
 
 
 def pipeline_threads():
@@ -787,7 +788,7 @@ def test_a_share_of_the_files_keeps_the_folder_names_and_protects_every_input(ck
     files = tiny_folder(tmp_path / "in", 4)
     stems = infer.output_stems(files)
     _, ckpt = load_model(ckpt_path, "cpu")
-    summary = infer.segment_files(files[1::2], stems, tmp_path / "out", PixelModel().eval(), ckpt, protect=files,
-                                  progress=False, log=lambda m: None)
+    summary = infer.segment_files(files[1::2], stems, tmp_path / "out", PixelModel().eval(), ckpt,
+                                  infer.InferOptions(progress=False), protect=files, log=lambda m: None)
     assert summary.done == 2
     assert sorted(p.name for p in (tmp_path / "out").glob("*_mask.png")) == ["f01_tif_mask.png", "f03_tif_mask.png"]

@@ -166,11 +166,11 @@ def ctrl_c_on_second_image(monkeypatch):
     """Make infer.py's prediction raise KeyboardInterrupt on the second image, as Ctrl-C would."""
     real, calls = infer._predict_file, []
 
-    def interrupted(model, job, **kwargs):
+    def interrupted(model, job, *args, **kwargs):
         calls.append(job.path)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(model, job, **kwargs)
+        return real(model, job, *args, **kwargs)
     monkeypatch.setattr(infer, "_predict_file", interrupted)
 
 @pytest.mark.parametrize("mode", [[], ["--no-pipeline"]], ids=["pipelined", "serial"])

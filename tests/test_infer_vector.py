@@ -16,6 +16,7 @@ from PIL import Image
 from rasterio.transform import Affine
 
 import infer
+import predict
 from checkpoint import load_model, save_checkpoint
 from model import ResNet18Segmentation
 from raster import RasterError
@@ -312,7 +313,7 @@ def test_a_streamed_run_gives_the_whole_image_polygons_and_areas(ckpt_path, tmp_
     real = infer.predict_streamed
     monkeypatch.setattr(infer, "predict_streamed", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(infer, "STREAM_PIXELS", 0)  # every TIFF read by rows is streamed
-    monkeypatch.setattr(infer, "STREAM_CHUNK_BYTES", 2000)  # in windows of a few rows
+    monkeypatch.setattr(predict, "STREAM_CHUNK_BYTES", 2000)  # in windows of a few rows
     monkeypatch.setattr(infer, "VECTOR_ROWS", 9)  # polygonised in blocks of 9 rows: seams to merge
     assert run(ckpt_path, tmp_path / "in", tmp_path / "streamed", "--vector", "gpkg") == 0
     assert calls == [1]
@@ -384,4 +385,5 @@ def test_the_polygons_path_is_checked_against_the_inputs(ckpt_path, tmp_path):
     tif = write_geotiff(tmp_path / "in" / "a.tif", geo_image())
     _, ckpt = load_model(ckpt_path, "cpu")
     with pytest.raises(RasterError, match="refusing to write .*a_tif_polygons.gpkg"):
-        infer._read_file(tif, tmp_path / "in", ckpt, vector="gpkg", protect=[tmp_path / "in" / "a_tif_polygons.gpkg"])
+        infer._read_file(tif, tmp_path / "in", ckpt.spec, infer.InferOptions(vector="gpkg"),
+                         protect=[tmp_path / "in" / "a_tif_polygons.gpkg"])

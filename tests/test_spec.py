@@ -9,7 +9,7 @@ import tifffile
 import torch
 import torch.nn as nn
 
-import infer
+import predict
 from dataset import SegmentationDataset, read_label
 from spec import (IGNORE_INDEX, PERCENTILES, ClassSpec, DataSpec, Intensity, default_palette, fit_intensity,
                   grid_size, load_class_file, load_input, to_grid)
@@ -61,7 +61,7 @@ def test_training_and_infer_feed_the_model_the_same_tensor(tmp_path):
 
     model = Recorder().eval()
     inp = load_input(root / "images" / "s0.tif", spec)
-    infer.predict_image(model, inp.image, spec.scale, tile=512)
+    predict.predict_image(model, inp.image, spec.scale, tile=512)
     assert len(model.inputs) == 1
     torch.testing.assert_close(model.inputs[0][0], trained_on, rtol=0, atol=0)
 
