@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 import distributed
 import few_clicks
-from annotations import (POINT, ClickSet, ImageClicks, check_unclicked, click_metrics, open_image, read_clicks,
-                         split_clicks, split_clicks_by_images, write_clicks)
+from annotations import (POINT, ClickSet, ImageClicks, check_unclicked, click_metrics, read_clicks, split_clicks,
+                         split_clicks_by_images, write_clicks)
 from assess import design_path
 from config import (MAX_VALIDATIONS, MIN_STEPS, RESUMABLE, STEP_PASSES, TrainConfig, add_arguments, annotation_of,
                     check_config, config_dict, config_from_args, dense_labels, rounds_problems, schedule_factor)
@@ -51,7 +51,7 @@ from metrics import ConfusionMatrix
 from model import build_model, resolve_device
 from partial_ce_loss import PartialCrossEntropyLoss
 from pretrain import apply_encoder
-from raster import clean_stale_temporaries
+from raster import clean_stale_temporaries, open_image
 from resident import (ResidentLoader, choose_path, estimate_bytes, find_cache, load_or_build, memory_budget,
                       seed_dataset)
 from spec import IGNORE_INDEX, POTSDAM, load_class_file, load_input
@@ -575,7 +575,7 @@ def plot_results(model, dataset, path, n=4, device="cpu", title=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from infer import display_rgb, predict_image
+    from predict import display_rgb, predict_image
 
     model.eval()
     palette = dataset.classes.palette
@@ -771,6 +771,18 @@ def unit_at(cfg, plan, epoch):
     return f"step {epoch * plan['per_epoch']}" if cfg.steps is not None else f"epoch {epoch}"
 
 
+class Run:
+    """One training run as it goes, filled in by train()'s steps: the settings (`cfg`, with --steps and --sparse
+    resolved; `asked`, what the user asked, which the checkpoints record), the data, the model and its optimisation,
+    and what the run writes (`last`, `progress`, `claim`)."""
+
+    def __init__(self, cfg, ctx, out_dir):
+        self.cfg, self.asked, self.ctx, self.out_dir = cfg, cfg, ctx, out_dir
+        self.claim = self.last = self.progress = None
+        self.best_path = out_dir / "best_model.pth"
+        self.history, self.best, self.start = [], -math.inf, 1
+
+
 def train(cfg):
     """Train as configured; returns the history (one dict per epoch)."""
     check_config(cfg)
@@ -780,229 +792,268 @@ def train(cfg):
         raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {ctx.world} processes: the global "
                          f"batch is shared out equally, so give a multiple of {ctx.world}")
     seed_everything(cfg.seed)  # the same on every rank: the same model init (DDP broadcasts rank 0's anyway)
-    device = ctx.device
     out_dir = Path(cfg.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file, not a folder; name a folder for this run's checkpoints")
     clicks = read_run_clicks(cfg)  # a bad click file stops here, before anything is written
-    fresh = not out_dir.exists()
-    claim, done = None, False  # the folder is claimed (run.lock) before anything is written; released at the end
-    last = progress = None  # <out>/last.pth at a bounded rate, <out>/progress.jsonl
+    fresh, done = not out_dir.exists(), False
+    run = Run(cfg, ctx, out_dir)
     try:
-        resumed = prepare_out(cfg, out_dir)
-        train_ds, val_ds, how, spec = build_datasets(cfg, resumed.spec if resumed else None, clicks)
-        on_clicks = not val_ds.has_labels  # validation on held-out clicks
-        by_last = cfg.select == "last" or cfg.select == "auto" and on_clicks  # best_model.pth: the run's last model
-        split = {"train": [str(i) for i in train_ds.ids], "val": [str(i) for i in val_ds.ids]}
-        if resumed and resumed.train_state.get("split", split) != split:
-            old = resumed.train_state["split"]
-            moved = {part: sorted(set(split[part]) ^ set(old[part]))[:5] for part in ("train", "val")}
-            raise ValueError(f"{out_dir / 'last.pth'} was trained on another split ({how} now; images that moved: "
-                             f"train {moved['train']}, val {moved['val']}): the data folder changed since. Resuming "
-                             f"would train on former val images and compare best models over other val sets; restore "
-                             f"the folder, pin the split with --split, or train into a new --out")
-        cached = None  # the resident caches, looked for first: a hit seeds the datasets, so nothing below decodes
-        if cfg.loader != "dataloader" and not cfg.resample_each_epoch:  # choose_path's first rules; it decides the rest
-            annotation = annotation_of(cfg)
-            cached = tuple(find_cache(ds, annotation, cache_folder(cfg), part)
-                           for ds, part in zip((train_ds, val_ds), ("train", "val")))
-            for ds, hit in zip((train_ds, val_ds), cached):
-                if hit:
-                    seed_dataset(ds, hit[0])
-        check_data(cfg, train_ds, val_ds)
-        if len(train_ds) < ctx.world:
-            raise ValueError(f"{len(train_ds)} training images cannot feed {ctx.world} processes; use fewer processes")
-        model = build_model(cfg.arch, train_ds.classes.num_classes, spec.channels, cfg.decoder,
-                            pretrained=cfg.pretrained).to(device)  # before anything is written: weights may be missing
-        if cfg.encoder:  # pretrain.py's file: every weight but the output layer
-            print(apply_encoder(model, cfg.encoder, spec.channels, spec.scale), flush=True)
-        if ctx.is_main:
-            claim = claim_out(out_dir)  # a run started into the same folder meanwhile stops here ...
-            prepare_out(cfg, out_dir, say=False)  # ... and one that finished meanwhile left checkpoints: again
-            removed = clean_stale_temporaries(out_dir)  # no other run writes here now
-            if removed:
-                print(f"removed {len(removed)} temporary files that killed runs left in {out_dir}")
-            if cfg.export_clicks:
-                export_clicks(cfg.export_clicks, train_ds)
-        if ctx.is_main or cfg.class_weights not in CLASS_WEIGHT_SOURCES:
-            weights = class_weight_tensor(cfg, train_ds, out_dir)  # rank 0 writes class_weights.pt
-        else:  # the same numbers (a seeded forest with `pixels`), not written again
-            weights = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting, cfg.seed, say=False)[0]
-        plan = plan_steps(cfg, [train_ds.dense_label(i).shape for i in range(len(train_ds))])
-        if cfg.steps is not None:  # an "epoch" is now the steps between two validations
-            cfg = replace(cfg, epochs=plan["epochs"])
-            for problem in rounds_problems(cfg, plan["epochs"]):
-                raise ValueError(f"{problem} (with --steps: the validations, every {plan['per_epoch']} steps)")
-        stats = train_ds.annotation_stats()
-        labelled = stats["labelled_fraction"]
-        asked = cfg  # what the checkpoints record and a resume compares: --sparse auto decides again from the data
-        added = few_clicks.sparse_additions(cfg, labelled)
-        if added:
-            cfg = replace(cfg, **added)
-            print(few_clicks.sparse_note(added, labelled), flush=True)
-        if cfg.clicks or clicks_per_object(cfg.points):  # chosen by a person (or as one would): not a sample
-            print(f"note: {NOT_A_SAMPLE.format(scope=CLICK_SCOPE)}"
-                  + (f". best_model.pth is the run's last model (--select {cfg.select})" if by_last else ""),
-                  flush=True)
-        if cfg.points is None and not cfg.clicks:
-            budget = "dense labels"
-        else:
-            budget = f"clicks from {cfg.clicks}" if cfg.clicks else f"{cfg.points} clicks" \
-                if clicks_per_object(cfg.points) else f"{cfg.points} {cfg.strategy} points per image"
-            budget += (f" ({stats['clicks_per_image']:.1f} clicks per image, {stats['clicked_fraction']:.3%} of the "
-                       f"pixels)")
-        init = "ImageNet" if cfg.pretrained and cfg.arch == "resnet18" else "pretrained encoder" if cfg.encoder \
-            else "random init"
-        print(f"data: {len(train_ds)} train / {len(val_ds)} val images ({how}); {budget}"
-              f"{' redrawn every epoch (published code, comparison only)' if cfg.resample_each_epoch else ''}; "
-              f"labelled {stats['labelled_fraction']:.2%} of the training pixels; scale {spec.scale:g}; "
-              f"{spec.channels} bands, intensity {spec.intensity.kind}; device {device}; "
-              f"{cfg.arch} {init}", flush=True)
-        if ctx.world > 1:
-            print(f"distributed: {ctx.world} processes ({torch.distributed.get_backend()}), "
-                  f"{cfg.batch_size // ctx.world} "
-                  f"of each batch of {cfg.batch_size} per process", flush=True)
-        if weights is not None:
-            print(f"class weights ({cfg.class_weights}, {cfg.class_weighting}): " +
-                  ", ".join(f"{n} {w:.2f}" for n, w in zip(train_ds.classes.names, weights.tolist())))
-
-        criterion = PartialCrossEntropyLoss(cfg.gamma, weights, normalization=cfg.normalization).to(device)
-        extra = weak_terms(cfg)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     fused=True if device.type == "cuda" else None)
-        scheduler, per_step = make_scheduler(cfg, optimizer, plan["per_epoch"])
-        if plan["text"]:
-            print(f"budget: {plan['text']}", flush=True)
-        history, start, best = [], 1, -math.inf
-        gen = torch.Generator().manual_seed(cfg.seed)
-
-        config = config_dict(asked)
-        last_path, best_path = out_dir / "last.pth", out_dir / "best_model.pth"
-        last = LastCheckpoint(last_path, model, spec, config)
-        if resumed:
-            if resumed.model_args != model.model_args:
-                raise ValueError(f"{last_path} holds a {resumed.model_args} model; this run asks for "
-                                 f"{model.model_args}: resume with the same settings or a new --out")
-            st = resumed.train_state
-            model.load_state_dict(resumed.state_dict)
-            optimizer.load_state_dict(st["optimizer"])
-            scheduler.load_state_dict(st["scheduler"])
-            torch.set_rng_state(st["rng"])
-            gen.set_state(st["loader_rng"])
-            history, best = list(st["history"]), st["best_miou"]
-            start = resumed.epoch + 1
-            print(f"resumed from {last_path} at epoch {resumed.epoch}")
-
-        train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, device, gen, ctx, cached,
-                                                plan["draws"])
-        # after the loaders (a resident cache holds the drawn annotation only): grown labels, or a resumed run's rounds
-        few_clicks.start(cfg, train_ds, resumed.train_state if resumed else None)  # the loaders follow the changes
-        if device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
-        names = train_ds.classes.names
-        net = distributed.wrap(model, ctx)  # DDP under torchrun: gradients averaged over the ranks
-        if ctx.is_main:
-            progress = Progress(out_dir / "progress.jsonl", append=resumed is not None, unit="step" if cfg.steps
-                                is not None else "epoch", epochs=cfg.epochs, steps=plan["total"],
-                                per_epoch=plan["per_epoch"], start_epoch=start)
-
-        for epoch in range(start, cfg.epochs + 1):
-            t0 = time.time()
-            train_ds.set_epoch(epoch)
-            if ctx.world > 1:  # augmentation draws differ per rank, and a resumed run draws the same again
-                torch.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, ctx.rank]).generate_state(1)[0]))
-            lr = optimizer.param_groups[0]["lr"]
-            tr_loss, tr_cm, _, tr_extra = run_epoch(net, train_loader, criterion, device, optimizer, cfg.amp,
-                                                    cfg.progress and ctx.is_main, f"epoch {epoch} train", extra, names,
-                                                    scheduler if per_step else None)
-            tr_loss, tr_cm, tr_extra = distributed.reduce_epoch(train_loader, tr_loss, tr_cm, tr_extra)
-            if not per_step:
-                scheduler.step()
-            distributed.sync_buffers(model)  # every rank validates rank 0's model, the one saved
-            va_loss, _, va_cm, _ = run_epoch(model, val_loader, criterion, device, None, cfg.amp,
-                                             cfg.progress and ctx.is_main, f"epoch {epoch} val", names=names)
-            va_loss, va_cm, _ = distributed.reduce_epoch(val_loader, va_loss, va_cm, {})
-            tr = tr_cm.compute(cfg.exclude)
-            if on_clicks:  # no dense labels: scored at the held-out clicks, with intervals
-                va = click_validation(model, val_ds, device, cfg.exclude, cfg.batch_size)
-                scores = {"val_kind": va["kind"], "val_scope": CLICK_SCOPE, "val_oa": va["oa"],
-                          "val_oa_ci": va["oa_ci"], "val_miou": va["miou"], "val_miou_ci": va["miou_ci"],
-                          "val_iou": va["iou"], "val_recall": va["recall"], "val_recall_ci": va["recall_ci"],
-                          "val_clicks": va["clicks"]}
-                shown = (f"val ({va['clicks']} {CLICK_VAL}: clicked pixels, not the map) loss {va_loss:.4f} accuracy "
-                         f"{_ci(va['oa'], va['oa_ci'])} mIoU {_ci(va['miou'], va['miou_ci'])}")
-            else:
-                va = va_cm.compute(cfg.exclude)
-                scores = {"val_oa": va["oa"], "val_miou": va["miou"], "val_mf1": va["mf1"], "val_iou": va["iou"],
-                          "val_f1": va["f1"]}
-                shown = (f"val loss {va_loss:.4f} OA {va['oa']:.3f} mIoU {va['miou']:.3f} mF1 {va['mf1']:.3f} "
-                         f"(dense)")
-            h = {"epoch": epoch, "step": epoch * plan["per_epoch"], "train_loss": tr_loss, "train_oa": tr["oa"],
-                 "train_miou": tr["miou"], "val_loss": va_loss, **scores, "lr": lr, "seconds": time.time() - t0}
-            h.update({f"train_{name}": v for name, v in tr_extra.items()})  # only the enabled terms
-            history.append(h)
-            improved = va["miou"] > best
-            star = " *" if improved and not by_last else ""  # a new best_model.pth
-            terms = "".join(f" {name} {v:.4f}" for name, v in tr_extra.items())
-            when = f"step {h['step']:5d}/{plan['total']}" if cfg.steps is not None else \
-                f"epoch {epoch:3d}/{cfg.epochs}"
-            print(f"{when} | loss {tr_loss:.4f}{terms} OA {tr['oa']:.3f} mIoU {tr['miou']:.3f} "
-                  f"(train points) | {shown} | lr {lr:.2e} | {h['seconds']:.1f}s{star}",
-                  flush=True)
-            if few_clicks.end_of_epoch(cfg, epoch, model, train_ds, device):  # a round changed the annotation
-                labelled = train_ds.labelled_fraction()
-            h["labelled_fraction"] = labelled  # share of training pixels clicked as the epoch ends (rounds add some)
-            try:
-                if improved:
-                    best = va["miou"]
-                if (improved and not by_last or by_last and epoch == cfg.epochs) and ctx.is_main:
-                    save_checkpoint(best_path, model, spec, config=config, metrics=va, epoch=epoch)  # rank 0 writes
-                if ctx.is_main:
-                    last.hold(epoch, va, final=epoch == cfg.epochs, train_state={
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": torch.get_rng_state(), "loader_rng": gen.get_state(), "history": history,
-                        "best_miou": best,
-                        "split": split,
-                        **({"few_clicks": few_clicks.state(train_ds)} if few_clicks.enabled(cfg) else {})})
-                    progress.write("validation", epoch=epoch, epochs=cfg.epochs, step=h["step"], steps=plan["total"],
-                                   loss=tr_loss, val={k: v for k, v in h.items() if k.startswith("val_")},
-                                   elapsed=time.time() - progress.t0)
-            except ValueError as e:  # non-finite weights: never saved
-                raise TrainingError(f"epoch {epoch}: {e}. Training diverged; lower --lr and start again") from None
-
-        if not ctx.is_main:
-            distributed.barrier()  # rank 0 writes the history and figures
-            return history
-        flat = plateau(history, PLATEAU_EPOCHS, PLATEAU_GAIN, cfg.warmup)  # judged once, on the whole curve
-        if flat:
-            level = next(x["val_miou"] for x in history if x["epoch"] == flat)
-            print(f"the validation curve has stopped improving: the last {PLATEAU_EPOCHS} validations gained less "
-                  f"than {PLATEAU_GAIN} val mIoU over {unit_at(cfg, plan, flat)}'s {level:.3f}; a longer run is "
-                  f"unlikely to help", flush=True)
-        (out_dir / "history.json").write_text(json.dumps(history, indent=1))
-        if cfg.figures and history:
-            plot_history(history, out_dir / "output.png")
-            if best_path.is_file():
-                best_model, ck = load_model(best_path, device)
-                plot_results(best_model, val_ds, out_dir / "results.png", device=device,
-                             title=f"best epoch {ck.epoch}: val mIoU {ck.metrics['miou']:.3f}"
-                                   f"{f' ({CLICK_VAL})' if on_clicks else ''}")
-        distributed.barrier()
+        set_up_data(run, clicks)
+        set_up_model(run)
+        set_up_optimisation(run)
+        for epoch in range(run.start, run.cfg.epochs + 1):
+            train_block(run, epoch)
+        finish(run)
         done = True
-        return history
+        return run.history
     except KeyboardInterrupt:  # Ctrl-C: the last validated state is kept, so --resume loses nothing more
-        if last is not None and last.flush():
-            print(f"\ninterrupted: {last_path} holds epoch {last.epoch}; continue with --resume", flush=True)
+        if run.last is not None and run.last.flush():
+            print(f"\ninterrupted: {run.last.path} holds epoch {run.last.epoch}; continue with --resume", flush=True)
         raise
     finally:
-        if progress is not None:
-            progress.close("done" if done else "interrupted" if isinstance(sys.exc_info()[1], KeyboardInterrupt)
-                           else "failed")
-        if claim is not None:
-            claim.close()
+        if run.progress is not None:
+            run.progress.close("done" if done else "interrupted" if isinstance(sys.exc_info()[1], KeyboardInterrupt)
+                               else "failed")
+        if run.claim is not None:
+            run.claim.close()
             if not done and fresh and [p.name for p in out_dir.iterdir()] == ["run.lock"]:  # failed before writing
                 (out_dir / "run.lock").unlink()
                 out_dir.rmdir()
+
+
+def set_up_data(run, clicks):
+    """The data sets (from their resident caches when these exist) and their checks; the checkpoint to resume."""
+    cfg, out_dir = run.cfg, run.out_dir
+    run.resumed = prepare_out(cfg, out_dir)
+    run.train_ds, run.val_ds, run.how, run.spec = build_datasets(cfg, run.resumed.spec if run.resumed else None,
+                                                                 clicks)
+    run.on_clicks = not run.val_ds.has_labels  # validation on held-out clicks
+    run.by_last = cfg.select == "last" or cfg.select == "auto" and run.on_clicks  # best_model.pth: the last model
+    run.split = split = {"train": [str(i) for i in run.train_ds.ids], "val": [str(i) for i in run.val_ds.ids]}
+    if run.resumed and run.resumed.train_state.get("split", split) != split:
+        old = run.resumed.train_state["split"]
+        moved = {part: sorted(set(split[part]) ^ set(old[part]))[:5] for part in ("train", "val")}
+        raise ValueError(f"{out_dir / 'last.pth'} was trained on another split ({run.how} now; images that moved: "
+                         f"train {moved['train']}, val {moved['val']}): the data folder changed since. Resuming "
+                         f"would train on former val images and compare best models over other val sets; restore "
+                         f"the folder, pin the split with --split, or train into a new --out")
+    run.cached = None  # the resident caches, looked for first: a hit seeds the datasets, so nothing below decodes
+    if cfg.loader != "dataloader" and not cfg.resample_each_epoch:  # choose_path's first rules; it decides the rest
+        annotation = annotation_of(cfg)
+        run.cached = tuple(find_cache(ds, annotation, cache_folder(cfg), part)
+                           for ds, part in zip((run.train_ds, run.val_ds), ("train", "val")))
+        for ds, hit in zip((run.train_ds, run.val_ds), run.cached):
+            if hit:
+                seed_dataset(ds, hit[0])
+    check_data(cfg, run.train_ds, run.val_ds)
+    if len(run.train_ds) < run.ctx.world:
+        raise ValueError(f"{len(run.train_ds)} training images cannot feed {run.ctx.world} processes; use fewer "
+                         f"processes")
+
+
+def set_up_model(run):
+    """The model; the run's folder claimed (rank 0); the class weights, the budget and what --sparse adds."""
+    cfg, ctx, out_dir, train_ds, spec = run.cfg, run.ctx, run.out_dir, run.train_ds, run.spec
+    run.model = build_model(cfg.arch, train_ds.classes.num_classes, spec.channels, cfg.decoder,
+                            pretrained=cfg.pretrained).to(ctx.device)  # before anything is written: may be missing
+    if cfg.encoder:  # pretrain.py's file: every weight but the output layer
+        print(apply_encoder(run.model, cfg.encoder, spec.channels, spec.scale), flush=True)
+    if ctx.is_main:
+        run.claim = claim_out(out_dir)  # a run started into the same folder meanwhile stops here ...
+        prepare_out(cfg, out_dir, say=False)  # ... and one that finished meanwhile left checkpoints: again
+        removed = clean_stale_temporaries(out_dir)  # no other run writes here now
+        if removed:
+            print(f"removed {len(removed)} temporary files that killed runs left in {out_dir}")
+        if cfg.export_clicks:
+            export_clicks(cfg.export_clicks, train_ds)
+    if ctx.is_main or cfg.class_weights not in CLASS_WEIGHT_SOURCES:
+        run.weights = class_weight_tensor(cfg, train_ds, out_dir)  # rank 0 writes class_weights.pt
+    else:  # the same numbers (a seeded forest with `pixels`), not written again
+        run.weights = compute_class_weights(train_ds, cfg.class_weights, cfg.class_weighting, cfg.seed, say=False)[0]
+    run.plan = plan = plan_steps(cfg, [train_ds.dense_label(i).shape for i in range(len(train_ds))])
+    if cfg.steps is not None:  # an "epoch" is now the steps between two validations
+        cfg = run.asked = replace(cfg, epochs=plan["epochs"])
+        for problem in rounds_problems(cfg, plan["epochs"]):
+            raise ValueError(f"{problem} (with --steps: the validations, every {plan['per_epoch']} steps)")
+    run.labelled = train_ds.annotation_stats()["labelled_fraction"]
+    added = few_clicks.sparse_additions(cfg, run.labelled)  # --sparse auto decides again from the data on resume
+    if added:
+        cfg = replace(cfg, **added)
+        print(few_clicks.sparse_note(added, run.labelled), flush=True)
+    run.cfg = cfg
+    if cfg.clicks or clicks_per_object(cfg.points):  # chosen by a person (or as one would): not a sample
+        print(f"note: {NOT_A_SAMPLE.format(scope=CLICK_SCOPE)}"
+              + (f". best_model.pth is the run's last model (--select {cfg.select})" if run.by_last else ""),
+              flush=True)
+    log_start(run)
+
+
+def log_start(run):
+    """What the run trains on, with what, where: the lines a person reads before the first epoch."""
+    cfg, train_ds, spec = run.cfg, run.train_ds, run.spec
+    stats = train_ds.annotation_stats()
+    if cfg.points is None and not cfg.clicks:
+        budget = "dense labels"
+    else:
+        budget = f"clicks from {cfg.clicks}" if cfg.clicks else f"{cfg.points} clicks" \
+            if clicks_per_object(cfg.points) else f"{cfg.points} {cfg.strategy} points per image"
+        budget += (f" ({stats['clicks_per_image']:.1f} clicks per image, {stats['clicked_fraction']:.3%} of the "
+                   f"pixels)")
+    init = "ImageNet" if cfg.pretrained and cfg.arch == "resnet18" else "pretrained encoder" if cfg.encoder \
+        else "random init"
+    print(f"data: {len(train_ds)} train / {len(run.val_ds)} val images ({run.how}); {budget}"
+          f"{' redrawn every epoch (published code, comparison only)' if cfg.resample_each_epoch else ''}; "
+          f"labelled {stats['labelled_fraction']:.2%} of the training pixels; scale {spec.scale:g}; "
+          f"{spec.channels} bands, intensity {spec.intensity.kind}; device {run.ctx.device}; "
+          f"{cfg.arch} {init}", flush=True)
+    if run.ctx.world > 1:
+        print(f"distributed: {run.ctx.world} processes ({torch.distributed.get_backend()}), "
+              f"{cfg.batch_size // run.ctx.world} of each batch of {cfg.batch_size} per process", flush=True)
+    if run.weights is not None:
+        print(f"class weights ({cfg.class_weights}, {cfg.class_weighting}): " +
+              ", ".join(f"{n} {w:.2f}" for n, w in zip(train_ds.classes.names, run.weights.tolist())))
+    if run.plan["text"]:
+        print(f"budget: {run.plan['text']}", flush=True)
+
+
+def set_up_optimisation(run):
+    """Loss, optimizer and schedule (a resumed run's state put back), the loaders, the few-clicks rounds, DDP, and
+    what the run writes as it goes (last.pth, progress.jsonl)."""
+    cfg, ctx, device, model = run.cfg, run.ctx, run.ctx.device, run.model
+    run.criterion = PartialCrossEntropyLoss(cfg.gamma, run.weights, normalization=cfg.normalization).to(device)
+    run.extra = weak_terms(cfg)
+    run.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     fused=True if device.type == "cuda" else None)
+    run.scheduler, run.per_step = make_scheduler(cfg, run.optimizer, run.plan["per_epoch"])
+    run.gen = torch.Generator().manual_seed(cfg.seed)
+    run.config = config_dict(run.asked)
+    run.last = LastCheckpoint(run.out_dir / "last.pth", model, run.spec, run.config)
+    resumed = run.resumed
+    if resumed:
+        if resumed.model_args != model.model_args:
+            raise ValueError(f"{run.last.path} holds a {resumed.model_args} model; this run asks for "
+                             f"{model.model_args}: resume with the same settings or a new --out")
+        st = resumed.train_state
+        model.load_state_dict(resumed.state_dict)
+        run.optimizer.load_state_dict(st["optimizer"])
+        run.scheduler.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["rng"])
+        run.gen.set_state(st["loader_rng"])
+        run.history, run.best, run.start = list(st["history"]), st["best_miou"], resumed.epoch + 1
+        print(f"resumed from {run.last.path} at epoch {resumed.epoch}")
+    run.train_loader, run.val_loader = make_loaders(cfg, run.train_ds, run.val_ds, device, run.gen, ctx, run.cached,
+                                                    run.plan["draws"])
+    # after the loaders (a resident cache holds the drawn annotation only): grown labels, or a resumed run's rounds
+    few_clicks.start(cfg, run.train_ds, resumed.train_state if resumed else None)  # the loaders follow the changes
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    run.net = distributed.wrap(model, ctx)  # DDP under torchrun: gradients averaged over the ranks
+    if ctx.is_main:
+        run.progress = Progress(run.out_dir / "progress.jsonl", append=resumed is not None,
+                                unit="step" if cfg.steps is not None else "epoch", epochs=cfg.epochs,
+                                steps=run.plan["total"], per_epoch=run.plan["per_epoch"], start_epoch=run.start)
+
+
+def train_block(run, epoch):
+    """One epoch (with --steps: the steps between two validations): train, validate, log, the few-clicks round
+    due, and keep what is to be kept (keep)."""
+    cfg, ctx, device, names = run.cfg, run.ctx, run.ctx.device, run.train_ds.classes.names
+    t0 = time.time()
+    run.train_ds.set_epoch(epoch)
+    if ctx.world > 1:  # augmentation draws differ per rank, and a resumed run draws the same again
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, ctx.rank]).generate_state(1)[0]))
+    lr = run.optimizer.param_groups[0]["lr"]
+    tr_loss, tr_cm, _, tr_extra = run_epoch(run.net, run.train_loader, run.criterion, device, run.optimizer, cfg.amp,
+                                            cfg.progress and ctx.is_main, f"epoch {epoch} train", run.extra, names,
+                                            run.scheduler if run.per_step else None)
+    tr_loss, tr_cm, tr_extra = distributed.reduce_epoch(run.train_loader, tr_loss, tr_cm, tr_extra)
+    if not run.per_step:
+        run.scheduler.step()
+    distributed.sync_buffers(run.model)  # every rank validates rank 0's model, the one saved
+    va_loss, _, va_cm, _ = run_epoch(run.model, run.val_loader, run.criterion, device, None, cfg.amp,
+                                     cfg.progress and ctx.is_main, f"epoch {epoch} val", names=names)
+    va_loss, va_cm, _ = distributed.reduce_epoch(run.val_loader, va_loss, va_cm, {})
+    tr = tr_cm.compute(cfg.exclude)
+    va, scores, shown = validation_scores(run, va_cm, va_loss)
+    h = {"epoch": epoch, "step": epoch * run.plan["per_epoch"], "train_loss": tr_loss, "train_oa": tr["oa"],
+         "train_miou": tr["miou"], "val_loss": va_loss, **scores, "lr": lr, "seconds": time.time() - t0}
+    h.update({f"train_{name}": v for name, v in tr_extra.items()})  # only the enabled terms
+    run.history.append(h)
+    improved = va["miou"] > run.best
+    star = " *" if improved and not run.by_last else ""  # a new best_model.pth
+    terms = "".join(f" {name} {v:.4f}" for name, v in tr_extra.items())
+    when = f"step {h['step']:5d}/{run.plan['total']}" if cfg.steps is not None else f"epoch {epoch:3d}/{cfg.epochs}"
+    print(f"{when} | loss {tr_loss:.4f}{terms} OA {tr['oa']:.3f} mIoU {tr['miou']:.3f} (train points) | {shown} | "
+          f"lr {lr:.2e} | {h['seconds']:.1f}s{star}", flush=True)
+    if few_clicks.end_of_epoch(cfg, epoch, run.model, run.train_ds, device):  # a round changed the annotation
+        run.labelled = run.train_ds.labelled_fraction()
+    h["labelled_fraction"] = run.labelled  # share of training pixels clicked as the epoch ends (rounds add some)
+    keep(run, epoch, h, va, improved)
+
+
+def validation_scores(run, va_cm, va_loss):
+    """(metrics, the history's val_* entries, the log's val part): dense, or at the held-out clicks with intervals
+    and what they cover."""
+    cfg = run.cfg
+    if run.on_clicks:
+        va = click_validation(run.model, run.val_ds, run.ctx.device, cfg.exclude, cfg.batch_size)
+        scores = {"val_kind": va["kind"], "val_scope": CLICK_SCOPE, "val_oa": va["oa"], "val_oa_ci": va["oa_ci"],
+                  "val_miou": va["miou"], "val_miou_ci": va["miou_ci"], "val_iou": va["iou"],
+                  "val_recall": va["recall"], "val_recall_ci": va["recall_ci"], "val_clicks": va["clicks"]}
+        shown = (f"val ({va['clicks']} {CLICK_VAL}: clicked pixels, not the map) loss {va_loss:.4f} accuracy "
+                 f"{_ci(va['oa'], va['oa_ci'])} mIoU {_ci(va['miou'], va['miou_ci'])}")
+        return va, scores, shown
+    va = va_cm.compute(cfg.exclude)
+    scores = {"val_oa": va["oa"], "val_miou": va["miou"], "val_mf1": va["mf1"], "val_iou": va["iou"],
+              "val_f1": va["f1"]}
+    return va, scores, f"val loss {va_loss:.4f} OA {va['oa']:.3f} mIoU {va['miou']:.3f} mF1 {va['mf1']:.3f} (dense)"
+
+
+def keep(run, epoch, h, va, improved):
+    """After a validation (rank 0 writes): best_model.pth (--select), last.pth at its bounded rate, a progress
+    line. Non-finite weights are never saved: the run stops (TrainingError)."""
+    cfg, final = run.cfg, epoch == run.cfg.epochs
+    try:
+        if improved:
+            run.best = va["miou"]
+        if not run.ctx.is_main:
+            return
+        if improved and not run.by_last or run.by_last and final:
+            save_checkpoint(run.best_path, run.model, run.spec, config=run.config, metrics=va, epoch=epoch)
+        run.last.hold(epoch, va, final=final, train_state={
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "rng": torch.get_rng_state(), "loader_rng": run.gen.get_state(), "history": run.history,
+            "best_miou": run.best, "split": run.split,
+            **({"few_clicks": few_clicks.state(run.train_ds)} if few_clicks.enabled(cfg) else {})})
+        run.progress.write("validation", epoch=epoch, epochs=cfg.epochs, step=h["step"], steps=run.plan["total"],
+                           loss=h["train_loss"], val={k: v for k, v in h.items() if k.startswith("val_")},
+                           elapsed=time.time() - run.progress.t0)
+    except ValueError as e:  # non-finite weights: never saved
+        raise TrainingError(f"epoch {epoch}: {e}. Training diverged; lower --lr and start again") from None
+
+
+def finish(run):
+    """The plateau said once, history.json and the figures (rank 0; the others wait)."""
+    cfg, history = run.cfg, run.history
+    if not run.ctx.is_main:
+        distributed.barrier()  # rank 0 writes the history and figures
+        return
+    flat = plateau(history, PLATEAU_EPOCHS, PLATEAU_GAIN, cfg.warmup)  # judged once, on the whole curve
+    if flat:
+        level = next(x["val_miou"] for x in history if x["epoch"] == flat)
+        print(f"the validation curve has stopped improving: the last {PLATEAU_EPOCHS} validations gained less "
+              f"than {PLATEAU_GAIN} val mIoU over {unit_at(cfg, run.plan, flat)}'s {level:.3f}; a longer run is "
+              f"unlikely to help", flush=True)
+    (run.out_dir / "history.json").write_text(json.dumps(history, indent=1))
+    if cfg.figures and history:
+        plot_history(history, run.out_dir / "output.png")
+        if run.best_path.is_file():
+            best_model, ck = load_model(run.best_path, run.ctx.device)
+            plot_results(best_model, run.val_ds, run.out_dir / "results.png", device=run.ctx.device,
+                         title=f"{'last' if run.by_last else 'best'} epoch {ck.epoch}: val mIoU "
+                               f"{ck.metrics['miou']:.3f}{f' ({CLICK_VAL})' if run.on_clicks else ''}")
+    distributed.barrier()
 
 
 # --------------------------------------------------------------------------- CLI

@@ -73,7 +73,6 @@ def test_run_key_is_stable_and_tells_configs_apart():
 def test_key_hashes_the_whole_training_config(monkeypatch):
     """Every TrainConfig field but NOT_IN_KEY is in the key, defaults included: a changed default (here the
     loss normalisation) makes new keys, so old rows no longer count as done. Where the run goes does not."""
-    import train
     cfg = KEYS.config(E.BASELINE, 0)
     h = E.config_hash(cfg, "data-id")
     assert h == E.config_hash(replace(cfg, out="elsewhere", figures="figs", progress=True, device="cuda:1",
@@ -84,7 +83,7 @@ def test_key_hashes_the_whole_training_config(monkeypatch):
     assert len({h} | {E.config_hash(c, "data-id") for c in changed}) == len(changed) + 1
     assert E.config_hash(cfg, "other-data") != h
 
-    key, base = KEYS.run_key(E.BASELINE, 0), train.TrainConfig
+    key, base = KEYS.run_key(E.BASELINE, 0), config.TrainConfig
 
     @dataclasses.dataclass
     class NewDefault(base):
@@ -94,9 +93,9 @@ def test_key_hashes_the_whole_training_config(monkeypatch):
     class WithOverwrite(base):  # a field another change adds, which says how a run goes, not what it computes
         overwrite: bool = config.setting(False, "how a run goes", config.RUN, role="how")
 
-    monkeypatch.setattr(train, "TrainConfig", NewDefault)
+    monkeypatch.setattr(config, "TrainConfig", NewDefault)
     assert KEYS.run_key(E.BASELINE, 0) != key
-    monkeypatch.setattr(train, "TrainConfig", WithOverwrite)
+    monkeypatch.setattr(config, "TrainConfig", WithOverwrite)
     assert KEYS.run_key(E.BASELINE, 0) == key
 
 
