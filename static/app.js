@@ -1,6 +1,12 @@
 // The page: image list, class legend and keys, mouse actions on the map, and keeping up with other tabs; with an
 // assessment sample (--assess), the Assess mode (assess.js), in which nothing of the annotation is shown.
-"use strict";
+// The entry module (index.html loads only this one). Every bound the page keeps to is the server's, read from
+// /api/config's `bounds`; the page's one global is `window.app` (below).
+import * as api from "./api.js";
+import { Assess } from "./assess.js";
+import { Clicks } from "./clicks.js";
+import { Training } from "./train.js";
+import { Viewer } from "./viewer.js";
 
 class App {
   constructor(config) {
@@ -8,8 +14,8 @@ class App {
     this.palette = config.classes.palette;
     this.cls = 0;
     this.mode = "annotate"; // or "assess"
-    this.viewer = new Viewer(document.getElementById("canvas"));
-    this.clicks = new Clicks(() => { this.count(); this.viewer.redraw(); });
+    this.viewer = new Viewer(document.getElementById("canvas"), config.bounds);
+    this.clicks = new Clicks(config.bounds, () => { this.count(); this.viewer.redraw(); });
     this.training = new Training(this);
     this.assess = config.assess ? new Assess(this) : null;
     this.viewer.onDraw.push((ctx, v) => { if (this.mode === "annotate") this.clicks.draw(ctx, v, this.palette); });
@@ -220,13 +226,14 @@ class App {
   }
 }
 
-window.addEventListener("DOMContentLoaded", async () => {
-  const config = await api.get("/api/config");
-  const app = new App(config);
-  window.app = app;
-  app.notes(await app.clicks.load());
-  if (config.images.length) app.select(config.images[0].name);
-  app.training.poll();
-  app.watch();
-  document.body.dataset.ready = "1";
-});
+// A module runs once the document is parsed.
+const config = await api.get("/api/config");
+const app = new App(config);
+// The page's one global: tests/test_annotate_browser.py reads the page's state through it (app.viewer, app.cls,
+// app.training.suggestions, app.assess.point, ...). Nothing else is put on window.
+window.app = app;
+app.notes(await app.clicks.load());
+if (config.images.length) app.select(config.images[0].name);
+app.training.poll();
+app.watch();
+document.body.dataset.ready = "1";

@@ -1,11 +1,11 @@
 // Assess mode: label the points of a blind accuracy assessment sample one at a time, and follow the design-based
 // estimates of the map's accuracy and class areas. Blind: the server never sends a point's map class, and in this
 // mode the page shows no prediction overlay, no clicks and no suggestions.
-"use strict";
+import * as api from "./api.js";
 
 const ASSESS_SCALE = 4; // screen pixels per image pixel around a sample point
 
-class Assess {
+export class Assess {
   constructor(app) {
     this.app = app;
     this.point = null; // {id, index, image, row, col, reference, previous, following}: never the map class

@@ -1,9 +1,11 @@
 // The clicks: what the click file holds per image, changed by operations (add / remove pixels) that the server
 // applies to the file at once; undo and redo send the inverse operation.
-"use strict";
+import * as api from "./api.js";
 
-class Clicks {
-  constructor(onChange) {
+export class Clicks {
+  // bounds: /api/config's; an operation names at most max_pixels_per_op pixels in at most max_body bytes.
+  constructor(bounds, onChange) {
+    this.bounds = bounds;
     this.byImage = new Map(); // image name -> Map "x,y" -> {x, y, cls, kind}
     this.undoStack = [];
     this.redoStack = [];
@@ -68,7 +70,22 @@ class Clicks {
     this.redoStack = [];
   }
 
-  // Make pixels hold `target(change)` (a class or null): one remove and one add per class.
+  // The operation `op` (of points) as operations the server takes: at most max_pixels_per_op points and max_body
+  // bytes each. An undo of a long scribble names up to max_pixels_per_op pixels, which can pass max_body.
+  batches(op) {
+    const out = [];
+    for (let i = 0; i < op.points.length;) {
+      let n = Math.min(this.bounds.max_pixels_per_op, op.points.length - i);
+      while (n > 1 && api.bodyBytes({ ...op, points: op.points.slice(i, i + n) }) > this.bounds.max_body) {
+        n = Math.ceil(n / 2);
+      }
+      out.push({ ...op, points: op.points.slice(i, i + n) });
+      i += n;
+    }
+    return out;
+  }
+
+  // Make pixels hold `target(change)` (a class or null): one remove and one add per class (in parts, batches()).
   async restore(step, target) {
     const groups = new Map();
     for (const c of step.changed) {
@@ -77,8 +94,9 @@ class Clicks {
       groups.get(cls).push([c[0] + 0.5, c[1] + 0.5]);
     }
     for (const [cls, points] of groups) {
-      if (cls === null) await this.send({ op: "remove", image: step.image, points });
-      else await this.send({ op: "add", image: step.image, points, class: cls, kind: "point" });
+      const op = cls === null ? { op: "remove", image: step.image, points }
+        : { op: "add", image: step.image, points, class: cls, kind: "point" };
+      for (const part of this.batches(op)) await this.send(part);
     }
   }
 

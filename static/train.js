@@ -1,9 +1,9 @@
 // The model: start a short training, follow its progress (the server reads train.py's progress file: step of
 // steps), show its prediction, its accuracy on held-out clicks and the places it is least sure of (suggestions,
 // answered by ordinary clicks).
-"use strict";
+import * as api from "./api.js";
 
-class Training {
+export class Training {
   constructor(app) {
     this.app = app;
     this.model = 0;
@@ -59,8 +59,8 @@ class Training {
 
   async suggest() {
     try {
-      const n = Number(this.el("suggest-n").value) || 10;
-      this.suggestions = (await api.get(`/api/suggest?n=${n}`)).suggestions;
+      const n = this.el("suggest-n").value.trim(); // empty: the server's default; anything else it checks
+      this.suggestions = (await api.get(n === "" ? "/api/suggest" : `/api/suggest?n=${Number(n)}`)).suggestions;
     } catch (e) {
       this.app.message(e.message);
       return;

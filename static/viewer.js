@@ -1,12 +1,15 @@
 // The map: one image on a canvas, panned and zoomed, drawn from tiles the server cuts (never the whole image),
 // with the model's prediction as a transparent overlay and whatever the other modules draw on top (onDraw).
-"use strict";
+import * as api from "./api.js";
 
-const TILE = 256; // tile side in screen-sized pixels (the server allows up to max_tile)
+const TILE = 256; // the tile side asked for, in screen-sized pixels, unless the server's max_tile is smaller
 
-class Viewer {
-  constructor(canvas) {
+export class Viewer {
+  // bounds: /api/config's; tiles are at most max_tile pixels a side and of zoom levels up to max_zoom.
+  constructor(canvas, bounds) {
     this.canvas = canvas;
+    this.tileSide = Math.min(TILE, bounds.max_tile);
+    this.maxZoom = bounds.max_zoom;
     this.ctx = canvas.getContext("2d");
     this.image = null; // {name, width, height}
     this.scale = 1; // screen pixels per image pixel
@@ -69,8 +72,12 @@ class Viewer {
     this.redraw();
   }
 
-  // Zoom level: a tile at level z shows 2**z image pixels per tile pixel.
-  maxLevel() { return Math.max(0, Math.ceil(Math.log2(Math.max(this.image.width, this.image.height) / TILE))); }
+  // Zoom level: a tile at level z shows 2**z image pixels per tile pixel; the coarsest shows the whole image in one
+  // tile, or is the server's max_zoom.
+  maxLevel() {
+    const whole = Math.ceil(Math.log2(Math.max(this.image.width, this.image.height) / this.tileSide));
+    return Math.min(this.maxZoom, Math.max(0, whole));
+  }
   level() { return Math.min(this.maxLevel(), Math.max(0, Math.floor(Math.log2(1 / this.scale)))); }
 
   redraw() {
@@ -81,7 +88,7 @@ class Viewer {
 
   // The tiles of level z that cover the screen: [{tx, ty, x0, y0, w, h}] in image pixels.
   visibleTiles(z) {
-    const side = TILE * 2 ** z;
+    const side = this.tileSide * 2 ** z;
     const [x0, y0] = this.screenToImage(0, 0);
     const [x1, y1] = this.screenToImage(this.canvas.width, this.canvas.height);
     const { width: W, height: H } = this.image;
@@ -113,7 +120,7 @@ class Viewer {
     let shown = 0;
     for (let lv = this.maxLevel(); lv >= z; lv--) {
       for (const t of this.visibleTiles(lv)) {
-        const url = api.tileUrl(kind, this.image.name, lv, t.tx, t.ty, TILE, extra);
+        const url = api.tileUrl(kind, this.image.name, lv, t.tx, t.ty, this.tileSide, extra);
         const img = this.tile(url, lv === z);
         if (!img) continue;
         const [sx, sy] = this.imageToScreen(t.x0, t.y0);
