@@ -1,13 +1,17 @@
 """annotate.py in a real browser: headless system Chromium (Debian's chromium + chromium-driver) driven by Selenium
 does what a person does: pick a class, click points on two images, remove and undo, reload, train, see the
 overlay, answer a suggestion; then the click file holds exactly the pixels clicked. In the Assess mode, it labels
-the points of a blind sample with the number keys and reads the estimates table.
+the points of a blind sample with the number keys and reads the estimates table. The page's sources (ES modules
+under static/) type none of the server's bounds: they come from /api/config, and a server with other bounds gets
+a page that keeps to those; the page defines one global, `window.app`, which these tests read its state through.
 
 Set ANNOTATE_SCREENSHOT=images/annotate.png to save the page with its overlay (the README's picture). Without
 Chromium, its driver or selenium, or when the browser does not start, the test is skipped with the reason (under
 CI=true, where .ci/run installs them, it fails instead); once the browser runs, every failure is a failure."""
 
+import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,12 +19,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import annotate
 import assess
 from annotations import read_clicks
 from conftest import write_assessment_scene
 from spec import load_class_file
 from test_annotate import Server, colour_image, train_command
 
+STATIC = Path(__file__).resolve().parents[1] / "static"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 INSTALL = "apt-get install chromium chromium-driver"
 
@@ -91,6 +97,61 @@ def test_a_browser_that_does_not_start_is_a_skip_with_the_reason(tmp_path, monke
         start_chromium(tmp_path / "profile")
 
 
+# --------------------------------------------------------------------------- the page's sources
+
+# A number as JS or HTML writes it (20000, 20_000, 2e4, 256 << 10), not part of a name or a colour (#000).
+NUMBER = re.compile(r"(?<![\w.#$])(\d[\d_]*(?:\.\d+)?(?:e[+-]?\d+)?)(?:\s*<<\s*(\d+))?(?![\w.])", re.I)
+UNRELATED = "not a server bound"  # a line that says so may type a number equal to a bound by chance
+
+
+def page_sources():
+    return {p.name: p.read_text() for p in sorted(STATIC.glob("*.js")) + [STATIC / "index.html"]}
+
+
+def config_bounds(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(colour_image(8, 8)).save(folder / "im0.png")
+    s = Server(folder, tmp_path / "clicks.csv", tmp_path / "runs")
+    try:
+        return s.json("GET", "/api/config")["bounds"]
+    finally:
+        s.close()
+
+
+def test_the_page_types_no_server_bound_and_uses_every_one(tmp_path):
+    bounds = config_bounds(tmp_path)
+    assert bounds and all(isinstance(v, int) for v in bounds.values()), bounds
+    typed = []
+    for name, text in page_sources().items():
+        for i, line in enumerate(text.splitlines(), 1):
+            if UNRELATED in line:
+                continue
+            for m in NUMBER.finditer(line):
+                value = float(m.group(1).replace("_", "")) * 2 ** int(m.group(2) or 0)
+                typed += [f"static/{name}:{i}: {m.group(0)} is {k}" for k, v in bounds.items() if value == v]
+    assert not typed, ("the page types the server's bounds; read them from /api/config's bounds "
+                       f"(or mark an unrelated number '// {UNRELATED}'): {typed}")
+    scripts = "\n".join(t for n, t in page_sources().items() if n.endswith(".js"))
+    assert set(re.findall(r"\bbounds\.(\w+)", scripts)) == set(bounds), "each bound is used, and only those"
+
+
+def test_the_page_is_one_module_that_imports_the_others_and_sets_one_global():
+    html = (STATIC / "index.html").read_text()
+    assert re.findall(r"<script\b[^>]*>", html) == ['<script type="module" src="/static/app.js">']
+    assert not re.search(r"\son[a-z]+=", html), "no inline handlers: the modules attach them"
+    reached, todo = set(), ["app.js"]
+    while todo:
+        name = todo.pop()
+        reached.add(name)
+        text = (STATIC / name).read_text()
+        assert '"use strict"' not in text, f"{name}: a module is strict already"
+        todo += [n for n in re.findall(r'^import [^;]* from "\./([\w-]+\.js)";', text, re.M) if n not in reached]
+    assert reached == {p.name for p in STATIC.glob("*.js")}, "every script is a module the entry imports"
+    scripts = "\n".join(p.read_text() for p in STATIC.glob("*.js"))
+    assert re.findall(r"\b(?:window|globalThis|self)\.(\w+)\s*=(?!=)", scripts) == ["app"]
+
+
 # --------------------------------------------------------------------------- the page in Chromium
 
 
@@ -106,14 +167,19 @@ def wait(driver, script, timeout=30, what=None):
     raise AssertionError(f"timed out waiting for {what or script}; the page says: {said!r}")
 
 
-def click_pixel(driver, x, y):
-    """A real mouse click at the screen position of image pixel (x, y)'s centre in the current view."""
-    from selenium.webdriver.common.actions.action_builder import ActionBuilder
-    vx, vy = driver.execute_script(
+def on_screen(driver, x, y):
+    """The window position of image pixel (x, y)'s centre in the current view."""
+    return driver.execute_script(
         "const [sx, sy] = app.viewer.imageToScreen(arguments[0] + 0.5, arguments[1] + 0.5);"
         "const r = app.viewer.canvas.getBoundingClientRect();"
         "return [Math.round(r.left + sx), Math.round(r.top + sy)];",
         x, y)
+
+
+def click_pixel(driver, x, y):
+    """A real mouse click at the screen position of image pixel (x, y)'s centre in the current view."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    vx, vy = on_screen(driver, x, y)
     action = ActionBuilder(driver)
     action.pointer_action.move_to_location(vx, vy).click()
     action.perform()
@@ -226,6 +292,91 @@ def test_click_reload_train_overlay_suggest_in_chromium(browser, tmp_path):
     assert saved == expected
 
 
+def scribble(driver, pixels):
+    """Shift+drag through the centres of image `pixels` [(x, y), ...], one mouse move each."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.common.keys import Keys
+    action = ActionBuilder(driver, duration=0)
+    key, mouse = action.key_action, action.pointer_action
+    key.key_down(Keys.SHIFT), mouse.pause(0)
+    for i, (x, y) in enumerate(pixels):
+        mouse.move_to_location(*on_screen(driver, x, y)), key.pause(0)
+        if i == 0:
+            mouse.pointer_down(), key.pause(0)
+    mouse.pointer_up(), key.pause(0)
+    key.key_up(Keys.SHIFT), mouse.pause(0)
+    action.perform()
+
+
+def tiles_served(driver):
+    """The URLs of the tiles the page asked for, once every one has loaded; fails naming any the server refused."""
+    wait(driver, "const t = [...app.viewer.tiles.values()]; return t.length && t.every((i) => i.complete)",
+         what="the tiles")
+    urls = driver.execute_script("return [...app.viewer.tiles.keys()]")
+    refused = driver.execute_script("return [...app.viewer.tiles].filter(([u, i]) => !i.naturalWidth).map(([u]) => u)")
+    assert not refused, refused
+    return urls
+
+
+@pytest.mark.slow
+def test_the_page_keeps_to_the_bounds_the_server_gives_and_sets_one_global_in_chromium(browser, tmp_path,
+                                                                                        monkeypatch):
+    from urllib.parse import parse_qs, urlsplit
+    bounds = {"MAX_TILE": 32, "MAX_ZOOM": 0, "MAX_BODY": 400, "MAX_PIXELS_PER_OP": 200, "MAX_LINE_VERTICES": 4,
+              "MAX_EPOCHS": 7, "MAX_SUGGESTIONS": 3}  # far below the defaults: a typed default would break a bound
+    for k, v in bounds.items():
+        monkeypatch.setattr(annotate, k, v)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(colour_image(48, 64)).save(folder / "im0.png")
+    s = Server(folder, tmp_path / "clicks.csv", tmp_path / "runs")
+    try:
+        # what a document of this origin has on window, where no page script ran but the driver did (ret_nodes)
+        browser.get(f"http://127.0.0.1:{s.port}/static/style.css")
+        browser.execute_script("return 1")
+        blank = set(browser.execute_script("return Object.keys(window)"))
+        browser.get(f"http://127.0.0.1:{s.port}/")
+        wait(browser, "return document.body.dataset.ready", what="the page")
+        assert [k for k in browser.execute_script("return Object.keys(window)") if k not in blank] == ["app"]
+        declared = set()
+        for text in page_sources().values():
+            declared |= set(re.findall(r"^(?:export )?(?:async )?(?:class|function\*?|const|let|var) ([\w$]+)", text,
+                                       re.M))
+            declared |= set(re.findall(r"^import \* as ([\w$]+)", text, re.M))
+        declared -= {"app"}
+        assert "Viewer" in declared and "api" in declared
+        assert browser.execute_script(
+            "return arguments[0].filter((n) => (0, eval)(`typeof ${n}`) !== 'undefined')", sorted(declared)) == []
+
+        assert browser.find_element("id", "epochs").get_attribute("max") == "7"
+        assert browser.find_element("id", "suggest-n").get_attribute("max") == "3"
+        # tiles of at most max_tile pixels, at zoom levels up to max_zoom even zoomed far out
+        assert {parse_qs(urlsplit(u).query)["size"][0] for u in tiles_served(browser)} == {"32"}
+        press(browser, *"-" * 16)
+        wait(browser, "return app.viewer.scale < 0.5", what="zoomed out")
+        assert {parse_qs(urlsplit(u).query)["z"][0] for u in tiles_served(browser)} == {"0"}
+        press(browser, "f")
+
+        # a scribble is cut to max_line_vertices; its undo and redo keep to max_body (in parts)
+        scribble(browser, [(2, 4), (14, 12), (26, 20), (38, 28)] + [(40 + 2 * j, 29 + j) for j in range(6)])
+        wait(browser, "return document.getElementById('message').textContent.startsWith("
+                      "'the scribble was cut to its first 4 of ')", what="the scribble cut")
+        drawn = read_clicks(tmp_path / "clicks.csv", [folder / "im0.png"]).images["im0"]
+        pixels = set(zip(drawn.cols.tolist(), drawn.rows.tolist()))
+        assert count(browser) == len(pixels) and max(x for x, _ in pixels) < 40
+        inverse = {"op": "remove", "image": "im0", "points": [[x + 0.5, y + 0.5] for x, y in pixels]}
+        assert len(json.dumps(inverse)) > 2 * bounds["MAX_BODY"]  # the undo must be sent in parts
+        undo_keys(browser, "z")
+        wait(browser, "return document.getElementById('count').textContent === '0'", what="the undo")
+        undo_keys(browser, "y")
+        wait(browser, f"return document.getElementById('count').textContent === '{len(pixels)}'", what="the redo")
+        assert browser.find_element("id", "message").text == "the scribble was cut to its first 4 of 10 points"
+    finally:
+        s.close()
+    again = read_clicks(tmp_path / "clicks.csv", [folder / "im0.png"]).images["im0"]
+    assert set(zip(again.cols.tolist(), again.rows.tolist())) == pixels
+
+
 @pytest.mark.slow
 def test_assess_mode_labels_a_blind_sample_and_shows_the_estimates_in_chromium(browser, tmp_path):
     images, masks, classes, truth = write_assessment_scene(tmp_path / "scene")
@@ -264,8 +415,12 @@ def test_assess_mode_labels_a_blind_sample_and_shows_the_estimates_in_chromium(b
                 assert not browser.find_element("id", "estimates").is_displayed()
         wait(browser, "return !document.getElementById('estimates').hidden", what="the estimates table")
         want = assess.Assessment.open(sample, images, load_class_file(classes)).estimates()
+        want_oa = f"Overall accuracy: {100 * want.oa:.1f} ± {100 * 1.96 * want.oa_se:.1f} %"
+        # the table may already show the estimates of 7 labels while those of the 8th are on their way
+        wait(browser, f"return document.getElementById('estimates-oa').textContent === {json.dumps(want_oa)}",
+             timeout=10, what="the estimates of all 8 labels")
         oa = browser.find_element("id", "estimates-oa").text
-        assert oa == f"Overall accuracy: {100 * want.oa:.1f} ± {100 * 1.96 * want.oa_se:.1f} %", oa
+        assert oa == want_oa, oa
         rows = browser.find_elements("css selector", "#estimates tr")
         assert [r.find_elements("css selector", "td, th")[0].text for r in rows] == ["class", "background",
                                                                                    "building"]
