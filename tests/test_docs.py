@@ -117,7 +117,7 @@ def test_relative_links_resolve(path):
 
 # --------------------------------------------------------------------------- the commands they show
 
-SCRIPTS = ("train.py", "infer.py", "pretrain.py", "annotate.py")
+SCRIPTS = ("train.py", "infer.py", "pretrain.py", "annotate.py", "assess.py")
 COMMAND = re.compile(r"(?:python3?\b|\$\(PY\)|torchrun\b)[^`\n]*?\b(?:" + "|".join(map(re.escape, SCRIPTS))
                      + r")\b[^`\n]*")
 
@@ -143,11 +143,13 @@ def refused(commands):
     """What each command's script says against it: its parser, and for train.py the checks and rules of the
     settings (files they name need not exist here), for infer.py its argument checks. [] when all pass."""
     import annotate
+    import assess
     import config
     import infer
     import pretrain
     import train
-    modules = {"train.py": train, "infer.py": infer, "pretrain.py": pretrain, "annotate.py": annotate}
+    modules = {"train.py": train, "infer.py": infer, "pretrain.py": pretrain, "annotate.py": annotate,
+               "assess.py": assess}
     problems = []
     for where, script, argv in commands:
         if argv in (["--help"], ["-h"]):
@@ -164,8 +166,8 @@ def refused(commands):
                 for rule in config.RULES:
                     for problem in rule(cfg):
                         raise ValueError(problem)
-            elif script == "infer.py":
-                infer.check_args(args)
+            elif script in ("infer.py", "assess.py"):
+                modules[script].check_args(args)
         except SystemExit:
             problems.append(f"{where}: refused by {script}'s parser")
         except ValueError as e:
