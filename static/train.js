@@ -111,7 +111,8 @@ export class Training {
   }
 }
 
-// history.json's val_* numbers of the shown model, labelled: they are measured on held-out clicks.
+// history.json's val_* numbers of the shown model, labelled: they are measured on held-out clicks, and say what
+// they cover (val_scope: the kind of pixels that were clicked, not the map; the map's accuracy is the Assess tab's).
 function formatMetrics(m) {
   if (!m) return "";
   const parts = [];
@@ -123,5 +124,6 @@ function formatMetrics(m) {
       ? `${name} ${v.toFixed(3)} [${ci[0].toFixed(3)}, ${ci[1].toFixed(3)}]`
       : `${name} ${v.toFixed(3)}`);
   }
-  return parts.length ? `held-out clicks: ${parts.join("; ")}` : "held-out clicks: none measured";
+  const what = typeof m.val_scope === "string" ? `held-out clicks (${m.val_scope})` : "held-out clicks";
+  return parts.length ? `${what}: ${parts.join("; ")}` : `${what}: none measured`;
 }

@@ -263,7 +263,8 @@ def test_click_reload_train_overlay_suggest_in_chromium(browser, tmp_path):
              what="the training")
         assert browser.execute_script("const p = document.getElementById('progress'); return p.value === p.max")
         wait(browser, "return app.viewer.overlayTilesShown > 0", what="the overlay")
-        assert browser.find_element("id", "accuracy").text.startswith("held-out clicks:")
+        assert browser.find_element("id", "accuracy").text.startswith(  # and says what such a score covers
+            "held-out clicks (the kind of pixels that were clicked, not the map):")
         # the overlay shows: building predicted on the right half, drawn over the image at half opacity
         left = drawn_colour(browser, 30, 44)
         assert left != list(colour_image(48, 64, 0)[44, 30])
