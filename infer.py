@@ -27,8 +27,9 @@ them (map units), the background class gets none unless `--background` says so (
 `--vector` or `--areas` write the class pixel counts (pixels; m^2 and ha for a CRS in metres) of every image into
 `<output>/areas.csv`, with TOTAL rows, and `areas.md` beside it: these are the map's pixels, not area estimates,
 which come from an assessment (assess.py). Rows of images not in this run stay, and so do their polygons. Both are
-made from the bands of rows the masks are written from, as they are written (`_Maps`); under --skip-existing an
-input is done only when its polygons file and its areas.csv rows exist too.
+made from the bands of rows the masks are written from, as they are written (`vector._Maps`; vector.py makes all
+of these outputs); under --skip-existing an input is done only when its polygons file and its areas.csv rows exist
+too.
 
 An input that does not fit the model, 16-bit data under a model trained on 8-bit images, is segmented with a
 warning that names the choices (--bit-depth, or training on such files): logged, repeated after the run's summary
@@ -43,10 +44,10 @@ training uses.
 
 A TIFF over STREAM_PIXELS (64 MP) is streamed (`predict.StreamedInput`, `predict.predict_streamed`): read in
 windows of rows, predicted, and its masks written band of rows by band of rows, so memory does not grow with the
-image; its overlay is skipped. Its polygons and areas come from the same bands: held are a block of VECTOR_ROWS
-(1024) mask rows and the per-class counts, but also every polygon found until the file is written, so memory grows
-with the number of polygon vertices (how fragmented the prediction is), not with the pixels; a class region that
-spans the image is one polygon, held whole (vector.py).
+image; its overlay is skipped. Its polygons and areas come from the same bands: held are a block of
+vector.VECTOR_ROWS (1024) mask rows and the per-class counts, but also every polygon found until the file is
+written, so memory grows with the number of polygon vertices (how fragmented the prediction is), not with the
+pixels; a class region that spans the image is one polygon, held whole (vector.py).
 
 A folder is pipelined (`segment_files`): a reader thread reads and decodes the next files, the model runs in the
 main thread, a writer thread encodes and writes the masks of the last ones, with at most PIPELINE_DEPTH (2)
@@ -56,7 +57,6 @@ for byte; `--no-pipeline` runs file after file. A streamed TIFF is predicted and
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import fnmatch
 import math
@@ -81,17 +81,12 @@ from raster import (GDAL_NODATA, GEOTIFF_TAGS, IMAGE_SUFFIXES, MAX_PIXELS, TIFF_
                     clean_stale_temporaries, is_image_file, open_image, png_rows, png_text, readable_by_rows,
                     tiles_of_rows, write_index_tiff, write_jpeg)
 from spec import IGNORE_INDEX, MAX_SCALE, check_scale, load_input, parse_bands
-from vector import (BLOCK_ROWS, background_classes, class_areas, layer_crs, metres_per_unit, one_crs,
-                    polygons_from_bands, write_area_notes, write_area_table, write_folder_layer, write_polygons)
+from vector import (AREAS_NAME, FOLDER_LAYER, _Maps, _place, area_line, background_classes, check_area_table,
+                    layer_crs, one_crs, polygon_files, read_area_table, update_area_table, update_polygon_layer)
 
 OUTPUT_PATTERN = "*_mask.*"  # the files this tool writes: never inputs
 VECTOR_FORMATS = ("gpkg", "geojson")  # --vector: <stem>_polygons.<format>
 POLYGON_NAMES = tuple(f"_polygons.{f}" for f in VECTOR_FORMATS)
-FOLDER_LAYER = "polygons"  # --vector: <output>/polygons.<format>, layer polygons: every image's, merged at seams
-AREAS_NAME = "areas.csv"  # --vector / --areas: the per-class pixel counts of the output folder's masks
-AREA_NOTES_NAME = "areas.md"  # beside it: what the table is (pixel counts, not estimates), where estimates are
-ESTIMATES_PATTERN = "*_estimates.csv"  # assess.py's error-adjusted areas, when written into the output folder
-VECTOR_ROWS = BLOCK_ROWS  # mask rows polygonised at once: the bands of a prediction are regrouped into these
 STREAM_PIXELS = 64_000_000  # TIFFs above this many pixels (8000 x 8000) are streamed, if they can be read by rows
 
 # --------------------------------------------------------------------------- the run's options
@@ -216,70 +211,6 @@ def output_stems(images):
     return stems
 
 
-AREA_COLUMNS = ["image", "class_index", "class", "pixels", "m2", "ha"]  # vector.write_area_table's
-
-
-def read_area_table(path):
-    """{input file name: vector.class_areas rows} of an areas.csv written by this tool, TOTAL rows left out; {}
-    when there is none. A file that is not such a table is a ValueError naming it."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    number = lambda v: float(v) if v else None  # noqa: E731
-    table = {}
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        if not rows or rows[0] != AREA_COLUMNS:
-            raise ValueError(f"its columns are not {', '.join(AREA_COLUMNS)}")
-        for r in rows[1:]:
-            image, index, name, pixels, m2, ha = r
-            if image != "TOTAL":
-                table.setdefault(image, []).append({"class_index": int(index), "class": name, "pixels": int(pixels),
-                                                    "m2": number(m2), "ha": number(ha)})
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path} exists but is not an area table of this tool ({e}); move it away or choose "
-                         f"another --output") from None
-    return table
-
-
-def check_area_table(path, names):
-    """An existing areas.csv is this tool's, with the classes `names`: checked before any work, as its rows are
-    kept and added to."""
-    for image, rows in read_area_table(path).items():
-        if [r["class"] for r in rows] != list(names):
-            raise ValueError(f"{path} holds the classes {[r['class'] for r in rows]} for {image}, not this "
-                             f"checkpoint's {list(names)}; move it away or choose another --output")
-
-
-def update_area_table(output, areas):
-    """Write {input file name: class_areas rows} into <output>/areas.csv: these images' rows replace theirs, the
-    rows of other images (earlier runs, inputs skipped with --skip-existing) stay, TOTAL rows sum them all.
-    Returns the table's path."""
-    path = Path(output) / AREAS_NAME
-    table = read_area_table(path)
-    table.update(areas)
-    write_area_table(path, dict(sorted(table.items())))
-    write_area_notes(path.with_name(AREA_NOTES_NAME), path, sorted(path.parent.glob(ESTIMATES_PATTERN)))
-    return path
-
-
-def area_line(output, done):
-    """The run's last word on the area table: how many images it holds, that it counts the map's pixels, and where
-    the error-adjusted areas are (an assessment's estimates in the folder, or how to make them)."""
-    path = Path(output) / AREAS_NAME
-    estimates = sorted(path.parent.glob(ESTIMATES_PATTERN))
-    where = (f"error-adjusted areas: {', '.join(str(e) for e in estimates)}" if estimates else
-             "error-adjusted areas come from an accuracy assessment: python assess.py (docs/assessment.md)")
-    return (f"class areas of {len(read_area_table(path))} images ({done} from this run) -> {path}: pixel counts of "
-            f"the map, not area estimates ({AREA_NOTES_NAME}); {where}")
-
-
-def polygon_files(output, vector):
-    """The per-image polygons files in `output` of the format `vector`: <stem>_polygons.<format>."""
-    return sorted(p for p in Path(output).glob(f"*_polygons.{vector}") if not p.name.startswith("."))
-
-
 def check_layer_crs(images, output, vector):
     """--vector, before any work: the georeferenced inputs and the per-image polygons of other images already in
     `output` are in one CRS, as the folder layer holds one (vector.one_crs: a ValueError naming them). A file
@@ -300,23 +231,6 @@ def finish_layer(output, vector, summary, log):
         update_polygon_layer(output, vector, log)
     except (ValueError, OSError, RuntimeError) as e:  # pyogrio's errors are RuntimeErrors
         _fail(summary, Path(output) / f"{FOLDER_LAYER}.{vector}", RasterError(str(e)), log)
-
-
-def update_polygon_layer(output, vector, log):
-    """Write <output>/polygons.<vector> from every per-image polygons file in `output` (vector.write_folder_layer):
-    images of earlier runs and inputs skipped stay in it, like their areas.csv rows. Logs what it wrote and left
-    out. Returns its path, or None where no image has a CRS (no layer)."""
-    path = Path(output) / f"{FOLDER_LAYER}.{vector}"
-    sources = polygon_files(output, vector)
-    written, merged, left_out = write_folder_layer(path, sources)
-    for p, why in left_out.items():
-        log(f"{p}: left out of {path.name}: {why}")
-    if written is None:
-        log(f"no {path.name}: no image has a CRS; each one's polygons are in pixel coordinates in its own file")
-        return None
-    log(f"{written} polygons of {len(sources) - len(left_out)} images in one layer, {merged} of them merged across "
-        f"image seams -> {path} (layer {FOLDER_LAYER})")
-    return path
 
 
 def run_spec(ckpt, scale=None, bands=None):
@@ -406,28 +320,6 @@ class _Job:
     area_rows: list = None
 
 
-def _place(path, raster):
-    """(transform, crs, note) for an input's polygons and areas: a GeoTIFF's from rasterio, the same georeferencing
-    as its mask TIFF; (None, None, note) for any other image: pixel coordinates, no CRS."""
-    if not raster.is_georeferenced:
-        return None, None, ("not georeferenced: polygons in pixel coordinates (x = column, y = row, down), no CRS; "
-                            "areas in pixels")
-    try:
-        ref = open_image(path)
-    except Exception as e:  # rasterio's own errors: this file cannot be placed
-        raise RasterError(f"{path}: its GeoTIFF tags cannot be read as a transform and CRS ({e}); run without "
-                          f"--vector/--areas, or fix its georeferencing") from None
-    if ref.crs is not None and ref.transform == ref.transform.identity():
-        raise RasterError(f"{path}: has a CRS but no transform, so its polygons have no place; run without "
-                          f"--vector/--areas, or fix its georeferencing")
-    if ref.crs is None:
-        return ref.transform, None, "no CRS: polygons in its map coordinates without a CRS; areas in pixels"
-    if metres_per_unit(ref.crs) is None:
-        return ref.transform, ref.crs, (f"its CRS ({ref.crs}) is not projected: areas in pixels only, --min-area "
-                                        f"and --simplify in its units")
-    return ref.transform, ref.crs, None
-
-
 def _read_file(path, output, spec, options, *, stem=None, protect=()):
     """Read and check one input (step 1 of segment_file) under the run's `spec` (run_spec) and `options` (an
     InferOptions): a _Job. Raises RasterError for a bad file. options.vector (a VECTOR_FORMATS entry) asks for its
@@ -490,119 +382,10 @@ def mask_text(job):
     return text
 
 
-# --------------------------------------------------------------------------- polygons and areas, as masks are written
-
-class _Abandoned(Exception):
-    """The masks' writing stopped: a _Consumer leaves its work."""
-
-
-class _Consumer(threading.Thread):
-    """Thread: `fn(bands)`, a function that pulls bands of rows (vector.polygons_from_bands, class_areas), fed by
-    `put` from the loop that writes the masks, at most PIPELINE_DEPTH bands waiting. `finish()` returns fn's
-    result (or raises its exception); `stop()` makes it leave its work."""
-
-    def __init__(self, fn, name):
-        super().__init__(name=name, daemon=True)
-        self.fn, self.queue, self.stopped = fn, queue.Queue(PIPELINE_DEPTH), threading.Event()
-        self.result = self.error = None
-
-    def _bands(self):
-        while (item := _get(self.queue, self.stopped)) is not _END:
-            if self.stopped.is_set():
-                raise _Abandoned
-            yield item
-        if self.stopped.is_set():
-            raise _Abandoned
-
-    def run(self):
-        try:
-            self.result = self.fn(self._bands())
-        except _Abandoned:
-            pass
-        except BaseException as e:  # handed to the thread that writes the masks
-            self.error = e
-
-    def put(self, item):
-        while self.is_alive():
-            with contextlib.suppress(queue.Full):
-                self.queue.put(item, timeout=0.05)
-                return
-        raise self.error or RuntimeError(f"{self.name} ended before the last band")
-
-    def finish(self):
-        self.put(_END)
-        self.join()
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-    def stop(self):
-        self.stopped.set()
-        self.join()
-
-
-def _blocks(bands, rows):
-    """Bands of rows (y0, y1, rows) regrouped into blocks of `rows` rows top to bottom (the last one shorter):
-    the same blocks whether the mask comes whole or band by band, so the polygons are the same too."""
-    held, n, y = [], 0, 0  # pieces of the block being filled, its rows, its first row
-    for _, _, band in bands:
-        while len(band):
-            take = min(rows - n, len(band))
-            held.append(band[:take])
-            n, band = n + take, band[take:]
-            if n == rows:
-                yield y, y + n, held[0] if len(held) == 1 else np.concatenate(held)
-                held, n, y = [], 0, y + n
-    if n:
-        yield y, y + n, held[0] if len(held) == 1 else np.concatenate(held)
-
-
-class _Maps:
-    """A job's polygons (written to job.polygons_path) and class areas (job.area_rows), made from the bands of
-    rows its masks are written from while they are written: `feed(bands)` hands each band on to
-    vector.polygons_from_bands (in blocks of VECTOR_ROWS rows) and vector.class_areas, each pulling in its own
-    thread (infer-polygons, infer-areas). Neither holds the mask: one block of rows, the polygons found and the
-    per-class counts. A context: leaving it on an exception stops both threads."""
-
-    def __init__(self, job):
-        self.job, names, place = job, job.spec.classes.names, (job.transform, job.crs)
-        skip = background_classes(names, job.background)
-        fns = {}
-        if job.polygons_path:
-            fns["polygons"] = lambda bands: polygons_from_bands(_blocks(bands, VECTOR_ROWS), names, *place,
-                                                                min_area=job.min_area, simplify=job.simplify,
-                                                                skip=skip)
-        if job.areas:
-            fns["areas"] = lambda bands: class_areas(bands, names, *place)
-        self.consumers = {k: _Consumer(fn, f"infer-{k}") for k, fn in fns.items()}
-
-    def __enter__(self):
-        for c in self.consumers.values():
-            c.start()
-        return self
-
-    def feed(self, bands):
-        for band in bands:
-            for c in self.consumers.values():
-                c.put(band)
-            yield band
-
-    def finish(self):
-        """Wait for the polygons and areas of every band fed; write the polygons."""
-        done = {k: c.finish() for k, c in self.consumers.items()}
-        if "polygons" in done:
-            write_polygons(self.job.polygons_path, done["polygons"], image=self.job.path.name)
-        self.job.area_rows = done.get("areas")
-
-    def __exit__(self, *exc):
-        for c in self.consumers.values():
-            c.stop()
-
-
 def _write_masks(job, bands, pred=None):
     """Write the masks of `job` from `bands` of rows (y0, y1, rows) top to bottom (step 3 of segment_file), each
     atomically, the colour mask last; `pred`, the whole mask, for the overlay. The polygons and class areas, when
-    asked, are made from the same bands (_Maps): the polygons file is written before the colour mask, the area
+    asked, are made from the same bands (vector._Maps): the polygons file is written before the colour mask, the area
     rows go to job.area_rows. Returns the paths written."""
     H, W = job.size
     palette = job.spec.classes.palette

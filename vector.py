@@ -22,10 +22,19 @@ overlap across two images (tiles cut from one raster: their edges meet exactly) 
 copied. One file is read at a time; held are its polygons and those near another image's polygons.
 
 The background class (background_classes: the one rule) gets no polygons unless asked; areas count every class.
+
+infer.py's map outputs of a folder are made here (docs/maps.md). While an input's masks are written, `_Maps` hands
+each band of mask rows to polygons_from_bands (in blocks of VECTOR_ROWS rows) and class_areas, each pulling in its
+own thread, so neither holds the mask; `_place` gives the input's transform and CRS. The folder's `areas.csv` and
+`areas.md` (update_area_table, read_area_table, check_area_table, area_line) and its layer `polygons.gpkg`
+(update_polygon_layer, from polygon_files) keep the rows and polygons of images that a run did not segment.
 """
 
+import contextlib
 import csv
+import queue
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +46,19 @@ import rasterio.features
 import shapely
 from rasterio.transform import Affine
 
-from raster import atomic_path, open_image
+from raster import RasterError, atomic_path, open_image
 from spec import IGNORE_INDEX
 
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 BLOCK_ROWS = 1024  # rows per band when vectorising a whole mask
 BACKGROUND = re.compile(r"[\W_]*(background|bg)[\W_]*", re.IGNORECASE)  # class names taken as the background
+FOLDER_LAYER = "polygons"  # --vector: <output>/polygons.<format>, layer polygons: every image's, merged at seams
+AREAS_NAME = "areas.csv"  # --vector / --areas: the per-class pixel counts of the output folder's masks
+AREA_NOTES_NAME = "areas.md"  # beside it: what the table is (pixel counts, not estimates), where estimates are
+ESTIMATES_PATTERN = "*_estimates.csv"  # assess.py's error-adjusted areas, when written into the output folder
+AREA_COLUMNS = ["image", "class_index", "class", "pixels", "m2", "ha"]  # write_area_table's
+VECTOR_ROWS = BLOCK_ROWS  # mask rows polygonised at once: the bands of a prediction are regrouped into these
+BANDS_WAITING = 2  # bands of mask rows queued for each of _Maps's threads (polygons, areas)
 
 
 @dataclass
@@ -311,6 +327,28 @@ def write_folder_layer(path, sources):
     return written, n_merged, left_out
 
 
+def polygon_files(output, vector):
+    """The per-image polygons files in `output` of the format `vector`: <stem>_polygons.<format>."""
+    return sorted(p for p in Path(output).glob(f"*_polygons.{vector}") if not p.name.startswith("."))
+
+
+def update_polygon_layer(output, vector, log):
+    """Write <output>/polygons.<vector> from every per-image polygons file in `output` (write_folder_layer):
+    images of earlier runs and inputs skipped stay in it, like their areas.csv rows. Logs what it wrote and left
+    out. Returns its path, or None where no image has a CRS (no layer)."""
+    path = Path(output) / f"{FOLDER_LAYER}.{vector}"
+    sources = polygon_files(output, vector)
+    written, merged, left_out = write_folder_layer(path, sources)
+    for p, why in left_out.items():
+        log(f"{p}: left out of {path.name}: {why}")
+    if written is None:
+        log(f"no {path.name}: no image has a CRS; each one's polygons are in pixel coordinates in its own file")
+        return None
+    log(f"{written} polygons of {len(sources) - len(left_out)} images in one layer, {merged} of them merged across "
+        f"image seams -> {path} (layer {FOLDER_LAYER})")
+    return path
+
+
 # --------------------------------------------------------------------------- areas
 
 def metres_per_unit(crs):
@@ -345,7 +383,7 @@ def write_area_table(path, tables):
     """Write {image name: class_areas rows} as CSV (image, class_index, class, pixels, m2, ha), then TOTAL rows
     summed over the images (m2 / ha blank unless every image has them). Atomic."""
     path = Path(path)
-    cols = ["image", "class_index", "class", "pixels", "m2", "ha"]
+    cols = AREA_COLUMNS
     fmt = lambda v: "" if v is None else (f"{v:.10g}" if isinstance(v, float) else v)  # exact for any area
     totals = {}
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
@@ -388,3 +426,199 @@ def write_area_notes(path, table, estimates=()):
     with atomic_path(path) as tmp:
         Path(tmp).write_text(AREA_NOTES.format(table=Path(table).name, estimates=said))
     return Path(path)
+
+
+def read_area_table(path):
+    """{input file name: class_areas rows} of an areas.csv written by this tool, TOTAL rows left out; {}
+    when there is none. A file that is not such a table is a ValueError naming it."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    number = lambda v: float(v) if v else None  # noqa: E731
+    table = {}
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or rows[0] != AREA_COLUMNS:
+            raise ValueError(f"its columns are not {', '.join(AREA_COLUMNS)}")
+        for r in rows[1:]:
+            image, index, name, pixels, m2, ha = r
+            if image != "TOTAL":
+                table.setdefault(image, []).append({"class_index": int(index), "class": name, "pixels": int(pixels),
+                                                    "m2": number(m2), "ha": number(ha)})
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} exists but is not an area table of this tool ({e}); move it away or choose "
+                         f"another --output") from None
+    return table
+
+
+def check_area_table(path, names):
+    """An existing areas.csv is this tool's, with the classes `names`: checked before any work, as its rows are
+    kept and added to."""
+    for image, rows in read_area_table(path).items():
+        if [r["class"] for r in rows] != list(names):
+            raise ValueError(f"{path} holds the classes {[r['class'] for r in rows]} for {image}, not this "
+                             f"checkpoint's {list(names)}; move it away or choose another --output")
+
+
+def update_area_table(output, areas):
+    """Write {input file name: class_areas rows} into <output>/areas.csv: these images' rows replace theirs, the
+    rows of other images (earlier runs, inputs skipped with --skip-existing) stay, TOTAL rows sum them all.
+    Returns the table's path."""
+    path = Path(output) / AREAS_NAME
+    table = read_area_table(path)
+    table.update(areas)
+    write_area_table(path, dict(sorted(table.items())))
+    write_area_notes(path.with_name(AREA_NOTES_NAME), path, sorted(path.parent.glob(ESTIMATES_PATTERN)))
+    return path
+
+
+def area_line(output, done):
+    """The run's last word on the area table: how many images it holds, that it counts the map's pixels, and where
+    the error-adjusted areas are (an assessment's estimates in the folder, or how to make them)."""
+    path = Path(output) / AREAS_NAME
+    estimates = sorted(path.parent.glob(ESTIMATES_PATTERN))
+    where = (f"error-adjusted areas: {', '.join(str(e) for e in estimates)}" if estimates else
+             "error-adjusted areas come from an accuracy assessment: python assess.py (docs/assessment.md)")
+    return (f"class areas of {len(read_area_table(path))} images ({done} from this run) -> {path}: pixel counts of "
+            f"the map, not area estimates ({AREA_NOTES_NAME}); {where}")
+
+
+# --------------------------------------------------------------------------- polygons and areas, as masks are written
+
+def _place(path, raster):
+    """(transform, crs, note) for an input's polygons and areas: a GeoTIFF's from rasterio, the same georeferencing
+    as its mask TIFF; (None, None, note) for any other image: pixel coordinates, no CRS."""
+    if not raster.is_georeferenced:
+        return None, None, ("not georeferenced: polygons in pixel coordinates (x = column, y = row, down), no CRS; "
+                            "areas in pixels")
+    try:
+        ref = open_image(path)
+    except Exception as e:  # rasterio's own errors: this file cannot be placed
+        raise RasterError(f"{path}: its GeoTIFF tags cannot be read as a transform and CRS ({e}); run without "
+                          f"--vector/--areas, or fix its georeferencing") from None
+    if ref.crs is not None and ref.transform == ref.transform.identity():
+        raise RasterError(f"{path}: has a CRS but no transform, so its polygons have no place; run without "
+                          f"--vector/--areas, or fix its georeferencing")
+    if ref.crs is None:
+        return ref.transform, None, "no CRS: polygons in its map coordinates without a CRS; areas in pixels"
+    if metres_per_unit(ref.crs) is None:
+        return ref.transform, ref.crs, (f"its CRS ({ref.crs}) is not projected: areas in pixels only, --min-area "
+                                        f"and --simplify in its units")
+    return ref.transform, ref.crs, None
+
+
+_LAST_BAND = object()  # a _Consumer's queue ends with it
+
+
+class _Abandoned(Exception):
+    """The masks' writing stopped: a _Consumer leaves its work."""
+
+
+class _Consumer(threading.Thread):
+    """Thread: `fn(bands)`, a function that pulls bands of rows (polygons_from_bands, class_areas), fed by `put`
+    from the loop that writes the masks, at most BANDS_WAITING bands waiting. `finish()` returns fn's
+    result (or raises its exception); `stop()` makes it leave its work."""
+
+    def __init__(self, fn, name):
+        super().__init__(name=name, daemon=True)
+        self.fn, self.queue, self.stopped = fn, queue.Queue(BANDS_WAITING), threading.Event()
+        self.result = self.error = None
+
+    def _bands(self):
+        while True:
+            try:
+                item = self.queue.get(timeout=0.05)
+            except queue.Empty:
+                if self.stopped.is_set():
+                    raise _Abandoned from None
+                continue
+            if self.stopped.is_set():
+                raise _Abandoned
+            if item is _LAST_BAND:
+                return
+            yield item
+
+    def run(self):
+        try:
+            self.result = self.fn(self._bands())
+        except _Abandoned:
+            pass
+        except BaseException as e:  # handed to the thread that writes the masks
+            self.error = e
+
+    def put(self, item):
+        while self.is_alive():
+            with contextlib.suppress(queue.Full):
+                self.queue.put(item, timeout=0.05)
+                return
+        raise self.error or RuntimeError(f"{self.name} ended before the last band")
+
+    def finish(self):
+        self.put(_LAST_BAND)
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def stop(self):
+        self.stopped.set()
+        self.join()
+
+
+def _blocks(bands, rows):
+    """Bands of rows (y0, y1, rows) regrouped into blocks of `rows` rows top to bottom (the last one shorter):
+    the same blocks whether the mask comes whole or band by band, so the polygons are the same too."""
+    held, n, y = [], 0, 0  # pieces of the block being filled, its rows, its first row
+    for _, _, band in bands:
+        while len(band):
+            take = min(rows - n, len(band))
+            held.append(band[:take])
+            n, band = n + take, band[take:]
+            if n == rows:
+                yield y, y + n, held[0] if len(held) == 1 else np.concatenate(held)
+                held, n, y = [], 0, y + n
+    if n:
+        yield y, y + n, held[0] if len(held) == 1 else np.concatenate(held)
+
+
+class _Maps:
+    """A job's polygons (written to job.polygons_path) and class areas (job.area_rows), made from the bands of
+    rows its masks are written from while they are written: `feed(bands)` hands each band on to
+    polygons_from_bands (in blocks of VECTOR_ROWS rows) and class_areas, each pulling in its own thread
+    (infer-polygons, infer-areas). Neither holds the mask: one block of rows, the polygons found and the
+    per-class counts. A context: leaving it on an exception stops both threads."""
+
+    def __init__(self, job):
+        self.job, names, place = job, job.spec.classes.names, (job.transform, job.crs)
+        skip = background_classes(names, job.background)
+        fns = {}
+        if job.polygons_path:
+            fns["polygons"] = lambda bands: polygons_from_bands(_blocks(bands, VECTOR_ROWS), names, *place,
+                                                                min_area=job.min_area, simplify=job.simplify,
+                                                                skip=skip)
+        if job.areas:
+            fns["areas"] = lambda bands: class_areas(bands, names, *place)
+        self.consumers = {k: _Consumer(fn, f"infer-{k}") for k, fn in fns.items()}
+
+    def __enter__(self):
+        for c in self.consumers.values():
+            c.start()
+        return self
+
+    def feed(self, bands):
+        for band in bands:
+            for c in self.consumers.values():
+                c.put(band)
+            yield band
+
+    def finish(self):
+        """Wait for the polygons and areas of every band fed; write the polygons."""
+        done = {k: c.finish() for k, c in self.consumers.items()}
+        if "polygons" in done:
+            write_polygons(self.job.polygons_path, done["polygons"], image=self.job.path.name)
+        self.job.area_rows = done.get("areas")
+
+    def __exit__(self, *exc):
+        for c in self.consumers.values():
+            c.stop()

@@ -17,6 +17,7 @@ from rasterio.transform import Affine
 
 import infer
 import predict
+import vector
 from checkpoint import load_model, save_checkpoint
 from model import ResNet18Segmentation
 from raster import RasterError
@@ -314,7 +315,7 @@ def test_a_streamed_run_gives_the_whole_image_polygons_and_areas(ckpt_path, tmp_
     monkeypatch.setattr(infer, "predict_streamed", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(infer, "STREAM_PIXELS", 0)  # every TIFF read by rows is streamed
     monkeypatch.setattr(predict, "STREAM_CHUNK_BYTES", 2000)  # in windows of a few rows
-    monkeypatch.setattr(infer, "VECTOR_ROWS", 9)  # polygonised in blocks of 9 rows: seams to merge
+    monkeypatch.setattr(vector, "VECTOR_ROWS", 9)  # polygonised in blocks of 9 rows: seams to merge
     assert run(ckpt_path, tmp_path / "in", tmp_path / "streamed", "--vector", "gpkg") == 0
     assert calls == [1]
     assert area_table(tmp_path / "streamed" / "areas.csv") == area_table(tmp_path / "whole" / "areas.csv")
@@ -332,10 +333,10 @@ def test_a_streamed_run_gives_the_whole_image_polygons_and_areas(ckpt_path, tmp_
 def test_blocks_regroup_bands_whatever_their_size():
     mask = np.arange(23 * 3, dtype=np.uint8).reshape(23, 3)
     bands = [(0, 4, mask[:4]), (4, 5, mask[4:5]), (5, 23, mask[5:])]
-    blocks = list(infer._blocks(bands, 7))
+    blocks = list(vector._blocks(bands, 7))
     assert [(y0, y1) for y0, y1, _ in blocks] == [(0, 7), (7, 14), (14, 21), (21, 23)]
     assert np.array_equal(np.concatenate([b for _, _, b in blocks]), mask)
-    assert [(y0, y1) for y0, y1, _ in infer._blocks([(0, 23, mask)], 7)] == [(y0, y1) for y0, y1, _ in blocks]
+    assert [(y0, y1) for y0, y1, _ in vector._blocks([(0, 23, mask)], 7)] == [(y0, y1) for y0, y1, _ in blocks]
 
 
 # --------------------------------------------------------------------------- arguments, --skip-existing
