@@ -19,13 +19,13 @@ DEMO_SETTINGS = {data: demo_data/patches, epochs: $(DEMO_EPOCHS), pretrained: fa
 	touch $@
 
 demo-data: .venv/.installed
-	$(PY) demo_data.py --out demo_data
+	$(PY) -m tools.demo_data --out demo_data
 
 train-demo: demo-data
 	$(PY) -m papermill train.ipynb checkpoints/train_demo.ipynb --log-output --progress-bar -y "SETTINGS: $(DEMO_SETTINGS)"
 
 readme-results: .venv/.installed  # the numbers in README.md and docs/ from results/**/experiments.md
-	$(PY) make_readme_results.py
+	$(PY) -m research.make_readme_results
 
 readme-figures:  # the README's figures from the last demo run (training never writes into images/)
 	cp checkpoints/output.png checkpoints/results.png images/
@@ -37,10 +37,10 @@ infer-demo: .venv/.installed
 demo: train-demo infer-demo
 
 experiments: demo-data  # about 3 hours on 2 CPU cores; resumes where it stopped
-	$(PY) experiments.py --preset demo
+	$(PY) -m research.experiments --preset demo
 
 realdata: .venv/.installed  # downloads the solaris 0.4.0 wheel once (17.8 MB); a finished set is not redone
-	$(PY) prepare_realdata.py
+	$(PY) -m tools.prepare_realdata
 
 test: .venv/.installed
 	$(PY) -m pytest -q

@@ -78,7 +78,6 @@ PREDICT_GRID_PIXELS = 16_000_000  # processing-grid pixels of an image predicted
 DEFAULT_TRAIN_COMMAND = ("{python} train.py --images {images} --clicks {clicks} --classes {classes} --no-pretrained "
                          "--arch resnet18 --out {out} --epochs {epochs} --overwrite --allow-unclicked")
 TRAIN_FIELDS = ("python", "images", "clicks", "classes", "out", "epochs")  # the {...} a train command may name
-PROGRESS_FILE = "progress.jsonl"  # train.py's progress, one JSON object a line, in its run folder (read_progress)
 STATIC_NAME = re.compile(r"[A-Za-z0-9_-]+\.(html|js|css|png|svg)")
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
@@ -576,47 +575,12 @@ def check_train_command(command, source="--train-command"):
                          + ("on PATH" if "/" not in program else f"(or not executable) from {HERE}"))
 
 
-def read_progress(path):
-    """The latest run in train.py's progress file (`<out>/progress.jsonl`: one JSON object a line, "start", then
-    "validation" per validation, "end"; a rerun starts afresh, --resume appends a new "start"), or None while it has
-    no "start" line. {"unit": "epoch"|"step", "epoch", "epochs", "step", "steps", "loss", "val" (the last
-    validation's val_* numbers), "elapsed", "status": "running"|"done"|"failed"}. A last line not yet ended by a newline
-    is being written and waits for the next read; any other line that is not a JSON object raises ValueError."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    lines = text.split("\n")[:-1]  # the part after the last newline is unfinished
-    run = None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            ev = None
-        if not isinstance(ev, dict):
-            raise ValueError(f"{path}, line {i}: not a JSON object: {line[:80]!r}")
-        kind = ev.get("event")
-        if kind == "start":
-            run = {"unit": ev.get("unit", "epoch"), "epoch": 0, "epochs": ev.get("epochs"), "step": 0,
-                   "steps": ev.get("steps"), "loss": None, "val": {}, "elapsed": 0.0, "status": "running"}
-        elif run is None:
-            continue  # lines of a run whose start is not in the file
-        elif kind == "validation":
-            run.update({k: ev[k] for k in ("epoch", "epochs", "step", "steps", "loss", "elapsed") if k in ev},
-                       val=ev.get("val") or {})
-        elif kind == "end":
-            run.update(status=ev.get("status", "done"), elapsed=ev.get("elapsed", run["elapsed"]))
-    return run
-
-
 class Training:
     """One training at a time in a background process (the train command), then the prediction of every image
     (class map and margin on the processing grid) for the overlay and for suggestions. The command trains on the
     images the page serves: `<runs>/images` holds a link to each (remade at each Train), so a file the page lists
     as not served (unreadable, a link out of the folder) never reaches train.py. Progress comes from the run's
-    progress file (read_progress)."""
+    progress file (checkpoint.read_progress)."""
 
     def __init__(self, command, images, click_file, classes, classes_path, runs, epochs, device="cpu"):
         self.command, self.images, self.click_file = command, images, click_file
@@ -656,6 +620,7 @@ class Training:
 
     def _progress(self):
         """Fold the progress file into the state (under the lock)."""
+        from checkpoint import PROGRESS_FILE, read_progress  # torch comes with it: the server starts without
         try:
             run = read_progress(self.out / PROGRESS_FILE)
         except (OSError, ValueError) as e:
@@ -678,6 +643,7 @@ class Training:
             if not Path(self.classes_path).exists():
                 Path(self.classes_path).write_text(json.dumps(self.classes.to_dict(), indent=1))
             self.link_served_images()
+            from checkpoint import PROGRESS_FILE  # torch comes with it: imported when a training starts
             (self.out / PROGRESS_FILE).unlink(missing_ok=True)  # no progress of the last run shown as this one's
             argv = self.argv(epochs)
             log = open(self.log_path, "w")

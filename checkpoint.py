@@ -10,8 +10,11 @@ is never written.
 """
 
 import argparse
+import copy
+import json
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,6 +149,123 @@ def load_model(path, device="cpu"):
         raise CheckpointError(f"{path}: its weights do not fit the model it describes ({ck.model_args}): "
                               f"{str(e).splitlines()[0]}") from None
     return model.to(device).eval(), ck
+
+
+# --------------------------------------------------------------------------- what a run writes as it goes
+
+PROGRESS_FILE = "progress.jsonl"  # in a run's folder: Progress writes it, read_progress reads it
+LAST_EVERY = 300  # seconds: last.pth (188 MB with Adam's state) at most this often, plus at the end and on Ctrl-C
+
+
+def _cpu_copy(state):
+    """A copy of a (nested) state with every tensor on the CPU, to be written later."""
+    if torch.is_tensor(state):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cpu_copy(v) for v in state)
+    return copy.deepcopy(state)
+
+
+class LastCheckpoint:
+    """`<out>/last.pth`, what --resume continues from, written at a bounded rate: the state after each validation
+    is held in memory (`hold`, which refuses non-finite weights at once) and written when `every` seconds have
+    passed since the last write, at the last epoch, and on Ctrl-C (`flush`). (Written at every validation, a run
+    on the real tile wrote 10 GB.)"""
+
+    def __init__(self, path, model, spec, config, every=None):
+        self.path, self.model, self.spec, self.config = path, model, spec, config
+        self.every = LAST_EVERY if every is None else every
+        self.held, self.epoch, self.written = None, None, time.monotonic()
+
+    def hold(self, epoch, metrics, train_state, final=False):
+        state = _cpu_copy(self.model.state_dict())
+        bad = non_finite_tensors(state)
+        if bad:
+            raise ValueError(f"refusing to save {self.path}: {len(bad)} weight tensors hold NaN or infinity "
+                             f"({', '.join(bad[:3])})")
+        self.held = dict(state_dict=state, metrics=metrics, epoch=epoch, train_state=_cpu_copy(train_state))
+        if final or time.monotonic() - self.written >= self.every:
+            self.flush()
+
+    def flush(self):
+        """Write the held state, if any; True when last.pth holds the last validated epoch."""
+        if self.held is not None:
+            save_checkpoint(self.path, self.model, self.spec, config=self.config, **self.held)
+            self.epoch, self.held, self.written = self.held["epoch"], None, time.monotonic()
+        return self.epoch is not None
+
+
+def _json_ready(value):
+    """JSON without NaN or infinity (null instead), which browsers and strict readers refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+class Progress:
+    """`<out>/progress.jsonl`: how far a run is, one JSON object per line, flushed at once, for the annotation
+    page, annotate_loop.py or any watcher (never the log's wording). A run starts the file afresh (--resume
+    appends):
+        {"event": "start", "unit": "epoch"|"step", "epochs", "steps", "per_epoch", "start_epoch", "time"}
+        {"event": "validation", "epoch", "epochs", "step", "steps", "loss", "val": {the history's val_*}, "elapsed"}
+        {"event": "end", "status": "done"|"failed"|"interrupted", "elapsed"}
+    An "epoch" is a validation (with --steps, `per_epoch` optimizer steps)."""
+
+    def __init__(self, path, append=False, **start):
+        self.t0 = time.time()
+        self.f = open(path, "a" if append else "w")
+        self.write("start", **start, time=self.t0)
+
+    def write(self, event, **fields):
+        self.f.write(json.dumps(_json_ready({"event": event, **fields})) + "\n")
+        self.f.flush()
+
+    def close(self, status):
+        if not self.f.closed:
+            self.write("end", status=status, elapsed=time.time() - self.t0)
+            self.f.close()
+
+
+def read_progress(path):
+    """The latest run in train.py's progress file (`<out>/progress.jsonl`: one JSON object a line, "start", then
+    "validation" per validation, "end"; a rerun starts afresh, --resume appends a new "start"), or None while it has
+    no "start" line. {"unit": "epoch"|"step", "epoch", "epochs", "step", "steps", "loss", "val" (the last
+    validation's val_* numbers), "elapsed", "status": "running"|"done"|"failed"}. A last line not yet ended by a newline
+    is being written and waits for the next read; any other line that is not a JSON object raises ValueError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    lines = text.split("\n")[:-1]  # the part after the last newline is unfinished
+    run = None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            ev = None
+        if not isinstance(ev, dict):
+            raise ValueError(f"{path}, line {i}: not a JSON object: {line[:80]!r}")
+        kind = ev.get("event")
+        if kind == "start":
+            run = {"unit": ev.get("unit", "epoch"), "epoch": 0, "epochs": ev.get("epochs"), "step": 0,
+                   "steps": ev.get("steps"), "loss": None, "val": {}, "elapsed": 0.0, "status": "running"}
+        elif run is None:
+            continue  # lines of a run whose start is not in the file
+        elif kind == "validation":
+            run.update({k: ev[k] for k in ("epoch", "epochs", "step", "steps", "loss", "elapsed") if k in ev},
+                       val=ev.get("val") or {})
+        elif kind == "end":
+            run.update(status=ev.get("status", "done"), elapsed=ev.get("elapsed", run["elapsed"]))
+    return run
+
 
 
 # --------------------------------------------------------------------------- CLI

@@ -2,7 +2,7 @@
 (ilastik's pixel classification, scikit-image's trainable segmentation), trained on exactly the clicks a CNN
 run trains on and scored with the same confusion matrix on the same dense val labels.
 
-    python experiments.py --preset atlanta --only 8      # a forest row beside every few-clicks row
+    python -m research.experiments --preset atlanta --only 8      # a forest row beside every few-clicks row
 
 Two feature sets (FEATURES):
 - `multiscale`: scikit-image's `multiscale_basic_features` per band: Gaussian-smoothed intensity, gradient

@@ -20,7 +20,6 @@ exactly the same settings replaces them by itself.
 """
 
 import argparse
-import copy
 import json
 import math
 import random
@@ -42,7 +41,8 @@ from assess import design_path
 from config import (MAX_VALIDATIONS, MIN_STEPS, RESUMABLE, STEP_PASSES, TrainConfig, add_arguments, annotation_of,
                     check_config, config_dict, config_from_args, dense_labels, rounds_problems, schedule_factor)
 from config import WEIGHT_SOURCES as CLASS_WEIGHT_SOURCES
-from checkpoint import CheckpointError, load_model, non_finite_tensors, read_checkpoint, save_checkpoint
+from checkpoint import (PROGRESS_FILE, CheckpointError, LastCheckpoint, Progress, load_model, read_checkpoint,
+                        save_checkpoint)
 from class_weights import compute_class_weights, load_class_weights, save_class_weights
 from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids,
                      clicks_per_object, folder_pairs, index_to_colour, load_split, pad_collate, patch_pairs,
@@ -686,86 +686,6 @@ def _same_run(cfg, last_path):
     return comparable_config(old) == comparable_config(config_dict(cfg))
 
 
-# --------------------------------------------------------------------------- what a run writes as it goes
-
-LAST_EVERY = 300  # seconds: last.pth (188 MB with Adam's state) at most this often, plus at the end and on Ctrl-C
-
-
-def _cpu_copy(state):
-    """A copy of a (nested) state with every tensor on the CPU, to be written later."""
-    if torch.is_tensor(state):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {k: _cpu_copy(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_cpu_copy(v) for v in state)
-    return copy.deepcopy(state)
-
-
-class LastCheckpoint:
-    """`<out>/last.pth`, what --resume continues from, written at a bounded rate: the state after each validation
-    is held in memory (`hold`, which refuses non-finite weights at once) and written when `every` seconds have
-    passed since the last write, at the last epoch, and on Ctrl-C (`flush`). (Written at every validation, a run
-    on the real tile wrote 10 GB.)"""
-
-    def __init__(self, path, model, spec, config, every=None):
-        self.path, self.model, self.spec, self.config = path, model, spec, config
-        self.every = LAST_EVERY if every is None else every
-        self.held, self.epoch, self.written = None, None, time.monotonic()
-
-    def hold(self, epoch, metrics, train_state, final=False):
-        state = _cpu_copy(self.model.state_dict())
-        bad = non_finite_tensors(state)
-        if bad:
-            raise ValueError(f"refusing to save {self.path}: {len(bad)} weight tensors hold NaN or infinity "
-                             f"({', '.join(bad[:3])})")
-        self.held = dict(state_dict=state, metrics=metrics, epoch=epoch, train_state=_cpu_copy(train_state))
-        if final or time.monotonic() - self.written >= self.every:
-            self.flush()
-
-    def flush(self):
-        """Write the held state, if any; True when last.pth holds the last validated epoch."""
-        if self.held is not None:
-            save_checkpoint(self.path, self.model, self.spec, config=self.config, **self.held)
-            self.epoch, self.held, self.written = self.held["epoch"], None, time.monotonic()
-        return self.epoch is not None
-
-
-def _json_ready(value):
-    """JSON without NaN or infinity (null instead), which browsers and strict readers refuse."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    return value
-
-
-class Progress:
-    """`<out>/progress.jsonl`: how far a run is, one JSON object per line, flushed at once, for the annotation
-    page, annotate_loop.py or any watcher (never the log's wording). A run starts the file afresh (--resume
-    appends):
-        {"event": "start", "unit": "epoch"|"step", "epochs", "steps", "per_epoch", "start_epoch", "time"}
-        {"event": "validation", "epoch", "epochs", "step", "steps", "loss", "val": {the history's val_*}, "elapsed"}
-        {"event": "end", "status": "done"|"failed"|"interrupted", "elapsed"}
-    An "epoch" is a validation (with --steps, `per_epoch` optimizer steps)."""
-
-    def __init__(self, path, append=False, **start):
-        self.t0 = time.time()
-        self.f = open(path, "a" if append else "w")
-        self.write("start", **start, time=self.t0)
-
-    def write(self, event, **fields):
-        self.f.write(json.dumps(_json_ready({"event": event, **fields})) + "\n")
-        self.f.flush()
-
-    def close(self, status):
-        if not self.f.closed:
-            self.write("end", status=status, elapsed=time.time() - self.t0)
-            self.f.close()
-
-
 def unit_at(cfg, plan, epoch):
     """'step N' in a --steps run (an epoch is then a validation), else 'epoch N'."""
     return f"step {epoch * plan['per_epoch']}" if cfg.steps is not None else f"epoch {epoch}"
@@ -950,7 +870,7 @@ def set_up_optimisation(run):
         model.to(memory_format=torch.channels_last)
     run.net = distributed.wrap(model, ctx)  # DDP under torchrun: gradients averaged over the ranks
     if ctx.is_main:
-        run.progress = Progress(run.out_dir / "progress.jsonl", append=resumed is not None,
+        run.progress = Progress(run.out_dir / PROGRESS_FILE, append=resumed is not None,
                                 unit="step" if cfg.steps is not None else "epoch", epochs=cfg.epochs,
                                 steps=run.plan["total"], per_epoch=run.plan["per_epoch"], start_epoch=run.start)
 

@@ -16,6 +16,7 @@ from PIL import Image
 from rasterio.transform import Affine, from_origin
 
 import annotate
+import checkpoint
 import assess
 from annotations import read_clicks
 from conftest import write_assessment_scene
@@ -461,7 +462,7 @@ def test_held_out_metrics_are_the_checkpoints_epoch(tmp_path):
 
 def test_read_progress_is_the_latest_run(tmp_path):
     path = tmp_path / "progress.jsonl"
-    assert annotate.read_progress(path) is None
+    assert checkpoint.read_progress(path) is None
     old = [{"event": "start", "unit": "epoch", "epochs": 3, "steps": 30, "per_epoch": 10, "time": 1.0},
            {"event": "validation", "epoch": 3, "epochs": 3, "step": 30, "steps": 30, "loss": 0.5,
             "val": {"val_miou": 0.1}, "elapsed": 9.0},
@@ -470,14 +471,14 @@ def test_read_progress_is_the_latest_run(tmp_path):
            {"event": "validation", "epoch": 1, "epochs": 4, "step": 50, "steps": 200, "loss": 0.9,
             "val": {"val_miou": 0.3, "val_kind": "held-out clicks"}, "elapsed": 4.0}]
     path.write_text("".join(json.dumps(e) + "\n" for e in old + new) + '{"event": "valid')  # a line half written
-    run = annotate.read_progress(path)
+    run = checkpoint.read_progress(path)
     assert run == {"unit": "step", "epoch": 1, "epochs": 4, "step": 50, "steps": 200, "loss": 0.9,
                    "val": {"val_miou": 0.3, "val_kind": "held-out clicks"}, "elapsed": 4.0, "status": "running"}
     path.write_text("".join(json.dumps(e) + "\n" for e in old))
-    assert annotate.read_progress(path)["status"] == "done" and annotate.read_progress(path)["step"] == 30
+    assert checkpoint.read_progress(path)["status"] == "done" and checkpoint.read_progress(path)["step"] == 30
     path.write_text(json.dumps(old[0]) + "\nnot json\n")
     with pytest.raises(ValueError, match="line 2"):
-        annotate.read_progress(path)
+        checkpoint.read_progress(path)
 
 
 STAND_IN = """

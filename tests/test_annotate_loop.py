@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-import annotate_loop as L
+from research import annotate_loop as L
 from spec import IGNORE_INDEX
 
 

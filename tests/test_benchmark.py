@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-import benchmark
+from research import benchmark
 import predict
 
 

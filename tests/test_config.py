@@ -6,7 +6,7 @@ import typing
 import pytest
 
 import config
-import experiments as E
+from research import experiments as E
 from config import TrainConfig, add_arguments, check_config, config_from_args
 
 # config keys computed before TrainConfig's settings were declared in config.py (data id 'd' * 16): the

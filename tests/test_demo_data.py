@@ -13,7 +13,7 @@ from spec import CLASSES, IGNORE_INDEX, DataSpec
 
 def read_image(path):
     return read_raster(path).array
-from demo_data import MARKER, TARGET_SHARES, draw_scene, get_args_parser, main, make_demo_data, measure_shares
+from tools.demo_data import MARKER, TARGET_SHARES, draw_scene, get_args_parser, main, make_demo_data, measure_shares
 
 
 def test_files_read_back_in_the_patch_layout(tmp_path):

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 import distributed
-import experiments as E
+from research import experiments as E
 from checkpoint import load_model, read_checkpoint
 from config import TrainConfig
 from train import train
@@ -225,7 +225,7 @@ def test_two_workers_share_the_runs_and_the_csv(tmp_path, capsys):
     csv_path, runs = tmp_path / "experiments.csv", tmp_path / "runs"
     script = ("import os, sys\n"
               f"sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]\n"
-              "import experiments as E\n"
+              "from research import experiments as E\n"
               "from test_experiments import KEYS, SETTINGS, FakeRunner\n"
               "print('visible', os.environ['CUDA_VISIBLE_DEVICES'])\n"
               "E.execute(E.plan_runs(KEYS, {5}, seeds=3), SETTINGS, 'demo', sys.argv[1], runner=FakeRunner(),\n"

@@ -1,12 +1,12 @@
-"""README.md and docs/: the results blocks are what make_readme_results.py writes from results/, the layout table
-names every top-level module, links resolve, and the text names no removed command."""
+"""README.md and docs/: the results blocks are what research/make_readme_results.py writes from results/, the house
+names every top-level module on its floor, links resolve, and the text names no removed command."""
 
 import re
 from pathlib import Path
 
 import pytest
 
-import make_readme_results as R
+from research import make_readme_results as R
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -84,11 +84,47 @@ def test_readme_opens_with_the_two_commands_and_stays_short():
     assert "make test" in read(ROOT / ".ci" / "run")
 
 
-def test_layout_table_names_every_top_level_module_and_only_those():
-    text = read(ROOT / "README.md")
-    listed = set(re.findall(r"^\| `([\w.]+\.(?:py|ipynb))` \|", text, re.M))
-    present = {p.name for p in ROOT.glob("*.py")} | {p.name for p in ROOT.glob("*.ipynb")}
-    assert listed == present, f"missing: {sorted(present - listed)}, not in the repo: {sorted(listed - present)}"
+def house():
+    """{floor: module names} of the README's house, {folder: names} of research/ and tools/, and the names of the
+    `you run` line."""
+    block = read(ROOT / "README.md").split("## The house", 1)[1].split("```", 2)[1]
+    floors, folders, run = {}, {}, set()
+    for line in block.splitlines():
+        words = line.split()
+        if line.startswith("you run"):
+            run = {w.split(".")[0] for w in words if w.endswith((".py", ".ipynb"))}
+        elif words and words[0] in ("research/", "tools/"):
+            folders[words[0].rstrip("/")] = set(re.findall(r"\b(\w+)\b", line.split("(")[0])) - {words[0].rstrip("/")}
+        elif re.match(r"^(core)?\s+\d\s", line):
+            number, rest = re.match(r"^(?:core)?\s+(\d)\s+(.*?)(?:\s{3,}[a-z].*)?$", line).groups()
+            floors[int(number)] = set(re.findall(r"\b([a-z_]+)\b", re.sub(r"\([^)]*\)", "", rest)))
+    return floors, folders, run
+
+
+def project_imports(path, names):
+    import ast
+    tree = ast.parse(path.read_text())
+    found = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    found |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return (found & names) - {path.stem}
+
+
+def test_the_house_names_every_module_and_its_imports_point_down():
+    """The README's house: every top-level module on one floor and only those; research/ and tools/ as they are;
+    and every module imports only modules on lower floors (config.py near the ground)."""
+    floors, folders, run = house()
+    named = set().union(*floors.values())
+    present = {p.stem for p in ROOT.glob("*.py")}
+    assert named == present, f"not in the house: {sorted(present - named)}, not in the repo: {sorted(named - present)}"
+    assert sum(len(f) for f in floors.values()) == len(named)  # each on one floor
+    floor_of = {m: k for k, ms in floors.items() for m in ms}
+    for m in present:
+        for dep in project_imports(ROOT / f"{m}.py", present):
+            assert floor_of[dep] < floor_of[m], f"{m}.py (floor {floor_of[m]}) imports {dep} (floor {floor_of[dep]})"
+    assert floor_of["config"] <= 3 and floor_of["spec"] <= 2
+    for folder, names in folders.items():
+        assert names == {p.stem for p in (ROOT / folder).glob("*.py")}, folder
+    assert run <= present | {"train"} and (ROOT / "train.ipynb").is_file()
 
 
 REMOVED_CLIS = ("dataset", "class_weights", "resident", "few_clicks", "model", "partial_ce_loss", "spec", "raster",

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import config
-import experiments as E
+from research import experiments as E
 from conftest import write_patches
 from spec import CLASSES
 
@@ -421,7 +421,7 @@ def test_an_adhoc_report_leaves_the_tracked_results_alone(tmp_path, monkeypatch)
     assert not (tmp_path / "results" / "experiments.md").exists()
     (md,) = (tmp_path / "results").glob("adhoc-*/experiments.md")
     assert "epochs = 2" in md.read_text()
-    assert "Written by `python experiments.py --preset demo --data patches --epochs 2 --report`" in md.read_text()
+    assert "Written by `python -m research.experiments --preset demo --data patches --epochs 2 --report`" in md.read_text()
     E.main(E.get_args_parser().parse_args(["--data", "patches", "--epochs", "2", "--results", "mine", "--report"]))
     assert "--epochs 2 --results mine --report`" in (tmp_path / "mine" / "experiments.md").read_text()
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import experiments as E
+from research import experiments as E
 import few_clicks
 from checkpoint import read_checkpoint
 from dataset import SegmentationDataset, patch_pairs, points_to_grid

@@ -11,7 +11,7 @@ import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import prepare_potsdam  # noqa: E402
+from tools import prepare_potsdam  # noqa: E402
 from dataset import load_split, patch_pairs, read_label  # noqa: E402
 from raster import read_raster  # noqa: E402
 from spec import IGNORE_INDEX, PALETTE  # noqa: E402

@@ -11,7 +11,7 @@ import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import prepare_realdata as pr  # noqa: E402
+from tools import prepare_realdata as pr  # noqa: E402
 from raster import read_raster  # noqa: E402
 
 H = W = 60

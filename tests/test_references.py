@@ -5,7 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import experiments as E
+from research import experiments as E
 from tests.conftest import write_patches
 from tests.test_experiments import KEYS, fake_row
 from config import TrainConfig

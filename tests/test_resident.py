@@ -94,7 +94,7 @@ def test_a_label_rewritten_with_its_size_and_mtime_kept_is_not_served_stale(data
 def test_a_run_writes_its_cache_in_its_own_folder_never_beside_the_data(data, tmp_path):
     """The cache landed in a person's data folder (realdata/atlanta/.resident-cache): it lives in the run's
     folder, or where --cache-dir says; the data folder is left as it was."""
-    from experiments import data_identity
+    from research.experiments import data_identity
     before = sorted(p.relative_to(data) for p in data.rglob("*"))
     identity = data_identity({"data": str(data), "split": None})
     cfg = dict(data=str(data), train_ids=[0, 1, 2, 3], val_ids=[4, 5], arch="tiny", pretrained=False, epochs=1,

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import checkpoint
 import train as train_module
 from checkpoint import read_checkpoint
 from config import MAX_VALIDATIONS, MIN_STEPS, STEP_PASSES, TrainConfig, check_config, config_from_args
@@ -184,17 +185,18 @@ def test_last_pth_is_written_at_a_bounded_rate_at_the_end_and_on_ctrl_c(data, tm
     LAST_EVERY seconds and at the end; Ctrl-C writes the last validated state, and --resume from it trains on to
     the same model as a run that was never stopped."""
     writes = []
-    save = train_module.save_checkpoint
-    monkeypatch.setattr(train_module, "save_checkpoint", lambda path, *a, **kw: (writes.append(
-        (path.name, kw["epoch"])), save(path, *a, **kw))[1])
-    monkeypatch.setattr(train_module, "LAST_EVERY", 3600)
+    save = checkpoint.save_checkpoint
+    record = lambda path, *a, **kw: (writes.append((path.name, kw["epoch"])), save(path, *a, **kw))[1]  # noqa
+    monkeypatch.setattr(train_module, "save_checkpoint", record)  # best_model.pth
+    monkeypatch.setattr(checkpoint, "save_checkpoint", record)  # last.pth (checkpoint.LastCheckpoint)
+    monkeypatch.setattr(checkpoint, "LAST_EVERY", 3600)
     straight = train(cfg_for(data, tmp_path, epochs=4, out=str(tmp_path / "s")))
     assert [e for name, e in writes if name == "last.pth"] == [4]  # once, at the end
     writes.clear()
-    monkeypatch.setattr(train_module, "LAST_EVERY", 0)
+    monkeypatch.setattr(checkpoint, "LAST_EVERY", 0)
     train(cfg_for(data, tmp_path, epochs=2, out=str(tmp_path / "every")))
     assert [e for name, e in writes if name == "last.pth"] == [1, 2]
-    monkeypatch.setattr(train_module, "LAST_EVERY", 3600)
+    monkeypatch.setattr(checkpoint, "LAST_EVERY", 3600)
     run_epoch, calls = train_module.run_epoch, []
 
     def stop_in_epoch_3(model, loader, criterion, device, optimizer=None, *a, **kw):

@@ -1,7 +1,7 @@
 """Fill the marked results blocks of README.md and docs/*.md from the generated reports (results/**/*.md).
 
-    python make_readme_results.py            # rewrite every block from results/experiments.md, results/atlanta/...
-    python make_readme_results.py --check    # exit 1 and name the files whose blocks differ (tests, CI)
+    python -m research.make_readme_results            # rewrite every block from results/experiments.md, results/atlanta/...
+    python -m research.make_readme_results --check    # exit 1 and name the files whose blocks differ (tests, CI)
 
 A block is two HTML comments, which Markdown does not show; everything between them is this script's:
 
@@ -13,7 +13,7 @@ A block is two HTML comments, which Markdown does not show; everything between t
 its sections, in order: a number (`7` = "## 7. ..."), `closing` (the closing note) or `goals` (few clicks against
 the goals). Every block starts with a line saying which data the numbers come from (SYNTHETIC or REAL) and ends
 with the report's all-background (majority) baseline, or says that the report has none. Numbers are never typed
-into the docs by hand: change the experiments, run `python experiments.py --preset ... --report`, then this script.
+into the docs by hand: change the experiments, run `python -m research.experiments --preset ... --report`, then this script.
 """
 
 import argparse
@@ -22,20 +22,20 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository root
 DOCS = ("README.md", "docs")  # files and folders whose .md files may hold blocks
 
 SOURCES = {  # name -> (report, what its numbers are, the command that writes it)
-    "synthetic": ("results/experiments.md", "**SYNTHETIC demo data** (procedural scenes from `demo_data.py`; "
-                  "says nothing about ISPRS Potsdam)", "python experiments.py --preset demo --report"),
+    "synthetic": ("results/experiments.md", "**SYNTHETIC demo data** (procedural scenes from `tools/demo_data.py`; "
+                  "says nothing about ISPRS Potsdam)", "python -m research.experiments --preset demo --report"),
     "atlanta": ("results/atlanta/experiments.md", "**REAL data** (SpaceNet Atlanta buildings, `make realdata`; "
-                "2 classes)", "python experiments.py --preset atlanta --report"),
+                "2 classes)", "python -m research.experiments --preset atlanta --report"),
     "atlanta_steps": ("results/atlanta-steps/experiments.md", "**REAL data** (SpaceNet Atlanta buildings, `make "
                       "realdata`; 2 classes; sized in optimizer steps, `--steps auto`)",
-                      "python experiments.py --preset atlanta-steps --report"),
+                      "python -m research.experiments --preset atlanta-steps --report"),
     "synthetic_steps": ("results/demo-steps/experiments.md", "**SYNTHETIC demo data** (procedural scenes from "
-                        "`demo_data.py`; says nothing about ISPRS Potsdam; sized in optimizer steps, `--steps auto`)",
-                        "python experiments.py --preset demo-steps --report"),
+                        "`tools/demo_data.py`; says nothing about ISPRS Potsdam; sized in optimizer steps, `--steps auto`)",
+                        "python -m research.experiments --preset demo-steps --report"),
 }
 NAMED = {"closing": "Closing note", "goals": "Few clicks against the goals"}
 BLOCK = re.compile(r"(<!-- results:(\w+)((?: [\w-]+)*) -->\n)(.*?)(<!-- /results -->)", re.S)
@@ -145,7 +145,7 @@ def main(args):
             if not args.check:
                 path.write_text(new)
     if args.check and stale:
-        print(f"results blocks out of date in: {', '.join(stale)}; run `python make_readme_results.py`",
+        print(f"results blocks out of date in: {', '.join(stale)}; run `python -m research.make_readme_results`",
               file=sys.stderr)
         return 1
     print(("rewrote: " + ", ".join(stale)) if stale and not args.check else "results blocks up to date")

@@ -5,8 +5,8 @@ parks, trees, cars, construction sites) as 1500x1500 tiles and cuts them into 30
 layout of the real patch dumps, plus a few larger scenes for the inference demo. Everything it writes is
 SYNTHETIC: numbers measured on it say nothing about Potsdam.
 
-    python demo_data.py --out demo_data                  # 2,400 patches + 3 scenes of 1200x1200
-    python demo_data.py --out demo_data --check          # also re-read every label and print class shares
+    python -m tools.demo_data --out demo_data                  # 2,400 patches + 3 scenes of 1200x1200
+    python -m tools.demo_data --out demo_data --check          # also re-read every label and print class shares
 
     <out>/patches/Images/Image_{id}.tif       300x300 RGB uint8, LZW
     <out>/patches/Labels/Label_{id}.tif       its colour label (dataset.PALETTE, black = undefined), LZW
@@ -654,7 +654,7 @@ def _write_marker(out, record):
     text = (f"SYNTHETIC DATA, not ISPRS Potsdam.\n"
             f"Procedural scenes drawn by demo_data.py in the Potsdam patch layout, for demos and tests only;\n"
             f"numbers measured on them say nothing about real Potsdam. Regenerate with:\n"
-            f"    python demo_data.py --out {out} --patches {record['settings']['patches']} "
+            f"    python -m tools.demo_data --out {out} --patches {record['settings']['patches']} "
             f"--scenes {record['settings']['scenes']} --scene-size {record['settings']['scene_size']} "
             f"--seed {record['settings']['seed']}\n"
             f"{json.dumps(record)}\n")

@@ -1,7 +1,7 @@
 """Cut the official ISPRS Potsdam tiles (6000x6000) into patches in the project's patch layout + a split file.
 
-    python prepare_potsdam.py --raw downloads/Potsdam --out archive/patches
-    python prepare_potsdam.py --raw downloads/Potsdam --out archive/patches_irrg --bands IRRG --labels eroded
+    python -m tools.prepare_potsdam --raw downloads/Potsdam --out archive/patches
+    python -m tools.prepare_potsdam --raw downloads/Potsdam --out archive/patches_irrg --bands IRRG --labels eroded
 
 --raw is searched recursively for the official file names (`top_potsdam_2_10_RGB.tif`, `..._IRRG.tif`,
 `..._RGBIR.tif`, `..._label.tif`, `..._label_noBoundary.tif`; `02_10` is read as `2_10`), so it does not matter

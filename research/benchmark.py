@@ -1,13 +1,13 @@
 """Speed and memory, measured on the current device. Numbers go here, never into tests.
 
-    python benchmark.py infer                    # 6000x6000 synthetic GeoTIFF, end to end vs the model alone
-    python benchmark.py infer --size 2000        # smaller, for a slow CPU
-    python benchmark.py infer --size 20000 --e2e-only    # peak RSS of a 20000x20000 tile, streamed by rows
-    python benchmark.py infer --size 20000 --e2e-only --stream-pixels 1e12    # the same tile read whole
-    python benchmark.py infer --files 16 --size 6000     # a folder: pipelined vs serial vs the model alone
-    python benchmark.py train                    # training images/s: published-style loader, train.py, model alone
-    python benchmark.py train --patches 32 --size 64 --epochs 2 --workers 2    # a couple of minutes on a CPU
-    python benchmark.py train --device cuda --amp --patches 2400 --epochs 3
+    python -m research.benchmark infer                    # 6000x6000 synthetic GeoTIFF, end to end vs the model alone
+    python -m research.benchmark infer --size 2000        # smaller, for a slow CPU
+    python -m research.benchmark infer --size 20000 --e2e-only    # peak RSS of a 20000x20000 tile, streamed by rows
+    python -m research.benchmark infer --size 20000 --e2e-only --stream-pixels 1e12    # the same tile read whole
+    python -m research.benchmark infer --files 16 --size 6000     # a folder: pipelined vs serial vs the model alone
+    python -m research.benchmark train                    # training images/s: published-style loader, train.py, model alone
+    python -m research.benchmark train --patches 32 --size 64 --epochs 2 --workers 2    # a couple of minutes on a CPU
+    python -m research.benchmark train --device cuda --amp --patches 2400 --epochs 3
 
 `infer` reports megapixels (of the input images) per second for infer.segment_folder on a folder of --files
 synthetic tiles (read, resize, tiles, blending, upsampling, argmax, PNG + GeoTIFF written), pipelined (infer.py's
@@ -322,7 +322,7 @@ def _model_alone(args, root, n_train, device, use_amp):
 
 
 def bench_train(args):
-    from demo_data import make_demo_data
+    from tools.demo_data import make_demo_data
     from dataset import patch_pairs
     if config_from_args(args).steps is not None or config_from_args(args).crop:
         raise ValueError("benchmark.py train counts images of whole-image epochs; leave out --steps and --crop")

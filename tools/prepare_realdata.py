@@ -1,7 +1,7 @@
 """A small real labelled set for development: SpaceNet Atlanta buildings (0.5 m) from the solaris 0.4.0 wheel.
 
-    python prepare_realdata.py                        # -> realdata/atlanta (downloads the wheel to realdata/cache)
-    python prepare_realdata.py --wheel solaris-0.4.0-py3-none-any.whl --val-columns 0,5
+    python -m tools.prepare_realdata                        # -> realdata/atlanta (downloads the wheel to realdata/cache)
+    python -m tools.prepare_realdata --wheel solaris-0.4.0-py3-none-any.whl --val-columns 0,5
 
 The wheel (Apache-2.0) ships a 900x900 single-band uint16 GeoTIFF of suburban Atlanta, its building footprint
 mask (0 / 255) and one instance band per building (43). The pair is checked before it is trusted: the

@@ -1,7 +1,7 @@
 """Is the click-and-see loop worth it? A simulated person drives annotate.py's HTTP API, round after round.
 
-    python annotate_loop.py --preset atlanta --seeds 3   # REAL data (make realdata): results/annotate_loop_atlanta.md
-    python annotate_loop.py --preset demo --seeds 3      # SYNTHETIC demo data (make demo-data)
+    python -m research.annotate_loop --preset atlanta --seeds 3   # REAL data (make realdata): results/annotate_loop_atlanta.md
+    python -m research.annotate_loop --preset demo --seeds 3      # SYNTHETIC demo data (make demo-data)
 
 The images of the preset's split (training and val images) are put in one folder and annotate.py's server is
 started on it (in this process, on a free port of 127.0.0.1). Per seed and strategy: K0 random clicks on every
@@ -34,11 +34,12 @@ import numpy as np
 from PIL import Image
 
 import annotate
+from checkpoint import PROGRESS_FILE, read_progress
 from dataset import read_label
 from metrics import ConfusionMatrix
 from spec import IGNORE_INDEX, POTSDAM, load_class_file
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the repository root: train.py runs from there
 SPACING = 5  # native pixels between the error-driven clicks of one round on one image
 PRESETS = {
     # REAL: SpaceNet Atlanta buildings (make realdata), the split's 30 training and 6 val patches
@@ -139,9 +140,9 @@ class Client:
 
 
 def finished_run(out, what):
-    """The progress of the run in `out` (annotate.read_progress of train.py's progress file), checked: a run that
+    """The progress of the run in `out` (checkpoint.read_progress of train.py's progress file), checked: a run that
     did not end "done" at its last step raises (RuntimeError naming `what`)."""
-    run = annotate.read_progress(Path(out) / annotate.PROGRESS_FILE)
+    run = read_progress(Path(out) / PROGRESS_FILE)
     if run is None or run["status"] != "done" or run["step"] != run["steps"]:
         raise RuntimeError(f"{what}: the run in {out} did not finish its steps (progress: {run})")
     return run
@@ -299,7 +300,7 @@ def write_table(path, args, preset, curves, dense, majority, seconds, n_train, n
     kind = "SYNTHETIC demo data" if preset["synthetic"] else "REAL data (SpaceNet Atlanta, 0.5 m)"
     d = np.array(dense)
     lines = [f"# The click-and-see loop, measured: preset `{args.preset}` ({kind})", "",
-             f"Written by `python annotate_loop.py --preset {args.preset} --seeds {args.seeds} --start {args.start} "
+             f"Written by `python -m research.annotate_loop --preset {args.preset} --seeds {args.seeds} --start {args.start} "
              f"--clicks {args.clicks} --rounds {args.rounds} --epochs {args.epochs}` in {seconds / 60:.0f} min on "
              f"this machine's CPU. {n_train} training images are clicked, {n_val} val images score (dense labels, "
              f"mIoU at native resolution, read back through the page's overlay). Every training: the page's "

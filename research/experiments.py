@@ -1,15 +1,15 @@
 """Run the experiments behind the results table and the point-budget curve; write the tables and figures.
 
-    python experiments.py --preset demo                     # synthetic demo data, 2 CPU cores, about 3 hours
-    python experiments.py --preset demo --threads 1         # the same on a CPU shared with other jobs
-    python experiments.py --preset demo --dry-run           # list the runs and which are done
-    python experiments.py --preset demo --only 1,3 --seeds 5
-    python experiments.py --preset potsdam --data archive/patches --device cuda
-    python experiments.py --preset demo --report            # rebuild the markdown and figures from the csv
-    python experiments.py --preset atlanta --references-only # the forest and all-background rows alone
-    python experiments.py --preset demo --epochs 2          # other settings: into results/adhoc-<hash>/
-    python experiments.py --preset potsdam --data archive/patches --gpus 0,1,2,3    # one run per GPU at once
-    python experiments.py --preset demo --parallel 2 --threads 1                    # two runs at once on the CPU
+    python -m research.experiments --preset demo                     # synthetic demo data, 2 CPU cores, about 3 hours
+    python -m research.experiments --preset demo --threads 1         # the same on a CPU shared with other jobs
+    python -m research.experiments --preset demo --dry-run           # list the runs and which are done
+    python -m research.experiments --preset demo --only 1,3 --seeds 5
+    python -m research.experiments --preset potsdam --data archive/patches --device cuda
+    python -m research.experiments --preset demo --report            # rebuild the markdown and figures from the csv
+    python -m research.experiments --preset atlanta --references-only # the forest and all-background rows alone
+    python -m research.experiments --preset demo --epochs 2          # other settings: into results/adhoc-<hash>/
+    python -m research.experiments --preset potsdam --data archive/patches --gpus 0,1,2,3    # one run per GPU at once
+    python -m research.experiments --preset demo --parallel 2 --threads 1                    # two runs at once on the CPU
 
 Experiments (each configuration trained with --seeds seeds, reported as mean +/- sample std):
   1. class weights from points vs none (the published pair: 20,000 points, focal gamma 2)
@@ -717,7 +717,7 @@ def spread(command, slots, env=None):
             child_env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         tag = f"[worker {i}{f' gpu {gpu}' if gpu is not None else ''}]"
         proc = subprocess.Popen(command, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace")
+                                errors="replace", cwd=Path(__file__).resolve().parents[1])  # -m research.experiments
         thread = threading.Thread(target=relay, args=(proc.stdout, tag), daemon=True)
         thread.start()
         procs.append((proc, thread))
@@ -989,7 +989,7 @@ def report_command(preset, settings, folder):
     """The experiments.py command that rewrites this report: the preset, the options that changed its settings,
     and --results where the folder is not the one those settings choose by themselves."""
     own = dict(PRESETS[preset])
-    words = ["python experiments.py", f"--preset {preset}"]
+    words = ["python -m research.experiments", f"--preset {preset}"]
     for name in SETTING_OPTIONS:
         value, base = settings.get(name), own.get(name)
         if name == "data" and value and base:
@@ -1016,7 +1016,7 @@ def write_report(rows, keys, preset, path, figures_dir):
     total = sum(r["seconds"] for r in ours)
     head = [f"# Experiments: preset `{preset}`", ""]
     if synthetic:
-        head += ["**SYNTHETIC demo data** (procedural Potsdam-like scenes from `demo_data.py`). These numbers say "
+        head += ["**SYNTHETIC demo data** (procedural Potsdam-like scenes from `tools/demo_data.py`). These numbers say "
                  "nothing about ISPRS Potsdam; they show that the pipeline runs and how the comparisons come out "
                  "on this toy problem.", ""]
     else:
@@ -1315,7 +1315,7 @@ def ensure_demo_data(settings):
     """The demo preset draws the synthetic data (as `make demo-data` does) unless it is there already."""
     if not settings["data"] or Path(settings["data"]) != Path(DEMO_DATA["out"]) / "patches":
         return  # the user's own folder: a missing one is an error from dataset.py, naming it
-    from demo_data import make_demo_data
+    from tools.demo_data import make_demo_data
     s = make_demo_data(**DEMO_DATA, progress=True)  # skips the work when the folder is complete
     if not s["skipped"]:
         print(f"drew the synthetic demo data into {DEMO_DATA['out']} in {s['seconds']:.0f} s", flush=True)
@@ -1373,7 +1373,7 @@ def main(args):
         print(f"{workers} workers ({', '.join(f'GPU {g}' for g in slots) if gpus else 'CPU'}) share "
               f"{len(plan)} runs", flush=True)
         t0 = time.time()
-        codes = spread([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker"], slots, threads)
+        codes = spread([sys.executable, "-m", "research.experiments", *sys.argv[1:], "--worker"], slots, threads)
         failed = [f"worker {i} (exit {c})" for i, c in enumerate(codes) if c]
         print(f"\n{workers} workers finished in {(time.time() - t0) / 60:.1f} min"
               f"{'; failed: ' + ', '.join(failed) if failed else ''}", flush=True)
