@@ -1,15 +1,23 @@
-"""Tiny data made in tmp_path: patch folders in the Potsdam layout with known labels."""
+"""Tiny data made in tmp_path (patch folders in the Potsdam layout with known labels, click files, a map to assess)
+and every helper more than one test module uses: test modules import them from here (`from tests.conftest import
+...`), never from one another (tests/test_suite.py checks)."""
 
+import http.client
+import json
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spec import IGNORE_INDEX, PALETTE  # noqa: E402
+from config import TrainConfig  # noqa: E402
+from research import experiments as E  # noqa: E402
+from spec import CLASSES, IGNORE_INDEX, PALETTE, ClassSpec, default_palette  # noqa: E402
 
 
 class ToyClicks:
@@ -84,18 +92,201 @@ def data(tmp_path):
     return root
 
 
+# --------------------------------------------------------------------------- training
+
+def cfg_for(root, tmp_path, **kw):
+    """The training tests' TrainConfig: the tiny network at 32 pixels on `root` (ids 0-5 train, 6 and 7 validate),
+    2 epochs of 100 points per image, checkpoints in <tmp>/ck, no figures; `kw` overrides any of it."""
+    base = dict(data=str(root), arch="tiny", pretrained=False, epochs=2, batch_size=4, size=32, points=100,
+                out=str(tmp_path / "ck"), figures=False, progress=False, train_ids=list(range(6)),
+                val_ids=[6, 7])
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --------------------------------------------------------------------------- click files (annotations.py)
+
+CLICK_CLASSES = ClassSpec(names=("road", "building", "tree"), palette=default_palette(3), label_format="index")
+UTM = "EPSG:32616"
+LEFT, TOP, RES = 500000.0, 4000000.0, 0.5
+
+
+def geotiff(path, left=LEFT, top=TOP, size=(40, 40), nodata=None, data=None):
+    """A 3-band uint8 GeoTIFF in UTM 16N with 0.5 m pixels, its top-left corner at (left, top)."""
+    import rasterio
+    from rasterio.transform import Affine
+
+    H, W = size
+    data = np.full((3, H, W), 100, np.uint8) if data is None else data
+    with rasterio.open(path, "w", driver="GTiff", height=H, width=W, count=3, dtype="uint8", crs=UTM,
+                       transform=Affine(RES, 0, left, 0, -RES, top), nodata=nodata) as ds:
+        ds.write(data)
+    return path
+
+
+def write_layer(path, geoms, values, crs=UTM, field="class", extra=None, layer=None):
+    """Write a layer with pyogrio (the driver from the extension); `crs` None: no CRS."""
+    import pyogrio
+    import pyproj
+    import shapely
+
+    geoms = np.asarray(geoms, dtype=object)
+    if crs not in (None, UTM):
+        t = pyproj.Transformer.from_crs(UTM, crs, always_xy=True)
+        geoms = shapely.transform(geoms, lambda c: np.column_stack(t.transform(c[:, 0], c[:, 1])))
+    fields, data = [field], [np.asarray(values, dtype=object)]
+    for k, v in (extra or {}).items():
+        fields.append(k)
+        data.append(np.asarray(v, dtype=object))
+    kinds = {g.geom_type for g in geoms}
+    pyogrio.raw.write(path, shapely.to_wkb(geoms), data, fields, crs=crs, layer=layer,
+                      geometry_type=kinds.pop() if len(kinds) == 1 else "Unknown")
+    return path
+
+
+def pngs(tmp_path, names=("tile_a", "tile_b"), size=(30, 40)):
+    """Black PNGs <tmp>/png/<name>.png (a plain function; test_annotate has a fixture of this name of its own)."""
+    folder = tmp_path / "png"
+    folder.mkdir(exist_ok=True)
+    for n in names:
+        Image.fromarray(np.zeros(size + (3,), np.uint8)).save(folder / f"{n}.png")
+    return folder
+
+
+def pixels(c):
+    """{(row, col): class} of an ImageClicks."""
+    return {(int(r), int(k)): int(v) for r, k, v in zip(c.rows, c.cols, c.classes)}
+
+
+# --------------------------------------------------------------------------- experiments.py on fake runs
+
+SETTINGS = dict(E.PRESETS["demo"], data="nowhere/patches", n_train=None, n_val=None)
+KEYS = E.Keys(SETTINGS, (None, None), "data-id")  # what Keys.read would make of a folder, without one
+
+
+def fake_history(miou, oa=0.8, epochs=2):
+    iou = {c: miou for c in CLASSES}
+    return [{"epoch": e, "val_oa": oa, "val_miou": miou - 0.1 * (epochs - e), "val_mf1": miou + 0.05,
+             "val_iou": iou} for e in range(1, epochs + 1)]
+
+
+class FakeRunner:
+    """Records the configs it is asked to train; mIoU 0.5 + 0.1 * seed, no training."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, cfg):
+        self.calls.append(cfg)
+        return {"history": fake_history(0.5 + 0.1 * cfg.seed), "labelled_fraction": 0.25, "n_train": 7, "n_val": 1}
+
+
+def fake_row(run, seed, miou, oa=0.8, fraction=0.5, seconds=10.0, keys=KEYS):
+    """A row as read_rows returns it."""
+    row = {f: "" for f in E.FIELDS}
+    row.update(key=keys.run_key(run, seed), config_key=keys.config_key(run), seed=float(seed),
+               miou=miou, oa=oa, mf1=miou, labelled_fraction=fraction, seconds=seconds, device="cpu",
+               settings=E.json.dumps(keys.settings, sort_keys=True))
+    for c in E.CLASSES:
+        row[f"iou_{c}"] = miou
+    return row
+
+
+# --------------------------------------------------------------------------- annotate.py's server
+
+def train_command(tmp_path):
+    """The page's own train.py command with the tiny network at 32 pixels and a larger step (seconds, not minutes)."""
+    import annotate
+    return annotate.DEFAULT_TRAIN_COMMAND.replace("--arch resnet18", "--arch tiny --size 32 --lr 0.02")
+
+
+def colour_image(h, w, seed=0):
+    """Left half green-brown, right half grey, with noise: two classes a tiny model tells apart."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, : w // 2] = (110, 150, 60)
+    img[:, w // 2:] = (150, 150, 150)
+    return np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
+
+
+class Server:
+    """annotate's server on a free port in a thread; `request` answers (status, headers, body)."""
+
+    def __init__(self, images, clicks, runs, **kw):
+        import annotate
+        args = annotate.get_args_parser().parse_args(
+            ["--images", str(images), "--clicks", str(clicks), "--runs", str(runs), "--port", "0"])
+        for k, v in kw.items():
+            setattr(args, k, v)
+        self.server = annotate.make_server(args)
+        self.app = self.server.app
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def request(self, method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        hdrs = {"Content-Type": "application/json"} if data is not None else {}
+        hdrs.update(headers or {})
+        conn.request(method, path, body=data, headers=hdrs)
+        r = conn.getresponse()
+        out = r.status, dict(r.getheaders()), r.read()
+        conn.close()
+        return out
+
+    def json(self, method, path, body=None, status=200):
+        code, _, data = self.request(method, path, body)
+        assert code == status, (code, data)
+        return json.loads(data)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# --------------------------------------------------------------------------- infer.py
+
+def run(ckpt, inp, out, *extra):
+    """infer.py's command line on these arguments; its exit code."""
+    import infer
+    args = infer.get_args_parser().parse_args(
+        ["--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out), "--no-progress", *extra])
+    return infer.main(args)
+
+
+def smooth_image(h, w, seed=0, bands=3):
+    """Blobs, not white noise: neighbouring pixels agree, as in a photo."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (h // 8 + 2, w // 8 + 2, bands), dtype=np.uint8)
+    return np.stack([np.asarray(Image.fromarray(coarse[:, :, b]).resize((w, h), Image.BICUBIC))
+                     for b in range(bands)], -1)
+
+
+def ctrl_c_on_second_image(monkeypatch):
+    """Make infer.py's prediction raise KeyboardInterrupt on the second image, as Ctrl-C would."""
+    import infer
+    real, calls = infer._predict_file, []
+
+    def interrupted(model, job, *args, **kwargs):
+        calls.append(job.path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, job, *args, **kwargs)
+    monkeypatch.setattr(infer, "_predict_file", interrupted)
+
+
+# --------------------------------------------------------------------------- a map to assess (annotate.py, assess.py)
+
+
 def write_assessment_scene(root):
     """A map to assess, as tests of annotate.py's Assess mode need it: two 40x40 GeoTIFFs (EPSG:32616, 0.5 m) in
     <root>/images, a building block in each (the truth), infer.py-style masks in <root>/maps of a map that paints
     buildings over a halo around each (palette PNG, `Source` naming the input, 255 nodata in a corner) and
     <root>/classes.json (background, building). Returns (images, masks, classes file, {image name: truth})."""
-    import json
-
     import rasterio
-    from PIL import Image, PngImagePlugin
+    from PIL import PngImagePlugin
     from rasterio.transform import Affine
 
-    from spec import ClassSpec, default_palette
     root = Path(root)
     images, masks = root / "images", root / "maps"
     images.mkdir(parents=True)

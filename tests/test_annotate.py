@@ -1,7 +1,6 @@
 """annotate.py's HTTP API: listing, tiles, clicks saved in the format read_clicks takes, merges across servers,
 the bounds and the paths it refuses, and (slow) a training started from the API with its overlay and suggestions."""
 
-import http.client
 import json
 import socket
 import threading
@@ -19,23 +18,10 @@ import annotate
 import checkpoint
 import assess
 from annotations import read_clicks
-from conftest import write_assessment_scene
 from spec import ClassSpec, load_class_file
+from tests.conftest import Server, colour_image, train_command, write_assessment_scene
 
 REPO = Path(__file__).resolve().parents[1]
-
-def train_command(tmp_path):
-    """The page's own train.py command with the tiny network at 32 pixels and a larger step (seconds, not minutes)."""
-    return annotate.DEFAULT_TRAIN_COMMAND.replace("--arch resnet18", "--arch tiny --size 32 --lr 0.02")
-
-
-def colour_image(h, w, seed=0):
-    """Left half green-brown, right half grey, with noise: two classes a tiny model tells apart."""
-    rng = np.random.default_rng(seed)
-    img = np.zeros((h, w, 3), np.uint8)
-    img[:, : w // 2] = (110, 150, 60)
-    img[:, w // 2:] = (150, 150, 150)
-    return np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture
@@ -45,41 +31,6 @@ def pngs(tmp_path):
     for i, (h, w) in enumerate([(30, 40), (24, 36)]):
         Image.fromarray(colour_image(h, w, i)).save(folder / f"im{i}.png")
     return folder
-
-
-class Server:
-    """annotate's server on a free port in a thread; `request` answers (status, headers, body)."""
-
-    def __init__(self, images, clicks, runs, **kw):
-        args = annotate.get_args_parser().parse_args(
-            ["--images", str(images), "--clicks", str(clicks), "--runs", str(runs), "--port", "0"])
-        for k, v in kw.items():
-            setattr(args, k, v)
-        self.server = annotate.make_server(args)
-        self.app = self.server.app
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def request(self, method, path, body=None, headers=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-        hdrs = {"Content-Type": "application/json"} if data is not None else {}
-        hdrs.update(headers or {})
-        conn.request(method, path, body=data, headers=hdrs)
-        r = conn.getresponse()
-        out = r.status, dict(r.getheaders()), r.read()
-        conn.close()
-        return out
-
-    def json(self, method, path, body=None, status=200):
-        code, _, data = self.request(method, path, body)
-        assert code == status, (code, data)
-        return json.loads(data)
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

@@ -22,9 +22,8 @@ from PIL import Image
 import annotate
 import assess
 from annotations import read_clicks
-from conftest import write_assessment_scene
 from spec import load_class_file
-from test_annotate import Server, colour_image, train_command
+from tests.conftest import Server, colour_image, train_command, write_assessment_scene
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

@@ -7,51 +7,21 @@ import numpy as np
 import pyogrio
 import pyproj
 import pytest
-import rasterio
 import shapely
 from PIL import Image
-from rasterio.transform import Affine
 
 from annotations import (ImageClicks, check_unclicked, class_counts, click_metrics, clicks_from_label, read_clicks,
                          split_clicks, wilson_interval, write_clicks)
 from raster import image_refs
-from spec import IGNORE_INDEX, ClassSpec, default_palette
+from spec import IGNORE_INDEX
+from tests.conftest import CLICK_CLASSES, LEFT, RES, TOP, UTM, geotiff, pixels, pngs, write_layer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "annotations"
-CLASSES = ClassSpec(names=("road", "building", "tree"), palette=default_palette(3), label_format="index")
-UTM = "EPSG:32616"
-LEFT, TOP, RES = 500000.0, 4000000.0, 0.5
-
-
-def geotiff(path, left=LEFT, top=TOP, size=(40, 40), nodata=None, data=None):
-    """A 3-band uint8 GeoTIFF in UTM 16N with 0.5 m pixels, its top-left corner at (left, top)."""
-    H, W = size
-    data = np.full((3, H, W), 100, np.uint8) if data is None else data
-    with rasterio.open(path, "w", driver="GTiff", height=H, width=W, count=3, dtype="uint8", crs=UTM,
-                       transform=Affine(RES, 0, left, 0, -RES, top), nodata=nodata) as ds:
-        ds.write(data)
-    return path
 
 
 def centre(row, col, left=LEFT, top=TOP):
     """Map coordinates of a pixel's centre."""
     return left + (col + 0.5) * RES, top - (row + 0.5) * RES
-
-
-def write_layer(path, geoms, values, crs=UTM, field="class", extra=None, layer=None):
-    """Write a layer with pyogrio (the driver from the extension); `crs` None: no CRS."""
-    geoms = np.asarray(geoms, dtype=object)
-    if crs not in (None, UTM):
-        t = pyproj.Transformer.from_crs(UTM, crs, always_xy=True)
-        geoms = shapely.transform(geoms, lambda c: np.column_stack(t.transform(c[:, 0], c[:, 1])))
-    fields, data = [field], [np.asarray(values, dtype=object)]
-    for k, v in (extra or {}).items():
-        fields.append(k)
-        data.append(np.asarray(v, dtype=object))
-    kinds = {g.geom_type for g in geoms}
-    pyogrio.raw.write(path, shapely.to_wkb(geoms), data, fields, crs=crs, layer=layer,
-                      geometry_type=kinds.pop() if len(kinds) == 1 else "Unknown")
-    return path
 
 
 @pytest.fixture
@@ -64,19 +34,6 @@ def two_tiles(tmp_path):
     return folder
 
 
-def pngs(tmp_path, names=("tile_a", "tile_b"), size=(30, 40)):
-    folder = tmp_path / "png"
-    folder.mkdir(exist_ok=True)
-    for n in names:
-        Image.fromarray(np.zeros(size + (3,), np.uint8)).save(folder / f"{n}.png")
-    return folder
-
-
-def pixels(c):
-    """{(row, col): class} of an ImageClicks."""
-    return {(int(r), int(k)): int(v) for r, k, v in zip(c.rows, c.cols, c.classes)}
-
-
 # --------------------------------------------------------------------------- georeferenced layers
 
 @pytest.mark.parametrize("crs", [UTM, "EPSG:4326"])
@@ -85,7 +42,7 @@ def test_georeferenced_clicks_land_on_their_pixels_in_every_format_and_crs(two_t
     pts = [shapely.Point(centre(3, 5)), shapely.Point(centre(10, 2, left=LEFT + 20)),
            shapely.Point(centre(39, 39)), shapely.Point(LEFT - 100, TOP + 100)]  # the last: outside both
     layer = write_layer(tmp_path / f"clicks{suffix}", pts, ["building", "2", "road", "tree"], crs=crs)
-    clicks = read_clicks(layer, two_tiles, CLASSES)
+    clicks = read_clicks(layer, two_tiles, CLICK_CLASSES)
     assert pixels(clicks.images["a"]) == {(3, 5): 1, (39, 39): 0}
     assert pixels(clicks.images["b"]) == {(10, 2): 2}
     assert any("1 of 4 features fall outside every image" in n for n in clicks.notes)
@@ -93,7 +50,7 @@ def test_georeferenced_clicks_land_on_their_pixels_in_every_format_and_crs(two_t
 
 def test_a_line_across_two_tiles_goes_to_both(two_tiles, tmp_path):
     line = shapely.LineString([centre(5, 30), centre(5, 50)])  # columns 30..50 of a; b starts at a's column 40
-    clicks = read_clicks(write_layer(tmp_path / "l.gpkg", [line], ["road"]), two_tiles, CLASSES)
+    clicks = read_clicks(write_layer(tmp_path / "l.gpkg", [line], ["road"]), two_tiles, CLICK_CLASSES)
     a, b = clicks.images["a"], clicks.images["b"]
     assert set(a.cols.tolist()) == set(range(30, 40)) and set(a.rows.tolist()) == {5}
     assert set(b.cols.tolist()) == set(range(0, 11)) and set(b.rows.tolist()) == {5}
@@ -103,7 +60,7 @@ def test_a_line_across_two_tiles_goes_to_both(two_tiles, tmp_path):
 def test_polygon_fills_the_pixels_inside(two_tiles, tmp_path):
     x0, y1 = LEFT + 3 * RES, TOP - 2 * RES  # pixel edges: rows 2..5, columns 3..7
     poly = shapely.box(x0, TOP - 6 * RES, LEFT + 8 * RES, y1)
-    c = read_clicks(write_layer(tmp_path / "p.gpkg", [poly], ["tree"]), two_tiles, CLASSES).images["a"]
+    c = read_clicks(write_layer(tmp_path / "p.gpkg", [poly], ["tree"]), two_tiles, CLICK_CLASSES).images["a"]
     assert set(pixels(c)) == {(r, k) for r in range(2, 6) for k in range(3, 8)}
     assert (c.classes == 2).all() and (c.kinds == 2).all()
     label = c.label()
@@ -113,30 +70,30 @@ def test_polygon_fills_the_pixels_inside(two_tiles, tmp_path):
 def test_layer_without_crs_over_georeferenced_images_is_refused(two_tiles, tmp_path):
     layer = write_layer(tmp_path / "nocrs.gpkg", [shapely.Point(centre(1, 1))], ["road"], crs=None)
     with pytest.raises(ValueError, match=r"nocrs\.gpkg.*no CRS.*Set CRS"):
-        read_clicks(layer, two_tiles, CLASSES)
+        read_clicks(layer, two_tiles, CLICK_CLASSES)
 
 
 def test_swapped_lon_lat_is_named(two_tiles, tmp_path):
     lon, lat = pyproj.Transformer.from_crs(UTM, "EPSG:4326", always_xy=True).transform(*centre(3, 3))
     layer = write_layer(tmp_path / "swapped.geojson", [shapely.Point(lat, lon)], ["road"], crs="EPSG:4326")
     with pytest.raises(ValueError, match=r"swapped\.geojson: no click falls inside any image.*Swapped lon/lat"):
-        read_clicks(layer, two_tiles, CLASSES)
+        read_clicks(layer, two_tiles, CLICK_CLASSES)
 
 
 def test_empty_layer_is_refused(two_tiles, tmp_path):
     path = tmp_path / "empty.gpkg"
     pyogrio.raw.write(path, np.zeros(0, object), [np.zeros(0, object)], ["class"], crs=UTM, geometry_type="Point")
     with pytest.raises(ValueError, match=r"empty\.gpkg: the layer holds no features"):
-        read_clicks(path, two_tiles, CLASSES)
+        read_clicks(path, two_tiles, CLICK_CLASSES)
 
 
 def test_unknown_class_values_are_listed_with_the_classes(two_tiles, tmp_path):
     layer = write_layer(tmp_path / "c.gpkg", [shapely.Point(centre(1, 1)), shapely.Point(centre(2, 2))],
                         ["building", "car"], field="kind_of")
     with pytest.raises(ValueError, match=r"c\.gpkg field 'kind_of'.*'car'.*0=road, 1=building, 2=tree"):
-        read_clicks(layer, two_tiles, CLASSES, class_field="kind_of")
+        read_clicks(layer, two_tiles, CLICK_CLASSES, class_field="kind_of")
     with pytest.raises(ValueError, match=r"no class field 'class'.*kind_of"):
-        read_clicks(layer, two_tiles, CLASSES)
+        read_clicks(layer, two_tiles, CLICK_CLASSES)
 
 
 def test_clicks_on_nodata_are_counted_and_left_out(tmp_path):
@@ -147,12 +104,12 @@ def test_clicks_on_nodata_are_counted_and_left_out(tmp_path):
     geotiff(folder / "a.tif", nodata=0, data=data)
     layer = write_layer(tmp_path / "n.gpkg", [shapely.Point(centre(2, 2)), shapely.Point(centre(5, 5)),
                                               shapely.Point(centre(20, 20))], ["road", "road", "tree"])
-    clicks = read_clicks(layer, folder, CLASSES)
+    clicks = read_clicks(layer, folder, CLICK_CLASSES)
     assert pixels(clicks.images["a"]) == {(20, 20): 2}
     assert any("2 clicked pixels lie on nodata" in n for n in clicks.notes)
     only_nodata = write_layer(tmp_path / "only.gpkg", [shapely.Point(centre(2, 2))], ["road"])
     with pytest.raises(ValueError, match=r"only\.gpkg: no click falls on a valid pixel.*nodata"):
-        read_clicks(only_nodata, folder, CLASSES)
+        read_clicks(only_nodata, folder, CLICK_CLASSES)
 
 
 def test_two_classes_on_one_pixel_are_reported_and_left_out(two_tiles, tmp_path):
@@ -160,7 +117,7 @@ def test_two_classes_on_one_pixel_are_reported_and_left_out(two_tiles, tmp_path)
     pts = [shapely.Point(x, y), shapely.Point(x + 0.1, y - 0.1), shapely.Point(*centre(7, 7)),
            shapely.Point(*centre(7, 7))]
     clicks = read_clicks(write_layer(tmp_path / "d.gpkg", pts, ["road", "tree", "building", "building"]),
-                         two_tiles, CLASSES)
+                         two_tiles, CLICK_CLASSES)
     assert pixels(clicks.images["a"]) == {(7, 7): 1}  # the same class twice counts once
     assert any("1 pixels were given two different classes" in n for n in clicks.notes)
 
@@ -171,7 +128,7 @@ def test_csv_in_pixel_coordinates(tmp_path):
     folder = pngs(tmp_path)
     path = tmp_path / "c.csv"
     path.write_text("image,x,y,class\ntile_a.png,5,3,building\ntile_a,7.9,0.2,0\ntile_b.png,39,29,tree\n")
-    clicks = read_clicks(path, folder, CLASSES)
+    clicks = read_clicks(path, folder, CLICK_CLASSES)
     assert pixels(clicks.images["tile_a"]) == {(3, 5): 1, (0, 7): 0}
     assert pixels(clicks.images["tile_b"]) == {(29, 39): 2}
     assert not clicks.images["tile_a"].image.georeferenced
@@ -182,14 +139,14 @@ def test_csv_naming_a_missing_image_is_refused(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("image,x,y,class\ntile_a.png,5,3,building\nnowhere.png,1,1,road\n")
     with pytest.raises(FileNotFoundError, match=r"bad\.csv names images.*'nowhere\.png'"):
-        read_clicks(path, folder, CLASSES)
+        read_clicks(path, folder, CLICK_CLASSES)
     missing = tmp_path / "gone.csv"
     with pytest.raises(FileNotFoundError, match="gone.csv not found"):
-        read_clicks(missing, folder, CLASSES)
+        read_clicks(missing, folder, CLICK_CLASSES)
 
 
 def test_label_studio_export(tmp_path):
-    clicks = read_clicks(FIXTURES / "label_studio_export.json", pngs(tmp_path), CLASSES)
+    clicks = read_clicks(FIXTURES / "label_studio_export.json", pngs(tmp_path), CLICK_CLASSES)
     a = clicks.images["tile_a"]
     got = pixels(a)
     polygon = {(r, k) for r in range(15, 18) for k in range(20, 24)}
@@ -199,7 +156,7 @@ def test_label_studio_export(tmp_path):
 
 
 def test_cvat_points_and_polyline(tmp_path):
-    clicks = read_clicks(FIXTURES / "cvat_for_images.xml", pngs(tmp_path), CLASSES)
+    clicks = read_clicks(FIXTURES / "cvat_for_images.xml", pngs(tmp_path), CLICK_CLASSES)
     a = clicks.images["tile_a"]
     assert pixels(a) == {(3, 5): 1, (12, 10): 1, **{(20, k): 0 for k in range(2, 12)}}
     assert set(a.kinds[a.classes == 0].tolist()) == {1}  # the polyline's pixels are a line
@@ -207,14 +164,14 @@ def test_cvat_points_and_polyline(tmp_path):
 
 
 def test_line_width(tmp_path):
-    clicks = read_clicks(FIXTURES / "cvat_for_images.xml", pngs(tmp_path), CLASSES, line_width=3)
+    clicks = read_clicks(FIXTURES / "cvat_for_images.xml", pngs(tmp_path), CLICK_CLASSES, line_width=3)
     road = {p for p, v in pixels(clicks.images["tile_a"]).items() if v == 0}
     assert road == {(r, k) for r in (19, 20, 21) for k in range(1, 13)}
 
 
 def test_cvat_image_of_another_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"cvat_for_images\.xml: image tile_a\.png is 40x30 there"):
-        read_clicks(FIXTURES / "cvat_for_images.xml", pngs(tmp_path, size=(31, 40)), CLASSES)
+        read_clicks(FIXTURES / "cvat_for_images.xml", pngs(tmp_path, size=(31, 40)), CLICK_CLASSES)
 
 
 def test_sparse_label_raster_is_a_format(tmp_path):
@@ -224,7 +181,7 @@ def test_sparse_label_raster_is_a_format(tmp_path):
     lab = np.full((30, 40), IGNORE_INDEX, np.uint8)
     lab[4, 6], lab[10, 20], lab[29, 0] = 2, 0, 1
     Image.fromarray(lab).save(labels / "tile_a.png")
-    clicks = read_clicks(labels, folder, CLASSES)
+    clicks = read_clicks(labels, folder, CLICK_CLASSES)
     assert pixels(clicks.images["tile_a"]) == {(4, 6): 2, (10, 20): 0, (29, 0): 1}
     assert np.array_equal(clicks.images["tile_a"].label(), lab)
     assert len(clicks.images["tile_b"]) == 0
@@ -242,15 +199,15 @@ def test_write_then_read_gives_the_same_clicks(two_tiles, tmp_path, suffix):
     layer = tmp_path / "mixed.gpkg"
     write_layer(layer, shapes[:2], ["building", "tree"], layer="points")
     write_layer(layer, shapes[2:], ["road", "tree"], layer="shapes")
-    first = read_clicks(layer, two_tiles, CLASSES, layer="points")
-    shapes_layer = read_clicks(layer, two_tiles, CLASSES, layer="shapes")
+    first = read_clicks(layer, two_tiles, CLICK_CLASSES, layer="points")
+    shapes_layer = read_clicks(layer, two_tiles, CLICK_CLASSES, layer="shapes")
     for n, c in shapes_layer.images.items():  # one set with points, line and polygon pixels
         old = first.images[n]
         first.images[n] = ImageClicks(c.image, np.r_[old.rows, c.rows], np.r_[old.cols, c.cols],
                                       np.r_[old.classes, c.classes], np.r_[old.kinds, c.kinds])
     assert len(first) == 2 + 11 + 20
     out = write_clicks(tmp_path / f"out{suffix}", first)
-    again = read_clicks(out, two_tiles, CLASSES)
+    again = read_clicks(out, two_tiles, CLICK_CLASSES)
     assert again.same(first)
     if suffix != ".csv":
         assert pyproj.CRS(pyogrio.read_info(out)["crs"]) == pyproj.CRS(UTM)
@@ -258,11 +215,11 @@ def test_write_then_read_gives_the_same_clicks(two_tiles, tmp_path, suffix):
 
 def test_round_trip_in_pixel_coordinates(tmp_path):
     folder = pngs(tmp_path)
-    first = read_clicks(FIXTURES / "cvat_for_images.xml", folder, CLASSES)
+    first = read_clicks(FIXTURES / "cvat_for_images.xml", folder, CLICK_CLASSES)
     out = write_clicks(tmp_path / "pix.geojson", first)
     assert "crs" not in json.loads(out.read_text())  # no CRS: pixel coordinates over these images
-    assert read_clicks(out, folder, CLASSES).same(first)
-    assert read_clicks(write_clicks(tmp_path / "pix.csv", first), folder, CLASSES).same(first)
+    assert read_clicks(out, folder, CLICK_CLASSES).same(first)
+    assert read_clicks(write_clicks(tmp_path / "pix.csv", first), folder, CLICK_CLASSES).same(first)
 
 
 # --------------------------------------------------------------------------- checks and validation
@@ -270,7 +227,7 @@ def test_round_trip_in_pixel_coordinates(tmp_path):
 def test_unclicked_classes_are_refused_unless_allowed(tmp_path):
     path = tmp_path / "c.csv"
     path.write_text("image,x,y,class\ntile_a.png,5,3,building\ntile_a.png,6,3,building\n")
-    clicks = read_clicks(path, pngs(tmp_path), CLASSES)
+    clicks = read_clicks(path, pngs(tmp_path), CLICK_CLASSES)
     assert class_counts(clicks) == {"road": 0, "building": 2, "tree": 0}
     with pytest.raises(ValueError, match=r"c\.csv: classes \['road', 'tree'\] have no click.*--allow-unclicked"):
         check_unclicked(clicks)
@@ -283,7 +240,7 @@ def _many_clicks(tmp_path, n_images):
     lines = ["image,x,y,class"] + [f"t{i}.png,{x},{y},{rng.integers(3)}" for i in range(n_images)
                                    for x in range(1, 32, 4) for y in range(1, 32, 4)]
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
-    return read_clicks(tmp_path / "m.csv", folder, CLASSES)
+    return read_clicks(tmp_path / "m.csv", folder, CLICK_CLASSES)
 
 
 def test_split_by_whole_images(tmp_path):
@@ -319,7 +276,7 @@ def test_click_metrics_on_native_and_processing_grids(tmp_path):
     path = tmp_path / "c.csv"
     path.write_text("image,x,y,class\ntile_a.png,0,0,road\ntile_a.png,3,0,road\ntile_a.png,0,3,building\n"
                     "tile_a.png,3,3,tree\n")
-    clicks = read_clicks(path, pngs(tmp_path, names=("tile_a",), size=(4, 4)), CLASSES)
+    clicks = read_clicks(path, pngs(tmp_path, names=("tile_a",), size=(4, 4)), CLICK_CLASSES)
     pred = np.array([[0, 0, 2, 2], [0, 0, 2, 2], [1, 1, 2, 2], [1, 1, 2, 2]])  # (0, 3) says tree: wrong
     m = click_metrics({"tile_a": pred}, clicks)
     assert m["accuracy"] == 0.75 and m["accuracy_ci"] == pytest.approx(wilson_interval(3, 4))

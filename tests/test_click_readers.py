@@ -13,8 +13,7 @@ import shapely
 
 from annotations import POINT, ClickSet, ImageClicks, read_clicks, write_clicks
 from raster import image_refs
-from tests.conftest import write_patches
-from tests.test_annotations import CLASSES, geotiff, pixels, pngs, write_layer
+from tests.conftest import CLICK_CLASSES, geotiff, pixels, pngs, write_layer, write_patches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,14 +30,14 @@ def test_a_file_whose_every_click_is_on_nodata_reads_empty_when_allowed(tmp_path
     path = tmp_path / "clicks.csv"
     path.write_text("image,x,y,class\na.tif,2,3,road\n")
     with pytest.raises(ValueError, match=r"clicks\.csv: no click falls on a valid pixel"):
-        read_clicks(path, folder, CLASSES)
-    clicks = read_clicks(path, folder, CLASSES, allow_empty=True)
+        read_clicks(path, folder, CLICK_CLASSES)
+    clicks = read_clicks(path, folder, CLICK_CLASSES, allow_empty=True)
     assert len(clicks) == 0 and set(clicks.images) == {"a", "b"}
     assert all(len(c) == 0 for c in clicks.images.values())
     assert any("1 clicked pixels lie on nodata" in n for n in clicks.notes)
     assert any("no click falls on a valid pixel" in n for n in clicks.notes)
     path.write_text("image,x,y,class\na.tif,2,3,road\na.tif,20,20,tree\n")  # one valid click: read as ever
-    clicks = read_clicks(path, folder, CLASSES, allow_empty=True)
+    clicks = read_clicks(path, folder, CLICK_CLASSES, allow_empty=True)
     assert pixels(clicks.images["a"]) == {(20, 20): 2}
     assert not any("no click falls" in n for n in clicks.notes)
 
@@ -51,8 +50,8 @@ def test_percent_signs_in_image_names_stay_on_their_own_image(tmp_path, suffix):
     refs = image_refs(folder)
     at = {"a b": (1, 2, 0), "a%20b": (5, 6, 1), "%2e%2e": (7, 8, 2)}  # (row, col, class) of each image's click
     clicks = ClickSet({r.name: ImageClicks(r, [at[r.name][0]], [at[r.name][1]], [at[r.name][2]], POINT)
-                       for r in refs}, CLASSES)
-    back = read_clicks(write_clicks(tmp_path / f"clicks{suffix}", clicks), folder, CLASSES)
+                       for r in refs}, CLICK_CLASSES)
+    back = read_clicks(write_clicks(tmp_path / f"clicks{suffix}", clicks), folder, CLICK_CLASSES)
     assert {n: pixels(c) for n, c in back.images.items()} == {n: {(r, k): v} for n, (r, k, v) in at.items()}
 
 
@@ -63,7 +62,7 @@ def test_label_studio_urls_are_still_decoded(tmp_path):
         for url in ("/data/local-files/?d=images/a%20b.png", "http://ls:8080/data/upload/3/1a2b3c4d-tile.png?x=1")]
     path = tmp_path / "ls.json"
     path.write_text(json.dumps(tasks))
-    clicks = read_clicks(path, folder, CLASSES)
+    clicks = read_clicks(path, folder, CLICK_CLASSES)
     assert pixels(clicks.images["a b"]) == {(15, 20): 2} and pixels(clicks.images["tile"]) == {(15, 20): 2}
 
 
@@ -74,15 +73,15 @@ def test_a_pixel_layer_over_one_image_uses_its_image_field(tmp_path):
     folder = pngs(tmp_path, names=("img0",))
     pts = [shapely.Point(3.5, 4.5), shapely.Point(5.5, 6.5), shapely.Point(7.5, 8.5)]
     good = write_layer(tmp_path / "good.gpkg", pts[:1], ["road"], crs=None, extra={"image": ["img0.png"]})
-    assert pixels(read_clicks(good, folder, CLASSES).images["img0"]) == {(4, 3): 0}
+    assert pixels(read_clicks(good, folder, CLICK_CLASSES).images["img0"]) == {(4, 3): 0}
     layer = write_layer(tmp_path / "l.gpkg", pts, ["road", "tree", "road"], crs=None,
                         extra={"image": ["img0.png", "img1.png", "nope"]})
     with pytest.raises(FileNotFoundError) as got:
-        read_clicks(layer, folder, CLASSES)
+        read_clicks(layer, folder, CLICK_CLASSES)
     path = tmp_path / "l.csv"
     path.write_text("image,x,y,class\nimg0.png,3,4,road\nimg1.png,5,6,tree\nnope,7,8,road\n")
     with pytest.raises(FileNotFoundError) as same:
-        read_clicks(path, folder, CLASSES)  # the CSV reader's words
+        read_clicks(path, folder, CLICK_CLASSES)  # the CSV reader's words
     assert "['img1.png', 'nope']" in str(got.value)
     assert str(got.value).replace(str(layer), "X") == str(same.value).replace(str(path), "X")
 
@@ -94,9 +93,9 @@ def test_a_pixel_layer_over_several_images_names_the_unknown_ones(tmp_path):
     layer = write_layer(tmp_path / "l.gpkg", pts, ["road", "tree", "road"], crs=None,
                         extra={"image": ["img0", "img1.png", "nope"]})
     with pytest.raises(FileNotFoundError, match=r"l\.gpkg names images that are not among the 2 images .*\['nope'\]"):
-        read_clicks(layer, folder, CLASSES)
+        read_clicks(layer, folder, CLICK_CLASSES)
     ok = write_layer(tmp_path / "ok.gpkg", pts[:2], ["road", "tree"], crs=None, extra={"image": ["img0", "img1.png"]})
-    clicks = read_clicks(ok, folder, CLASSES)
+    clicks = read_clicks(ok, folder, CLICK_CLASSES)
     assert pixels(clicks.images["img0"]) == {(4, 3): 0} and pixels(clicks.images["img1"]) == {(6, 5): 2}
 
 
@@ -164,7 +163,7 @@ def test_a_malformed_file_is_one_line_that_names_the_file_and_the_place(tmp_path
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(ValueError) as got:
-        read_clicks(path, folder, CLASSES)
+        read_clicks(path, folder, CLICK_CLASSES)
     message = str(got.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
     assert re.search(place, message), message
@@ -173,7 +172,7 @@ def test_a_malformed_file_is_one_line_that_names_the_file_and_the_place(tmp_path
 def test_a_polyline_of_one_vertex_is_a_click_on_its_pixel(tmp_path):
     path = tmp_path / "dot.xml"
     path.write_text(cvat('<polyline label="road" points="5.5,3.2"/>'))
-    assert pixels(read_clicks(path, pngs(tmp_path), CLASSES).images["tile_a"]) == {(1, 1): 2, (3, 5): 0}
+    assert pixels(read_clicks(path, pngs(tmp_path), CLICK_CLASSES).images["tile_a"]) == {(1, 1): 2, (3, 5): 0}
 
 
 @pytest.mark.slow

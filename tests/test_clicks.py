@@ -9,8 +9,7 @@ from checkpoint import read_checkpoint
 from config import parse_points
 from dataset import PotsdamDataset, _image_seed, clicks_per_object, object_clicks, point_count
 from spec import IGNORE_INDEX, DataSpec
-from tests.conftest import make_label, write_patches
-from tests.test_train import cfg_for
+from tests.conftest import cfg_for, make_label, write_patches
 from train import train
 
 FOUR = ndimage.generate_binary_structure(2, 1)

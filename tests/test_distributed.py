@@ -224,9 +224,9 @@ def test_two_workers_share_the_runs_and_the_csv(tmp_path, capsys):
     runner: each run once, every row intact, each worker saw its own GPU."""
     csv_path, runs = tmp_path / "experiments.csv", tmp_path / "runs"
     script = ("import os, sys\n"
-              f"sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]\n"
+              f"sys.path[:0] = [{str(REPO)!r}]\n"
               "from research import experiments as E\n"
-              "from test_experiments import KEYS, SETTINGS, FakeRunner\n"
+              "from tests.conftest import KEYS, SETTINGS, FakeRunner\n"
               "print('visible', os.environ['CUDA_VISIBLE_DEVICES'])\n"
               "E.execute(E.plan_runs(KEYS, {5}, seeds=3), SETTINGS, 'demo', sys.argv[1], runner=FakeRunner(),\n"
               "          device='cpu', runs_dir=sys.argv[2])\n")

@@ -18,40 +18,8 @@ import pytest
 
 import config
 from research import experiments as E
-from conftest import write_patches
 from spec import CLASSES
-
-SETTINGS = dict(E.PRESETS["demo"], data="nowhere/patches", n_train=None, n_val=None)
-KEYS = E.Keys(SETTINGS, (None, None), "data-id")  # what Keys.read would make of a folder, without one
-
-
-def fake_history(miou, oa=0.8, epochs=2):
-    iou = {c: miou for c in CLASSES}
-    return [{"epoch": e, "val_oa": oa, "val_miou": miou - 0.1 * (epochs - e), "val_mf1": miou + 0.05,
-             "val_iou": iou} for e in range(1, epochs + 1)]
-
-
-class FakeRunner:
-    """Records the configs it is asked to train; mIoU 0.5 + 0.1 * seed, no training."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, cfg):
-        self.calls.append(cfg)
-        return {"history": fake_history(0.5 + 0.1 * cfg.seed), "labelled_fraction": 0.25, "n_train": 7, "n_val": 1}
-
-
-def fake_row(run, seed, miou, oa=0.8, fraction=0.5, seconds=10.0, keys=KEYS):
-    """A row as read_rows returns it."""
-    row = {f: "" for f in E.FIELDS}
-    row.update(key=keys.run_key(run, seed), config_key=keys.config_key(run), seed=float(seed),
-               miou=miou, oa=oa, mf1=miou, labelled_fraction=fraction, seconds=seconds, device="cpu",
-               settings=E.json.dumps(keys.settings, sort_keys=True))
-    for c in E.CLASSES:
-        row[f"iou_{c}"] = miou
-    return row
-
+from tests.conftest import KEYS, SETTINGS, FakeRunner, fake_row, write_patches
 
 # --------------------------------------------------------------------------- keys and the plan
 

@@ -24,6 +24,7 @@ from checkpoint import load_model, save_checkpoint
 from model import ResNet18Segmentation
 from raster import resize
 from spec import PALETTE, ClassSpec, DataSpec, Intensity, grid_size, load_input, to_grid
+from tests.conftest import run, smooth_image
 
 ROOT = Path(__file__).resolve().parents[1]
 GEOTAGS = [(33550, "d", 3, (0.05, 0.05, 0.0), True),
@@ -36,13 +37,6 @@ TRANSFORM = [(34264, "d", 16, (0.05, 0.0, 0.0, 368000.0, 0.0, -0.05, 0.0, 580800
 
 
 # --------------------------------------------------------------------------- helpers
-
-def smooth_image(h, w, seed=0, bands=3):
-    """Blobs, not white noise: neighbouring pixels agree, as in a photo."""
-    coarse = np.random.default_rng(seed).integers(0, 256, (h // 8 + 2, w // 8 + 2, bands), dtype=np.uint8)
-    return np.stack([np.asarray(Image.fromarray(coarse[:, :, b]).resize((w, h), Image.BICUBIC))
-                     for b in range(bands)], -1)
-
 
 class PixelModel(nn.Module):
     """A 1x1 convolution: each pixel's prediction depends on that pixel alone, so tiling must not change it."""
@@ -76,12 +70,6 @@ def ckpt_path(tmp_path_factory):
     torch.manual_seed(0)
     save_checkpoint(path, ResNet18Segmentation(decoder="plain"), DataSpec(scale=0.5))
     return path
-
-
-def run(ckpt, inp, out, *extra):
-    args = infer.get_args_parser().parse_args(
-        ["--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out), "--no-progress", *extra])
-    return infer.main(args)
 
 
 def mask_of(path):

@@ -17,6 +17,7 @@ import raster
 from checkpoint import save_checkpoint
 from model import TinySegmentation
 from spec import DataSpec, load_input
+from tests.conftest import ctrl_c_on_second_image, run
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +26,6 @@ def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     save_checkpoint(path, TinySegmentation(), DataSpec(scale=1.0))
     return path
-
-
-def run(ckpt, inp, out, *extra):
-    args = infer.get_args_parser().parse_args(
-        ["--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out), "--no-progress", *extra])
-    return infer.main(args)
 
 
 def image(h, w, seed=0):
@@ -161,17 +156,6 @@ def test_folders_and_broken_links_in_the_input_are_listed_as_skipped(ckpt, tmp_p
 
 
 # --------------------------------------------------------------------------- Ctrl-C (19)
-
-def ctrl_c_on_second_image(monkeypatch):
-    """Make infer.py's prediction raise KeyboardInterrupt on the second image, as Ctrl-C would."""
-    real, calls = infer._predict_file, []
-
-    def interrupted(model, job, *args, **kwargs):
-        calls.append(job.path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(model, job, *args, **kwargs)
-    monkeypatch.setattr(infer, "_predict_file", interrupted)
 
 @pytest.mark.parametrize("mode", [[], ["--no-pipeline"]], ids=["pipelined", "serial"])
 def test_ctrl_c_says_how_far_it_got_in_one_line_and_exits_130(ckpt, tmp_path, capsys, monkeypatch, mode):

@@ -22,8 +22,7 @@ from checkpoint import load_model, save_checkpoint
 from model import ResNet18Segmentation
 from raster import RasterError
 from spec import CLASSES, IGNORE_INDEX, PALETTE, ClassSpec, DataSpec
-from test_infer import run, smooth_image
-from test_infer_robustness import ctrl_c_on_second_image
+from tests.conftest import ctrl_c_on_second_image, run, smooth_image
 
 UTM = "EPSG:32616"
 PIXEL = 0.5  # metres

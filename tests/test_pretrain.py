@@ -202,7 +202,7 @@ def test_block_mask_hides_the_asked_share_in_whole_blocks():
 def test_train_starts_from_the_encoder_and_refuses_one_that_does_not_fit(data, tmp_path, capsys):
     from dataclasses import replace
 
-    from tests.test_train import cfg_for
+    from tests.conftest import cfg_for
     from train import train
     enc = tmp_path / "enc.pth"
     assert run("--images", data / "Images", "--out", enc, *TINY, "--size", 32) == 0

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from research import experiments as E
-from tests.conftest import write_patches
-from tests.test_experiments import KEYS, fake_row
+from tests.conftest import KEYS, fake_row, write_patches
 from config import TrainConfig
 from train import build_datasets
 

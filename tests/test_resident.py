@@ -15,8 +15,7 @@ from dataset import augment_batch, augment_sample, pad_collate
 from resident import (ResidentLoader, batch_order, build_tensors, choose_path,
                       estimate_bytes, load_or_build)
 from spec import IGNORE_INDEX
-from tests.conftest import write_patches
-from tests.test_train import cfg_for
+from tests.conftest import cfg_for, write_patches
 from train import build_datasets, train
 
 

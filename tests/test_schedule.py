@@ -7,7 +7,7 @@ import torch
 
 from checkpoint import read_checkpoint
 from config import TrainConfig, check_config
-from tests.test_train import cfg_for
+from tests.conftest import cfg_for
 import train as train_module
 from train import make_scheduler, steps_per_epoch, train
 

@@ -12,7 +12,7 @@ import train as train_module
 from checkpoint import read_checkpoint
 from config import MAX_VALIDATIONS, MIN_STEPS, STEP_PASSES, TrainConfig, check_config, config_from_args
 from resident import ResidentData, ResidentLoader, draw_windows, gather_windows
-from tests.test_train import cfg_for
+from tests.conftest import cfg_for
 from train import get_args_parser, main, plan_steps, step_budget, train
 
 

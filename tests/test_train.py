@@ -6,18 +6,10 @@ import pytest
 import torch
 
 from checkpoint import load_model, read_checkpoint
-from tests.conftest import write_patches
 from class_weights import compute_class_weights
-from config import TrainConfig, config_from_args
+from config import config_from_args
+from tests.conftest import cfg_for, write_patches
 from train import build_datasets, get_args_parser, train
-
-
-def cfg_for(root, tmp_path, **kw):
-    base = dict(data=str(root), arch="tiny", pretrained=False, epochs=2, batch_size=4, size=32, points=100,
-                out=str(tmp_path / "ck"), figures=False, progress=False, train_ids=list(range(6)),
-                val_ids=[6, 7])
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 @pytest.mark.slow

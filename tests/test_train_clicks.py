@@ -16,8 +16,7 @@ from annotations import read_clicks
 from checkpoint import read_checkpoint
 from config import annotation_of, check_config
 from spec import IGNORE_INDEX, POTSDAM
-from tests.conftest import write_patches
-from tests.test_train import cfg_for
+from tests.conftest import cfg_for, write_patches
 from train import build_datasets, get_args_parser, main, train
 
 

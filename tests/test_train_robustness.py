@@ -10,8 +10,7 @@ import pytest
 import tifffile
 
 from checkpoint import read_checkpoint
-from tests.conftest import write_patches
-from tests.test_train import cfg_for
+from tests.conftest import cfg_for, write_patches
 from train import claim_out, train
 
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import read_checkpoint
-from tests.test_train import cfg_for
 from config import TrainConfig, config_from_args
+from tests.conftest import cfg_for
 from train import get_args_parser, train
 from weak_losses import (AffinityLoss, ConsistencyLoss, affinity_loss, consistency_loss, geometric,
                          geometric_inverse, photometric, valid_pixels)
