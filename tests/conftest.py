@@ -4,6 +4,7 @@ and every helper more than one test module uses: test modules import them from h
 
 import http.client
 import json
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -77,19 +78,47 @@ def write_patches(root, n=6, size=(48, 48), seed=0, undefined=0.05):
     return labels
 
 
-@pytest.fixture
-def patches(tmp_path):
-    root = tmp_path / "patches"
-    labels = write_patches(root)
-    return root, labels
+# --------------------------------------------------------------------------- the tiny patch folders
+# Each written once per session (once per xdist worker) and only ever copied: every test gets its own copy in its
+# tmp_path, so that no test sees another's changes, and copying is cheaper than encoding the TIFFs again.
+
+@pytest.fixture(scope="session")
+def pristine_patches(tmp_path_factory):
+    """`patches`' folder and class maps, never handed to a test itself."""
+    root = tmp_path_factory.mktemp("pristine") / "patches"
+    return root, write_patches(root)
+
+
+@pytest.fixture(scope="session")
+def pristine_data(tmp_path_factory):
+    """`data`'s folder and class maps, never handed to a test itself."""
+    root = tmp_path_factory.mktemp("pristine") / "patches"
+    return root, write_patches(root, n=8, size=(48, 48))
+
+
+def fresh_copy(pristine, tmp_path):
+    """A copy of a pristine folder at <tmp>/patches, its files new as if just written (shutil.copy: the times are
+    the copy's own)."""
+    return Path(shutil.copytree(pristine, tmp_path / "patches", copy_function=shutil.copy))
 
 
 @pytest.fixture
-def data(tmp_path):
+def patches(tmp_path, pristine_patches):
+    """Six 48x48 patches in <tmp>/patches (ids 0-5) and their class maps."""
+    root, labels = pristine_patches
+    return fresh_copy(root, tmp_path), [lab.copy() for lab in labels]
+
+
+@pytest.fixture
+def data(tmp_path, pristine_data):
     """Eight 48x48 patches in <tmp>/patches (ids 0-7): the training tests' data."""
-    root = tmp_path / "patches"
-    write_patches(root, n=8, size=(48, 48))
-    return root
+    return fresh_copy(pristine_data[0], tmp_path)
+
+
+@pytest.fixture
+def data_labels(pristine_data):
+    """The class maps of `data`'s eight patches."""
+    return [lab.copy() for lab in pristine_data[1]]
 
 
 # --------------------------------------------------------------------------- training

@@ -9,7 +9,7 @@ from checkpoint import read_checkpoint
 from config import parse_points
 from dataset import PotsdamDataset, _image_seed, clicks_per_object, object_clicks, point_count
 from spec import IGNORE_INDEX, DataSpec
-from tests.conftest import cfg_for, make_label, write_patches
+from tests.conftest import cfg_for, make_label
 from train import train
 
 FOUR = ndimage.generate_binary_structure(2, 1)
@@ -120,10 +120,8 @@ def test_budget_parsing_and_stats(patches):
     assert uniform["clicks_per_image"] == 30
 
 
-def test_training_from_object_clicks_reports_the_budget(tmp_path, capsys):
-    root = tmp_path / "patches"
-    write_patches(root, n=8, size=(48, 48))
-    history = train(cfg_for(root, tmp_path, points="1/object", epochs=1))
+def test_training_from_object_clicks_reports_the_budget(data, tmp_path, capsys):
+    history = train(cfg_for(data, tmp_path, points="1/object", epochs=1))
     out = capsys.readouterr().out
     assert "1/object clicks (" in out and "clicks per image" in out and "% of the pixels" in out
     assert read_checkpoint(tmp_path / "ck" / "last.pth").config["points"] == "1/object"

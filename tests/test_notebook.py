@@ -3,18 +3,15 @@ from pathlib import Path
 import papermill as pm
 import pytest
 
-from tests.conftest import write_patches
-
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_notebook_runs_headless_on_tiny_data(tmp_path):
-    write_patches(tmp_path / "patches", n=6, size=(48, 48))
+def test_notebook_runs_headless_on_tiny_data(patches, tmp_path):
     out_nb = tmp_path / "executed.ipynb"
     pm.execute_notebook(
         str(REPO / "train.ipynb"), str(out_nb), cwd=str(REPO), progress_bar=False, kernel_name="python3",
-        parameters=dict(SETTINGS=dict(data=str(tmp_path / "patches"), epochs=1, points=50, pretrained=False, size=32,
+        parameters=dict(SETTINGS=dict(data=str(patches[0]), epochs=1, points=50, pretrained=False, size=32,
                                       arch="tiny", batch_size=4, out=str(tmp_path / "ck"))))
     assert (tmp_path / "ck" / "best_model.pth").is_file()
     assert (tmp_path / "ck" / "output.png").is_file() and (tmp_path / "ck" / "results.png").is_file()

@@ -16,7 +16,7 @@ from annotations import read_clicks
 from checkpoint import read_checkpoint
 from config import annotation_of, check_config
 from spec import IGNORE_INDEX, POTSDAM
-from tests.conftest import cfg_for, write_patches
+from tests.conftest import cfg_for
 from train import build_datasets, get_args_parser, main, train
 
 
@@ -44,11 +44,9 @@ def write_csv(path, rows):
 
 
 @pytest.fixture
-def clicked(tmp_path):
+def clicked(data, data_labels, tmp_path):
     """Eight 48x48 patches (tmp/patches, dense labels in Labels/) and a CSV of clicks on every one of them."""
-    root = tmp_path / "patches"
-    labels = write_patches(root, n=8, size=(48, 48))
-    return root, labels, write_csv(tmp_path / "clicks.csv", click_rows(labels))
+    return data, data_labels, write_csv(tmp_path / "clicks.csv", click_rows(data_labels))
 
 
 def no_labels(root, tmp_path, clicks, **kw):

@@ -29,14 +29,12 @@ def test_a_second_run_into_a_folder_in_use_stops_before_it_writes(data, tmp_path
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # and the finished run released it
 
 
-def test_a_resume_whose_split_moved_is_refused(tmp_path):
-    root = tmp_path / "p"
-    write_patches(root, n=8, size=(48, 48))
-    cfg = cfg_for(root, tmp_path, epochs=1, train_ids=None, val_ids=None, val_fraction=0.25)
+def test_a_resume_whose_split_moved_is_refused(data, tmp_path):
+    cfg = cfg_for(data, tmp_path, epochs=1, train_ids=None, val_ids=None, val_fraction=0.25)
     train(cfg)
     write_patches(tmp_path / "more", n=9, size=(48, 48), seed=1)  # an image pair added to the folder
     for sub in ("Images/Image_8.tif", "Labels/Label_8.tif"):
-        (root / sub).write_bytes((tmp_path / "more" / sub).read_bytes())
+        (data / sub).write_bytes((tmp_path / "more" / sub).read_bytes())
     with pytest.raises(ValueError, match=r"another split .*train \['6'\], val \['6', '8'\]"):
         train(replace(cfg, epochs=2, resume=True))
 
