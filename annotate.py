@@ -38,10 +38,12 @@ import threading
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from pathlib import Path
+from typing import Optional
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -58,6 +60,7 @@ import assess
 import assessment
 from annotations import (KINDS, LINE, POINT, ClickSet, ImageClicks, _nodata_pixels, rasterise_shape, read_clicks,
                          write_clicks)
+from config import Shared, TrainConfig, add_arguments, check_settings, from_args, reuse, setting, whole
 from raster import IMAGE_SUFFIXES, TIFF_SUFFIXES, open_image, read_raster
 from spec import POTSDAM, load_class_file
 
@@ -993,6 +996,7 @@ class Server(ThreadingHTTPServer):
 
 def make_server(args):
     """A ThreadingHTTPServer for `args` (not started); its address is server.server_address."""
+    args = settings_of(args)
     app = App(args)
     handler = type("BoundHandler", (Handler,), {"app": app})
     server = Server((args.host, args.port), handler)
@@ -1005,32 +1009,45 @@ def make_server(args):
 
 # --------------------------------------------------------------------------- CLI
 
+@dataclass
+class AnnotateSettings:
+    """annotate.py's command line: a flag that train.py (or infer.py) takes too is that declaration (config.reuse),
+    so it has one help, one parser and one check in every command."""
+    images: Optional[str] = reuse(TrainConfig, "images", required=True)
+    clicks: Optional[str] = reuse(TrainConfig, "clicks")
+    classes: Optional[str] = reuse(TrainConfig, "classes")
+    assess: Optional[str] = setting(None, "an assessment sample to label blind in the page's Assess mode: the layer "
+                                          "`python assess.py sample` wrote, its .design.json beside it; never a click "
+                                          "file, never trained on", "page")
+    checkpoint: Optional[str] = reuse(Shared, "checkpoint")
+    runs: str = setting("checkpoints/annotate", "run folder: the training's checkpoints and log", "page")
+    epochs: int = reuse(TrainConfig, "epochs", 10)
+    train_command: Optional[str] = setting(
+        None, "the training command ({python} {images} {clicks} {classes} {out} {epochs} filled in); default (or "
+              "$ANNOTATE_TRAIN_COMMAND): " + DEFAULT_TRAIN_COMMAND, "page")
+    device: str = reuse(TrainConfig, "device", "cpu")
+    host: str = setting("127.0.0.1", "address to bind (127.0.0.1: this machine only)", "page")
+    port: int = setting(8765, "port (0: any free one)", "page", check=lambda v: whole(0)(v) and v < 65536,
+                        must="be in 0..65535")
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", required=True, help="folder of images to annotate (TIF/PNG/JPG)")
-    p.add_argument("--clicks", default=None, help="the click file, created when missing (.csv in pixels, .geojson / "
-                                                  ".gpkg in map coordinates); default clicks.geojson when every image "
-                                                  "is georeferenced, else clicks.csv")
-    p.add_argument("--classes", default=None,
-                   help="JSON class file (spec.load_class_file); default the Potsdam classes")
-    p.add_argument("--assess", default=None,
-                   help="an assessment sample to label blind in the page's Assess mode: the layer `python assess.py "
-                        "sample` wrote, its .design.json beside it; never a click file, never trained on")
-    p.add_argument("--checkpoint", default=None, help="a model to show and suggest from before any training here")
-    p.add_argument("--runs", default="checkpoints/annotate", help="run folder: the training's checkpoints and log")
-    p.add_argument("--epochs", type=int, default=10, help="epochs of a training started from the page")
-    p.add_argument("--train-command", default=None,
-                   help="the training command ({python} {images} {clicks} {classes} {out} {epochs} filled in); "
-                        "default (or $ANNOTATE_TRAIN_COMMAND): " + DEFAULT_TRAIN_COMMAND.replace("%", "%%"))
-    p.add_argument("--device", default="cpu", help="where the page's predictions run")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
-    return p
+    """The options are AnnotateSettings' fields (declared once: train.py's where the flag is train's too)."""
+    return add_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                                 formatter_class=argparse.RawDescriptionHelpFormatter),
+                         AnnotateSettings, grouped=False)
+
+
+def settings_of(args):
+    """AnnotateSettings of a parsed command line (or given), each setting checked (ValueError naming the flag)."""
+    args = args if isinstance(args, AnnotateSettings) else from_args(AnnotateSettings, args)
+    check_settings(args)
+    return args
 
 
 def main(args):
     try:
+        args = settings_of(args)
         server = make_server(args)
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

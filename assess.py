@@ -27,12 +27,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
 
 import assessment
 from annotations import read_clicks, write_points
+from config import Shared, TrainConfig, add_arguments, check_settings, from_args, optional, reuse, setting, whole
 from raster import image_refs, png_text
 from spec import IGNORE_INDEX, POTSDAM, load_class_file
 from vector import metres_per_unit
@@ -256,57 +258,75 @@ def read_references(sample, design, images, classes):
 
 # --------------------------------------------------------------------------- CLI
 
+@dataclass
+class SampleSettings:
+    """`assess.py sample`: a flag that train.py or another command takes too is that declaration (config.reuse)."""
+    images: Optional[str] = reuse(TrainConfig, "images", required=True)
+    masks: Optional[str] = setting(None, "the map: a folder of infer.py's masks of the images (or --checkpoint)",
+                                   "sample")
+    checkpoint: Optional[str] = reuse(Shared, "checkpoint")
+    classes: Optional[str] = reuse(TrainConfig, "classes")
+    out: Optional[str] = reuse(TrainConfig, "out", None, required=True)
+    n: Optional[int] = setting(None, "sample points in all (or --target-se)", "sample", check=optional(whole(2)),
+                               must="be >= 2 sample points")
+    target_se: Optional[float] = setting(None, "the standard error wanted for overall accuracy, e.g. 0.02 (Olofsson "
+                                               "et al. 2014, eq. 13)", "sample",
+                                         check=optional(lambda v: 0 < v < 0.5),
+                                         must="be in (0, 0.5), a standard error of overall accuracy")
+    expected_ua: float = setting(0.9, "user's accuracy expected per class, for --target-se", "sample",
+                                 check=lambda v: 0 < v < 1, must="be in (0, 1)")
+    floor: int = setting(50, "least points per map class, stratified", "sample", check=whole(2),
+                         must="be >= 2 points per class")
+    design: str = setting("stratified", "stratified random by map class, or simple random", "sample",
+                          choices=("stratified", "simple"))
+    seed: int = reuse(TrainConfig, "seed")
+    clicks: Optional[str] = reuse(TrainConfig, "clicks")
+    class_field: str = reuse(TrainConfig, "class_field")
+    device: str = reuse(TrainConfig, "device", "cpu")
+    overwrite: bool = reuse(TrainConfig, "overwrite")
+
+
+@dataclass
+class EstimateSettings:
+    """`assess.py estimate`."""
+    images: Optional[str] = reuse(TrainConfig, "images", required=True)
+    sample: Optional[str] = setting(None, "the labelled sample layer (its .design.json beside it)", "estimate",
+                                    required=True)
+    classes: Optional[str] = reuse(TrainConfig, "classes")
+    overwrite: bool = reuse(TrainConfig, "overwrite")
+
+
+COMMANDS = {"sample": (SampleSettings, "draw the sample points from the map"),
+            "estimate": (EstimateSettings, "the estimates from the labelled sample")}
+
+
 def get_args_parser():
+    """`sample` and `estimate`, their options SampleSettings' and EstimateSettings' fields."""
     p = argparse.ArgumentParser(description="Draw a blind assessment sample from a map, then estimate its accuracy "
                                             "and class areas from the labels (see the module docstring).")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("sample", help="draw the sample points from the map")
-    s.add_argument("--images", required=True, help="folder of the images the map covers")
-    source = s.add_mutually_exclusive_group(required=True)
-    source.add_argument("--masks", help="folder of infer.py's masks of those images (the map)")
-    source.add_argument("--checkpoint", help="or: the model whose prediction over the images is the map")
-    s.add_argument("--classes", help="class file of the map (default: the checkpoint's, else ISPRS Potsdam)")
-    s.add_argument("--out", required=True, help="the sample layer to write: .gpkg/.geojson (map coordinates) or "
-                                                ".csv (pixels); <out>.design.json is written beside it")
-    size = s.add_mutually_exclusive_group(required=True)
-    size.add_argument("--n", type=int, help="sample points in all")
-    size.add_argument("--target-se", type=float, help="the standard error wanted for overall accuracy, e.g. 0.02 "
-                                                      "(Olofsson et al. 2014, eq. 13)")
-    s.add_argument("--expected-ua", type=float, default=0.9, help="user's accuracy expected per class, for "
-                                                                   "--target-se (default: 0.9)")
-    s.add_argument("--floor", type=int, default=50, help="least points per map class, stratified (default: 50)")
-    s.add_argument("--design", choices=("stratified", "simple"), default="stratified",
-                   help="stratified random by map class (default) or simple random")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--clicks", help="the training clicks: no sample point lands on one")
-    s.add_argument("--class-field", default="class", help="--clicks: the class attribute (default: class)")
-    s.add_argument("--device", default="cpu", help="with --checkpoint: where it predicts")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing sample (its labels are lost)")
-    e = sub.add_parser("estimate", help="the estimates from the labelled sample")
-    e.add_argument("--images", required=True, help="folder of the images the map covers")
-    e.add_argument("--sample", required=True, help="the labelled sample layer (its .design.json beside it)")
-    e.add_argument("--classes", help="class file of the map (default: ISPRS Potsdam)")
-    e.add_argument("--overwrite", action="store_true", help="replace earlier estimates of this sample")
+    for name, (cls, text) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=text), cls, grouped=False)
     return p
 
 
 def check_args(args):
-    if args.command == "estimate":
-        return
-    if args.n is not None and args.n < 2:
-        raise ValueError(f"--n must be >= 2 sample points, got {args.n}")
-    if args.target_se is not None and not 0 < args.target_se < 0.5:
-        raise ValueError(f"--target-se must be in (0, 0.5), a standard error of overall accuracy, got {args.target_se}")
-    if not 0 < args.expected_ua < 1:
-        raise ValueError(f"--expected-ua must be in (0, 1), got {args.expected_ua}")
-    if args.floor < 2:
-        raise ValueError(f"--floor must be >= 2 points per class, got {args.floor}")
-    if Path(args.out).suffix.lower() not in (".gpkg", ".geojson", ".csv"):
-        raise ValueError(f"--out {args.out}: write the sample as .gpkg, .geojson or .csv")
-    for path in (Path(args.out), design_path(args.out)):
-        if path.exists() and not args.overwrite:
+    """Each setting's check and the rules between them, before any work; returns the command's settings."""
+    settings = args if not hasattr(args, "command") else from_args(COMMANDS[args.command][0], args)
+    check_settings(settings)
+    if isinstance(settings, EstimateSettings):
+        return settings
+    if (settings.masks is None) == (settings.checkpoint is None):
+        raise ValueError("give the map as --masks (infer.py's masks) or --checkpoint (its prediction), one of them")
+    if (settings.n is None) == (settings.target_se is None):
+        raise ValueError("give the sample's size as --n or --target-se, one of them")
+    if Path(settings.out).suffix.lower() not in (".gpkg", ".geojson", ".csv"):
+        raise ValueError(f"--out {settings.out}: write the sample as .gpkg, .geojson or .csv")
+    for path in (Path(settings.out), design_path(settings.out)):
+        if path.exists() and not settings.overwrite:
             raise ValueError(f"{path} exists (a sample, perhaps labelled already); choose another --out, or "
                              f"--overwrite to draw a new one")
+    return settings
 
 
 def run_sample(args):
@@ -348,8 +368,8 @@ def run_estimate(args):
 def main(args):
     """0 done; 2 a user error (a message, nothing written)."""
     try:
-        check_args(args)
-        run_sample(args) if args.command == "sample" else run_estimate(args)
+        settings = check_args(args)
+        run_sample(settings) if isinstance(settings, SampleSettings) else run_estimate(settings)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,12 @@ RESUMABLE, NOT_IN_KEY, NEUTRAL and ANNOTATION_FIELDS are read off these declarat
 argparse from them (flag `--field-name`; a bool that defaults to True gets `--no-field-name`) and `check_config`
 applies every field's check, then the rules between fields (RULES). Adding a setting is one `setting(...)` here
 plus its use.
+
+Every command declares its settings the same way (infer.InferSettings, pretrain.PretrainConfig,
+annotate.AnnotateSettings, assess.SampleSettings / EstimateSettings, research/benchmark.py), and a flag that
+several commands take is declared once: the others `reuse` it (TrainConfig's fields, or `Shared` for the flags
+training does not take), with their own default. So --scale, --size, --bands, --device, --batch-size, ... have
+one help, one parser and one check everywhere (tests/test_config.py checks it).
 """
 
 import dataclasses
@@ -53,7 +59,9 @@ DATA, LOSS, WEAK, ROUNDS, MODEL, RUN = GROUPS
 
 @dataclass(frozen=True)
 class Setting:
-    """What a TrainConfig field is (see the module docstring)."""
+    """What a field of a settings dataclass is (TrainConfig, infer.InferOptions, pretrain.PretrainConfig, ...; see
+    the module docstring). A flag that several commands take is declared once, in one of them, and the others
+    `reuse` its Setting: one help, one parser, one check wherever the flag appears."""
 
     help: str
     group: str
@@ -67,12 +75,24 @@ class Setting:
     annotation: bool = False
     neutral: bool = False
     neutral_at: object = None  # with neutral: the value that stays out of the key, when not the default
+    nargs: Optional[str] = None  # "?": the flag alone means `const` (infer.py --tta)
+    const: object = None
 
 
-def setting(default, help, group, **meta):
+def setting(default, help, group, *, required=False, **meta):
+    """A field declared here: its default, help, group and `Setting` metadata. `required`: the command line must
+    give it (the default stays for Python)."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("a setting's default must be immutable (use a tuple)")
-    return dataclasses.field(default=default, metadata={"setting": Setting(help, group, **meta)})
+    return dataclasses.field(default=default, metadata={"setting": Setting(help, group, **meta), "required": required})
+
+
+def reuse(cls, name, default=dataclasses.MISSING, *, required=False):
+    """A field declared by another settings dataclass's field `name` (the same Setting object), with this
+    command's own default (else that field's) and required-ness."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return dataclasses.field(default=f.default if default is dataclasses.MISSING else default,
+                             metadata={"setting": f.metadata["setting"], "required": required})
 
 
 def parse_points(value):
@@ -125,6 +145,12 @@ def whole(low):
 
 def optional(check):
     return lambda v: v is None or check(v)
+
+
+def parse_paths(value):
+    """A path as it is, or the paths of a flag that takes several (pretrain.py --images a/ b/) as a tuple, each
+    kept whole (spaces and commas too)."""
+    return value if isinstance(value, str) else tuple(value)
 
 
 def parse_names(text):
@@ -180,7 +206,10 @@ def class_weights_valid(v):
 class TrainConfig:
     # data: a patch folder (Images/, Labels/) or two folders of matching names (images + labels)
     data: Optional[str] = setting("demo_data/patches", "patch folder with Images/ and Labels/", DATA)
-    images: Optional[str] = setting(None, "own data: folder of images (with --labels; matching file names)", DATA)
+    images: Optional[str] = setting(None, "the folder of images (train.py: own data, with --labels of matching file "
+                                          "names or --clicks; annotate.py: to click on; assess.py: the map's; "
+                                          "pretrain.py: one or more folders, labelled or not)", DATA,
+                                    parse=parse_paths)
     labels: Optional[str] = setting(None, "own data: folder of labels", DATA)
     split: Optional[str] = setting(
         None, "split JSON {'train': [ids], 'val': [ids]} (default: <data>/split.json when it exists, else the "
@@ -198,8 +227,8 @@ class TrainConfig:
                                      check=optional(whole(1)), must="be >= 1 (leave it out for all)",
                                      parse=parse_optional_int)
     classes: Optional[str] = setting(None, "class file JSON (default: ISPRS Potsdam classes and colours)", DATA)
-    bands: Optional[tuple[int, ...]] = setting(None, "image bands to use, e.g. 0,1,2,3 or 0 1 2 3 (default: every band "
-                                                     "but alpha)", DATA,
+    bands: Optional[tuple[int, ...]] = setting(None, "image bands to use, e.g. 0,1,2,3 or 0 1 2 3 (training: every "
+                                                     "band but alpha by default; inference: the checkpoint's)", DATA,
                                      check=lambda v: v is None or (len(v) > 0 and min(v) >= 0),
                                      must="be band indices >= 0", parse=parse_bands)
     # annotation
@@ -216,10 +245,12 @@ class TrainConfig:
                                            "the log and kept in the checkpoint; the model never learns them)",
                                     LOSS, neutral=True)
     clicks: Optional[str] = setting(
-        None, "a person's clicks instead of simulated points: a GeoPackage/GeoJSON/Shapefile layer (points, lines, "
-              "polygons; map coordinates), a CSV image,x,y,class (pixels), a Label Studio JSON, a CVAT XML or a folder "
-              "of sparse label rasters (annotations.read_clicks; docs/clicks.md). Without --labels they also validate "
-              "(--val-clicks)", LOSS, annotation=True, neutral=True)
+        None, "a click file: a GeoPackage/GeoJSON/Shapefile layer (points, lines, polygons; map coordinates), a CSV "
+              "image,x,y,class (pixels), a Label Studio JSON, a CVAT XML or a folder of sparse label rasters "
+              "(annotations.read_clicks; docs/clicks.md). train.py trains on it instead of simulated points (without "
+              "--labels it also validates on held-out clicks); annotate.py saves the page's clicks in it (.csv, "
+              ".geojson or .gpkg, created when missing; default clicks.geojson when every image is georeferenced, "
+              "else clicks.csv); assess.py sample keeps its points off it", LOSS, annotation=True, neutral=True)
     class_field: str = setting("class", "--clicks: the attribute or column that holds the class (name or index)",
                                LOSS, annotation=True, neutral=True)
     line_width: float = setting(1.0, "--clicks: width in pixels of drawn lines (scribbles)", LOSS, check=positive,
@@ -293,34 +324,38 @@ class TrainConfig:
         None, "start from an encoder pretrained by pretrain.py (masked image modelling on your images, labelled or "
               "not; the output layer stays random); with --no-pretrained", MODEL,
         check=lambda v: v is None or Path(v).is_file(), must="be an encoder file written by pretrain.py", neutral=True)
-    size: int = setting(PROCESSING_SIZE, "processing size of the first training image's longer side (300 -> 150)",
+    size: int = setting(PROCESSING_SIZE, "processing size of the first image's longer side (300 -> 150)",
                         MODEL, check=whole(8), must="be >= 8 pixels")
-    scale: Optional[float] = setting(None, "processing pixels per image pixel, e.g. 0.5 (overrides --size; for "
-                                           "mixed image sizes)", MODEL, check=lambda v: v is None or check_scale(v),
+    scale: Optional[float] = setting(None, "processing pixels per image pixel, e.g. 0.5 (training: overrides --size, "
+                                           "for mixed image sizes; inference: overrides the checkpoint's)", MODEL,
+                                     check=lambda v: v is None or check_scale(v),
                                      must=f"be in (0, {MAX_SCALE}]")
-    crop: int = setting(0, "train on random CROP x CROP windows (processing pixels) of the training images, drawn "
-                           "with replacement by area, so whole tiles train without being cut first; an epoch is then "
-                           "as many batches as cover the training pixels once (0 = whole images)", MODEL,
+    crop: int = setting(0, "train on random CROP x CROP windows (processing pixels) of the images, so whole tiles "
+                           "train without being cut first (train.py: drawn with replacement by area, an epoch as many "
+                           "batches as cover the training pixels once; 0 = whole images)", MODEL,
                         check=lambda v: v == 0 or whole(MIN_CROP)(v), must=f"be 0 or >= {MIN_CROP} pixels",
                         neutral=True)
     # optimisation (published: Adam + StepLR)
-    epochs: int = setting(100, "training epochs", MODEL, check=whole(1), must="be >= 1", resumable=True)
+    epochs: int = setting(100, "training epochs (annotate.py: of a training started from the page)", MODEL,
+                          check=whole(1), must="be >= 1", resumable=True)
     steps: Optional[int] = setting(
-        None, f"size training in optimizer steps instead of --epochs: N, or auto ({STEP_PASSES} passes over the "
-              f"training pixels, at least {MIN_STEPS} steps; docs/training.md); batches are drawn with replacement, "
-              f"validation runs every --val-every steps (needs --schedule cosine or poly)",
+        None, f"optimizer steps of the run: N, or (train.py) auto, {STEP_PASSES} passes over the training pixels and "
+              f"at least {MIN_STEPS} steps (docs/training.md); train.py then draws batches with replacement and "
+              f"validates every --val-every steps (needs --schedule cosine or poly)",
         MODEL, parse=parse_steps, check=lambda v: v is None or v == "auto"
         or whole(1)(v), must="be a whole number of steps >= 1 or auto", neutral=True)
     val_every: int = setting(0, "with --steps: optimizer steps between validations (0 = one pass over the training "
                                 f"pixels, at most {MAX_VALIDATIONS} validations in a run)", MODEL, check=whole(0),
                           must="be >= 0", neutral=True)
-    batch_size: int = setting(16, "images per optimizer step", MODEL, check=whole(1), must="be >= 1")
+    batch_size: int = setting(16, "samples per pass: images (or --crop windows) per optimizer step when training, "
+                                  "tiles per forward pass when predicting", MODEL, check=whole(1), must="be >= 1")
     lr: float = setting(1e-3, "Adam learning rate", MODEL, check=positive, must="be a positive number")
     weight_decay: float = setting(0.0, "Adam weight decay", MODEL, check=at_least(0), must="be >= 0")
     schedule: str = setting("step", "learning-rate schedule: step (x --lr-gamma every --step-size epochs, published); "
                                     "cosine or poly (power 0.9): from --lr to 0 over the run, every optimizer step, "
                                     "as mmseg and torchgeo do", MODEL, choices=SCHEDULES, neutral=True)
-    warmup: int = setting(0, "optimizer steps of linear warm-up to --lr (cosine and poly)", MODEL, check=whole(0),
+    warmup: int = setting(0, "optimizer steps of linear warm-up to --lr (train.py: with --schedule cosine or poly)",
+                          MODEL, check=whole(0),
                           must="be >= 0", neutral=True)
     step_size: int = setting(30, "StepLR step (epochs)", MODEL, check=whole(1), must="be >= 1 epoch")
     lr_gamma: float = setting(0.1, "StepLR factor", MODEL, check=lambda v: positive(v) and v <= 1,
@@ -328,7 +363,8 @@ class TrainConfig:
     augment: bool = setting(True, "--no-augment: train without the flips and 90-degree rotations of the training "
                                   "patches (on by default)", MODEL)
     # run
-    seed: int = setting(0, "seed of the model init, shuffling and augmentation", RUN)
+    seed: int = setting(0, "seed of the run's random draws (the model init, shuffling and augmentation; an "
+                           "assessment's sample points)", RUN)
     device: str = setting("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...", RUN, role="how")
     amp: bool = setting(False, "bfloat16 autocast on CUDA", RUN, resumable=True)
     workers: int = setting(0, "DataLoader workers (--loader dataloader)", RUN, check=whole(0), must="be >= 0",
@@ -336,7 +372,9 @@ class TrainConfig:
     loader: str = setting("auto", "auto: batches from uint8 tensors cached on the device (resident.py) unless points "
                                   "are redrawn every epoch or the data do not fit; dataloader: the per-item "
                                   "DataLoader", RUN, choices=LOADERS, role="how")
-    out: str = setting("checkpoints", "folder for checkpoints, history and figures of this run", RUN, role="how")
+    out: str = setting("checkpoints", "where the command writes: the run's folder of checkpoints, history and "
+                                      "figures (train.py), the encoder file (pretrain.py), the sample layer (assess.py "
+                                      "sample)", RUN, role="how")
     cache_dir: Optional[str] = setting(
         None, "folder of the decoded-data cache (resident.py), to share it between runs on the same data (default: "
               "<out>/.resident-cache, this run's own folder; nothing is written beside your data unless you name it)",
@@ -352,13 +390,25 @@ class TrainConfig:
                 "with dense labels, last when validating on held-out clicks (not a probability sample of the map: "
                 "the epoch that scores best on them need not be the best map)", RUN, choices=SELECT, role="how")
     resume: bool = setting(False, "continue from <out>/last.pth (same settings)", RUN, role="how")
-    overwrite: bool = setting(False, "replace the checkpoints --out holds (another run's)", RUN, role="how")
-    progress: bool = setting(True, "progress bars", RUN, role="how")
+    overwrite: bool = setting(False, "replace what is there: the checkpoints --out holds (train.py: another run's), "
+                                     "the encoder file (pretrain.py), a sample (its labels too) or earlier estimates "
+                                     "(assess.py); never done unasked", RUN, role="how")
+    progress: bool = setting(True, "progress bars (--no-progress: none)", RUN, role="how")
 
 
-def settings():
-    """(name, default, Setting) of every TrainConfig field, in declaration order."""
-    return [(f.name, f.default, f.metadata["setting"]) for f in dataclasses.fields(TrainConfig)]
+@dataclass
+class Shared:
+    """Settings that several commands take and training does not; each command `reuse`s them from here."""
+    checkpoint: Optional[str] = setting(None, "a model written by train.py (infer.py: the one that segments; "
+                                              "annotate.py: shown before any training on the page; assess.py sample: "
+                                              "its prediction is the map)", RUN)
+    threads: Optional[int] = setting(None, "torch CPU threads (default: torch's choice)", RUN,
+                                     check=optional(whole(1)), must="be >= 1", role="how")
+
+
+def settings(cls=None):
+    """(name, default, Setting) of every field of a settings dataclass (TrainConfig by default), in order."""
+    return [(f.name, f.default, f.metadata["setting"]) for f in dataclasses.fields(cls or TrainConfig)]
 
 
 RESUMABLE = tuple(n for n, _, s in settings() if s.role == "how" or s.resumable)
@@ -509,15 +559,20 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
+def check_settings(obj):
+    """Each field's choices and check, for any settings dataclass (ValueError naming the flag)."""
+    for name, default, s in settings(type(obj)):
+        v = getattr(obj, name)
+        if s.choices is not None and v not in s.choices and not (v is None is default):  # None: left out
+            raise ValueError(f"{s.flag or flag(name)} must be one of {', '.join(map(str, s.choices))}, got {v!r}")
+        if s.check is not None and not s.check(v):
+            raise ValueError(f"{s.flag or flag(name)} must {s.must}, got {v!r}")
+
+
 def check_config(cfg):
     """Every argument error before any work (ValueError naming the setting): each field's choices and check,
     then RULES. The device is checked by train.py, which knows the GPUs."""
-    for name, _, s in settings():
-        v = getattr(cfg, name)
-        if s.choices is not None and v not in s.choices:
-            raise ValueError(f"{flag(name)} must be one of {', '.join(map(str, s.choices))}, got {v!r}")
-        if s.check is not None and not s.check(v):
-            raise ValueError(f"{flag(name)} must {s.must}, got {v!r}")
+    check_settings(cfg)
     for rule in RULES:
         for problem in rule(cfg):
             raise ValueError(problem)
@@ -541,38 +596,57 @@ def value_type(field):
     return kinds[0]
 
 
-def add_arguments(parser):
-    """One argparse option per TrainConfig field that has a flag, in groups, defaults from the fields."""
-    groups = {g: parser.add_argument_group(g) for g in GROUPS}
-    for f in dataclasses.fields(TrainConfig):
+def add_arguments(parser, cls=None, grouped=True):
+    """One argparse option per field of a settings dataclass (TrainConfig by default) that has a flag, defaults
+    from the fields; `grouped`: in argument groups by the settings' group. The only place a flag is added to a
+    parser: each option remembers its Setting (`action.setting`), so a test can see that one flag is one
+    declaration across every command."""
+    groups = {}
+    for f in dataclasses.fields(cls or TrainConfig):
         s = f.metadata["setting"]
         if s.flag == "":
             continue
-        g, default = groups[s.group], f.default
+        if grouped and s.group not in groups:
+            groups[s.group] = parser.add_argument_group(s.group)
+        g = groups[s.group] if grouped else parser
+        default, required = f.default, f.metadata.get("required", False)
         if isinstance(default, bool):
             name = s.flag or (f"--no-{f.name.replace('_', '-')}" if default else flag(f.name))
-            g.add_argument(name, dest=f.name, action="store_false" if default else "store_true", help=s.help)
-            continue
-        kind = str if s.parse else value_type(f)  # text of a field with `parse` is parsed by config_from_args
-        shown = default if default is None or isinstance(default, (int, float, str)) else ",".join(map(str, default))
-        many = {"nargs": "+"} if tuple in value_types(f) else {}  # --bands 0 1 2 or --bands 0,1,2
-        g.add_argument(s.flag or flag(f.name), dest=f.name, type=kind, default=default, choices=s.choices, **many,
-                       help=f"{s.help} (default: {shown})".replace("%", "%%").replace("%%%%", "%%"))
+            action = g.add_argument(name, dest=f.name, action="store_false" if default else "store_true",
+                                    help=s.help)
+        else:
+            kind = str if s.parse else value_type(f)  # text of a field with `parse` is parsed by from_args
+            shown = default if default is None or isinstance(default, (int, float, str)) else \
+                ",".join(map(str, default))
+            many = {"nargs": "+"} if tuple in value_types(f) else {}  # --bands 0 1 2 or --bands 0,1,2
+            many = {"nargs": s.nargs, "const": s.const} if s.nargs else many
+            shown = " (required)" if required else f" (default: {shown})"
+            action = g.add_argument(s.flag or flag(f.name), dest=f.name, type=kind, default=default,
+                                    choices=s.choices, required=required, **many,
+                                    help=f"{s.help}{shown}".replace("%", "%%").replace("%%%%", "%%"))
+        action.setting = s
     return parser
 
 
-def config_from_args(args, **overrides):
-    """The TrainConfig of parsed arguments (and overrides given in Python). Text of a field with a `parse` is
-    parsed here, not by argparse, so that its message (what is accepted) reaches the user as `error: ...`."""
+def from_args(cls, args, **overrides):
+    """The settings dataclass `cls` of parsed arguments (and overrides given in Python). Text of a field with a
+    `parse` is parsed here, not by argparse, so that its message (what is accepted) reaches the user as
+    `error: ...`, naming its flag."""
     kw = {}
-    for name, _, s in settings():
+    for name, _, s in settings(cls):
         if hasattr(args, name):
             v = getattr(args, name)
             try:
                 kw[name] = s.parse(v) if s.parse and isinstance(v, (str, list)) else v
             except ValueError as e:  # every value error names its flag
-                raise ValueError(str(e) if flag(name) in str(e) else f"{flag(name)}: {e}") from None
-    return TrainConfig(**{**kw, **overrides})
+                f = s.flag or flag(name)
+                raise ValueError(str(e) if f in str(e) else f"{f}: {e}") from None
+    return cls(**{**kw, **overrides})
+
+
+def config_from_args(args, **overrides):
+    """The TrainConfig of parsed arguments (from_args)."""
+    return from_args(TrainConfig, args, **overrides)
 
 
 def config_dict(cfg):

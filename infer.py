@@ -68,6 +68,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import tifffile
@@ -80,7 +81,8 @@ from predict import TTA_MODES, StreamedInput, _grid, _predict_indices, display_r
 from raster import (GDAL_NODATA, GEOTIFF_TAGS, IMAGE_SUFFIXES, MAX_PIXELS, TIFF_SUFFIXES, RasterError,
                     clean_stale_temporaries, is_image_file, open_image, png_rows, png_text, readable_by_rows,
                     tiles_of_rows, write_index_tiff, write_jpeg)
-from spec import IGNORE_INDEX, MAX_SCALE, check_scale, load_input, parse_bands
+from config import Shared, TrainConfig, add_arguments, check_settings, from_args, optional, reuse, setting, whole
+from spec import IGNORE_INDEX, load_input
 from vector import (AREAS_NAME, FOLDER_LAYER, _Maps, _place, area_line, background_classes, check_area_table,
                     layer_crs, one_crs, polygon_files, read_area_table, update_area_table, update_polygon_layer)
 
@@ -93,36 +95,76 @@ STREAM_PIXELS = 64_000_000  # TIFFs above this many pixels (8000 x 8000) are str
 
 @dataclass(frozen=True)
 class InferOptions:
-    """One run's options, one field per command-line flag of the same name (`--batch-size` -> batch_size), with
-    the CLI's defaults: main builds it once (`from_args`) and hands it down. Every file of the run is read (scale ..
+    """One run's options, one field per command-line flag of the same name (`--batch-size` -> batch_size), each
+    declared here or, where train.py takes the flag too, as train's (config.reuse: one help, one parser, one
+    check). main builds it once from the command line and hands it down; every file of the run is read (scale ..
     max_pixels), predicted (tile .. device), written (index .. areas) and skipped or not (skip_existing) under it;
-    pipeline and progress say how the run goes. The input, the output and the checkpoint are not in it."""
+    pipeline and progress say how the run goes. The input, the output and the checkpoint are InferSettings'."""
 
-    scale: float = None  # None: the checkpoint's (run_spec)
-    bands: tuple = None  # None: the checkpoint's
-    bit_depth: int = None
-    max_pixels: int = MAX_PIXELS
-    tile: int = 512
-    overlap: int = 64
-    batch_size: int = 4
-    tta: str = "none"
-    device: object = None  # where the model runs; None: where its parameters are (main: --device resolved)
-    index: bool = False
-    overlay: bool = False
-    vector: str = None
-    background: str = "auto"
-    min_area: float = 0.0
-    simplify: float = 0.0
-    areas: bool = False
-    skip_existing: bool = False
-    pipeline: bool = True
-    progress: bool = True
+    scale: Optional[float] = reuse(TrainConfig, "scale")  # None: the checkpoint's (run_spec)
+    bands: Optional[tuple[int, ...]] = reuse(TrainConfig, "bands")  # None: the checkpoint's
+    bit_depth: Optional[int] = setting(
+        None, "for a model trained on 8-bit images (intensity uint8) fed wider ones: their bit depth b, scaled from "
+              "[0, 2^b-1] to [0, 255] (default: per image, the smallest of 8..16 bits that holds its largest value). "
+              "A model trained on wider data scales every image by the range stored in its checkpoint and refuses "
+              "--bit-depth", "reading", check=optional(lambda v: whole(8)(v) and v <= 32), must="be in 8..32")
+    max_pixels: int = setting(MAX_PIXELS, "largest image, in pixels, decoded whole; a larger one is refused as a "
+                                          "possible decompression bomb (TIFFs read by windows of rows are not "
+                                          "bounded). 0: no limit", "reading", check=whole(0),
+                              must="be >= 0 (0: no limit)")
+    tile: int = setting(512, "tile side in model-input (rescaled) pixels; memory grows with batch size x tile^2",
+                        "prediction", check=whole(32), must="be >= 32 model pixels")
+    overlap: int = setting(64, "minimum tile overlap in model-input pixels; class probabilities are blended across "
+                               "it", "prediction", check=whole(0), must="be >= 0")
+    batch_size: int = reuse(TrainConfig, "batch_size", 4)
+    tta: str = setting("none", "test-time augmentation averaged in probability space: 'flip' (4 flips, 4x the time) "
+                               "or 'd4' (flips and 90-degree rotations, 8x); --tta alone means d4", "prediction",
+                       choices=tuple(TTA_MODES), nargs="?", const="d4")
+    device: Optional[str] = reuse(TrainConfig, "device", None)  # None: where the model's parameters are
+    index: bool = setting(False, "also write <name>_mask.index.png (class indices)", "outputs")
+    overlay: bool = setting(False, "also write <name>_mask.overlay.jpg (a preview)", "outputs")
+    vector: Optional[str] = setting(
+        None, f"also write the class polygons: <output>/{FOLDER_LAYER}.gpkg (or .geojson), one layer of every image "
+              "with a CRS, polygons of one class merged across the seams of adjacent images (fields class_index, "
+              "class, area, images), built from <name>_polygons.gpkg per image (in the raster's CRS; pixel "
+              f"coordinates for an image without one); and the class pixel counts into <output>/{AREAS_NAME}. All "
+              "georeferenced inputs must share one CRS", "outputs", choices=VECTOR_FORMATS)
+    background: str = setting("auto", "with --vector: the class that gets no polygons: auto (the class named "
+                                      "background, if any; the Potsdam classes have none), a class name, or none "
+                                      "(every class gets polygons). The areas count every class", "outputs")
+    min_area: float = setting(0.0, "with --vector: drop polygons smaller than this, in square map units (m^2 for a "
+                                   "metric CRS; pixels when not georeferenced); their pixels become holes", "outputs",
+                              check=lambda v: math.isfinite(v) and v >= 0, must="be a finite number >= 0 (map units)")
+    simplify: float = setting(0.0, "with --vector: simplify the polygons with this tolerance in map units (pixels "
+                                   "when not georeferenced), shared edges moved together; 0: they follow the pixel "
+                                   "edges and rasterise back to the mask exactly", "outputs",
+                              check=lambda v: math.isfinite(v) and v >= 0, must="be a finite number >= 0 (map units)")
+    areas: bool = setting(False, f"write the class areas into <output>/{AREAS_NAME} (pixels; m^2 and ha for a CRS in "
+                                 "metres) without the polygons; --vector writes them too. Rows of other images stay",
+                          "outputs")
+    skip_existing: bool = setting(False, "skip inputs whose asked outputs all exist, their <stem>_<ext>_mask.png made "
+                                         "from them (continue an interrupted folder run); by default a rerun "
+                                         "replaces the masks of the same inputs", "run")
+    pipeline: bool = setting(True, "--no-pipeline: read, predict and write one file after the other; by default a "
+                                   "reader and a writer thread overlap the next file's reading and the last one's "
+                                   "writing with the model (the same masks, byte for byte)", "run")
+    progress: bool = reuse(TrainConfig, "progress")
 
     @classmethod
-    def from_args(cls, args):
-        """The options of a parsed and checked command line (get_args_parser, check_args): each field from the
-        flag of its name."""
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    def of(cls, settings):
+        """The options part of a run's InferSettings."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class InferSettings(InferOptions):
+    """The command line of infer.py: the options, the model, what to segment and where the masks go."""
+
+    device: str = reuse(TrainConfig, "device")
+    checkpoint: str = reuse(Shared, "checkpoint", "checkpoints/best_model.pth")
+    input: str = setting("input_images", "folder of images (PNG, JPEG, TIFF) or one image file; files named "
+                                         "*_mask.* are this tool's outputs and ignored", "run")
+    output: str = setting("output_images", "folder for the masks, created if needed; may equal --input", "run")
 
 
 # --------------------------------------------------------------------------- files and folders
@@ -710,102 +752,26 @@ def segment_folder(input, output, model, ckpt, options=None, *, log=None):
 # --------------------------------------------------------------------------- CLI
 
 def get_args_parser():
-    p = argparse.ArgumentParser(
+    """The options are InferSettings' fields (declared once: train.py's where the flag is train's too)."""
+    return add_arguments(argparse.ArgumentParser(
         description="Segment every image in a folder with a trained checkpoint. Masks have the input's size; "
-                    "GeoTIFF inputs also get a georeferenced mask TIFF. Exit code 1 when some file failed.")
-    p.add_argument("--checkpoint", default="checkpoints/best_model.pth",
-                   help="checkpoint written by train.py (default: %(default)s)")
-    p.add_argument("--input", default="input_images",
-                   help="folder of images (PNG, JPEG, TIFF) or one image file; files named *_mask.* are this "
-                        "tool's outputs and ignored (default: %(default)s)")
-    p.add_argument("--output", default="output_images",
-                   help="folder for the masks, created if needed; may equal --input (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ... "
-                                                    "(default: %(default)s)")
-    p.add_argument("--scale", type=float, default=None,
-                   help="processing size / native size (default: the checkpoint's, what training used). Set it "
-                        "when your imagery's ground sampling differs from the training data's")
-    p.add_argument("--tile", type=int, default=512,
-                   help="tile side in model-input (rescaled) pixels; memory grows with batch size x tile^2 "
-                        "(default: %(default)s)")
-    p.add_argument("--overlap", type=int, default=64,
-                   help="minimum tile overlap in model-input pixels; class probabilities are blended across it "
-                        "(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default: %(default)s)")
-    p.add_argument("--tta", nargs="?", const="d4", default="none", choices=list(TTA_MODES),
-                   help="test-time augmentation averaged in probability space: 'flip' (4 flips, 4x the time) or "
-                        "'d4' (flips and 90-degree rotations, 8x); --tta alone means d4 (default: %(default)s)")
-    p.add_argument("--bands", nargs="+", default=None,
-                   help="0-based band indices to feed the model, e.g. --bands 3,0,1 or --bands 3 0 1 (default: the "
-                        "checkpoint's bands, else the image's: alpha dropped, gray replicated, the first ones of more)")
-    p.add_argument("--bit-depth", type=int, default=None,
-                   help="for a model trained on 8-bit images (intensity uint8) fed wider ones: their bit depth b, "
-                        "scaled from [0, 2^b-1] to [0, 255] (default: per image, the smallest of 8..16 bits that holds "
-                        "its largest value). A model trained on wider data scales every image by the range stored in "
-                        "its checkpoint and refuses --bit-depth")
-    p.add_argument("--skip-existing", action="store_true",
-                   help="skip inputs whose asked outputs all exist, their <stem>_<ext>_mask.png made from them "
-                        "(continue an interrupted folder run); by default a rerun replaces the masks of the same "
-                        "inputs")
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
-                   help="largest image, in pixels, decoded whole; a larger one is refused as a possible "
-                        "decompression bomb (TIFFs read by windows of rows are not bounded). 0: no limit "
-                        "(default: %(default)s)")
-    p.add_argument("--index", action="store_true", help="also write <name>_mask.index.png (class indices)")
-    p.add_argument("--overlay", action="store_true", help="also write <name>_mask.overlay.jpg (a preview)")
-    p.add_argument("--vector", choices=VECTOR_FORMATS, default=None,
-                   help=f"also write the class polygons: <output>/{FOLDER_LAYER}.gpkg (or .geojson), one layer of "
-                        "every image with a CRS, polygons of one class merged across the seams of adjacent images "
-                        "(fields class_index, class, area, images), built from <name>_polygons.gpkg per image (in "
-                        "the raster's CRS; pixel coordinates for an image without one); and the class pixel counts "
-                        f"into <output>/{AREAS_NAME}. All georeferenced inputs must share one CRS")
-    p.add_argument("--background", default="auto",
-                   help="with --vector: the class that gets no polygons: auto (the class named background, if any; "
-                        "the Potsdam classes have none), a class name, or none (every class gets polygons). The "
-                        "areas count every class (default: %(default)s)")
-    p.add_argument("--min-area", type=float, default=0.0,
-                   help="with --vector: drop polygons smaller than this, in square map units (m^2 for a metric "
-                        "CRS; pixels when not georeferenced); their pixels become holes (default: %(default)s)")
-    p.add_argument("--simplify", type=float, default=0.0,
-                   help="with --vector: simplify the polygons with this tolerance in map units (pixels when not "
-                        "georeferenced), shared edges moved together; 0: they follow the pixel edges and "
-                        "rasterise back to the mask exactly (default: %(default)s)")
-    p.add_argument("--areas", action="store_true",
-                   help=f"write the class areas into <output>/{AREAS_NAME} (pixels; m^2 and ha for a CRS in "
-                        "metres) without the polygons; --vector writes them too. Rows of other images stay")
-    p.add_argument("--no-pipeline", dest="pipeline", action="store_false",
-                   help="read, predict and write one file after the other; by default a reader and a writer "
-                        "thread overlap the next file's reading and the last one's writing with the model (the "
-                        "same masks, byte for byte)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    return p
+                    "GeoTIFF inputs also get a georeferenced mask TIFF. Exit code 1 when some file failed."),
+        InferSettings, grouped=False)
 
 
 def check_args(args):
-    """Every argument checked before any work (ValueError naming the flag)."""
-    if args.bands is not None:  # the tokens of --bands 3 0 1 or --bands 3,0,1
-        args.bands = parse_bands(args.bands)
-    if args.scale is not None and not check_scale(args.scale):
-        raise ValueError(f"--scale must be in (0, {MAX_SCALE}], got {args.scale}")
-    if args.tile < 32:
-        raise ValueError(f"--tile must be >= 32 model pixels, got {args.tile}")
-    if not 0 <= args.overlap < args.tile:
+    """Every argument checked before any work (ValueError naming the flag): each setting's own check, then the
+    rules between them. Returns the InferSettings (of a parsed command line, or given)."""
+    args = args if isinstance(args, InferSettings) else from_args(InferSettings, args)
+    check_settings(args)
+    if args.overlap >= args.tile:
         raise ValueError(f"--overlap must be in [0, --tile), got {args.overlap} with --tile {args.tile}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.bit_depth is not None and not 8 <= args.bit_depth <= 32:
-        raise ValueError(f"--bit-depth must be in 8..32, got {args.bit_depth}")
-    if args.bands is not None and min(args.bands) < 0:
-        raise ValueError(f"--bands are 0-based indices >= 0, got {args.bands}")
-    if args.max_pixels < 0:
-        raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}")
     for flag, value in (("--min-area", args.min_area), ("--simplify", args.simplify)):
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{flag} must be a finite number >= 0 (map units), got {value}")
         if value and not args.vector:
             raise ValueError(f"{flag} shapes the polygons of --vector; add --vector gpkg (or geojson)")
     if args.background != "auto" and not args.vector:
         raise ValueError("--background chooses the classes of the --vector polygons; add --vector gpkg (or geojson)")
+    return args
 
 
 def check_output(output):
@@ -839,7 +805,7 @@ def main(args):
 
 def _main(args):
     try:
-        check_args(args)
+        args = check_args(args)
         images, skipped = list_inputs(args.input)
         ctx = distributed.init_from_env(args.device)  # under torchrun: this rank and its device; else one process
         device = ctx.device
@@ -867,7 +833,7 @@ def _main(args):
     if args.vector and background:
         print(f"polygons: the background class {spec.classes.names[background[0]]!r} gets none (--background none "
               f"writes it); areas count every class")
-    options = dataclasses.replace(InferOptions.from_args(args), device=device, progress=args.progress and ctx.is_main)
+    options = dataclasses.replace(InferOptions.of(args), device=device, progress=args.progress and ctx.is_main)
     if ctx.world == 1:
         summary = segment_folder(args.input, args.output, model, ckpt, options)
     else:  # this rank's share of the files, named from the whole list: the names one process gives

@@ -15,23 +15,27 @@ preprocessing it was pretrained under and how; `train.py --encoder encoder.pth` 
 """
 
 import argparse
+import dataclasses
 import math
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from checkpoint import FORMAT as CHECKPOINT, non_finite_tensors
-from config import ARCHS, schedule_factor
+from config import (TrainConfig, add_arguments, check_settings, from_args, optional, reuse, schedule_factor, setting,
+                    whole)
 from dataset import augment_batch
 from model import build_model, resolve_device
 from raster import TIFF_SUFFIXES, atomic_path
 from resident import draw_windows
-from spec import MAX_SCALE, PROCESSING_SIZE, check_scale, fit_spec, load_input, parse_bands, to_grid
+from spec import fit_spec, load_input, to_grid
 
 FORMAT = "pretrained-encoder"
 VERSION = 1
@@ -227,38 +231,41 @@ def apply_encoder(model, path, channels, scale=None):
 
 # --------------------------------------------------------------------------- CLI
 
+@dataclass
+class PretrainConfig:
+    """pretrain.py's settings: a flag that train.py takes too is train's own declaration (config.reuse), so it has
+    one help, one parser and one check in every command; defaults are pretraining's."""
+    images: tuple[str, ...] = reuse(TrainConfig, "images", (), required=True)
+    out: Optional[str] = reuse(TrainConfig, "out", None, required=True)
+    size: int = reuse(TrainConfig, "size")
+    scale: Optional[float] = reuse(TrainConfig, "scale")
+    bands: Optional[tuple[int, ...]] = reuse(TrainConfig, "bands")
+    max_images: Optional[int] = setting(None, "use at most this many images (a seeded random choice)", "data",
+                                        check=optional(whole(1)), must="be >= 1")
+    arch: str = reuse(TrainConfig, "arch")
+    steps: Optional[int] = reuse(TrainConfig, "steps", 1000)
+    batch_size: int = reuse(TrainConfig, "batch_size", 16)
+    crop: int = reuse(TrainConfig, "crop", 64)
+    mask_ratio: float = setting(0.6, "share of the blocks hidden, in (0, 1)", "masking")
+    block: int = setting(16, "side of a hidden square, processing pixels", "masking")
+    lr: float = reuse(TrainConfig, "lr")
+    warmup: int = reuse(TrainConfig, "warmup", 50)
+    seed: int = reuse(TrainConfig, "seed")
+    device: str = reuse(TrainConfig, "device")
+    overwrite: bool = reuse(TrainConfig, "overwrite")
+    progress: bool = reuse(TrainConfig, "progress")
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Pretrain the encoder by masked image modelling (see the module "
-                                            "docstring).")
-    p.add_argument("--images", nargs="+", required=True, help="folders of .tif/.tiff images (labelled or not)")
-    p.add_argument("--out", required=True, help="the encoder file to write, e.g. encoder.pth")
-    p.add_argument("--size", type=int, default=PROCESSING_SIZE, help="processing size of the first image's longer "
-                                                                     "side (as train.py)")
-    p.add_argument("--scale", type=float, help="processing pixels per image pixel (overrides --size)")
-    p.add_argument("--bands", nargs="+", help="0-based bands to use, e.g. 0,1,2 or 0 1 2 (default: every "
-                                                             "band but alpha)")
-    p.add_argument("--max-images", type=int, help="use at most this many images (a seeded random choice)")
-    p.add_argument("--arch", choices=ARCHS, default="resnet18")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--crop", type=int, default=64, help="crop side in processing pixels")
-    p.add_argument("--mask-ratio", type=float, default=0.6, help="share of the blocks hidden, in (0, 1)")
-    p.add_argument("--block", type=int, default=16, help="side of a hidden square, processing pixels")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps (at most half of --steps), then a "
-                                                          "cosine decay to 0")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto: CUDA when present")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    return p
+    """The options are PretrainConfig's fields (declared once: train.py's where they are train's too)."""
+    return add_arguments(argparse.ArgumentParser(description="Pretrain the encoder by masked image modelling (see the "
+                                                             "module docstring)."), PretrainConfig, grouped=False)
 
 
 def check_args(args):
     """The user errors found before any image is read (ValueError)."""
+    check_settings(args)  # each field's own check (train.py's, where the flag is train's)
     cells = math.ceil(args.crop / args.block) ** 2 if args.block >= 1 else 0
-    if args.bands is not None:  # the tokens of --bands 0 1 2 or --bands 0,1,2
-        args.bands = parse_bands(args.bands)
     problems = [
         (Path(args.out).exists() and not args.overwrite, f"{args.out} exists; pass --overwrite to replace it"),
         (not 0 < args.mask_ratio < 1, f"--mask-ratio must be in (0, 1), got {args.mask_ratio}"),
@@ -267,13 +274,9 @@ def check_args(args):
         (args.block < 1, f"--block must be >= 1, got {args.block}"),
         (cells and not 1 <= round(args.mask_ratio * cells) < cells,
          f"--mask-ratio {args.mask_ratio} of the {cells} blocks of a {args.crop}-pixel crop hides none or all"),
-        (args.steps < 1, f"--steps must be >= 1, got {args.steps}"),
+        (not isinstance(args.steps, int), f"--steps takes a whole number of steps here, got {args.steps!r}"),
         (args.batch_size < 2, f"--batch-size must be >= 2 (batch normalisation), got {args.batch_size}"),
         (not args.lr > 0 or args.warmup < 0, "--lr must be > 0 and --warmup >= 0"),
-        (args.scale is not None and not check_scale(args.scale), f"--scale must be in (0, {MAX_SCALE}]"),
-        (args.size < 1, f"--size must be >= 1, got {args.size}"),
-        (args.max_images is not None and args.max_images < 1, "--max-images must be >= 1"),
-        (args.bands is not None and (not args.bands or min(args.bands) < 0), "--bands must be indices >= 0"),
     ]
     for bad, message in problems:
         if bad:
@@ -284,10 +287,10 @@ def check_args(args):
 def command_line(args):
     """The command that redoes this run, every option spelled out."""
     parts = ["python", "pretrain.py"]
-    for key, value in vars(args).items():
+    for key, value in dataclasses.asdict(args).items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            parts += [flag] if value else []
+            parts += ([flag] if value else []) if key != "progress" else ([] if value else ["--no-progress"])
         elif isinstance(value, (list, tuple)):
             parts += [flag, *map(str, value)] if key == "images" else [flag, ",".join(map(str, value))]
         elif value is not None:
@@ -299,12 +302,13 @@ def main(args):
     """Returns the exit code: 0 written, 1 training diverged, 2 a user error (nothing written)."""
     start = time.time()
     try:
+        args = from_args(PretrainConfig, args) if not isinstance(args, PretrainConfig) else args
         paths = check_args(args)
         if args.max_images is not None and len(paths) > args.max_images:
             keep = np.random.default_rng(args.seed).choice(len(paths), args.max_images, replace=False)
             paths = [paths[i] for i in sorted(keep)]
         spec = fit_spec(paths, bands=args.bands, scale=args.scale, size=args.size)
-        images = load_images(paths, spec, progress=not args.no_progress)
+        images = load_images(paths, spec, progress=args.progress)
         print(f"{len(images)} images, {spec.channels} bands, scale {spec.scale:g}, intensity {spec.intensity.kind}; "
               f"read in {time.time() - start:.1f} s", flush=True)
     except (ValueError, OSError) as e:
@@ -313,7 +317,7 @@ def main(args):
     try:
         model, final = pretrain(images, args.arch, args.steps, args.batch_size, args.crop, args.mask_ratio,
                                 args.block, args.lr, args.warmup, args.seed, resolve_device(args.device),
-                                progress=not args.no_progress)
+                                progress=args.progress)
         save_encoder(args.out, model.cpu(), spec, {
             "method": METHOD, "steps": args.steps, "crop": args.crop, "mask_ratio": args.mask_ratio,
             "block": args.block, "images": len(images), "final_loss": final,

@@ -1,11 +1,11 @@
 """Speed and memory, measured on the current device. Numbers go here, never into tests.
 
     python -m research.benchmark infer                    # 6000x6000 synthetic GeoTIFF, end to end vs the model alone
-    python -m research.benchmark infer --size 2000        # smaller, for a slow CPU
-    python -m research.benchmark infer --size 20000 --e2e-only    # peak RSS of a 20000x20000 tile, streamed by rows
-    python -m research.benchmark infer --size 20000 --e2e-only --stream-pixels 1e12    # the same tile read whole
-    python -m research.benchmark infer --files 16 --size 6000     # a folder: pipelined vs serial vs the model alone
-    python -m research.benchmark train                    # training images/s: published-style loader, train.py, model alone
+    python -m research.benchmark infer --image-size 2000        # smaller, for a slow CPU
+    python -m research.benchmark infer --image-size 20000 --e2e-only   # peak RSS of a 20000x20000 tile, streamed
+    python -m research.benchmark infer --image-size 20000 --e2e-only --stream-pixels 1e12    # the same tile read whole
+    python -m research.benchmark infer --files 16 --image-size 6000    # a folder: pipelined vs serial vs the model
+    python -m research.benchmark train              # training images/s: published-style loader, train.py, the model
     python -m research.benchmark train --patches 32 --size 64 --epochs 2 --workers 2    # a couple of minutes on a CPU
     python -m research.benchmark train --device cuda --amp --patches 2400 --epochs 3
 
@@ -26,7 +26,9 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import tifffile
@@ -38,7 +40,8 @@ import spec
 import infer
 import predict
 from checkpoint import load_model, save_checkpoint
-from config import add_arguments, check_config, config_from_args
+from config import (Shared, TrainConfig, add_arguments, check_config, check_settings, config_from_args, from_args,
+                    parse_names, reuse, setting, whole)
 from model import ResNet18Segmentation, build_model, resolve_device
 from partial_ce_loss import PartialCrossEntropyLoss
 
@@ -129,9 +132,9 @@ def bench_infer(args):
         layout = {"strip": {}, "tiled-lzw": {"compression": "lzw", "tile": (256, 256)}}[args.layout]
         for i in range(args.files):  # different pixels per file: no cache makes a later file cheaper
             name = "tile.tif" if args.files == 1 else f"tile_{i:03d}.tif"
-            tifffile.imwrite(inp / name, synthetic_image(args.size, seed=i), photometric="rgb", extratags=geo,
+            tifffile.imwrite(inp / name, synthetic_image(args.image_size, seed=i), photometric="rgb", extratags=geo,
                              **layout)
-        H = W = args.size
+        H = W = args.image_size
         streamed = H * W > args.stream_pixels
         h, w = spec.grid_size(H, W, args.scale)
         ys, th = predict.tile_starts(h, args.tile, args.overlap)
@@ -359,53 +362,63 @@ def bench_train(args):
 
 # --------------------------------------------------------------------------- CLI
 
+@dataclass
+class InferBench:
+    """`benchmark.py infer`: a flag infer.py or train.py takes too is that declaration (config.reuse)."""
+    image_size: int = setting(6000, "side of the synthetic square tile in input pixels", "bench", check=whole(64),
+                              must="be >= 64 pixels")
+    scale: Optional[float] = reuse(TrainConfig, "scale", spec.PROCESSING_SIZE / spec.NATIVE_SIZE)
+    decoder: str = reuse(TrainConfig, "decoder", "plain")
+    tile: int = reuse(infer.InferOptions, "tile")
+    overlap: int = reuse(infer.InferOptions, "overlap")
+    batch_size: int = reuse(infer.InferOptions, "batch_size")
+    tta: str = reuse(infer.InferOptions, "tta")
+    files: int = setting(1, "synthetic tiles in the folder, each --image-size square; several show the pipeline's "
+                            "overlap of reading, the model and writing", "bench", check=whole(1), must="be >= 1")
+    modes: tuple[str, ...] = setting(("pipelined", "serial"), "end-to-end runs: infer.py's default pipeline and/or "
+                                                              "--no-pipeline", "bench", parse=parse_names,
+                                     check=lambda v: bool(v) and set(v) <= {"pipelined", "serial"},
+                                     must="be pipelined and/or serial")
+    threads: Optional[int] = reuse(Shared, "threads")
+    device: str = reuse(TrainConfig, "device")
+    layout: str = setting("strip", "the synthetic GeoTIFF: uncompressed in one strip, or LZW in 256x256 tiles as GIS "
+                                   "tools write large rasters", "bench", choices=("strip", "tiled-lzw"))
+    stream_pixels: float = setting(infer.STREAM_PIXELS, "infer.STREAM_PIXELS for the run: TIFFs above it are "
+                                                        "streamed by rows; 1e12 reads the tile whole", "bench",
+                                   check=lambda v: v > 0, must="be > 0")
+    e2e_only: bool = setting(False, "only the end-to-end run (time, peak RSS); skip timing the model alone", "bench")
+    progress: bool = reuse(TrainConfig, "progress")
+
+
+@dataclass
+class TrainBench:
+    """`benchmark.py train`: its own settings; every train.py setting comes with them (TrainConfig)."""
+    patches: int = setting(96, "synthetic 300x300 patches, train + val", "bench", check=whole(4), must="be >= 4")
+    threads: Optional[int] = reuse(Shared, "threads")
+
+
 def get_args_parser():
+    """`infer` and `train`, their options InferBench's and TrainBench's (+ TrainConfig's) fields."""
     p = argparse.ArgumentParser(description="Measure inference and training speed on the current device.")
     sub = p.add_subparsers(dest="command", required=True)
-
-    q = sub.add_parser("infer", help="end-to-end inference on synthetic tiles vs the model alone")
-    q.add_argument("--size", type=int, default=6000,
-                   help="side of the synthetic square tile in input pixels (default: %(default)s)")
-    q.add_argument("--scale", type=float, default=spec.PROCESSING_SIZE / spec.NATIVE_SIZE,
-                   help="processing scale recorded in the synthetic checkpoint (default: %(default)s)")
-    q.add_argument("--decoder", default="plain", choices=["plain", "skip"], help="(default: %(default)s)")
-    q.add_argument("--tile", type=int, default=512, help="as infer.py --tile (default: %(default)s)")
-    q.add_argument("--overlap", type=int, default=64, help="as infer.py --overlap (default: %(default)s)")
-    q.add_argument("--batch-size", type=int, default=4, help="as infer.py --batch-size (default: %(default)s)")
-    q.add_argument("--tta", default="none", choices=list(predict.TTA_MODES), help="as infer.py --tta (default: none)")
-    q.add_argument("--files", type=int, default=1,
-                   help="synthetic tiles in the folder, each --size square; several show the pipeline's overlap of "
-                        "reading, the model and writing (default: %(default)s)")
-    q.add_argument("--modes", nargs="+", default=["pipelined", "serial"], choices=["pipelined", "serial"],
-                   help="end-to-end runs: infer.py's default pipeline and/or --no-pipeline (default: both)")
-    q.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads for every run, end to end and the model alone (default: torch's)")
-    q.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ... (default: auto)")
-    q.add_argument("--layout", default="strip", choices=["strip", "tiled-lzw"],
-                   help="the synthetic GeoTIFF: uncompressed in one strip, or LZW in 256x256 tiles as GIS tools "
-                        "write large rasters (default: %(default)s)")
-    q.add_argument("--stream-pixels", type=float, default=infer.STREAM_PIXELS,
-                   help="infer.STREAM_PIXELS for the run: TIFFs above it are streamed by rows; 1e12 reads the tile "
-                        "whole, as infer.py did before streaming (default: %(default)s)")
-    q.add_argument("--e2e-only", action="store_true",
-                   help="only the end-to-end run (time, peak RSS); skip timing the model alone")
-    q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    q.set_defaults(func=bench_infer)
-
+    add_arguments(sub.add_parser("infer", help="end-to-end inference on synthetic tiles vs the model alone"),
+                  InferBench, grouped=False)
     t = sub.add_parser("train", help="training images/s: published-style DataLoader, train.py, the model alone")
-    t.add_argument("--patches", type=int, default=96, help="synthetic 300x300 patches, train + val (default: "
-                                                           "%(default)s)")
-    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_arguments(t, TrainBench, grouped=False)
     add_arguments(t)  # every train.py setting (config.py), with the benchmark's own defaults below
     t.set_defaults(epochs=2, pretrained=False, workers=min(8, os.cpu_count() or 1))
-    t.set_defaults(func=bench_train)
     return p
 
 
 def main(args):
     """Returns the exit code: 0 measured, 2 a user error (nothing measured)."""
     try:
-        args.func(args)
+        if args.command == "infer":
+            settings = from_args(InferBench, args)
+            check_settings(settings)
+            bench_infer(settings)
+        else:
+            bench_train(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

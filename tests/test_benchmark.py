@@ -28,7 +28,7 @@ def agrees(shown, digits, f, *values):
 @pytest.mark.slow
 def test_infer_benchmark_reports_consistent_numbers(capsys):
     args = benchmark.get_args_parser().parse_args(
-        ["infer", "--size", "256", "--files", "2", "--tile", "64", "--overlap", "8", "--batch-size", "4",
+        ["infer", "--image-size", "256", "--files", "2", "--tile", "64", "--overlap", "8", "--batch-size", "4",
          "--threads", "1", "--device", "cpu", "--no-progress"])
     benchmark.main(args)
     out = capsys.readouterr().out

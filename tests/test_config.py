@@ -223,6 +223,28 @@ def test_every_field_parses_from_the_command_line_to_its_python_value():
     assert cfg.scale == 0.5
 
 
+def test_every_setting_of_every_command_parses_to_its_python_value():
+    """The same for the other commands' settings (infer, pretrain, annotate, assess, the benchmark): each field's
+    ordinary value through the command's real parser (its required flags given too) equals the Python value."""
+    import annotate
+    import assess
+    import infer
+    import pretrain
+    from research import benchmark
+    parsers = command_parsers()
+    for cls, command in ((infer.InferSettings, "infer.py"), (pretrain.PretrainConfig, "pretrain.py"),
+                         (annotate.AnnotateSettings, "annotate.py"), (assess.SampleSettings, "assess.py sample"),
+                         (assess.EstimateSettings, "assess.py estimate"), (benchmark.InferBench, "benchmark.py infer")):
+        fields = [f for f in dataclasses.fields(cls) if f.metadata["setting"].flag != ""]
+        needed = [w for f in fields if f.metadata.get("required") for w in (config.flag(f.name), "x/y")]
+        for f in fields:
+            s = f.metadata["setting"]
+            value, text = ordinary(f, s)
+            name = s.flag or (f"--no-{f.name.replace('_', '-')}" if f.default is True else config.flag(f.name))
+            parsed = getattr(config.from_args(cls, parsers[command].parse_args(needed + [name, *text])), f.name)
+            assert parsed == value and type(parsed) is type(value), (command, name, text, parsed, value)
+
+
 def test_value_errors_name_their_flag_and_shares_have_one_form():
     import argparse
     parser = add_arguments(argparse.ArgumentParser())
@@ -237,3 +259,48 @@ def test_value_errors_name_their_flag_and_shares_have_one_form():
         assert config_from_args(parser.parse_args(["--bands", *tokens])).bands == (0, 1, 3)
     with pytest.raises(ValueError, match="--bands takes band indices"):
         config_from_args(parser.parse_args(["--bands", "0,red"]))
+
+
+def command_parsers():
+    """{command: parser} of every command a user runs, subcommands apart."""
+    import argparse
+
+    import annotate
+    import assess
+    import infer
+    import pretrain
+    import train
+    from research import benchmark
+    out = {"train.py": train.get_args_parser(), "infer.py": infer.get_args_parser(),
+           "pretrain.py": pretrain.get_args_parser(), "annotate.py": annotate.get_args_parser()}
+    for name, parser in (("assess.py", assess.get_args_parser()), ("benchmark.py", benchmark.get_args_parser())):
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        out.update({f"{name} {cmd}": p for cmd, p in sub.choices.items()})
+    return out
+
+
+def test_each_flag_is_declared_once_across_every_command():
+    """One flag, one declaration: --scale, --size, --bands, --device, --batch-size (and every other flag that
+    several commands take) have one help, one parser and one check wherever they appear; no parser adds a flag by
+    hand (config.add_arguments is the only add_argument of a flag in the project's commands)."""
+    import ast
+    from pathlib import Path
+    declared = {}
+    for command, parser in command_parsers().items():
+        for action in parser._actions:
+            for option in action.option_strings:
+                if option in ("-h", "--help"):
+                    continue
+                assert getattr(action, "setting", None) is not None, f"{command} {option}: added by hand"
+                declared.setdefault(option, {}).setdefault(id(action.setting), set()).add(command)
+    twice = {option: commands for option, commands in declared.items() if len(commands) > 1}
+    assert not twice, f"flags declared more than once: {twice}"
+    for option in ("--scale", "--size", "--bands", "--device", "--batch-size", "--images", "--out", "--classes"):
+        (commands,) = declared[option].values()
+        assert len(commands) >= 2, (option, commands)  # shared by several commands, declared once
+    root = Path(__file__).resolve().parents[1]
+    for path in [*root.glob("*.py"), root / "research" / "benchmark.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument" and node.args and \
+                    isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("-"):
+                assert path.name == "config.py", f"{path.name}: add_argument({node.args[0].value!r}) by hand"
