@@ -57,7 +57,6 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 import assess
-import assessment
 from annotations import (KINDS, LINE, POINT, ClickSet, ImageClicks, _nodata_pixels, rasterise_shape, read_clicks,
                          write_clicks)
 from config import Shared, TrainConfig, add_arguments, check_settings, from_args, reuse, setting, whole
@@ -490,13 +489,13 @@ class AssessSample:
             return {"id": pid, "reference": cls, **self._summary(after=pid)}
 
     def estimates(self):
-        """estimates_json of the labels so far; 409 with assess's message while a stratum has < 2 labelled points."""
+        """assess.estimates_json of the labels so far; 409 with assess's message while a stratum has < 2 labelled points."""
         with self.locked():
             try:
                 result = self.a.estimates()
             except ValueError as e:
                 raise HTTPError(HTTPStatus.CONFLICT, str(e)) from None
-            return estimates_json(result, self.a.design, self.a.classes.names, len(self.a.reference))
+            return assess.estimates_json(result, self.a.design, self.a.classes.names, len(self.a.reference))
 
     def write(self, overwrite=False):
         """`<sample>_estimates.csv` / `.md` (assess.Assessment.write); 409 when they exist and not `overwrite`, or
@@ -514,38 +513,6 @@ class AssessSample:
                                                      f"{{\"overwrite\": true}} to replace them") from None
             return {"csv": paths[0].name, "markdown": paths[1].name, "labelled": len(self.a.reference),
                     "points": len(self.ids)}
-
-
-def estimates_json(result, design, names, labelled):
-    """assessment.Estimates as JSON for the page. Each figure is {estimate, se, low, high}: the 95 % interval
-    estimate ± 1.96 SE (assessment.Z95, as the written tables), null where undefined (a class never seen). Beside
-    the estimated area of each class: its share of the map, a pixel count of the map (never an area estimate)."""
-    def figure(est, se, unit=1.0):
-        est, se = float(est) * unit, float(se) * unit
-        if not math.isfinite(est):
-            return {"estimate": None, "se": None, "low": None, "high": None}
-        if not math.isfinite(se):
-            return {"estimate": est, "se": None, "low": None, "high": None}
-        return {"estimate": est, "se": se, "low": est - assessment.Z95 * se, "high": est + assessment.Z95 * se}
-
-    m2 = design.get("pixel_area_m2")
-    mapped = {int(c): int(v) for c, v in design["mapped_pixels"].items()}
-    pixels, pixels_se = result.area_in()
-    classes = [{"class": c, "name": names[c],
-                "users_accuracy": figure(result.ua[j], result.ua_se[j]),
-                "producers_accuracy": figure(result.pa[j], result.pa_se[j]),
-                "area_proportion": figure(result.area[j], result.area_se[j]),
-                "area_pixels": figure(pixels[j], pixels_se[j]),
-                "area_ha": None if m2 is None else figure(pixels[j], pixels_se[j], m2 / 1e4),
-                "map_pixels": mapped.get(c, 0), "map_share": mapped.get(c, 0) / max(1, sum(mapped.values()))}
-               for j, c in enumerate(result.classes)]
-    return {"basis": f"Design-based estimates from the blind assessment sample ({result.design} random sampling, "
-                     f"{result.method} estimators, {labelled} of {len(design['points'])} points labelled): they "
-                     f"measure the map; they are not scores on clicks",
-            "design": result.design, "method": result.method, "labelled": labelled, "points": len(design["points"]),
-            "population_pixels": result.total_pixels, "pixel_area_m2": m2,
-            "overall_accuracy": figure(result.oa, result.oa_se), "classes": classes,
-            "matrix": [[float(v) if math.isfinite(v) else None for v in row] for row in result.matrix.tolist()]}
 
 
 # --------------------------------------------------------------------------- training and prediction

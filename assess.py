@@ -23,6 +23,7 @@ a model: they live in their own files, which train.py never reads unless named a
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -238,6 +239,38 @@ class Assessment:
         return assessment.write_tables(self.estimates(), estimates_prefix(self.path), self.classes.names,
                                        self.design["pixel_area_m2"], overwrite=overwrite, mapped_pixels=mapped,
                                        labelled=(len(self.reference), len(self.design["points"])))
+
+
+def estimates_json(result, design, names, labelled):
+    """assessment.Estimates as JSON for the page. Each figure is {estimate, se, low, high}: the 95 % interval
+    estimate ± 1.96 SE (assessment.Z95, as the written tables), null where undefined (a class never seen). Beside
+    the estimated area of each class: its share of the map, a pixel count of the map (never an area estimate)."""
+    def figure(est, se, unit=1.0):
+        est, se = float(est) * unit, float(se) * unit
+        if not math.isfinite(est):
+            return {"estimate": None, "se": None, "low": None, "high": None}
+        if not math.isfinite(se):
+            return {"estimate": est, "se": None, "low": None, "high": None}
+        return {"estimate": est, "se": se, "low": est - assessment.Z95 * se, "high": est + assessment.Z95 * se}
+
+    m2 = design.get("pixel_area_m2")
+    mapped = {int(c): int(v) for c, v in design["mapped_pixels"].items()}
+    pixels, pixels_se = result.area_in()
+    classes = [{"class": c, "name": names[c],
+                "users_accuracy": figure(result.ua[j], result.ua_se[j]),
+                "producers_accuracy": figure(result.pa[j], result.pa_se[j]),
+                "area_proportion": figure(result.area[j], result.area_se[j]),
+                "area_pixels": figure(pixels[j], pixels_se[j]),
+                "area_ha": None if m2 is None else figure(pixels[j], pixels_se[j], m2 / 1e4),
+                "map_pixels": mapped.get(c, 0), "map_share": mapped.get(c, 0) / max(1, sum(mapped.values()))}
+               for j, c in enumerate(result.classes)]
+    return {"basis": f"Design-based estimates from the blind assessment sample ({result.design} random sampling, "
+                     f"{result.method} estimators, {labelled} of {len(design['points'])} points labelled): they "
+                     f"measure the map; they are not scores on clicks",
+            "design": result.design, "method": result.method, "labelled": labelled, "points": len(design["points"]),
+            "population_pixels": result.total_pixels, "pixel_area_m2": m2,
+            "overall_accuracy": figure(result.oa, result.oa_se), "classes": classes,
+            "matrix": [[float(v) if math.isfinite(v) else None for v in row] for row in result.matrix.tolist()]}
 
 
 def read_references(sample, design, images, classes):
