@@ -324,6 +324,11 @@ class TrainConfig:
         None, "start from an encoder pretrained by pretrain.py (masked image modelling on your images, labelled or "
               "not; the output layer stays random); with --no-pretrained", MODEL,
         check=lambda v: v is None or Path(v).is_file(), must="be an encoder file written by pretrain.py", neutral=True)
+    init: Optional[str] = setting(
+        None, "start from the weights and the preprocessing contract of this checkpoint (a model train.py wrote) and "
+              "fine-tune it on this run's data, e.g. a model adapted to new clicks (the annotation page's Train); its "
+              "classes and model settings must be this run's; with --no-pretrained", MODEL,
+        check=lambda v: v is None or Path(v).is_file(), must="be a checkpoint file written by train.py", neutral=True)
     size: int = setting(PROCESSING_SIZE, "processing size of the first image's longer side (300 -> 150)",
                         MODEL, check=whole(8), must="be >= 8 pixels")
     scale: Optional[float] = setting(None, "processing pixels per image pixel, e.g. 0.5 (training: overrides --size, "
@@ -544,6 +549,10 @@ def _steps_rules(cfg):
 def _one_encoder(cfg):
     if cfg.encoder and cfg.pretrained and cfg.arch == "resnet18":
         yield "--encoder replaces the ImageNet encoder; add --no-pretrained to start from the pretrained file alone"
+    if cfg.init and (cfg.encoder or cfg.pretrained and cfg.arch == "resnet18"):
+        yield "--init starts from a whole model; leave out --encoder and add --no-pretrained"
+    if cfg.init and cfg.resume:
+        yield "--resume continues a run where it stopped; --init starts a new run from a model: give one"
 
 
 def _share_needs_self_training(cfg):

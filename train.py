@@ -170,6 +170,18 @@ def read_run_clicks(cfg):
     return clicks
 
 
+def read_init(cfg):
+    """The checkpoint of --init (None without it), its classes checked against this run's."""
+    if not cfg.init:
+        return None
+    ck = read_checkpoint(cfg.init)
+    classes = load_class_file(cfg.classes) if cfg.classes else POTSDAM
+    if tuple(ck.spec.classes.names) != tuple(classes.names):
+        raise ValueError(f"--init {cfg.init} was trained on the classes {list(ck.spec.classes.names)}, this run has "
+                         f"{list(classes.names)}; give the class file it was trained with (--classes)")
+    return ck
+
+
 def build_datasets(cfg, spec=None, clicks=None):
     """(train dataset, val dataset, split description, spec). The spec is fitted on the training images
     unless given (a resumed run reuses its checkpoint's). With --clicks (`clicks`: their ClickSet, read here when
@@ -746,8 +758,9 @@ def set_up_data(run, clicks):
     """The data sets (from their resident caches when these exist) and their checks; the checkpoint to resume."""
     cfg, out_dir = run.cfg, run.out_dir
     run.resumed = prepare_out(cfg, out_dir)
-    run.train_ds, run.val_ds, run.how, run.spec = build_datasets(cfg, run.resumed.spec if run.resumed else None,
-                                                                 clicks)
+    run.init = read_init(cfg)
+    given = run.resumed.spec if run.resumed else run.init.spec if run.init else None  # else fitted on the data
+    run.train_ds, run.val_ds, run.how, run.spec = build_datasets(cfg, given, clicks)
     run.on_clicks = not run.val_ds.has_labels  # validation on held-out clicks
     run.by_last = cfg.select == "last" or cfg.select == "auto" and run.on_clicks  # best_model.pth: the last model
     run.split = split = {"train": [str(i) for i in run.train_ds.ids], "val": [str(i) for i in run.val_ds.ids]}
@@ -779,6 +792,12 @@ def set_up_model(run):
                             pretrained=cfg.pretrained).to(ctx.device)  # before anything is written: may be missing
     if cfg.encoder:  # pretrain.py's file: every weight but the output layer
         print(apply_encoder(run.model, cfg.encoder, spec.channels, spec.scale), flush=True)
+    if run.init is not None:  # a whole model to go on from (read_init checked its classes)
+        if run.init.model_args != run.model.model_args:
+            raise ValueError(f"--init {cfg.init} holds a {run.init.model_args} model; this run builds "
+                             f"{run.model.model_args}: give the same --arch and --decoder")
+        run.model.load_state_dict(run.init.state_dict)
+        print(f"init: the weights and preprocessing contract of {cfg.init} (epoch {run.init.epoch})", flush=True)
     if ctx.is_main:
         run.claim = claim_out(out_dir)  # a run started into the same folder meanwhile stops here ...
         prepare_out(cfg, out_dir, say=False)  # ... and one that finished meanwhile left checkpoints: again

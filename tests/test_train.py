@@ -233,3 +233,21 @@ def test_a_share_that_is_not_all_never_reads_as_all():
     from train import percent
     assert [percent(x) for x in (0.9996, 0.97, 0.0004, 1.0, 0.0, 0.123)] == \
         ["99.96 %", "97 %", "0.04 %", "100 %", "0 %", "12 %"]
+
+
+def test_init_goes_on_from_a_model_instead_of_starting_afresh(data, tmp_path):
+    """--init: a new run that starts from a trained model's weights and contract (the annotation page adapts its
+    model to new clicks this way): its first epoch starts where the model ended, far below a fresh start."""
+    first = train(cfg_for(data, tmp_path, epochs=4, lr=3e-3, out=str(tmp_path / "a")))
+    fresh = train(cfg_for(data, tmp_path, epochs=1, lr=3e-3, out=str(tmp_path / "fresh")))
+    go_on = train(cfg_for(data, tmp_path, epochs=1, lr=3e-3, out=str(tmp_path / "b"),
+                          init=str(tmp_path / "a" / "last.pth")))
+    assert go_on[0]["train_loss"] < fresh[0]["train_loss"]
+    assert go_on[0]["train_loss"] < first[0]["train_loss"]  # not a new start
+    a, b = read_checkpoint(tmp_path / "a" / "last.pth"), read_checkpoint(tmp_path / "b" / "last.pth")
+    assert a.spec == b.spec  # the contract comes with the model, not fitted again
+    assert b.config["init"] == str(tmp_path / "a" / "last.pth")
+    with pytest.raises(ValueError, match="--init starts from a whole model; leave out --encoder and add --no-pre"):
+        train(cfg_for(data, tmp_path, arch="resnet18", pretrained=True, init=str(tmp_path / "a" / "last.pth")))
+    with pytest.raises(ValueError, match="holds a .* model; this run builds"):
+        train(cfg_for(data, tmp_path, arch="resnet18", init=str(tmp_path / "a" / "last.pth"), out=str(tmp_path / "c")))
