@@ -18,6 +18,7 @@ import pytest
 
 import config
 from research import experiments as E
+from research import reports
 from spec import CLASSES
 from tests.conftest import KEYS, SETTINGS, FakeRunner, fake_row, write_patches
 
@@ -276,19 +277,19 @@ def test_a_key_is_counted_once(tmp_path, capsys):
     assert [(r["seed"], r["miou"]) for r in read] == [(0, 0.5), (1, 0.7)]  # the first row of a key is kept
     assert "more than once" in capsys.readouterr().out
     ckey = rows[0]["config_key"]
-    assert E.summarize(rows, ckey)["miou"] == (pytest.approx(0.6), pytest.approx(math.sqrt(0.02)), 2)
-    assert E.paired_difference(rows, ckey, ckey)[2] == 2
+    assert reports.summarize(rows, ckey)["miou"] == (pytest.approx(0.6), pytest.approx(math.sqrt(0.02)), 2)
+    assert reports.paired_difference(rows, ckey, ckey)[2] == 2
 
 
 def test_aggregate_known_answers():
-    mean, std, n = E.aggregate([0.5, 0.7, 0.9])
+    mean, std, n = reports.aggregate([0.5, 0.7, 0.9])
     assert (mean, std, n) == (pytest.approx(0.7), pytest.approx(0.2), 3)  # sample std, ddof 1
-    assert E.aggregate([0.4, float("nan"), None, 0.6])[:2] == (pytest.approx(0.5), pytest.approx(math.sqrt(0.02)))
-    one = E.aggregate([0.3])
+    assert reports.aggregate([0.4, float("nan"), None, 0.6])[:2] == (pytest.approx(0.5), pytest.approx(math.sqrt(0.02)))
+    one = reports.aggregate([0.3])
     assert one[0] == pytest.approx(0.3) and math.isnan(one[1]) and one[2] == 1
-    assert E.aggregate([])[2] == 0
-    assert E.fmt((0.7, 0.2, 3)) == "70.0 ± 20.0" and E.fmt((0.7, float("nan"), 1)) == "70.0"
-    assert E.fmt((float("nan"), float("nan"), 0)) == "not run"
+    assert reports.aggregate([])[2] == 0
+    assert reports.fmt((0.7, 0.2, 3)) == "70.0 ± 20.0" and reports.fmt((0.7, float("nan"), 1)) == "70.0"
+    assert reports.fmt((float("nan"), float("nan"), 0)) == "not run"
 
 
 @pytest.mark.slow
@@ -302,17 +303,17 @@ def test_report_tables_and_closing_note(tmp_path):
     rows += [fake_row(E.BASELINE, 0, 0.1, keys=E.Keys(dict(SETTINGS, epochs=99), (None, None), "data-id"))]
     rows += [fake_row(E.BASELINE, 1, 0.1, keys=E.Keys(SETTINGS, (None, None), "other-data"))]  # both left out
 
-    table = E.experiment_table(rows, E.EXPERIMENTS[0], KEYS)
+    table = reports.experiment_table(rows, E.EXPERIMENTS[0], KEYS)
     assert "| skip decoder, class weights from points | 20,000 | 50.00 ± 0.00 | 80.0 ± 0.0 | 70.0 ± 20.0 |" in table
     assert "| skip decoder, no class weights | 20,000 | 50.00 ± 0.00 | 80.0 ± 0.0 | 60.0 ± 17.3 |" in table
     assert "| plain decoder (published), class weights from points | 20,000 | not run |" in table
 
-    c = E.closing_numbers(rows, KEYS)
+    c = reports.closing_numbers(rows, KEYS)
     assert c["ratio"] == pytest.approx(0.7 / 0.8)
     assert c["weights_effect"] == (pytest.approx(0.1), pytest.approx(0.1), 3)
     assert c["smallest_within_5"][0] == 1000  # 0.77 >= 0.95 * 0.8 = 0.76; 100 points (0.5) is not
 
-    md = E.write_report(rows, KEYS, "demo", tmp_path / "experiments.md", tmp_path)
+    md = reports.write_report(rows, KEYS, "demo", tmp_path / "experiments.md", tmp_path)
     text = md.read_text()
     assert "(12 runs of these settings on this data" in text  # not the two of other settings or data
     assert "SYNTHETIC" in text and "70.0 ± 20.0" in text and "87.5 %" in text and "**+10.0 ± 10.0 points**" in text
@@ -421,7 +422,7 @@ def test_one_real_run_end_to_end(tmp_path):
     assert row["miou"] == pytest.approx(np.nanmean(ious), rel=1e-5)  # all classes in the means (no exclude)
     assert min(ious) <= row["miou"] <= max(ious) and 0 < row["oa"] <= 1
 
-    table = E.experiment_table([row], E.EXPERIMENTS[0], keys)
+    table = reports.experiment_table([row], E.EXPERIMENTS[0], keys)
     label = next(label for label, run in E.EXPERIMENTS[0].rows if run == plan[0].run)
     assert (f"| {label} | 20,000 | {100 * row['labelled_fraction']:.2f} | {100 * row['oa']:.1f} | "
             f"{100 * row['miou']:.1f} | {100 * row['mf1']:.1f} | 1 | {row['seconds']:.0f} |") in table
@@ -471,9 +472,9 @@ def test_tracked_report_rows_are_the_mean_and_std_of_their_csv_rows(report, pres
             continue
         matches = []
         for ckey in sorted({r["config_key"] for r in rows if r["run"] == labels[label].name}):
-            s = E.summarize(rows, ckey)
-            made = [E.fmt(s["labelled_fraction"], digits=2), E.fmt(s["oa"]), E.fmt(s["miou"]), E.fmt(s["mf1"]),
-                    str(s["miou"][2]), E.fmt(s["seconds"], False, 0)]
+            s = reports.summarize(rows, ckey)
+            made = [reports.fmt(s["labelled_fraction"], digits=2), reports.fmt(s["oa"]), reports.fmt(s["miou"]),
+                    reports.fmt(s["mf1"]), str(s["miou"][2]), reports.fmt(s["seconds"], False, 0)]
             if made == cells[1:]:
                 matches.append((ckey, s["miou"][2]))
         assert len(matches) == 1, f"{report}: the row '{label}' ({' | '.join(cells)}) is not one configuration's " \
@@ -544,7 +545,7 @@ def test_own_data_preset_keys_rows_and_per_class_table(tmp_path):
                                           1.0, "cpu"))
     rows = E.read_rows(csv_path)
     assert len(rows) == 6 and rows[0]["iou_roof"] == 0.25
-    table = E.per_class_table(rows, next(e for e in E.EXPERIMENTS if e.number == 7), keys)
+    table = reports.per_class_table(rows, next(e for e in E.EXPERIMENTS if e.number == 7), keys)
     assert "| run | ground | roof |" in table and "25.0" in table
 
 
@@ -571,7 +572,7 @@ def test_few_clicks_verdict_measures_the_goals_and_the_two_std_rule():
     rows += [fake_row(cons, s, m) for s, m in enumerate((0.70, 0.73, 0.74))]  # +0.10, +0.11, +0.10: wins
     rows += [fake_row(aff, s, m) for s, m in enumerate((0.70, 0.60, 0.66))]  # +0.10, -0.02, +0.02: spread too wide
     rows += [fake_row(chosen, s, 0.75) for s in range(2)] + [fake_row(rand, s, 0.70) for s in range(2)]
-    text = E.few_clicks_verdict(rows, KEYS)
+    text = reports.few_clicks_verdict(rows, KEYS)
     # the best at 10 points is consistency (72.3 %), not the click rounds (75 %, but 40 clicks in the end)
     assert "- 10: best is '10 points, + consistency', 72.3 ± 2.1 % (3 seeds) = **0.90** of dense" in text
     assert "goal >= 0.90: met" in text and "- 100:" not in text  # no 100-point row has run
@@ -585,12 +586,12 @@ def test_few_clicks_verdict_measures_the_goals_and_the_two_std_rule():
 def test_the_learning_curve_is_drawn_from_the_dense_runs_that_log_their_steps(tmp_path):
     key = KEYS.config_key(E.replace(E.BASELINE, points=None))
     iou = {c: 0.5 for c in CLASSES}
-    assert E.learning_curve(KEYS, tmp_path, "") is None  # no run yet
+    assert reports.learning_curve(KEYS, tmp_path, "") is None  # no run yet
     run = tmp_path / "runs" / f"{key}-s0"
     run.mkdir(parents=True)
     epochs = [{"epoch": e, "val_miou": 0.5, "val_iou": iou, "seconds": 2.0} for e in (1, 2)]
     (run / "history.json").write_text(E.json.dumps(epochs))
-    assert E.learning_curve(KEYS, tmp_path, "") is None  # an epoch-sized run logs no steps
+    assert reports.learning_curve(KEYS, tmp_path, "") is None  # an epoch-sized run logs no steps
     (run / "history.json").write_text(E.json.dumps([dict(h, step=6 * h["epoch"]) for h in epochs]))
-    path = E.learning_curve(KEYS, tmp_path, "")
+    path = reports.learning_curve(KEYS, tmp_path, "")
     assert path == tmp_path / "learning_curve.png" and path.stat().st_size > 1000

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from research import experiments as E
+from research import reports
 import few_clicks
 from checkpoint import read_checkpoint
 from dataset import SegmentationDataset, patch_pairs, points_to_grid
@@ -341,9 +342,9 @@ def test_low_budget_figure(tmp_path):
                         "seed": 0.0, "miou": m, "oa": 0.8, "mf1": m, "labelled_fraction": f, "seconds": 1.0}
             for (_, run), m, f in zip(nine.rows, (0.5, 0.45, 0.55, 0.5, 0.48, 0.4, 0.8),
                                       (0.004, 0.004, 0.02, 0.02, 0.004, 0.01, 1.0))]
-    written = E.write_figures(rows, KEYS, "demo", tmp_path)
+    written = reports.write_figures(rows, KEYS, "demo", tmp_path)
     assert tmp_path / "low_budget.png" in written and (tmp_path / "low_budget.png").stat().st_size > 0
-    assert E.write_figures([], KEYS, "demo", tmp_path / "none") == []
+    assert reports.write_figures([], KEYS, "demo", tmp_path / "none") == []
 
 
 # --------------------------------------------------------------------------- region growing

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from research import experiments as E
+from research import reports
 from tests.conftest import KEYS, fake_row, write_patches
 from config import TrainConfig
 from train import build_datasets
@@ -50,10 +51,10 @@ def test_the_verdict_compares_the_best_cnn_with_the_forest_on_the_same_clicks():
     forest = E.Reference(ce, "forest-multiscale")
     rows = [fake_row(ce, s, m) for s, m in enumerate((0.60, 0.62, 0.64))]
     rows += [fake_row(forest, s, m) for s, m in enumerate((0.58, 0.60, 0.62))]  # 2 points below the CNN
-    text = E.few_clicks_verdict(rows, KEYS)
+    text = reports.few_clicks_verdict(rows, KEYS)
     assert ("- 10: best CNN '10 points, partial CE' minus the random forest on multiscale features (same clicks): "
             "+2.0 ± 0.0 mIoU points (paired, 3 seeds; forest 60.0 ± 2.0 %); goal >= +5: NOT met, short by 3.0.") \
         in text
     rows += [fake_row(forest, 3, 0.5), fake_row(ce, 3, 0.7)]  # a fourth seed: +20 points, mean +6.5
     assert "+6.5 ± 9.0 mIoU points (paired, 4 seeds; forest 57.5 ± 5.3 %); goal >= +5: met." in \
-        E.few_clicks_verdict(rows, KEYS)
+        reports.few_clicks_verdict(rows, KEYS)
