@@ -37,7 +37,8 @@ class CheckpointError(ValueError):
 class Checkpoint:
     """A checkpoint as read: `model_args` for `model.build_model`, `spec` (DataSpec), `config` (training
     config dict), `metrics` (val metrics of `epoch`), `state_dict`, `train_state` (optimizer, scheduler,
-    rng states, history, best mIoU; only in last.pth) and `path`."""
+    rng states, history, best mIoU; only in last.pth), `prior` (None, or the class prior the model predicts a map
+    under: {"train": [...], "map": [...], "source": ...}; load_model applies it) and `path`."""
 
     model_args: dict
     spec: DataSpec
@@ -46,6 +47,7 @@ class Checkpoint:
     metrics: dict = field(default_factory=dict)
     epoch: int = None
     train_state: dict = None
+    prior: dict = None
     path: Path = None
 
 
@@ -55,9 +57,10 @@ def non_finite_tensors(state_dict):
             and not torch.isfinite(v).all()]
 
 
-def save_checkpoint(path, model, spec, *, config=None, metrics=None, epoch=None, train_state=None, state_dict=None):
+def save_checkpoint(path, model, spec, *, config=None, metrics=None, epoch=None, train_state=None, state_dict=None,
+                    prior=None):
     """Write a checkpoint atomically. Refuses (ValueError) a model with non-finite weights. `state_dict`: weights
-    held since (train.LastCheckpoint), instead of the model's current ones."""
+    held since (LastCheckpoint), instead of the model's current ones; `prior`: see Checkpoint."""
     if not isinstance(spec, DataSpec):
         raise TypeError(f"spec must be a DataSpec, got {type(spec).__name__}")
     state = {k: v.detach().cpu() for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
@@ -69,6 +72,8 @@ def save_checkpoint(path, model, spec, *, config=None, metrics=None, epoch=None,
             "config": config or {}, "metrics": metrics or {}, "epoch": epoch, "state_dict": state}
     if train_state is not None:
         ckpt["train_state"] = train_state
+    if prior is not None:
+        ckpt["prior"] = prior
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -135,12 +140,14 @@ def read_checkpoint(path, map_location="cpu"):
     metrics = d.get("metrics") or {}
     return Checkpoint(model_args=args, spec=spec, state_dict=state, config=d.get("config") or {},
                       metrics=metrics, epoch=d["epoch"] if d.get("epoch") is not None else metrics.get("epoch"),
-                      train_state=d.get("train_state"),
+                      train_state=d.get("train_state"), prior=d.get("prior"),
                       path=path)
 
 
 def load_model(path, device="cpu"):
-    """Rebuild the model a checkpoint describes. Returns (model in eval mode on device, Checkpoint)."""
+    """Rebuild the model a checkpoint describes. Returns (model in eval mode on device, Checkpoint). A checkpoint
+    with a `prior` predicts under it: its logits get log(map prior / training prior) added (prior_shift), so every
+    map made from it (infer.py, the page, assess.py) has its class probabilities corrected to the map's prior."""
     ck = read_checkpoint(path)
     model = build_model(**ck.model_args)
     try:
@@ -148,7 +155,20 @@ def load_model(path, device="cpu"):
     except RuntimeError as e:
         raise CheckpointError(f"{path}: its weights do not fit the model it describes ({ck.model_args}): "
                               f"{str(e).splitlines()[0]}") from None
+    if ck.prior is not None:
+        shift = prior_shift(ck.prior)
+        model.register_forward_hook(lambda module, inputs, logits: logits + shift.to(logits).view(1, -1, 1, 1))
     return model.to(device).eval(), ck
+
+
+def prior_shift(prior):
+    """log(map / train) per class: added to the logits, a classifier trained under the `train` class prior
+    predicts under the `map` one (the posterior correction of Saerens, Latinne and Decaestecker 2002)."""
+    train, target = (torch.as_tensor(prior[k], dtype=torch.float64) for k in ("train", "map"))
+    if train.shape != target.shape or not (torch.isfinite(train).all() and torch.isfinite(target).all()) \
+            or (train <= 0).any() or (target <= 0).any():
+        raise CheckpointError(f"a checkpoint's prior must hold one positive share per class, got {prior}")
+    return torch.log(target / target.sum()) - torch.log(train / train.sum())
 
 
 # --------------------------------------------------------------------------- what a run writes as it goes
@@ -178,6 +198,7 @@ class LastCheckpoint:
         self.path, self.model, self.spec, self.config = path, model, spec, config
         self.every = LAST_EVERY if every is None else every
         self.held, self.epoch, self.written = None, None, time.monotonic()
+        self.prior = None  # written with the weights (see Checkpoint.prior)
 
     def hold(self, epoch, metrics, train_state, final=False):
         state = _cpu_copy(self.model.state_dict())
@@ -192,7 +213,7 @@ class LastCheckpoint:
     def flush(self):
         """Write the held state, if any; True when last.pth holds the last validated epoch."""
         if self.held is not None:
-            save_checkpoint(self.path, self.model, self.spec, config=self.config, **self.held)
+            save_checkpoint(self.path, self.model, self.spec, config=self.config, prior=self.prior, **self.held)
             self.epoch, self.held, self.written = self.held["epoch"], None, time.monotonic()
         return self.epoch is not None
 
@@ -289,6 +310,11 @@ def main(args):
     m = ck.metrics
     if m.get("miou") is not None and math.isfinite(m["miou"]):
         print(f"val mIoU {m['miou']:.3f}, OA {m.get('oa', float('nan')):.3f}")
+    if ck.prior is not None:
+        names = ck.spec.classes.names
+        print("predicts under the prior " + ", ".join(f"{n} {p:.1%}" for n, p in zip(names, ck.prior["map"]))
+              + " (trained under " + ", ".join(f"{n} {p:.1%}" for n, p in zip(names, ck.prior["train"]))
+              + f"; {ck.prior.get('source', '')})")
     return 0
 
 

@@ -43,7 +43,8 @@ from config import (MAX_VALIDATIONS, MIN_STEPS, RESUMABLE, STEP_PASSES, TrainCon
 from config import WEIGHT_SOURCES as CLASS_WEIGHT_SOURCES
 from checkpoint import (PROGRESS_FILE, CheckpointError, LastCheckpoint, Progress, load_model, read_checkpoint,
                         save_checkpoint)
-from class_weights import compute_class_weights, load_class_weights, save_class_weights
+from class_weights import (compute_class_weights, count_classes, load_class_weights, pixel_shares,
+                           save_class_weights)
 from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids,
                      clicks_per_object, folder_pairs, index_to_colour, load_split, pad_collate, patch_pairs,
                      read_label)
@@ -353,6 +354,27 @@ def class_weight_tensor(cfg, train_ds, out_dir):
                            cfg.class_weighting, shares)
         return w
     return load_class_weights(cfg.class_weights, train_ds.classes.names)
+
+
+def map_prior(cfg, train_ds, weights):
+    """--prior: None, or the prior the saved model predicts a map under: {"train": the class prior of its weighted
+    loss (labelled training pixels per class, grown labels included, times the class weights), "map": the class
+    shares the clicks imply (class_weights.pixel_shares: a forest on the clicks and EM), "source"}. Only for clicks
+    that are not a random sample of the pixels (a person's, or k/object): their class shares are not the map's."""
+    if cfg.prior == "off" or not (cfg.clicks or clicks_per_object(cfg.points)):
+        return None
+    shares, _ = pixel_shares(train_ds, cfg.seed)
+    labelled = count_classes(train_ds, "points").astype(np.float64)
+    trained = labelled * (weights.double().numpy() if weights is not None else 1.0)
+    if (trained <= 0).any():  # a class nobody clicked (--allow-unclicked): no prior to correct from
+        return None
+    names = train_ds.classes.names
+    print("prior: the saved model predicts under the class shares the clicks imply, " +
+          ", ".join(f"{n} {p:.1%}" for n, p in zip(names, shares)) + " (trained under " +
+          ", ".join(f"{n} {p:.1%}" for n, p in zip(names, trained / trained.sum())) + "; --prior off: as trained)",
+          flush=True)
+    return {"train": (trained / trained.sum()).tolist(), "map": [float(x) for x in shares],
+            "source": "the class shares the training clicks imply (forest + EM, Saerens et al. 2002)"}
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -885,6 +907,8 @@ def set_up_optimisation(run):
                                                     run.plan["draws"])
     # after the loaders (a resident cache holds the drawn annotation only): grown labels, or a resumed run's rounds
     few_clicks.start(cfg, run.train_ds, resumed.train_state if resumed else None)  # the loaders follow the changes
+    run.prior = map_prior(cfg, run.train_ds, run.weights) if ctx.is_main else None  # after growing: its labels count
+    run.last.prior = run.prior
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     run.net = distributed.wrap(model, ctx)  # DDP under torchrun: gradients averaged over the ranks
@@ -959,7 +983,8 @@ def keep(run, epoch, h, va, improved):
         if not run.ctx.is_main:
             return
         if improved and not run.by_last or run.by_last and final:
-            save_checkpoint(run.best_path, run.model, run.spec, config=run.config, metrics=va, epoch=epoch)
+            save_checkpoint(run.best_path, run.model, run.spec, config=run.config, metrics=va, epoch=epoch,
+                            prior=run.prior)
         run.last.hold(epoch, va, final=final, train_state={
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "rng": torch.get_rng_state(), "loader_rng": run.gen.get_state(), "history": run.history,

@@ -90,7 +90,7 @@ from spec import CLASSES
 # class weighting (train.py defaults to sqrt, the winner of experiment 7, which compares them), and nothing added
 # by itself at sparse budgets (train.py's --sparse auto, which experiment 8's evidence chose): each row runs
 # exactly what it names
-EXPERIMENT_BASE = {"class_weighting": "inverse", "sparse": "off"}
+EXPERIMENT_BASE = {"class_weighting": "inverse", "sparse": "off", "prior": "off"}  # each row runs what it names
 
 
 @dataclass(frozen=True, init=False)

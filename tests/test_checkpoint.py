@@ -112,3 +112,27 @@ def test_the_cli_refuses_what_infer_refuses(tmp_path, capsys):
     assert err.startswith("error: ") and "bad.pth" in err and "do not fit" in err
     with pytest.raises(CheckpointError, match="do not fit"):  # infer.py's check: the same
         load_model(tmp_path / "bad.pth")
+
+
+def test_a_checkpoint_with_a_prior_predicts_under_it(tmp_path):
+    """The posterior correction (Saerens et al. 2002): a model trained under one class prior predicts under another
+    by adding log(map / train) to its logits, in every model load_model rebuilds; without a prior, as trained."""
+    from checkpoint import prior_shift
+    torch.manual_seed(0)
+    model = TinySegmentation(num_classes=2)
+    spec = DataSpec(scale=1.0, classes=ClassSpec(names=("background", "building"), palette=((0, 0, 0), (0, 0, 255)),
+                                                 label_format="index"))
+    prior = {"train": [0.5, 0.5], "map": [0.9, 0.1], "source": "test"}
+    save_checkpoint(tmp_path / "plain.pth", model, spec)
+    save_checkpoint(tmp_path / "prior.pth", model, spec, prior=prior)
+    x = torch.rand(1, 3, 16, 16)
+    plain, ck0 = load_model(tmp_path / "plain.pth")
+    shifted, ck1 = load_model(tmp_path / "prior.pth")
+    assert ck0.prior is None and ck1.prior == prior
+    with torch.no_grad():
+        a, b = plain(x), shifted(x)
+    expected = torch.tensor([math.log(0.9 / 0.5), math.log(0.1 / 0.5)])
+    assert torch.allclose(b - a, expected.view(1, 2, 1, 1).expand_as(a), atol=1e-6)
+    assert (b.argmax(1) == 0).sum() >= (a.argmax(1) == 0).sum()  # more of the common class, never less
+    with pytest.raises(ValueError, match="one positive share per class"):
+        prior_shift({"train": [0.5, 0.5], "map": [1.0, 0.0]})

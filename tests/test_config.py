@@ -108,7 +108,7 @@ def test_experiment_keys_of_finished_runs_still_match(preset, ids, expected):
 
 def test_the_lists_are_read_off_the_declarations():
     assert set(config.NOT_IN_KEY) == {"out", "figures", "progress", "device", "workers", "resume", "overwrite",
-                                      "loader", "export_clicks", "cache_dir", "select"}
+                                      "loader", "export_clicks", "cache_dir", "select", "prior"}
     assert set(config.RESUMABLE) == set(config.NOT_IN_KEY) | {"epochs", "amp"}
     assert config.ANNOTATION_FIELDS == ("points", "strategy", "annotation_seed", "clicks", "class_field", "line_width",
                                         "val_clicks")

@@ -279,3 +279,24 @@ def test_with_a_split_the_clicks_on_its_val_images_are_held_out(clicked, tmp_pat
     (root / "split.json").write_text(split.read_text())  # beside the images folder, not given: said, not used
     build_datasets(no_labels(root, tmp_path, clicks))
     assert f"note: {root / 'split.json'} is not used" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_persons_clicks_give_the_saved_model_the_prior_they_imply(clicked, tmp_path, capsys):
+    """Clicks chosen by a person misstate how common each class is; the saved model predicts under the class
+    shares the clicks imply (--prior auto), not the clicks' own; --prior off, or points drawn at random, keep the
+    model as trained."""
+    root, labels, clicks = clicked
+    train(no_labels(root, tmp_path, clicks, epochs=1))
+    out = capsys.readouterr().out
+    ck = read_checkpoint(tmp_path / "ck" / "best_model.pth")
+    assert ck.prior is not None and "prior: the saved model predicts under" in out
+    assert len(ck.prior["map"]) == len(ck.prior["train"]) == 6 and abs(sum(ck.prior["map"]) - 1) < 1e-9
+    assert read_checkpoint(tmp_path / "ck" / "last.pth").prior == ck.prior
+    counts = np.bincount(np.concatenate([lab[lab != IGNORE_INDEX] for lab in labels]), minlength=6)
+    common = int(np.argmax(counts))  # the clicks give every class the same count; the pixels do not
+    assert ck.prior["map"][common] > ck.prior["train"][common]
+    train(no_labels(root, tmp_path, clicks, epochs=1, prior="off", out=str(tmp_path / "off")))
+    assert read_checkpoint(tmp_path / "off" / "best_model.pth").prior is None
+    train(cfg_for(root, tmp_path, epochs=1, points=20, out=str(tmp_path / "random")))  # a random sample
+    assert read_checkpoint(tmp_path / "random" / "best_model.pth").prior is None
