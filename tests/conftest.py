@@ -153,6 +153,14 @@ def geotiff(path, left=LEFT, top=TOP, size=(40, 40), nodata=None, data=None):
     return path
 
 
+def nodata_geotiff(folder):
+    """`<folder>/a.tif`: a 40x40 GeoTIFF (geotiff) whose top-left 10x10 pixels are nodata (0)."""
+    data = np.full((3, 40, 40), 100, np.uint8)
+    data[:, 0:10, 0:10] = 0
+    Path(folder).mkdir(exist_ok=True)
+    return geotiff(Path(folder) / "a.tif", nodata=0, data=data)
+
+
 def write_layer(path, geoms, values, crs=UTM, field="class", extra=None, layer=None):
     """Write a layer with pyogrio (the driver from the extension); `crs` None: no CRS."""
     import pyogrio

@@ -14,7 +14,7 @@ from annotations import (ImageClicks, check_unclicked, class_counts, click_metri
                          split_clicks, wilson_interval, write_clicks)
 from raster import image_refs
 from spec import IGNORE_INDEX
-from tests.conftest import CLICK_CLASSES, LEFT, RES, TOP, UTM, geotiff, pixels, pngs, write_layer
+from tests.conftest import CLICK_CLASSES, LEFT, RES, TOP, UTM, geotiff, nodata_geotiff, pixels, pngs, write_layer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "annotations"
 
@@ -97,11 +97,8 @@ def test_unknown_class_values_are_listed_with_the_classes(two_tiles, tmp_path):
 
 
 def test_clicks_on_nodata_are_counted_and_left_out(tmp_path):
-    data = np.full((3, 40, 40), 100, np.uint8)
-    data[:, 0:10, 0:10] = 0
     folder = tmp_path / "nd"
-    folder.mkdir()
-    geotiff(folder / "a.tif", nodata=0, data=data)
+    nodata_geotiff(folder)
     layer = write_layer(tmp_path / "n.gpkg", [shapely.Point(centre(2, 2)), shapely.Point(centre(5, 5)),
                                               shapely.Point(centre(20, 20))], ["road", "road", "tree"])
     clicks = read_clicks(layer, folder, CLICK_CLASSES)

@@ -7,13 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import shapely
 
 from annotations import POINT, ClickSet, ImageClicks, read_clicks, write_clicks
 from raster import image_refs
-from tests.conftest import CLICK_CLASSES, geotiff, pixels, pngs, write_layer, write_patches
+from tests.conftest import CLICK_CLASSES, geotiff, nodata_geotiff, pixels, pngs, write_layer, write_patches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,11 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------- nothing left: allow_empty
 
 def test_a_file_whose_every_click_is_on_nodata_reads_empty_when_allowed(tmp_path):
-    data = np.full((3, 40, 40), 100, np.uint8)
-    data[:, 0:10, 0:10] = 0
     folder = tmp_path / "nd"
-    folder.mkdir()
-    geotiff(folder / "a.tif", nodata=0, data=data)
+    nodata_geotiff(folder)
     geotiff(folder / "b.tif", nodata=0)
     path = tmp_path / "clicks.csv"
     path.write_text("image,x,y,class\na.tif,2,3,road\n")
