@@ -131,7 +131,8 @@ REMOVED_CLIS = ("dataset", "class_weights", "resident", "few_clicks", "model", "
                 "weak_losses")
 DEVELOPMENT_LOG = (r"\b(this|first|last|previous|next) round\b|this round's|after this round|issue \d+ added|"
                    r"\bnow (loses|wins|beats|turns|ties|helps)\b|\ban earlier (rule|default|version)\b|"
-                   r"\bno longer (enter|counts?|used|helps?)\b|\bused to (be|train|write)\b|\bwas changed\b")
+                   r"\bno longer (enter|counts?|used|helps?)\b|\bused to (be|train|write)\b|\bwas changed\b|"
+                   r"\b(the|this) issue (asks|asked|wants|wanted|says|said)\b")
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
