@@ -1,6 +1,9 @@
 """Click in the browser, see the map learn: a local web page to click points (and short scribbles) of a class on
 the images of a folder, train a short model on them, see its prediction over the image and click where it is
 least sure; and, in its Assess mode, label the points of a blind accuracy assessment sample one at a time.
+Train adapts the model shown to the clicks as they are now (a few optimizer steps from its weights, --adapt-steps)
+and repaints; Retrain from scratch trains anew; the "changed" layer shows the pixels whose class the last round
+changed.
 
     python annotate.py --images input_images --clicks clicks.csv          # then open the address it prints
     python annotate.py --images tiles/ --clicks clicks.geojson --classes classes.json
@@ -35,6 +38,7 @@ import string
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -60,7 +64,7 @@ import assess
 from annotations import (KINDS, LINE, POINT, ClickSet, ImageClicks, _nodata_pixels, rasterise_shape, read_clicks,
                          write_clicks)
 from config import Shared, TrainConfig, add_arguments, check_settings, from_args, reuse, setting, whole
-from raster import IMAGE_SUFFIXES, TIFF_SUFFIXES, open_image, read_raster
+from raster import IMAGE_SUFFIXES, TIFF_SUFFIXES, atomic_path, open_image, read_raster
 from spec import POTSDAM, load_class_file
 
 HERE = Path(__file__).resolve().parent
@@ -76,10 +80,15 @@ MAX_SUGGESTIONS = 200
 REQUEST_QUEUE = 64  # connections waiting to be accepted (socketserver's 5 reset some of 16 busy clients)
 WHOLE_READ_PIXELS = 100_000_000  # PNG/JPEG (and TIFFs GDAL cannot window) are read whole up to this many pixels
 PREDICT_GRID_PIXELS = 16_000_000  # processing-grid pixels of an image predicted here; larger: run infer.py
-# --allow-unclicked: mid-annotation, classes nobody has clicked yet must not stop the loop (train.py names them)
+# --allow-unclicked: mid-annotation, classes nobody has clicked yet must not stop the loop (train.py names them).
+# {budget}: `--epochs E` for a training anew, `--init MODEL --steps N --schedule cosine --val-every N` to adapt the
+# page's model (Training.budget); a command that names {epochs} instead always trains anew.
 DEFAULT_TRAIN_COMMAND = ("{python} train.py --images {images} --clicks {clicks} --classes {classes} --no-pretrained "
-                         "--arch resnet18 --out {out} --epochs {epochs} --overwrite --allow-unclicked")
-TRAIN_FIELDS = ("python", "images", "clicks", "classes", "out", "epochs")  # the {...} a train command may name
+                         "--arch resnet18 --out {out} {budget} --overwrite --allow-unclicked")
+TRAIN_FIELDS = ("python", "images", "clicks", "classes", "out", "epochs", "budget")  # the {...} a command may name
+BUDGET = "{budget}"  # a token of its own: it expands into several arguments
+ADAPT_STEPS = 5  # optimizer steps of an adaptation; docs/annotate.md says how it was chosen (results/annotate_latency_*)
+CHANGED_COLOUR = (255, 0, 255)  # the "changed" layer: pixels whose class differs from the previous model's
 STATIC_NAME = re.compile(r"[A-Za-z0-9_-]+\.(html|js|css|png|svg)")
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
@@ -518,7 +527,8 @@ class AssessSample:
 # --------------------------------------------------------------------------- training and prediction
 
 def check_train_command(command, source="--train-command"):
-    """Refuse (ValueError "--train-command ...: what") a train command whose {...} fields are not TRAIN_FIELDS or whose
+    """Refuse (ValueError "--train-command ...: what") a train command whose {...} fields are not TRAIN_FIELDS, whose
+    {budget} is not a token of its own or comes with {epochs} (an adaptation's --steps would meet --epochs), or whose
     program cannot be found (on PATH, or a path from the repository folder, where it runs): found at start, not at
     the first Train."""
     try:
@@ -538,6 +548,13 @@ def check_train_command(command, source="--train-command"):
         except (ValueError, KeyError, IndexError, AttributeError) as e:
             raise ValueError(f"{source} {command!r}: {tok!r}: {e}; the fields are {known} (write {{{{ and }}}} for a "
                              f"literal brace)") from None
+        if "budget" in fields and tok != BUDGET:
+            raise ValueError(f"{source} {command!r}: {tok!r}: {BUDGET} stands alone (it expands into several "
+                             f"arguments: --epochs E, or --init MODEL --steps N ...)")
+    named = {f for tok in tokens for _, f, _, _ in string.Formatter().parse(tok) if f}
+    if {"budget", "epochs"} <= named:
+        raise ValueError(f"{source} {command!r}: name {BUDGET} or {{epochs}}, not both ({BUDGET} gives --epochs when "
+                         f"training anew, and --steps when adapting, which train.py refuses beside --epochs)")
     program = tokens[0].format(python=sys.executable, **{f: "" for f in TRAIN_FIELDS if f != "python"})
     path = HERE / program  # an absolute path stays itself
     if not (shutil.which(program) if "/" not in program else path.is_file() and os.access(path, os.X_OK)):
@@ -550,26 +567,55 @@ class Training:
     (class map and margin on the processing grid) for the overlay and for suggestions. The command trains on the
     images the page serves: `<runs>/images` holds a link to each (remade at each Train), so a file the page lists
     as not served (unreadable, a link out of the folder) never reaches train.py. Progress comes from the run's
-    progress file (checkpoint.read_progress)."""
+    progress file (checkpoint.read_progress).
 
-    def __init__(self, command, images, click_file, classes, classes_path, runs, epochs, device="cpu"):
+    A Train adapts the page's model when there is one: the model shown is kept as `<runs>/model.pth` (a hard link
+    to the checkpoint it was predicted from, or a copy where links cannot be made; train.py replaces checkpoints by
+    rename, never in place, so the next run's --overwrite leaves it as it is) and the command's {budget} becomes
+    `--init <runs>/model.pth --steps N --schedule cosine --val-every N`: the weights and preprocessing contract of
+    that model, fine-tuned on the clicks as they are now for `adapt_steps` optimizer steps (a fresh optimizer: its
+    state is not carried over), scored once on the held-out clicks at the end. The first Train, a restart
+    (Retrain from scratch) and any Train of a command without {budget} train anew: {budget} is `--epochs E`.
+    After each prediction the class maps are compared with the previous model's (`changed`): the "changed"
+    overlay layer and, per image, the number of image pixels whose class changed."""
+
+    def __init__(self, command, images, click_file, classes, classes_path, runs, epochs, device="cpu",
+                 adapt_steps=ADAPT_STEPS):
         self.command, self.images, self.click_file = command, images, click_file
         self.classes, self.classes_path, self.runs = classes, classes_path, Path(runs).resolve()
-        self.epochs, self.device = epochs, device
+        self.epochs, self.device, self.adapt_steps = epochs, device, adapt_steps
         self.out = self.runs / "run"
+        self.model_path = self.runs / "model.pth"  # the page's model: what the next Train adapts
         self.served = self.runs / "images"
         self.log_path = self.runs / "train.log"
         self.state = {"state": "idle", "epoch": 0, "epochs": epochs, "step": 0, "steps": None, "unit": None,
                       "loss": None, "val": {}, "message": "", "log": [], "metrics": {}, "model": 0, "predicted": [],
-                      "skipped": {}}
+                      "skipped": {}, "how": None, "from_model": None, "changed": None, "seconds": {}}
         self.predictions = {}  # name -> {"classes": (h, w) uint8, "margin": (h, w) float32, "prob": (C, h, w)}
+        self.changed = {}  # name -> (h, w) bool: class differs from the previous model's (on this model's grid)
         self._lock = threading.Lock()
         self._proc = None
 
-    def argv(self, epochs):
+    @property
+    def adapts(self):
+        """Whether the command can adapt a model: it names {budget} (one that names {epochs} always trains anew)."""
+        return BUDGET in shlex.split(self.command)
+
+    def budget(self, epochs, init=None):
+        """The arguments {budget} stands for: `--epochs E` to train anew; to adapt the model `init`, its weights
+        and a budget of `adapt_steps` optimizer steps on a cosine schedule, validated once, at the end."""
+        if init is None:
+            return ["--epochs", str(epochs)]
+        n = str(self.adapt_steps)
+        return ["--init", str(init), "--steps", n, "--schedule", "cosine", "--val-every", n]
+
+    def argv(self, epochs, init=None):
         subs = {"python": sys.executable, "images": str(self.served), "clicks": str(self.click_file.path),
                 "classes": str(self.classes_path), "out": str(self.out), "epochs": str(epochs)}
-        return [tok.format(**subs) for tok in shlex.split(self.command)]
+        argv = []
+        for tok in shlex.split(self.command):
+            argv += self.budget(epochs, init) if tok == BUDGET else [tok.format(**subs)]
+        return argv
 
     def link_served_images(self):
         """Make `<runs>/images` hold one link per served image, nothing else (links left from before removed)."""
@@ -599,34 +645,49 @@ class Training:
         if run:
             self.state.update({k: run[k] for k in ("unit", "epoch", "epochs", "step", "steps", "loss", "val")})
 
-    def start(self, epochs=None):
+    def start(self, epochs=None, restart=False):
+        """Start a training: adapt the model shown (unless `restart`, or the command cannot adapt, or there is none
+        yet), else train anew for `epochs` epochs (default --epochs). 400 for a bad value or no clicks, 409 while one
+        runs."""
         if epochs is None:
             epochs = self.epochs
         if not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= MAX_EPOCHS:
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"epochs must be a whole number 1..{MAX_EPOCHS}, got {epochs!r}")
+        if not isinstance(restart, bool):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"restart must be true or false, got {restart!r}")
         with self._lock:
             if self.state["state"] in ("running", "predicting"):
                 raise HTTPError(HTTPStatus.CONFLICT, "a training is already running; wait for it to finish")
             if sum(len(v) for v in self.click_file.read().values()) == 0:
                 raise HTTPError(HTTPStatus.BAD_REQUEST, "no clicks yet: click some points of each class first")
+            shown = self.state["model"]
+            adapt = not restart and shown > 0 and self.adapts and self.model_path.is_file()
             self.runs.mkdir(parents=True, exist_ok=True)
             if not Path(self.classes_path).exists():
                 Path(self.classes_path).write_text(json.dumps(self.classes.to_dict(), indent=1))
             self.link_served_images()
             from checkpoint import PROGRESS_FILE  # torch comes with it: imported when a training starts
             (self.out / PROGRESS_FILE).unlink(missing_ok=True)  # no progress of the last run shown as this one's
-            argv = self.argv(epochs)
+            argv = self.argv(epochs, self.model_path if adapt else None)
             log = open(self.log_path, "w")
             log.write("$ " + shlex.join(argv) + "\n")
             log.flush()
             self._proc = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                           text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            if adapt:
+                how = f"adapting model {shown}: {self.adapt_steps} steps on the clicks as they are now"
+            else:
+                how = f"training anew: {epochs} epochs" + (
+                    f" (the train command names {{epochs}}, not {BUDGET}: it cannot adapt a model)"
+                    if shown and not restart and not self.adapts else "")
             self.state.update(state="running", epoch=0, epochs=epochs, step=0, steps=None, unit=None, loss=None,
-                              val={}, message="training", log=[], metrics={})
-        threading.Thread(target=self._watch, args=(self._proc, log), daemon=True).start()
+                              val={}, message=how, log=[], metrics={}, how="adapt" if adapt else "anew",
+                              from_model=shown if adapt else None, seconds={})
+            started = time.monotonic()
+        threading.Thread(target=self._watch, args=(self._proc, log, started), daemon=True).start()
         return self.status()
 
-    def _watch(self, proc, log):
+    def _watch(self, proc, log, started):
         tail = []
         for line in proc.stdout:
             log.write(line)
@@ -636,8 +697,10 @@ class Training:
                 self.state["log"] = tail
         rc = proc.wait()
         log.close()
+        trained = time.monotonic()
         with self._lock:
             self._progress()
+            self.state["seconds"] = {"train": round(trained - started, 2)}
         if rc != 0:
             with self._lock:
                 self.state.update(state="failed", message=f"training stopped with exit code {rc}; see {self.log_path}")
@@ -651,7 +714,11 @@ class Training:
                 self.state.update(state="failed", message=f"prediction failed: {type(e).__name__}: {e}")
             return
         with self._lock:
-            self.state.update(state="done", message="done", model=self.state["model"] + 1)
+            s = self.state
+            s["seconds"]["predict"] = round(time.monotonic() - trained, 2)
+            s.update(state="done", model=s["model"] + 1,
+                     message=f"adapted from model {s['from_model']} ({self.adapt_steps} steps)" if s["how"] == "adapt"
+                     else f"trained anew ({s['epochs']} epochs)" if s["unit"] == "epoch" else "trained anew")
 
     def checkpoint_path(self):
         """The model at the end of the training: it has learnt from every click. (best_model.pth is chosen on a
@@ -660,6 +727,19 @@ class Training:
             if (self.out / name).is_file():
                 return self.out / name
         raise FileNotFoundError(f"the training wrote no checkpoint into {self.out}")
+
+    def keep_model(self, checkpoint):
+        """Make `<runs>/model.pth` the checkpoint shown (a hard link, or a copy where links cannot be made), so the
+        next Train can adapt it whatever the next run writes into its folder."""
+        checkpoint = Path(checkpoint).resolve()
+        if checkpoint == self.model_path:
+            return
+        self.runs.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.model_path) as tmp:
+            try:
+                os.link(checkpoint, tmp)
+            except OSError:  # another file system, or links not allowed
+                shutil.copyfile(checkpoint, tmp)
 
     def predict_all(self, checkpoint=None):
         import torch  # the server starts without it; only a prediction needs it
@@ -686,10 +766,54 @@ class Training:
                 continue
             preds[name] = {"classes": prob.argmax(0).astype(np.uint8), "margin": margin(prob).astype(np.float32),
                            "prob": prob}
+        self.keep_model(checkpoint)
         with self._lock:
-            self.predictions = preds
+            changed = changed_maps(self.predictions, preds, self.images.refs)
+            self.changed = changed
             self.state.update(metrics=metrics, predicted=sorted(preds), skipped=skipped,
-                              checkpoint=checkpoint.name)
+                              checkpoint=checkpoint.name,
+                              changed=changed_summary(changed, self.images.refs, self.state["model"]))
+            self.predictions = preds
+
+
+def changed_maps(before, after, refs):
+    """{image name: (h, w) bool}: the cells of `after`'s class maps (on its processing grid) whose class differs
+    from `before`'s, for each image both predicted. Where the grids differ (another scale), `before` is looked up
+    at the image pixel each cell of `after` starts at (the overlay's rule, points_to_grid's)."""
+    out = {}
+    for name, new in after.items():
+        old = before.get(name)
+        if old is None:
+            continue
+        a, b = old["classes"], new["classes"]
+        if a.shape != b.shape:
+            H, W = refs[name].shape
+            rows = (np.arange(b.shape[0]) * H // b.shape[0]) * a.shape[0] // H
+            cols = (np.arange(b.shape[1]) * W // b.shape[1]) * a.shape[1] // W
+            a = a[np.ix_(rows, cols)]
+        out[name] = a != b
+    return out
+
+
+def image_pixels(cells, shape):
+    """How many pixels of an image of `shape` (H, W) show the True cells of `cells` (h, w) in the overlay (image row
+    y shows grid row y * h // H, column alike)."""
+    (H, W), (h, w) = shape, cells.shape
+    rows = np.bincount(np.arange(H) * h // H, minlength=h)
+    cols = np.bincount(np.arange(W) * w // W, minlength=w)
+    return int(rows @ cells.astype(np.int64) @ cols)
+
+
+def changed_summary(changed, refs, since):
+    """The status's `changed`: the model compared with (`since`: its number; None for the first model), and per
+    image the pixels whose class changed and their share of the image."""
+    if not since:
+        return {"since": None, "pixels": {}, "share": {},
+                "note": "the first model: no earlier prediction to compare with"}
+    pixels = {n: image_pixels(c, refs[n].shape) for n, c in sorted(changed.items())}
+    return {"since": since, "pixels": pixels,
+            "share": {n: p / (refs[n].shape[0] * refs[n].shape[1]) for n, p in pixels.items()},
+            "note": f"pixels whose class differs from model {since}'s"}
 
 
 def check_classes(checkpoint, model_classes, classes):
@@ -716,9 +840,11 @@ def held_out_metrics(path, epoch=None):
     return json.loads(json.dumps(out, default=float).replace("NaN", "null"))
 
 
-def overlay_tile(pred, ref, x0, y0, x1, y1, step, layer, palette):
-    """RGBA (h, w, 4) uint8 of the prediction (class colours) or of the least-sure map (red where the margin is
-    small) over image pixels [y0, y1) x [x0, x1) every `step`-th; cells are looked up by points_to_grid's rule."""
+def overlay_tile(pred, ref, x0, y0, x1, y1, step, layer, palette, changed=None):
+    """RGBA (h, w, 4) uint8 of the prediction (class colours), of the least-sure map (red where the margin is
+    small) or of `changed` (the cells whose class changed since the previous model, CHANGED_COLOUR; the others
+    transparent) over image pixels [y0, y1) x [x0, x1) every `step`-th; cells are looked up by points_to_grid's
+    rule."""
     H, W = ref.shape
     grid = pred["classes"]
     h, w = grid.shape
@@ -728,6 +854,8 @@ def overlay_tile(pred, ref, x0, y0, x1, y1, step, layer, palette):
     if layer == "classes":
         out[..., :3] = np.asarray(palette, np.uint8)[grid[np.ix_(rows, cols)]]
         out[..., 3] = 255
+    elif layer == "changed":
+        out[changed[np.ix_(rows, cols)]] = (*CHANGED_COLOUR, 255)
     else:
         unsure = 1 - pred["margin"][np.ix_(rows, cols)]
         out[..., 0] = 255
@@ -775,13 +903,14 @@ class App:
         from_env = not args.train_command and os.environ.get("ANNOTATE_TRAIN_COMMAND")
         check_train_command(command, "--train-command ($ANNOTATE_TRAIN_COMMAND)" if from_env else "--train-command")
         self.training = Training(command, self.images, self.click_file, self.classes, classes_path, runs,
-                                 args.epochs, args.device)
+                                 args.epochs, args.device, args.adapt_steps)
         self.hosts = set()
 
     def config(self):
         return {"images": self.images.listing(), "errors": self.images.errors,
                 "classes": {"names": list(self.classes.names), "palette": [list(c) for c in self.classes.palette]},
                 "clicks_file": self.click_file.path.name, "epochs": self.training.epochs,
+                "adapt_steps": self.training.adapt_steps if self.training.adapts else None,
                 "assess": None if self.assessment is None else {"sample": self.assessment.path.name,
                                                                 "points": len(self.assessment.ids),
                                                                 "first": self.assessment.ids[0]},
@@ -920,7 +1049,7 @@ def route(h, method, path, q, body):
             return h._json(assessment_of(app).label(data))
         if path == "/api/assess/write":
             return h._json(assessment_of(app).write(data.get("overwrite", False)))
-        return h._json(app.training.start(data.get("epochs")))
+        return h._json(app.training.start(data.get("epochs"), data.get("restart", False)))
     raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "GET or POST")
 
 
@@ -948,12 +1077,17 @@ def tile(h, path, q):
         arr = app.images.window(name, x0, y0, x1, y1, step)
     else:
         layer = q.get("layer", ["classes"])[0]
-        if layer not in ("classes", "unsure"):
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "layer must be 'classes' or 'unsure'")
-        pred = app.training.predictions.get(name)
+        if layer not in ("classes", "unsure", "changed"):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "layer must be 'classes', 'unsure' or 'changed'")
+        training = app.training
+        with training._lock:  # one model's prediction and changes, not one of each
+            pred, changed = training.predictions.get(name), training.changed.get(name)
         if pred is None:
             raise not_found(f"no prediction for {name}")
-        arr = overlay_tile(pred, ref, x0, y0, x1, y1, step, layer, app.classes.palette)
+        if layer == "changed" and changed is None:
+            raise not_found(f"no earlier prediction of {name} to compare with: the changes show from the second "
+                            f"model on")
+        arr = overlay_tile(pred, ref, x0, y0, x1, y1, step, layer, app.classes.palette, changed)
     h._send(HTTPStatus.OK, png_bytes(arr), "image/png")
 
 
@@ -989,9 +1123,14 @@ class AnnotateSettings:
     checkpoint: Optional[str] = reuse(Shared, "checkpoint")
     runs: str = setting("checkpoints/annotate", "run folder: the training's checkpoints and log", "page")
     epochs: int = reuse(TrainConfig, "epochs", 10)
+    adapt_steps: int = setting(ADAPT_STEPS, "optimizer steps of a Train that adapts the model shown to the clicks as "
+                                            "they are now (train.py --init --steps N --schedule cosine, the train "
+                                            "command's {budget}); Retrain from scratch trains --epochs anew", "page",
+                               check=whole(1), must="be >= 1")
     train_command: Optional[str] = setting(
-        None, "the training command ({python} {images} {clicks} {classes} {out} {epochs} filled in); default (or "
-              "$ANNOTATE_TRAIN_COMMAND): " + DEFAULT_TRAIN_COMMAND, "page")
+        None, "the training command ({python} {images} {clicks} {classes} {out} {budget} filled in; {budget} is "
+              "--epochs E, or --init MODEL --steps N ... when adapting; a command with {epochs} instead always "
+              "trains anew); default (or $ANNOTATE_TRAIN_COMMAND): " + DEFAULT_TRAIN_COMMAND, "page")
     device: str = reuse(TrainConfig, "device", "cpu")
     host: str = setting("127.0.0.1", "address to bind (127.0.0.1: this machine only)", "page")
     port: int = setting(8765, "port (0: any free one)", "page", check=lambda v: whole(0)(v) and v < 65536,

@@ -86,6 +86,7 @@ class App {
     if (!im) return;
     for (const li of document.querySelectorAll("#images li")) li.classList.toggle("current", li.dataset.name === name);
     if (!this.viewer.image || this.viewer.image.name !== name) this.viewer.show(im);
+    this.training.showChanged();
     if (then) then();
   }
 
@@ -209,10 +210,11 @@ class App {
     const el = (id) => document.getElementById(id);
     el("undo").onclick = () => this.undo();
     el("redo").onclick = () => this.redo();
-    el("train").onclick = () => this.training.start();
+    el("train").onclick = () => this.training.start(false);
+    el("retrain").onclick = () => this.training.start(true);
     el("suggest").onclick = () => this.training.suggest();
     el("opacity").oninput = (e) => { this.viewer.opacity = Number(e.target.value); this.viewer.redraw(); };
-    el("unsure").onchange = (e) => { this.viewer.layer = e.target.checked ? "unsure" : "classes"; this.viewer.redraw(); };
+    el("layer").onchange = (e) => { this.viewer.layer = e.target.value; this.viewer.redraw(); };
   }
 
   // Other tabs and people write the same file: reload its clicks when it changed under us.

@@ -1,21 +1,28 @@
-// The model: start a short training, follow its progress (the server reads train.py's progress file: step of
-// steps), show its prediction, its accuracy on held-out clicks and the places it is least sure of (suggestions,
-// answered by ordinary clicks).
+// The model: Train (adapt the model shown to the clicks as they are now, or train anew when there is none yet) and
+// Retrain from scratch; follow the run's progress (the server reads train.py's progress file: step of steps), show
+// its prediction, its accuracy on held-out clicks, what changed since the previous model and the places it is
+// least sure of (suggestions, answered by ordinary clicks).
 import * as api from "./api.js";
 
 export class Training {
   constructor(app) {
     this.app = app;
     this.model = 0;
+    this.changed = null; // the status's `changed`: {since, pixels: {image: n}, share: {image: f}, note}
     this.suggestions = []; // [{image, x, y, margin, predicted}]
     this.timer = null;
     this.el = (id) => document.getElementById(id);
+    const steps = app.config.adapt_steps;
+    this.el("train-how").textContent = steps
+      ? `Train adapts the model shown (${steps} steps); the first Train and Retrain from scratch train anew.`
+      : "The train command names {epochs}, not {budget}: every Train trains anew.";
   }
 
-  async start() {
+  // restart: Retrain from scratch (else the server adapts the model shown, when there is one).
+  async start(restart) {
     try {
       const v = this.el("epochs").value.trim(); // empty: the server's default; anything else it checks (400)
-      const s = await api.post("/api/train", v === "" ? {} : { epochs: Number(v) });
+      const s = await api.post("/api/train", v === "" ? { restart } : { epochs: Number(v), restart });
       this.show(s);
       this.poll();
     } catch (e) {
@@ -41,20 +48,33 @@ export class Training {
       : `epoch ${s.epoch} of ${s.epochs} (step ${s.step} of ${s.steps})`;
     const text = {
       idle: "no model yet",
-      running: `training: ${at}`,
+      running: (s.how === "adapt" ? `adapting model ${s.from_model}` : "training anew") + `: ${at}`,
       predicting: "predicting the images" + (s.steps ? ` (trained ${s.step} of ${s.steps} steps)` : ""),
-      done: `model ${s.model} shown`,
+      done: `model ${s.model} shown: ${s.message}`,
       failed: s.message + (s.log && s.log.length ? `: ${s.log[s.log.length - 1]}` : ""),
     }[s.state];
     this.el("train-status").textContent = text;
-    this.el("train").disabled = s.state === "running" || s.state === "predicting";
+    const busy = s.state === "running" || s.state === "predicting";
+    this.el("train").disabled = this.el("retrain").disabled = busy;
     if (s.state === "done" && s.model !== this.model) {
       this.model = s.model;
-      this.app.viewer.model = s.model;
-      this.app.viewer.predicted = new Set(s.predicted);
+      this.changed = s.changed;
+      const v = this.app.viewer;
+      v.model = s.model;
+      v.predicted = new Set(s.predicted);
+      v.compared = new Set(Object.keys((s.changed && s.changed.pixels) || {}));
       this.el("accuracy").textContent = formatMetrics(s.metrics);
-      this.app.viewer.redraw();
+      this.showChanged();
+      v.redraw();
     }
+  }
+
+  // How many pixels of the image shown (and of all) changed class since the previous model.
+  showChanged() {
+    const c = this.changed, image = this.app.viewer.image;
+    this.el("changed").textContent = !c ? ""
+      : c.since === null ? `changed: nothing to compare (${c.note})`
+      : formatChanged(c, image && image.name);
   }
 
   async suggest() {
@@ -126,4 +146,13 @@ function formatMetrics(m) {
   }
   const what = typeof m.val_scope === "string" ? `held-out clicks (${m.val_scope})` : "held-out clicks";
   return parts.length ? `${what}: ${parts.join("; ")}` : `${what}: none measured`;
+}
+
+// "changed since model k: n pixels of this image (x %); m of all N images".
+function formatChanged(c, name) {
+  const all = Object.values(c.pixels).reduce((a, b) => a + b, 0);
+  const here = name in c.pixels
+    ? `${c.pixels[name]} pixels of this image (${(100 * c.share[name]).toFixed(1)} %)`
+    : "this image not compared";
+  return `changed since model ${c.since}: ${here}; ${all} of all ${Object.keys(c.pixels).length} images`;
 }

@@ -17,9 +17,10 @@ export class Viewer {
     this.oy = 0;
     this.tiles = new Map(); // url -> HTMLImageElement (loaded or loading)
     this.model = 0; // the prediction's number: 0 = none
-    this.layer = "classes"; // or "unsure"
+    this.layer = "classes"; // or "unsure", or "changed" (since the previous model)
     this.opacity = 0.5;
     this.predicted = new Set(); // images the model has a prediction of
+    this.compared = new Set(); // images whose prediction is compared with the previous model's (the changed layer)
     this.showOverlay = true; // false in Assess mode: the labeller never sees a prediction
     this.overlayTilesShown = 0;
     this.onDraw = []; // functions (ctx, viewer) drawn after the tiles
@@ -139,7 +140,9 @@ export class Viewer {
     ctx.imageSmoothingEnabled = this.scale < 1;
     this.drawLayer("tile");
     this.overlayTilesShown = 0;
-    if (this.showOverlay && this.model && this.opacity > 0 && this.predicted.has(this.image.name)) {
+    const name = this.image.name;
+    const has = this.layer === "changed" ? this.compared.has(name) : this.predicted.has(name);
+    if (this.showOverlay && this.model && this.opacity > 0 && has) {
       ctx.globalAlpha = this.opacity;
       this.overlayTilesShown = this.drawLayer("overlay", { layer: this.layer, model: this.model });
       ctx.globalAlpha = 1;

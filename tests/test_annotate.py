@@ -2,6 +2,7 @@
 the bounds and the paths it refuses, and (slow) a training started from the API with its overlay and suggestions."""
 
 import json
+import shlex
 import socket
 import threading
 import time
@@ -522,6 +523,166 @@ def test_train_from_the_api_then_overlay_and_suggestions(pngs, tmp_path):
         assert (tmp_path / "runs" / "train.log").read_text().count("epoch") >= 2
     finally:
         s.close()
+
+
+# --------------------------------------------------------------------------- adapting the model shown
+
+def train_log_argv(runs):
+    """The argv the page ran, from the first line of <runs>/train.log ("$ " + shlex.join(argv))."""
+    first = (runs / "train.log").read_text().splitlines()[0]
+    assert first.startswith("$ ")
+    return shlex.split(first[2:])
+
+
+def overlay(s, image, layer="classes"):
+    """The whole overlay of an image (these are smaller than one 64-pixel tile): RGBA."""
+    code, _, data = s.request("GET", f"/api/overlay?image={image}&z=0&x=0&y=0&size=64&layer={layer}")
+    assert code == 200, (image, layer, data)
+    return png(data)
+
+
+def click_side(s, cls, right):
+    """Clicks of `cls` on the left (clutter-coloured) or right (building-coloured) side of both images."""
+    for img, (h, w) in (("im0", (30, 40)), ("im1", (24, 36))):
+        xs = (w - 3, w - 7, w - 11) if right else (2, 6, 10)
+        s.json("POST", "/api/clicks", {"op": "add", "image": img, "class": cls,
+                                       "points": [[x, y] for x in xs for y in (3, h // 2, h - 4)]})
+
+
+def parameters(path):
+    """{name: tensor} of a checkpoint's learnt weights (the batch-norm running statistics are not weights)."""
+    from checkpoint import load_model
+    model, _ = load_model(path, "cpu")
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def check_changed(s, before, after):
+    """The changed layer and counts equal what the two predictions' overlays give; returns the counts."""
+    st = s.json("GET", "/api/train")
+    for img in ("im0", "im1"):
+        want = (before[img][..., :3] != after[img][..., :3]).any(-1)
+        got = overlay(s, img, "changed")
+        assert np.array_equal(got[..., 3] > 0, want), img
+        assert (got[want][:, :3] == annotate.CHANGED_COLOUR).all()
+        assert st["changed"]["pixels"][img] == int(want.sum())
+        assert st["changed"]["share"][img] == pytest.approx(want.mean())
+    return st["changed"]["pixels"]
+
+
+@pytest.mark.slow
+def test_train_adapts_the_model_shown_and_retrain_from_scratch_trains_anew(pngs, tmp_path):
+    s = Server(pngs, tmp_path / "clicks.csv", tmp_path / "runs", train_command=None, adapt_steps=1)
+    s.app.training.command = train_command(tmp_path)  # the page's own command ({budget}), the tiny network
+    runs = tmp_path / "runs"
+    try:
+        assert s.json("GET", "/api/config")["adapt_steps"] == 1
+        click_side(s, 5, right=False)  # clutter only: model 1 knows no building
+        st = s.json("POST", "/api/train", {"epochs": 10})
+        assert (st["how"], st["from_model"]) == ("anew", None)
+        st = wait_trained(s)
+        assert st["state"] == "done" and st["message"] == "trained anew (10 epochs)", st
+        assert st["changed"]["since"] is None and "first model" in st["changed"]["note"]
+        assert s.request("GET", "/api/overlay?image=im0&z=0&x=0&y=0&size=64&layer=changed")[0] == 404
+        assert "--init" not in train_log_argv(runs)
+        model1 = parameters(runs / "model.pth")  # kept beside the run folder, which the next run replaces
+        first = {img: overlay(s, img) for img in ("im0", "im1")}
+
+        click_side(s, 1, right=True)  # building on the right: Train adapts model 1 to the clicks as they are now
+        st = s.json("POST", "/api/train", {})
+        assert (st["state"], st["how"], st["from_model"]) == ("running", "adapt", 1)
+        st = wait_trained(s)
+        assert st["state"] == "done" and st["message"] == "adapted from model 1 (1 steps)", st
+        argv = train_log_argv(runs)
+        assert argv[argv.index("--init") + 1] == str(runs / "model.pth") and "--epochs" not in argv
+        assert [argv[argv.index(f) + 1] for f in ("--steps", "--schedule", "--val-every")] == ["1", "cosine", "1"]
+        assert st["step"] == st["steps"] == 1 and any(k.startswith("val_") for k in st["metrics"])
+        assert f"init: the weights and preprocessing contract of {runs / 'model.pth'}" in \
+            (runs / "train.log").read_text()
+        # it started from model 1's weights: one Adam step moves no weight by more than the learning rate (0.02)
+        adapted = parameters(runs / "run" / "last.pth")
+        moved = max(float((adapted[n] - model1[n]).abs().max()) for n in model1)
+        assert 0 < moved <= 0.02 + 1e-6, moved
+        assert all(torch_equal(parameters(runs / "model.pth")[n], adapted[n]) for n in adapted)  # model 2 is kept
+        second = {img: overlay(s, img) for img in ("im0", "im1")}
+        assert st["changed"]["since"] == 1
+        changes = check_changed(s, first, second)
+
+        st = s.json("POST", "/api/train", {"epochs": 30, "restart": True})  # Retrain from scratch
+        assert (st["how"], st["from_model"]) == ("anew", None)
+        st = wait_trained(s)
+        assert st["state"] == "done" and st["message"] == "trained anew (30 epochs)" and st["model"] == 3, st
+        argv = train_log_argv(runs)
+        assert "--init" not in argv and argv[argv.index("--epochs") + 1] == "30"
+        assert "init: the weights" not in (runs / "train.log").read_text()
+        third = {img: overlay(s, img) for img in ("im0", "im1")}
+        assert (third["im0"][15, 37, :3] == (0, 0, 255)).all()  # building on the right now
+        assert st["changed"]["since"] == 2
+        changes = {img: n + check_changed(s, second, third)[img] for img, n in changes.items()}
+        assert sum(changes.values()) > 0  # building appeared somewhere on the right over the two rounds
+        assert s.request("POST", "/api/train", {"restart": "yes"})[0] == 400
+    finally:
+        s.close()
+
+
+def torch_equal(a, b):
+    return bool((a == b).all())
+
+
+@pytest.mark.slow
+def test_a_train_command_with_epochs_and_no_budget_still_trains_anew(pngs, tmp_path):
+    old = train_command(tmp_path).replace("{budget}", "--epochs {epochs}")
+    annotate.check_train_command(old)  # accepted at start
+    s = Server(pngs, tmp_path / "clicks.csv", tmp_path / "runs", train_command=old)
+    try:
+        assert s.json("GET", "/api/config")["adapt_steps"] is None  # the page's Train cannot adapt
+        click_side(s, 5, right=False)
+        click_side(s, 1, right=True)
+        for model in (1, 2):
+            st = s.json("POST", "/api/train", {"epochs": 2})
+            assert st["how"] == "anew" and ("cannot adapt" in st["message"]) == (model == 2), st
+            st = wait_trained(s)
+            assert st["state"] == "done" and st["model"] == model, st
+            argv = train_log_argv(tmp_path / "runs")
+            assert "--init" not in argv and argv[argv.index("--epochs") + 1] == "2"
+    finally:
+        s.close()
+
+
+def test_budget_expands_into_arguments_and_stands_alone(pngs, tmp_path, monkeypatch, capsys):
+    s = Server(pngs, tmp_path / "clicks.csv", tmp_path / "runs", adapt_steps=7)
+    try:
+        t = s.app.training
+        assert t.command == annotate.DEFAULT_TRAIN_COMMAND and t.adapts
+        anew, adapt = t.argv(3), t.argv(3, tmp_path / "m.pth")
+        at = anew.index("--epochs")
+        assert anew[at:at + 2] == ["--epochs", "3"] and "{budget}" not in anew
+        assert adapt[at:at + 8] == ["--init", str(tmp_path / "m.pth"), "--steps", "7", "--schedule", "cosine",
+                                    "--val-every", "7"]
+        assert anew[:at] == adapt[:at] and anew[at + 2:] == adapt[at + 8:]
+    finally:
+        s.close()
+    base = ["--images", str(pngs), "--runs", str(tmp_path / "runs")]
+    for command, says in (("{python} train.py --x={budget}", "stands alone"),
+                          ("{python} train.py {budget} --epochs {epochs}", "not both")):
+        assert start(base + ["--train-command", command], monkeypatch) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --train-command") and says in err, err
+    assert start(base + ["--adapt-steps", "0"], monkeypatch) == 2
+    assert "--adapt-steps must be >= 1" in capsys.readouterr().err
+
+
+def test_changed_maps_count_image_pixels_by_the_overlay_rule():
+    refs = {"a": type("Ref", (), {"shape": (6, 4)})()}
+    before = {"a": {"classes": np.array([[0, 1], [1, 1], [0, 0]], np.uint8)}}  # 3 x 2 grid: 2 x 2 pixels a cell
+    after = {"a": {"classes": np.array([[0, 0], [1, 1], [0, 1]], np.uint8)}, "new": {"classes": np.zeros((1, 1))}}
+    changed = annotate.changed_maps(before, after, refs)
+    assert list(changed) == ["a"] and changed["a"].tolist() == [[False, True], [False, False], [False, True]]
+    assert annotate.changed_summary(changed, refs, 4) == {"since": 4, "pixels": {"a": 8}, "share": {"a": 8 / 24},
+                                                          "note": "pixels whose class differs from model 4's"}
+    assert annotate.changed_summary({}, refs, 0)["since"] is None
+    finer = {"a": {"classes": np.array([[0, 0, 1, 1]] * 2 + [[1, 1, 1, 1]] * 2 + [[0, 0, 0, 0]] * 2, np.uint8)}}
+    assert annotate.changed_maps(before, finer, refs)["a"].sum() == 0  # another grid: looked up by image pixel
+    assert annotate.image_pixels(np.ones((3, 2), bool), (7, 5)) == 35
 
 
 # --------------------------------------------------------------------------- Assess mode (--assess)

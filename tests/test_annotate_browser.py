@@ -292,6 +292,56 @@ def test_click_reload_train_overlay_suggest_in_chromium(browser, tmp_path):
     assert saved == expected
 
 
+@pytest.mark.slow
+def test_train_click_more_train_again_adapts_and_shows_what_changed_in_chromium(browser, tmp_path):
+    import numpy as np
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(colour_image(48, 64)).save(folder / "im0.png")
+    s = Server(folder, tmp_path / "clicks.csv", tmp_path / "runs", adapt_steps=20)
+    s.app.training.command = train_command(tmp_path)
+    try:
+        browser.get(f"http://127.0.0.1:{s.port}/")
+        wait(browser, "return document.body.dataset.ready", what="the page")
+        assert "adapts the model shown (20 steps)" in browser.find_element("id", "train-how").text
+        for key, xs in (("6", (4, 10, 16)), ("2", (47, 53, 59))):  # clutter left; then, for round 2, building right
+            press(browser, key)
+            for y in (8, 24, 40):
+                for x in xs:
+                    n = count(browser)
+                    click_pixel(browser, x, y)
+                    wait(browser, f"return Number(document.getElementById('count').textContent) === {n + 1}")
+            if key == "6":
+                epochs = browser.find_element("id", "epochs")
+                epochs.clear()
+                epochs.send_keys("1")
+                browser.find_element("id", "train").click()  # no model yet: trains anew
+                wait(browser, "return document.getElementById('train-status').textContent.startsWith("
+                              "'model 1 shown: trained anew')", timeout=180, what="the first training")
+                assert browser.find_element("id", "changed").text.startswith("changed: nothing to compare")
+        browser.find_element("id", "train").click()  # a model is shown: Train adapts it
+        wait(browser, "return document.getElementById('train-status').textContent === "
+                      "'model 2 shown: adapted from model 1 (20 steps)'", timeout=180, what="the adaptation")
+        changed = s.app.training.changed["im0"]
+        H, W, (h, w) = 48, 64, changed.shape
+        full = changed[np.ix_(np.arange(H) * h // H, np.arange(W) * w // W)]  # the overlay's lookup
+        assert full.any(), "the adaptation changed no pixel's class"
+        assert browser.find_element("id", "changed").text.startswith(
+            f"changed since model 1: {int(full.sum())} pixels of this image")
+        browser.execute_script("const o = document.getElementById('opacity'); o.value = 1;"
+                               "o.dispatchEvent(new Event('input'));"
+                               "const l = document.getElementById('layer'); l.value = 'changed';"
+                               "l.dispatchEvent(new Event('change'));")
+        wait(browser, "return app.viewer.overlayTilesShown > 0", what="the changed layer")
+        (y, x), (y0, x0) = (map(int, np.argwhere(m)[len(np.argwhere(m)) // 2]) for m in (full, ~full))
+        wait(browser, f"return {list(annotate.CHANGED_COLOUR)}.every((c, i) => c === "
+                      f"app.viewer.ctx.getImageData(...app.viewer.imageToScreen({x} + 0.5, {y} + 0.5).map(Math.round),"
+                      f" 1, 1).data[i])", what=f"the changed pixel ({x}, {y}) drawn")
+        assert drawn_colour(browser, x0, y0) != list(annotate.CHANGED_COLOUR)  # an unchanged one is not
+    finally:
+        s.close()
+
+
 def scribble(driver, pixels):
     """Shift+drag through the centres of image `pixels` [(x, y), ...], one mouse move each."""
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
