@@ -171,8 +171,10 @@ def report(name, args, names, whole, held, background, shares, clicks_est, cov, 
 def walk(images, mapped, truth, classes, clicks, n, out_prefix, seed=0):
     """The analyst's walk with assess.py: one stratified sample of n points drawn from the map (never on a training
     click), saved as the layer a person labels, labelled from the truth one point at a time as the page saves them,
-    and estimated; writes `<out_prefix>.csv/.md` (assess's tables)."""
+    and estimated; writes `<out_prefix>.csv/.md` (assess's tables). Returns the seconds each label took to save
+    (the page's cost per point, not the person's)."""
     import tempfile
+    import time
     with tempfile.TemporaryDirectory() as tmp:
         sample = Path(tmp) / "assessment.gpkg"
         floor = min(50, n // (2 * len(classes.names)))
@@ -180,13 +182,16 @@ def walk(images, mapped, truth, classes, clicks, n, out_prefix, seed=0):
         assess.write_sample(sample, design, images)
         assess.design_path(sample).write_text(json.dumps(design))
         a = assess.Assessment.open(sample, [r.path for r in images], classes)
+        saves = []
         for p in a.points():
             if truth[p["image"]][p["row"], p["col"]] != IGNORE_INDEX:
+                t0 = time.perf_counter()
                 a.set_reference(p["id"], int(truth[p["image"]][p["row"], p["col"]]))
+                saves.append(time.perf_counter() - t0)
         mapped_pixels = {int(c): v for c, v in design["mapped_pixels"].items()}
-        return assessment.write_tables(a.estimates(), out_prefix, classes.names, design["pixel_area_m2"],
-                                       overwrite=True, mapped_pixels=mapped_pixels,
-                                       labelled=(len(a.reference), len(design["points"])))
+        assessment.write_tables(a.estimates(), out_prefix, classes.names, design["pixel_area_m2"], overwrite=True,
+                                mapped_pixels=mapped_pixels, labelled=(len(a.reference), len(design["points"])))
+        return saves
 
 
 def get_args_parser():
@@ -238,7 +243,13 @@ def main(args):
                                                        "shares": shares, "clicks": clicks_est, "coverage": cov,
                                                        "pixel_area_m2": pixel_area}, indent=1, default=float))
     if args.walk:
-        walk(images, mapped, truth, classes, clicks, args.walk, out / f"{args.name}-walk_estimates")
+        saves = walk(images, mapped, truth, classes, clicks, args.walk, out / f"{args.name}-walk_estimates")
+        text += (f"\nOne assessment of {args.walk} points as assess.py draws and the page saves it (labelled from the "
+                 f"truth): [{args.name}-walk_estimates.md]({args.name}-walk_estimates.md); saving a label took "
+                 f"{1000 * np.median(saves):.0f} ms (median; at most {1000 * max(saves):.0f} ms) on this machine. A "
+                 f"person's time per point is not measured here: the cost of an assessment is its points times "
+                 f"that.\n")
+        (out / f"{args.name}.md").write_text(text)
     print(text)
     return 0
 
