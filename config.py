@@ -264,12 +264,12 @@ class TrainConfig:
                   "random sample, like 1/object), dense, none, or a .pt file (a run writes <out>/class_weights.pt)",
         LOSS, check=class_weights_valid, must="be points, pixels, dense, none or an existing .pt file")
     prior: str = setting(
-        "auto", "the class prior the saved model predicts a map under. auto: for clicks that are not a random sample "
-                "of the pixels (a person's --clicks, or k/object), the class shares the clicks imply (a forest on the "
-                "clicks and EM, as --class-weights pixels estimates them; docs/training.md#the-prior-of-a-persons-"
-                "clicks): the model's class probabilities are corrected from the prior it was trained under to "
-                "those shares (Saerens et al. 2002) whenever it predicts (infer.py, the page, assess.py); off: as "
-                "trained", LOSS, choices=("auto", "off"), role="how")
+        "auto", "the class prior the saved model predicts a map under. auto: for a person's --clicks (not a random "
+                "sample of the pixels), the class shares the clicks imply (a forest on the clicks and EM, as "
+                "--class-weights pixels estimates them; docs/training.md#the-prior-of-a-persons-clicks): the model's "
+                "class probabilities are corrected from the prior it was trained under to those shares (Saerens et "
+                "al. 2002) whenever it predicts (infer.py, the page, assess.py); off: as trained", LOSS,
+        choices=("auto", "off"), role="how")
     class_weighting: str = setting(
         "sqrt", "how class counts become weights (class_weights.py; inverse = published; the evidence for sqrt: "
                 "experiment 7, docs/training.md#loss-and-class-weighting)", LOSS, choices=SCHEMES)

@@ -359,9 +359,10 @@ def class_weight_tensor(cfg, train_ds, out_dir):
 def map_prior(cfg, train_ds, weights):
     """--prior: None, or the prior the saved model predicts a map under: {"train": the class prior of its weighted
     loss (labelled training pixels per class, grown labels included, times the class weights), "map": the class
-    shares the clicks imply (class_weights.pixel_shares: a forest on the clicks and EM), "source"}. Only for clicks
-    that are not a random sample of the pixels (a person's, or k/object): their class shares are not the map's."""
-    if cfg.prior == "off" or not (cfg.clicks or clicks_per_object(cfg.points)):
+    shares the clicks imply (class_weights.pixel_shares: a forest on the clicks and EM), "source"}. For a person's
+    clicks (--clicks): their class shares are not the map's. Not for simulated k/object clicks: on the synthetic
+    scenes the forest's estimate lost a class there (docs/training.md#the-prior-of-a-persons-clicks)."""
+    if cfg.prior == "off" or not cfg.clicks:
         return None
     shares, _ = pixel_shares(train_ds, cfg.seed)
     labelled = count_classes(train_ds, "points").astype(np.float64)

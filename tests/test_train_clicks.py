@@ -300,3 +300,5 @@ def test_a_persons_clicks_give_the_saved_model_the_prior_they_imply(clicked, tmp
     assert read_checkpoint(tmp_path / "off" / "best_model.pth").prior is None
     train(cfg_for(root, tmp_path, epochs=1, points=20, out=str(tmp_path / "random")))  # a random sample
     assert read_checkpoint(tmp_path / "random" / "best_model.pth").prior is None
+    train(cfg_for(root, tmp_path, epochs=1, points="1/object", out=str(tmp_path / "objects")))  # simulated: measured
+    assert read_checkpoint(tmp_path / "objects" / "best_model.pth").prior is None  # against on the synthetic set
