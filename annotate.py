@@ -81,10 +81,11 @@ REQUEST_QUEUE = 64  # connections waiting to be accepted (socketserver's 5 reset
 WHOLE_READ_PIXELS = 100_000_000  # PNG/JPEG (and TIFFs GDAL cannot window) are read whole up to this many pixels
 PREDICT_GRID_PIXELS = 16_000_000  # processing-grid pixels of an image predicted here; larger: run infer.py
 # --allow-unclicked: mid-annotation, classes nobody has clicked yet must not stop the loop (train.py names them).
+# --no-figures: the page draws its own overlay; the run's figures would add seconds to every round.
 # {budget}: `--epochs E` for a training anew, `--init MODEL --steps N --schedule cosine --val-every N` to adapt the
 # page's model (Training.budget); a command that names {epochs} instead always trains anew.
 DEFAULT_TRAIN_COMMAND = ("{python} train.py --images {images} --clicks {clicks} --classes {classes} --no-pretrained "
-                         "--arch resnet18 --out {out} {budget} --overwrite --allow-unclicked")
+                         "--arch resnet18 --out {out} {budget} --overwrite --allow-unclicked --no-figures")
 TRAIN_FIELDS = ("python", "images", "clicks", "classes", "out", "epochs", "budget")  # the {...} a command may name
 BUDGET = "{budget}"  # a token of its own: it expands into several arguments
 ADAPT_STEPS = 5  # optimizer steps of an adaptation; docs/annotate.md says how it was chosen (results/annotate_latency_*)
