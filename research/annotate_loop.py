@@ -88,11 +88,13 @@ def workspace(root, train, val):
 # --------------------------------------------------------------------------- the HTTP client
 
 class Client:
-    def __init__(self, images, clicks, runs, classes, train_command, epochs):
+    def __init__(self, images, clicks, runs, classes, train_command, epochs, adapt_steps=None):
         argv = ["--images", str(images), "--clicks", str(clicks), "--runs", str(runs), "--port", "0",
                 "--train-command", train_command, "--epochs", str(epochs)]
         if classes:
             argv += ["--classes", str(classes)]
+        if adapt_steps:
+            argv += ["--adapt-steps", str(adapt_steps)]
         self.server = annotate.make_server(annotate.get_args_parser().parse_args(argv))
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -105,16 +107,17 @@ class Client:
             data = r.read()
         return json.loads(data) if r.headers.get("Content-Type", "").startswith("application/json") else data
 
-    def train(self):
-        """Train through the page and wait; the run's progress (finished_run)."""
-        self.call("POST", "/api/train", {})
+    def train(self, restart=False, poll=1.0):
+        """Train through the page (Train, or Retrain from scratch: `restart`) and wait, asking every `poll`
+        seconds; the run's progress (finished_run)."""
+        self.call("POST", "/api/train", {"restart": restart})
         while True:
             st = self.call("GET", "/api/train")
             if st["state"] in ("done", "failed"):
                 if st["state"] == "failed":
                     raise RuntimeError(f"training failed: {st['message']}")
                 return finished_run(self.server.app.training.out, "the page's training")
-            time.sleep(1)
+            time.sleep(poll)
 
     def prediction(self, name, shape, palette):
         """(H, W) class indices of an image, read back from the overlay's colours (IGNORE where none)."""

@@ -17,12 +17,15 @@ overlap (the limit), and the ratios. Weights are random: speed does not depend o
 """
 
 import argparse
+import dataclasses
 import hashlib
+import json
 import math
 import multiprocessing
 import os
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -35,6 +38,7 @@ import tifffile
 import torch
 from PIL import Image
 
+import annotate
 import raster
 import spec
 import infer
@@ -360,6 +364,228 @@ def bench_train(args):
         f" (b: + about {setup * per_epoch / args.patches / 60:.1f} min set-up, scaled from this run)")
 
 
+# --------------------------------------------------------------------------- loop: the annotation page, timed
+
+LOOP_PRESETS = {
+    # REAL: the SpaceNet Atlanta tile as the repository holds it (make realdata): 36 patches of 150x150 of one
+    # 900x900 tile, georeferenced; the split's 24 training patches are clicked, its 12 val patches score
+    "atlanta": dict(images="realdata/atlanta/images", labels="realdata/atlanta/labels",
+                    classes="realdata/atlanta/classes.json", split="realdata/atlanta/split.json", synthetic=False),
+    # SYNTHETIC: the top-left 900x900 of demo_data/scenes/scene_0.tif (make demo-data), cut into the same 6 x 6
+    # patches of 150x150 (PNG, no georeferencing); columns 0-3 are clicked, columns 4-5 score, as Atlanta's split
+    "synthetic": dict(scene="demo_data/scenes/scene_0.tif", label="demo_data/scenes/labels/scene_0_label.tif",
+                      side=900, patch=150, classes=None, synthetic=True),
+}
+LOOP_POLL = 0.1  # seconds between status requests of the timed client (the page asks every 0.7 s)
+
+
+def loop_data(preset, folder):
+    """The preset's images in `folder` (copies: the page serves no link out of its folder): (images folder,
+    {name: dense class map}, training names, val names, ClassSpec, classes file or None)."""
+    from dataset import read_label
+    folder.mkdir(parents=True)
+    if not preset["synthetic"]:
+        images, labels = Path(preset["images"]), Path(preset["labels"])
+        if not images.is_dir():
+            raise ValueError(f"no folder {images}: make realdata builds it")
+        classes = spec.load_class_file(preset["classes"])
+        split = json.loads(Path(preset["split"]).read_text())
+        maps = {}
+        for name in split["train"] + split["val"]:
+            image = next(images.glob(f"{name}.*"))
+            shutil.copyfile(image, folder / image.name)
+            maps[name] = read_label(next(labels.glob(f"{name}.*")), classes)
+        return folder, maps, split["train"], split["val"], classes, Path(preset["classes"]).resolve()
+    scene, label, side, patch = Path(preset["scene"]), Path(preset["label"]), preset["side"], preset["patch"]
+    if not scene.is_file():
+        raise ValueError(f"no {scene}: make demo-data builds it")
+    image, truth = tifffile.imread(scene)[:side, :side], read_label(label, spec.POTSDAM)[:side, :side]
+    maps, train, val = {}, [], []
+    for r in range(side // patch):
+        for c in range(side // patch):
+            name, window = f"r{r}_c{c}", np.s_[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+            Image.fromarray(image[window]).save(folder / f"{name}.png")
+            maps[name] = truth[window]
+            (train if c < (side // patch) * 2 // 3 else val).append(name)
+    return folder, maps, train, val, spec.POTSDAM, None
+
+
+def wrong_clicks(client, maps, names, clicked, k, rng, palette):
+    """k clicks where the overlay is wrong (the dense label says so), at most one per training image in a random
+    order of the images, then again round them; where too few are wrong, anywhere unclicked. [(name, row, col)]."""
+    from research.annotate_loop import pick
+    wrong = {}
+    for name in names:
+        free = (maps[name] != spec.IGNORE_INDEX) & ~clicked[name]
+        shown = client.prediction(name, maps[name].shape, palette)
+        wrong[name] = (free & (shown != maps[name]), free)
+    chosen = []
+    for use in (0, 1):  # the mistakes first, then anywhere
+        while len(chosen) < k:
+            before = len(chosen)
+            for name in rng.permutation(names):
+                mask = wrong[name][use].copy()
+                for n, r, c in chosen:
+                    mask[r, c] &= n != name
+                rows, cols = pick(mask, 1, rng)
+                if len(rows) and len(chosen) < k:
+                    chosen.append((str(name), int(rows[0]), int(cols[0])))
+            if len(chosen) == before:
+                break
+    return chosen
+
+
+def timed_train(client, restart, image):
+    """Press Train (or Retrain from scratch) right after the last click was answered and wait until the updated
+    overlay of `image` (the one clicked last) has come back, as the page asks for it: (seconds, status)."""
+    t0 = time.perf_counter()
+    client.call("POST", "/api/train", {"restart": restart})
+    while True:
+        st = client.call("GET", "/api/train")
+        if st["state"] in ("done", "failed"):
+            break
+        time.sleep(LOOP_POLL)
+    if st["state"] == "failed":
+        raise RuntimeError(f"training failed: {st['message']}: {st['log'][-3:]}")
+    client.call("GET", f"/api/overlay?image={image}&z=0&x=0&y=0&size=256&layer=classes&model={st['model']}")
+    return time.perf_counter() - t0, st
+
+
+def held_out_clicks(click_file, images, classes):
+    """(pixels that trained, pixels held out) of the page's next run: train.py's split of the click file
+    (annotations.split_clicks: train.VAL_CLICKS, seed 0, the page's command sets neither)."""
+    from annotations import read_clicks, split_clicks
+    from train import VAL_CLICKS
+    trained, held = split_clicks(read_clicks(click_file, images, classes), VAL_CLICKS, seed=0)
+    as_set = lambda s: {(n, int(r), int(c)) for n, ic in s.images.items() for r, c in zip(ic.rows, ic.cols)}  # noqa
+    return as_set(trained), as_set(held)
+
+
+def bench_loop(args):
+    from research.annotate_loop import Client, pick, score
+    preset = LOOP_PRESETS[args.preset]
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the train command's process: as many threads
+    rng = np.random.default_rng(args.annotation_seed)
+    command = annotate.DEFAULT_TRAIN_COMMAND
+    load = [os.getloadavg()[0]]
+    t_start = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        images, maps, train, val, classes, classes_path = loop_data(preset, tmp / "images")
+        palette = [tuple(c) for c in classes.palette]
+        click_file = tmp / ("clicks.csv" if preset["synthetic"] else "clicks.geojson")
+        client = Client(images, click_file, tmp / "runs", classes_path, command, args.epochs, args.adapt_steps)
+        print(f"loop: {args.preset}, {len(train)} training + {len(val)} val images; {device_name(torch.device('cpu'))}"
+              f", load average {load[0]:.1f}; command {command}", flush=True)
+        try:
+            clicked = {n: np.zeros(maps[n].shape, bool) for n in train}
+            last = None
+            for name in train:  # the first clicks: anywhere labelled
+                r, c = pick(maps[name] != spec.IGNORE_INDEX, args.start_clicks, rng)
+                client.add(name, r, c, maps[name][r, c])
+                clicked[name][r, c] = True
+                last = name
+            chain = set()  # the clicks the models since the last training anew trained on
+            for k in range(args.rounds + 2):  # anew, adapted x rounds, anew again on the last clicks
+                restart = k in (0, args.rounds + 1)
+                if 0 < k <= args.rounds:
+                    for name, r, c in wrong_clicks(client, maps, train, clicked, args.round_clicks, rng, palette):
+                        client.add(name, np.array([r]), np.array([c]), maps[name][[r], [c]])
+                        clicked[name][r, c] = True
+                        last = name
+                trained, held = held_out_clicks(click_file, images, classes)
+                chain = set() if restart else chain
+                seen = len(held & chain)
+                seconds, st = timed_train(client, restart, last)
+                if st["metrics"].get("val_clicks") != len(held):
+                    raise RuntimeError(f"round {k}: train.py held out {st['metrics'].get('val_clicks')} clicks, the "
+                                       f"split here {len(held)}: the count of clicks trained on before would be wrong")
+                chain |= trained
+                row = dict(round=k, how=st["how"], clicks=int(sum(m.sum() for m in clicked.values())),
+                           latency=seconds, train=st["seconds"]["train"], predict=st["seconds"]["predict"],
+                           steps=st["steps"], oa=st["metrics"].get("val_oa"), oa_ci=st["metrics"].get("val_oa_ci"),
+                           held=st["metrics"].get("val_clicks"), seen=seen,
+                           changed=sum((st["changed"] or {}).get("pixels", {}).values()) if k else None,
+                           miou=score(client, [(n, None, None) for n in val], maps, list(classes.names), palette))
+                rows.append(row)
+                load.append(os.getloadavg()[0])
+                print(f"  round {k} ({row['how']}): {row['clicks']} clicks, {seconds:.1f} s from the last click to the "
+                      f"overlay (train {row['train']:.1f} s, predict {row['predict']:.1f} s, {row['steps']} steps); "
+                      f"held-out-click accuracy {fmt(row['oa'])} on {row['held']} ({seen} trained on before); "
+                      f"val mIoU {row['miou']:.3f}; changed {row['changed']}", flush=True)
+        finally:
+            client.close()
+    out = Path(args.out or f"results/annotate_latency_{args.preset}.md")
+    write_latency(out, args, preset, rows, command, load, time.perf_counter() - t_start, len(train), len(val))
+    print(f"wrote {out}")
+
+
+def fmt(v, digits=3):
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def loop_command(args):
+    """The command line that measured: every LoopBench setting spelled out."""
+    parts = ["python -m research.benchmark loop"]
+    for f in dataclasses.fields(LoopBench):
+        v = getattr(args, f.name)
+        if v is not None:
+            parts.append(f"--{f.name.replace('_', '-')} {v}")
+    return " ".join(parts)
+
+
+def write_latency(path, args, preset, rows, command, load, seconds, n_train, n_val):
+    kind = "SYNTHETIC demo scene" if preset["synthetic"] else "REAL data: SpaceNet Atlanta, 0.5 m"
+    adapted = [r for r in rows if r["how"] == "adapt"]
+    anew = [r for r in rows if r["how"] == "anew"]
+    lat = np.array([r["latency"] for r in adapted])
+    final, last = rows[-1], adapted[-1] if adapted else None
+    ci = lambda r: "" if not r["oa_ci"] or None in r["oa_ci"] else f" [{r['oa_ci'][0]:.2f}, {r['oa_ci'][1]:.2f}]"  # noqa
+    lines = [f"# The annotation page's loop, timed: preset `{args.preset}` ({kind})", "",
+             f"Written by `{loop_command(args)}` in {seconds / 60:.0f} min on {device_name(torch.device('cpu'))}, "
+             f"shared with other jobs (load average {min(load):.1f} to {max(load):.1f} during the run), "
+             f"{args.threads} torch threads in the page and in its train command. Timings, not a test: they move with "
+             f"the machine's load.", "",
+             f"The page (annotate.py's server, its default train command `{command}`) serves {n_train + n_val} patches; "
+             f"a simulated person clicks {args.start_clicks} random pixels on each of the {n_train} training patches, "
+             f"presses Train (a first model, trained anew for {args.epochs} epochs), then, {args.rounds} times, clicks "
+             f"{args.round_clicks} pixels where the overlay is wrong (the dense labels say so; at most one per patch "
+             f"and round) and presses Train, which adapts the model shown ({args.adapt_steps} optimizer steps); last, "
+             f"Retrain from scratch on the final clicks. **Latency**: from the answer to the last click to the updated "
+             f"overlay of the patch clicked last (POST /api/train, train.py in its own process, the prediction of "
+             f"every patch, GET /api/overlay); the page asks for the status every 0.7 s, this client every "
+             f"{LOOP_POLL} s, so on the page add up to 0.7 s.", "",
+             "| training | rounds | latency median (s) | range (s) |", "|---|---:|---:|---:|"]
+    if len(lat):
+        lines.append(f"| Train: adapted ({args.adapt_steps} steps) | {len(lat)} | {np.median(lat):.1f} | "
+                     f"{lat.min():.1f} - {lat.max():.1f} |")
+    for r, what in ((anew[0], f"first model, trained anew ({args.epochs} epochs)"),
+                    (final, f"Retrain from scratch on the final clicks ({args.epochs} epochs)")):
+        lines.append(f"| {what} | 1 | {r['latency']:.1f} | - |")
+    lines += ["", "| round | training | clicks | latency (s) | train.py (s) | prediction (s) | optimizer steps | "
+                  "held-out-click accuracy [95 % CI] | held-out clicks (of them trained on by an earlier model) | "
+                  "pixels changed | val mIoU (dense labels) |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['round']} | {r['how']} | {r['clicks']} | {r['latency']:.1f} | {r['train']:.1f} | "
+                     f"{r['predict']:.1f} | {r['steps']} | {fmt(r['oa'])}{ci(r)} | {r['held']} ({r['seen']}) | "
+                     f"{'-' if r['changed'] is None else r['changed']} | {r['miou']:.3f} |")
+    from train import VAL_CLICKS
+    lines += ["", f"Held-out-click accuracy: train.py's own score on the {VAL_CLICKS:.0%} of the clicks it holds out (blocked "
+                  f"by image), the kind of pixels people click, not the map. The split is drawn again at every run "
+                  f"from the clicks as they are, so an adapted model may be scored on clicks an earlier model of its "
+                  f"chain trained on (the count in brackets): there the score flatters. Val mIoU: the prediction read "
+                  f"back through the overlay on the {n_val} val patches, never clicked, against their dense labels."]
+    if last is not None:
+        lines += ["", f"Same clicks ({final['clicks']}), adapted (round {last['round']}) vs Retrain from scratch: "
+                      f"latency {last['latency']:.1f} s vs {final['latency']:.1f} s, held-out-click accuracy "
+                      f"{fmt(last['oa'])} vs {fmt(final['oa'])}, val mIoU {last['miou']:.3f} vs {final['miou']:.3f}."]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
 # --------------------------------------------------------------------------- CLI
 
 @dataclass
@@ -397,8 +623,29 @@ class TrainBench:
     threads: Optional[int] = reuse(Shared, "threads")
 
 
+@dataclass
+class LoopBench:
+    """`benchmark.py loop`: the annotation page's loop, timed (results/annotate_latency_<preset>.md); the page's own
+    settings (--epochs, --adapt-steps) are annotate.py's declarations."""
+    preset: str = setting("atlanta", "the data: atlanta (REAL: realdata/atlanta's 36 patches of one 900x900 tile) or "
+                                     "synthetic (demo_data/scenes/scene_0.tif's top-left 900x900, cut alike)", "bench",
+                          choices=tuple(LOOP_PRESETS))
+    rounds: int = setting(10, "rounds of clicks and Train (adapting) after the first model", "bench", check=whole(1),
+                          must="be >= 1")
+    start_clicks: int = setting(2, "random clicks on each training patch before the first Train", "bench",
+                                check=whole(1), must="be >= 1")
+    round_clicks: int = setting(6, "clicks per round where the overlay is wrong (at most one per patch)", "bench",
+                                check=whole(1), must="be >= 1")
+    epochs: int = reuse(annotate.AnnotateSettings, "epochs")
+    adapt_steps: int = reuse(annotate.AnnotateSettings, "adapt_steps")
+    annotation_seed: int = reuse(TrainConfig, "annotation_seed")  # the simulated person's clicks
+    threads: Optional[int] = reuse(Shared, "threads", 2)
+    out: Optional[str] = reuse(TrainConfig, "out", None)
+
+
 def get_args_parser():
-    """`infer` and `train`, their options InferBench's and TrainBench's (+ TrainConfig's) fields."""
+    """`infer`, `train` and `loop`, their options InferBench's, TrainBench's (+ TrainConfig's) and LoopBench's
+    fields."""
     p = argparse.ArgumentParser(description="Measure inference and training speed on the current device.")
     sub = p.add_subparsers(dest="command", required=True)
     add_arguments(sub.add_parser("infer", help="end-to-end inference on synthetic tiles vs the model alone"),
@@ -407,16 +654,18 @@ def get_args_parser():
     add_arguments(t, TrainBench, grouped=False)
     add_arguments(t)  # every train.py setting (config.py), with the benchmark's own defaults below
     t.set_defaults(epochs=2, pretrained=False, workers=min(8, os.cpu_count() or 1))
+    add_arguments(sub.add_parser("loop", help="the annotation page: from the last click to the updated overlay, "
+                                              "adapted vs trained anew"), LoopBench, grouped=False)
     return p
 
 
 def main(args):
     """Returns the exit code: 0 measured, 2 a user error (nothing measured)."""
     try:
-        if args.command == "infer":
-            settings = from_args(InferBench, args)
+        if args.command in ("infer", "loop"):
+            settings = from_args(InferBench if args.command == "infer" else LoopBench, args)
             check_settings(settings)
-            bench_infer(settings)
+            (bench_infer if args.command == "infer" else bench_loop)(settings)
         else:
             bench_train(args)
     except ValueError as e:

@@ -87,3 +87,55 @@ def test_a_train_benchmark_sized_in_steps_or_windows_is_refused_with_a_message(c
         args = benchmark.get_args_parser().parse_args(["train", "--patches", "4", *extra])
         assert benchmark.main(args) == 2
         assert capsys.readouterr().err.startswith("error: benchmark.py train counts images of whole-image epochs")
+
+
+@pytest.mark.slow
+def test_loop_benchmark_times_the_page_and_its_table_holds_together(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    import tifffile
+
+    import annotate
+    from spec import PALETTE
+    from tests.conftest import make_label, train_command
+    rng = np.random.default_rng(0)
+    label = make_label(rng, (60, 60), undefined=0)
+    colour = np.asarray(PALETTE, np.uint8)[label]
+    tifffile.imwrite(tmp_path / "scene.tif", np.clip(colour * 0.6 + rng.normal(40, 15, colour.shape), 0, 255)
+                     .astype(np.uint8))
+    tifffile.imwrite(tmp_path / "label.tif", colour)
+    monkeypatch.setitem(benchmark.LOOP_PRESETS, "synthetic", dict(
+        benchmark.LOOP_PRESETS["synthetic"], scene=str(tmp_path / "scene.tif"), label=str(tmp_path / "label.tif"),
+        side=60, patch=20))  # 3 x 3 patches: columns 0-1 clicked, column 2 scores
+    monkeypatch.setattr(annotate, "DEFAULT_TRAIN_COMMAND", train_command(tmp_path))  # the tiny network
+    out = tmp_path / "latency.md"
+    args = benchmark.get_args_parser().parse_args(
+        ["loop", "--preset", "synthetic", "--rounds", "2", "--start-clicks", "3", "--round-clicks", "2", "--epochs",
+         "2", "--adapt-steps", "3", "--threads", "1", "--out", str(out)])
+    assert benchmark.main(args) == 0
+    text = out.read_text()
+    assert text.startswith("# The annotation page's loop, timed: preset `synthetic` (SYNTHETIC demo scene)")
+    assert ("`python -m research.benchmark loop --preset synthetic --rounds 2 --start-clicks 3 --round-clicks 2 "
+            "--epochs 2 --adapt-steps 3 --annotation-seed 0 --threads 1 --out " + str(out) + "`") in text
+    rows = [line.split(" | ") for line in text.splitlines() if re.match(r"\| \d+ \| (adapt|anew) \|", line)]
+    assert [r[1] for r in rows] == ["anew", "adapt", "adapt", "anew"]
+    clicks = [int(r[2]) for r in rows]
+    assert clicks == [6 * 3, 6 * 3 + 2, 6 * 3 + 4, 6 * 3 + 4]  # 6 training patches; 2 more a round; none at the end
+    assert [r[6] for r in rows[1:3]] == ["3", "3"]  # the adapted rounds' optimizer steps
+    assert rows[0][9] == "-" and all(r[9].isdigit() for r in rows[1:])  # changed pixels from the second model on
+    assert all(r[8].endswith("(0)") for r in (rows[0], rows[-1]))  # a model trained anew has seen no held-out click
+    latency = [float(r[3]) for r in rows]
+    assert all(float(r[4]) + float(r[5]) <= float(r[3]) + 0.05 for r in rows)  # train + predict within the latency
+    adapted = np.array(latency[1:3])
+    summary = number(r"\| Train: adapted \(3 steps\) \| 2 \| ([\d.]+) \|", text)
+    assert agrees(summary, 1, lambda a, b: float(np.median([a, b])), (adapted[0], 1), (adapted[1], 1))
+    assert f"| {adapted.min():.1f} - {adapted.max():.1f} |" in text
+    assert number(r"first model, trained anew \(2 epochs\) \| 1 \| ([\d.]+)", text) == float(rows[0][3])
+    assert number(r"Retrain from scratch on the final clicks \(2 epochs\) \| 1 \| ([\d.]+)", text) == float(rows[3][3])
+    assert "wrote " + str(out) in capsys.readouterr().out
+
+
+def test_a_loop_on_missing_data_is_a_user_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(benchmark.LOOP_PRESETS, "atlanta", dict(benchmark.LOOP_PRESETS["atlanta"],
+                                                                images=str(tmp_path / "none")))
+    assert benchmark.main(benchmark.get_args_parser().parse_args(["loop", "--out", str(tmp_path / "t.md")])) == 2
+    assert capsys.readouterr().err.startswith(f"error: no folder {tmp_path / 'none'}: make realdata builds it")
