@@ -488,9 +488,9 @@ def bench_loop(args):
                 clicked[name][r, c] = True
                 last = name
             chain = set()  # the clicks the models since the last training anew trained on
-            for k in range(args.rounds + 2):  # anew, adapted x rounds, anew again on the last clicks
-                restart = k in (0, args.rounds + 1)
-                if 0 < k <= args.rounds:
+            for k in range(args.loop_rounds + 2):  # anew, adapted x rounds, anew again on the last clicks
+                restart = k in (0, args.loop_rounds + 1)
+                if 0 < k <= args.loop_rounds:
                     for name, r, c in wrong_clicks(client, maps, train, clicked, args.round_clicks, rng, palette):
                         client.add(name, np.array([r]), np.array([c]), maps[name][[r], [c]])
                         clicked[name][r, c] = True
@@ -550,7 +550,7 @@ def write_latency(path, args, preset, rows, command, load, seconds, n_train, n_v
              f"the machine's load.", "",
              f"The page (annotate.py's server, its default train command `{command}`) serves {n_train + n_val} patches; "
              f"a simulated person clicks {args.start_clicks} random pixels on each of the {n_train} training patches, "
-             f"presses Train (a first model, trained anew for {args.epochs} epochs), then, {args.rounds} times, clicks "
+             f"presses Train (a first model, trained anew for {args.epochs} epochs), then, {args.loop_rounds} times, clicks "
              f"{args.round_clicks} pixels where the overlay is wrong (the dense labels say so; at most one per patch "
              f"and round) and presses Train, which adapts the model shown ({args.adapt_steps} optimizer steps); last, "
              f"Retrain from scratch on the final clicks. **Latency**: from the answer to the last click to the updated "
@@ -630,7 +630,7 @@ class LoopBench:
     preset: str = setting("atlanta", "the data: atlanta (REAL: realdata/atlanta's 36 patches of one 900x900 tile) or "
                                      "synthetic (demo_data/scenes/scene_0.tif's top-left 900x900, cut alike)", "bench",
                           choices=tuple(LOOP_PRESETS))
-    rounds: int = setting(10, "rounds of clicks and Train (adapting) after the first model", "bench", check=whole(1),
+    loop_rounds: int = setting(10, "rounds of clicks and Train (adapting) after the first model", "bench", check=whole(1),
                           must="be >= 1")
     start_clicks: int = setting(2, "random clicks on each training patch before the first Train", "bench",
                                 check=whole(1), must="be >= 1")

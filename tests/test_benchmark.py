@@ -109,12 +109,12 @@ def test_loop_benchmark_times_the_page_and_its_table_holds_together(tmp_path, mo
     monkeypatch.setattr(annotate, "DEFAULT_TRAIN_COMMAND", train_command(tmp_path))  # the tiny network
     out = tmp_path / "latency.md"
     args = benchmark.get_args_parser().parse_args(
-        ["loop", "--preset", "synthetic", "--rounds", "2", "--start-clicks", "3", "--round-clicks", "2", "--epochs",
+        ["loop", "--preset", "synthetic", "--loop-rounds", "2", "--start-clicks", "3", "--round-clicks", "2", "--epochs",
          "2", "--adapt-steps", "3", "--threads", "1", "--out", str(out)])
     assert benchmark.main(args) == 0
     text = out.read_text()
     assert text.startswith("# The annotation page's loop, timed: preset `synthetic` (SYNTHETIC demo scene)")
-    assert ("`python -m research.benchmark loop --preset synthetic --rounds 2 --start-clicks 3 --round-clicks 2 "
+    assert ("`python -m research.benchmark loop --preset synthetic --loop-rounds 2 --start-clicks 3 --round-clicks 2 "
             "--epochs 2 --adapt-steps 3 --annotation-seed 0 --threads 1 --out " + str(out) + "`") in text
     rows = [line.split(" | ") for line in text.splitlines() if re.match(r"\| \d+ \| (adapt|anew) \|", line)]
     assert [r[1] for r in rows] == ["anew", "adapt", "adapt", "anew"]
