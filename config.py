@@ -43,7 +43,7 @@ SCHEMES = ("inverse", "sqrt", "median", "effective", "capped")  # class_weights.
 WEIGHT_SOURCES = ("points", "pixels", "dense")  # class_weights.compute_class_weights
 NORMALIZATIONS = ("weighted", "points")  # partial_ce_loss
 LOADERS = ("auto", "resident", "dataloader")  # train.make_loaders, resident.choose_path
-CLICK_STRATEGIES = ("uncertain", "random")  # few_clicks: model-chosen click rounds
+CLICK_STRATEGIES = ("uncertain", "margin", "entropy", "spread", "balanced", "random")  # few_clicks.choose_cells
 SPARSE = ("auto", "off")  # --sparse (few_clicks.sparse_additions)
 SPARSE_SHARE = 0.001  # --sparse auto: region growing when the clicks label under 0.1 % of the training pixels
 AFFINITY_SHARE = 0.0025  # --sparse auto: the affinity loss from SPARSE_SHARE up to 0.25 %
@@ -306,8 +306,11 @@ class TrainConfig:
                           ROUNDS, check=whole(0), must="be a whole number of rounds >= 0 (0 = off)", neutral=True)
     clicks_per_round: int = setting(10, "K new clicks per image and round", ROUNDS, check=whole(1), must="be >= 1",
                                     neutral=True)
-    click_strategy: str = setting("uncertain", "uncertain: smallest margin between the two top classes first; "
-                                               "random: the baseline", ROUNDS, choices=CLICK_STRATEGIES, neutral=True)
+    click_strategy: str = setting("uncertain", "uncertain (or margin): smallest margin between the two top classes "
+                                               "first; entropy: largest entropy first; spread: the least sure cells "
+                                               "far apart (farthest-point); balanced: least sure of each predicted "
+                                               "class in turn; random: the baseline", ROUNDS,
+                                  choices=CLICK_STRATEGIES, neutral=True)
     click_spacing: float = setting(5.0, "least distance between the new clicks of a round (processing pixels)",
                                    ROUNDS, check=at_least(1), must="be >= 1 pixel", neutral=True)
     region_growing: bool = setting(False, "a click labels its SLIC superpixel (where that superpixel's clicks "

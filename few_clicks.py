@@ -20,9 +20,10 @@ within a batch of equal sizes, so there is no padding) and changes the annotatio
   diagnostic only: dense labels never train).
 - Model-chosen clicks (--rounds R --clicks-per-round K): every training image gets K new clicks per round.
   Candidates are the processing-grid cells that hold no click yet and whose centre pixel (the native pixel in
-  the middle of the cell, `cell_centres`) is labelled in the dense label. `uncertain` takes the candidates of
-  smallest margin between the two largest class probabilities first; `random` takes them in a random order
-  (the baseline at equal budget). Either way a cell closer than --click-spacing processing pixels (Euclidean)
+  the middle of the cell, `cell_centres`) is labelled in the dense label. `uncertain` (or `margin`) takes the
+  candidates of smallest margin between the two largest class probabilities first; `entropy`, `spread` and
+  `balanced` are the other rules of `choose_cells`; `random` takes them in a random order (the baseline at equal
+  budget). Either way a cell closer than --click-spacing processing pixels (Euclidean)
   to a cell already chosen this round is skipped, so the clicks spread out; an image gets fewer than K only
   when fewer candidates keep that spacing. The centre pixel is clicked and its true class comes from the
   native dense label (the simulated annotator); the clicks join the image's annotation (points_to_grid of the
@@ -58,6 +59,7 @@ from spec import IGNORE_INDEX, grid_size
 
 SUPERPIXEL_AREA = 64  # processing pixels per SLIC superpixel (about 8 x 8)
 ROUND_SEED = 9  # random clicks: a stream of their own, apart from the annotation's
+SPREAD_POOL = 10  # choose_cells `spread`: k clicks spread over the 10 x k least sure cells
 
 
 # --------------------------------------------------------------------------- schedule and prediction
@@ -150,33 +152,70 @@ def click_candidates(dataset, i):
     return centres, labelled & ~dataset.clicked_cells(i)
 
 
+def entropy(prob):
+    """(h, w): the entropy (nats) of prob (C, h, w) over its classes; large = uncertain."""
+    p = np.clip(prob.astype(np.float64), 1e-12, 1.0)
+    return -(p * np.log(p)).sum(0)
+
+
 def choose_cells(prob, candidates, k, spacing=5.0, strategy="uncertain", rng=None):
     """Up to k cells (flat indices into the (h, w) grid, in the order chosen) for new clicks.
 
-    prob (C, h, w) are the model's probabilities (used by `uncertain`), candidates (h, w) bool the allowed
-    cells. `uncertain` takes the smallest margin first (ties: the lower index), `random` a uniformly random
-    order (rng). A cell closer than `spacing` (Euclidean, cells) to one already taken is skipped."""
+    prob (C, h, w) are the model's probabilities, candidates (h, w) bool the allowed cells. The rules:
+    - `margin` (also called `uncertain`): the smallest margin between the two top classes first;
+    - `entropy`: the largest entropy over all the classes first (a cell torn between three classes comes before
+      one torn between two);
+    - `spread`: farthest-point (greedy k-center) among the SPREAD_POOL x k least sure cells by margin: the least
+      sure first, then each time the pool cell farthest from every cell taken; where the pool runs out, the
+      farthest of the other candidates;
+    - `balanced`: the predicted classes (argmax) in turn, rarest among the candidates first, the least sure
+      (margin) cell of each; a class with no cell left drops out of the turn;
+    - `random`: a uniformly random order (rng), the baseline.
+    Ties go to the lower index. A cell closer than `spacing` (Euclidean, cells) to one already taken is skipped
+    by every rule, so the clicks spread out; fewer than k only when fewer candidates keep that spacing."""
     if strategy not in CLICK_STRATEGIES:
         raise ValueError(f"unknown click strategy {strategy!r}; use one of {CLICK_STRATEGIES}")
     h, w = candidates.shape
-    if strategy == "uncertain":
-        score = margin(prob).astype(np.float64)
-    else:
+    allowed = candidates.copy()
+    if strategy == "random":
         score = (rng if rng is not None else np.random.default_rng(0)).random((h, w))
-    score = np.where(candidates, score, np.inf)
+    elif strategy == "entropy":
+        score = -entropy(prob)
+    else:
+        score = margin(prob).astype(np.float64)
     r = max(0, math.ceil(spacing) - 1)
     dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
     near = dy ** 2 + dx ** 2 < spacing ** 2  # the cells a pick rules out, itself included
+    if strategy == "balanced":
+        predicted = prob.argmax(0)
+        counts = np.bincount(predicted[candidates], minlength=prob.shape[0])
+        turn = [int(c) for c in np.argsort(counts, kind="stable") if counts[c]]
+    if strategy == "spread":
+        pool = np.zeros(h * w, bool)
+        pool[np.argsort(np.where(candidates, score, np.inf), axis=None, kind="stable")[:SPREAD_POOL * k]] = True
+        pool = pool.reshape(h, w) & candidates
+        far = np.full((h, w), np.inf)  # squared distance to the nearest cell taken
+        yy, xx = np.mgrid[:h, :w]
     chosen = []
-    while len(chosen) < k:
-        j = int(score.argmin())
-        if not np.isfinite(score.flat[j]):
-            break
+    while len(chosen) < k and allowed.any():
+        if strategy == "balanced":
+            while turn and not (allowed & (predicted == turn[0])).any():
+                turn.pop(0)
+            c = turn.pop(0)
+            turn.append(c)
+            j = int(np.where(allowed & (predicted == c), score, np.inf).argmin())
+        elif strategy == "spread":
+            where = allowed & pool if (allowed & pool).any() else allowed
+            # the farthest first; among equals the least sure (lexsort: the last key is the primary one)
+            order = np.lexsort((score.reshape(-1), -np.where(where, far, -1).reshape(-1)))
+            j = int(order[0])
+            far = np.minimum(far, (yy - j // w) ** 2 + (xx - j % w) ** 2)
+        else:
+            j = int(np.where(allowed, score, np.inf).argmin())
         chosen.append(j)
         y, x = divmod(j, w)
         y0, y1, x0, x1 = max(0, y - r), min(h, y + r + 1), max(0, x - r), min(w, x + r + 1)
-        window = score[y0:y1, x0:x1]
-        window[near[y0 - y + r:y1 - y + r, x0 - x + r:x1 - x + r]] = np.inf
+        allowed[y0:y1, x0:x1] &= ~near[y0 - y + r:y1 - y + r, x0 - x + r:x1 - x + r]
     return np.array(chosen, np.int64)
 
 

@@ -13,7 +13,7 @@ import few_clicks
 from checkpoint import read_checkpoint
 from dataset import SegmentationDataset, patch_pairs, points_to_grid
 from spec import IGNORE_INDEX, DataSpec
-from config import TrainConfig, check_config, config_from_args
+from config import CLICK_STRATEGIES, TrainConfig, check_config, config_from_args
 from train import get_args_parser, train
 
 
@@ -88,12 +88,66 @@ def test_choices_keep_their_spacing_and_stay_on_candidates():
     rng = np.random.default_rng(0)
     prob = rng.dirichlet(np.ones(4), size=(40, 50)).transpose(2, 0, 1)
     cand = rng.random((40, 50)) > 0.3
-    for strategy in ("uncertain", "random"):
+    for strategy in CLICK_STRATEGIES:
         picks = few_clicks.choose_cells(prob, cand, 12, spacing=5, strategy=strategy, rng=np.random.default_rng(1))
         assert picks.size == 12 and cand.reshape(-1)[picks].all() and np.unique(picks).size == 12
         yx = np.stack(np.divmod(picks, 50), 1)
         d = np.sqrt(((yx[:, None] - yx[None]) ** 2).sum(-1)) + np.eye(12) * 99
         assert d.min() >= 5
+
+
+def test_margin_is_the_old_uncertain_and_entropy_ranks_by_all_the_classes():
+    prob = np.zeros((3, 4, 4))
+    prob[0] = 1.0  # sure everywhere but three cells
+    prob[:, 0, 0] = (0.5, 0.5, 0.0)  # margin 0, entropy ln 2 = 0.69
+    prob[:, 3, 3] = (0.4, 0.3, 0.3)  # margin 0.1, entropy 1.09
+    prob[:, 0, 3] = (0.8, 0.1, 0.1)  # margin 0.7, entropy 0.64
+    cand = np.ones((4, 4), bool)
+    pick = lambda s: [divmod(int(j), 4) for j in few_clicks.choose_cells(prob, cand, 3, spacing=1, strategy=s)]
+    assert pick("margin") == pick("uncertain") == [(0, 0), (3, 3), (0, 3)]
+    assert pick("entropy") == [(3, 3), (0, 0), (0, 3)]
+
+
+def test_spread_takes_the_least_sure_cells_far_apart_and_never_within_the_spacing():
+    prob = np.zeros((2, 30, 30))
+    prob[0] = 0.95
+    prob[1] = 0.05
+    unsure = [(y, x) for y in range(0, 6) for x in range(0, 6)] + [(25, 25), (2, 27), (27, 2)]
+    for i, (y, x) in enumerate(unsure):
+        prob[:, y, x] = (0.5 + 0.001 * i, 0.5 - 0.001 * i)  # a cluster in one corner, three alone
+    cand = np.ones((30, 30), bool)
+    spread = few_clicks.choose_cells(prob, cand, 4, spacing=2, strategy="spread")
+    margin = few_clicks.choose_cells(prob, cand, 4, spacing=2, strategy="margin")
+    yx = lambda picks, w=30: np.stack(np.divmod(picks, w), 1)
+    assert {divmod(int(j), 30) for j in spread} == {(0, 0), (25, 25), (2, 27), (27, 2)}  # the corner, then the far
+    assert all(y < 6 and x < 6 for y, x in yx(margin))  # margin stays in the cluster
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        prob = rng.dirichlet(np.ones(3), size=(30, 40)).transpose(2, 0, 1)
+        cand = rng.random((30, 40)) > 0.2
+        picks = few_clicks.choose_cells(prob, cand, 15, spacing=6, strategy="spread")
+        p = yx(picks, 40)
+        d = np.sqrt(((p[:, None] - p[None]) ** 2).sum(-1)) + np.eye(len(p)) * 99
+        assert len(p) > 1 and d.min() >= 6 and cand.reshape(-1)[picks].all()
+
+
+def test_balanced_takes_each_predicted_class_in_turn_rarest_first():
+    prob = np.zeros((3, 10, 10))
+    prob[0] = 0.6  # class 0 predicted on most cells, the least sure of all
+    prob[1] = 0.4
+    prob[:, 8:, :] = np.array([0.1, 0.2, 0.7])[:, None, None]  # class 2 on 20 cells, sure
+    prob[:, 5:8, :] = np.array([0.3, 0.65, 0.05])[:, None, None]  # class 1 on 30 cells
+    prob[:, 6, 4] = (0.3, 0.55, 0.15)  # the least sure of class 1
+    cand = np.ones((10, 10), bool)
+    picks = few_clicks.choose_cells(prob, cand, 6, spacing=1, strategy="balanced")
+    predicted = prob.argmax(0).reshape(-1)[picks]
+    assert predicted.tolist() == [2, 1, 0, 2, 1, 0]
+    assert divmod(int(picks[1]), 10) == (6, 4)
+    # margin alone takes class 0 only (its margin 0.2 is the smallest)
+    assert set(prob.argmax(0).reshape(-1)[few_clicks.choose_cells(prob, cand, 6, spacing=1)].tolist()) == {0}
+    cand[5:, :] = False  # classes 1 and 2 have no candidate left: class 0 takes every turn
+    assert set(prob.argmax(0).reshape(-1)[few_clicks.choose_cells(prob, cand, 4, spacing=1,
+                                                                  strategy="balanced")].tolist()) == {0}
 
 
 def test_fewer_clicks_only_when_fewer_candidates_keep_the_spacing():
@@ -307,7 +361,7 @@ def test_cli_and_checks_of_the_round_settings():
                        (dict(self_training=2, resample_each_epoch=True), "fixed point annotation"),
                        (dict(pseudo_threshold=0.0), "--pseudo-threshold must"),
                        (dict(rounds=2, clicks_per_round=0), "--clicks-per-round must"),
-                       (dict(click_strategy="entropy"), "--click-strategy must be one of uncertain, random"),
+                       (dict(click_strategy="nearest"), "--click-strategy must be one of uncertain, margin, entropy"),
                        (dict(click_spacing=0.5), "spacing"),
                        (dict(region_growing=True, points=None), "region-growing needs a fixed point annotation")):
         with pytest.raises(ValueError, match=match):
