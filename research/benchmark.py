@@ -462,7 +462,7 @@ def held_out_clicks(click_file, images, classes):
 
 
 def bench_loop(args):
-    from research.annotate_loop import Client, pick, score
+    from research.annotate_loop import Client, majority_miou, pick, score
     preset = LOOP_PRESETS[args.preset]
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the train command's process: as many threads
@@ -475,6 +475,8 @@ def bench_loop(args):
         tmp = Path(tmp)
         images, maps, train, val, classes, classes_path = loop_data(preset, tmp / "images")
         palette = [tuple(c) for c in classes.palette]
+        background = majority_miou(*([(n, None, None) for n in part] for part in (train, val)), maps,
+                                   list(classes.names))
         click_file = tmp / ("clicks.csv" if preset["synthetic"] else "clicks.geojson")
         client = Client(images, click_file, tmp / "runs", classes_path, command, args.epochs, args.adapt_steps)
         print(f"loop: {args.preset}, {len(train)} training + {len(val)} val images; {device_name(torch.device('cpu'))}"
@@ -518,7 +520,8 @@ def bench_loop(args):
         finally:
             client.close()
     out = Path(args.out or f"results/annotate_latency_{args.preset}.md")
-    write_latency(out, args, preset, rows, command, load, time.perf_counter() - t_start, len(train), len(val))
+    write_latency(out, args, preset, rows, command, load, time.perf_counter() - t_start, len(train), len(val),
+                  background)
     print(f"wrote {out}")
 
 
@@ -536,7 +539,7 @@ def loop_command(args):
     return " ".join(parts)
 
 
-def write_latency(path, args, preset, rows, command, load, seconds, n_train, n_val):
+def write_latency(path, args, preset, rows, command, load, seconds, n_train, n_val, background):
     kind = "SYNTHETIC demo scene" if preset["synthetic"] else "REAL data: SpaceNet Atlanta, 0.5 m"
     adapted = [r for r in rows if r["how"] == "adapt"]
     anew = [r for r in rows if r["how"] == "anew"]
@@ -577,7 +580,9 @@ def write_latency(path, args, preset, rows, command, load, seconds, n_train, n_v
                   f"by image), the kind of pixels people click, not the map. The split is drawn again at every run "
                   f"from the clicks as they are, so an adapted model may be scored on clicks an earlier model of its "
                   f"chain trained on (the count in brackets): there the score flatters. Val mIoU: the prediction read "
-                  f"back through the overlay on the {n_val} val patches, never clicked, against their dense labels."]
+                  f"back through the overlay on the {n_val} val patches, never clicked, against their dense labels; "
+                  f"**all-background** (the training patches' commonest class everywhere) scores {background:.3f} "
+                  f"there."]
     if last is not None:
         lines += ["", f"Same clicks ({final['clicks']}), adapted (round {last['round']}) vs Retrain from scratch: "
                       f"latency {last['latency']:.1f} s vs {final['latency']:.1f} s, held-out-click accuracy "

@@ -8,6 +8,7 @@ import pytest
 
 from research import benchmark
 import predict
+from metrics import ConfusionMatrix
 
 
 def number(pattern, text):
@@ -131,6 +132,11 @@ def test_loop_benchmark_times_the_page_and_its_table_holds_together(tmp_path, mo
     assert f"| {adapted.min():.1f} - {adapted.max():.1f} |" in text
     assert number(r"first model, trained anew \(2 epochs\) \| 1 \| ([\d.]+)", text) == float(rows[0][3])
     assert number(r"Retrain from scratch on the final clicks \(2 epochs\) \| 1 \| ([\d.]+)", text) == float(rows[3][3])
+    # the all-background baseline: the training columns' commonest class over the val column
+    cm = ConfusionMatrix(len(PALETTE))
+    cm.update(np.full((60, 20), np.bincount(label[:, :40].ravel()).argmax()), label[:, 40:])
+    assert number(r"\*\*all-background\*\* \(the training patches' commonest class everywhere\) scores ([\d.]+)",
+                  text) == round(cm.compute()["miou"], 3)
     assert "wrote " + str(out) in capsys.readouterr().out
 
 
