@@ -1,20 +1,30 @@
-"""Is the click-and-see loop worth it? A simulated person drives annotate.py's HTTP API, round after round.
+"""Which suggestion rule saves clicks? A simulated person drives annotate.py's HTTP API, round after round, the
+page adapting its model to the new clicks.
 
-    python -m research.annotate_loop --preset atlanta --seeds 3   # REAL data (make realdata): results/annotate_loop_atlanta.md
     python -m research.annotate_loop --preset demo --seeds 3      # SYNTHETIC demo data (make demo-data)
+    python -m research.annotate_loop --preset atlanta --seeds 3   # REAL data (make realdata)
 
 The images of the preset's split (training and val images) are put in one folder and annotate.py's server is
-started on it (in this process, on a free port of 127.0.0.1). Per seed and strategy: K0 random clicks on every
-training image, then rounds of: "train" (POST /api/train: the page's own train.py command), read every image's
-prediction back (GET /api/overlay, the class colours), score mIoU on the val images' dense labels, and add K clicks
-per training image (POST /api/clicks) where
-- `error`: the prediction disagrees with the dense label (what a person who looks at the overlay clicks), spread
+started on it (in this process, on a free port of 127.0.0.1). Per seed and rule: K0 random clicks on every
+training image (the same for every rule of a seed), then rounds of: Train (POST /api/train: the page's command
+with {budget}, so the first Train trains anew for --epochs and every later one adapts the model shown,
+`train.py --init <runs>/model.pth --steps N`, N = --adapt-steps), read every image's prediction back (GET
+/api/overlay, the class colours), score mIoU on the val images' dense labels, and add K clicks per training image
+(POST /api/clicks) chosen by the rule:
+- `random`: anywhere labelled (the baseline at equal clicks);
+- `error`: where the prediction disagrees with the dense label (what a person who looks at the overlay clicks),
   at least SPACING pixels apart, in a random order;
-- `random`: anywhere labelled (the baseline at equal clicks).
-The class of a click is the dense label's (the simulated person answers correctly). The dense reference is the
-same training command on the dense labels (train.py --labels), shown through the same API (annotate --checkpoint)
-and scored the same way; "clicks to 0.90" is the first round whose mIoU reaches 0.90 of it. The val images are
-never clicked. The table goes to results/annotate_loop_<preset>.md.
+- `margin`, `entropy`, `spread`, `balanced`: few_clicks.choose_cells' rules on the page's current model
+  (<runs>/model.pth, loaded by checkpoint.load_model, predicted by predict.predict_probabilities on the processing
+  grid as the page predicts); the centre pixel of each cell chosen is clicked (few_clicks.cell_centres, as the
+  page's Suggest).
+A rule that finds fewer than K places on an image clicks the rest at random, so every rule has the same clicks.
+The class of a click is the dense label's (the simulated person answers correctly). The first model of a seed is
+trained once, by its first rule's first Train, and shown to the other rules' pages as `annotate.py --checkpoint`
+shows a model (the same clicks and train.py seed would train it again alike). The dense reference is the
+same network and first training on the dense labels (train.py --labels --points dense), shown through the same
+API (annotate --checkpoint's predict_all) and scored the same way; "clicks to 0.90" is the first round whose mIoU
+reaches 0.90 of it. The val images are never clicked. The table goes to results/annotate_suggest_<preset>.md.
 """
 
 import argparse
@@ -34,10 +44,12 @@ import numpy as np
 from PIL import Image
 
 import annotate
-from checkpoint import PROGRESS_FILE, read_progress
+from checkpoint import PROGRESS_FILE, load_model, read_progress
 from dataset import read_label
+from few_clicks import cell_centres, choose_cells
 from metrics import ConfusionMatrix
-from spec import IGNORE_INDEX, POTSDAM, load_class_file
+from predict import predict_probabilities
+from spec import IGNORE_INDEX, POTSDAM, load_class_file, load_input, to_grid
 
 HERE = Path(__file__).resolve().parents[1]  # the repository root: train.py runs from there
 SPACING = 5  # native pixels between the error-driven clicks of one round on one image
@@ -50,9 +62,11 @@ PRESETS = {
     "demo": dict(images="demo_data/patches/Images", labels="demo_data/patches/Labels", classes=None,
                  split=None, size=75, n_train=40, n_val=10, synthetic=True),
 }
-TRAIN = ("{python} train.py --images {images} --clicks {clicks} --classes {classes} --no-pretrained --arch resnet18 "
-         "--size SIZE --out {out} --epochs {epochs} --overwrite --allow-unclicked --batch-size 8 --no-figures "
-         "--no-progress")
+NETWORK = "--no-pretrained --arch resnet18 --size SIZE --batch-size 8"  # the loop's and the dense reference's
+# the page's command with {budget} (annotate.DEFAULT_TRAIN_COMMAND), at a processing size the CPU affords
+TRAIN = ("{python} train.py --images {images} --clicks {clicks} --classes {classes} NETWORK --out {out} {budget} "
+         "--overwrite --allow-unclicked --no-figures --no-progress")
+RULES = ("random", "error", "margin", "entropy", "spread", "balanced")  # the first is the baseline
 
 
 # --------------------------------------------------------------------------- the data
@@ -119,6 +133,12 @@ class Client:
                 return finished_run(self.server.app.training.out, "the page's training")
             time.sleep(poll)
 
+    def show(self, checkpoint):
+        """Show a model as `annotate.py --checkpoint` does (predicted, kept as the page's model: the next Train
+        adapts it)."""
+        self.server.app.training.predict_all(checkpoint)
+        self.server.app.training.state.update(state="done", model=1, message=f"showing {checkpoint}")
+
     def prediction(self, name, shape, palette):
         """(H, W) class indices of an image, read back from the overlay's colours (IGNORE where none)."""
         h, w = shape
@@ -175,47 +195,82 @@ def score(client, val, labels, names, palette):
     return cm.compute()["miou"]
 
 
-def run_loop(client, train, val, labels, names, palette, strategy, k0, k, rounds, seed, log):
-    """[(clicks per training image, val mIoU)] over the rounds."""
+def model_clicks(model_path, train, labels, clicked, k, rule):
+    """{name: (rows, cols)}: up to k clicks per training image by few_clicks.choose_cells' `rule` on the model at
+    model_path (the page's model shown), predicted on the processing grid as the page predicts; cells holding a
+    click or whose centre pixel is unlabelled are not candidates. The centre pixel of each cell chosen is clicked."""
+    model, ck = load_model(model_path)
+    chosen = {}
+    for name, image, _ in train:
+        prob = predict_probabilities(model, to_grid(load_input(image, ck.spec).image, ck.spec.scale), 1.0)
+        (H, W), (h, w) = labels[name].shape, prob.shape[1:]
+        centres = cell_centres(H, W, h, w).reshape(-1)
+        candidates = centres >= 0
+        candidates[candidates] = labels[name].reshape(-1)[centres[candidates]] != IGNORE_INDEX
+        candidates = candidates.reshape(h, w)
+        rows, cols = np.nonzero(clicked[name])
+        candidates[rows * h // H, cols * w // W] = False
+        chosen[name] = np.divmod(centres[choose_cells(prob, candidates, k, strategy=rule)], W)
+    return chosen
+
+
+def top_up(free, rows, cols, k, rng):
+    """rows, cols with random clicks from `free` (H, W bool) added until there are k (or `free` runs out)."""
+    if len(rows) >= k:
+        return rows, cols
+    rest = free.copy()
+    rest[rows, cols] = False
+    r2, c2 = pick(rest, k - len(rows), rng)
+    return np.concatenate([rows, r2]).astype(int), np.concatenate([cols, c2]).astype(int)
+
+
+def run_loop(client, train, val, labels, names, palette, rule, k0, k, rounds, seed, log, first):
+    """[(clicks per training image, val mIoU)] over the rounds: the first Train trains anew, the others adapt. The
+    first model depends on the seed only (the same first clicks, the same train.py seed): the first rule of a seed
+    trains it and keeps a copy in `first`, the others show that copy (Client.show) instead of training it again."""
     rng = np.random.default_rng(seed)
     clicked = {name: np.zeros(labels[name].shape, bool) for name, _, _ in train}
-    for name, _, _ in train:  # the same first clicks for both strategies (same seed)
+    for name, _, _ in train:  # the same first clicks for every rule (same seed)
         r, c = pick(labels[name] != IGNORE_INDEX, k0, np.random.default_rng([seed, zlib.crc32(name.encode())]))
         client.add(name, r, c, labels[name][r, c])
         clicked[name][r, c] = True
     curve = []
     for rnd in range(rounds + 1):
-        run = client.train()
+        if rnd == 0 and Path(first).is_file():
+            client.show(first)
+            how = f"the seed's first model ({first.name}) shown"
+        else:
+            run = client.train()
+            how = f"{run['steps']} steps in {run['elapsed']:.0f} s"
+            if rnd == 0:
+                shutil.copyfile(client.server.app.training.model_path, first)
         miou = score(client, val, labels, names, palette)
         per_image = float(np.mean([m.sum() for m in clicked.values()]))
         curve.append((per_image, miou))
-        log(f"  {strategy} seed {seed} round {rnd}: {per_image:.0f} clicks per image, {run['steps']} steps in "
-            f"{run['elapsed']:.0f} s, val mIoU {miou:.3f}")
+        log(f"  {rule} seed {seed} round {rnd}: {per_image:.0f} clicks per image, {how}, val mIoU {miou:.3f}")
         if rnd == rounds:
             break
+        chosen = model_clicks(client.server.app.training.model_path, train, labels, clicked, k, rule) \
+            if rule not in ("random", "error") else {}
         for name, _, _ in train:
             label, free = labels[name], (labels[name] != IGNORE_INDEX) & ~clicked[name]
-            if strategy == "error":
-                wrong = free & (client.prediction(name, label.shape, palette) != label)
-                r, c = pick(wrong, k, rng, SPACING)
-                if len(r) < k:  # fewer mistakes than clicks: the rest anywhere
-                    free2 = free.copy()
-                    free2[r, c] = False
-                    r2, c2 = pick(free2, k - len(r), rng)
-                    r, c = np.concatenate([r, r2]), np.concatenate([c, c2])
-            else:
+            if rule == "error":
+                r, c = pick(free & (client.prediction(name, label.shape, palette) != label), k, rng, SPACING)
+            elif rule == "random":
                 r, c = pick(free, k, rng)
+            else:
+                r, c = chosen[name]
+            r, c = top_up(free, r, c, k, rng)  # fewer places than clicks: the rest anywhere
             client.add(name, r, c, label[r, c])
             clicked[name][r, c] = True
     return curve
 
 
 def dense_reference(images, labels_dir, classes, split, size, epochs, out, seed, log):
-    """Train on the dense labels with the loop's command and seed; returns the checkpoint."""
+    """Train the loop's network on the dense labels for the first Train's epochs, with the seed; the checkpoint."""
     cmd = [sys.executable, "train.py", "--images", str(images), "--labels", str(labels_dir), "--split", str(split),
-           "--seed", str(seed),
-           "--no-pretrained", "--arch", "resnet18", "--size", str(size), "--out", str(out), "--epochs", str(epochs),
-           "--points", "dense", "--batch-size", "8", "--no-figures", "--no-progress", "--overwrite"]
+           "--seed", str(seed), *NETWORK.replace("SIZE", str(size)).split(), "--out", str(out), "--epochs",
+           str(epochs), "--points", "dense", "--no-figures", "--no-progress", "--overwrite"]
     if classes:
         cmd += ["--classes", str(classes)]
     done = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
@@ -228,24 +283,42 @@ def dense_reference(images, labels_dir, classes, split, size, epochs, out, seed,
 
 # --------------------------------------------------------------------------- CLI
 
+def rule_names(text):
+    """--strategies: comma-separated names of RULES, random among them (the baseline of the paired differences)."""
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    unknown = [n for n in names if n not in RULES]
+    if unknown or "random" not in names:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated rules of {', '.join(RULES)}, random "
+                                         f"among them (the baseline)"
+                                         + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+    return names
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Measure the click-and-see loop (see the module docstring).")
+    p = argparse.ArgumentParser(description="Compare click-suggestion rules at equal clicks (see the module "
+                                            "docstring).")
     p.add_argument("--preset", default="atlanta", choices=sorted(PRESETS))
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--start", type=int, default=2, help="random clicks per training image before the first round")
-    p.add_argument("--clicks", type=int, default=2, help="clicks per training image and round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=8, help="epochs of every training")
-    p.add_argument("--out", default=None, help="the table (default results/annotate_loop_<preset>.md)")
+    p.add_argument("--start", type=int, default=5, help="random clicks per training image before the first Train")
+    p.add_argument("--clicks", type=int, default=5, help="clicks per training image and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of clicks and Train (adapting) after the first")
+    p.add_argument("--epochs", type=int, default=8, help="epochs of the first Train (trained anew) and of the dense "
+                                                         "reference")
+    p.add_argument("--adapt-steps", type=int, default=annotate.ADAPT_STEPS,
+                   help="optimizer steps of every later Train, adapting the model shown (annotate.py --adapt-steps)")
+    p.add_argument("--strategies", type=rule_names, default=RULES,
+                   help=f"comma-separated rules to compare, random among them (default all: {','.join(RULES)})")
+    p.add_argument("--out", default=None, help="the table (default results/annotate_suggest_<preset>.md)")
     return p
 
 
 def main(args):
     preset = PRESETS[args.preset]
-    if min(args.seeds, args.start, args.clicks, args.epochs) < 1 or args.rounds < 0:
-        print("error: --seeds, --start, --clicks and --epochs must be >= 1, --rounds >= 0", file=sys.stderr)
+    if min(args.seeds, args.start, args.clicks, args.epochs, args.adapt_steps) < 1 or args.rounds < 0:
+        print("error: --seeds, --start, --clicks, --epochs and --adapt-steps must be >= 1, --rounds >= 0",
+              file=sys.stderr)
         return 2
-    out = Path(args.out or f"results/annotate_loop_{args.preset}.md")
+    out = Path(args.out or f"results/annotate_suggest_{args.preset}.md")
     try:
         train, val = split_files(preset)
     except (FileNotFoundError, KeyError, StopIteration) as e:
@@ -254,17 +327,17 @@ def main(args):
     classes = load_class_file(preset["classes"]) if preset["classes"] else POTSDAM
     names, palette = list(classes.names), [tuple(c) for c in classes.palette]
     labels = {name: read_label(label, classes) for name, _, label in train + val}
-    lines = []
-    log = lambda s: (print(s, flush=True), lines.append(s))
+    log = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.time()
     curves = {}
+    majority = majority_miou(train, val, labels, names)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         images, labels_dir = workspace(tmp / "data", train, val)
         split = tmp / "split.json"
         split.write_text(json.dumps({"train": [n for n, _, _ in train], "val": [n for n, _, _ in val]}))
         classes_path = Path(preset["classes"]).resolve() if preset["classes"] else None
-        command = TRAIN.replace("SIZE", str(preset["size"]))
+        command = TRAIN.replace("NETWORK", NETWORK).replace("SIZE", str(preset["size"]))
         dense = []
         for seed in range(args.seeds):
             ck = dense_reference(images, labels_dir, classes_path, split, preset["size"], args.epochs,
@@ -274,19 +347,19 @@ def main(args):
             dense.append(score(client, val, labels, names, palette))
             client.close()
             log(f"  dense reference seed {seed}: val mIoU {dense[-1]:.3f}")
-            for strategy in ("error", "random"):
-                client = Client(images, tmp / f"{strategy}{seed}.csv", tmp / f"{strategy}{seed}", classes_path,
-                                command + f" --seed {seed}", args.epochs)
+            for rule in args.strategies:
+                client = Client(images, tmp / f"{rule}{seed}.csv", tmp / f"{rule}{seed}", classes_path,
+                                command + f" --seed {seed}", args.epochs, args.adapt_steps)
                 try:
-                    curves.setdefault(strategy, []).append(run_loop(client, train, val, labels, names, palette,
-                                                                    strategy, args.start, args.clicks, args.rounds,
-                                                                    seed, log))
+                    curves.setdefault(rule, []).append(run_loop(client, train, val, labels, names, palette, rule,
+                                                                args.start, args.clicks, args.rounds, seed, log,
+                                                                tmp / f"first{seed}.pth"))
                 finally:
                     client.close()
+            # after every seed, so a run stopped early leaves the seeds it finished
+            write_table(out, args, preset, curves, dense, majority, time.time() - t0, len(train), len(val))
+            print(f"wrote {out} ({seed + 1} of {args.seeds} seeds)", flush=True)
         shutil.rmtree(tmp / "data", ignore_errors=True)
-    majority = majority_miou(train, val, labels, names)
-    write_table(out, args, preset, curves, dense, majority, time.time() - t0, len(train), len(val))
-    print(f"wrote {out}")
     return 0
 
 
@@ -299,37 +372,71 @@ def majority_miou(train, val, labels, names):
     return cm.compute()["miou"]
 
 
+def mean_sd(v):
+    """'mean ± sd' of v (sd over seeds, ddof 1; none for one seed), one decimal."""
+    return f"{v.mean():.1f}" + (f" ± {v.std(ddof=1):.1f}" if len(v) > 1 else "")
+
+
+def reached(curve, dense):
+    """Clicks per image of the first round whose mIoU reaches 0.90 of `dense`, or None."""
+    return next((n for n, m in curve if m >= 0.9 * dense), None)
+
+
 def write_table(path, args, preset, curves, dense, majority, seconds, n_train, n_val):
+    """curves {rule: [seed][round] (clicks per image, mIoU)}; every rule at the same clicks per image."""
     kind = "SYNTHETIC demo data" if preset["synthetic"] else "REAL data (SpaceNet Atlanta, 0.5 m)"
+    rules = list(curves)
+    c = {rule: np.array(curves[rule], float) for rule in rules}  # (seeds, rounds + 1, 2)
+    levels = c["random"][0, :, 0]
+    if any(not np.array_equal(c[rule][..., 0], np.broadcast_to(levels, c[rule][..., 0].shape)) for rule in rules):
+        raise RuntimeError(f"the rules placed different numbers of clicks: {({r: c[r][..., 0] for r in rules})}")
     d = np.array(dense)
-    lines = [f"# The click-and-see loop, measured: preset `{args.preset}` ({kind})", "",
-             f"Written by `python -m research.annotate_loop --preset {args.preset} --seeds {args.seeds} --start {args.start} "
-             f"--clicks {args.clicks} --rounds {args.rounds} --epochs {args.epochs}` in {seconds / 60:.0f} min on "
-             f"this machine's CPU. {n_train} training images are clicked, {n_val} val images score (dense labels, "
-             f"mIoU at native resolution, read back through the page's overlay). Every training: the page's "
-             f"command, ResNet18 from random init, processing size {preset['size']}, {args.epochs} epochs. Mean ± "
-             f"std over {args.seeds} seeds.", "",
-             f"Dense reference (the same command on the dense labels): **{100 * d.mean():.1f} ± "
-             f"{100 * d.std(ddof=1) if len(d) > 1 else 0:.1f} %** mIoU; 0.90 of it = {90 * d.mean():.1f} %. "
+    command = (f"python -m research.annotate_loop --preset {args.preset} --seeds {args.seeds} --start {args.start} "
+               f"--clicks {args.clicks} --rounds {args.rounds} --epochs {args.epochs} "
+               f"--adapt-steps {args.adapt_steps} --strategies {','.join(rules)}"
+               + (f" --out {args.out}" if args.out else ""))
+    head = "| rule | " + " | ".join(f"{n:.0f}" for n in levels)
+    rule_cell = {"random": "random (baseline)", "error": "error (where the map is wrong)"}
+    lines = [f"# Suggestion rules at equal clicks, the page adapting: preset `{args.preset}` ({kind})", "",
+             f"Written by `{command}` in {seconds / 60:.0f} min on this machine's CPU. {n_train} training images are "
+             f"clicked, {n_val} val images score (dense labels, mIoU at native resolution, read back through the "
+             f"page's overlay). The page's train command with {{budget}}, processing size {preset['size']}, "
+             f"ResNet18 from random init: the first Train trains anew for {args.epochs} epochs on {args.start} random "
+             f"clicks per image (the same clicks and the same first model for every rule of a seed), each later Train "
+             f"adapts the model shown for {args.adapt_steps} optimizer steps after {args.clicks} more clicks per image "
+             f"chosen by the rule. Mean ± sd over {len(d)} seeds (the seed of the first clicks and of "
+             f"train.py)" + (f"; the run was stopped after {len(d)} of its {args.seeds} seeds" if len(d) < args.seeds
+                             else "") + ".", "",
+             f"Dense reference (the same network, {args.epochs} epochs on the dense labels): **{100 * d.mean():.1f}"
+             f"{' ± %.1f' % (100 * d.std(ddof=1)) if len(d) > 1 else ''} %** mIoU; "
+             f"0.90 of it = {90 * d.mean():.1f} %. "
              f"All-background (the training labels' majority class everywhere, no model): {100 * majority:.1f} %."
-             + (" The dense reference is below it: with this training budget even dense labels do not beat "
-                "predicting the majority class, so the click counts below say nothing about the loop."
-                if d.mean() <= majority else ""), "",
-             "| clicks per training image | error-driven mIoU % | random mIoU % | error minus random (paired) |",
-             "|---:|---:|---:|---:|"]
-    err, rnd = np.array(curves["error"]), np.array(curves["random"])  # (seeds, rounds + 1, 2)
-    for j in range(err.shape[1]):
-        e, r = 100 * err[:, j, 1], 100 * rnd[:, j, 1]
-        sd = lambda v: f" ± {v.std(ddof=1):.1f}" if len(v) > 1 else ""
-        lines.append(f"| {err[0, j, 0]:.0f} | {e.mean():.1f}{sd(e)} | {r.mean():.1f}{sd(r)} | "
-                     f"{(e - r).mean():+.1f}{sd(e - r)} |")
-    lines.append("")
-    for name, c in (("error-driven", err), ("random", rnd)):
-        reach = [next((c[s, j, 0] for j in range(c.shape[1]) if c[s, j, 1] >= 0.9 * dense[s]), None)
-                 for s in range(c.shape[0])]
+             + (" The dense reference is below it: at this training budget even dense labels do not beat predicting "
+                "the majority class, so the rules' differences say little." if d.mean() <= majority else ""), "",
+             "## Val mIoU % by clicks per training image", "",
+             head + " | clicks per image to 0.90 of dense (per seed) |",
+             "|---|" + "---:|" * len(levels) + "---|"]
+    for rule in rules:
+        reach = [reached(c[rule][s], dense[s]) for s in range(len(dense))]
         shown = ", ".join("not reached" if v is None else f"{v:.0f}" for v in reach)
-        lines.append(f"- Clicks per training image to reach 0.90 of the dense result, {name}: {shown} (per seed; "
-                     f"at most {c[0, -1, 0]:.0f} tried).")
+        lines.append(f"| {rule_cell.get(rule, rule)} | " + " | ".join(mean_sd(100 * c[rule][:, j, 1])
+                                                               for j in range(len(levels))) + f" | {shown} |")
+    lines += ["", "## Minus random, paired by seed (mIoU points: mean ± sd of the per-seed differences)", "",
+              head + " |", "|---|" + "---:|" * len(levels)]
+    for rule in [r for r in rules if r != "random"]:
+        diff = 100 * (c[rule][..., 1] - c["random"][..., 1])
+        lines.append(f"| {rule} | " + " | ".join(("+" if diff[:, j].mean() >= 0 else "") + mean_sd(diff[:, j])
+                                                  for j in range(len(levels))) + " |")
+    lines += ["", f"At most {levels[-1]:.0f} clicks per image tried. Rules: `margin` smallest gap between the two "
+                  "top classes; `entropy` largest entropy; `spread` farthest-point among the 10 x k least sure cells; "
+                  "`balanced` the predicted classes in turn, rarest first, least sure of each (few_clicks.choose_cells"
+                  "); every rule keeps its clicks of a round 5 processing pixels apart, `error` 5 image pixels.",
+              "", "## Per seed (val mIoU %)", "", "| rule | seed | dense | " +
+              " | ".join(f"{n:.0f}" for n in levels) + " |", "|---|---:|---:|" + "---:|" * len(levels)]
+    for rule in rules:
+        for s in range(len(dense)):
+            lines.append(f"| {rule} | {s} | {100 * dense[s]:.1f} | " +
+                         " | ".join(f"{100 * m:.1f}" for m in c[rule][s, :, 1]) + " |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
