@@ -3,7 +3,8 @@ the images of a folder, train a short model on them, see its prediction over the
 least sure; and, in its Assess mode, label the points of a blind accuracy assessment sample one at a time.
 Train adapts the model shown to the clicks as they are now (a few optimizer steps from its weights, --adapt-steps)
 and repaints; Retrain from scratch trains anew; the "changed" layer shows the pixels whose class the last round
-changed.
+changed; the "live" layer repaints at each click with no training: a small head re-fitted on the shown model's
+per-pixel features at the clicks (click_head.py, `Live`).
 
     python annotate.py --images input_images --clicks clicks.csv          # then open the address it prints
     python annotate.py --images tiles/ --clicks clicks.geojson --classes classes.json
@@ -885,6 +886,93 @@ def suggest(training, click_file, n, spacing=5.0):
     return sorted(found, key=lambda s: s["margin"])[:n]
 
 
+# --------------------------------------------------------------------------- the live layer: a click repaints at once
+
+class Live:
+    """The `live` overlay layer: a small head (click_head.fit_head, the logistic regression anchored at the network's
+    own classifier) re-fitted on the shown model's per-pixel features at every click of every image, and painted over
+    the tiles asked for, with no training. It is fitted when a tile or /api/live asks and the click file or the model
+    changed since the last fit (a fit of hundreds of clicks takes milliseconds); the model's features are extracted
+    once per image (click_head.Features caches them) and thrown away when another model is shown. Only the images the
+    model predicted (Training.predictions) are painted or read for clicks."""
+
+    def __init__(self, training, click_file):
+        self.training, self.click_file = training, click_file
+        self._lock = threading.Lock()
+        self.features, self.model, self.key, self.head = None, 0, None, None
+        self.state = {}
+
+    def fitted(self):
+        """(head, features) for the model shown and the clicks as they are now; 409 before a model is shown."""
+        training = self.training
+        with training._lock:
+            model, predicted = training.state["model"], set(training.predictions)
+        if not model or not predicted:
+            raise HTTPError(HTTPStatus.CONFLICT, "no model yet: train first (the live layer re-fits the shown "
+                                                 "model's head on the clicks)")
+        from click_head import fit_head, Features  # torch comes with it: the server starts without
+        with self._lock:
+            if self.features is None or self.model != model:
+                self.features, self.model, self.key = Features(training.model_path, training.device), model, None
+            with self.click_file.locked():
+                version = self.click_file.version()
+                clicks = self.click_file.read() if self.key != (model, version) else None
+            if clicks is not None:
+                t0 = time.perf_counter()
+                seconds = self.features.seconds
+                xs, ys = [], []
+                for name, px in clicks.items():
+                    if px and name in predicted:
+                        rc = np.array(list(px), np.int64)
+                        xs.append(self.features.at(name, self.click_file.images.refs[name].path, rc[:, 0], rc[:, 1]))
+                        ys.append(np.array([cl for cl, _ in px.values()], np.int64))
+                D = self.features.weight.shape[1]
+                x = np.concatenate(xs) if xs else np.zeros((0, D), np.float32)
+                y = np.concatenate(ys) if ys else np.zeros(0, np.int64)
+                t1 = time.perf_counter()
+                self.head = fit_head(x, y, self.features.weight, self.features.bias)
+                t2 = time.perf_counter()
+                self.key = (model, version)
+                self.state = {"model": model, "version": version, "clicks": int(len(y)),
+                              "head": "logistic regression anchored at the model's classifier",
+                              "seconds": {"features": round(self.features.seconds - seconds, 3),
+                                          "gather": round(t1 - t0 - (self.features.seconds - seconds), 3),
+                                          "fit": round(t2 - t1, 3)}}
+            return self.head, self.features
+
+    def status(self):
+        self.fitted()
+        with self._lock:
+            return dict(self.state)
+
+    def tile(self, name, ref, x0, y0, x1, y1, step, palette):
+        """RGBA (h, w, 4) uint8: the head's classes over image pixels [y0, y1) x [x0, x1) every `step`-th, looked up
+        on the processing grid by the overlay's rule (only the grid block the tile covers is predicted)."""
+        with self.training._lock:
+            predicted = name in self.training.predictions
+        if not predicted:
+            raise not_found(f"no prediction for {name}")
+        head, features = self.fitted()
+        with self._lock:
+            f = features.of(name, ref.path)
+        return head_tile(head, f, ref.shape, x0, y0, x1, y1, step, palette)
+
+
+def head_tile(head, features, shape, x0, y0, x1, y1, step, palette):
+    """RGBA (h, w, 4) uint8 of `head`'s classes over image pixels [y0, y1) x [x0, x1) every `step`-th of an image of
+    `shape` (H, W) whose processing-grid features are `features` (D, h, w): the cells by the overlay's rule, only the
+    block of cells the tile covers predicted."""
+    H, W = shape
+    h, w = features.shape[1:]
+    rows = (np.arange(y0, y1, step) * h // H).clip(0, h - 1)
+    cols = (np.arange(x0, x1, step) * w // W).clip(0, w - 1)
+    grid = head.predict(features[:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+    out = np.empty((rows.size, cols.size, 4), np.uint8)
+    out[..., :3] = np.asarray(palette, np.uint8)[grid[np.ix_(rows - rows[0], cols - cols[0])]]
+    out[..., 3] = 255
+    return out
+
+
 # --------------------------------------------------------------------------- HTTP
 
 class App:
@@ -905,6 +993,7 @@ class App:
         check_train_command(command, "--train-command ($ANNOTATE_TRAIN_COMMAND)" if from_env else "--train-command")
         self.training = Training(command, self.images, self.click_file, self.classes, classes_path, runs,
                                  args.epochs, args.device, args.adapt_steps)
+        self.live = Live(self.training, self.click_file)
         self.hosts = set()
 
     def config(self):
@@ -1016,6 +1105,8 @@ def route(h, method, path, q, body):
             return tile(h, path, q)
         if path == "/api/train":
             return h._json(app.training.status())
+        if path == "/api/live":
+            return h._json(app.live.status())
         if path == "/api/assess":
             after = q.get("after", [None])[0]
             sample = assessment_of(app)
@@ -1078,8 +1169,11 @@ def tile(h, path, q):
         arr = app.images.window(name, x0, y0, x1, y1, step)
     else:
         layer = q.get("layer", ["classes"])[0]
-        if layer not in ("classes", "unsure", "changed"):
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "layer must be 'classes', 'unsure' or 'changed'")
+        if layer not in ("classes", "unsure", "changed", "live"):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "layer must be 'classes', 'unsure', 'changed' or 'live'")
+        if layer == "live":
+            return h._send(HTTPStatus.OK, png_bytes(app.live.tile(name, ref, x0, y0, x1, y1, step,
+                                                                  app.classes.palette)), "image/png")
         training = app.training
         with training._lock:  # one model's prediction and changes, not one of each
             pred, changed = training.predictions.get(name), training.changed.get(name)

@@ -15,7 +15,7 @@ class App {
     this.cls = 0;
     this.mode = "annotate"; // or "assess"
     this.viewer = new Viewer(document.getElementById("canvas"), config.bounds);
-    this.clicks = new Clicks(config.bounds, () => { this.count(); this.viewer.redraw(); });
+    this.clicks = new Clicks(config.bounds, () => this.clicksChanged());
     this.training = new Training(this);
     this.assess = config.assess ? new Assess(this) : null;
     this.viewer.onDraw.push((ctx, v) => { if (this.mode === "annotate") this.clicks.draw(ctx, v, this.palette); });
@@ -62,6 +62,14 @@ class App {
 
   count() {
     document.getElementById("count").textContent = this.clicks.total();
+  }
+
+  // Every change of the click file (a click here, undo, another tab's): the live layer is repainted from it.
+  clicksChanged() {
+    this.count();
+    this.viewer.clicksVersion = this.clicks.version;
+    if (this.viewer.layer === "live") this.training.live();
+    this.viewer.redraw();
   }
 
   images() {
@@ -214,7 +222,12 @@ class App {
     el("retrain").onclick = () => this.training.start(true);
     el("suggest").onclick = () => this.training.suggest();
     el("opacity").oninput = (e) => { this.viewer.opacity = Number(e.target.value); this.viewer.redraw(); };
-    el("layer").onchange = (e) => { this.viewer.layer = e.target.value; this.viewer.redraw(); };
+    el("layer").onchange = (e) => {
+      this.viewer.layer = e.target.value;
+      if (e.target.value === "live") this.training.live();
+      else el("live").textContent = "";
+      this.viewer.redraw();
+    };
   }
 
   // Other tabs and people write the same file: reload its clicks when it changed under us.

@@ -1,7 +1,8 @@
 // The model: Train (adapt the model shown to the clicks as they are now, or train anew when there is none yet) and
 // Retrain from scratch; follow the run's progress (the server reads train.py's progress file: step of steps), show
 // its prediction, its accuracy on held-out clicks, what changed since the previous model and the places it is
-// least sure of (suggestions, answered by ordinary clicks).
+// least sure of (suggestions, answered by ordinary clicks); with the live layer, what the head the server re-fits at
+// each click was fitted on.
 import * as api from "./api.js";
 
 export class Training {
@@ -10,6 +11,7 @@ export class Training {
     this.model = 0;
     this.changed = null; // the status's `changed`: {since, pixels: {image: n}, share: {image: f}, note}
     this.suggestions = []; // [{image, x, y, margin, predicted}]
+    this.liveState = null; // /api/live: {model, version, clicks, head, seconds: {features, gather, fit}}
     this.timer = null;
     this.el = (id) => document.getElementById(id);
     const steps = app.config.adapt_steps;
@@ -65,7 +67,23 @@ export class Training {
       v.compared = new Set(Object.keys((s.changed && s.changed.pixels) || {}));
       this.el("accuracy").textContent = formatMetrics(s.metrics);
       this.showChanged();
+      if (v.layer === "live") this.live();
       v.redraw();
+    }
+  }
+
+  // The live layer's head, fitted for the clicks as they are now (the server fits it if they changed).
+  async live() {
+    try {
+      const s = await api.get("/api/live");
+      this.liveState = s;
+      const seconds = s.seconds.fit + s.seconds.gather + s.seconds.features;
+      const ms = Math.round(seconds * 1000); // not a server bound
+      const clicks = `${s.clicks} click${s.clicks === 1 ? "" : "s"}`;
+      this.el("live").textContent = `live: model ${s.model}'s head re-fitted on ${clicks} in ${ms} ms, no training ` +
+        "(Train adapts the network itself)";
+    } catch (e) {
+      this.el("live").textContent = e.status === 409 ? "live: no model yet (train first)" : e.message;
     }
   }
 

@@ -1,5 +1,7 @@
 // The map: one image on a canvas, panned and zoomed, drawn from tiles the server cuts (never the whole image),
-// with the model's prediction as a transparent overlay and whatever the other modules draw on top (onDraw).
+// with the model's prediction as a transparent overlay and whatever the other modules draw on top (onDraw). The
+// "live" layer is the model's head re-fitted on the clicks by the server at each click: its tiles are asked for
+// again whenever the click file's version changes, and the last version's stay drawn until the new ones come.
 import * as api from "./api.js";
 
 const TILE = 256; // the tile side asked for, in screen-sized pixels, unless the server's max_tile is smaller
@@ -17,7 +19,9 @@ export class Viewer {
     this.oy = 0;
     this.tiles = new Map(); // url -> HTMLImageElement (loaded or loading)
     this.model = 0; // the prediction's number: 0 = none
-    this.layer = "classes"; // or "unsure", or "changed" (since the previous model)
+    this.layer = "classes"; // or "unsure", "changed" (since the previous model), "live" (re-fitted at each click)
+    this.clicksVersion = ""; // the click file's version: the live layer's tiles are of it
+    this.liveDrawn = null; // the click file version whose live tiles were drawn last
     this.opacity = 0.5;
     this.predicted = new Set(); // images the model has a prediction of
     this.compared = new Set(); // images whose prediction is compared with the previous model's (the changed layer)
@@ -115,14 +119,15 @@ export class Viewer {
   }
 
   // Draw `kind` tiles: coarser levels already loaded first (no blank while zooming), then this level.
-  drawLayer(kind, extra) {
+  // fetch false: only the tiles already loaded.
+  drawLayer(kind, extra, fetch = true) {
     const ctx = this.ctx;
     const z = this.level();
     let shown = 0;
     for (let lv = this.maxLevel(); lv >= z; lv--) {
       for (const t of this.visibleTiles(lv)) {
         const url = api.tileUrl(kind, this.image.name, lv, t.tx, t.ty, this.tileSide, extra);
-        const img = this.tile(url, lv === z);
+        const img = this.tile(url, fetch && lv === z);
         if (!img) continue;
         const [sx, sy] = this.imageToScreen(t.x0, t.y0);
         ctx.drawImage(img, sx, sy, t.w * this.scale, t.h * this.scale);
@@ -144,7 +149,15 @@ export class Viewer {
     const has = this.layer === "changed" ? this.compared.has(name) : this.predicted.has(name);
     if (this.showOverlay && this.model && this.opacity > 0 && has) {
       ctx.globalAlpha = this.opacity;
-      this.overlayTilesShown = this.drawLayer("overlay", { layer: this.layer, model: this.model });
+      const extra = { layer: this.layer, model: this.model };
+      if (this.layer === "live") {
+        if (this.liveDrawn !== null && this.liveDrawn !== this.clicksVersion) {
+          this.drawLayer("overlay", { ...extra, clicks: this.liveDrawn }, false); // until the new tiles come
+        }
+        extra.clicks = this.clicksVersion;
+      }
+      this.overlayTilesShown = this.drawLayer("overlay", extra);
+      if (this.layer === "live" && this.overlayTilesShown) this.liveDrawn = this.clicksVersion;
       ctx.globalAlpha = 1;
     }
     for (const f of this.onDraw) f(ctx, this);

@@ -870,3 +870,42 @@ def test_train_from_the_page_never_reads_the_sample(assessing):
     args.clicks = str(sample)
     with pytest.raises(ValueError, match="is an assessment sample"):
         train.read_run_clicks(config_from_args(args))
+
+
+# --------------------------------------------------------------------------- the live layer: a click repaints at once
+
+def show_tiny_model(s, tmp_path):
+    """The page shows an untrained tiny network (as `annotate --checkpoint` does): model 1, no training."""
+    import torch
+    from checkpoint import save_checkpoint
+    from model import TinySegmentation
+    from spec import DataSpec
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "tiny.pth", TinySegmentation(6), DataSpec(scale=1.0))
+    s.app.training.predict_all(tmp_path / "tiny.pth")
+    s.app.training.state.update(state="done", model=1)
+
+
+def test_the_live_layer_follows_each_click_without_training(server, tmp_path):
+    assert server.request("GET", "/api/overlay?image=im0&z=0&x=0&y=0&size=64&layer=live")[0] == 404
+    assert server.request("GET", "/api/live")[0] == 409  # no model yet
+    show_tiny_model(server, tmp_path)
+    classes = overlay(server, "im0")
+    live = overlay(server, "im0", "live")
+    assert live.shape == classes.shape == (30, 40, 4) and (live[..., 3] == 255).all()
+    assert (live == classes).all(-1).mean() > 0.99  # no clicks: the head is the network's own classifier
+    assert server.json("GET", "/api/live")["clicks"] == 0
+    car = list(annotate.POTSDAM.palette[4])
+    pts = [[x, y] for x in (5, 15, 25, 35) for y in (5, 15, 25)]
+    server.json("POST", "/api/clicks", {"op": "add", "image": "im0", "points": pts, "class": 4})
+    after = overlay(server, "im0", "live")
+    assert np.mean([after[y, x, :3].tolist() == car for x, y in pts]) >= 0.8  # the clicks' class where they are
+    st = server.json("GET", "/api/live")
+    assert st["model"] == 1 and st["clicks"] == 12 and st["seconds"]["fit"] < 1
+    assert st["version"] == server.json("GET", "/api/clicks")["version"]
+    assert (overlay(server, "im0") == classes).all()  # the model's own layer: nothing trained
+    assert server.json("GET", "/api/train")["model"] == 1
+    server.json("POST", "/api/clicks", {"op": "remove", "image": "im0", "points": pts})
+    assert (overlay(server, "im0", "live") == live).all()  # the clicks gone: the map they changed comes back
+    assert server.json("GET", "/api/live")["clicks"] == 0
+    assert server.request("GET", "/api/overlay?image=im0&z=0&x=0&y=0&size=64&layer=head")[0] == 400

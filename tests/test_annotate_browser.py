@@ -342,6 +342,59 @@ def test_train_click_more_train_again_adapts_and_shows_what_changed_in_chromium(
         s.close()
 
 
+
+@pytest.mark.slow
+def test_a_click_repaints_the_live_layer_without_train_in_chromium(browser, tmp_path):
+    import io
+    import numpy as np
+    import torch
+    from checkpoint import save_checkpoint
+    from model import TinySegmentation
+    from spec import DataSpec
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(colour_image(48, 64)).save(folder / "im0.png")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "tiny.pth", TinySegmentation(6), DataSpec(scale=1.0))  # shown, never trained here
+    s = Server(folder, tmp_path / "clicks.csv", tmp_path / "runs")
+    s.app.training.predict_all(tmp_path / "tiny.pth")
+    s.app.training.state.update(state="done", model=1, message="showing tiny.pth")
+
+    def live_tile():  # the server's live layer of the whole image, RGB
+        code, _, data = s.request("GET", "/api/overlay?image=im0&z=0&x=0&y=0&size=64&layer=live")
+        assert code == 200, data
+        return np.asarray(Image.open(io.BytesIO(data)))[..., :3]
+
+    try:
+        browser.get(f"http://127.0.0.1:{s.port}/")
+        wait(browser, "return document.body.dataset.ready", what="the page")
+        wait(browser, "return app.training.model === 1", what="the model shown")
+        browser.execute_script("const o = document.getElementById('opacity'); o.value = 1;"
+                               "o.dispatchEvent(new Event('input'));"
+                               "const l = document.getElementById('layer'); l.value = 'live';"
+                               "l.dispatchEvent(new Event('change'));")
+        wait(browser, "return app.viewer.liveDrawn === app.clicks.version", what="the live layer")
+        before = live_tile()
+        x, y = 30, 20
+        palette = s.app.classes.palette
+        cls = (palette.index(tuple(int(v) for v in before[y, x])) + 1) % len(palette)  # not the class shown there
+        press(browser, str(cls + 1))
+        click_pixel(browser, x, y)
+        wait(browser, "return document.getElementById('count').textContent === '1'")
+        wait(browser, "return app.viewer.liveDrawn === app.clicks.version && app.training.liveState && "
+                      "app.training.liveState.clicks === 1", what="the live layer after the click")
+        after = live_tile()
+        assert (after != before).any(axis=-1).sum() > 0, "the click changed no pixel of the live layer"
+        far = [(i, j) for i in range(2, 64, 6) for j in range(2, 48, 6) if abs(i - x) + abs(j - y) > 3]
+        drawn = [drawn_colour(browser, i, j) for i, j in far]
+        assert drawn == [after[j, i].tolist() for i, j in far]  # the page draws the server's new map
+        assert any(after[j, i].tolist() != before[j, i].tolist() for i, j in far)  # and it moved
+        assert browser.execute_script("return app.training.model") == 1  # nothing was trained
+        assert s.json("GET", "/api/train")["state"] == "done"
+        assert browser.find_element("id", "live").text.startswith("live: model 1's head re-fitted on 1 click in ")
+    finally:
+        s.close()
+
 def scribble(driver, pixels):
     """Shift+drag through the centres of image `pixels` [(x, y), ...], one mouse move each."""
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
