@@ -1,0 +1,58 @@
+"""research/click_response.py on a tiny scene: the simulated person's clicks land where the head's map was wrong and
+the table's numbers hold together (corrected = wrong -> right minus right -> wrong, per click and in total)."""
+
+import re
+
+import numpy as np
+import tifffile
+
+import annotate
+from research import benchmark, click_response
+from spec import PALETTE
+from tests.conftest import make_label, train_command
+
+
+def test_click_response_table_holds_together(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    label = make_label(rng, (60, 60), undefined=0)
+    colour = np.asarray(PALETTE, np.uint8)[label]
+    tifffile.imwrite(tmp_path / "scene.tif", np.clip(colour * 0.6 + rng.normal(40, 15, colour.shape), 0, 255)
+                     .astype(np.uint8))
+    tifffile.imwrite(tmp_path / "label.tif", colour)
+    monkeypatch.setitem(benchmark.LOOP_PRESETS, "synthetic", dict(
+        benchmark.LOOP_PRESETS["synthetic"], scene=str(tmp_path / "scene.tif"), label=str(tmp_path / "label.tif"),
+        side=60, patch=20))  # 3 x 3 patches: columns 0-1 clicked
+    monkeypatch.setattr(annotate, "DEFAULT_TRAIN_COMMAND", train_command(tmp_path))  # the tiny network
+    monkeypatch.setattr(click_response, "VIEW", 64)
+    out = tmp_path / "response.md"
+    args = click_response.get_args_parser().parse_args(
+        ["--preset", "synthetic", "--live-clicks", "3", "--start-clicks", "2", "--epochs", "2", "--threads", "1",
+         "--out", str(out)])
+    assert click_response.main(args) == 0
+    text = out.read_text()
+    assert text.startswith("# A click changes the map at once: the live layer's head, preset `synthetic` (SYNTHETIC")
+    assert "`python -m research.click_response --preset synthetic --live-clicks 3 --start-clicks 2 --epochs 2 " \
+           "--annotation-seed 0 --threads 1 --out " + str(out) + "`" in text
+    background = float(re.search(r"\*\*all-background\*\* \(.*?\) (\d+\.\d+)", text).group(1))
+    counts = np.bincount(label[:, :40].ravel(), minlength=6)
+    full = np.full(label.shape, counts.argmax())
+    ious = [((full == k) & (label == k)).sum() / ((full == k) | (label == k)).sum() for k in range(6)
+            if ((full == k) | (label == k)).any()]
+    assert background == round(float(np.mean(ious)), 3)
+    heads = [line.split(" | ") for line in text.splitlines() if re.match(r"\| (anchored|plain|random|no head)", line)]
+    assert len(heads) == len(click_response.HEADS) + 1 and heads[-1][2:7] == ["0"] * 5
+    per_click = [line.split(" | ") for line in text.splitlines() if re.match(r"\| \d+ \| r\d_c\d \|", line)]
+    page = heads[0]
+    assert [int(r[0][2:]) for r in per_click] == list(range(1, len(per_click) + 1)) and len(per_click) == int(page[1])
+    assert all(int(r[7]) == int(r[5]) - int(r[6]) for r in per_click)
+    assert int(page[4]) == sum(int(r[7]) for r in per_click) == int(page[5]) - int(page[6])
+    before, after = map(float, page[8].split(" -> "))  # OA: the corrected pixels over the 60 x 60 labelled ones
+    assert abs((after - before) * 3600 - int(page[4])) <= 0.001 * 3600
+    assert all(r[1][-1] in "01" for r in per_click)  # clicked on the training columns only
+    clicked = [tuple(map(int, re.findall(r"\d+", r[2]))) + (r[1],) for r in per_click]
+    assert len(set(clicked)) == len(clicked)  # never the same pixel twice
+    for r in per_click:  # the class is the dense label's
+        name, (row, col) = r[1], map(int, re.findall(r"\d+", r[2]))
+        pr, pc = int(name[1]), int(name[4])
+        assert int(r[3]) == label[pr * 20 + row, pc * 20 + col]
+    assert "wrote " + str(out) in capsys.readouterr().out
