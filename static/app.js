@@ -25,6 +25,9 @@ class App {
     document.getElementById("epochs").value = config.epochs;
     document.getElementById("epochs").max = config.bounds.max_epochs; // the server's bounds (400 past them)
     document.getElementById("suggest-n").max = config.bounds.max_suggestions;
+    const rule = document.getElementById("suggest-rule"); // the server's rules, its default chosen
+    rule.replaceChildren(...config.suggest.rules.map((r) => new Option(r, r, r === config.suggest.default,
+                                                                       r === config.suggest.default)));
     this.images();
     this.legend();
     this.mouse();

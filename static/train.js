@@ -1,8 +1,8 @@
 // The model: Train (adapt the model shown to the clicks as they are now, or train anew when there is none yet) and
 // Retrain from scratch; follow the run's progress (the server reads train.py's progress file: step of steps), show
-// its prediction, its accuracy on held-out clicks, what changed since the previous model and the places it is
-// least sure of (suggestions, answered by ordinary clicks); with the live layer, what the head the server re-fits at
-// each click was fitted on.
+// its prediction, its accuracy on held-out clicks, what changed since the previous model and places to click next
+// (suggestions: random by default, or the least sure; answered by ordinary clicks); with the live layer, what the
+// head the server re-fits at each click was fitted on.
 import * as api from "./api.js";
 
 export class Training {
@@ -98,7 +98,9 @@ export class Training {
   async suggest() {
     try {
       const n = this.el("suggest-n").value.trim(); // empty: the server's default; anything else it checks
-      this.suggestions = (await api.get(n === "" ? "/api/suggest" : `/api/suggest?n=${Number(n)}`)).suggestions;
+      const rule = encodeURIComponent(this.el("suggest-rule").value);
+      const query = n === "" ? `rule=${rule}` : `n=${Number(n)}&rule=${rule}`;
+      this.suggestions = (await api.get(`/api/suggest?${query}`)).suggestions;
     } catch (e) {
       this.app.message(e.message);
       return;

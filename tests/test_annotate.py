@@ -516,10 +516,21 @@ def test_train_from_the_api_then_overlay_and_suggestions(pngs, tmp_path):
         assert (over[15, 2, :3] == (255, 0, 0)).all() and (over[15, 37, :3] == (0, 0, 255)).all()  # clutter, building
         unsure = png(s.request("GET", "/api/overlay?image=im0&z=0&x=0&y=0&size=64&layer=unsure")[2])
         assert unsure.shape == (30, 40, 4)
-        sug = s.json("GET", "/api/suggest?n=5")["suggestions"]
+        sug = s.json("GET", "/api/suggest?n=5&rule=margin")["suggestions"]
         assert len(sug) == 5 and sug == sorted(sug, key=lambda t: t["margin"])
+        # the default is random (no model rule beat it, results/annotate_suggest_demo.md): the same clicks give the
+        # same places, not the least sure ones, drawn over every predicted image
+        assert s.json("GET", "/api/config")["suggest"] == {"rules": ["random", "margin"], "default": "random"}
+        rand = s.json("GET", "/api/suggest?n=5")
+        assert rand["rule"] == "random" and rand == s.json("GET", "/api/suggest?n=5&rule=random")
+        assert len(rand["suggestions"]) == 5 and rand["suggestions"] != sug
+        many = s.json("GET", "/api/suggest?n=40")["suggestions"]
+        assert {t["image"] for t in many} == {"im0", "im1"}
+        assert s.request("GET", "/api/suggest?rule=entropy")[0] == 400
         clicked = {(img, x, y) for img, pts in s.json("GET", "/api/clicks")["clicks"].items() for x, y, _, _ in pts}
-        assert not clicked & {(t["image"], t["x"], t["y"]) for t in sug}
+        assert not clicked & {(t["image"], t["x"], t["y"]) for t in sug + many}
+        s.json("POST", "/api/clicks", {"op": "add", "image": "im0", "points": [[1, 1]], "class": 0, "kind": "point"})
+        assert s.json("GET", "/api/suggest?n=5")["suggestions"] != rand["suggestions"]  # a new click, new places
         assert (tmp_path / "runs" / "train.log").read_text().count("epoch") >= 2
     finally:
         s.close()

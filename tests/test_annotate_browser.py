@@ -208,6 +208,7 @@ def drawn_colour(driver, x, y):
 @pytest.mark.slow
 def test_click_reload_train_overlay_suggest_in_chromium(browser, tmp_path):
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.select import Select
     folder = tmp_path / "images"
     folder.mkdir()
     shapes = {"im0": (48, 64), "im1": (40, 56)}
@@ -271,6 +272,15 @@ def test_click_reload_train_overlay_suggest_in_chromium(browser, tmp_path):
         browser.find_element("id", "suggest-n").send_keys("3")
         browser.find_element("id", "suggest").click()
         wait(browser, "return app.training.suggestions.length === 3", what="suggestions")
+        rule = browser.find_element("id", "suggest-rule")  # the server's rules, random (measured best) chosen
+        assert [o.get_attribute("value") for o in rule.find_elements("tag name", "option")] == ["random", "margin"]
+        assert rule.get_attribute("value") == "random"
+        assert browser.execute_script("return app.training.suggestions") == s.json("GET", "/api/suggest?n=3")[
+            "suggestions"]
+        Select(rule).select_by_value("margin")
+        browser.find_element("id", "suggest").click()
+        wait(browser, "const m = app.training.suggestions.map((t) => t.margin); return m.length === 3 && "
+                      "m.every((v, i) => i === 0 || m[i - 1] <= v)", what="the least sure places")
         press(browser, "f")  # the whole image, suggestions ringed
         shot = tmp_path / "annotate.png"
         browser.execute_script("document.getElementById('side').scrollTop = 0; app.viewer.draw()")
