@@ -9,10 +9,11 @@ A block is two HTML comments, which Markdown does not show; everything between t
     ...generated...
     <!-- /results -->
 
-`synthetic`, `atlanta`, `atlanta_steps` or `synthetic_steps` names the report (SOURCES); the words after it name
-its sections, in order: a number (`7` = "## 7. ..."), `closing` (the closing note) or `goals` (few clicks against
-the goals). Every block starts with a line saying which data the numbers come from (SYNTHETIC or REAL) and ends
-with the report's all-background (majority) baseline, or says that the report has none. Numbers are never typed
+`synthetic`, `atlanta`, `atlanta_steps`, `synthetic_steps`, `suggest_demo` or `suggest_atlanta` names the report
+(SOURCES); the words after it name its sections, in order: a number (`7` = "## 7. ..."), `closing` (the closing note), `goals` (few clicks
+against the goals), `rules` or `paired` (the suggestion rules' table and their differences from random). Every
+block starts with a line saying which data the numbers come from (SYNTHETIC or REAL) and ends with the report's
+all-background (majority) baseline, or says that the report has none. Numbers are never typed
 into the docs by hand: change the experiments, run `python -m research.experiments --preset ... --report`, then this script.
 """
 
@@ -36,8 +37,16 @@ SOURCES = {  # name -> (report, what its numbers are, the command that writes it
     "synthetic_steps": ("results/demo-steps/experiments.md", "**SYNTHETIC demo data** (procedural scenes from "
                         "`tools/demo_data.py`; says nothing about ISPRS Potsdam; sized in optimizer steps, `--steps auto`)",
                         "python -m research.experiments --preset demo-steps --report"),
+    "suggest_demo": ("results/annotate_suggest_demo.md", "**SYNTHETIC demo data** (procedural scenes from "
+                     "`tools/demo_data.py`; the annotation page's loop driven by a simulated person)",
+                     "python -m research.annotate_loop --preset demo --seeds 3 --start 5 --clicks 5 --rounds 3 --epochs 8"),
+    "suggest_atlanta": ("results/annotate_suggest_atlanta.md", "**REAL data** (SpaceNet Atlanta buildings, `make "
+                        "realdata`; 2 classes; the annotation page's loop driven by a simulated person)",
+                        "python -m research.annotate_loop --preset atlanta --seeds 3 --start 5 --clicks 5 --rounds 2 "
+                        "--epochs 20"),
 }
-NAMED = {"closing": "Closing note", "goals": "Few clicks against the goals"}
+NAMED = {"closing": "Closing note", "goals": "Few clicks against the goals", "rules": "Val mIoU % by clicks",
+         "paired": "Minus random, paired by seed"}
 BLOCK = re.compile(r"(<!-- results:(\w+)((?: [\w-]+)*) -->\n)(.*?)(<!-- /results -->)", re.S)
 BASELINE = re.compile(r"\ball[- ]background\b|\bmajority\b", re.I)
 
