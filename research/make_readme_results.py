@@ -9,12 +9,13 @@ A block is two HTML comments, which Markdown does not show; everything between t
     ...generated...
     <!-- /results -->
 
-`synthetic`, `atlanta`, `atlanta_steps`, `synthetic_steps`, `suggest_demo` or `suggest_atlanta` names the report
-(SOURCES); the words after it name its sections, in order: a number (`7` = "## 7. ..."), `closing` (the closing note), `goals` (few clicks
-against the goals), `rules` or `paired` (the suggestion rules' table and their differences from random). Every
-block starts with a line saying which data the numbers come from (SYNTHETIC or REAL) and ends with the report's
-all-background (majority) baseline, or says that the report has none. Numbers are never typed
-into the docs by hand: change the experiments, run `python -m research.experiments --preset ... --report`, then this script.
+The first word names the report (SOURCES: `synthetic`, `atlanta`, `atlanta_steps`, `synthetic_steps`, `suggest_*`,
+`latency_*`, `live_*`); the words after it name its sections, in order: a number (`7` = "## 7. ..."), `closing`
+(the closing note), `goals` (few clicks against the goals), `rules` or `paired` (the suggestion rules' table and
+their differences from random), or `summary` (the title and first table of a report without sections: the loop's
+latency, the live layer). Every block starts with a line saying which data the numbers come from (SYNTHETIC or
+REAL) and ends with the report's all-background (majority) baseline, or says that the report has none. Numbers are
+never typed into the docs by hand: rerun what wrote the report (its command is in the block), then this script.
 """
 
 import argparse
@@ -40,6 +41,16 @@ SOURCES = {  # name -> (report, what its numbers are, the command that writes it
     "suggest_demo": ("results/annotate_suggest_demo.md", "**SYNTHETIC demo data** (procedural scenes from "
                      "`tools/demo_data.py`; the annotation page's loop driven by a simulated person)",
                      "python -m research.annotate_loop --preset demo --seeds 3 --start 5 --clicks 5 --rounds 3 --epochs 8"),
+    "latency_atlanta": ("results/annotate_latency_atlanta.md", "**REAL data** (SpaceNet Atlanta, `make realdata`; "
+                        "the annotation page's loop timed on 2 CPU cores)",
+                        "python -m research.benchmark loop --preset atlanta"),
+    "latency_synthetic": ("results/annotate_latency_synthetic.md", "**SYNTHETIC demo scene** (`tools/demo_data.py`; "
+                          "the annotation page's loop timed on 2 CPU cores)",
+                          "python -m research.benchmark loop --preset synthetic"),
+    "live_atlanta": ("results/click_response_atlanta.md", "**REAL data** (SpaceNet Atlanta, `make realdata`; the "
+                     "live layer, one seed)", "python -m research.click_response --preset atlanta"),
+    "live_synthetic": ("results/click_response_synthetic.md", "**SYNTHETIC demo scene** (`tools/demo_data.py`; the "
+                       "live layer, one seed)", "python -m research.click_response --preset synthetic"),
     "suggest_atlanta": ("results/annotate_suggest_atlanta.md", "**REAL data** (SpaceNet Atlanta buildings, `make "
                         "realdata`; 2 classes; the annotation page's loop driven by a simulated person)",
                         "python -m research.annotate_loop --preset atlanta --seeds 3 --start 5 --clicks 5 --rounds 2 "
@@ -65,8 +76,21 @@ def sections(text):
     return {h: "\n".join(body).strip() for h, body in out.items()}
 
 
-def find_section(secs, part, report):
-    """The (heading, body) that `part` names; a KeyError that names the report when there is none."""
+def first_table(text):
+    """The report's title and its first table (the summary of a report without '## ' sections)."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), None)
+    if start is None:
+        return None
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[0].lstrip("# ").strip(), "\n".join(lines[start:end])
+
+
+def find_section(secs, part, report, text=""):
+    """The (heading, body) that `part` names (`summary`: the title and first table of `text`); a KeyError that
+    names the report when there is none."""
+    if part == "summary" and first_table(text):
+        return first_table(text)
     for head, body in secs.items():
         if (part.isdigit() and head.startswith(f"{part}. ")) or (part in NAMED and head.startswith(NAMED[part])):
             return head, body
@@ -107,7 +131,7 @@ def block(source, parts, target):
     lines = [f"{what}: from [`{report}`]({link}), written by `{command}`.", ""]
     shown = []
     for part in parts:
-        head, body = find_section(sections(text), part, report)
+        head, body = find_section(sections(text), part, report, text)
         body = re.sub(r"!\[[^\]]*\]\([^)]*\)\n?", "", body).strip()  # figures: linked from the report itself
         lines += [f"**{head}**", "", body, ""]
         shown.append(body)
