@@ -237,6 +237,25 @@ def train_command(tmp_path):
     return annotate.DEFAULT_TRAIN_COMMAND.replace("--arch resnet18", "--arch tiny --size 32 --lr 0.02")
 
 
+def tiny_loop_scene(tmp_path, monkeypatch):
+    """The loop presets' `synthetic` scene made tiny (a 60x60 scene of make_label's rectangles, 3 x 3 patches of 20:
+    columns 0-1 are the training patches, column 2 the val ones) and the page's command the tiny network, for
+    research/benchmark.py loop and research/click_response.py; returns the scene's class map."""
+    import annotate
+    from research import benchmark
+    rng = np.random.default_rng(0)
+    label = make_label(rng, (60, 60), undefined=0)
+    colour = np.asarray(PALETTE, np.uint8)[label]
+    tifffile.imwrite(tmp_path / "scene.tif", np.clip(colour * 0.6 + rng.normal(40, 15, colour.shape), 0, 255)
+                     .astype(np.uint8))
+    tifffile.imwrite(tmp_path / "label.tif", colour)
+    monkeypatch.setitem(benchmark.LOOP_PRESETS, "synthetic", dict(
+        benchmark.LOOP_PRESETS["synthetic"], scene=str(tmp_path / "scene.tif"), label=str(tmp_path / "label.tif"),
+        side=60, patch=20))
+    monkeypatch.setattr(annotate, "DEFAULT_TRAIN_COMMAND", train_command(tmp_path))
+    return label
+
+
 def colour_image(h, w, seed=0):
     """Left half green-brown, right half grey, with noise: two classes a tiny model tells apart."""
     rng = np.random.default_rng(seed)

@@ -93,21 +93,10 @@ def test_a_train_benchmark_sized_in_steps_or_windows_is_refused_with_a_message(c
 @pytest.mark.slow
 def test_loop_benchmark_times_the_page_and_its_table_holds_together(tmp_path, monkeypatch, capsys):
     import numpy as np
-    import tifffile
 
-    import annotate
     from spec import PALETTE
-    from tests.conftest import make_label, train_command
-    rng = np.random.default_rng(0)
-    label = make_label(rng, (60, 60), undefined=0)
-    colour = np.asarray(PALETTE, np.uint8)[label]
-    tifffile.imwrite(tmp_path / "scene.tif", np.clip(colour * 0.6 + rng.normal(40, 15, colour.shape), 0, 255)
-                     .astype(np.uint8))
-    tifffile.imwrite(tmp_path / "label.tif", colour)
-    monkeypatch.setitem(benchmark.LOOP_PRESETS, "synthetic", dict(
-        benchmark.LOOP_PRESETS["synthetic"], scene=str(tmp_path / "scene.tif"), label=str(tmp_path / "label.tif"),
-        side=60, patch=20))  # 3 x 3 patches: columns 0-1 clicked, column 2 scores
-    monkeypatch.setattr(annotate, "DEFAULT_TRAIN_COMMAND", train_command(tmp_path))  # the tiny network
+    from tests.conftest import tiny_loop_scene
+    label = tiny_loop_scene(tmp_path, monkeypatch)  # columns 0-1 clicked, column 2 scores
     out = tmp_path / "latency.md"
     args = benchmark.get_args_parser().parse_args(
         ["loop", "--preset", "synthetic", "--loop-rounds", "2", "--start-clicks", "3", "--round-clicks", "2", "--epochs",

@@ -4,25 +4,13 @@ the table's numbers hold together (corrected = wrong -> right minus right -> wro
 import re
 
 import numpy as np
-import tifffile
 
-import annotate
-from research import benchmark, click_response
-from spec import PALETTE
-from tests.conftest import make_label, train_command
+from research import click_response
+from tests.conftest import tiny_loop_scene
 
 
 def test_click_response_table_holds_together(tmp_path, monkeypatch, capsys):
-    rng = np.random.default_rng(0)
-    label = make_label(rng, (60, 60), undefined=0)
-    colour = np.asarray(PALETTE, np.uint8)[label]
-    tifffile.imwrite(tmp_path / "scene.tif", np.clip(colour * 0.6 + rng.normal(40, 15, colour.shape), 0, 255)
-                     .astype(np.uint8))
-    tifffile.imwrite(tmp_path / "label.tif", colour)
-    monkeypatch.setitem(benchmark.LOOP_PRESETS, "synthetic", dict(
-        benchmark.LOOP_PRESETS["synthetic"], scene=str(tmp_path / "scene.tif"), label=str(tmp_path / "label.tif"),
-        side=60, patch=20))  # 3 x 3 patches: columns 0-1 clicked
-    monkeypatch.setattr(annotate, "DEFAULT_TRAIN_COMMAND", train_command(tmp_path))  # the tiny network
+    label = tiny_loop_scene(tmp_path, monkeypatch)  # columns 0-1 clicked
     monkeypatch.setattr(click_response, "VIEW", 64)
     out = tmp_path / "response.md"
     args = click_response.get_args_parser().parse_args(
