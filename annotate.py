@@ -783,6 +783,12 @@ class Training:
                               changed=changed_summary(changed, self.images.refs, self.state["model"]))
             self.predictions = preds
 
+    def show(self, checkpoint):
+        """Show a model before any training (`--checkpoint`): its prediction, kept as model 1, which Train
+        adapts."""
+        self.predict_all(checkpoint)
+        self.state.update(state="done", model=1, message=f"showing {checkpoint}")
+
 
 def changed_maps(before, after, refs):
     """{image name: (h, w) bool}: the cells of `after`'s class maps (on its processing grid) whose class differs
@@ -845,7 +851,15 @@ def held_out_metrics(path, epoch=None):
     row = next((h for h in history if isinstance(h, dict) and h.get("epoch") == epoch), history[-1])
     out = {k: v for k, v in row.items() if k.startswith("val_")}
     out["epoch"] = row.get("epoch")
-    return json.loads(json.dumps(out, default=float).replace("NaN", "null"))
+    from checkpoint import json_ready  # torch comes with it: called once a model is predicted
+    return json_ready(out)
+
+
+def tile_cells(shape, grid_shape, x0, y0, x1, y1, step):
+    """(rows, cols): the processing-grid cells that image pixels [y0, y1) x [x0, x1), every `step`-th, of an image
+    of `shape` (H, W) show in the overlay (points_to_grid's rule)."""
+    (H, W), (h, w) = shape, grid_shape
+    return (np.arange(y0, y1, step) * h // H).clip(0, h - 1), (np.arange(x0, x1, step) * w // W).clip(0, w - 1)
 
 
 def overlay_tile(pred, ref, x0, y0, x1, y1, step, layer, palette, changed=None):
@@ -853,11 +867,8 @@ def overlay_tile(pred, ref, x0, y0, x1, y1, step, layer, palette, changed=None):
     small) or of `changed` (the cells whose class changed since the previous model, CHANGED_COLOUR; the others
     transparent) over image pixels [y0, y1) x [x0, x1) every `step`-th; cells are looked up by points_to_grid's
     rule."""
-    H, W = ref.shape
     grid = pred["classes"]
-    h, w = grid.shape
-    rows = (np.arange(y0, y1, step) * h // H).clip(0, h - 1)
-    cols = (np.arange(x0, x1, step) * w // W).clip(0, w - 1)
+    rows, cols = tile_cells(ref.shape, grid.shape, x0, y0, x1, y1, step)
     out = np.zeros((rows.size, cols.size, 4), np.uint8)
     if layer == "classes":
         out[..., :3] = np.asarray(palette, np.uint8)[grid[np.ix_(rows, cols)]]
@@ -976,10 +987,7 @@ def head_tile(head, features, shape, x0, y0, x1, y1, step, palette):
     """RGBA (h, w, 4) uint8 of `head`'s classes over image pixels [y0, y1) x [x0, x1) every `step`-th of an image of
     `shape` (H, W) whose processing-grid features are `features` (D, h, w): the cells by the overlay's rule, only the
     block of cells the tile covers predicted."""
-    H, W = shape
-    h, w = features.shape[1:]
-    rows = (np.arange(y0, y1, step) * h // H).clip(0, h - 1)
-    cols = (np.arange(x0, x1, step) * w // W).clip(0, w - 1)
+    rows, cols = tile_cells(shape, features.shape[1:], x0, y0, x1, y1, step)
     grid = head.predict(features[:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
     out = np.empty((rows.size, cols.size, 4), np.uint8)
     out[..., :3] = np.asarray(palette, np.uint8)[grid[np.ix_(rows - rows[0], cols - cols[0])]]
@@ -1274,12 +1282,11 @@ def main(args):
     app = server.app
     if args.checkpoint:
         try:
-            app.training.predict_all(args.checkpoint)
+            app.training.show(args.checkpoint)
         except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
             print(f"error: {e}", file=sys.stderr)
             server.server_close()
             return 2
-        app.training.state.update(state="done", model=1, message=f"showing {args.checkpoint}")
     for note in app.click_file.notes:
         print(f"note: {note}", flush=True)
     host, port = server.server_address[:2]

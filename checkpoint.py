@@ -156,9 +156,14 @@ def load_model(path, device="cpu"):
         raise CheckpointError(f"{path}: its weights do not fit the model it describes ({ck.model_args}): "
                               f"{str(e).splitlines()[0]}") from None
     if ck.prior is not None:
-        shift = prior_shift(ck.prior)
-        model.register_forward_hook(lambda module, inputs, logits: logits + shift.to(logits).view(1, -1, 1, 1))
+        apply_prior(model, ck.prior)
     return model.to(device).eval(), ck
+
+
+def apply_prior(model, prior):
+    """Make `model` predict under `prior` (see Checkpoint): its logits get prior_shift(prior) added."""
+    shift = prior_shift(prior)
+    model.register_forward_hook(lambda module, inputs, logits: logits + shift.to(logits).view(1, -1, 1, 1))
 
 
 def prior_shift(prior):
@@ -218,14 +223,14 @@ class LastCheckpoint:
         return self.epoch is not None
 
 
-def _json_ready(value):
+def json_ready(value):
     """JSON without NaN or infinity (null instead), which browsers and strict readers refuse."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
+        return {k: json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
+        return [json_ready(v) for v in value]
     return value
 
 
@@ -244,7 +249,7 @@ class Progress:
         self.write("start", **start, time=self.t0)
 
     def write(self, event, **fields):
-        self.f.write(json.dumps(_json_ready({"event": event, **fields})) + "\n")
+        self.f.write(json.dumps(json_ready({"event": event, **fields})) + "\n")
         self.f.flush()
 
     def close(self, status):
@@ -286,7 +291,6 @@ def read_progress(path):
         elif kind == "end":
             run.update(status=ev.get("status", "done"), elapsed=ev.get("elapsed", run["elapsed"]))
     return run
-
 
 
 # --------------------------------------------------------------------------- CLI

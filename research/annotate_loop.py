@@ -14,10 +14,9 @@ with {budget}, so the first Train trains anew for --epochs and every later one a
 - `random`: anywhere labelled (the baseline at equal clicks);
 - `error`: where the prediction disagrees with the dense label (what a person who looks at the overlay clicks),
   at least SPACING pixels apart, in a random order;
-- `margin`, `entropy`, `spread`, `balanced`: few_clicks.choose_cells' rules on the page's current model
-  (<runs>/model.pth, loaded by checkpoint.load_model, predicted by predict.predict_probabilities on the processing
-  grid as the page predicts); the centre pixel of each cell chosen is clicked (few_clicks.cell_centres, as the
-  page's Suggest).
+- `margin`, `entropy`, `spread`, `balanced`: few_clicks.choose_cells' rules on the page's current model (the
+  probabilities the page predicted it with, on the processing grid); the centre pixel of each cell chosen is
+  clicked (few_clicks.cell_centres, as the page's Suggest).
 A rule that finds fewer than K places on an image clicks the rest at random, so every rule has the same clicks.
 The class of a click is the dense label's (the simulated person answers correctly). The first model of a seed is
 trained once, by its first rule's first Train, and shown to the other rules' pages as `annotate.py --checkpoint`
@@ -44,12 +43,11 @@ import numpy as np
 from PIL import Image
 
 import annotate
-from checkpoint import PROGRESS_FILE, load_model, read_progress
+from checkpoint import PROGRESS_FILE, read_progress
 from dataset import read_label
 from few_clicks import cell_centres, choose_cells
 from metrics import ConfusionMatrix
-from predict import predict_probabilities
-from spec import IGNORE_INDEX, POTSDAM, load_class_file, load_input, to_grid
+from spec import IGNORE_INDEX, POTSDAM, load_class_file
 
 HERE = Path(__file__).resolve().parents[1]  # the repository root: train.py runs from there
 SPACING = 5  # native pixels between the error-driven clicks of one round on one image
@@ -136,8 +134,7 @@ class Client:
     def show(self, checkpoint):
         """Show a model as `annotate.py --checkpoint` does (predicted, kept as the page's model: the next Train
         adapts it)."""
-        self.server.app.training.predict_all(checkpoint)
-        self.server.app.training.state.update(state="done", model=1, message=f"showing {checkpoint}")
+        self.server.app.training.show(checkpoint)
 
     def prediction(self, name, shape, palette):
         """(H, W) class indices of an image, read back from the overlay's colours (IGNORE where none)."""
@@ -195,14 +192,14 @@ def score(client, val, labels, names, palette):
     return cm.compute()["miou"]
 
 
-def model_clicks(model_path, train, labels, clicked, k, rule):
-    """{name: (rows, cols)}: up to k clicks per training image by few_clicks.choose_cells' `rule` on the model at
-    model_path (the page's model shown), predicted on the processing grid as the page predicts; cells holding a
-    click or whose centre pixel is unlabelled are not candidates. The centre pixel of each cell chosen is clicked."""
-    model, ck = load_model(model_path)
+def model_clicks(predictions, train, labels, clicked, k, rule):
+    """{name: (rows, cols)}: up to k clicks per training image by few_clicks.choose_cells' `rule` on the page's
+    predictions of the model shown (annotate's Training.predictions: its probabilities on the processing grid);
+    cells holding a click or whose centre pixel is unlabelled are not candidates. The centre pixel of each cell
+    chosen is clicked."""
     chosen = {}
-    for name, image, _ in train:
-        prob = predict_probabilities(model, to_grid(load_input(image, ck.spec).image, ck.spec.scale), 1.0)
+    for name, _, _ in train:
+        prob = predictions[name]["prob"]
         (H, W), (h, w) = labels[name].shape, prob.shape[1:]
         centres = cell_centres(H, W, h, w).reshape(-1)
         candidates = centres >= 0
@@ -250,7 +247,7 @@ def run_loop(client, train, val, labels, names, palette, rule, k0, k, rounds, se
         log(f"  {rule} seed {seed} round {rnd}: {per_image:.0f} clicks per image, {how}, val mIoU {miou:.3f}")
         if rnd == rounds:
             break
-        chosen = model_clicks(client.server.app.training.model_path, train, labels, clicked, k, rule) \
+        chosen = model_clicks(client.server.app.training.predictions, train, labels, clicked, k, rule) \
             if rule not in ("random", "error") else {}
         for name, _, _ in train:
             label, free = labels[name], (labels[name] != IGNORE_INDEX) & ~clicked[name]

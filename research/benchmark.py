@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import platform
 import resource
+import shlex
 import shutil
 import sys
 import tempfile
@@ -529,13 +530,13 @@ def fmt(v, digits=3):
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
-def loop_command(args):
-    """The command line that measured: every LoopBench setting spelled out."""
-    parts = ["python -m research.benchmark loop"]
-    for f in dataclasses.fields(LoopBench):
+def command_line(program, settings_class, args):
+    """The command line that measured: `program` and every setting of `settings_class` that is set, spelled out."""
+    parts = [program]
+    for f in dataclasses.fields(settings_class):
         v = getattr(args, f.name)
         if v is not None:
-            parts.append(f"--{f.name.replace('_', '-')} {v}")
+            parts.append(f"--{f.name.replace('_', '-')} {shlex.quote(str(v))}")
     return " ".join(parts)
 
 
@@ -546,8 +547,9 @@ def write_latency(path, args, preset, rows, command, load, seconds, n_train, n_v
     lat = np.array([r["latency"] for r in adapted])
     final, last = rows[-1], adapted[-1] if adapted else None
     ci = lambda r: "" if not r["oa_ci"] or None in r["oa_ci"] else f" [{r['oa_ci'][0]:.2f}, {r['oa_ci'][1]:.2f}]"  # noqa
+    measured = command_line("python -m research.benchmark loop", LoopBench, args)
     lines = [f"# The annotation page's loop, timed: preset `{args.preset}` ({kind})", "",
-             f"Written by `{loop_command(args)}` in {seconds / 60:.0f} min on {device_name(torch.device('cpu'))}, "
+             f"Written by `{measured}` in {seconds / 60:.0f} min on {device_name(torch.device('cpu'))}, "
              f"shared with other jobs (load average {min(load):.1f} to {max(load):.1f} during the run), "
              f"{args.threads} torch threads in the page and in its train command. Timings, not a test: they move with "
              f"the machine's load.", "",

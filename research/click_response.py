@@ -43,7 +43,8 @@ import annotate
 import click_head
 from config import Shared, TrainConfig, add_arguments, check_settings, from_args, reuse, setting, whole
 from metrics import ConfusionMatrix
-from research.benchmark import LOOP_PRESETS, LoopBench, device_name, loop_data
+from research.annotate_loop import majority_miou
+from research.benchmark import LOOP_PRESETS, LoopBench, command_line, device_name, loop_data
 from spec import IGNORE_INDEX
 
 VIEW = 1000  # the side of the view whose repaint is timed
@@ -81,8 +82,7 @@ def first_model(app, maps, train, k, epochs, rng):
 
 def full_map(grid, shape):
     """A processing-grid class map at the image's size (H, W), by the overlay's rule."""
-    (H, W), (h, w) = shape, grid.shape
-    return grid[np.ix_(np.arange(H) * h // H, np.arange(W) * w // W)]
+    return grid[np.ix_(*annotate.tile_cells(shape, grid.shape, 0, 0, shape[1], shape[0], 1))]
 
 
 def view_image(preset, images, names, folder):
@@ -115,7 +115,7 @@ def person(head, features, refs, maps, train, clicks, palette, view, n, rng, fit
         for r, c, _ in pts:
             clicked[name][r, c] = True
     clicks = {k: list(v) for k, v in clicks.items()}
-    start = {"shown": dict(shown)}
+    before = dict(shown)
     rows = []
     for k in range(n):
         best = None
@@ -150,7 +150,7 @@ def person(head, features, refs, maps, train, clicks, palette, view, n, rng, fit
             shown[m] = new
         rows.append(dict(click=k + 1, image=name, row=r, col=c, cls=cls, fixed=fixed, broken=broken,
                          corrected=fixed - broken, latency=latency, clicks=int(len(y))))
-    return rows, start["shown"], shown
+    return rows, before, shown
 
 
 def scores(shown, maps, num_classes):
@@ -192,10 +192,8 @@ def run(args):
         extract_view = time.perf_counter() - t0
         grid = features.of("view", view).shape[1:]
         palette = [tuple(c) for c in classes.palette]
-        counts = np.bincount(np.concatenate([maps[n][maps[n] != IGNORE_INDEX] for n in train]),
-                             minlength=classes.num_classes)
-        background = scores({n: np.full(maps[n].shape, counts.argmax(), np.uint8) for n in maps}, maps,
-                            classes.num_classes)[0]
+        background = majority_miou([(n, None, None) for n in train], [(n, None, None) for n in maps], maps,
+                                   list(classes.names))
         results = {}
         for name, fit in HEADS.items():
             x = np.concatenate([features.at(m, refs[m].path, [p[0] for p in pts], [p[1] for p in pts])
@@ -220,23 +218,13 @@ def run(args):
 
 # --------------------------------------------------------------------------- the table
 
-def response_command(args):
-    parts = ["python -m research.click_response"]
-    for name in ("preset", "live_clicks", "start_clicks", "epochs", "annotation_seed", "threads"):
-        parts.append(f"--{name.replace('_', '-')} {getattr(args, name)}")
-    if args.train_command:
-        parts.append(f"--train-command '{args.train_command}'")
-    if args.out:
-        parts.append(f"--out {args.out}")
-    return " ".join(parts)
-
-
 def write_table(path, args, results, info):
     preset = LOOP_PRESETS[args.preset]
     kind = "SYNTHETIC demo scene" if preset["synthetic"] else "REAL data: SpaceNet Atlanta, 0.5 m"
     n = args.live_clicks
+    measured = command_line("python -m research.click_response", ClickResponse, args)
     lines = [f"# A click changes the map at once: the live layer's head, preset `{args.preset}` ({kind})", "",
-             f"Written by `{response_command(args)}` in {info['seconds'] / 60:.0f} min on "
+             f"Written by `{measured}` in {info['seconds'] / 60:.0f} min on "
              f"{device_name(torch.device('cpu'))}, {args.threads} torch threads, shared with other jobs (load average "
              f"{min(info['load']):.1f} to {max(info['load']):.1f} during the run). Latencies are timings, not a test: "
              f"they move with the machine's load.", "",

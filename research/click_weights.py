@@ -52,13 +52,12 @@ def prior_of(run):
 def run_map(run, images, prior=None):
     """{image name: (class map, valid)} of a run's best_model.pth over the images, as infer.py predicts (under
     `prior` when given: see checkpoint.prior_shift)."""
-    from checkpoint import load_model, prior_shift
+    from checkpoint import apply_prior, load_model
     from predict import predict_image
     from spec import load_input
     model, ck = load_model(Path(run) / "best_model.pth", "cpu")
     if prior is not None and ck.prior is None:
-        shift = prior_shift(prior)
-        model.register_forward_hook(lambda module, inputs, logits: logits + shift.to(logits).view(1, -1, 1, 1))
+        apply_prior(model, prior)
     out = {}
     for ref in images:
         inp = load_input(ref.path, ck.spec)
