@@ -6,7 +6,8 @@
     mask = predict_image(model, image, ckpt.spec.scale, tile=512, overlap=64, tta="flip")   # (H, W) uint8
 
 infer.py segments a folder with these functions (`python infer.py --input tiles/ --output masks/`); training
-draws its result grid with `predict_image`, the annotation page its overlay with `predict_probabilities`.
+draws its figures here (`plot_history`: the curves; `plot_results`: image | truth | points | `predict_image`), the
+annotation page its overlay with `predict_probabilities`.
 
 How an image is predicted (`predict_image`): it is resized by the checkpoint's scale (processing size /
 native size, e.g. 300 -> 150 = 0.5) so objects have the size the model learned; the resized image is cut
@@ -481,3 +482,70 @@ def predict_streamed(model, source, *, tile=512, overlap=64, batch_size=4, tta=F
     for _ in _predict(model, source, source.size, sink, tile, overlap, batch_size, tta, device, progress, desc):
         yield from done
         done.clear()
+
+
+# --------------------------------------------------------------------------- a run's figures
+
+def plot_history(history, path):
+    """The curves of a training run's history (train.py's `<out>/output.png`): loss, overall accuracy and mIoU
+    per validation, train on the points beside val on the dense labels or the held-out clicks (with their 95 %
+    interval)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    kind = history[-1].get("val_kind")  # "held-out clicks" without dense labels
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, title in zip(axes, ("loss", "oa", "miou"), ("partial CE loss (points)", "overall accuracy",
+                                                             "mIoU")):
+        ax.plot(ep, [h[f"train_{key}"] for h in history], "o-", label="train (points)")
+        ax.plot(ep, [h[f"val_{key}"] for h in history], "o-",
+                label=f"val ({kind})" if kind else "val (points)" if key == "loss" else "val (dense labels)")
+        if kind and key != "loss":
+            lo, hi = zip(*(h[f"val_{key}_ci"] for h in history))
+            ax.fill_between(ep, lo, hi, alpha=0.2, label=f"95 % interval ({kind})")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_results(model, dataset, path, n=4, device="cpu", title=None, points_name="held-out clicks"):
+    """Grid of image | ground truth | points | prediction for the first n samples of a dataset. The
+    prediction is what infer.py makes of the file (spec.load_input + predict_image), at its size. Without dense
+    labels the points panel shows the dataset's clicks, named `points_name`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model.eval()
+    palette = dataset.classes.palette
+    n = min(n, len(dataset))
+    fig, axes = plt.subplots(n, 4, figsize=(12, 3 * n), squeeze=False)
+    for r in range(n):
+        image_id, image_path, _ = dataset.pairs[r]
+        image = load_input(image_path, dataset.spec).image
+        label = dataset.native_label(r)
+        pred = predict_image(model, image, dataset.spec.scale, device=device)
+        pts = dataset.point_grid(r)
+        panels = (display_rgb(image), index_to_colour(label, palette), index_to_colour(pts, palette),
+                  index_to_colour(pred, palette))
+        titles = (f"image {image_id}", "ground truth" if dataset.has_labels else "no dense labels",
+                  f"{'points' if dataset.has_labels else points_name} ({(pts != IGNORE_INDEX).mean():.1%} of pixels)",
+                  "prediction (infer.py)")
+        for ax, p, t in zip(axes[r], panels, titles):
+            ax.imshow(p, interpolation="nearest")
+            ax.set_title(t, fontsize=9)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

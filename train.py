@@ -46,16 +46,16 @@ from checkpoint import (PROGRESS_FILE, CheckpointError, LastCheckpoint, Progress
 from class_weights import (compute_class_weights, count_classes, load_class_weights, pixel_shares,
                            save_class_weights)
 from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids,
-                     clicks_per_object, folder_pairs, index_to_colour, load_split, pad_collate, patch_pairs,
-                     read_label)
+                     clicks_per_object, folder_pairs, load_split, pad_collate, patch_pairs, read_label)
 from metrics import ConfusionMatrix
 from model import build_model, resolve_device
 from partial_ce_loss import PartialCrossEntropyLoss
+from predict import plot_history, plot_results
 from pretrain import apply_encoder
 from raster import clean_stale_temporaries, open_image
 from resident import (ResidentLoader, choose_path, estimate_bytes, find_cache, load_or_build, memory_budget,
                       seed_dataset)
-from spec import IGNORE_INDEX, POTSDAM, load_class_file, load_input
+from spec import IGNORE_INDEX, POTSDAM, load_class_file
 from spec import fit_spec as spec_fitted
 from weak_losses import AffinityLoss, ConsistencyLoss, valid_pixels
 
@@ -574,71 +574,6 @@ def _check_finite(loss_value, desc, ids):
                             f"this epoch. Lower --lr and start again")
 
 
-# --------------------------------------------------------------------------- figures
-
-def plot_history(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] for h in history]
-    kind = history[-1].get("val_kind")  # "held-out clicks" without dense labels
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key, title in zip(axes, ("loss", "oa", "miou"), ("partial CE loss (points)", "overall accuracy",
-                                                             "mIoU")):
-        ax.plot(ep, [h[f"train_{key}"] for h in history], "o-", label="train (points)")
-        ax.plot(ep, [h[f"val_{key}"] for h in history], "o-",
-                label=f"val ({kind})" if kind else "val (points)" if key == "loss" else "val (dense labels)")
-        if kind and key != "loss":
-            lo, hi = zip(*(h[f"val_{key}_ci"] for h in history))
-            ax.fill_between(ep, lo, hi, alpha=0.2, label=f"95 % interval ({kind})")
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-@torch.no_grad()
-def plot_results(model, dataset, path, n=4, device="cpu", title=None):
-    """Grid of image | ground truth | points | prediction for the first n samples of a dataset. The
-    prediction is what infer.py makes of the file (spec.load_input + infer.predict_image), at its size."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from predict import display_rgb, predict_image
-
-    model.eval()
-    palette = dataset.classes.palette
-    n = min(n, len(dataset))
-    fig, axes = plt.subplots(n, 4, figsize=(12, 3 * n), squeeze=False)
-    for r in range(n):
-        image_id, image_path, _ = dataset.pairs[r]
-        image = load_input(image_path, dataset.spec).image
-        label = dataset.native_label(r)
-        pred = predict_image(model, image, dataset.spec.scale, device=device)
-        pts = dataset.point_grid(r)
-        panels = (display_rgb(image), index_to_colour(label, palette), index_to_colour(pts, palette),
-                  index_to_colour(pred, palette))
-        titles = (f"image {image_id}", "ground truth" if dataset.has_labels else "no dense labels",
-                  f"{'points' if dataset.has_labels else CLICK_VAL} ({(pts != IGNORE_INDEX).mean():.1%} of pixels)",
-                  "prediction (infer.py)")
-        for ax, p, t in zip(axes[r], panels, titles):
-            ax.imshow(p, interpolation="nearest")
-            ax.set_title(t, fontsize=9)
-            ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------- training
 
 def comparable_config(config):
@@ -1016,7 +951,7 @@ def finish(run):
         if run.best_path.is_file():
             best_model, ck = load_model(run.best_path, run.ctx.device)
             plot_results(best_model, run.val_ds, run.out_dir / "results.png", device=run.ctx.device,
-                         title=f"{'last' if run.by_last else 'best'} epoch {ck.epoch}: val mIoU "
+                         points_name=CLICK_VAL, title=f"{'last' if run.by_last else 'best'} epoch {ck.epoch}: val mIoU "
                                f"{ck.metrics['miou']:.3f}{f' ({CLICK_VAL})' if run.on_clicks else ''}")
     distributed.barrier()
 
