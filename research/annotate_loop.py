@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 import annotate
+import page.training
 from checkpoint import PROGRESS_FILE, read_progress
 from dataset import read_label
 from few_clicks import cell_centres, choose_cells
@@ -61,7 +62,7 @@ PRESETS = {
                  split=None, size=75, n_train=40, n_val=10, synthetic=True),
 }
 NETWORK = "--no-pretrained --arch resnet18 --size SIZE --batch-size 8"  # the loop's and the dense reference's
-# the page's command with {budget} (annotate.DEFAULT_TRAIN_COMMAND), at a processing size the CPU affords
+# the page's command with {budget} (page.training.DEFAULT_TRAIN_COMMAND), at a processing size the CPU affords
 TRAIN = ("{python} train.py --images {images} --clicks {clicks} --classes {classes} NETWORK --out {out} {budget} "
          "--overwrite --allow-unclicked --no-figures --no-progress")
 RULES = ("random", "error", "margin", "entropy", "spread", "balanced")  # the first is the baseline
@@ -301,7 +302,7 @@ def get_args_parser():
     p.add_argument("--rounds", type=int, default=3, help="rounds of clicks and Train (adapting) after the first")
     p.add_argument("--epochs", type=int, default=8, help="epochs of the first Train (trained anew) and of the dense "
                                                          "reference")
-    p.add_argument("--adapt-steps", type=int, default=annotate.ADAPT_STEPS,
+    p.add_argument("--adapt-steps", type=int, default=page.training.ADAPT_STEPS,
                    help="optimizer steps of every later Train, adapting the model shown (annotate.py --adapt-steps)")
     p.add_argument("--strategies", type=rule_names, default=RULES,
                    help=f"comma-separated rules to compare, random among them (default all: {','.join(RULES)})")

@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 
 import annotate
+import page.training
 import raster
 import spec
 import infer
@@ -468,7 +469,7 @@ def bench_loop(args):
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the train command's process: as many threads
     rng = np.random.default_rng(args.annotation_seed)
-    command = annotate.DEFAULT_TRAIN_COMMAND
+    command = page.training.DEFAULT_TRAIN_COMMAND
     load = [os.getloadavg()[0]]
     t_start = time.perf_counter()
     rows = []

@@ -1,5 +1,5 @@
 """What one click does to the map, and how fast: the annotation page's live layer (a head re-fitted on the network's
-features at the clicks, click_head.py) under a simulated person who clicks where the map is wrong.
+features at the clicks, page/head.py) under a simulated person who clicks where the map is wrong.
 
     python -m research.click_response --preset synthetic   # SYNTHETIC demo scene: results/click_response_synthetic.md
     python -m research.click_response --preset atlanta     # REAL (make realdata): results/click_response_atlanta.md
@@ -16,10 +16,10 @@ Reported per head: **pixels corrected per click**, the pixels of all 36 patches 
 undefined left out) the click turned from wrong to right minus those it turned from right to wrong, over the first
 --live-clicks clicks (DISIR's anchor: about 5,000 per click on Potsdam); the tile's mIoU before and after; and the
 **latency** from a click to a repainted 1000 x 1000 view: the features at the clicks gathered, the head fitted, a
-1000 x 1000 window predicted, coloured and PNG-encoded (annotate.head_tile, annotate.png_bytes: the server's work for
-one 1000-pixel overlay tile; HTTP and the browser's drawing not included), on a 1000 x 1000 image of the same data
+1000 x 1000 window predicted, coloured and PNG-encoded (page.live.head_tile, page.images.png_bytes: the server's work
+for one 1000-pixel overlay tile; HTTP and the browser's drawing not included), on a 1000 x 1000 image of the same data
 whose features were extracted once beforehand (a cost paid once per model and image, given beside). The heads: the
-page's (logistic regression anchored at the network's classifier, click_head.L2), the same with other pulls, plain
+page's (logistic regression anchored at the network's classifier, page.head.L2), the same with other pulls, plain
 logistic regression, a random forest on the same features; and no head (the map as the network painted it until the
 next Train: 0 per click by construction).
 """
@@ -40,7 +40,10 @@ from PIL import Image
 from scipy.ndimage import distance_transform_edt
 
 import annotate
-import click_head
+from page import head as click_head
+from page.images import png_bytes
+from page.live import head_tile
+from page.training import tile_cells
 from config import Shared, TrainConfig, add_arguments, check_settings, from_args, reuse, setting, whole
 from metrics import ConfusionMatrix
 from research.annotate_loop import majority_miou
@@ -82,7 +85,7 @@ def first_model(app, maps, train, k, epochs, rng):
 
 def full_map(grid, shape):
     """A processing-grid class map at the image's size (H, W), by the overlay's rule."""
-    return grid[np.ix_(*annotate.tile_cells(shape, grid.shape, 0, 0, shape[1], shape[0], 1))]
+    return grid[np.ix_(*tile_cells(shape, grid.shape, 0, 0, shape[1], shape[0], 1))]
 
 
 def view_image(preset, images, names, folder):
@@ -138,7 +141,7 @@ def person(head, features, refs, maps, train, clicks, palette, view, n, rng, fit
                             for m, pts in clicks.items() if pts])
         y = np.array([p[2] for pts in clicks.values() for p in pts])
         head = fit(x, y, features.weight, features.bias)
-        annotate.png_bytes(annotate.head_tile(head, features.of("view", view), (VIEW, VIEW), 0, 0, VIEW, VIEW, 1,
+        png_bytes(head_tile(head, features.of("view", view), (VIEW, VIEW), 0, 0, VIEW, VIEW, 1,
                                               palette))
         latency = time.perf_counter() - t0
         fixed = broken = 0

@@ -233,15 +233,15 @@ def fake_row(run, seed, miou, oa=0.8, fraction=0.5, seconds=10.0, keys=KEYS):
 
 def train_command(tmp_path):
     """The page's own train.py command with the tiny network at 32 pixels and a larger step (seconds, not minutes)."""
-    import annotate
-    return annotate.DEFAULT_TRAIN_COMMAND.replace("--arch resnet18", "--arch tiny --size 32 --lr 0.02")
+    import page.training
+    return page.training.DEFAULT_TRAIN_COMMAND.replace("--arch resnet18", "--arch tiny --size 32 --lr 0.02")
 
 
 def tiny_loop_scene(tmp_path, monkeypatch):
     """The loop presets' `synthetic` scene made tiny (a 60x60 scene of make_label's rectangles, 3 x 3 patches of 20:
     columns 0-1 are the training patches, column 2 the val ones) and the page's command the tiny network, for
     research/benchmark.py loop and research/click_response.py; returns the scene's class map."""
-    import annotate
+    import page.training
     from research import benchmark
     rng = np.random.default_rng(0)
     label = make_label(rng, (60, 60), undefined=0)
@@ -252,7 +252,7 @@ def tiny_loop_scene(tmp_path, monkeypatch):
     monkeypatch.setitem(benchmark.LOOP_PRESETS, "synthetic", dict(
         benchmark.LOOP_PRESETS["synthetic"], scene=str(tmp_path / "scene.tif"), label=str(tmp_path / "label.tif"),
         side=60, patch=20))
-    monkeypatch.setattr(annotate, "DEFAULT_TRAIN_COMMAND", train_command(tmp_path))
+    monkeypatch.setattr(page.training, "DEFAULT_TRAIN_COMMAND", train_command(tmp_path))
     return label
 
 

@@ -17,8 +17,10 @@ from rasterio.transform import Affine, from_origin
 
 import annotate
 import checkpoint
+import page.training
 import assess
 from annotations import read_clicks
+from page import bounds
 from spec import ClassSpec, load_class_file
 from tests.conftest import Server, colour_image, train_command, write_assessment_scene
 
@@ -184,7 +186,7 @@ def test_bad_operations_are_refused_and_leave_the_file_alone(server, tmp_path):
                          ({"op": "add", "image": "im0", "points": [["a", 1]], "class": 0}, 400),
                          ({"op": "move", "image": "im0", "points": [[1, 1]]}, 400),
                          ({"op": "add", "image": "nope", "points": [[1, 1]], "class": 0}, 404),
-                         ({"op": "add", "image": "im0", "points": [[1, 1]] * (annotate.MAX_PIXELS_PER_OP + 1),
+                         ({"op": "add", "image": "im0", "points": [[1, 1]] * (bounds.MAX_PIXELS_PER_OP + 1),
                            "class": 0}, 413)]:
         assert server.request("POST", "/api/clicks", body)[0] == status, body
     assert (tmp_path / "clicks.csv").read_bytes() == before
@@ -331,10 +333,10 @@ def test_paths_outside_what_the_server_owns_are_404(pngs, tmp_path):
 
 
 def test_bounds_body_size_and_tile_size(server):
-    big = b"{" + b" " * (annotate.MAX_BODY + 1) + b"}"
+    big = b"{" + b" " * (bounds.MAX_BODY + 1) + b"}"
     assert server.request("POST", "/api/clicks", big)[0] == 413
-    assert server.request("GET", f"/api/tile?image=im0&z=0&x=0&y=0&size={annotate.MAX_TILE + 1}")[0] == 400
-    assert server.request("GET", f"/api/tile?image=im0&z=0&x=0&y=0&size={annotate.MAX_TILE}")[0] == 200
+    assert server.request("GET", f"/api/tile?image=im0&z=0&x=0&y=0&size={bounds.MAX_TILE + 1}")[0] == 400
+    assert server.request("GET", f"/api/tile?image=im0&z=0&x=0&y=0&size={bounds.MAX_TILE}")[0] == 200
     assert server.request("GET", "/api/tile?image=im0&z=99&x=0&y=0")[0] == 400
     assert server.request("GET", "/api/tile?image=im0&z=0&x=0&y=zero")[0] == 400
     assert server.request("GET", "/api/config", headers={"Host": "evil.example:8765"})[0] == 403
@@ -361,12 +363,12 @@ def test_malformed_requests_are_400_or_415_not_500(server):
         assert server.request("POST", "/api/clicks", add, {"Content-Type": ctype})[0] == 415, ctype
     assert server.request("POST", "/api/clicks", add, {"Content-Type": "application/json; charset=utf-8"})[0] == 200
     assert server.request("POST", "/api/clicks", add, {"Content-Type": "Application/JSON"})[0] == 200
-    for epochs in ("abc", [1], 0, -1, True, 2.5, annotate.MAX_EPOCHS + 1, "5"):
+    for epochs in ("abc", [1], 0, -1, True, 2.5, bounds.MAX_EPOCHS + 1, "5"):
         code, _, body = server.request("POST", "/api/train", {"epochs": epochs})
         assert code == 400 and "epochs must be a whole number" in json.loads(body)["error"], (epochs, body)
     assert server.app.training.status()["state"] == "idle"
     cfg = server.json("GET", "/api/config")
-    assert cfg["bounds"]["max_epochs"] == annotate.MAX_EPOCHS and cfg["epochs"] == 10
+    assert cfg["bounds"]["max_epochs"] == bounds.MAX_EPOCHS and cfg["epochs"] == 10
 
 
 def test_a_missing_epochs_keeps_the_default(server):
@@ -404,10 +406,10 @@ def test_held_out_metrics_are_the_checkpoints_epoch(tmp_path):
     (tmp_path / "history.json").write_text(json.dumps([
         {"epoch": 1, "train_loss": 1.0, "val_accuracy": 0.5, "val_accuracy_ci": [0.4, 0.6]},
         {"epoch": 2, "train_loss": 0.5, "val_accuracy": 0.7, "val_accuracy_ci": [0.6, 0.8], "val_miou": float("nan")}]))
-    assert annotate.held_out_metrics(tmp_path / "history.json", 1) == {
+    assert page.training.held_out_metrics(tmp_path / "history.json", 1) == {
         "val_accuracy": 0.5, "val_accuracy_ci": [0.4, 0.6], "epoch": 1}
-    assert annotate.held_out_metrics(tmp_path / "history.json")["val_miou"] is None
-    assert annotate.held_out_metrics(tmp_path / "missing.json") == {}
+    assert page.training.held_out_metrics(tmp_path / "history.json")["val_miou"] is None
+    assert page.training.held_out_metrics(tmp_path / "missing.json") == {}
 
 
 # --------------------------------------------------------------------------- training
@@ -574,7 +576,7 @@ def check_changed(s, before, after):
         want = (before[img][..., :3] != after[img][..., :3]).any(-1)
         got = overlay(s, img, "changed")
         assert np.array_equal(got[..., 3] > 0, want), img
-        assert (got[want][:, :3] == annotate.CHANGED_COLOUR).all()
+        assert (got[want][:, :3] == page.training.CHANGED_COLOUR).all()
         assert st["changed"]["pixels"][img] == int(want.sum())
         assert st["changed"]["share"][img] == pytest.approx(want.mean())
     return st["changed"]["pixels"]
@@ -642,7 +644,7 @@ def torch_equal(a, b):
 @pytest.mark.slow
 def test_a_train_command_with_epochs_and_no_budget_still_trains_anew(pngs, tmp_path):
     old = train_command(tmp_path).replace("{budget}", "--epochs {epochs}")
-    annotate.check_train_command(old)  # accepted at start
+    page.training.check_train_command(old)  # accepted at start
     s = Server(pngs, tmp_path / "clicks.csv", tmp_path / "runs", train_command=old)
     try:
         assert s.json("GET", "/api/config")["adapt_steps"] is None  # the page's Train cannot adapt
@@ -663,7 +665,7 @@ def test_budget_expands_into_arguments_and_stands_alone(pngs, tmp_path, monkeypa
     s = Server(pngs, tmp_path / "clicks.csv", tmp_path / "runs", adapt_steps=7)
     try:
         t = s.app.training
-        assert t.command == annotate.DEFAULT_TRAIN_COMMAND and t.adapts
+        assert t.command == page.training.DEFAULT_TRAIN_COMMAND and t.adapts
         anew, adapt = t.argv(3), t.argv(3, tmp_path / "m.pth")
         at = anew.index("--epochs")
         assert anew[at:at + 2] == ["--epochs", "3"] and "{budget}" not in anew
@@ -686,14 +688,14 @@ def test_changed_maps_count_image_pixels_by_the_overlay_rule():
     refs = {"a": type("Ref", (), {"shape": (6, 4)})()}
     before = {"a": {"classes": np.array([[0, 1], [1, 1], [0, 0]], np.uint8)}}  # 3 x 2 grid: 2 x 2 pixels a cell
     after = {"a": {"classes": np.array([[0, 0], [1, 1], [0, 1]], np.uint8)}, "new": {"classes": np.zeros((1, 1))}}
-    changed = annotate.changed_maps(before, after, refs)
+    changed = page.training.changed_maps(before, after, refs)
     assert list(changed) == ["a"] and changed["a"].tolist() == [[False, True], [False, False], [False, True]]
-    assert annotate.changed_summary(changed, refs, 4) == {"since": 4, "pixels": {"a": 8}, "share": {"a": 8 / 24},
+    assert page.training.changed_summary(changed, refs, 4) == {"since": 4, "pixels": {"a": 8}, "share": {"a": 8 / 24},
                                                           "note": "pixels whose class differs from model 4's"}
-    assert annotate.changed_summary({}, refs, 0)["since"] is None
+    assert page.training.changed_summary({}, refs, 0)["since"] is None
     finer = {"a": {"classes": np.array([[0, 0, 1, 1]] * 2 + [[1, 1, 1, 1]] * 2 + [[0, 0, 0, 0]] * 2, np.uint8)}}
-    assert annotate.changed_maps(before, finer, refs)["a"].sum() == 0  # another grid: looked up by image pixel
-    assert annotate.image_pixels(np.ones((3, 2), bool), (7, 5)) == 35
+    assert page.training.changed_maps(before, finer, refs)["a"].sum() == 0  # another grid: looked up by image pixel
+    assert page.training.image_pixels(np.ones((3, 2), bool), (7, 5)) == 35
 
 
 # --------------------------------------------------------------------------- Assess mode (--assess)

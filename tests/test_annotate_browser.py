@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import annotate
 import assess
+import page.training
 from annotations import read_clicks
 from spec import load_class_file
 from tests.conftest import Server, colour_image, train_command, write_assessment_scene
 
-STATIC = Path(__file__).resolve().parents[1] / "static"
+STATIC = Path(__file__).resolve().parents[1] / "page" / "static"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 INSTALL = "apt-get install chromium chromium-driver"
 
@@ -344,10 +344,10 @@ def test_train_click_more_train_again_adapts_and_shows_what_changed_in_chromium(
                                "l.dispatchEvent(new Event('change'));")
         wait(browser, "return app.viewer.overlayTilesShown > 0", what="the changed layer")
         (y, x), (y0, x0) = (map(int, np.argwhere(m)[len(np.argwhere(m)) // 2]) for m in (full, ~full))
-        wait(browser, f"return {list(annotate.CHANGED_COLOUR)}.every((c, i) => c === "
+        wait(browser, f"return {list(page.training.CHANGED_COLOUR)}.every((c, i) => c === "
                       f"app.viewer.ctx.getImageData(...app.viewer.imageToScreen({x} + 0.5, {y} + 0.5).map(Math.round),"
                       f" 1, 1).data[i])", what=f"the changed pixel ({x}, {y}) drawn")
-        assert drawn_colour(browser, x0, y0) != list(annotate.CHANGED_COLOUR)  # an unchanged one is not
+        assert drawn_colour(browser, x0, y0) != list(page.training.CHANGED_COLOUR)  # an unchanged one is not
     finally:
         s.close()
 
@@ -438,7 +438,7 @@ def test_the_page_keeps_to_the_bounds_the_server_gives_and_sets_one_global_in_ch
     bounds = {"MAX_TILE": 32, "MAX_ZOOM": 0, "MAX_BODY": 400, "MAX_PIXELS_PER_OP": 200, "MAX_LINE_VERTICES": 4,
               "MAX_EPOCHS": 7, "MAX_SUGGESTIONS": 3}  # far below the defaults: a typed default would break a bound
     for k, v in bounds.items():
-        monkeypatch.setattr(annotate, k, v)
+        monkeypatch.setattr(page.bounds, k, v)
     folder = tmp_path / "images"
     folder.mkdir()
     Image.fromarray(colour_image(48, 64)).save(folder / "im0.png")

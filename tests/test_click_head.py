@@ -1,13 +1,13 @@
 """click_head.py: the network's features reproduce its map through its own classifier, a head anchored there paints
 that map with no clicks and follows the clicks it is given, the plain head knows only the clicked classes; and the
-page's `live` layer (annotate.Live) repaints after a click without a Train."""
+page's `live` layer (page/live.py) repaints after a click without a Train."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import click_head
+from page import head as click_head
 from checkpoint import load_model, save_checkpoint
 from model import TinySegmentation
 from predict import predict_probabilities

@@ -1,13 +1,13 @@
 """A click changes the map at once, with no network training: a small head re-fitted on a trained network's
 per-pixel features at the clicked pixels (the ilastik way, on learned features instead of filter banks).
 
-    from click_head import Features, fit_head
+    from page.head import Features, fit_head
     feats = Features("checkpoints/annotate/model.pth")           # the network and its preprocessing contract
     x = feats.at("tile", "tile.tif", rows, cols)                 # (n, D) features at image pixels (row, col)
     head = fit_head(x, classes, feats.weight, feats.bias)        # a fraction of a second for hundreds of clicks
     grid = head.predict(feats.of("tile", "tile.tif"))            # (h, w) class map on the processing grid
 
-The annotation page's `live` overlay layer uses it (annotate.Live); research/click_response.py measures it.
+The annotation page's `live` overlay layer uses it (page/live.py); research/click_response.py measures it.
 
 Features: the input of the network's output layer (`model.output_layer`, the 1x1 classifier): the decoder's last
 feature map, at the processing grid's resolution (ResNet18: 32 channels; the tiny test network: 16). The image goes
