@@ -278,6 +278,12 @@ def tile(h, path, q):
 class Server(ThreadingHTTPServer):
     request_queue_size = REQUEST_QUEUE
 
+    def server_close(self):
+        super().server_close()
+        app = getattr(self, "app", None)
+        if app is not None:
+            app.training.close()  # the train.py waiting for the next round
+
 
 def make_server(args):
     """A ThreadingHTTPServer for `args` (not started); its address is server.server_address."""

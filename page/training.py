@@ -34,6 +34,16 @@ TRAIN_FIELDS = ("python", "images", "clicks", "classes", "out", "epochs", "budge
 BUDGET = "{budget}"  # a token of its own: it expands into several arguments
 ADAPT_STEPS = 5  # optimizer steps of an adaptation; docs/annotate.md says how it was chosen (results/annotate_*)
 CHANGED_COLOUR = (255, 0, 255)  # the "changed" layer: pixels whose class differs from the previous model's
+# The next Train's train.py, started ahead (WarmTrainer) once a round is shown: it imports train.py (torch, rasterio,
+# scikit-learn: about 4 s of a round on 2 CPU cores) while the person looks at the map and clicks, then reads the
+# round's arguments (one JSON line on stdin) and runs train.main on them, as `python train.py ARGS` does.
+WARM_TRAIN = ("import json, sys, time\n"
+              "t = time.perf_counter()\n"
+              "sys.argv[0] = 'train.py'\n"
+              "import train\n"
+              "print(f'warm: train.py imported in {time.perf_counter() - t:.1f} s, before Train', flush=True)\n"
+              "line = sys.stdin.readline()\n"
+              "sys.exit(train.main(train.get_args_parser().parse_args(json.loads(line))) if line.strip() else 0)\n")
 # Suggest's rules; the default is random: with the page adapting, no model-driven rule beat random clicks at equal
 # clicks (results/annotate_suggest_demo.md, SYNTHETIC, 3 seeds: margin -5.5 +- 8.9 mIoU at 20 clicks per image, the
 # others lower still); `rule=margin` keeps the least-sure places for whoever wants them.
@@ -110,11 +120,28 @@ class Training:
         self.changed = {}  # name -> (h, w) bool: class differs from the previous model's (on this model's grid)
         self._lock = threading.Lock()
         self._proc = None
+        self._warm = None  # the next Train's train.py, imported and waiting (WarmTrainer), once a round is shown
 
     @property
     def adapts(self):
         """Whether the command can adapt a model: it names {budget} (one that names {epochs} always trains anew)."""
         return BUDGET in shlex.split(self.command)
+
+    @property
+    def warms(self):
+        """Whether the next round's train.py can be started ahead: the command runs `{python} train.py`."""
+        return shlex.split(self.command)[:2] == ["{python}", "train.py"]
+
+    def warm_up(self):
+        """Start the next Train's train.py now (WarmTrainer), unless one is waiting or the command cannot."""
+        if self.warms and (self._warm is None or self._warm.proc.poll() is not None):
+            self._warm = WarmTrainer({**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def close(self):
+        """Stop the waiting train.py (the server is closing)."""
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            warm.close()
 
     def budget(self, epochs, init=None):
         """The arguments {budget} stands for: `--epochs E` to train anew; to adapt the model `init`, its weights
@@ -147,7 +174,8 @@ class Training:
         with self._lock:
             if self.state["state"] == "running":
                 self._progress()
-            return json.loads(json.dumps(self.state))
+            warm = self._warm
+            return {**json.loads(json.dumps(self.state)), "warm_ready": warm is not None and warm.ready}
 
     def _progress(self):
         """Fold the progress file into the state (under the lock)."""
@@ -188,8 +216,12 @@ class Training:
             log = open(self.log_path, "w")
             log.write("$ " + shlex.join(argv) + "\n")
             log.flush()
-            self._proc = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            warm, self._warm = self._warm, None
+            self._proc = warm.run(argv[2:]) if warm is not None and self.warms else None
+            if self._proc is None:  # none waiting (the first round), or it could not take the arguments
+                warm = None
+                self._proc = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             if adapt:
                 how = f"adapting model {shown}: {self.adapt_steps} steps on the clicks as they are now"
             else:
@@ -198,13 +230,16 @@ class Training:
                     if shown and not restart and not self.adapts else "")
             self.state.update(state="running", epoch=0, epochs=epochs, step=0, steps=None, unit=None, loss=None,
                               val={}, message=how, log=[], metrics={}, how="adapt" if adapt else "anew",
-                              from_model=shown if adapt else None, seconds={})
+                              from_model=shown if adapt else None, seconds={}, warm=warm is not None)
             started = time.monotonic()
-        threading.Thread(target=self._watch, args=(self._proc, log, started), daemon=True).start()
+        threading.Thread(target=self._watch, args=(self._proc, log, started, warm), daemon=True).start()
         return self.status()
 
-    def _watch(self, proc, log, started):
+    def _watch(self, proc, log, started, warm=None):
         tail = []
+        if warm is not None:  # its first line (the imports done) was read ahead
+            warm.reader.join()
+            log.writelines(warm.first)
         for line in proc.stdout:
             log.write(line)
             log.flush()
@@ -220,6 +255,7 @@ class Training:
         if rc != 0:
             with self._lock:
                 self.state.update(state="failed", message=f"training stopped with exit code {rc}; see {self.log_path}")
+            self.warm_up()
             return
         with self._lock:
             self.state.update(state="predicting", message="predicting the images")
@@ -229,6 +265,7 @@ class Training:
             with self._lock:
                 self.state.update(state="failed", message=f"prediction failed: {type(e).__name__}: {e}")
             return
+        self.warm_up()  # after the prediction: its import does not slow this round
         with self._lock:
             s = self.state
             s["seconds"]["predict"] = round(time.monotonic() - trained, 2)
@@ -296,6 +333,44 @@ class Training:
         adapts."""
         self.predict_all(checkpoint)
         self.state.update(state="done", model=1, message=f"showing {checkpoint}")
+        self.warm_up()
+
+
+class WarmTrainer:
+    """A train.py process started ahead (WARM_TRAIN): its imports run while the person clicks; `ready` once they are
+    done (its first line said so), `run` hands it a round's arguments."""
+
+    def __init__(self, env):
+        self.proc = subprocess.Popen([sys.executable, "-c", WARM_TRAIN], cwd=HERE, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+        self.first = []
+        self.reader = threading.Thread(target=lambda: self.first.append(self.proc.stdout.readline()), daemon=True)
+        self.reader.start()
+
+    @property
+    def ready(self):
+        return not self.reader.is_alive() and self.proc.poll() is None
+
+    def run(self, args):
+        """The process, training on `args` as `python train.py ARGS` would; None when it has died (an import failed:
+        the caller starts train.py the usual way, whose log then says why)."""
+        try:
+            self.proc.stdin.write(json.dumps(args) + "\n")
+            self.proc.stdin.close()
+        except OSError:  # BrokenPipeError: it is gone
+            self.close()
+            return None
+        return self.proc
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
 
 
 def changed_maps(before, after, refs):

@@ -453,6 +453,16 @@ def timed_train(client, restart, image):
     return time.perf_counter() - t0, st
 
 
+def wait_warm(client, since, timeout=120):
+    """Wait until the page's next train.py, started ahead once a round is shown (page.training.WarmTrainer), has done
+    its imports, as a person looking at the map before the next clicks would: the seconds since `since`."""
+    while not client.call("GET", "/api/train")["warm_ready"]:
+        if time.perf_counter() - since > timeout:
+            raise RuntimeError(f"the page's next train.py was not ready {timeout} s after the round")
+        time.sleep(LOOP_POLL)
+    return time.perf_counter() - since
+
+
 def held_out_clicks(click_file, images, classes):
     """(pixels that trained, pixels held out) of the page's next run: train.py's split of the click file
     (annotations.split_clicks: train.VAL_CLICKS, seed 0, the page's command sets neither)."""
@@ -492,8 +502,10 @@ def bench_loop(args):
                 clicked[name][r, c] = True
                 last = name
             chain = set()  # the clicks the models since the last training anew trained on
+            done = None
             for k in range(args.loop_rounds + 2):  # anew, adapted x rounds, anew again on the last clicks
                 restart = k in (0, args.loop_rounds + 1)
+                ready = None if done is None else wait_warm(client, done)
                 if 0 < k <= args.loop_rounds:
                     for name, r, c in wrong_clicks(client, maps, train, clicked, args.round_clicks, rng, palette):
                         client.add(name, np.array([r]), np.array([c]), maps[name][[r], [c]])
@@ -503,12 +515,14 @@ def bench_loop(args):
                 chain = set() if restart else chain
                 seen = len(held & chain)
                 seconds, st = timed_train(client, restart, last)
+                done = time.perf_counter()
                 if st["metrics"].get("val_clicks") != len(held):
                     raise RuntimeError(f"round {k}: train.py held out {st['metrics'].get('val_clicks')} clicks, the "
                                        f"split here {len(held)}: the count of clicks trained on before would be wrong")
                 chain |= trained
                 row = dict(round=k, how=st["how"], clicks=int(sum(m.sum() for m in clicked.values())),
                            latency=seconds, train=st["seconds"]["train"], predict=st["seconds"]["predict"],
+                           warm=st["warm"], ready=ready,
                            steps=st["steps"], oa=st["metrics"].get("val_oa"), oa_ci=st["metrics"].get("val_oa_ci"),
                            held=st["metrics"].get("val_clicks"), seen=seen,
                            changed=sum((st["changed"] or {}).get("pixels", {}).values()) if k else None,
@@ -562,7 +576,10 @@ def write_latency(path, args, preset, rows, command, load, seconds, n_train, n_v
              f"Retrain from scratch on the final clicks. **Latency**: from the answer to the last click to the updated "
              f"overlay of the patch clicked last (POST /api/train, train.py in its own process, the prediction of "
              f"every patch, GET /api/overlay); the page asks for the status every 0.7 s, this client every "
-             f"{LOOP_POLL} s, so on the page add up to 0.7 s.", "",
+             f"{LOOP_POLL} s, so on the page add up to 0.7 s. From the second round on, train.py was started ahead "
+             f"once the round before was shown (page.training.WarmTrainer: its imports done while the person looks "
+             f"and clicks); the person here waits until it is ready before clicking ('ready after': seconds from "
+             f"the overlay to a ready train.py, this client's scoring of the val patches running meanwhile).", "",
              "| training | rounds | latency median (s) | range (s) |", "|---|---:|---:|---:|"]
     if len(lat):
         lines.append(f"| Train: adapted ({args.adapt_steps} steps) | {len(lat)} | {np.median(lat):.1f} | "
@@ -570,12 +587,14 @@ def write_latency(path, args, preset, rows, command, load, seconds, n_train, n_v
     for r, what in ((anew[0], f"first model, trained anew ({args.epochs} epochs)"),
                     (final, f"Retrain from scratch on the final clicks ({args.epochs} epochs)")):
         lines.append(f"| {what} | 1 | {r['latency']:.1f} | - |")
-    lines += ["", "| round | training | clicks | latency (s) | train.py (s) | prediction (s) | optimizer steps | "
+    lines += ["", "| round | training | clicks | latency (s) | train.py started ahead (ready after, s) | "
+                  "train.py (s) | prediction (s) | optimizer steps | "
                   "held-out-click accuracy [95 % CI] | held-out clicks (of them trained on by an earlier model) | "
                   "pixels changed | val mIoU (dense labels) |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['round']} | {r['how']} | {r['clicks']} | {r['latency']:.1f} | {r['train']:.1f} | "
+        ahead = f"yes ({r['ready']:.1f})" if r["warm"] else "no"
+        lines.append(f"| {r['round']} | {r['how']} | {r['clicks']} | {r['latency']:.1f} | {ahead} | {r['train']:.1f} | "
                      f"{r['predict']:.1f} | {r['steps']} | {fmt(r['oa'])}{ci(r)} | {r['held']} ({r['seen']}) | "
                      f"{'-' if r['changed'] is None else r['changed']} | {r['miou']:.3f} |")
     from train import VAL_CLICKS

@@ -461,6 +461,13 @@ def test_the_status_follows_the_progress_file_not_the_log(server, tmp_path):
 
 
 
+def wait_for(condition, timeout=120):
+    t0 = time.time()
+    while not condition():
+        assert time.time() - t0 < timeout, f"not within {timeout} s"
+        time.sleep(0.2)
+
+
 def wait_trained(s, timeout=120):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -591,9 +598,11 @@ def test_train_adapts_the_model_shown_and_retrain_from_scratch_trains_anew(pngs,
         assert s.json("GET", "/api/config")["adapt_steps"] == 1
         click_side(s, 5, right=False)  # clutter only: model 1 knows no building
         st = s.json("POST", "/api/train", {"epochs": 10})
-        assert (st["how"], st["from_model"]) == ("anew", None)
+        assert (st["how"], st["from_model"], st["warm"]) == ("anew", None, False)  # none started ahead yet
         st = wait_trained(s)
         assert st["state"] == "done" and st["message"] == "trained anew (10 epochs)", st
+        warm = s.app.training._warm.proc  # the next round's train.py, started once this one was shown
+        wait_for(lambda: s.json("GET", "/api/train")["warm_ready"])
         assert st["changed"]["since"] is None and "first model" in st["changed"]["note"]
         assert s.request("GET", "/api/overlay?image=im0&z=0&x=0&y=0&size=64&layer=changed")[0] == 404
         assert "--init" not in train_log_argv(runs)
@@ -602,9 +611,10 @@ def test_train_adapts_the_model_shown_and_retrain_from_scratch_trains_anew(pngs,
 
         click_side(s, 1, right=True)  # building on the right: Train adapts model 1 to the clicks as they are now
         st = s.json("POST", "/api/train", {})
-        assert (st["state"], st["how"], st["from_model"]) == ("running", "adapt", 1)
+        assert (st["state"], st["how"], st["from_model"], st["warm"]) == ("running", "adapt", 1, True)
         st = wait_trained(s)
         assert st["state"] == "done" and st["message"] == "adapted from model 1 (1 steps)", st
+        assert warm.poll() == 0 and "warm: train.py imported in" in (runs / "train.log").read_text()
         argv = train_log_argv(runs)
         assert argv[argv.index("--init") + 1] == str(runs / "model.pth") and "--epochs" not in argv
         assert [argv[argv.index(f) + 1] for f in ("--steps", "--schedule", "--val-every")] == ["1", "cosine", "1"]
@@ -633,8 +643,10 @@ def test_train_adapts_the_model_shown_and_retrain_from_scratch_trains_anew(pngs,
         changes = {img: n + check_changed(s, second, third)[img] for img, n in changes.items()}
         assert sum(changes.values()) > 0  # building appeared somewhere on the right over the two rounds
         assert s.request("POST", "/api/train", {"restart": "yes"})[0] == 400
+        waiting = s.app.training._warm.proc
     finally:
         s.close()
+    assert waiting.poll() is not None  # closing the server stops the train.py waiting for a next round
 
 
 def torch_equal(a, b):
@@ -665,7 +677,9 @@ def test_budget_expands_into_arguments_and_stands_alone(pngs, tmp_path, monkeypa
     s = Server(pngs, tmp_path / "clicks.csv", tmp_path / "runs", adapt_steps=7)
     try:
         t = s.app.training
-        assert t.command == page.training.DEFAULT_TRAIN_COMMAND and t.adapts
+        assert t.command == page.training.DEFAULT_TRAIN_COMMAND and t.adapts and t.warms
+        other = page.training.Training("python3 train.py {budget}", None, None, None, None, tmp_path, 1)
+        assert not other.warms  # not this Python: started the usual way at each Train
         anew, adapt = t.argv(3), t.argv(3, tmp_path / "m.pth")
         at = anew.index("--epochs")
         assert anew[at:at + 2] == ["--epochs", "3"] and "{budget}" not in anew

@@ -110,11 +110,12 @@ def test_loop_benchmark_times_the_page_and_its_table_holds_together(tmp_path, mo
     assert [r[1] for r in rows] == ["anew", "adapt", "adapt", "anew"]
     clicks = [int(r[2]) for r in rows]
     assert clicks == [6 * 3, 6 * 3 + 2, 6 * 3 + 4, 6 * 3 + 4]  # 6 training patches; 2 more a round; none at the end
-    assert [r[6] for r in rows[1:3]] == ["3", "3"]  # the adapted rounds' optimizer steps
-    assert rows[0][9] == "-" and all(r[9].isdigit() for r in rows[1:])  # changed pixels from the second model on
-    assert all(r[8].endswith("(0)") for r in (rows[0], rows[-1]))  # a model trained anew has seen no held-out click
+    assert [r[4].split()[0] for r in rows] == ["no", "yes", "yes", "yes"]  # train.py started ahead after round 0
+    assert [r[7] for r in rows[1:3]] == ["3", "3"]  # the adapted rounds' optimizer steps
+    assert rows[0][10] == "-" and all(r[10].isdigit() for r in rows[1:])  # changed pixels from the second model on
+    assert all(r[9].endswith("(0)") for r in (rows[0], rows[-1]))  # a model trained anew has seen no held-out click
     latency = [float(r[3]) for r in rows]
-    assert all(float(r[4]) + float(r[5]) <= float(r[3]) + 0.05 for r in rows)  # train + predict within the latency
+    assert all(float(r[5]) + float(r[6]) <= float(r[3]) + 0.05 for r in rows)  # train + predict within the latency
     adapted = np.array(latency[1:3])
     summary = number(r"\| Train: adapted \(3 steps\) \| 2 \| ([\d.]+) \|", text)
     assert agrees(summary, 1, lambda a, b: float(np.median([a, b])), (adapted[0], 1), (adapted[1], 1))
