@@ -2,7 +2,8 @@
 
     python checkpoint.py checkpoints/best_model.pth      # checks a checkpoint as infer.py does, prints what it holds
 
-A checkpoint is self-describing (like nanoGPT's): the model's arguments, the preprocessing contract
+A checkpoint is self-describing (like nanoGPT's): the model's arguments (a click-conditioned model's click
+encoding and radius among them, which predict.py encodes clicks with), the preprocessing contract
 (`spec.DataSpec`: classes, palette, bands, intensity rule, scale), the training config, the metrics and
 epoch, the weights, and for `last.pth` the state needed to resume. It loads with
 `torch.load(..., weights_only=True)`; a file that carries code is refused. A model with non-finite weights
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from config import ARCHS, DECODERS
+from config import ARCHS, CLICK_INPUTS, DECODERS
 from model import build_model
 from raster import atomic_path
 from spec import DataSpec
@@ -130,6 +131,11 @@ def read_checkpoint(path, map_location="cpu"):
                              f"classes {list(spec.classes.names)}")
         if c != spec.channels:
             raise ValueError(f"the model takes {c} bands but the preprocessing gives {spec.channels}")
+        if args.get("click_channels", 0) not in (0, k) or args.get("click_channels") and (
+                args.get("click_encoding") not in CLICK_INPUTS[1:] or not float(args.get("click_radius", 0)) > 0):
+            raise ValueError(f"click input {args.get('click_channels')} planes, {args.get('click_encoding')!r}, radius "
+                             f"{args.get('click_radius')}: a click-conditioned model takes one plane per class, "
+                             f"encoded as {' or '.join(CLICK_INPUTS[1:])} with a radius > 0")
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: malformed checkpoint header ({type(e).__name__}: {e}); "
                               f"it cannot be used, train or export it again") from None

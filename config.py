@@ -39,6 +39,7 @@ from spec import MAX_SCALE, PROCESSING_SIZE, check_scale, parse_bands, tokens
 
 ARCHS = ("resnet18", "tiny")  # model.build_model
 DECODERS = ("plain", "skip")  # model.ResNet18Segmentation
+CLICK_INPUTS = ("none", "disc", "distance")  # --click-input: model.click_planes
 SCHEMES = ("inverse", "sqrt", "median", "effective", "capped")  # class_weights.weights_from_counts
 WEIGHT_SOURCES = ("points", "pixels", "dense")  # class_weights.compute_class_weights
 NORMALIZATIONS = ("weighted", "points")  # partial_ce_loss
@@ -339,6 +340,21 @@ class TrainConfig:
               "fine-tune it on this run's data, e.g. a model adapted to new clicks (the annotation page's Train); its "
               "classes and model settings must be this run's; with --no-pretrained", MODEL,
         check=lambda v: v is None or Path(v).is_file(), must="be a checkpoint file written by train.py", neutral=True)
+    click_input: str = setting(
+        "none", "a click-conditioned model (DISIR): clicks enter as one input plane per class, a disc of "
+                "--click-radius around each click or a distance map that falls to 0 there; trained from the points "
+                "alone: in each batch some of an image's points go in as clicks, the loss counts the others. "
+                "Validation and infer.py see no clicks (docs/training.md#click-conditioned-model)", MODEL,
+        choices=CLICK_INPUTS, neutral=True)
+    click_radius: float = setting(3.0, "--click-input: radius of a click's disc, or where its distance map reaches 0 "
+                                       "(processing pixels)", MODEL, check=positive,
+                                  must="be a positive number of processing pixels", neutral=True)
+    click_max: int = setting(10, "--click-input: most input clicks per image and batch (k uniform in 1..min(this, the "
+                                 "image's points - 1))", MODEL, check=whole(1), must="be a whole number >= 1",
+                             neutral=True)
+    click_none: float = setting(0.5, "--click-input: share of the images of a batch given no input clicks, so the "
+                                     "no-click map (what infer.py makes) trains too", MODEL,
+                                check=lambda v: at_least(0)(v) and v <= 1, must="be in [0, 1]", neutral=True)
     size: int = setting(PROCESSING_SIZE, "processing size of the first image's longer side (300 -> 150)",
                         MODEL, check=whole(8), must="be >= 8 pixels")
     scale: Optional[float] = setting(None, "processing pixels per image pixel, e.g. 0.5 (training: overrides --size, "
@@ -565,13 +581,21 @@ def _one_encoder(cfg):
         yield "--resume continues a run where it stopped; --init starts a new run from a model: give one"
 
 
+def _click_settings_need_click_input(cfg):
+    if cfg.click_input == "none":
+        for name in ("click_radius", "click_max", "click_none"):
+            if getattr(cfg, name) != getattr(TrainConfig, name):
+                yield (f"{flag(name)} sets the input clicks of a click-conditioned model; add --click-input disc or "
+                       f"distance")
+
+
 def _share_needs_self_training(cfg):
     if cfg.pseudo_share and not cfg.self_training:
         yield "--pseudo-share chooses the pseudo-labels of --self-training rounds; add --self-training R (R >= 1)"
 
 
 RULES = (_warmup_needs_a_decay, _steps_rules, _one_encoder, _share_needs_self_training, _rounds_below_epochs,
-         _rounds_need_fixed_points, _resident_needs_fixed_points, _clicks_rules)
+         _rounds_need_fixed_points, _resident_needs_fixed_points, _clicks_rules, _click_settings_need_click_input)
 
 
 def flag(name):

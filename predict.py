@@ -7,13 +7,15 @@
 
 infer.py segments a folder with these functions (`python infer.py --input tiles/ --output masks/`); training
 draws its figures here (`plot_history`: the curves; `plot_results`: image | truth | points | `predict_image`), the
-annotation page its overlay with `predict_probabilities`.
+annotation page its overlay with `predict_probabilities`. A click-conditioned model (train.py --click-input) is
+also given a person's clicks (`clicks=`): they become planes on the processing grid, beside the image's bands.
 
 How an image is predicted (`predict_image`): it is resized by the checkpoint's scale (processing size /
 native size, e.g. 300 -> 150 = 0.5) so objects have the size the model learned; the resized image is cut
 into overlapping tiles (`tile`, `overlap`, in resized pixels) run in batches; class probabilities are
 blended with weights that fade to ~0 at tile edges (no seams), optionally averaged over flips and 90-degree
-rotations (`tta`), and bilinearly upsampled back to the input size before the argmax. Rows are finished
+rotations (`tta`), and bilinearly upsampled back to the input size before the argmax. Click planes are cut into
+the same tiles and flipped with them. Rows are finished
 and upsampled as the tiles move down the image, so memory stays bounded for 6000x6000 tiles and beyond.
 What a file becomes before the model (bands, intensity, scale) is the checkpoint's contract: spec.py,
 the same functions training uses.
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import index_to_colour
+from model import click_planes
 from raster import Rows, bit_depth_of, read_raster, readable_by_rows, resize, scale_note
 from spec import IGNORE_INDEX, file_bands, grid_size, load_input, to_grid, valid_mask, wide_input_warning
 
@@ -96,9 +99,10 @@ def _tta_mode(tta):
     return tta
 
 
-def _probability_rows(model, small, tile, overlap, batch_size, tta, device, progress, desc):
+def _probability_rows(model, small, tile, overlap, batch_size, tta, device, progress, desc, planes=None):
     """Blend tile predictions over a (h, w, B) uint8 image; yield finished rows in order as (C, n, w) float32
-    tensors on `device`, normalised. Only one band of tile rows is held at a time."""
+    tensors on `device`, normalised. Only one band of tile rows is held at a time. `planes`: (K, h, w) click planes
+    on `device`, cut into the same tiles and put after the bands."""
     h, w, _ = small.shape
     ys, th = tile_starts(h, tile, overlap)
     xs, tw = tile_starts(w, tile, overlap)
@@ -112,6 +116,8 @@ def _probability_rows(model, small, tile, overlap, batch_size, tta, device, prog
         batch = positions[b:b + batch_size]
         x = torch.from_numpy(np.stack([small[y:y + th, x:x + tw] for y, x in batch]))
         x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        if planes is not None:
+            x = torch.cat([x, torch.stack([planes[:, y:y + th, x0:x0 + tw] for y, x0 in batch])], 1)
         probs = _forward(model, x, tta)
         for (y, x0), p in zip(batch, probs):
             if acc is None:
@@ -180,11 +186,12 @@ def _grid(image, scale):
     return to_grid(image, scale)
 
 
-def _predict(model, small, size, sink, tile, overlap, batch_size, tta, device, progress, desc):
+def _predict(model, small, size, sink, tile, overlap, batch_size, tta, device, progress, desc, clicks=None):
     """Predict the processing-grid image `small` ((h, w, B) uint8, or a StreamedInput) and hand the
     probabilities, upsampled to `size` (H, W), to `sink(y0, y1, rows)` in order, a few rows at a time. A
     generator: it yields whenever a band of rows has reached the sink, so the caller can write them out before
-    the next band is predicted; run it to the end (`for _ in _predict(...): pass`) to predict everything."""
+    the next band is predicted; run it to the end (`for _ in _predict(...): pass`) to predict everything.
+    `clicks`: see predict_image."""
     if model.training:
         raise ValueError("the model is in training mode; call model.eval() before predicting")
     if tile < 32:
@@ -194,13 +201,30 @@ def _predict(model, small, size, sink, tile, overlap, batch_size, tta, device, p
     H, W = size
     h, w = small.shape[:2]
     up = _Upsampler(h, w, H, W, sink, device=device)
-    for rows in _probability_rows(model, small, tile, overlap, batch_size, tta, device, progress, desc):
+    planes = None if clicks is None or not len(clicks) else grid_click_planes(model, clicks, size, (h, w), device)
+    for rows in _probability_rows(model, small, tile, overlap, batch_size, tta, device, progress, desc, planes):
         up.push(rows)
         yield
     assert up.y == H, (up.y, H)
 
 
-def predict_image(model, image, scale, *, tile=512, overlap=64, batch_size=4, tta=False, device=None,
+def grid_click_planes(model, clicks, size, grid, device):
+    """The (K, h, w) click planes of a click-conditioned model on the processing grid `grid` (h, w): `clicks` (N, 3)
+    of row, column, class index in pixels of the input (H, W) `size`, each carried to the grid cell it falls in, and
+    encoded as the checkpoint says (model.click_encoding, click_radius: train.py --click-input, --click-radius)."""
+    if not getattr(model, "click_channels", 0):
+        raise ValueError("this model takes no clicks: it was trained without --click-input (train.py --click-input "
+                         "disc or distance makes one that does)")
+    c = np.asarray(clicks, dtype=np.int64).reshape(-1, 3)
+    (H, W), (h, w) = size, grid
+    off = (c[:, 0] < 0) | (c[:, 0] >= H) | (c[:, 1] < 0) | (c[:, 1] >= W)
+    if off.any():
+        raise ValueError(f"click (row, col, class) {c[off][0].tolist()} lies outside the {H}x{W} image")
+    on_grid = np.stack([(2 * c[:, 0] + 1) * h // (2 * H), (2 * c[:, 1] + 1) * w // (2 * W), c[:, 2]], 1)
+    return click_planes(on_grid, (h, w), model.num_classes, model.click_encoding, model.click_radius, device)
+
+
+def predict_image(model, image, scale, *, clicks=None, tile=512, overlap=64, batch_size=4, tta=False, device=None,
                   progress=False, desc=None):
     """Class indices (H, W) uint8 for an (H, W, bands) uint8 image of any size.
 
@@ -212,25 +236,27 @@ def predict_image(model, image, scale, *, tile=512, overlap=64, batch_size=4, tt
         batch_size: tiles per forward pass.
         tta: False/"none", "flip" (4 flips), True/"d4" (flips and 90-degree rotations, 8 passes).
         device: where the model runs (default: where its parameters are).
+        clicks: for a click-conditioned model (train.py --click-input), a person's clicks as (N, 3) rows, columns
+            and class indices in pixels of `image`; None or none: the no-click map (any model).
     """
     return _predict_indices(model, _grid(image, scale), image.shape[:2], tile, overlap, batch_size, tta, device,
-                            progress, desc)
+                            progress, desc, clicks)
 
 
-def _predict_indices(model, small, size, tile, overlap, batch_size, tta, device, progress, desc):
+def _predict_indices(model, small, size, tile, overlap, batch_size, tta, device, progress, desc, clicks=None):
     """predict_image of the processing-grid image `small` (_grid's) at the input size `size` (H, W)."""
     out = np.empty(size, np.uint8)
 
     def sink(y0, y1, rows):
         out[y0:y1] = class_indices(rows)
 
-    for _ in _predict(model, small, size, sink, tile, overlap, batch_size, tta, device, progress, desc):
+    for _ in _predict(model, small, size, sink, tile, overlap, batch_size, tta, device, progress, desc, clicks):
         pass
     return out
 
 
-def predict_probabilities(model, image, scale, *, tile=512, overlap=64, batch_size=4, tta=False, device=None,
-                          progress=False, desc=None):
+def predict_probabilities(model, image, scale, *, clicks=None, tile=512, overlap=64, batch_size=4, tta=False,
+                          device=None, progress=False, desc=None):
     """Class probabilities (C, H, W) float32 at the image's size; arguments as predict_image. Holds the
     whole map (C x H x W x 4 bytes): for small images (figures, tests); predict_image streams."""
     parts = []
@@ -239,7 +265,7 @@ def predict_probabilities(model, image, scale, *, tile=512, overlap=64, batch_si
         parts.append(rows.cpu().clone())
 
     for _ in _predict(model, _grid(image, scale), image.shape[:2], sink, tile, overlap, batch_size, tta, device,
-                      progress, desc):
+                      progress, desc, clicks):
         pass
     return torch.cat(parts, 1).numpy()
 

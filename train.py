@@ -14,9 +14,8 @@ and mIoU over the held-out clicks with 95 % intervals (annotations.click_metrics
 the log, the history and the figures; the best model is then the best on them (see docs/clicks.md).
 Keeps `<out>/best_model.pth` (best val mIoU) and `<out>/last.pth` (with optimizer state, for --resume),
 `<out>/history.json`, and draws `<out>/output.png` (curves) and `<out>/results.png` (image | ground truth |
-points | prediction). A run never replaces another run's
-checkpoints: a folder that holds some needs --resume (same settings) or --overwrite; only a rerun with
-exactly the same settings replaces them by itself.
+points | prediction). A run never replaces another run's checkpoints: a folder that holds some needs --resume (same
+settings) or --overwrite; only a rerun with exactly the same settings replaces them by itself.
 """
 
 import argparse
@@ -43,12 +42,11 @@ from config import (MAX_VALIDATIONS, MIN_STEPS, RESUMABLE, STEP_PASSES, TrainCon
 from config import WEIGHT_SOURCES as CLASS_WEIGHT_SOURCES
 from checkpoint import (PROGRESS_FILE, CheckpointError, LastCheckpoint, Progress, load_model, read_checkpoint,
                         save_checkpoint)
-from class_weights import (compute_class_weights, count_classes, load_class_weights, pixel_shares,
-                           save_class_weights)
+from class_weights import compute_class_weights, count_classes, load_class_weights, pixel_shares, save_class_weights
 from dataset import (PUBLISHED_TRAIN_IDS, PUBLISHED_VAL_IDS, SegmentationDataset, available_ids,
                      clicks_per_object, folder_pairs, load_split, pad_collate, patch_pairs, read_label)
 from metrics import ConfusionMatrix
-from model import build_model, resolve_device
+from model import build_model, condition_on_clicks, resolve_device
 from partial_ce_loss import PartialCrossEntropyLoss
 from predict import plot_history, plot_results
 from pretrain import apply_encoder
@@ -513,14 +511,15 @@ def plateau(history, epochs=PLATEAU_EPOCHS, gain=PLATEAU_GAIN, warmup=0):
 
 
 def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progress=True, desc="", extra=None,
-              names=None, scheduler=None):
+              names=None, scheduler=None, clicks=None):
     """Train (optimizer given) or evaluate over a loader (a DataLoader or a resident.ResidentLoader). Returns
     (mean loss, points confusion matrix, dense confusion matrix or None, {name: mean} of the `extra` terms).
     Dense labels are only looked at when evaluating. `extra` ({name: (weight, fn)}, see weak_terms) adds
     weight x fn(...) to the loss when training; the mean loss stays the partial CE alone. A non-finite loss
     (extras included) stops training (TrainingError) before the step that would spread it into the weights.
     Sums and confusion matrices stay on the device: evaluating waits for it once, at the end. `scheduler`: a
-    per-step learning-rate schedule (make_scheduler), stepped after every optimizer step."""
+    per-step learning-rate schedule (make_scheduler), stepped after every optimizer step. `clicks` (model.ClickDraw,
+    --click-input): some points of each batch go in as click planes; the loss and train scores count the others."""
     train = optimizer is not None
     model.train(train)
     k = model.num_classes
@@ -533,10 +532,10 @@ def run_epoch(model, loader, criterion, device, optimizer=None, amp=False, progr
     use_amp = amp and device.type == "cuda"
     with torch.set_grad_enabled(train):
         for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
-            x = batch["image"].to(device, non_blocking=True)
-            y = batch["points"].to(device, non_blocking=True)
+            x, y = batch["image"].to(device, non_blocking=True), batch["points"].to(device, non_blocking=True)
+            xin, y = clicks(x, y) if clicks else (x, y)  # the weak losses below see the image bands alone
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(x)
+                logits = model(xin)
             loss = criterion(logits, y)
             value = loss.detach()
             for name, (weight, term) in extra.items():
@@ -750,10 +749,11 @@ def set_up_model(run):
                             pretrained=cfg.pretrained).to(ctx.device)  # before anything is written: may be missing
     if cfg.encoder:  # pretrain.py's file: every weight but the output layer
         print(apply_encoder(run.model, cfg.encoder, spec.channels, spec.scale), flush=True)
+    run.clicks = condition_on_clicks(run.model, cfg.click_input, cfg.click_radius, cfg.click_max, cfg.click_none)
     if run.init is not None:  # a whole model to go on from (read_init checked its classes)
         if run.init.model_args != run.model.model_args:
             raise ValueError(f"--init {cfg.init} holds a {run.init.model_args} model; this run builds "
-                             f"{run.model.model_args}: give the same --arch and --decoder")
+                             f"{run.model.model_args}: give the same --arch, --decoder and --click-input")
         run.model.load_state_dict(run.init.state_dict)
         print(f"init: the weights and preprocessing contract of {cfg.init} (epoch {run.init.epoch})", flush=True)
     if ctx.is_main:
@@ -803,7 +803,8 @@ def log_start(run):
           f"{' redrawn every epoch (published code, comparison only)' if cfg.resample_each_epoch else ''}; "
           f"labelled {stats['labelled_fraction']:.2%} of the training pixels; scale {spec.scale:g}; "
           f"{spec.channels} bands, intensity {spec.intensity.kind}; device {run.ctx.device}; "
-          f"{cfg.arch} {init}", flush=True)
+          f"{cfg.arch} {init}" + (f"; input clicks: {cfg.click_input} r {cfg.click_radius:g}, up to {cfg.click_max} "
+                                  f"an image, none on {cfg.click_none:.0%} of them" if run.clicks else ""), flush=True)
     if run.ctx.world > 1:
         print(f"distributed: {run.ctx.world} processes ({torch.distributed.get_backend()}), "
               f"{cfg.batch_size // run.ctx.world} of each batch of {cfg.batch_size} per process", flush=True)
@@ -865,7 +866,7 @@ def train_block(run, epoch):
     lr = run.optimizer.param_groups[0]["lr"]
     tr_loss, tr_cm, _, tr_extra = run_epoch(run.net, run.train_loader, run.criterion, device, run.optimizer, cfg.amp,
                                             cfg.progress and ctx.is_main, f"epoch {epoch} train", run.extra, names,
-                                            run.scheduler if run.per_step else None)
+                                            run.scheduler if run.per_step else None, run.clicks)
     tr_loss, tr_cm, tr_extra = distributed.reduce_epoch(run.train_loader, tr_loss, tr_cm, tr_extra)
     if not run.per_step:
         run.scheduler.step()

@@ -58,12 +58,16 @@ def test_pretrained_offline_names_file_and_way_out(tmp_path, monkeypatch):
 
 
 def test_build_model_rebuilds_from_model_args():
-    for m in (ResNet18Segmentation(num_classes=4, decoder="plain", in_channels=5), TinySegmentation(3, 2)):
+    for m in (ResNet18Segmentation(num_classes=4, decoder="plain", in_channels=5), TinySegmentation(3, 2),
+              build_model("tiny", 3, 2, click_channels=3, click_encoding="distance", click_radius=5)):
         again = build_model(**m.model_args)
         assert type(again) is type(m) and again.model_args == m.model_args
         again.load_state_dict(m.state_dict())  # same parameter names and shapes
     with pytest.raises(ValueError, match="unknown arch"):
         build_model(arch="vgg")
+    with pytest.raises(ValueError, match="one click plane per class"):
+        build_model("tiny", 3, click_channels=2)
+    assert "click_channels" not in build_model("tiny", 3).model_args  # a model without clicks: args as before
 
 
 def weights_file(tmp_path, monkeypatch, seed=0):
