@@ -78,6 +78,8 @@ class App:
                    or page.training.DEFAULT_TRAIN_COMMAND)
         from_env = not args.train_command and os.environ.get("ANNOTATE_TRAIN_COMMAND")
         check_train_command(command, "--train-command ($ANNOTATE_TRAIN_COMMAND)" if from_env else "--train-command")
+        if args.click_input != "none":  # the page's models take the clicks as input: the live layer predicts with them
+            command += f" --click-input {args.click_input}"
         self.training = Training(command, self.images, self.click_file, self.classes, classes_path, runs,
                                  args.epochs, args.device, args.adapt_steps)
         self.live = Live(self.training, self.click_file)
@@ -322,6 +324,7 @@ class AnnotateSettings:
               "--epochs E, or --init MODEL --steps N ... when adapting; a command with {epochs} instead always "
               "trains anew); default (or $ANNOTATE_TRAIN_COMMAND): " + page.training.DEFAULT_TRAIN_COMMAND, "page")
     device: str = reuse(TrainConfig, "device", "cpu")
+    click_input: str = reuse(TrainConfig, "click_input")  # added to the train command; the live layer uses it
     host: str = setting("127.0.0.1", "address to bind (127.0.0.1: this machine only)", "page")
     port: int = setting(8765, "port (0: any free one)", "page", check=lambda v: whole(0)(v) and v < 65536,
                         must="be in 0..65535")

@@ -1,5 +1,6 @@
-"""The `live` overlay layer: a click repaints the map at once, with no training. A small head (page/head.py) is
-re-fitted on the shown model's per-pixel features at every click, and painted over the tiles the page asks for.
+"""The `live` overlay layer: a click repaints the map at once, with no training. A click-conditioned model
+(train.py --click-input) predicts the image again with the clicks in its input; any other model gets a small head
+(page/head.py) re-fitted on its per-pixel features at every click. Either is painted over the tiles the page asks for.
 """
 
 import threading
@@ -11,6 +12,8 @@ import numpy as np
 from page.bounds import HTTPError, not_found
 from page.training import tile_cells
 
+LIVE_GRID_PIXELS = 4_000_000  # processing-grid cells of an image a click-conditioned model predicts again per click
+
 
 class Live:
     """The `live` overlay layer: a small head (page.head.fit_head, the logistic regression anchored at the network's
@@ -18,13 +21,15 @@ class Live:
     the tiles asked for, with no training. It is fitted when a tile or /api/live asks and the click file or the model
     changed since the last fit (a fit of hundreds of clicks takes milliseconds); the model's features are extracted
     once per image (page.head.Features caches them) and thrown away when another model is shown. Only the images the
-    model predicted (Training.predictions) are painted or read for clicks."""
+    model predicted (Training.predictions) are painted or read for clicks. A click-conditioned model needs no head:
+    `conditioned` (Conditioned) paints it."""
 
     def __init__(self, training, click_file):
         self.training, self.click_file = training, click_file
         self._lock = threading.Lock()
         self.features, self.model, self.key, self.head = None, 0, None, None
         self.state = {}
+        self.conditioned = Conditioned(training, click_file)
 
     def fitted(self):
         """(head, features) for the model shown and the clicks as they are now; 409 before a model is shown."""
@@ -65,9 +70,11 @@ class Live:
             return self.head, self.features
 
     def status(self):
+        if self.conditioned.shown():
+            return self.conditioned.status()
         self.fitted()
         with self._lock:
-            return dict(self.state)
+            return {**self.state, "conditioned": False}
 
     def tile(self, name, ref, x0, y0, x1, y1, step, palette):
         """RGBA (h, w, 4) uint8: the head's classes over image pixels [y0, y1) x [x0, x1) every `step`-th, looked up
@@ -76,6 +83,13 @@ class Live:
             predicted = name in self.training.predictions
         if not predicted:
             raise not_found(f"no prediction for {name}")
+        if self.conditioned.shown():
+            grid = self.conditioned.grid(name, ref)
+            rows, cols = tile_cells(ref.shape, grid.shape, x0, y0, x1, y1, step)
+            out = np.empty((rows.size, cols.size, 4), np.uint8)
+            out[..., :3] = np.asarray(palette, np.uint8)[grid[np.ix_(rows, cols)]]
+            out[..., 3] = 255
+            return out
         head, features = self.fitted()
         with self._lock:
             f = features.of(name, ref.path)
@@ -92,3 +106,75 @@ def head_tile(head, features, shape, x0, y0, x1, y1, step, palette):
     out[..., :3] = np.asarray(palette, np.uint8)[grid[np.ix_(rows - rows[0], cols - cols[0])]]
     out[..., 3] = 255
     return out
+
+
+class Conditioned:
+    """The live layer of a click-conditioned model (DISIR; train.py --click-input): at each click the image is predicted
+    again with its clicks in the model's input planes, nothing fitted. Each click is put in the processing-grid cell the
+    overlay shows it in (tile_cells' rule, as training puts its points). The model is loaded once per model shown, an
+    image's processing-grid input once per model, and its class map once per click-file version (the tiles of one view
+    share it)."""
+
+    def __init__(self, training, click_file):
+        self.training, self.click_file = training, click_file
+        self._lock = threading.Lock()
+        self.model, self.net, self.spec, self.inputs, self.grids = 0, None, None, {}, {}
+        self.state = {}
+
+    def shown(self):
+        """Whether the model shown takes clicks (read from its checkpoint once per model); 409 before there is one."""
+        training = self.training
+        with training._lock:
+            model, predicted = training.state["model"], bool(training.predictions)
+        if not model or not predicted:
+            raise HTTPError(HTTPStatus.CONFLICT, "no model yet: train first (the live layer repaints the shown model's "
+                                                 "map at each click)")
+        with self._lock:
+            if self.model != model:
+                from checkpoint import load_model  # torch comes with it: the server starts without
+                net, ck = load_model(training.model_path, training.device)
+                self.model, self.net, self.spec, self.inputs, self.grids = model, net, ck.spec, {}, {}
+                self.state = {}
+            return bool(getattr(self.net, "click_channels", 0))
+
+    def grid(self, name, ref):
+        """The (h, w) class map of image `name` on its processing grid with the image's clicks as they are now."""
+        with self.click_file.locked():
+            version, px = self.click_file.version(), self.click_file.read().get(name, {})
+        with self._lock:
+            key = (self.model, version, name)
+            if key in self.grids:
+                return self.grids[key]
+            from predict import predict_probabilities
+            from spec import grid_size, load_input, to_grid
+            h, w = grid_size(*ref.shape, self.spec.scale)
+            if h * w > LIVE_GRID_PIXELS:
+                raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, f"{ref.path.name}: {h} x {w} processing pixels, too "
+                                                                 f"large to predict again at each click here")
+            t0 = time.perf_counter()
+            if name not in self.inputs:
+                self.inputs = {name: to_grid(load_input(ref.path, self.spec).image, self.spec.scale)}  # one kept
+            small = self.inputs[name]
+            H, W = ref.shape
+            clicks = [(r * h // H, c * w // W, cl) for (r, c), (cl, _) in px.items()]
+            t1 = time.perf_counter()
+            grid = predict_probabilities(self.net, small, 1.0, clicks=clicks or None).argmax(0).astype(np.uint8)
+            t2 = time.perf_counter()
+            self.grids = {k: v for k, v in self.grids.items() if k[:2] == key[:2]}  # this model and version only
+            self.grids[key] = grid
+            self.state = {"model": self.model, "version": version, "image": name, "clicks": len(clicks),
+                          "conditioned": True, "head": f"none: the click-conditioned network "
+                                                       f"({self.net.click_encoding}) takes the clicks as input",
+                          "seconds": {"input": round(t1 - t0, 3), "predict": round(t2 - t1, 3)}}
+            return grid
+
+    def status(self):
+        """What the last repaint did; the clicks counted as the file holds them now (over every image)."""
+        with self.click_file.locked():
+            version, clicks = self.click_file.version(), self.click_file.read()
+        with self._lock:
+            return {"model": self.model, "version": version, "clicks": sum(len(v) for v in clicks.values()),
+                    "conditioned": True, "head": f"none: the click-conditioned network ({self.net.click_encoding}) "
+                                                 f"takes the clicks as input",
+                    "seconds": dict(self.state.get("seconds", {"input": 0.0, "predict": 0.0})),
+                    "last": {k: self.state[k] for k in ("image", "version", "clicks")} if self.state else None}

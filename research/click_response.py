@@ -20,8 +20,11 @@ undefined left out) the click turned from wrong to right minus those it turned f
 for one 1000-pixel overlay tile; HTTP and the browser's drawing not included), on a 1000 x 1000 image of the same data
 whose features were extracted once beforehand (a cost paid once per model and image, given beside). The heads: the
 page's (logistic regression anchored at the network's classifier, page.head.L2), the same with other pulls, plain
-logistic regression, a random forest on the same features; and no head (the map as the network painted it until the
-next Train: 0 per click by construction).
+logistic regression, a random forest on the same features; no head (the map as the network painted it until the
+next Train: 0 per click by construction); and, with --click-input (default disc), DISIR's way: the page's Train again,
+anew on the same first clicks with `--click-input` added to its command, gives a click-conditioned network, and each
+click enters its patch's input and the patch is predicted again (the view: its clicks where the patches lie in it).
+Its no-click map beside the plain first model's says what the conditioning costs the map without clicks.
 """
 
 import argparse
@@ -75,12 +78,17 @@ def first_model(app, maps, train, k, epochs, rng):
             app.click_file.apply({"op": "add", "image": name, "points": [[c + 0.5, r + 0.5]], "class": cls})
             clicks.setdefault(name, []).append((r, c, cls))
     app.training.start(epochs, restart=True)
+    wait_shown(app, "the first model")
+    return clicks
+
+
+def wait_shown(app, what):
+    """Wait until the page's training has ended and its model is shown; RuntimeError naming `what` if it failed."""
     while app.training.status()["state"] in ("running", "predicting"):
         time.sleep(0.2)
     st = app.training.status()
     if st["state"] != "done":
-        raise RuntimeError(f"the first model failed: {st['message']}: {st['log'][-3:]}")
-    return clicks
+        raise RuntimeError(f"{what} failed: {st['message']}: {st['log'][-3:]}")
 
 
 def full_map(grid, shape):
@@ -107,11 +115,66 @@ def view_image(preset, images, names, folder):
     return path, f"the {tile.shape[0]} x {tile.shape[1]} scene put back together from its patches, mirrored to 1000"
 
 
-def person(head, features, refs, maps, train, clicks, palette, view, n, rng, fit):
-    """n clicks where the map is wrong, one at a time, the head re-fitted after each: per click a dict of the
-    pixel, the pixels corrected (wrong -> right, right -> wrong) over every image and the latency."""
+class HeadResponse:
+    """The live layer's way: a head re-fitted on the network's features at every click (`fit`: one of HEADS)."""
+
+    local = False  # a click moves the head, so every image's map
+
+    def __init__(self, fit, features, refs, view, palette):
+        self.fit, self.features, self.refs, self.view, self.palette = fit, features, refs, view, palette
+
+    def respond(self, clicks):
+        """The head fitted on every click, and the view repainted (what the latency times)."""
+        f = self.features
+        x = np.concatenate([f.at(m, self.refs[m].path, [p[0] for p in pts], [p[1] for p in pts])
+                            for m, pts in clicks.items() if pts])
+        head = self.fit(x, np.array([p[2] for pts in clicks.values() for p in pts]), f.weight, f.bias)
+        png_bytes(head_tile(head, f.of("view", self.view), (VIEW, VIEW), 0, 0, VIEW, VIEW, 1, self.palette))
+        return head
+
+    def paint(self, head, clicks, name, shape):
+        return full_map(head.predict(self.features.of(name, self.refs[name].path)), shape)
+
+
+class ConditionedResponse:
+    """DISIR's way: a click-conditioned network (train.py --click-input) predicts again with the clicks in its
+    input planes; nothing is fitted. The view's clicks are the patches' clicks where the patches lie in it."""
+
+    local = True  # a click enters only its own image's input
+
+    def __init__(self, checkpoint, refs, view, palette, offsets):
+        from checkpoint import load_model
+        from spec import load_input, to_grid
+        self.model, ck = load_model(checkpoint, "cpu")
+        self.scale, self.palette, self.offsets = ck.spec.scale, palette, offsets
+        self.small = {n: to_grid(load_input(r.path, ck.spec).image, ck.spec.scale) for n, r in refs.items()}
+        self.view = to_grid(load_input(view, ck.spec).image, ck.spec.scale)
+
+    def _grid(self, name, clicks, shape, small):
+        """The class map on the processing grid of `small` with `clicks` [(row, col, class)] in pixels of `shape`."""
+        from predict import predict_probabilities
+        (H, W), (h, w) = shape, small.shape[:2]
+        c = [(r * h // H, col * w // W, k) for r, col, k in clicks]  # the overlay's cell of each click
+        return predict_probabilities(self.model, small, 1.0, clicks=c or None).argmax(0)
+
+    def respond(self, clicks):
+        """The view predicted again with the clicks inside it, coloured and PNG-encoded (what the latency times)."""
+        inside = [(self.offsets[m][0] + r, self.offsets[m][1] + c, k) for m, pts in clicks.items() for r, c, k in pts
+                  if self.offsets[m][0] + r < VIEW and self.offsets[m][1] + c < VIEW]
+        grid = self._grid("view", inside, (VIEW, VIEW), self.view)
+        png_bytes(np.asarray(self.palette, np.uint8)[full_map(grid, (VIEW, VIEW))])
+        return clicks
+
+    def paint(self, clicks, _, name, shape):
+        return full_map(self._grid(name, clicks.get(name, []), shape, self.small[name]), shape)
+
+
+def person(response, state, maps, train, clicks, n, rng):
+    """n clicks where the map is wrong, one at a time, the map repainted after each (`response`: HeadResponse or
+    ConditionedResponse; `state`: what it answered to the first clicks): per click a dict of the pixel, the pixels
+    corrected (wrong -> right, right -> wrong) over every image and the latency."""
     names = list(maps)
-    shown = {name: full_map(head.predict(features.of(name, refs[name].path)), maps[name].shape) for name in names}
+    shown = {name: response.paint(state, clicks, name, maps[name].shape) for name in names}
     labelled = {name: maps[name] != IGNORE_INDEX for name in names}
     clicked = {name: np.zeros(maps[name].shape, bool) for name in names}
     for name, pts in clicks.items():
@@ -137,22 +200,17 @@ def person(head, features, refs, maps, train, clicks, palette, view, n, rng, fit
         clicks.setdefault(name, []).append((r, c, cls))
         clicked[name][r, c] = True
         t0 = time.perf_counter()
-        x = np.concatenate([features.at(m, refs[m].path, [p[0] for p in pts], [p[1] for p in pts])
-                            for m, pts in clicks.items() if pts])
-        y = np.array([p[2] for pts in clicks.values() for p in pts])
-        head = fit(x, y, features.weight, features.bias)
-        png_bytes(head_tile(head, features.of("view", view), (VIEW, VIEW), 0, 0, VIEW, VIEW, 1,
-                                              palette))
+        state = response.respond(clicks)
         latency = time.perf_counter() - t0
         fixed = broken = 0
-        for m in names:
-            new = full_map(head.predict(features.of(m, refs[m].path)), maps[m].shape)
+        for m in ([name] if response.local else names):
+            new = response.paint(state, clicks, m, maps[m].shape)
             was, now = shown[m] == maps[m], new == maps[m]
             fixed += int((~was & now & labelled[m]).sum())
             broken += int((was & ~now & labelled[m]).sum())
             shown[m] = new
         rows.append(dict(click=k + 1, image=name, row=r, col=c, cls=cls, fixed=fixed, broken=broken,
-                         corrected=fixed - broken, latency=latency, clicks=int(len(y))))
+                         corrected=fixed - broken, latency=latency, clicks=sum(len(v) for v in clicks.values())))
     return rows, before, shown
 
 
@@ -198,24 +256,38 @@ def run(args):
         background = majority_miou([(n, None, None) for n in train], [(n, None, None) for n in maps], maps,
                                    list(classes.names))
         results = {}
-        for name, fit in HEADS.items():
-            x = np.concatenate([features.at(m, refs[m].path, [p[0] for p in pts], [p[1] for p in pts])
-                                for m, pts in clicks.items()])  # the live layer as the first model is shown
-            head = fit(x, np.array([p[2] for pts in clicks.values() for p in pts]), features.weight, features.bias)
-            rows, before, after = person(head, features, refs, maps, train, clicks, palette, view, args.live_clicks,
-                                         np.random.default_rng(args.annotation_seed), fit)
-            results[name] = dict(rows=rows, before=scores(before, maps, classes.num_classes),
-                                 after=scores(after, maps, classes.num_classes))
+
+        def measure(name, response):
+            state = response.respond(clicks)  # the live layer as the first model is shown
+            rows, before, after = person(response, state, maps, train, clicks, args.live_clicks,
+                                         np.random.default_rng(args.annotation_seed))
+            results[name] = r = dict(rows=rows, before=scores(before, maps, classes.num_classes),
+                                     after=scores(after, maps, classes.num_classes))
             load.append(os.getloadavg()[0])
-            r = results[name]
             print(f"{name}: {np.mean([x['corrected'] for x in rows]):.0f} pixels corrected per click, latency "
                   f"median {np.median([x['latency'] for x in rows]):.3f} s, mIoU {r['before'][0]:.3f} -> "
                   f"{r['after'][0]:.3f}", flush=True)
+
+        for name, fit in HEADS.items():
+            measure(name, HeadResponse(fit, features, refs, view, palette))
         network = scores({n: full_map(app.training.predictions[n]["classes"], maps[n].shape) for n in maps}, maps,
                          classes.num_classes)
+        conditioned = None
+        if args.click_input != "none":  # the same first model, conditioned on clicks: the page's Train again
+            app.training.command = f"{command} --click-input {args.click_input}"
+            t0 = time.perf_counter()
+            app.training.start(args.epochs, restart=True)
+            wait_shown(app, "the click-conditioned model")
+            conditioned = dict(command=app.training.command, trained=time.perf_counter() - t0, network=scores(
+                {n: full_map(app.training.predictions[n]["classes"], maps[n].shape) for n in maps}, maps,
+                classes.num_classes))
+            offsets = {n: (int(n.split("_")[0][1:]) * maps[n].shape[0], int(n.split("_")[1][1:]) * maps[n].shape[1])
+                       for n in maps}
+            measure(f"click-conditioned network ({args.click_input}), no head",
+                    ConditionedResponse(app.training.model_path, refs, view, palette, offsets))
     info = dict(command=command, load=load, seconds=time.perf_counter() - t_start, trained=trained, n=len(maps),
                 n_train=len(train), first=sum(len(v) for v in clicks.values()), view_what=view_what,
-                extract_view=extract_view, grid=grid, background=background, network=network)
+                extract_view=extract_view, grid=grid, background=background, network=network, conditioned=conditioned)
     return results, info
 
 
@@ -253,6 +325,14 @@ def write_table(path, args, results, info):
     lines.append(f"| no head (the network's map until the next Train) | {n} | 0 | 0 | 0 | 0 | 0 | "
                  f"{info['network'][0]:.3f} -> {info['network'][0]:.3f} | {info['network'][1]:.3f} -> "
                  f"{info['network'][1]:.3f} | - | - |")
+    cond = info["conditioned"]
+    if cond:
+        lines += ["", f"The click-conditioned network (DISIR's way, no head: the page's Train again, anew on the same "
+                      f"first clicks, `{cond['command']}`, {cond['trained']:.0f} s): each click enters its patch's "
+                      f"input and the patch is predicted again. **What conditioning costs the no-click map**: "
+                      f"mIoU {cond['network'][0]:.3f} (OA {cond['network'][1]:.3f}) with no clicks in its input, "
+                      f"against {info['network'][0]:.3f} (OA {info['network'][1]:.3f}) for the same training "
+                      f"without click input (one seed each)."]
     page = next(iter(results))
     lines += ["", f"The view: {info['view_what']}, {info['grid'][0]} x {info['grid'][1]} processing-grid cells; its "
                   f"features were extracted once, in {info['extract_view']:.1f} s (once per model and image: the "
@@ -283,6 +363,7 @@ class ClickResponse:
     start_clicks: int = reuse(LoopBench, "start_clicks")
     epochs: int = reuse(annotate.AnnotateSettings, "epochs")
     train_command: Optional[str] = reuse(annotate.AnnotateSettings, "train_command")
+    click_input: str = reuse(TrainConfig, "click_input", "disc")  # the conditioned model's row; none: heads only
     annotation_seed: int = reuse(TrainConfig, "annotation_seed")  # the first clicks and the person's ties
     threads: Optional[int] = reuse(Shared, "threads", 2)
     out: Optional[str] = reuse(TrainConfig, "out", None)

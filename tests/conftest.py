@@ -265,6 +265,26 @@ def colour_image(h, w, seed=0):
     return np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
 
 
+def conditioned_tiny(path, num_classes=6, radius=3.0):
+    """A tiny click-conditioned network (untrained, seeded) whose clicks are wired by hand, saved at `path` (scale
+    1.0): click plane c feeds channel c of both hidden layers and class c's logit, so a click paints its class around
+    itself; with no clicks it is the plain tiny network."""
+    import torch
+    from checkpoint import save_checkpoint
+    from model import build_model
+    from spec import DataSpec
+    torch.manual_seed(0)
+    model = build_model("tiny", num_classes, click_channels=num_classes, click_encoding="disc", click_radius=radius)
+    conv1, conv2, out = model.net[0][0], model.net[1][0], model.net[2]
+    with torch.no_grad():
+        for c in range(num_classes):
+            conv1.weight[c, 3 + c, 1, 1] = 5.0
+            conv2.weight[c, c, 1, 1] += 5.0
+            out.weight[c, c, 0, 0] += 10.0
+    save_checkpoint(path, model, DataSpec(scale=1.0))
+    return path
+
+
 class Server:
     """annotate's server on a free port in a thread; `request` answers (status, headers, body)."""
 

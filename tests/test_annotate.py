@@ -913,6 +913,41 @@ def show_tiny_model(s, tmp_path):
     s.app.training.state.update(state="done", model=1)
 
 
+def test_click_input_makes_the_page_train_click_conditioned_models(pngs, tmp_path):
+    for given, added in ((["--click-input", "distance"], " --click-input distance"), ([], "")):
+        args = annotate.get_args_parser().parse_args(["--images", str(pngs), "--runs", str(tmp_path / "runs"),
+                                                      "--port", "0"] + given)
+        server = annotate.make_server(args)
+        try:
+            assert server.app.training.command == page.training.DEFAULT_TRAIN_COMMAND + added
+        finally:
+            server.server_close()
+    with pytest.raises(SystemExit) as e:  # not a choice: refused by the parser, exit 2
+        annotate.get_args_parser().parse_args(["--images", str(pngs), "--click-input", "square"])
+    assert e.value.code == 2
+
+
+def test_a_click_conditioned_model_paints_the_live_layer_with_the_clicks_as_its_input(server, tmp_path):
+    from tests.conftest import conditioned_tiny
+    server.app.training.predict_all(conditioned_tiny(tmp_path / "cond.pth"))
+    server.app.training.state.update(state="done", model=1)
+    classes = overlay(server, "im0")
+    live = overlay(server, "im0", "live")
+    assert (live == classes).all()  # no clicks: the network's own map (empty click planes)
+    st = server.json("GET", "/api/live")
+    assert st["conditioned"] and st["clicks"] == 0 and "click-conditioned" in st["head"]
+    car = list(annotate.POTSDAM.palette[4])
+    server.json("POST", "/api/clicks", {"op": "add", "image": "im0", "points": [[20, 15]], "class": 4})
+    after = overlay(server, "im0", "live")
+    assert after[15, 20, :3].tolist() == car and after[15, 23, :3].tolist() == car  # the click and its disc
+    assert (after[:, :10] == live[:, :10]).all()  # far from it: the map as it was (the network sees no click there)
+    st = server.json("GET", "/api/live")
+    assert st["clicks"] == 1 and st["last"]["clicks"] == 1 and st["seconds"]["predict"] < 10
+    assert (overlay(server, "im0") == classes).all() and server.json("GET", "/api/train")["model"] == 1  # untrained
+    server.json("POST", "/api/clicks", {"op": "remove", "image": "im0", "points": [[20, 15]]})
+    assert (overlay(server, "im0", "live") == live).all()  # the click gone: the map it changed comes back
+
+
 def test_the_live_layer_follows_each_click_without_training(server, tmp_path):
     assert server.request("GET", "/api/overlay?image=im0&z=0&x=0&y=0&size=64&layer=live")[0] == 404
     assert server.request("GET", "/api/live")[0] == 409  # no model yet

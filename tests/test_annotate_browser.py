@@ -354,18 +354,23 @@ def test_train_click_more_train_again_adapts_and_shows_what_changed_in_chromium(
 
 
 @pytest.mark.slow
-def test_a_click_repaints_the_live_layer_without_train_in_chromium(browser, tmp_path):
+@pytest.mark.parametrize("conditioned", [False, True], ids=["head", "click-conditioned"])
+def test_a_click_repaints_the_live_layer_without_train_in_chromium(browser, tmp_path, conditioned):
     import io
     import numpy as np
     import torch
     from checkpoint import save_checkpoint
     from model import TinySegmentation
     from spec import DataSpec
+    from tests.conftest import conditioned_tiny
     folder = tmp_path / "images"
     folder.mkdir()
     Image.fromarray(colour_image(48, 64)).save(folder / "im0.png")
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "tiny.pth", TinySegmentation(6), DataSpec(scale=1.0))  # shown, never trained here
+    if conditioned:  # the clicks are the network's input: the image predicted again at each click
+        conditioned_tiny(tmp_path / "tiny.pth")
+    else:  # a head re-fitted on the network's features at each click
+        save_checkpoint(tmp_path / "tiny.pth", TinySegmentation(6), DataSpec(scale=1.0))  # shown, never trained here
     s = Server(folder, tmp_path / "clicks.csv", tmp_path / "runs")
     s.app.training.predict_all(tmp_path / "tiny.pth")
     s.app.training.state.update(state="done", model=1, message="showing tiny.pth")
@@ -395,13 +400,17 @@ def test_a_click_repaints_the_live_layer_without_train_in_chromium(browser, tmp_
                       "app.training.liveState.clicks === 1", what="the live layer after the click")
         after = live_tile()
         assert (after != before).any(axis=-1).sum() > 0, "the click changed no pixel of the live layer"
-        far = [(i, j) for i in range(2, 64, 6) for j in range(2, 48, 6) if abs(i - x) + abs(j - y) > 3]
+        # a head moves the map far from the click; a conditioned network around it (its disc, radius 3)
+        far = ([(x + dx, y + dy) for dx in (-2, 0, 2) for dy in (-2, 2)] if conditioned else
+               [(i, j) for i in range(2, 64, 6) for j in range(2, 48, 6) if abs(i - x) + abs(j - y) > 3])
         drawn = [drawn_colour(browser, i, j) for i, j in far]
         assert drawn == [after[j, i].tolist() for i, j in far]  # the page draws the server's new map
         assert any(after[j, i].tolist() != before[j, i].tolist() for i, j in far)  # and it moved
         assert browser.execute_script("return app.training.model") == 1  # nothing was trained
         assert s.json("GET", "/api/train")["state"] == "done"
-        assert browser.find_element("id", "live").text.startswith("live: model 1's head re-fitted on 1 click in ")
+        says = ("live: model 1 predicted again with 1 click as its input in " if conditioned
+                else "live: model 1's head re-fitted on 1 click in ")
+        assert browser.find_element("id", "live").text.startswith(says)
     finally:
         s.close()
 

@@ -20,15 +20,22 @@ def test_click_response_table_holds_together(tmp_path, monkeypatch, capsys):
     text = out.read_text()
     assert text.startswith("# A click changes the map at once: the live layer's head, preset `synthetic` (SYNTHETIC")
     assert "`python -m research.click_response --preset synthetic --live-clicks 3 --start-clicks 2 --epochs 2 " \
-           "--annotation-seed 0 --threads 1 --out " + str(out) + "`" in text
+           "--click-input disc --annotation-seed 0 --threads 1 --out " + str(out) + "`" in text
     background = float(re.search(r"\*\*all-background\*\* \(.*?\) (\d+\.\d+)", text).group(1))
     counts = np.bincount(label[:, :40].ravel(), minlength=6)
     full = np.full(label.shape, counts.argmax())
     ious = [((full == k) & (label == k)).sum() / ((full == k) | (label == k)).sum() for k in range(6)
             if ((full == k) | (label == k)).any()]
     assert background == round(float(np.mean(ious)), 3)
-    heads = [line.split(" | ") for line in text.splitlines() if re.match(r"\| (anchored|plain|random|no head)", line)]
-    assert len(heads) == len(click_response.HEADS) + 1 and heads[-1][2:7] == ["0"] * 5
+    heads = [line.split(" | ") for line in text.splitlines()
+             if re.match(r"\| (anchored|plain|random|no head|click-conditioned)", line)]
+    assert len(heads) == len(click_response.HEADS) + 2 and heads[-1][2:7] == ["0"] * 5  # no head: nothing moves
+    assert heads[-2][0] == "| click-conditioned network (disc), no head" and int(heads[-2][1]) >= 1
+    assert int(heads[-2][4]) == int(heads[-2][5]) - int(heads[-2][6])  # its total: wrong -> right - right -> wrong
+    plain = float(re.search(r"its own map scores mIoU (\d\.\d+)", text).group(1))
+    cost = re.search(r"mIoU (\d\.\d+) \(OA [\d.]+\) with no clicks in its input, against (\d\.\d+)", text)
+    assert float(cost.group(2)) == plain  # the conditioned model's no-click map beside the plain model's
+    assert "--click-input disc" in re.search(r"the same first clicks, `([^`]*)`", text).group(1)
     per_click = [line.split(" | ") for line in text.splitlines() if re.match(r"\| \d+ \| r\d_c\d \|", line)]
     page = heads[0]
     assert [int(r[0][2:]) for r in per_click] == list(range(1, len(per_click) + 1)) and len(per_click) == int(page[1])

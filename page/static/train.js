@@ -11,7 +11,7 @@ export class Training {
     this.model = 0;
     this.changed = null; // the status's `changed`: {since, pixels: {image: n}, share: {image: f}, note}
     this.suggestions = []; // [{image, x, y, margin, predicted}]
-    this.liveState = null; // /api/live: {model, version, clicks, head, seconds: {features, gather, fit}}
+    this.liveState = null; // /api/live: {model, version, clicks, conditioned, head, seconds}
     this.timer = null;
     this.el = (id) => document.getElementById(id);
     const steps = app.config.adapt_steps;
@@ -77,9 +77,15 @@ export class Training {
     try {
       const s = await api.get("/api/live");
       this.liveState = s;
+      const clicks = `${s.clicks} click${s.clicks === 1 ? "" : "s"}`;
+      if (s.conditioned) { // the network takes the clicks as input: the image predicted again, nothing fitted
+        const ms = Math.round((s.seconds.input + s.seconds.predict) * 1000); // not a server bound
+        this.el("live").textContent = `live: model ${s.model} predicted again with ${clicks} as its input in ` +
+          `${ms} ms, no training (Train adapts the network itself)`;
+        return;
+      }
       const seconds = s.seconds.fit + s.seconds.gather + s.seconds.features;
       const ms = Math.round(seconds * 1000); // not a server bound
-      const clicks = `${s.clicks} click${s.clicks === 1 ? "" : "s"}`;
       this.el("live").textContent = `live: model ${s.model}'s head re-fitted on ${clicks} in ${ms} ms, no training ` +
         "(Train adapts the network itself)";
     } catch (e) {
