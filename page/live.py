@@ -15,6 +15,16 @@ from page.training import tile_cells
 LIVE_GRID_PIXELS = 4_000_000  # processing-grid cells of an image a click-conditioned model predicts again per click
 
 
+def model_shown(training):
+    """(the number of the model shown, the names of the images it predicted); 409 before there is one."""
+    with training._lock:
+        model, predicted = training.state["model"], set(training.predictions)
+    if not model or not predicted:
+        raise HTTPError(HTTPStatus.CONFLICT, "no model yet: train first (the live layer repaints the shown model's "
+                                             "map at each click)")
+    return model, predicted
+
+
 class Live:
     """The `live` overlay layer: a small head (page.head.fit_head, the logistic regression anchored at the network's
     own classifier) re-fitted on the shown model's per-pixel features at every click of every image, and painted over
@@ -34,11 +44,7 @@ class Live:
     def fitted(self):
         """(head, features) for the model shown and the clicks as they are now; 409 before a model is shown."""
         training = self.training
-        with training._lock:
-            model, predicted = training.state["model"], set(training.predictions)
-        if not model or not predicted:
-            raise HTTPError(HTTPStatus.CONFLICT, "no model yet: train first (the live layer re-fits the shown "
-                                                 "model's head on the clicks)")
+        model, predicted = model_shown(training)
         from page.head import Features, fit_head  # torch comes with it: the server starts without
         with self._lock:
             if self.features is None or self.model != model:
@@ -124,11 +130,7 @@ class Conditioned:
     def shown(self):
         """Whether the model shown takes clicks (read from its checkpoint once per model); 409 before there is one."""
         training = self.training
-        with training._lock:
-            model, predicted = training.state["model"], bool(training.predictions)
-        if not model or not predicted:
-            raise HTTPError(HTTPStatus.CONFLICT, "no model yet: train first (the live layer repaints the shown model's "
-                                                 "map at each click)")
+        model, _ = model_shown(training)
         with self._lock:
             if self.model != model:
                 from checkpoint import load_model  # torch comes with it: the server starts without

@@ -649,6 +649,27 @@ def test_train_adapts_the_model_shown_and_retrain_from_scratch_trains_anew(pngs,
     assert waiting.poll() is not None  # closing the server stops the train.py waiting for a next round
 
 
+@pytest.mark.slow
+def test_a_train_py_started_ahead_that_died_is_replaced_by_one_started_the_usual_way(pngs, tmp_path):
+    s = Server(pngs, tmp_path / "clicks.csv", tmp_path / "runs", train_command=None, adapt_steps=1)
+    s.app.training.command = train_command(tmp_path)
+    try:
+        click_side(s, 5, right=False)
+        click_side(s, 1, right=True)
+        s.app.training.warm_up()
+        dead = s.app.training._warm.proc
+        dead.kill()  # as if its imports had failed
+        dead.wait()
+        st = s.json("POST", "/api/train", {"epochs": 2})
+        assert st["warm"] is False  # it could not take the arguments: train.py was started the usual way
+        st = wait_trained(s)
+        assert st["state"] == "done" and st["model"] == 1, st
+        assert "warm: train.py imported" not in (tmp_path / "runs" / "train.log").read_text()
+        assert s.app.training._warm.proc is not dead  # the next round's is a new one
+    finally:
+        s.close()
+
+
 def torch_equal(a, b):
     return bool((a == b).all())
 
