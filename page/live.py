@@ -13,6 +13,11 @@ from page.bounds import HTTPError, not_found
 from page.training import tile_cells
 
 LIVE_GRID_PIXELS = 4_000_000  # processing-grid cells of an image a click-conditioned model predicts again per click
+# A click-conditioned model's repaint after a few clicks changed (repaint): only the cells within REPAINT_RADIUS of each
+# changed click are painted again, predicted with REPAINT_CONTEXT more cells around them that the network sees.
+REPAINT_RADIUS = 48
+REPAINT_CONTEXT = 64
+REPAINT_MAX = 8  # changed clicks up to which only their windows are predicted again; more: the whole image
 
 
 def model_shown(training):
@@ -119,12 +124,13 @@ class Conditioned:
     again with its clicks in the model's input planes, nothing fitted. Each click is put in the processing-grid cell the
     overlay shows it in (tile_cells' rule, as training puts its points). The model is loaded once per model shown, an
     image's processing-grid input once per model, and its class map once per click-file version (the tiles of one view
-    share it)."""
+    share it): the whole image the first time, then only the windows around the clicks that changed (repaint)."""
 
     def __init__(self, training, click_file):
         self.training, self.click_file = training, click_file
         self._lock = threading.Lock()
         self.model, self.net, self.spec, self.inputs, self.grids = 0, None, None, {}, {}
+        self.last = {}  # name -> (the clicks, the class map) of the image's last repaint under this model
         self.state = {}
 
     def shown(self):
@@ -136,7 +142,7 @@ class Conditioned:
                 from checkpoint import load_model  # torch comes with it: the server starts without
                 net, ck = load_model(training.model_path, training.device)
                 self.model, self.net, self.spec, self.inputs, self.grids = model, net, ck.spec, {}, {}
-                self.state = {}
+                self.last, self.state = {}, {}
             return bool(getattr(self.net, "click_channels", 0))
 
     def grid(self, name, ref):
@@ -147,7 +153,6 @@ class Conditioned:
             key = (self.model, version, name)
             if key in self.grids:
                 return self.grids[key]
-            from predict import predict_probabilities
             from spec import grid_size, load_input, to_grid
             h, w = grid_size(*ref.shape, self.spec.scale)
             if h * w > LIVE_GRID_PIXELS:
@@ -158,15 +163,18 @@ class Conditioned:
                 self.inputs = {name: to_grid(load_input(ref.path, self.spec).image, self.spec.scale)}  # one kept
             small = self.inputs[name]
             H, W = ref.shape
-            clicks = [(r * h // H, c * w // W, cl) for (r, c), (cl, _) in px.items()]
+            clicks = sorted({(r * h // H, c * w // W, cl) for (r, c), (cl, _) in px.items()})
+            before, previous = self.last.get(name, (None, None))
+            changed = None if before is None else sorted({(r, c) for r, c, _ in set(clicks) ^ set(before)})
             t1 = time.perf_counter()
-            grid = predict_probabilities(self.net, small, 1.0, clicks=clicks or None).argmax(0).astype(np.uint8)
+            grid = repaint(self.net, small, clicks, previous, changed)
             t2 = time.perf_counter()
             self.grids = {k: v for k, v in self.grids.items() if k[:2] == key[:2]}  # this model and version only
-            self.grids[key] = grid
+            self.grids[key], self.last[name] = grid, (clicks, grid)
             self.state = {"model": self.model, "version": version, "image": name, "clicks": len(clicks),
                           "conditioned": True, "head": f"none: the click-conditioned network "
                                                        f"({self.net.click_encoding}) takes the clicks as input",
+                          "repainted": "windows" if windowed(previous, changed) else "image",
                           "seconds": {"input": round(t1 - t0, 3), "predict": round(t2 - t1, 3)}}
             return grid
 
@@ -180,3 +188,31 @@ class Conditioned:
                                                  f"takes the clicks as input",
                     "seconds": dict(self.state.get("seconds", {"input": 0.0, "predict": 0.0})),
                     "last": {k: self.state[k] for k in ("image", "version", "clicks")} if self.state else None}
+
+
+def windowed(previous, changed):
+    """Whether repaint paints only the windows of the changed clicks."""
+    return previous is not None and changed is not None and 0 < len(changed) <= REPAINT_MAX
+
+
+def repaint(net, small, clicks, previous=None, changed=None):
+    """The (h, w) uint8 class map of a click-conditioned network on the processing-grid image `small` (h, w, bands)
+    with `clicks` [(row, col, class)] in grid cells. Given the map of the clicks before (`previous`) and the cells of
+    the clicks added or removed since (`changed`, 1..REPAINT_MAX of them), only the cells within REPAINT_RADIUS of each
+    are painted again, each window predicted with REPAINT_CONTEXT more cells around it and the clicks in that view;
+    else (the first map of an image, or many changes) the whole image. A click's effect beyond its window waits for
+    the next whole repaint (another model, or more than REPAINT_MAX changes at once)."""
+    from predict import predict_probabilities
+    if not windowed(previous, changed):
+        return predict_probabilities(net, small, 1.0, clicks=clicks or None).argmax(0).astype(np.uint8)
+    h, w = small.shape[:2]
+    out = previous.copy()
+    for r, c in changed:
+        y0, y1 = max(0, r - REPAINT_RADIUS), min(h, r + REPAINT_RADIUS + 1)
+        x0, x1 = max(0, c - REPAINT_RADIUS), min(w, c + REPAINT_RADIUS + 1)
+        Y0, Y1 = max(0, y0 - REPAINT_CONTEXT), min(h, y1 + REPAINT_CONTEXT)
+        X0, X1 = max(0, x0 - REPAINT_CONTEXT), min(w, x1 + REPAINT_CONTEXT)
+        seen = [(cr - Y0, cc - X0, k) for cr, cc, k in clicks if Y0 <= cr < Y1 and X0 <= cc < X1]
+        prob = predict_probabilities(net, small[Y0:Y1, X0:X1], 1.0, clicks=seen or None)
+        out[y0:y1, x0:x1] = prob.argmax(0)[y0 - Y0:y1 - Y0, x0 - X0:x1 - X0]
+    return out

@@ -45,7 +45,7 @@ from scipy.ndimage import distance_transform_edt
 import annotate
 from page import head as click_head
 from page.images import png_bytes
-from page.live import head_tile
+from page.live import REPAINT_CONTEXT, REPAINT_RADIUS, head_tile, repaint
 from page.training import tile_cells
 from config import Shared, TrainConfig, add_arguments, check_settings, from_args, reuse, setting, whole
 from metrics import ConfusionMatrix
@@ -149,6 +149,8 @@ class ConditionedResponse:
         self.scale, self.palette, self.offsets = ck.spec.scale, palette, offsets
         self.small = {n: to_grid(load_input(r.path, ck.spec).image, ck.spec.scale) for n, r in refs.items()}
         self.view = to_grid(load_input(view, ck.spec).image, ck.spec.scale)
+        self.shown = None  # (clicks, map) of the view as the page shows it: repainted by windows, as the page does
+        self.agree = []  # per repaint: the share of the view's cells where it equals a whole prediction
 
     def _grid(self, name, clicks, shape, small):
         """The class map on the processing grid of `small` with `clicks` [(row, col, class)] in pixels of `shape`."""
@@ -158,12 +160,24 @@ class ConditionedResponse:
         return predict_probabilities(self.model, small, 1.0, clicks=c or None).argmax(0)
 
     def respond(self, clicks):
-        """The view predicted again with the clicks inside it, coloured and PNG-encoded (what the latency times)."""
-        inside = [(self.offsets[m][0] + r, self.offsets[m][1] + c, k) for m, pts in clicks.items() for r, c, k in pts
-                  if self.offsets[m][0] + r < VIEW and self.offsets[m][1] + c < VIEW]
-        grid = self._grid("view", inside, (VIEW, VIEW), self.view)
+        """The view repainted as the page repaints it (page.live.repaint: the whole view the first time, then the
+        windows around the new clicks), coloured and PNG-encoded: what the latency times. Untimed, its agreement with
+        the whole view predicted again is kept (`agree`)."""
+        h, w = self.view.shape[:2]
+        inside = sorted({((self.offsets[m][0] + r) * h // VIEW, (self.offsets[m][1] + c) * w // VIEW, k)
+                         for m, pts in clicks.items() for r, c, k in pts
+                         if self.offsets[m][0] + r < VIEW and self.offsets[m][1] + c < VIEW})
+        before, previous = self.shown or (None, None)
+        changed = None if before is None else sorted({(r, c) for r, c, _ in set(inside) ^ set(before)})
+        grid = repaint(self.model, self.view, inside, previous, changed) if changed != [] else previous
         png_bytes(np.asarray(self.palette, np.uint8)[full_map(grid, (VIEW, VIEW))])
+        self.shown = (inside, grid)
         return clicks
+
+    def agreement(self):
+        """The share of the view's cells where the map shown equals the whole view predicted with the same clicks."""
+        clicks, grid = self.shown
+        return float((repaint(self.model, self.view, clicks) == grid).mean())
 
     def paint(self, clicks, _, name, shape):
         return full_map(self._grid(name, clicks.get(name, []), shape, self.small[name]), shape)
@@ -210,7 +224,8 @@ def person(response, state, maps, train, clicks, n, rng):
             broken += int((was & ~now & labelled[m]).sum())
             shown[m] = new
         rows.append(dict(click=k + 1, image=name, row=r, col=c, cls=cls, fixed=fixed, broken=broken,
-                         corrected=fixed - broken, latency=latency, clicks=sum(len(v) for v in clicks.values())))
+                         corrected=fixed - broken, latency=latency, clicks=sum(len(v) for v in clicks.values()),
+                         agree=response.agreement() if hasattr(response, "agreement") else None))
     return rows, before, shown
 
 
@@ -327,12 +342,17 @@ def write_table(path, args, results, info):
                  f"{info['network'][1]:.3f} | - | - |")
     cond = info["conditioned"]
     if cond:
+        agree = [x["agree"] for x in next(r for n, r in results.items() if n.startswith("click-conditioned"))["rows"]]
         lines += ["", f"The click-conditioned network (DISIR's way, no head: the page's Train again, anew on the same "
                       f"first clicks, `{cond['command']}`, {cond['trained']:.0f} s): each click enters its patch's "
                       f"input and the patch is predicted again. **What conditioning costs the no-click map**: "
                       f"mIoU {cond['network'][0]:.3f} (OA {cond['network'][1]:.3f}) with no clicks in its input, "
                       f"against {info['network'][0]:.3f} (OA {info['network'][1]:.3f}) for the same training "
-                      f"without click input (one seed each)."]
+                      f"without click input (one seed each). Its view is repainted as the page repaints it "
+                      f"(page.live.repaint: the whole view once, then only the cells within {REPAINT_RADIUS} of a new "
+                      f"click, predicted with {REPAINT_CONTEXT} more around them): after each click that view equals "
+                      f"the whole view predicted again on {100 * min(agree):.2f} % of its cells or more (mean "
+                      f"{100 * np.mean(agree):.2f} %)."]
     page = next(iter(results))
     lines += ["", f"The view: {info['view_what']}, {info['grid'][0]} x {info['grid'][1]} processing-grid cells; its "
                   f"features were extracted once, in {info['extract_view']:.1f} s (once per model and image: the "

@@ -934,6 +934,30 @@ def show_tiny_model(s, tmp_path):
     s.app.training.state.update(state="done", model=1)
 
 
+def test_a_repaint_paints_again_only_the_windows_of_the_clicks_that_changed(tmp_path, monkeypatch):
+    import page.live
+    from checkpoint import load_model
+    from tests.conftest import conditioned_tiny
+    net, _ = load_model(conditioned_tiny(tmp_path / "cond.pth"), "cpu")  # sees 2 cells around a cell
+    monkeypatch.setattr(page.live, "REPAINT_RADIUS", 4)
+    monkeypatch.setattr(page.live, "REPAINT_CONTEXT", 3)
+    small = colour_image(40, 60)
+    first = [(5, 5, 1)]
+    shown = page.live.repaint(net, small, first)  # the whole image
+    assert (shown == page.live.repaint(net, small, first, shown, changed=[])).all()  # nothing changed: all of it
+    clicks = first + [(20, 30, 4), (21, 30, 4)]
+    again = page.live.repaint(net, small, clicks, shown, changed=[(20, 30), (21, 30)])
+    whole = page.live.repaint(net, small, clicks)
+    window = np.zeros(shown.shape, bool)
+    window[16:26, 26:35] = True  # within 4 cells of either click
+    assert (again[window] == whole[window]).all() and (whole[window] == 4).sum() > 20  # painted again, exactly
+    assert (again[~window] == shown[~window]).all()  # the rest as it was
+    assert (whole[~window] != shown[~window]).sum() == 0  # (here the clicks reach no further than their windows)
+    many = [(r, 50, 2) for r in range(0, 40, 4)]  # more than REPAINT_MAX changes: the whole image
+    assert (page.live.repaint(net, small, many, shown, [(r, 50) for r, _, _ in many]) ==
+            page.live.repaint(net, small, many)).all()
+
+
 def test_click_input_makes_the_page_train_click_conditioned_models(pngs, tmp_path):
     for given, added in ((["--click-input", "distance"], " --click-input distance"), ([], "")):
         args = annotate.get_args_parser().parse_args(["--images", str(pngs), "--runs", str(tmp_path / "runs"),

@@ -36,6 +36,9 @@ def test_click_response_table_holds_together(tmp_path, monkeypatch, capsys):
     cost = re.search(r"mIoU (\d\.\d+) \(OA [\d.]+\) with no clicks in its input, against (\d\.\d+)", text)
     assert float(cost.group(2)) == plain  # the conditioned model's no-click map beside the plain model's
     assert "--click-input disc" in re.search(r"the same first clicks, `([^`]*)`", text).group(1)
+    low, mean = map(float, re.search(r"predicted again on ([\d.]+) % of its cells or more \(mean ([\d.]+) %\)",
+                                     text).groups())
+    assert 0 <= low <= mean <= 100  # the page's windowed repaint against a whole prediction
     per_click = [line.split(" | ") for line in text.splitlines() if re.match(r"\| \d+ \| r\d_c\d \|", line)]
     page = heads[0]
     assert [int(r[0][2:]) for r in per_click] == list(range(1, len(per_click) + 1)) and len(per_click) == int(page[1])
