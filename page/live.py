@@ -10,7 +10,7 @@ from http import HTTPStatus
 import numpy as np
 
 from page.bounds import HTTPError, not_found
-from page.training import tile_cells
+from page.training import overlay_tile, tile_cells
 
 LIVE_GRID_PIXELS = 4_000_000  # processing-grid cells of an image a click-conditioned model predicts again per click
 # A click-conditioned model's repaint after a few clicks changed (repaint): only the cells within REPAINT_RADIUS of each
@@ -94,13 +94,9 @@ class Live:
             predicted = name in self.training.predictions
         if not predicted:
             raise not_found(f"no prediction for {name}")
-        if self.conditioned.shown():
-            grid = self.conditioned.grid(name, ref)
-            rows, cols = tile_cells(ref.shape, grid.shape, x0, y0, x1, y1, step)
-            out = np.empty((rows.size, cols.size, 4), np.uint8)
-            out[..., :3] = np.asarray(palette, np.uint8)[grid[np.ix_(rows, cols)]]
-            out[..., 3] = 255
-            return out
+        if self.conditioned.shown():  # its class map, coloured as the overlay colours the model's
+            return overlay_tile({"classes": self.conditioned.grid(name, ref)}, ref, x0, y0, x1, y1, step, "classes",
+                                palette)
         head, features = self.fitted()
         with self._lock:
             f = features.of(name, ref.path)
@@ -171,10 +167,7 @@ class Conditioned:
             t2 = time.perf_counter()
             self.grids = {k: v for k, v in self.grids.items() if k[:2] == key[:2]}  # this model and version only
             self.grids[key], self.last[name] = grid, (clicks, grid)
-            self.state = {"model": self.model, "version": version, "image": name, "clicks": len(clicks),
-                          "conditioned": True, "head": f"none: the click-conditioned network "
-                                                       f"({self.net.click_encoding}) takes the clicks as input",
-                          "repainted": "windows" if windowed(previous, changed) else "image",
+            self.state = {"image": name, "version": version, "clicks": len(clicks),
                           "seconds": {"input": round(t1 - t0, 3), "predict": round(t2 - t1, 3)}}
             return grid
 

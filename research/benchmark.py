@@ -555,8 +555,13 @@ def command_line(program, settings_class, args):
     return " ".join(parts)
 
 
+def preset_kind(preset):
+    """What a loop preset's data is, as its reports' titles say it."""
+    return "SYNTHETIC demo scene" if preset["synthetic"] else "REAL data: SpaceNet Atlanta, 0.5 m"
+
+
 def write_latency(path, args, preset, rows, command, load, seconds, n_train, n_val, background):
-    kind = "SYNTHETIC demo scene" if preset["synthetic"] else "REAL data: SpaceNet Atlanta, 0.5 m"
+    kind = preset_kind(preset)
     adapted = [r for r in rows if r["how"] == "adapt"]
     anew = [r for r in rows if r["how"] == "anew"]
     lat = np.array([r["latency"] for r in adapted])

@@ -50,7 +50,7 @@ from page.training import tile_cells
 from config import Shared, TrainConfig, add_arguments, check_settings, from_args, reuse, setting, whole
 from metrics import ConfusionMatrix
 from research.annotate_loop import majority_miou
-from research.benchmark import LOOP_PRESETS, LoopBench, command_line, device_name, loop_data
+from research.benchmark import LOOP_PRESETS, LoopBench, command_line, device_name, loop_data, preset_kind
 from spec import IGNORE_INDEX
 
 VIEW = 1000  # the side of the view whose repaint is timed
@@ -153,11 +153,10 @@ class ConditionedResponse:
         self.agree = []  # per repaint: the share of the view's cells where it equals a whole prediction
 
     def _grid(self, name, clicks, shape, small):
-        """The class map on the processing grid of `small` with `clicks` [(row, col, class)] in pixels of `shape`."""
-        from predict import predict_probabilities
+        """The class map on the processing grid of `small` with `clicks` [(row, col, class)] in pixels of `shape`:
+        the page's whole repaint (page.live.repaint), each click in the overlay's cell."""
         (H, W), (h, w) = shape, small.shape[:2]
-        c = [(r * h // H, col * w // W, k) for r, col, k in clicks]  # the overlay's cell of each click
-        return predict_probabilities(self.model, small, 1.0, clicks=c or None).argmax(0)
+        return repaint(self.model, small, sorted({(r * h // H, col * w // W, k) for r, col, k in clicks}))
 
     def respond(self, clicks):
         """The view repainted as the page repaints it (page.live.repaint: the whole view the first time, then the
@@ -310,7 +309,7 @@ def run(args):
 
 def write_table(path, args, results, info):
     preset = LOOP_PRESETS[args.preset]
-    kind = "SYNTHETIC demo scene" if preset["synthetic"] else "REAL data: SpaceNet Atlanta, 0.5 m"
+    kind = preset_kind(preset)
     n = args.live_clicks
     measured = command_line("python -m research.click_response", ClickResponse, args)
     lines = [f"# A click changes the map at once: the live layer's head, preset `{args.preset}` ({kind})", "",
